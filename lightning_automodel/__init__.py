@@ -1,0 +1,34 @@
+"""lightning-automodel: NeMo AutoModel's model utilities for PyTorch Lightning on FSDP2.
+
+Importing the package is cheap: the Lightning-facing names (callbacks, the LightningModule, the
+data module) are resolved lazily, so ``lightning_automodel.core`` and the reference façades
+(``model_utils``, ``checkpoint_utils``) never import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ParameterFreezing": "lightning_automodel.callbacks",
+    "FreezeDeadParameters": "lightning_automodel.callbacks",
+    "CastMixedDtypeToBF16": "lightning_automodel.callbacks",
+    "TiedLMHead": "lightning_automodel.callbacks",
+    "THDSqueeze": "lightning_automodel.callbacks",
+    "ParameterSummary": "lightning_automodel.callbacks",
+    "HFCausalLM": "lightning_automodel.models",
+    "TextDataModule": "lightning_automodel.data",
+    "PackedSequenceCollator": "lightning_automodel.data",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_automodel' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
