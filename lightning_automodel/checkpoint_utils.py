@@ -1,0 +1,66 @@
+"""Drop-in for ``nemo_automodel.components.checkpoint.utils``: same names, parameters and results.
+
+Thin façade over :mod:`lightning_automodel.core`. ``_get_checkpoint_tensor_dtypes`` reads local
+safetensors headers only (no tensor bytes, no private transformers API) and fails at once, offline,
+for a name that is not on local disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_automodel.core.checkpoint_files import (
+    checkpoint_tensor_dtypes,
+    estimate_state_dict_bytes,
+    estimate_tensor_bytes,
+    format_bytes,
+    format_output_file_count,
+    get_safetensors_index_total_size,
+)
+from lightning_automodel.core.distributed import get_rank_safe, get_world_size_safe, is_rank_0
+from lightning_automodel.core.tied_head import (
+    ensure_tied_lm_head,
+    get_input_embeddings_weight_and_name,
+    get_lm_head_weight_and_name,
+    get_module_by_normalized_name as _get_module_by_normalized_name,
+    get_tied_lm_head_source_names,
+    has_local_tied_lm_head,
+    is_tied_word_embeddings,
+    materialize_missing_tied_lm_head,
+    normalize_param_name as _normalize_param_name,
+    same_tensor_storage as _same_tensor_storage,
+)
+from lightning_automodel.model_utils import resolve_trust_remote_code
+
+__all__ = [
+    "_get_checkpoint_tensor_dtypes",
+    "_get_module_by_normalized_name",
+    "_normalize_param_name",
+    "_same_tensor_storage",
+    "ensure_tied_lm_head",
+    "estimate_state_dict_bytes",
+    "estimate_tensor_bytes",
+    "format_bytes",
+    "format_output_file_count",
+    "get_input_embeddings_weight_and_name",
+    "get_lm_head_weight_and_name",
+    "get_rank_safe",
+    "get_safetensors_index_total_size",
+    "get_tied_lm_head_source_names",
+    "get_world_size_safe",
+    "has_local_tied_lm_head",
+    "is_rank_0",
+    "is_tied_word_embeddings",
+    "materialize_missing_tied_lm_head",
+    "resolve_trust_remote_code",
+]
+
+
+def _get_checkpoint_tensor_dtypes(
+    pretrained_model_name_or_path: str, hf_config: Any = None, load_kwargs: Mapping[str, Any] | None = None
+) -> dict[str, torch.dtype]:
+    """Tensor name -> dtype of a local checkpoint, from headers only. ``hf_config`` is accepted for compatibility."""
+    return checkpoint_tensor_dtypes(pretrained_model_name_or_path, load_kwargs)

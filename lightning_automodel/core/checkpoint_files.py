@@ -1,0 +1,214 @@
+"""Reading what a checkpoint holds without loading it.
+
+A safetensors file starts with an 8-byte little-endian header length and a JSON header listing
+every tensor's dtype, shape and offsets, so the dtypes of a 100 GB checkpoint cost a few kilobytes
+of reads. The reference went through a private transformers API and a meta-device load; this needs
+neither and never touches the network: a hub name with no local copy is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+
+class OfflineCheckpointError(FileNotFoundError):
+    """A checkpoint was named that is not on local disk; we never download."""
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor entries plus ``__metadata__``), reading only the header.
+
+    Raises:
+        ValueError: the file is truncated, its header length is over 100 MB, or the header is not
+            valid JSON; the message names the file.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: truncated safetensors file ({len(prefix)} bytes; the 8-byte header length is missing).")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"{path}: safetensors header length {length} bytes is over the 100 MB limit; the file is corrupt or not safetensors."
+            )
+        raw = f.read(length)
+    if len(raw) != length:
+        raise ValueError(f"{path}: truncated safetensors header ({len(raw)} of {length} bytes); re-save or re-download the file.")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt safetensors header (not JSON: {exc}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
+    return header
+
+
+def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
+    """Tensor name -> dtype from one safetensors file's header."""
+    dtypes = {}
+    for name, entry in read_safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        code = entry.get("dtype") if isinstance(entry, dict) else None
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unknown safetensors dtype {code!r}.")
+        dtypes[name] = SAFETENSORS_DTYPES[code]
+    return dtypes
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index_path}: the checkpoint index is not valid JSON ({exc}).") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path}: the checkpoint index has no 'weight_map' object.")
+    return weight_map
+
+
+def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
+    state = torch.load(path, map_location="meta", weights_only=weights_only)
+    return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") -> list[Path]:
+    """Local weight files of a checkpoint (a file, or a directory with an index or a single file).
+
+    Raises:
+        OfflineCheckpointError: ``path`` is not a local file or directory (e.g. a hub name).
+        FileNotFoundError: a directory holds no weight files, or an index names a missing shard.
+    """
+    root = Path(path) / subfolder if subfolder else Path(path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise OfflineCheckpointError(
+            f"{os.fspath(path)!r} is not a local file or directory. lightning-automodel runs offline and never downloads: "
+            "download the model once (e.g. `hf download <name> --local-dir DIR`) and pass the local DIR."
+        )
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index_path = root / index_name
+        if index_path.is_file():
+            shards = sorted(set(_read_index(index_path).values()))
+            files = [root / shard for shard in shards]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index_path} names shard(s) that are missing: {missing}. The download is incomplete.")
+            return files
+    for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+        if (root / single).is_file():
+            return [root / single]
+    found = sorted(root.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"{root} has no weights ({SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}); "
+        "is the directory half-written?"
+    )
+
+
+def checkpoint_tensor_dtypes(
+    path: str | os.PathLike[str], load_kwargs: Mapping[str, Any] | None = None
+) -> dict[str, torch.dtype]:
+    """Tensor name -> dtype of a local checkpoint, reading headers only (``.bin`` files load on meta).
+
+    ``load_kwargs["state_dict"]`` (a mapping) short-circuits to its tensors' dtypes; a ``gguf_file``
+    gives ``{}`` (GGUF dtypes are quantization formats, not torch dtypes).
+    """
+    kwargs = dict(load_kwargs or {})
+    state_dict = kwargs.get("state_dict")
+    if isinstance(state_dict, Mapping):
+        return {k: v.dtype for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if kwargs.get("gguf_file"):
+        return {}
+    weights_only = kwargs.get("weights_only", True)
+    dtypes: dict[str, torch.dtype] = {}
+    for file in resolve_checkpoint_files(path, kwargs.get("subfolder") or ""):
+        if file.suffix == ".safetensors":
+            dtypes.update(safetensors_dtypes(file))
+        else:
+            dtypes.update(_bin_dtypes(file, weights_only))
+    return dtypes
+
+
+def get_safetensors_index_total_size(index_path: str | os.PathLike[str] | None) -> int | None:
+    """``metadata.total_size`` of a safetensors index (a directory gets the index appended), or None."""
+    if index_path is None:
+        return None
+    path = Path(index_path)
+    if path.is_dir():
+        path = path / SAFETENSORS_INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    total = index.get("metadata", {}).get("total_size") if isinstance(index, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def estimate_tensor_bytes(t: Any) -> int:
+    """``numel * element_size`` without touching storage (meta and DTensor fine; DTensor is global)."""
+    return int(t.numel()) * int(t.element_size())
+
+
+def estimate_state_dict_bytes(state_dict: Mapping[str, Any]) -> int | None:
+    """Sum of tensor bytes, or None when a value is not tensor-like."""
+    try:
+        return sum(estimate_tensor_bytes(v) for v in state_dict.values())
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return None
+
+
+def format_bytes(n: int | float) -> str:
+    """Always GiB with one decimal (reference format, relied on by log parsers)."""
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def format_bytes_human(n: int | float) -> str:
+    """Scaled units (B, KiB, MiB, GiB, TiB) for tables."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def format_output_file_count(count: int) -> str:
+    return f"{count} output file" if count == 1 else f"{count} output files"

@@ -1,0 +1,191 @@
+"""Dead parameters: trainable tensors that can never receive a gradient.
+
+A parameter that gets no gradient gets no lazy optimizer state, so a sharded (DCP) checkpoint omits
+it and a resume fails with ``Missing key in checkpoint state_dict: optim.state.<name>.step``. Known
+cases get a rule; every rule runs in one pass over the parameters:
+
+* Gemma-style KV sharing: the last ``num_kv_shared_layers`` decoder layers reuse K/V from earlier
+  layers, so their ``k_proj``/``v_proj``/``k_norm``/``v_norm`` are dead. Only the *text decoder's*
+  layers are touched (a vision encoder's ``layers.N.self_attn.k_proj`` is alive).
+* DeepSeek V4 compressor indexer and MiniMax M3 indexer: they only feed ``topk(...).indices``,
+  which is not differentiable.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_automodel.core.freezing import matches_component_prefix
+from lightning_automodel.core.naming import canonical_name, canonical_named_parameters
+
+logger = logging.getLogger(__name__)
+
+KV_PROJECTIONS: tuple[str, ...] = ("k_proj", "v_proj", "k_norm", "v_norm")
+_NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "speech", "sound", "video")
+
+Matcher = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class DeadParameterRule:
+    """A named rule: ``bind(model)`` returns a name matcher, or None when the rule does not apply."""
+
+    name: str
+    bind: Callable[[nn.Module], Matcher | None]
+
+
+def _config(model: nn.Module):
+    return getattr(model, "config", None)
+
+
+def _model_types(model: nn.Module) -> set[str]:
+    config = _config(model)
+    types = {str(getattr(config, "model_type", "") or "")}
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None:
+        types.add(str(getattr(text_config, "model_type", "") or ""))
+    return types - {""}
+
+
+def _text_decoder_layers_path(model: nn.Module, num_layers: int) -> str | None:
+    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``)."""
+    decoder = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except Exception:  # noqa: BLE001 - some remote-code models raise here; fall back to the search
+            decoder = None
+    candidates: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
+            continue
+        path = canonical_name(name)
+        if not (path == "layers" or path.endswith(".layers")):
+            continue
+        if any(matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS):
+            continue
+        candidates.append(path)
+    if decoder is not None and decoder is not model:
+        for name, module in model.named_modules():
+            if module is decoder:
+                inner = canonical_name(name)
+                wanted = f"{inner}.layers" if inner else "layers"
+                if wanted in candidates:
+                    return wanted
+    if decoder is model and "layers" in candidates:
+        return "layers"
+    return candidates[0] if candidates else None
+
+
+def _bind_kv_sharing(model: nn.Module) -> Matcher | None:
+    config = _config(model)
+    if config is None:
+        return None
+    text_config = getattr(config, "text_config", None) or config
+    shared = int(getattr(text_config, "num_kv_shared_layers", 0) or 0)
+    total = int(getattr(text_config, "num_hidden_layers", 0) or 0)
+    if shared <= 0 or total <= 0:
+        return None
+    first_shared = total - shared
+    layers_path = _text_decoder_layers_path(model, total)
+    if layers_path is None:
+        return None
+    pattern = re.compile(
+        rf"^{re.escape(layers_path)}\.(\d+)\.self_attn\.({'|'.join(KV_PROJECTIONS)})(\.|$)"
+    )
+
+    def matches(name: str) -> bool:
+        match = pattern.match(name)
+        return match is not None and int(match.group(1)) >= first_shared
+
+    return matches
+
+
+def _bind_deepseek_v4_indexer(model: nn.Module) -> Matcher | None:
+    if "deepseek_v4" not in _model_types(model):
+        return None
+    return lambda name: ".self_attn.compressor.indexer." in name
+
+
+def _bind_minimax_m3_indexer(model: nn.Module) -> Matcher | None:
+    if not any(t.startswith("minimax_m3") for t in _model_types(model)):
+        return None
+    return lambda name: ".self_attn.indexer." in name
+
+
+KV_SHARING = DeadParameterRule("kv_sharing", _bind_kv_sharing)
+DEEPSEEK_V4_INDEXER = DeadParameterRule("deepseek_v4_indexer", _bind_deepseek_v4_indexer)
+MINIMAX_M3_INDEXER = DeadParameterRule("minimax_m3_indexer", _bind_minimax_m3_indexer)
+DEAD_PARAMETER_RULES: tuple[DeadParameterRule, ...] = (KV_SHARING, DEEPSEEK_V4_INDEXER, MINIMAX_M3_INDEXER)
+
+
+def find_dead_parameters(
+    model: nn.Module, rules: tuple[DeadParameterRule, ...] = DEAD_PARAMETER_RULES
+) -> dict[str, str]:
+    """Canonical name -> rule name for every parameter a rule declares dead (one pass)."""
+    bound = [(rule.name, matcher) for rule in rules if (matcher := rule.bind(model)) is not None]
+    if not bound:
+        return {}
+    dead: dict[str, str] = {}
+    for name, _ in canonical_named_parameters(model):
+        for rule_name, matcher in bound:
+            if matcher(name):
+                dead[name] = rule_name
+                break
+    return dead
+
+
+def freeze_dead_parameters(
+    model: nn.Module, rules: tuple[DeadParameterRule, ...] = DEAD_PARAMETER_RULES
+) -> dict[str, str]:
+    """Freeze every dead parameter; returns canonical name -> rule name."""
+    dead = find_dead_parameters(model, rules)
+    if not dead:
+        return {}
+    for name, param in canonical_named_parameters(model):
+        if name in dead:
+            param.requires_grad_(False)
+    counts: dict[str, int] = {}
+    for rule_name in dead.values():
+        counts[rule_name] = counts.get(rule_name, 0) + 1
+    for rule_name, count in counts.items():
+        logger.info("Froze %d dead parameter tensors (rule %s).", count, rule_name)
+    return dead
+
+
+def _freeze_one_rule(model: nn.Module, rule: DeadParameterRule) -> dict[str, str]:
+    return freeze_dead_parameters(model, (rule,))
+
+
+def freeze_unused_kv_sharing_params(model: nn.Module) -> int:
+    """Freeze K/V projections and norms of KV-shared text-decoder layers; returns the count."""
+    frozen = _freeze_one_rule(model, KV_SHARING)
+    if frozen:
+        text_config = getattr(model.config, "text_config", None) or model.config
+        total, shared = text_config.num_hidden_layers, text_config.num_kv_shared_layers
+        logger.info(
+            "Froze %d dead KV-sharing parameters in layers %d-%d (num_kv_shared_layers=%d).",
+            len(frozen), total - shared, total - 1, shared,
+        )
+    return len(frozen)
+
+
+def freeze_deepseek_v4_indexer_params(model: nn.Module) -> int:
+    """Freeze DeepSeek V4 compressor-indexer parameters; returns the count."""
+    return len(_freeze_one_rule(model, DEEPSEEK_V4_INDEXER))
+
+
+def freeze_minimax_m3_indexer_params(model: nn.Module) -> int:
+    """Freeze MiniMax M3 sparse-attention indexer parameters; returns the count."""
+    return len(_freeze_one_rule(model, MINIMAX_M3_INDEXER))
+
+
+def find_parameters_without_grad(model: nn.Module) -> list[str]:
+    """Canonical names of trainable parameters whose ``.grad`` is None (after a backward)."""
+    return [name for name, p in canonical_named_parameters(model) if p.requires_grad and p.grad is None]

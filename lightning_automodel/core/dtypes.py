@@ -1,0 +1,135 @@
+"""Casting floating-point parameters to one dtype so FSDP2 accepts the model.
+
+FSDP2 requires a uniform original dtype among the trainable parameters of a group and fails lazily,
+at the first forward, with ``FSDP expects uniform original parameter dtype``. Models with internal
+fp32 adapters (Phi-4-multimodal) need a cast. The cast here:
+
+* goes tensor by tensor, so peak extra memory stays near one tensor (``model.to`` is the same, but
+  copies buffers too and cannot be told which dtypes to touch);
+* keeps every ``Parameter`` object (optimizers and tied aliases keep pointing at it);
+* works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with
+  ``reset_sharded_param`` so its sharded views stay consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lightning_automodel.core.naming import canonical_name
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``"torch.bfloat16"`` -> ``torch.bfloat16`` (YAML takes names, not dtypes)."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(_DTYPE_NAMES)}.")
+    return _DTYPE_NAMES[key]
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _unique(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    seen: set[int] = set()
+    out = []
+    for name, t in named:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((canonical_name(name), t))
+    return out
+
+
+def plan_cast(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    source_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    cast_buffers: bool = False,
+) -> list[str]:
+    """Canonical names of the tensors :func:`cast_floating_point` would cast."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"Can only cast to a floating-point dtype; got {dtype}.")
+    named = list(model.named_parameters(remove_duplicate=False))
+    if cast_buffers:
+        named += list(model.named_buffers(remove_duplicate=False))
+    return [name for name, t in _unique(named) if t.dtype in source_dtypes and t.dtype != dtype]
+
+
+def cast_floating_point(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    source_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    cast_buffers: bool = False,
+) -> list[str]:
+    """Cast parameters (and optionally buffers) whose dtype is in ``source_dtypes`` to ``dtype``, in place.
+
+    Buffers stay as they are by default: RoPE ``inv_freq`` and similar buffers lose precision in bf16
+    and are not FSDP-managed. Existing gradients are cast along with their parameter.
+
+    Returns:
+        Canonical names of the tensors that were cast.
+    """
+    targets = plan_cast(model, dtype, source_dtypes=source_dtypes, cast_buffers=cast_buffers)
+    if not targets:
+        return []
+    param_ids = {id(p) for p in model.parameters()}
+    target_ids: set[int] = set()
+    for name, t in _unique(
+        [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    ):
+        if t.dtype in source_dtypes and (cast_buffers or id(t) in param_ids):
+            target_ids.add(id(t))
+
+    if _is_fsdp2(model):
+        # FSDPModule._apply re-derives its sharded parameter views after the swap.
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if id(t) in target_ids else t
+
+        model._apply(convert)
+    else:
+        converted_buffers: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for module in model.modules():
+                for key, param in module._parameters.items():
+                    if param is not None and id(param) in target_ids and param.dtype in source_dtypes:
+                        grad = param.grad
+                        param.data = param.data.to(dtype)
+                        if grad is not None:
+                            param.grad = grad.to(dtype)
+                for key, buf in module._buffers.items():
+                    if buf is None or id(buf) not in target_ids:
+                        continue
+                    # A buffer shared by several modules gets the same converted tensor in each.
+                    if id(buf) not in converted_buffers:
+                        converted_buffers[id(buf)] = buf.to(dtype)
+                    module._buffers[key] = converted_buffers[id(buf)]
+    logger.info("Cast %d tensors to %s.", len(targets), dtype)
+    return targets

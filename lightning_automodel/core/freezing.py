@@ -1,0 +1,329 @@
+"""Parameter freezing by configuration.
+
+Semantics follow the reference's newest freeze config (NeMo AutoModel 0.7.0): four legacy modality
+flags, then ``freeze_modules`` selectors, then ``unfreeze_modules`` selectors (unfreeze wins on
+overlap). Two things differ on purpose:
+
+* Legacy flags match dotted path *components* by prefix, case-insensitively: ``visual_extra`` is a
+  vision module, ``context_proj`` is not a text module (the reference's substring match froze it).
+* Freezing is planned first and applied second, so a bad selector leaves the model untouched, and
+  the result says which rule froze each parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_automodel.core.naming import canonical_name
+
+logger = logging.getLogger(__name__)
+
+LEGACY_FLAGS: tuple[str, ...] = (
+    "freeze_vision_tower",
+    "freeze_audio_tower",
+    "freeze_language_model",
+    "freeze_video_embedder",
+)
+SELECTOR_FIELDS: tuple[str, ...] = ("freeze_modules", "unfreeze_modules")
+FREEZE_CONFIG_KEYS: tuple[str, ...] = (*SELECTOR_FIELDS, *LEGACY_FLAGS)
+
+# flag -> (attribute that holds the tower, dotted name patterns matched by component prefix)
+_LEGACY_RULES: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "freeze_vision_tower": ("vision_tower", ("vision", "visual", "image_encoder")),
+    "freeze_audio_tower": ("audio_tower", ("audio", "audio_encoder", "speech", "sound")),
+    "freeze_language_model": ("language_model", ("language", "text", "llm")),
+    "freeze_video_embedder": (None, ("patch_generator.video_embedder",)),
+}
+
+
+@dataclass(frozen=True)
+class ModuleSelector:
+    """Selects modules (and directly registered parameters) by canonical path.
+
+    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots) is
+    set. A selected module's whole subtree is affected.
+    """
+
+    path: str | None = None
+    glob: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.glob is None):
+            raise ValueError(
+                f"A module selector needs exactly one of `path` or `glob`; got path={self.path!r}, glob={self.glob!r}. "
+                "Write it as {path: model.vision_tower} or {glob: 'model.layers.*.mlp'}."
+            )
+        value = self.path if self.path is not None else self.glob
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"A module selector value must be a non-empty string; got {value!r}.")
+
+    def matches(self, canonical_path: str) -> bool:
+        if self.path is not None:
+            return canonical_path == self.path
+        return fnmatch.fnmatchcase(canonical_path, self.glob)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return f"path: {self.path}" if self.path is not None else f"glob: {self.glob}"
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Typed freeze configuration.
+
+    ``freeze_vision_tower=None`` means True only when neither selector list is declared (a config
+    that uses selectors states trainability explicitly and gets no implicit vision freeze).
+    ``None`` for a selector field means "not declared"; an empty tuple is declared but empty.
+    """
+
+    freeze_vision_tower: bool | None = None
+    freeze_audio_tower: bool = False
+    freeze_language_model: bool = False
+    freeze_video_embedder: bool = False
+    freeze_modules: tuple[ModuleSelector, ...] | None = None
+    unfreeze_modules: tuple[ModuleSelector, ...] | None = None
+
+    def has_selectors(self) -> bool:
+        return self.freeze_modules is not None or self.unfreeze_modules is not None
+
+    def effective_flags(self) -> dict[str, bool]:
+        vision = self.freeze_vision_tower
+        if vision is None:
+            vision = not self.has_selectors()
+        return {
+            "freeze_vision_tower": vision,
+            "freeze_audio_tower": self.freeze_audio_tower,
+            "freeze_language_model": self.freeze_language_model,
+            "freeze_video_embedder": self.freeze_video_embedder,
+        }
+
+
+@dataclass
+class FreezePlan:
+    """Target ``requires_grad`` per canonical parameter name, with the rule that decided it."""
+
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    rule: dict[str, str] = field(default_factory=dict)
+
+    def set(self, name: str, value: bool, rule: str) -> None:
+        self.requires_grad[name] = value
+        self.rule[name] = rule
+
+
+@dataclass
+class FreezeReport:
+    """What freezing did: canonical parameter name -> rule label."""
+
+    frozen: dict[str, str] = field(default_factory=dict)
+    unfrozen: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
+    if isinstance(entry, ModuleSelector):
+        return entry
+    if not isinstance(entry, Mapping):
+        raise ValueError(
+            f"freeze_config.{field_name} entries must be mappings with exactly one of `path` or `glob` "
+            f"(e.g. {{glob: 'model.vision_tower.*'}}); got {entry!r}."
+        )
+    unknown = sorted(set(entry) - {"path", "glob"})
+    if unknown:
+        raise ValueError(
+            f"freeze_config.{field_name} entry {dict(entry)!r} has unsupported key(s) {unknown}; "
+            "use exactly one of `path` or `glob`."
+        )
+    return ModuleSelector(path=entry.get("path"), glob=entry.get("glob"))
+
+
+def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig:
+    """Validate a raw freeze configuration (YAML mapping) into a :class:`FreezeConfig`.
+
+    ``None`` gives the default config (which freezes the vision tower, as the reference's ``{}``).
+
+    Raises:
+        TypeError: ``config`` is not a mapping.
+        ValueError: unknown keys (the message lists the valid ones), non-boolean flags, malformed
+            selectors.
+    """
+    if config is None:
+        return FreezeConfig()
+    if isinstance(config, FreezeConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"freeze_config must be a mapping of freeze options; got {type(config).__name__}: {config!r}.")
+    unknown = sorted(set(config) - set(FREEZE_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"freeze_config has unsupported option(s) {unknown}; valid options are {sorted(FREEZE_CONFIG_KEYS)}."
+        )
+    flags: dict[str, bool] = {}
+    for key in LEGACY_FLAGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"freeze_config.{key} must be true or false; got {value!r}.")
+        flags[key] = value
+    selectors: dict[str, tuple[ModuleSelector, ...]] = {}
+    for key in SELECTOR_FIELDS:
+        if key not in config or config[key] is None:
+            continue
+        entries = config[key]
+        if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
+            raise ValueError(f"freeze_config.{key} must be a list of {{path: ...}} / {{glob: ...}} selectors; got {entries!r}.")
+        selectors[key] = tuple(_parse_selector(entry, key) for entry in entries)
+    return FreezeConfig(**flags, **selectors)
+
+
+def matches_component_prefix(module_path: str, pattern: str) -> bool:
+    """Whether a dotted path has components matching ``pattern`` (its last component by prefix).
+
+    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra``... but ``text`` does not match
+    ``model.context_proj``. A dotted pattern (``patch_generator.video_embedder``) must match
+    consecutive components. Case-insensitive.
+    """
+    components = module_path.lower().split(".")
+    wanted = pattern.lower().split(".")
+    head, last = wanted[:-1], wanted[-1]
+    span = len(wanted)
+    for start in range(len(components) - span + 1):
+        if components[start : start + span - 1] == head and components[start + span - 1].startswith(last):
+            return True
+    return False
+
+
+class _ParameterIndex:
+    """Canonical names of a model's parameters, deduplicated by identity (tied weights once)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.name_of: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self.name_of.setdefault(id(param), canonical_name(name))
+        self.modules = [(canonical_name(n), m) for n, m in model.named_modules(remove_duplicate=False) if n]
+        self.direct = [
+            (f"{path}.{pname}" if path else pname, p)
+            for path, module in [("", model), *self.modules]
+            for pname, p in module.named_parameters(recurse=False)
+        ]
+
+    def names_in(self, module: nn.Module) -> list[str]:
+        return [self.name_of[id(p)] for p in module.parameters() if id(p) in self.name_of]
+
+
+def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list[str]:
+    attribute, patterns = _LEGACY_RULES[flag]
+    names: list[str] = []
+    tower = getattr(model, attribute, None) if attribute else None
+    if isinstance(tower, nn.Module):
+        names.extend(index.names_in(tower))
+    for path, module in index.modules:
+        if any(matches_component_prefix(path, pattern) for pattern in patterns):
+            names.extend(index.names_in(module))
+    return names
+
+
+def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
+    names: list[str] = []
+    for path, module in index.modules:
+        if selector.matches(path):
+            names.extend(index.names_in(module))
+    for path, param in index.direct:
+        if selector.matches(canonical_name(path)) and id(param) in index.name_of:
+            names.append(index.name_of[id(param)])
+    return names
+
+
+def plan_parameter_freezing(
+    model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
+) -> FreezePlan:
+    """Work out the ``requires_grad`` changes a freeze config makes, without touching the model.
+
+    Raises:
+        ValueError: with ``strict``, when a selector matches no parameter (the selector is named).
+    """
+    cfg = parse_freeze_config(config)
+    index = _ParameterIndex(model)
+    plan = FreezePlan()
+    for flag, enabled in cfg.effective_flags().items():
+        if enabled:
+            for name in _legacy_targets(model, index, flag):
+                plan.set(name, False, flag)
+    for field_name, value in (("freeze_modules", False), ("unfreeze_modules", True)):
+        for i, selector in enumerate(getattr(cfg, field_name) or ()):
+            names = _selector_targets(index, selector)
+            if strict and not names:
+                raise ValueError(
+                    f"freeze_config.{field_name}[{i}] selector `{selector.describe()}` matched no parameters. "
+                    "Selectors match full canonical module paths relative to the Hugging Face model "
+                    "(e.g. `model.vision_tower`, glob `model.layers.*.mlp`); pass strict=False to allow this."
+                )
+            for name in names:
+                plan.set(name, value, f"{field_name}[{selector.describe()}]")
+    return plan
+
+
+def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
+    """Apply a plan made by :func:`plan_parameter_freezing` to the same model."""
+    report = FreezeReport()
+    for name, param in _named_unique_parameters(model):
+        if name not in plan.requires_grad:
+            continue
+        value = plan.requires_grad[name]
+        param.requires_grad_(value)
+        (report.unfrozen if value else report.frozen)[name] = plan.rule[name]
+    return report
+
+
+def apply_parameter_freezing(
+    model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
+) -> FreezeReport:
+    """Freeze (and unfreeze) parameters by config; all or nothing.
+
+    Returns:
+        A :class:`FreezeReport` naming every parameter the config froze or unfroze and the rule.
+    """
+    plan = plan_parameter_freezing(model, config, strict=strict)
+    report = apply_freeze_plan(model, plan)
+    if report.frozen:
+        logger.info("Froze %d parameter tensors by freeze config.", len(report.frozen))
+    return report
+
+
+def freeze_module_by_attribute_and_patterns(
+    model: nn.Module, attribute_name: str | None, name_patterns: Iterable[str]
+) -> list[str]:
+    """Freeze the module at ``attribute_name`` and every module whose path matches a pattern.
+
+    Patterns match dotted path components by prefix (see :func:`matches_component_prefix`). An
+    attribute that is missing or ``None`` is skipped. Returns the canonical names frozen.
+    """
+    index = _ParameterIndex(model)
+    names: list[str] = []
+    tower = getattr(model, attribute_name, None) if attribute_name else None
+    if isinstance(tower, nn.Module):
+        names.extend(index.names_in(tower))
+    patterns = tuple(name_patterns)
+    for path, module in index.modules:
+        if any(matches_component_prefix(path, p) for p in patterns):
+            names.extend(index.names_in(module))
+    wanted = set(names)
+    for name, param in _named_unique_parameters(model):
+        if name in wanted:
+            param.requires_grad_(False)
+    return sorted(wanted)
+
+
+def _named_unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    out = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((canonical_name(name), param))
+    return out

@@ -1,0 +1,53 @@
+"""Canonical parameter and module names.
+
+Activation checkpointing, ``torch.compile`` and FSDP1 insert wrapper components into dotted names
+(``layers.0._checkpoint_wrapped_module.self_attn``). Everything a user configures or reads
+(selectors, state_dict names, messages) uses names with those components removed, so a YAML keeps
+matching whatever wrapping the run applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """Strip every wrapper component (see ``WRAPPER_PREFIXES``) anywhere in a dotted name."""
+    for prefix in WRAPPER_PREFIXES:
+        if prefix in name:
+            name = name.replace(prefix, "")
+    # A module name may end in a bare wrapper component (e.g. "layers.0._orig_mod").
+    for prefix in WRAPPER_PREFIXES:
+        bare = prefix[:-1]
+        if name == bare:
+            return ""
+        if name.endswith("." + bare):
+            name = name[: -len(bare) - 1]
+    return name
+
+
+def canonical_named_parameters(
+    model: nn.Module, *, remove_duplicate: bool = True
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """``named_parameters`` with canonical names."""
+    for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
+        yield canonical_name(name), param
+
+
+def canonical_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` with canonical names; wrapper modules collapse onto the module they wrap."""
+    for name, module in model.named_modules(remove_duplicate=False):
+        yield canonical_name(name), module
+
+
+def get_module_by_canonical_name(model: nn.Module, name: str) -> nn.Module | None:
+    """The module whose canonical name is ``name`` (the innermost one when wrappers share it)."""
+    found = None
+    for module_name, module in canonical_named_modules(model):
+        if module_name == name:
+            found = module
+    return found

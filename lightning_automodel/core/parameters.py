@@ -1,0 +1,159 @@
+"""Logical parameter counts and norms that are right for quantized, sharded and meta models.
+
+* A bitsandbytes ``Params4bit`` stores two 4-bit values per byte in a flat uint8 tensor; its logical
+  size is ``quant_state.shape`` (reference issue #1290: an 8B QLoRA model reported 2.8B).
+* A DTensor's ``numel()`` is already global; its L2 norm is not: each rank holds a shard, so the
+  squared norms are summed across ranks (the reference's norm was per shard).
+* Meta tensors are counted without touching storage.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lightning_automodel.core.distributed import get_world_size_safe, is_distributed
+from lightning_automodel.core.naming import canonical_name
+
+
+def _is_params4bit(t: torch.Tensor) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    return isinstance(t, bnb.nn.Params4bit)
+
+
+def logical_numel(t: torch.Tensor) -> int:
+    """Number of logical elements: ``quant_state.shape`` for a quantized ``Params4bit``, else ``numel()``."""
+    if _is_params4bit(t) and getattr(t, "quant_state", None) is not None:
+        return math.prod(t.quant_state.shape)
+    return t.numel()
+
+
+class ParameterCounts(NamedTuple):
+    trainable: int
+    total: int
+
+
+def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Canonical names and parameters, each parameter once (tied weights under their first name)."""
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((canonical_name(name), p))
+    return out
+
+
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """``(trainable, total)`` logical element counts; safe on meta models; shared parameters once."""
+    trainable = total = 0
+    for _, p in unique_named_parameters(model):
+        n = logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return ParameterCounts(trainable, total)
+
+
+@dataclass(frozen=True)
+class ParameterStats:
+    total: int
+    trainable: int
+    l2_norm: float
+
+
+def _replication_factor(p: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold each element of ``p`` (to count a replicated value once in a global sum)."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # pragma: no cover
+        return world_size
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        factor = max(world_size // max(mesh.size(), 1), 1)
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Replicate):
+                factor *= mesh.size(dim)
+        return factor
+    return world_size
+
+
+@torch.no_grad()
+def global_l2_norm(model: nn.Module) -> float:
+    """L2 norm of all floating-point parameters across every rank (a collective: all ranks call it).
+
+    One all-reduce for the whole model. Replicated copies are counted once. Returns ``nan`` for a
+    model with meta parameters (there is nothing to measure).
+    """
+    world = get_world_size_safe() if is_distributed() else 1
+    device = None
+    total = None
+    for _, p in unique_named_parameters(model):
+        if not (p.is_floating_point() or p.is_complex()):
+            continue
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.is_meta:
+            return float("nan")
+        sq = local.detach().float().pow(2).sum().double() / _replication_factor(p, world)
+        device = sq.device
+        total = sq if total is None else total + sq.to(total.device)
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+    if is_distributed():
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        buf = total.to("cpu" if backend == "gloo" else total.device)
+        dist.all_reduce(buf)
+        total = buf
+    return math.sqrt(max(total.item(), 0.0))
+
+
+def parameter_stats(model: nn.Module, *, norm: bool = True) -> ParameterStats:
+    """Total and trainable logical counts and (optionally) the global L2 norm."""
+    counts = count_parameters(model)
+    return ParameterStats(counts.total, counts.trainable, global_l2_norm(model) if norm else float("nan"))
+
+
+@dataclass
+class ModuleRow:
+    """One row of a per-module breakdown."""
+
+    name: str
+    total: int = 0
+    trainable: int = 0
+    frozen_by: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+
+def module_breakdown(
+    model: nn.Module, *, depth: int = 2, frozen_by: Mapping[str, str] | None = None
+) -> list[ModuleRow]:
+    """Group parameters by their first ``depth`` name components (``model.layers``, ``lm_head``).
+
+    ``frozen_by`` maps canonical parameter names to the rule that froze them; frozen parameters not
+    in it are attributed to ``"already frozen"``.
+    """
+    rows: dict[str, ModuleRow] = {}
+    for name, p in unique_named_parameters(model):
+        key = ".".join(name.split(".")[:depth]) if "." in name else name
+        row = rows.setdefault(key, ModuleRow(key))
+        n = logical_numel(p)
+        row.total += n
+        if p.requires_grad:
+            row.trainable += n
+        else:
+            rule = (frozen_by or {}).get(name, "already frozen")
+            row.frozen_by[rule] = row.frozen_by.get(rule, 0) + n
+    return list(rows.values())

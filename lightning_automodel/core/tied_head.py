@@ -1,0 +1,280 @@
+"""Tied LM heads: detect, repair and checkpoint them correctly.
+
+A tied head (``lm_head.weight is embed_tokens.weight``) breaks silently when a model is built on the
+meta device and materialized, or when sharding replaces parameters. Two rules follow (reference PRs
+#1904, #2511):
+
+* "tied" is a storage fact, not a config fact: the config may say tied while the tensors are
+  separate (and have diverged). Only a real alias may be dropped from a checkpoint.
+* A checkpoint without ``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its
+  embedding source when loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_EMBEDDING_FALLBACK_NAMES: tuple[str, ...] = (
+    "model.language_model.embed_tokens.weight",
+    "language_model.embed_tokens.weight",
+    "model.embed_tokens.weight",
+    "embed_tokens.weight",
+)
+_CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
+class TieSupport(Enum):
+    """Which ``tie_word_embeddings`` settings a model class supports (class attribute ``tie_word_embeddings_support``)."""
+
+    BOTH = "both"
+    TIED_ONLY = "tied_only"
+    UNTIED_ONLY = "untied_only"
+
+
+def normalize_param_name(name: str) -> str:
+    """Strip the activation-checkpoint and ``torch.compile`` wrapper components (reference semantics)."""
+    return name.replace(_CHECKPOINT_WRAPPER, "").replace("_orig_mod.", "")
+
+
+def get_module_by_normalized_name(model: nn.Module, name: str) -> nn.Module | None:
+    for module_name, module in model.named_modules():
+        if normalize_param_name(module_name) == name:
+            return module
+    return None
+
+
+def controlling_tie_word_embeddings(config: object) -> bool:
+    """The flag Hugging Face ties by: top-level first, then an Omni ``thinker_config``, then the text config."""
+    if hasattr(config, "tie_word_embeddings"):
+        return bool(config.tie_word_embeddings)
+    thinker = getattr(config, "thinker_config", None)
+    if thinker is not None:
+        return bool(getattr(thinker, "tie_word_embeddings", False))
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else None
+    return bool(getattr(text_config, "tie_word_embeddings", False))
+
+
+def is_tied_word_embeddings(model: nn.Module) -> bool:
+    """Whether the model is *configured* to tie its head (the class attribute wins over the config)."""
+    support = getattr(type(model), "tie_word_embeddings_support", None)
+    if support is TieSupport.TIED_ONLY:
+        return True
+    if support is TieSupport.UNTIED_ONLY:
+        return False
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    return controlling_tie_word_embeddings(config)
+
+
+def get_lm_head_module(model: nn.Module) -> nn.Module | None:
+    """``get_output_embeddings()`` when it returns a module, else the first ``*lm_head`` module with a weight."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+        if head is not None:
+            return head
+    for name, module in model.named_modules():
+        if (name == "lm_head" or name.endswith(".lm_head")) and hasattr(module, "weight"):
+            return module
+    return None
+
+
+def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The full LM-head weight. For a DTensor this all-gathers: every rank must call it."""
+    head = get_lm_head_module(model)
+    weight = getattr(head, "weight", None) if head is not None else None
+    if weight is None:
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if "lm_head" in name and name.endswith(".weight"):
+                weight = param
+                break
+    if weight is None:
+        raise ValueError("lm_head.weight not found in model")
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def get_lm_head_weight_and_name(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
+    """The local LM-head parameter (a DTensor stays a DTensor) and its normalized name."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        normalized = normalize_param_name(name)
+        if "lm_head" in normalized and normalized.endswith(".weight"):
+            return param, normalized
+    return None, None
+
+
+def get_input_embeddings_weight_and_name(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
+    """The input-embedding parameter and its normalized name (``get_input_embeddings()`` first)."""
+    weight = None
+    get_input = getattr(model, "get_input_embeddings", None)
+    if callable(get_input):
+        try:
+            embeddings = get_input()
+        except Exception:  # noqa: BLE001 - models without embeddings raise NotImplementedError and others
+            embeddings = None
+        weight = getattr(embeddings, "weight", None)
+    named = list(model.named_parameters(remove_duplicate=False))
+    if weight is not None:
+        for name, param in named:
+            if param is weight:
+                return param, normalize_param_name(name)
+    for name, param in named:
+        normalized = normalize_param_name(name)
+        if normalized.endswith("embed_tokens.weight"):
+            return param, normalized
+    return None, None
+
+
+def same_tensor_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are one alias (same object, or same storage pointer and offset; meta never)."""
+    if a is b:
+        return True
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        to_local = getattr(t, "to_local", None)
+        if callable(to_local):
+            try:
+                return to_local()
+            except RuntimeError:
+                return t
+        return t
+
+    la, lb = local(a), local(b)
+    if la is lb:
+        return True
+    if la.device.type == "meta" or lb.device.type == "meta":
+        return False
+    try:
+        return (
+            la.untyped_storage().data_ptr() == lb.untyped_storage().data_ptr()
+            and la.storage_offset() == lb.storage_offset()
+        )
+    except RuntimeError:
+        return False
+
+
+def has_local_tied_lm_head(model: nn.Module) -> bool:
+    """Configured tied, both weights present here, same shape, and truly one storage."""
+    if not is_tied_word_embeddings(model):
+        return False
+    head, _ = get_lm_head_weight_and_name(model)
+    embed, _ = get_input_embeddings_weight_and_name(model)
+    if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):
+        return False
+    return same_tensor_storage(head, embed)
+
+
+@dataclass(frozen=True)
+class TieStatus:
+    """Why a model's head is or is not tied, for messages users can act on."""
+
+    config_tied: bool
+    locally_tied: bool
+    reason: str | None = None
+
+
+def diagnose_tie(model: nn.Module) -> TieStatus:
+    """Explain the tie state: configured tied? aliased here? if not, why not."""
+    config_tied = is_tied_word_embeddings(model)
+    if not config_tied:
+        return TieStatus(False, False, "the config does not tie word embeddings (tie_word_embeddings is false)")
+    head, head_name = get_lm_head_weight_and_name(model)
+    embed, embed_name = get_input_embeddings_weight_and_name(model)
+    if head is None:
+        return TieStatus(True, False, "no lm_head weight on this rank (a pipeline stage without the head?)")
+    if embed is None:
+        return TieStatus(True, False, f"{head_name} has no input-embedding weight on this rank to alias")
+    if tuple(head.shape) != tuple(embed.shape):
+        return TieStatus(
+            True,
+            False,
+            f"the config says tied but {head_name} {list(head.shape)} and {embed_name} {list(embed.shape)} "
+            "differ in shape, so they cannot share storage; set tie_word_embeddings=False or fix the vocabulary size",
+        )
+    if not same_tensor_storage(head, embed):
+        return TieStatus(True, False, f"{head_name} and {embed_name} are separate tensors (the alias was broken)")
+    return TieStatus(True, True, None)
+
+
+def ensure_tied_lm_head(model: nn.Module) -> bool:
+    """Re-alias the head to the input embedding when the config says tied; returns whether tied afterwards.
+
+    Tries ``model.tie_weights()`` first (it knows model-specific layouts), then assigns the embedding
+    parameter to the head module. Never raises for the usual failures; callers read the result (and
+    :func:`diagnose_tie` for the reason).
+    """
+    if not is_tied_word_embeddings(model):
+        return False
+    if has_local_tied_lm_head(model):
+        return True
+    head, head_name = get_lm_head_weight_and_name(model)
+    embed, _ = get_input_embeddings_weight_and_name(model)
+    if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):
+        return False
+    tie_weights = getattr(model, "tie_weights", None)
+    if callable(tie_weights):
+        try:
+            tie_weights()
+        except (AttributeError, TypeError, RuntimeError):
+            pass
+        if has_local_tied_lm_head(model):
+            return True
+    module_name = head_name.rsplit(".", 1)[0] if head_name and "." in head_name else head_name
+    head_module = get_module_by_normalized_name(model, module_name) if module_name else None
+    if head_module is None:
+        return False
+    try:
+        head_module.weight = embed
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return has_local_tied_lm_head(model)
+
+
+def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | None = None) -> list[str]:
+    """Checkpoint keys a tied head can be rebuilt from, best first, without duplicates."""
+    names: list[str] = []
+    tied_keys = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied_keys, Mapping):
+        for target, source in tied_keys.items():
+            if lm_head_param_name is None or target == lm_head_param_name or str(target).endswith("lm_head.weight"):
+                names.append(str(source))
+    _, embed_name = get_input_embeddings_weight_and_name(model)
+    if embed_name:
+        names.append(embed_name)
+    names.extend(_EMBEDDING_FALLBACK_NAMES)
+    return list(dict.fromkeys(names))
+
+
+def materialize_missing_tied_lm_head(
+    state_dict: MutableMapping[str, object],
+    model: nn.Module,
+    *,
+    allow_current_lm_head_fallback: bool = False,
+) -> bool:
+    """Add ``lm_head.weight`` to a state dict that omits it, from its embedding source (an alias, not a copy).
+
+    Returns True when the key was added. Mutates ``state_dict`` in place.
+    """
+    if not is_tied_word_embeddings(model):
+        return False
+    head, head_name = get_lm_head_weight_and_name(model)
+    if head is None or head_name is None or head_name in state_dict:
+        return False
+    for source in get_tied_lm_head_source_names(model, head_name):
+        value = state_dict.get(source)
+        if isinstance(value, torch.Tensor):
+            state_dict[head_name] = value.detach()
+            return True
+    if allow_current_lm_head_fallback:
+        state_dict[head_name] = head.detach()
+        return True
+    return False
