@@ -147,7 +147,8 @@ def module_breakdown(
     """
     rows: dict[str, ModuleRow] = {}
     for name, p in unique_named_parameters(model):
-        key = ".".join(name.split(".")[:depth]) if "." in name else name
+        module_path = name.rsplit(".", 1)[0] if "." in name else name
+        key = ".".join(module_path.split(".")[:depth])
         row = rows.setdefault(key, ModuleRow(key))
         n = logical_numel(p)
         row.total += n
