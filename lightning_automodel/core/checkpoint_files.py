@@ -182,9 +182,9 @@ def get_safetensors_index_total_size(index_path: str | os.PathLike[str] | None) 
     return total if isinstance(total, int) and not isinstance(total, bool) else None
 
 
-def estimate_tensor_bytes(t: Any) -> int:
+def estimate_tensor_bytes(tensor: Any) -> int:
     """``numel * element_size`` without touching storage (meta and DTensor fine; DTensor is global)."""
-    return int(t.numel()) * int(t.element_size())
+    return int(tensor.numel()) * int(tensor.element_size())
 
 
 def estimate_state_dict_bytes(state_dict: Mapping[str, Any]) -> int | None:
@@ -195,9 +195,9 @@ def estimate_state_dict_bytes(state_dict: Mapping[str, Any]) -> int | None:
         return None
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(num_bytes: int | float) -> str:
     """Always GiB with one decimal (reference format, relied on by log parsers)."""
-    return f"{n / 1024**3:.1f} GiB"
+    return f"{num_bytes / 1024**3:.1f} GiB"
 
 
 def format_bytes_human(n: int | float) -> str:

@@ -1,0 +1,140 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightning_automodel.core.checkpoint_files import (
+    OfflineCheckpointError,
+    checkpoint_tensor_dtypes,
+    estimate_state_dict_bytes,
+    estimate_tensor_bytes,
+    format_bytes,
+    format_output_file_count,
+    get_safetensors_index_total_size,
+    read_safetensors_header,
+)
+
+
+def write_sharded(tmp_path, shards):
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(tmp_path / name))
+        weight_map.update({k: name for k in tensors})
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 123}, "weight_map": weight_map})
+    )
+
+
+def test_sharded_dtypes(tmp_path):
+    write_sharded(tmp_path, [{"a": torch.zeros(2, dtype=torch.bfloat16)}, {"A_log": torch.zeros(3), "n": torch.zeros(1, dtype=torch.int64)}])
+    assert checkpoint_tensor_dtypes(tmp_path) == {"a": torch.bfloat16, "A_log": torch.float32, "n": torch.int64}
+    assert get_safetensors_index_total_size(tmp_path) == 123
+
+
+def test_reads_only_the_header(tmp_path):
+    big = {"w": torch.zeros(8 * 1024 * 1024)}  # 32 MiB of tensor bytes
+    save_file(big, str(tmp_path / "model.safetensors"))
+    import builtins
+
+    read_sizes = []
+    real_open = builtins.open
+
+    class Tracking:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read_sizes.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    import pathlib
+
+    real_path_open = pathlib.Path.open
+    pathlib.Path.open = lambda self, *a, **k: Tracking(real_path_open(self, *a, **k))
+    try:
+        assert checkpoint_tensor_dtypes(tmp_path) == {"w": torch.float32}
+    finally:
+        pathlib.Path.open = real_path_open
+    assert sum(read_sizes) < 4096
+    assert builtins.open is real_open
+
+
+def test_matches_reference(tmp_path):
+    cu = pytest.importorskip("nemo_automodel.components.checkpoint.utils")
+    from transformers import AutoConfig
+
+    write_sharded(tmp_path, [{"x": torch.zeros(2, dtype=torch.float16)}, {"y": torch.zeros(3)}])
+    cfg = AutoConfig.for_model("llama")
+    assert checkpoint_tensor_dtypes(tmp_path) == cu._get_checkpoint_tensor_dtypes(str(tmp_path), cfg)
+
+
+def test_bin_on_meta(tmp_path):
+    torch.save({"w": torch.zeros(2, dtype=torch.float16)}, tmp_path / "pytorch_model.bin")
+    assert checkpoint_tensor_dtypes(tmp_path) == {"w": torch.float16}
+
+
+def test_state_dict_and_gguf_shortcuts():
+    assert checkpoint_tensor_dtypes("unused", {"state_dict": {"a": torch.zeros(1, dtype=torch.int8), "b": 1}}) == {"a": torch.int8}
+    assert checkpoint_tensor_dtypes("unused", {"gguf_file": "x.gguf"}) == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x01\x02", "truncated safetensors file"),
+        (struct.pack("<Q", 200 * 1024 * 1024) + b"{}", "over the 100 MB limit"),
+        (struct.pack("<Q", 50) + b"{}", "truncated safetensors header"),
+        (struct.pack("<Q", 5) + b"nope!", "not JSON"),
+    ],
+)
+def test_corrupt_headers_name_the_file(tmp_path, content, match):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        read_safetensors_header(path)
+    assert str(path) in str(err.value)
+
+
+def test_bad_index_and_missing_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        checkpoint_tensor_dtypes(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        checkpoint_tensor_dtypes(tmp_path)
+
+
+def test_hub_name_fails_offline_at_once(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "socket", lambda *a, **k: pytest.fail("network touched"))
+    with pytest.raises(OfflineCheckpointError, match="offline"):
+        checkpoint_tensor_dtypes("meta-llama/Llama-3.1-8B")
+
+
+def test_byte_helpers():
+    assert estimate_tensor_bytes(torch.empty(3, 4, dtype=torch.bfloat16, device="meta")) == 24
+    assert estimate_state_dict_bytes({"a": torch.zeros(2), "b": torch.zeros(1, dtype=torch.int8)}) == 9
+    assert estimate_state_dict_bytes({"a": None}) is None
+    assert estimate_state_dict_bytes({}) == 0
+    assert format_bytes(0) == "0.0 GiB" and format_bytes(1536 * 1024**2) == "1.5 GiB"
+    assert format_output_file_count(1) == "1 output file" and format_output_file_count(3) == "3 output files"
+    assert get_safetensors_index_total_size(None) is None
+
+
+def test_index_total_size_rejects_non_int(tmp_path):
+    p = tmp_path / "model.safetensors.index.json"
+    p.write_text(json.dumps({"metadata": {"total_size": 1.5}}))
+    assert get_safetensors_index_total_size(p) is None
+    p.write_text(json.dumps({"metadata": {"total_size": True}}))
+    assert get_safetensors_index_total_size(p) is None
