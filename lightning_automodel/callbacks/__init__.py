@@ -1,0 +1,17 @@
+"""Lightning callbacks that run NeMo AutoModel's model utilities at the right moment of the lifecycle."""
+
+from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
+from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
+from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
+from lightning_automodel.callbacks.parameter_summary import ParameterSummary
+from lightning_automodel.callbacks.thd_squeeze import THDSqueeze
+from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
+
+__all__ = [
+    "CastMixedDtypeToBF16",
+    "FreezeDeadParameters",
+    "ParameterFreezing",
+    "ParameterSummary",
+    "THDSqueeze",
+    "TiedLMHead",
+]

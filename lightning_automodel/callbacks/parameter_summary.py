@@ -1,0 +1,103 @@
+"""A parameter summary after sharding: what trains, what froze it, and what it costs per rank."""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coordinator_for, target_model
+from lightning_automodel.core.checkpoint_files import format_bytes_human
+from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
+from lightning_automodel.core.parameters import ModuleRow, module_breakdown, parameter_stats
+
+log = logging.getLogger(__name__)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned table in the style of Lightning's ModelSummary."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(headers), "-" * (sum(widths) + 3 * (len(widths) - 1))]
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)
+
+
+def format_summary(
+    name: str, total: int, trainable: int, norm: float, rows: list[ModuleRow], memory: TrainingMemoryEstimate
+) -> str:
+    pct = 100.0 * trainable / total if total else 0.0
+    table_rows = [
+        [r.name, _count(r.total), _count(r.trainable), ", ".join(f"{rule} ({_count(n)})" for rule, n in sorted(r.frozen_by.items())) or "-"]
+        for r in rows
+    ]
+    return "\n".join(
+        [
+            f"{name} summary:",
+            render_table(["Module", "Params", "Trainable", "Frozen by"], table_rows),
+            f"Trainable parameters: {trainable:,} of {total:,} ({pct:.2f}%)",
+            f"Param L2 norm (global): {norm:.4f}",
+            f"Per rank (world size {memory.world_size}): params {format_bytes_human(memory.param_bytes)}, "
+            f"grads {format_bytes_human(memory.grad_bytes)}, optimizer state {format_bytes_human(memory.optimizer_bytes)}, "
+            f"total {format_bytes_human(memory.total_bytes)}",
+        ]
+    )
+
+
+class ParameterSummary(ModelSurgeryCallback):
+    """Log, once and on rank 0 after sharding, what trains and what it costs.
+
+    Trainable and total parameters (logical counts: 4-bit and sharded parameters counted right), the
+    trainable percentage, the global L2 norm, a table by top-level module with the rule that froze each
+    part, and the bytes per rank for parameters, gradients and AdamW state at the run's world size.
+
+    Args:
+        name: the model's name in the summary.
+        depth: module path components per table row (2: ``model.layers``, ``lm_head``).
+    """
+
+    surgery_order: ClassVar[int] = 50
+
+    def __init__(self, name: str = "Model", depth: int = 2) -> None:
+        self.name = name
+        self.depth = depth
+        self.text: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @override
+    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """Nothing to change; the summary is taken once the run is sharded and the optimizer exists."""
+
+    def summarize(self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int) -> str:
+        stats = parameter_stats(model)  # collective for DTensor models: every rank calls it
+        frozen_by = coordinator_for(pl_module).frozen_by if isinstance(pl_module, pl.LightningModule) else {}
+        rows = module_breakdown(model, depth=self.depth, frozen_by=frozen_by)
+        param_dtype = torch.bfloat16 if trainer is not None and str(trainer.precision).startswith("bf16-true") else None
+        memory = estimate_training_memory(model, world_size=world_size, param_dtype=param_dtype, sharded=world_size > 1)
+        return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        _, model = target_model(pl_module)
+        self.text = self.summarize(trainer, pl_module, model, trainer.world_size if sharded else 1)
+        rank_zero_info(self.text)

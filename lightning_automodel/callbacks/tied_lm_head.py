@@ -1,0 +1,120 @@
+"""Keep a tied LM head tied: after building or sharding, and across checkpoint loads."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_automodel.callbacks._checkpoint_io import dcp_keys, dcp_load_without, materialize_prefixed, missing_tied_head_keys
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
+from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
+
+_WRAPPED = "__automodel_tied_head__"
+
+
+class TiedLMHead(ModelSurgeryCallback):
+    """Re-tie the LM head to the input embedding when the config says tied, and load checkpoints without it.
+
+    * After the model is built or sharded (before the optimizer exists), a broken alias (meta init plus
+      ``to_empty``, parameter replacement) is repaired, so the optimizer holds one tensor for both.
+    * A checkpoint that omits ``lm_head.weight`` loads: a full ``.ckpt`` on any strategy, and a sharded
+      DCP checkpoint under ``ModelParallelStrategy`` (which otherwise fails on the missing key).
+    * After loading, the tie is verified.
+
+    Args:
+        strict: raise (instead of warning) when the config says tied but the storage cannot be aliased,
+            e.g. because the head and the embedding differ in shape.
+    """
+
+    surgery_order: ClassVar[int] = 40
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.tied = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(strict=self.strict)
+
+    def _tie(self, model: nn.Module, when: str) -> None:
+        self.tied = ensure_tied_lm_head(model)
+        status = diagnose_tie(model)
+        if status.config_tied and not self.tied:
+            message = f"TiedLMHead ({when}): the LM head cannot be tied: {status.reason}."
+            if self.strict:
+                raise MisconfigurationException(message)
+            rank_zero_warn(message)
+
+    @override
+    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        self._tie(model, "after build")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._wrap_module_on_load_checkpoint(pl_module)
+        self._wrap_strategy_load(trainer, pl_module)
+
+    def _wrap_module_on_load_checkpoint(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.on_load_checkpoint
+        if getattr(original, _WRAPPED, False):
+            return
+
+        @functools.wraps(original)
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state_dict = checkpoint.get("state_dict")
+            if isinstance(state_dict, dict):
+                prefix, model = target_model(pl_module)
+                if materialize_prefixed(state_dict, model, prefix):
+                    rank_zero_info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
+            return original(checkpoint)
+
+        setattr(on_load_checkpoint, _WRAPPED, True)
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def _wrap_strategy_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = trainer.strategy
+        if not isinstance(strategy, ModelParallelStrategy) or getattr(strategy.load_checkpoint, _WRAPPED, False):
+            return
+        original = strategy.load_checkpoint
+
+        @functools.wraps(original)
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            path = Path(checkpoint_path)
+            if not path.is_dir():
+                return original(checkpoint_path, *args, **kwargs)
+            prefix, model = target_model(pl_module)
+            keys = missing_tied_head_keys(dcp_keys(path), model, prefix)
+            if keys is None:
+                return original(checkpoint_path, *args, **kwargs)
+            rank_zero_info(f"TiedLMHead: {keys[0]} is not in the checkpoint; loading it from {keys[1]}.")
+            with dcp_load_without(*keys):
+                return original(checkpoint_path, *args, **kwargs)
+
+        setattr(load_checkpoint, _WRAPPED, True)
+        strategy.load_checkpoint = load_checkpoint
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._tie(target_model(pl_module)[1], "after checkpoint load")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _, model = target_model(pl_module)
+        status = diagnose_tie(model)
+        if status.config_tied and not status.locally_tied:
+            rank_zero_warn(f"TiedLMHead: the LM head is not tied at train start: {status.reason}.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"tied": self.tied}

@@ -1,0 +1,129 @@
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+import tiny_models as tm
+from callbacks.lit_models import InitLM, ShardedLM, loader, trainer
+from lightning_automodel.callbacks import FreezeDeadParameters, ParameterFreezing, ParameterSummary
+
+
+def optimizer_param_ids(t):
+    return {id(p) for opt in t.optimizers for g in opt.param_groups for p in g["params"]}
+
+
+def test_frozen_parameters_never_reach_the_optimizer():
+    module = InitLM(tm.tiny_llava)
+    t = trainer(callbacks=[ParameterFreezing()])  # the default freezes the vision tower
+    t.fit(module, loader())
+    vision = [p for n, p in module.model.named_parameters() if n.startswith("model.vision_tower.")]
+    assert vision and all(not p.requires_grad for p in vision)
+    ids = optimizer_param_ids(t)
+    assert not any(id(p) in ids for p in vision)
+    assert all(id(p) in ids for p in module.parameters() if p.requires_grad)
+
+
+def test_order_is_fixed_whatever_the_callback_list():
+    # Unfreeze everything, yet dead parameters stay frozen: dead-param surgery always runs after freezing.
+    module = ShardedLM(tm.synthetic_kv_shared)
+    cbs = [FreezeDeadParameters(detect_steps=0), ParameterFreezing(unfreeze_modules=[{"glob": "*"}])]
+    t = trainer(callbacks=cbs)
+    t.fit(module, loader())
+    dead = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert dead == set(cbs[0].frozen) and len(dead) == 12
+    ids = optimizer_param_ids(t)
+    assert not any(id(p) in ids for n, p in module.model.named_parameters() if n in dead)
+
+
+def test_configure_model_is_wrapped_once_across_fit_and_validate():
+    module = ShardedLM(tm.tiny_llama)
+    cb = ParameterFreezing(freeze_modules=[{"path": "model.embed_tokens"}])
+    t = trainer(callbacks=[cb])
+    t.fit(module, loader())
+    wrapped = module.configure_model
+    t.validate(module, loader(8))
+    assert module.configure_model is wrapped
+    assert module.configure_model.__wrapped__.__func__ is ShardedLM.configure_model
+    assert not module.model.model.embed_tokens.weight.requires_grad
+
+
+def test_nothing_left_to_train_is_an_error():
+    module = InitLM(tm.tiny_llama)
+    with pytest.raises(MisconfigurationException, match="nothing to train"):
+        trainer(callbacks=[ParameterFreezing(freeze_modules=[{"glob": "*"}])]).fit(module, loader())
+
+
+def test_bad_config_is_a_misconfiguration():
+    with pytest.raises(MisconfigurationException, match="valid options"):
+        ParameterFreezing.from_config({"freeze_embeddings": True})
+    with pytest.raises(MisconfigurationException, match="matched no parameters"):
+        trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.nope"}])]).fit(InitLM(), loader())
+
+
+def test_optimizer_with_frozen_parameters_warns():
+    module = InitLM(tm.tiny_llama, all_params_in_optimizer=True)
+    with pytest.warns(UserWarning, match="optimizer holds frozen parameters"):
+        trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "lm_head"}])]).fit(module, loader())
+
+
+def test_runtime_detection_names_unused_parameters():
+    def with_unused():
+        model = tm.tiny_llama()
+        model.model.unused_adapter = torch.nn.Linear(64, 64)
+        return model
+
+    module = InitLM(with_unused)
+    cb = FreezeDeadParameters(detect_steps=2)
+    with pytest.warns(UserWarning, match=r"(?s)model\.unused_adapter\.weight.*path: model\.unused_adapter\.weight") as record:
+        trainer(callbacks=[cb], max_steps=4).fit(module, loader())
+    assert cb.unused == ["model.unused_adapter.weight", "model.unused_adapter.bias"]
+    assert any("Missing key in checkpoint state_dict" in str(w.message) for w in record)
+
+
+def test_runtime_detection_is_quiet_for_a_healthy_model():
+    cb = FreezeDeadParameters(detect_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(callbacks=[cb]).fit(InitLM(tm.tiny_llama), loader())
+    assert cb.unused == []
+    assert not [w for w in record if "FreezeDeadParameters" in str(w.message)]
+
+
+def test_resume_reapplies_the_checkpoint_frozen_set(tmp_path):
+    module = InitLM(tm.tiny_llama)
+    t = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"glob": "model.layers.0.*"}])], max_steps=2)
+    t.fit(module, loader())
+    ckpt = tmp_path / "a.ckpt"
+    t.save_checkpoint(ckpt)
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    # Resume with a different config: the checkpoint's set wins, with a warning naming the parameters.
+    resumed = InitLM(tm.tiny_llama)
+    cb = ParameterFreezing(freeze_modules=[{"glob": "model.layers.0.*"}])
+    t2 = trainer(callbacks=[cb], max_steps=4)
+    resumed.model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)  # drift the model
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        t2.fit(resumed, loader(), ckpt_path=ckpt)
+    assert {n for n, p in resumed.model.named_parameters() if not p.requires_grad} == frozen
+    ids = optimizer_param_ids(t2)
+    assert all(id(p) in ids for p in resumed.parameters() if p.requires_grad)
+    assert t2.global_step == 4
+
+
+def test_two_instances_have_distinct_state_keys():
+    a, b = ParameterFreezing(freeze_modules=[{"path": "a"}]), ParameterFreezing(freeze_modules=[{"path": "b"}])
+    assert a.state_key != b.state_key
+
+
+def test_summary_table(caplog):
+    import logging
+
+    module = InitLM(tm.tiny_llava)
+    summary = ParameterSummary(name="VLM")
+    trainer(callbacks=[ParameterFreezing(), summary], max_steps=1).fit(module, loader())
+    text = summary.text
+    total = sum(p.numel() for p in module.model.parameters())
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    assert f"of {total:,}" in text and f"Trainable parameters: {trainable:,}" in text
+    assert "model.vision_tower" in text and "freeze_vision_tower" in text
+    assert "optimizer state" in text
