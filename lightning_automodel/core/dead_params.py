@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_automodel.core.freezing import matches_component_prefix
+from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.naming import canonical_name, canonical_named_parameters
 
 logger = logging.getLogger(__name__)
 
 KV_PROJECTIONS: tuple[str, ...] = ("k_proj", "v_proj", "k_norm", "v_norm")
-_NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "speech", "sound", "video")
 
 Matcher = Callable[[str], bool]
 
@@ -52,37 +51,6 @@ def _model_types(model: nn.Module) -> set[str]:
     return types - {""}
 
 
-def _text_decoder_layers_path(model: nn.Module, num_layers: int) -> str | None:
-    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``)."""
-    decoder = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            decoder = get_decoder()
-        except Exception:  # noqa: BLE001 - some remote-code models raise here; fall back to the search
-            decoder = None
-    candidates: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
-            continue
-        path = canonical_name(name)
-        if not (path == "layers" or path.endswith(".layers")):
-            continue
-        if any(matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS):
-            continue
-        candidates.append(path)
-    if decoder is not None and decoder is not model:
-        for name, module in model.named_modules():
-            if module is decoder:
-                inner = canonical_name(name)
-                wanted = f"{inner}.layers" if inner else "layers"
-                if wanted in candidates:
-                    return wanted
-    if decoder is model and "layers" in candidates:
-        return "layers"
-    return candidates[0] if candidates else None
-
-
 def _bind_kv_sharing(model: nn.Module) -> Matcher | None:
     config = _config(model)
     if config is None:
@@ -93,7 +61,7 @@ def _bind_kv_sharing(model: nn.Module) -> Matcher | None:
     if shared <= 0 or total <= 0:
         return None
     first_shared = total - shared
-    layers_path = _text_decoder_layers_path(model, total)
+    layers_path = text_decoder_layers_path(model, total)
     if layers_path is None:
         return None
     pattern = re.compile(

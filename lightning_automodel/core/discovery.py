@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_automodel.core.freezing import matches_component_prefix
 from lightning_automodel.core.naming import canonical_name
+
+_NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "speech", "sound", "video")
 
 
 def _is_hf_model(module: nn.Module) -> bool:
@@ -32,3 +35,38 @@ def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
         if name and _is_hf_model(module):
             return canonical_name(name) + ".", module
     return "", root
+
+
+def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) -> str | None:
+    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``).
+
+    Found through ``get_decoder()`` when the model has it, else the first ``layers`` list (of
+    ``num_layers`` entries when given) outside vision/audio towers.
+    """
+    decoder = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except Exception:  # noqa: BLE001 - some remote-code models raise here; fall back to the search
+            decoder = None
+    candidates: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or (num_layers is not None and len(module) != num_layers):
+            continue
+        path = canonical_name(name)
+        if not (path == "layers" or path.endswith(".layers")):
+            continue
+        if any(matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS):
+            continue
+        candidates.append(path)
+    if decoder is not None and decoder is not model:
+        for name, module in model.named_modules():
+            if module is decoder:
+                inner = canonical_name(name)
+                wanted = f"{inner}.layers" if inner else "layers"
+                if wanted in candidates:
+                    return wanted
+    if decoder is model and "layers" in candidates:
+        return "layers"
+    return candidates[0] if candidates else None

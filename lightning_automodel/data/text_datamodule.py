@@ -1,0 +1,184 @@
+"""Local text files -> token windows -> padded or packed batches. Offline by construction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_automodel.data.collators import PackedSequenceCollator, PaddingCollator
+from lightning_automodel.data.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def shipped_corpus() -> list[str]:
+    """Paths of the small corpus that ships with the package (the embedded default trains on it)."""
+    root = resources.files("lightning_automodel.data") / "corpus"
+    return sorted(str(p) for p in root.iterdir() if p.name.endswith((".txt", ".jsonl")))
+
+
+def read_documents(files: list[str]) -> list[str]:
+    """``.txt`` files split into paragraphs (blank lines); ``.jsonl`` files with a ``text`` field."""
+    docs: list[str] = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file {name!r} does not exist.")
+        if path.suffix == ".jsonl":
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: each JSON line needs a string field 'text'.")
+                docs.append(record["text"])
+        elif path.suffix == ".txt":
+            docs.extend(p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip())
+        else:
+            raise ValueError(f"Data file {name!r}: only .txt and .jsonl are supported.")
+    return docs
+
+
+class TokenWindows(Dataset):
+    """Token windows of at most ``seq_length`` ids, cut from tokenized documents."""
+
+    def __init__(self, docs: list[list[int]], seq_length: int) -> None:
+        self.windows = [doc[i : i + seq_length] for doc in docs for i in range(0, len(doc), seq_length)]
+        self.windows = [w for w in self.windows if len(w) >= 2]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.windows[i]
+
+
+def load_tokenizer(tokenizer_path: str | None) -> Any:
+    if tokenizer_path is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_path).is_dir():
+        raise FileNotFoundError(
+            f"Tokenizer directory {tokenizer_path!r} does not exist (we run offline: pass a local directory)."
+        )
+    return AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Causal-LM batches from local ``.txt`` / ``.jsonl`` files.
+
+    Args:
+        train_files: text files (default: the small corpus shipped with the package).
+        val_files: validation files (default: a ``val_fraction`` split of the training documents).
+        tokenizer_path: a local Hugging Face tokenizer directory (default: a byte-level tokenizer).
+        seq_length: tokens per window.
+        batch_size: windows per batch (packed into one row with ``packing``).
+        packing: pack each batch into one THD row instead of padding.
+        pad_to_multiple_of: with packing, pad each sequence to a multiple of this.
+        num_workers: DataLoader workers.
+        val_fraction: share of documents held out when ``val_files`` is not given.
+        seed: split and shuffle seed.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        tokenizer_path: str | None = None,
+        seq_length: int = 128,
+        batch_size: int = 4,
+        packing: bool = False,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_length < 2:
+            raise ValueError(f"seq_length must be at least 2; got {seq_length}.")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def check_model(self, vocab_size: int, max_positions: int) -> None:
+        """Fail before training when the tokenizer or the sequence length cannot fit the model."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {self.vocab_size} ids but the model's vocabulary has {vocab_size}: token ids would "
+                "index past the embedding. Use the model's own tokenizer or a model with a larger vocab_size."
+            )
+        if max_positions and self.hparams.seq_length > max_positions:
+            raise ValueError(
+                f"seq_length={self.hparams.seq_length} is above the model's max_position_embeddings={max_positions}; "
+                "lower data.seq_length."
+            )
+
+    def _tokenize(self, docs: list[str]) -> list[list[int]]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return [self.tokenizer.encode(d) for d in docs]
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        out = []
+        for d in docs:
+            ids = self.tokenizer.encode(d, add_special_tokens=False)
+            out.append(([bos] if bos is not None else []) + ids + ([eos] if eos is not None else []))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        docs = read_documents(hp.train_files or shipped_corpus())
+        if not docs:
+            raise ValueError(f"The training files {hp.train_files or shipped_corpus()} contain no text.")
+        if hp.val_files:
+            val_docs = read_documents(hp.val_files)
+        else:
+            rng = random.Random(hp.seed)
+            rng.shuffle(docs)
+            n_val = max(1, int(len(docs) * hp.val_fraction)) if len(docs) > 1 and hp.val_fraction > 0 else 0
+            val_docs, docs = docs[:n_val], docs[n_val:]
+        self.train_dataset = TokenWindows(self._tokenize(docs), hp.seq_length)
+        self.val_dataset = TokenWindows(self._tokenize(val_docs), hp.seq_length)
+        if len(self.train_dataset) == 0:
+            raise ValueError("The training data produced no token windows (every document is shorter than 2 tokens).")
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if model is not None and hasattr(model, "vocab_size"):
+            self.check_model(model.vocab_size, model.max_positions)
+
+    def _collator(self):
+        pad = getattr(self.tokenizer, "pad_token_id", 0) or 0
+        if self.hparams.packing:
+            return PackedSequenceCollator(pad_to_multiple_of=self.hparams.pad_to_multiple_of, pad_token_id=pad)
+        return PaddingCollator(pad_token_id=pad)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=self._collator(),
+            num_workers=self.hparams.num_workers,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False) if len(self.val_dataset) else []
