@@ -34,6 +34,7 @@ def _report_checkpoint(cli: LightningCLI, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _USAGE_EXTRA:
         import importlib
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = LightningCLI(
         HFCausalLM,
         TextDataModule,
-        args=argv,
+        args=None if from_command_line else argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -29,7 +29,10 @@ def _count(n: int) -> str:
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain aligned table in the style of Lightning's ModelSummary."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    last = len(headers) - 1
+    line = lambda cells: " | ".join(
+        c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
     out = [line(headers), "-" * (sum(widths) + 3 * (len(widths) - 1))]
     out.extend(line(r) for r in rows)
     return "\n".join(out)

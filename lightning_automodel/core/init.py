@@ -39,14 +39,17 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
     """Create every parameter (and with ``include_buffers`` every buffer) on the meta device.
 
     Parameter subclasses are rebuilt with their attributes; ``_is_hf_initialized`` is carried over
-    only where it was set.
+    only where it was set. A parameter that is already on meta is registered as it is, so assigning
+    one module's parameter to another (weight tying) keeps one tensor.
     """
     original_register_parameter = nn.Module.register_parameter
     original_register_buffer = nn.Module.register_buffer
 
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original_register_parameter(module, name, param)
-        if param is None:
+        # A parameter already on meta keeps its identity: that is how tied weights (lm_head = embedding)
+        # stay tied when a model ties them after construction.
+        if param is None or param.device.type == "meta":
             return
         flag = param.__dict__.get("_is_hf_initialized", _MISSING)
         new = _meta_parameter(module._parameters[name])

@@ -53,3 +53,12 @@ def test_skip_random_init_restores_exactly():
     assert "_init_weights" not in module.__dict__  # the reference leaves one set to True
     if had:
         module._init_weights = previous
+
+
+def test_tied_weights_stay_tied_on_meta():
+    import tiny_models as tm
+
+    with init_empty_weights():
+        model = tm.build(tm.tiny_config("gemma3_text"))
+    assert model.lm_head.weight.is_meta
+    assert model.lm_head.weight is model.model.embed_tokens.weight
