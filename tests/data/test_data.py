@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_automodel.core.packing import pack_thd
+from lightning_automodel.data import ByteTokenizer, PackedSequenceCollator, PaddingCollator, TextDataModule
+from lightning_automodel.data.text_datamodule import read_documents, shipped_corpus
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seqs=st.lists(st.lists(st.integers(3, 258), min_size=1, max_size=12), min_size=1, max_size=6),
+    multiple=st.integers(1, 8),
+    extra_room=st.integers(0, 3),
+)
+def test_pack_thd_property(seqs, multiple, extra_room):
+    out = pack_thd(seqs, pad_to_multiple_of=multiple, max_sequences=len(seqs) + extra_room)
+    lengths = [len(s) for s in seqs]
+    padded = [-(-n // multiple) * multiple for n in lengths]
+    cu = torch.tensor([0] + lengths).cumsum(0).tolist()
+    cu_p = torch.tensor([0] + padded).cumsum(0).tolist()
+    assert out["cu_seqlens"].tolist() == [cu + [-1000] * extra_room]
+    assert out["cu_seqlens_padded"].tolist() == [cu_p + [-1000] * extra_room]
+    assert out["input_ids"].shape == (1, sum(padded)) and out["max_seqlen"] == max(lengths)
+    assert isinstance(out["max_seqlen"], int)
+    for s, start in zip(seqs, cu_p[:-1]):
+        assert out["input_ids"][0, start : start + len(s)].tolist() == s
+        assert out["position_ids"][0, start : start + len(s)].tolist() == list(range(len(s)))
+        assert out["labels"][0, start] == -100
+        assert out["labels"][0, start + 1 : start + len(s)].tolist() == s[1:]
+    assert int((~out["padding_mask"]).sum()) == sum(lengths)
+    assert (out["labels"][out["padding_mask"]] == -100).all()
+
+
+def test_pack_thd_errors():
+    with pytest.raises(ValueError, match="no empty sequence"):
+        pack_thd([[1], []])
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_thd([[1], [2]], max_sequences=1)
+
+
+def test_padding_collator():
+    out = PaddingCollator()([[5, 6, 7], [8]])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo")
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "héllo"
+
+
+def test_shipped_corpus_and_module(tmp_path):
+    assert shipped_corpus() and read_documents(shipped_corpus())
+    dm = TextDataModule(seq_length=32, batch_size=4, packing=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and batch["qkv_format"] == "thd"
+    assert len(dm.val_dataset) > 0
+
+
+def test_jsonl_and_errors(tmp_path):
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps({"text": "hello world"}) + "\n\n" + json.dumps({"text": "again"}) + "\n")
+    assert read_documents([str(good)]) == ["hello world", "again"]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="b.jsonl:1: each JSON line needs a string field 'text'"):
+        read_documents([str(bad)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_documents([str(tmp_path / "missing.txt")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="contain no text"):
+        TextDataModule(train_files=[str(empty)]).setup("fit")
+
+
+def test_model_fit_checks():
+    dm = TextDataModule(seq_length=64)
+    with pytest.raises(ValueError, match="tokenizer has 259 ids but the model's vocabulary has 128"):
+        dm.check_model(vocab_size=128, max_positions=512)
+    with pytest.raises(ValueError, match="seq_length=64 is above the model's max_position_embeddings=32"):
+        dm.check_model(vocab_size=300, max_positions=32)
+    dm.check_model(vocab_size=300, max_positions=0)  # unknown maximum: no check
