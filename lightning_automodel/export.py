@@ -56,6 +56,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             raise ExportError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
         return checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}
     if path.is_dir() and (path / ".metadata").is_file():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # DCP would treat the read as a collective and wait for every rank.
+            raise ExportError("Export a sharded checkpoint from a single process (outside torchrun / a Trainer run).")
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 

@@ -1,0 +1,218 @@
+"""The command line: every example config parses, the embedded default runs end to end, plan and export."""
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distributed import REPO_ROOT, run_torchrun
+from lightning_automodel.cli import main
+from lightning_automodel.export import ExportError, export_checkpoint
+from lightning_automodel.planning import format_plan, make_plan
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+CLI = [sys.executable, "-m", "lightning_automodel.cli"]
+
+
+def run_cli(*args, cwd, timeout=300, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] and printed["trainer"]
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  config: {model_type: llama}\n  learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    out = run_cli(
+        "fit", "--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"),
+        "--trainer.max_steps=30", "--trainer.val_check_interval=15",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
+        cwd=tmp_path,
+    )
+    text = out.stdout + out.stderr
+    assert "tiny-llama summary:" in text and "Trainable parameters:" in text
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("Checkpoint saved at") and "export" in last
+    path = re.search(r"Checkpoint saved at (\S+)", last).group(1)
+    assert Path(path).is_file()
+    metrics = sorted((tmp_path / "lightning_logs").glob("version_*/metrics.csv"))
+    lines = metrics[-1].read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("train_loss")
+    losses = [float(l.split(",")[col]) for l in lines[1:] if l.split(",")[col]]
+    assert losses[-1] < losses[0]
+
+
+LLAMA_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False)
+
+
+def llama_count_by_hand(h, layers, heads, kv_heads, inter, vocab):
+    head_dim = h // heads
+    attn = h * h + 2 * h * (kv_heads * head_dim) + h * h
+    mlp = 3 * h * inter
+    norms = 2 * h
+    return vocab * h + layers * (attn + mlp + norms) + h + vocab * h
+
+
+def test_plan_70b_against_hand_counts():
+    config = {
+        "model": {"config": LLAMA_70B},
+        "trainer": {
+            "devices": 8,
+            "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
+            "callbacks": [
+                {"class_path": "lightning_automodel.callbacks.ParameterFreezing",
+                 "init_args": {"freeze_modules": [{"path": "model.embed_tokens"}, {"glob": "model.layers.[0-9].*"}]}},
+            ],
+        },
+    }
+    plan = make_plan(config)
+    total = llama_count_by_hand(8192, 80, 64, 8, 28672, 128256)
+    assert plan.counts.total == total == 70_553_706_496
+    per_layer = llama_count_by_hand(8192, 1, 64, 8, 28672, 0) - 8192
+    frozen = 128256 * 8192 + 10 * per_layer
+    assert plan.counts.trainable == total - frozen
+    # fp32 params sharded on dim 0 over 8 ranks; every dim 0 here divides by 8.
+    assert plan.memory.param_bytes == total * 4 // 8
+    assert plan.memory.grad_bytes == (total - frozen) * 4 // 8
+    assert plan.memory.optimizer_bytes == (total - frozen) * 8 // 8
+    text = format_plan(plan)
+    assert "freeze_modules[path: model.embed_tokens]" in text and "world size 8" in text
+
+
+def test_plan_command_70b_memory_bound(tmp_path):
+    cfg = tmp_path / "70b.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"config": LLAMA_70B}, "trainer": {"devices": 8}}))
+    code = (
+        "import resource, sys; from lightning_automodel.cli import main; rc = main(['plan', '--config', sys.argv[1]]);"
+        "print('MAXRSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rss = int(re.search(r"MAXRSS_MB (\d+)", proc.stdout).group(1))
+    assert rss < 1024, rss  # a memory bound, not a timing: everything stays on meta
+    assert "70,553,706,496" in proc.stdout
+
+
+def tied_checkpoint(tmp_path, tie=True):
+    from callbacks.lit_models import trainer
+    from lightning_automodel import HFCausalLM, TextDataModule
+
+    config = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie)
+    module = HFCausalLM(config=config, learning_rate=1e-2)
+    t = trainer(max_steps=3, limit_val_batches=0)
+    t.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    path = tmp_path / f"tie{tie}.ckpt"
+    t.save_checkpoint(path)
+    return module, path
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_single_file_and_reload_logits(tmp_path, tie):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    module, path = tied_checkpoint(tmp_path, tie)
+    out = export_checkpoint(path, tmp_path / "hf", max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").is_file()  # sharded at 40 KB
+    keys = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys |= set(f.keys())
+    assert ("lm_head.weight" in keys) is (not tie)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 259, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, module.model(input_ids=ids, use_cache=False).logits, atol=1e-5)
+
+
+def test_export_refuses_and_leaves_nothing(tmp_path):
+    _, path = tied_checkpoint(tmp_path)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(path, tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ExportError, match="not a readable Lightning checkpoint"):
+        export_checkpoint(corrupt, tmp_path / "y")
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_fit_resume_export(tmp_path):
+    run_torchrun("job_fsdp2.py", str(tmp_path), nproc=2, timeout=400)
+    from transformers import AutoModelForCausalLM
+
+    state = torch.load(tmp_path / "reference_state.pt")
+    assert (tmp_path / "final.ckpt" / ".metadata").is_file()  # a sharded DCP checkpoint
+    export_checkpoint(tmp_path / "final.ckpt", tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    ids = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        logits = reloaded(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_kill_and_resume(tmp_path):
+    config = REPO_ROOT / "configs/tiny-llama-cpu.yaml"
+    args = [
+        "fit", "--config", str(config), "--trainer.max_steps=400", "--trainer.val_check_interval=1000",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=10",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(last, weights_only=False)
+    step = saved["global_step"]
+    frozen = next(v["frozen"] for k, v in saved["callbacks"].items() if k.startswith("ParameterFreezing"))
+    assert 20 <= step < 400
+    out = run_cli(*[a for a in args if not a.startswith("--trainer.max_steps")], f"--trainer.max_steps={step + 10}",
+                  "--ckpt_path", str(last), cwd=tmp_path)
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == step + 10
+    assert next(v["frozen"] for k, v in resumed["callbacks"].items() if k.startswith("ParameterFreezing")) == frozen
+    assert "Checkpoint saved at" in out.stdout
