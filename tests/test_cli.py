@@ -216,3 +216,43 @@ def test_kill_and_resume(tmp_path):
     assert resumed["global_step"] == step + 10
     assert next(v["frozen"] for k, v in resumed["callbacks"].items() if k.startswith("ParameterFreezing")) == frozen
     assert "Checkpoint saved at" in out.stdout
+
+
+def test_every_callback_configurable_from_yaml(tmp_path, capsys):
+    cfg = tmp_path / "all.yaml"
+    cfg.write_text(
+        """
+model: {config: {model_type: llama, vocab_size: 260, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
+trainer:
+  callbacks:
+    - class_path: lightning_automodel.callbacks.ParameterFreezing
+      init_args: {freeze_modules: [{glob: "model.vision_tower.*"}], unfreeze_modules: [{path: lm_head}], strict: false}
+    - class_path: lightning_automodel.callbacks.ParameterFreezing
+      init_args: {freeze_language_model: true}
+    - class_path: lightning_automodel.callbacks.FreezeDeadParameters
+      init_args: {detect_steps: 5}
+    - class_path: lightning_automodel.callbacks.CastMixedDtypeToBF16
+      init_args: {cast_buffers: true}
+    - class_path: lightning_automodel.callbacks.TiedLMHead
+      init_args: {strict: true}
+    - class_path: lightning_automodel.callbacks.THDSqueeze
+      init_args: {seqlens_padding_value: -1}
+    - class_path: lightning_automodel.callbacks.ParameterSummary
+      init_args: {name: Draft}
+"""
+    )
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    callbacks = printed["trainer"]["callbacks"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == [
+        "ParameterFreezing", "ParameterFreezing", "FreezeDeadParameters", "CastMixedDtypeToBF16", "TiedLMHead", "THDSqueeze", "ParameterSummary",
+    ]
+    assert callbacks[0]["init_args"]["unfreeze_modules"] == [{"path": "lm_head"}]
+    assert callbacks[3]["init_args"]["cast_buffers"] is True
+    # Two ParameterFreezing instances live side by side under distinct state keys.
+    from lightning_automodel.callbacks import ParameterFreezing
+
+    a = ParameterFreezing(**callbacks[0]["init_args"])
+    b = ParameterFreezing(**callbacks[1]["init_args"])
+    assert a.state_key != b.state_key
