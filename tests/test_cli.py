@@ -191,16 +191,17 @@ def test_two_rank_fsdp2_fit_resume_export(tmp_path):
 def test_kill_and_resume(tmp_path):
     config = REPO_ROOT / "configs/tiny-llama-cpu.yaml"
     args = [
-        "fit", "--config", str(config), "--trainer.max_steps=400", "--trainer.val_check_interval=1000",
+        "fit", "--config", str(config), "--trainer.max_steps=400", "--trainer.limit_val_batches=0",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
         f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.every_n_train_steps=10",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "ckpt" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
         if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20:
             break
         time.sleep(0.5)

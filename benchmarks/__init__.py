@@ -1,0 +1,1 @@
+"""Benchmarks: each case measures ours against its peers in one run, alternating, and reports ratios."""
