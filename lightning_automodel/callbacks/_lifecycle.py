@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
-from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.naming import unique_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,7 @@ def target_model(pl_module: nn.Module) -> tuple[str, nn.Module]:
 
 def frozen_names(model: nn.Module) -> list[str]:
     """Canonical names of the model's frozen parameters (each tensor once)."""
-    seen: set[int] = set()
-    names = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if not p.requires_grad:
-            names.append(canonical_name(name))
-    return sorted(names)
+    return sorted(name for name, p in unique_named_parameters(model) if not p.requires_grad)
 
 
 class SurgeryCoordinator:

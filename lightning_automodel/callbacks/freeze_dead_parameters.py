@@ -16,7 +16,7 @@ from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coord
 from lightning_automodel.callbacks._resume import reapply_frozen_set
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.distributed import digest_names, is_distributed
-from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.naming import unique_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         self._seen_backward = 0
         self._alive = set()
         _, model = target_model(pl_module)
-        seen: set[int] = set()
-        self._watch = []
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) not in seen and p.requires_grad:
-                seen.add(id(p))
-                self._watch.append((canonical_name(name), p))
+        self._watch = [(name, p) for name, p in unique_named_parameters(model) if p.requires_grad]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.naming import canonical_name, unique_named_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def plan_parameter_freezing(
 def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
     """Apply a plan made by :func:`plan_parameter_freezing` to the same model."""
     report = FreezeReport()
-    for name, param in _named_unique_parameters(model):
+    for name, param in unique_named_parameters(model):
         if name not in plan.requires_grad:
             continue
         value = plan.requires_grad[name]
@@ -312,18 +312,7 @@ def freeze_module_by_attribute_and_patterns(
         if any(matches_component_prefix(path, p) for p in patterns):
             names.extend(index.names_in(module))
     wanted = set(names)
-    for name, param in _named_unique_parameters(model):
+    for name, param in unique_named_parameters(model):
         if name in wanted:
             param.requires_grad_(False)
     return sorted(wanted)
-
-
-def _named_unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    seen: set[int] = set()
-    out = []
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        out.append((canonical_name(name), param))
-    return out

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_automodel.core.parameters import logical_numel, unique_named_parameters
+from lightning_automodel.core.naming import unique_named_parameters
+from lightning_automodel.core.parameters import logical_numel
 
 
 @dataclass(frozen=True)

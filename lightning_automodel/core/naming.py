@@ -51,3 +51,14 @@ def get_module_by_canonical_name(model: nn.Module, name: str) -> nn.Module | Non
         if module_name == name:
             found = module
     return found
+
+
+def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Canonical names and parameters, each parameter once (tied weights under their first name)."""
+    seen: set[int] = set()
+    out = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            out.append((canonical_name(name), param))
+    return out

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_automodel.core.distributed import get_world_size_safe, is_distributed
-from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.naming import unique_named_parameters
 
 
 def _is_params4bit(t: torch.Tensor) -> bool:
@@ -39,17 +39,6 @@ def logical_numel(t: torch.Tensor) -> int:
 class ParameterCounts(NamedTuple):
     trainable: int
     total: int
-
-
-def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Canonical names and parameters, each parameter once (tied weights under their first name)."""
-    seen: set[int] = set()
-    out = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((canonical_name(name), p))
-    return out
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
