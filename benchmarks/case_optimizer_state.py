@@ -15,8 +15,14 @@ def state_bytes(model, freeze: bool) -> tuple[int, int]:
         apply_parameter_freezing(model, {"freeze_vision_tower": True})
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-    ids = torch.randint(0, 200, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+    # An image-text batch, so the vision tower and the projector are in the graph when trainable.
+    cfg = model.config
+    patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    text = torch.randint(0, 200, (2, 16))
+    ids = torch.cat([torch.full((2, patches), cfg.image_token_index), text], dim=1)
+    pixels = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    labels = ids.masked_fill(ids == cfg.image_token_index, -100)
+    model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
     optimizer.step()
     used = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step" and torch.is_tensor(t))
     return used, sum(p.numel() for p in trainable)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_automodel.core.discovery import text_decoder_layers_path
-from lightning_automodel.core.naming import canonical_name, canonical_named_parameters
+from lightning_automodel.core.naming import canonical_named_parameters, unique_named_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -93,38 +93,40 @@ MINIMAX_M3_INDEXER = DeadParameterRule("minimax_m3_indexer", _bind_minimax_m3_in
 DEAD_PARAMETER_RULES: tuple[DeadParameterRule, ...] = (KV_SHARING, DEEPSEEK_V4_INDEXER, MINIMAX_M3_INDEXER)
 
 
+def _dead(model: nn.Module, rules: tuple[DeadParameterRule, ...]) -> list[tuple[str, str, nn.Parameter]]:
+    if getattr(model, "config", None) is None:
+        return []  # every rule is keyed on the model config
+    bound = [(rule.name, matcher) for rule in rules if (matcher := rule.bind(model)) is not None]
+    if not bound:
+        return []
+    dead = []
+    for name, param in unique_named_parameters(model):
+        for rule_name, matcher in bound:
+            if matcher(name):
+                dead.append((name, rule_name, param))
+                break
+    return dead
+
+
 def find_dead_parameters(
     model: nn.Module, rules: tuple[DeadParameterRule, ...] = DEAD_PARAMETER_RULES
 ) -> dict[str, str]:
     """Canonical name -> rule name for every parameter a rule declares dead (one pass)."""
-    bound = [(rule.name, matcher) for rule in rules if (matcher := rule.bind(model)) is not None]
-    if not bound:
-        return {}
-    dead: dict[str, str] = {}
-    for name, _ in canonical_named_parameters(model):
-        for rule_name, matcher in bound:
-            if matcher(name):
-                dead[name] = rule_name
-                break
-    return dead
+    return {name: rule for name, rule, _ in _dead(model, rules)}
 
 
 def freeze_dead_parameters(
     model: nn.Module, rules: tuple[DeadParameterRule, ...] = DEAD_PARAMETER_RULES
 ) -> dict[str, str]:
     """Freeze every dead parameter; returns canonical name -> rule name."""
-    dead = find_dead_parameters(model, rules)
-    if not dead:
-        return {}
-    for name, param in canonical_named_parameters(model):
-        if name in dead:
-            param.requires_grad_(False)
+    dead = _dead(model, rules)
     counts: dict[str, int] = {}
-    for rule_name in dead.values():
+    for _, rule_name, param in dead:
+        param.requires_grad_(False)
         counts[rule_name] = counts.get(rule_name, 0) + 1
     for rule_name, count in counts.items():
         logger.info("Froze %d dead parameter tensors (rule %s).", count, rule_name)
-    return dead
+    return {name: rule for name, rule, _ in dead}
 
 
 def _freeze_one_rule(model: nn.Module, rule: DeadParameterRule) -> dict[str, str]:

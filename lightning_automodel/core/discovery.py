@@ -41,7 +41,7 @@ def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) ->
     """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``).
 
     Found through ``get_decoder()`` when the model has it, else the first ``layers`` list (of
-    ``num_layers`` entries when given) outside vision/audio towers.
+    ``num_layers`` entries when given) outside vision/audio towers. One pass over the modules.
     """
     decoder = None
     get_decoder = getattr(model, "get_decoder", None)
@@ -50,8 +50,11 @@ def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) ->
             decoder = get_decoder()
         except Exception:  # noqa: BLE001 - some remote-code models raise here; fall back to the search
             decoder = None
+    decoder_path: str | None = "" if decoder is model else None
     candidates: list[str] = []
     for name, module in model.named_modules():
+        if decoder is not None and module is decoder and decoder_path is None:
+            decoder_path = canonical_name(name)
         if not isinstance(module, nn.ModuleList) or (num_layers is not None and len(module) != num_layers):
             continue
         path = canonical_name(name)
@@ -60,13 +63,8 @@ def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) ->
         if any(matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS):
             continue
         candidates.append(path)
-    if decoder is not None and decoder is not model:
-        for name, module in model.named_modules():
-            if module is decoder:
-                inner = canonical_name(name)
-                wanted = f"{inner}.layers" if inner else "layers"
-                if wanted in candidates:
-                    return wanted
-    if decoder is model and "layers" in candidates:
-        return "layers"
+    if decoder_path is not None:
+        wanted = f"{decoder_path}.layers" if decoder_path else "layers"
+        if wanted in candidates:
+            return wanted
     return candidates[0] if candidates else None

@@ -47,14 +47,6 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     return _DTYPE_NAMES[key]
 
 
-def _is_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch builds without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def _unique(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     out = []
@@ -100,36 +92,28 @@ def cast_floating_point(
     targets = plan_cast(model, dtype, source_dtypes=source_dtypes, cast_buffers=cast_buffers)
     if not targets:
         return []
-    param_ids = {id(p) for p in model.parameters()}
     target_ids: set[int] = set()
-    for name, t in _unique(
-        [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    ):
-        if t.dtype in source_dtypes and (cast_buffers or id(t) in param_ids):
-            target_ids.add(id(t))
+    for p in model.parameters():
+        if p.dtype in source_dtypes:
+            target_ids.add(id(p))
+            if p.grad is not None:
+                target_ids.add(id(p.grad))
+    if cast_buffers:
+        target_ids.update(id(b) for b in model.buffers() if b.dtype in source_dtypes)
+    converted: dict[int, torch.Tensor] = {}
 
-    if _is_fsdp2(model):
-        # FSDPModule._apply re-derives its sharded parameter views after the swap.
-        def convert(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype) if id(t) in target_ids else t
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        # _apply visits a shared tensor once per owning module: hand each owner the same converted tensor.
+        if id(t) not in target_ids:
+            return t
+        if id(t) not in converted:
+            converted[id(t)] = t.to(dtype)
+        return converted[id(t)]
 
+    # nn.Module._apply swaps one tensor at a time (peak extra memory: one converted tensor), keeps
+    # Parameter objects, casts gradients with their parameter, and on FSDP2 modules is followed by
+    # reset_sharded_param so the sharded views stay consistent.
+    with torch.no_grad():
         model._apply(convert)
-    else:
-        converted_buffers: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            for module in model.modules():
-                for key, param in module._parameters.items():
-                    if param is not None and id(param) in target_ids and param.dtype in source_dtypes:
-                        grad = param.grad
-                        param.data = param.data.to(dtype)
-                        if grad is not None:
-                            param.grad = grad.to(dtype)
-                for key, buf in module._buffers.items():
-                    if buf is None or id(buf) not in target_ids:
-                        continue
-                    # A buffer shared by several modules gets the same converted tensor in each.
-                    if id(buf) not in converted_buffers:
-                        converted_buffers[id(buf)] = buf.to(dtype)
-                    module._buffers[key] = converted_buffers[id(buf)]
     logger.info("Cast %d tensors to %s.", len(targets), dtype)
     return targets

@@ -44,10 +44,10 @@ _LEGACY_RULES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class ModuleSelector:
-    """Selects modules (and directly registered parameters) by canonical path.
+    """Selects modules by canonical path; an exact ``path`` may also name a single parameter.
 
-    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots) is
-    set. A selected module's whole subtree is affected.
+    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase`` over module paths; ``*``
+    crosses dots) is set. A selected module's whole subtree is affected.
     """
 
     path: str | None = None
@@ -109,6 +109,8 @@ class FreezePlan:
 
     requires_grad: dict[str, bool] = field(default_factory=dict)
     rule: dict[str, str] = field(default_factory=dict)
+    #: the planned parameters by name, so applying needs no second traversal of the model
+    params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
 
     def set(self, name: str, value: bool, rule: str) -> None:
         self.requires_grad[name] = value
@@ -187,8 +189,11 @@ def matches_component_prefix(module_path: str, pattern: str) -> bool:
     ``model.context_proj``. A dotted pattern (``patch_generator.video_embedder``) must match
     consecutive components. Case-insensitive.
     """
-    components = module_path.lower().split(".")
-    wanted = pattern.lower().split(".")
+    lowered, wanted_text = module_path.lower(), pattern.lower()
+    if wanted_text not in lowered:
+        return False  # cheap rejection for the vast majority of paths
+    components = lowered.split(".")
+    wanted = wanted_text.split(".")
     head, last = wanted[:-1], wanted[-1]
     span = len(wanted)
     for start in range(len(components) - span + 1):
@@ -198,21 +203,44 @@ def matches_component_prefix(module_path: str, pattern: str) -> bool:
 
 
 class _ParameterIndex:
-    """Canonical names of a model's parameters, deduplicated by identity (tied weights once)."""
+    """Canonical parameter names, deduplicated by identity (tied weights once), and the module paths above them.
+
+    Module paths are derived from parameter names, so matching needs no module traversal: a module
+    selected by path selects every parameter name under that path (through any alias of a tied weight).
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.name_of: dict[int, str] = {}
+        self.first_name: dict[int, str] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        self.aliases: list[tuple[str, str]] = []  # (canonical alias name, canonical first name)
+        paths: set[str] = set()
         for name, param in model.named_parameters(remove_duplicate=False):
-            self.name_of.setdefault(id(param), canonical_name(name))
-        self.modules = [(canonical_name(n), m) for n, m in model.named_modules(remove_duplicate=False) if n]
-        self.direct = [
-            (f"{path}.{pname}" if path else pname, p)
-            for path, module in [("", model), *self.modules]
-            for pname, p in module.named_parameters(recurse=False)
-        ]
+            alias = canonical_name(name)
+            first = self.first_name.setdefault(id(param), alias)
+            self.params.setdefault(first, param)
+            self.aliases.append((alias, first))
+            cut = alias.rfind(".")
+            while cut > 0 and alias[:cut] not in paths:
+                paths.add(alias[:cut])
+                cut = alias.rfind(".", 0, cut)
+        self.module_paths = sorted(paths)
 
     def names_in(self, module: nn.Module) -> list[str]:
-        return [self.name_of[id(p)] for p in module.parameters() if id(p) in self.name_of]
+        return [self.first_name[id(p)] for p in module.parameters() if id(p) in self.first_name]
+
+    def names_under(self, matched_paths: set[str]) -> list[str]:
+        """First names of every parameter that sits under one of ``matched_paths``."""
+        if not matched_paths:
+            return []
+        names = []
+        for alias, first in self.aliases:
+            cut = alias.rfind(".")
+            while cut > 0:
+                if alias[:cut] in matched_paths:
+                    names.append(first)
+                    break
+                cut = alias.rfind(".", 0, cut)
+        return names
 
 
 def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list[str]:
@@ -221,20 +249,16 @@ def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list
     tower = getattr(model, attribute, None) if attribute else None
     if isinstance(tower, nn.Module):
         names.extend(index.names_in(tower))
-    for path, module in index.modules:
-        if any(matches_component_prefix(path, pattern) for pattern in patterns):
-            names.extend(index.names_in(module))
+    matched = {path for path in index.module_paths if any(matches_component_prefix(path, p) for p in patterns)}
+    names.extend(index.names_under(matched))
     return names
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
-    names: list[str] = []
-    for path, module in index.modules:
-        if selector.matches(path):
-            names.extend(index.names_in(module))
-    for path, param in index.direct:
-        if selector.matches(canonical_name(path)) and id(param) in index.name_of:
-            names.append(index.name_of[id(param)])
+    names = index.names_under({path for path in index.module_paths if selector.matches(path)})
+    if selector.path is not None:
+        # An exact path may also name one parameter (e.g. a bare nn.Parameter such as attention sinks).
+        names.extend(first for alias, first in index.aliases if alias == selector.path)
     return names
 
 
@@ -248,7 +272,7 @@ def plan_parameter_freezing(
     """
     cfg = parse_freeze_config(config)
     index = _ParameterIndex(model)
-    plan = FreezePlan()
+    plan = FreezePlan(params=index.params)
     for flag, enabled in cfg.effective_flags().items():
         if enabled:
             for name in _legacy_targets(model, index, flag):
@@ -270,11 +294,9 @@ def plan_parameter_freezing(
 def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
     """Apply a plan made by :func:`plan_parameter_freezing` to the same model."""
     report = FreezeReport()
-    for name, param in unique_named_parameters(model):
-        if name not in plan.requires_grad:
-            continue
-        value = plan.requires_grad[name]
-        param.requires_grad_(value)
+    params = plan.params or dict(unique_named_parameters(model))
+    for name, value in plan.requires_grad.items():
+        params[name].requires_grad_(value)
         (report.unfrozen if value else report.frozen)[name] = plan.rule[name]
     return report
 
@@ -303,14 +325,12 @@ def freeze_module_by_attribute_and_patterns(
     attribute that is missing or ``None`` is skipped. Returns the canonical names frozen.
     """
     index = _ParameterIndex(model)
+    patterns = tuple(name_patterns)
     names: list[str] = []
     tower = getattr(model, attribute_name, None) if attribute_name else None
     if isinstance(tower, nn.Module):
         names.extend(index.names_in(tower))
-    patterns = tuple(name_patterns)
-    for path, module in index.modules:
-        if any(matches_component_prefix(path, p) for p in patterns):
-            names.extend(index.names_in(module))
+    names.extend(index.names_under({p for p in index.module_paths if any(matches_component_prefix(p, x) for x in patterns)}))
     wanted = set(names)
     for name, param in unique_named_parameters(model):
         if name in wanted:

@@ -17,6 +17,8 @@ WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod."
 
 def canonical_name(name: str) -> str:
     """Strip every wrapper component (see ``WRAPPER_PREFIXES``) anywhere in a dotted name."""
+    if "._" not in name and not name.startswith("_"):
+        return name  # every wrapper component starts with "_": the common case costs one scan
     for prefix in WRAPPER_PREFIXES:
         if prefix in name:
             name = name.replace(prefix, "")

@@ -111,3 +111,12 @@ def test_memory_estimate_by_hand():
     assert bf16.param_bytes == (70 + 21) * 2 and bf16.grad_bytes == 70 * 2 and bf16.optimizer_bytes == 70 * 8
     with pytest.raises(ValueError):
         estimate_training_memory(model, world_size=0)
+
+
+@pytest.mark.parametrize("builder", [tm.tiny_llama, tm.tiny_qwen3, tm.tiny_gemma3, tm.tiny_gemma4, tm.tiny_deepseek_v4, tm.tiny_minimax_m3, tm.tiny_llava])
+def test_counts_match_reference_across_architectures(builder):
+    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
+    model = builder()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    assert tuple(count_parameters(model)) == tuple(ref.count_model_parameters(model)) == manual_counts(model)
