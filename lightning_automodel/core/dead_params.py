@@ -42,13 +42,10 @@ def _config(model: nn.Module):
     return getattr(model, "config", None)
 
 
-def _model_types(model: nn.Module) -> set[str]:
+def _model_types(model: nn.Module) -> tuple[str, ...]:
     config = _config(model)
-    types = {str(getattr(config, "model_type", "") or "")}
-    text_config = getattr(config, "text_config", None)
-    if text_config is not None:
-        types.add(str(getattr(text_config, "model_type", "") or ""))
-    return types - {""}
+    types = (getattr(config, "model_type", None), getattr(getattr(config, "text_config", None), "model_type", None))
+    return tuple(str(t) for t in types if t)
 
 
 def _bind_kv_sharing(model: nn.Module) -> Matcher | None:

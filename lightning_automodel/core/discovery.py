@@ -37,34 +37,37 @@ def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
     return "", root
 
 
+def _module_path(model: nn.Module, target: nn.Module) -> str | None:
+    """Canonical path of ``target`` inside ``model`` (stops at the first hit: decoders sit near the root)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return canonical_name(name)
+    return None
+
+
 def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) -> str | None:
     """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``).
 
-    Found through ``get_decoder()`` when the model has it, else the first ``layers`` list (of
-    ``num_layers`` entries when given) outside vision/audio towers. One pass over the modules.
+    Found through ``get_decoder()`` when the model has it (cheap: the decoder sits near the root), else
+    the first ``layers`` list (of ``num_layers`` entries when given) outside vision/audio towers.
     """
-    decoder = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:
             decoder = get_decoder()
         except Exception:  # noqa: BLE001 - some remote-code models raise here; fall back to the search
             decoder = None
-    decoder_path: str | None = "" if decoder is model else None
-    candidates: list[str] = []
+        layers = getattr(decoder, "layers", None)
+        if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
+            path = "" if decoder is model else _module_path(model, decoder)
+            if path is not None:
+                return f"{path}.layers" if path else "layers"
     for name, module in model.named_modules():
-        if decoder is not None and module is decoder and decoder_path is None:
-            decoder_path = canonical_name(name)
         if not isinstance(module, nn.ModuleList) or (num_layers is not None and len(module) != num_layers):
             continue
         path = canonical_name(name)
-        if not (path == "layers" or path.endswith(".layers")):
-            continue
-        if any(matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS):
-            continue
-        candidates.append(path)
-    if decoder_path is not None:
-        wanted = f"{decoder_path}.layers" if decoder_path else "layers"
-        if wanted in candidates:
-            return wanted
-    return candidates[0] if candidates else None
+        if (path == "layers" or path.endswith(".layers")) and not any(
+            matches_component_prefix(path, tower) for tower in _NON_TEXT_TOWERS
+        ):
+            return path
+    return None
