@@ -47,7 +47,10 @@ class CaseResult:
             ratio = f"{r.median / ours.median:.2f}×" if ours and ours.median else "-"
             lines.append(f"| {r.name} | {r.median:.4g} | {r.spread()} | {r.unit} | {ratio} |")
         if self.target:
-            verdict = {True: "**met**", False: "**missed**", None: "not judged (smoke)"}[self.met]
+            if self.met is None:
+                verdict = "reported, not judged" if self.target.startswith("report") else "not judged (smoke)"
+            else:
+                verdict = "**met**" if self.met else "**missed**"
             lines += ["", f"Target: {self.target} — {verdict}"]
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
