@@ -150,10 +150,6 @@ class ModelSurgeryCallback(Callback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         raise NotImplementedError
 
-    @property
-    def coordinator_key(self) -> str:
-        return self.state_key
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _reject_unsupported_strategy(trainer, type(self).__name__)
