@@ -257,3 +257,21 @@ trainer:
     a = ParameterFreezing(**callbacks[0]["init_args"])
     b = ParameterFreezing(**callbacks[1]["init_args"])
     assert a.state_key != b.state_key
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", ["fsdp2-cpu.yaml", "vlm-freeze-vision.yaml"])
+def test_two_process_fsdp2_configs_run(config, tmp_path):
+    # The config's own launcher starts the second process (Lightning re-runs the command).
+    args = [
+        "fit", "--config", str(REPO_ROOT / "configs" / config), "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=2",
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
+    ]
+    out = run_cli(*args, cwd=tmp_path, timeout=400)
+    text = out.stdout + out.stderr
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in text
+    assert "Trainable parameters:" in text
+    if config.startswith("vlm"):
+        assert "freeze_vision_tower" in text
