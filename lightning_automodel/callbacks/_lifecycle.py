@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -90,12 +91,13 @@ class SurgeryCoordinator:
 
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wrap ``pl_module.setup`` and, when overridden, ``configure_model`` once (idempotent)."""
-        _wrap_once(pl_module, "setup", lambda: self.run(trainer, pl_module), trainer_ref=trainer, coordinator=self)
+        _wrap_once(pl_module, "setup", lambda: self.run(trainer, pl_module))
         if is_overridden("configure_model", pl_module):
-            _wrap_once(pl_module, "configure_model", lambda: self.run(trainer, pl_module), trainer_ref=trainer, coordinator=self)
+            _wrap_once(pl_module, "configure_model", lambda: self.run(trainer, pl_module))
 
 
-def _wrap_once(pl_module: pl.LightningModule, method: str, after, *, trainer_ref, coordinator) -> None:
+def _wrap_once(pl_module: pl.LightningModule, method: str, after: Callable[[], None]) -> None:
+    """Replace ``pl_module.<method>`` by a wrapper that calls ``after()`` when it returns; once per instance."""
     current = getattr(pl_module, method)
     if getattr(current, _WRAPPED_ATTR, False):
         # Already wrapped (e.g. validate after fit): only refresh what runs afterwards.
