@@ -275,3 +275,9 @@ def test_two_process_fsdp2_configs_run(config, tmp_path):
     assert "Trainable parameters:" in text
     if config.startswith("vlm"):
         assert "freeze_vision_tower" in text
+
+
+@pytest.mark.multiprocess
+def test_sharded_save_is_atomic(tmp_path):
+    proc = run_torchrun("job_atomic_save.py", str(tmp_path), nproc=2, timeout=300)
+    assert "OK atomic" in proc.stderr
