@@ -86,7 +86,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         if not self.unused:
             return
         shown = self.unused[:20]
-        selectors = "\n".join(f"    - {{path: {name}}}" for name in shown)
+        selectors = "\n".join(f"    - {{path: {path}}}" for path in self._selector_paths(self.unused)[:20])
         rank_zero_warn(
             f"FreezeDeadParameters: {len(self.unused)} trainable parameter tensors received no gradient on any rank in the "
             f"first {self.detect_steps} backward passes: {', '.join(shown)}"
@@ -94,6 +94,20 @@ class FreezeDeadParameters(ModelSurgeryCallback):
             f"`Missing key in checkpoint state_dict: optim.state.{shown[0]}.step`. If they are dead, freeze them:\n"
             f"  ParameterFreezing:\n    freeze_modules:\n{selectors}"
         )
+
+    def _selector_paths(self, unused: list[str]) -> list[str]:
+        """The module path when every watched parameter of that module is unused, else the parameter path."""
+        by_module: dict[str, list[str]] = {}
+        for name, _ in self._watch:
+            by_module.setdefault(name.rpartition(".")[0], []).append(name)
+        dead = set(unused)
+        paths: list[str] = []
+        for name in unused:
+            module = name.rpartition(".")[0]
+            path = module if module and all(n in dead for n in by_module.get(module, [])) else name
+            if path not in paths:
+                paths.append(path)
+        return paths
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -75,10 +75,16 @@ def test_runtime_detection_names_unused_parameters():
 
     module = InitLM(with_unused)
     cb = FreezeDeadParameters(detect_steps=2)
-    with pytest.warns(UserWarning, match=r"(?s)model\.unused_adapter\.weight.*path: model\.unused_adapter\.weight") as record:
+    with pytest.warns(UserWarning, match=r"(?s)model\.unused_adapter\.weight.*- \{path: model\.unused_adapter\}") as record:
         trainer(callbacks=[cb], max_steps=4).fit(module, loader())
     assert cb.unused == ["model.unused_adapter.weight", "model.unused_adapter.bias"]
     assert any("Missing key in checkpoint state_dict" in str(w.message) for w in record)
+
+
+def test_selector_suggestions_group_whole_modules_only():
+    cb = FreezeDeadParameters()
+    cb._watch = [(n, None) for n in ("a.w", "a.b", "c.w", "c.b", "top")]
+    assert cb._selector_paths(["a.w", "a.b", "c.w", "top"]) == ["a", "c.w", "top"]
 
 
 def test_runtime_detection_is_quiet_for_a_healthy_model():
