@@ -20,11 +20,23 @@ if str(TESTS_DIR) not in sys.path:
 import pytest  # noqa: E402
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+
+
 @pytest.fixture(autouse=True)
-def _no_leftover_process_group():
-    """In-process ModelParallelStrategy runs leave a 1-rank process group behind; later tests need none."""
+def _no_leftover_distributed_state():
+    """In-process ModelParallelStrategy runs leave a process group and MASTER_PORT & co. behind.
+
+    Later tests need neither: a leftover MASTER_PORT would make every subprocess launch reuse one port.
+    """
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
     yield
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

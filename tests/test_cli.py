@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from distributed import REPO_ROOT, run_torchrun
+from distributed import REPO_ROOT, clean_env, run_torchrun
 from lightning_automodel.cli import main
 from lightning_automodel.export import ExportError, export_checkpoint
 from lightning_automodel.planning import format_plan, make_plan
@@ -23,7 +23,7 @@ CLI = [sys.executable, "-m", "lightning_automodel.cli"]
 
 
 def run_cli(*args, cwd, timeout=300, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -196,7 +196,7 @@ def test_kill_and_resume(tmp_path):
         f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.every_n_train_steps=10",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "ckpt" / "last.ckpt"
     deadline = time.time() + 240
@@ -293,7 +293,7 @@ def test_fsdp2_kill_and_resume(tmp_path):
         f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.every_n_train_steps=5",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     meta = tmp_path / "ckpt" / "last.ckpt" / "meta.pt"
