@@ -1,13 +1,23 @@
 """Drop-in for ``nemo_automodel.components.utils.model_utils``: same names, parameters and results.
 
-Thin façade over :mod:`lightning_automodel.core`. Where behaviour differs from the reference it is
-on purpose and documented in the core module (component-prefix freeze patterns, one-pass dead
-parameter rules anchored on the text decoder, a global L2 norm, rank-0 logging).
+Thin façade over :mod:`lightning_automodel.core`, so code written against the reference keeps
+working while it moves to Lightning. Where behaviour differs from the reference it is on purpose
+and documented here and in the core module:
+
+* legacy freeze flags match dotted path components by prefix (``context_proj`` is not "text");
+  a freeze config that fails validation or a strict selector leaves the model untouched;
+* the KV-sharing dead-parameter rule only touches the text decoder's layers, never a vision
+  encoder's ``layers.N.self_attn.k_proj``;
+* ``_get_model_param_stats`` returns the squared L2 norm like the reference, but summed over every
+  rank for sharded (DTensor) parameters, so it is a collective;
+* ``print_trainable_parameters`` logs once, on rank 0, through this module's logger.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,13 +40,19 @@ from lightning_automodel.core.forward_signature import (
 )
 from lightning_automodel.core.freezing import (
     FreezeConfig,
+    FreezeReport,
     ModuleSelector,
     apply_parameter_freezing as _apply_parameter_freezing,
     freeze_module_by_attribute_and_patterns,
-    parse_freeze_config,
+    parse_freeze_config as _parse_freeze_config,
 )
 from lightning_automodel.core.init import init_empty_weights, skip_random_init
-from lightning_automodel.core.parameters import ParameterCounts, count_parameters, global_l2_norm, logical_numel
+from lightning_automodel.core.parameters import (
+    ParameterCounts,
+    count_parameters,
+    global_squared_l2_norm,
+    logical_numel,
+)
 from lightning_automodel.core.thd import squeeze_input_for_thd
 from lightning_automodel.core.tied_head import get_lm_head_module, get_lm_head_weight
 from lightning_automodel.core.trust import resolve_trust_remote_code as _resolve_trust_remote_code
@@ -75,89 +91,139 @@ __all__ = [
 
 
 def _get_logical_numel(param: torch.Tensor) -> int:
+    """Logical element count: a quantized bitsandbytes ``Params4bit`` counts its unpacked shape."""
     return logical_numel(param)
 
 
 def _get_model_param_stats(model: nn.Module) -> tuple[int, int, float]:
-    """``(total, trainable, l2_norm)``; the norm is global across ranks (collective for DTensor models)."""
+    """``(total, trainable, squared L2 norm)``, in the reference's order and units.
+
+    The reference returns the *squared* norm of the local shard; this returns the squared norm of
+    the whole model, summed over ranks for DTensor parameters. That makes it a collective for a
+    sharded model: every rank must call it. ``nan`` for a model on the meta device.
+    """
     counts = count_parameters(model)
-    return counts.total, counts.trainable, global_l2_norm(model)
+    return counts.total, counts.trainable, global_squared_l2_norm(model)
 
 
 def count_model_parameters(model: nn.Module) -> ParameterCounts:
-    """``(trainable, total)`` logical counts (a NamedTuple); safe on meta models."""
+    """``(trainable, total)`` logical counts (a NamedTuple, so it unpacks like the reference's tuple).
+
+    Safe on meta models; a tied weight is counted once.
+    """
     return count_parameters(model)
 
 
 def print_trainable_parameters(model: nn.Module, name: str = "Model") -> tuple[int, int]:
     """Log a 7-line parameter summary once, on rank 0, and return ``(trainable, total)``.
 
-    Every rank must call it for a sharded model (the norm is a collective).
+    Same lines as the reference, but through this module's ``logger`` (the reference uses the root
+    logger, which every rank prints), and the norm is the global one. Every rank must call it for a
+    sharded model, because the norm is a collective.
     """
-    total, trainable, norm = _get_model_param_stats(model)
+    total, trainable, sq_norm = _get_model_param_stats(model)
     if is_rank_0():
         pct = 100.0 * trainable / total if total > 0 else 0.0
-        for line in (
-            f"{name} summary:",
-            "--------------------------------",
-            f"Trainable parameters: {trainable:,}",
-            f"Total parameters: {total:,}",
-            f"Trainable parameters percentage: {pct:.2f}%",
-            f"Param L2 norm: {norm:.4f}",
-            "--------------------------------",
-        ):
-            logger.info(line)
+        rule = "--------------------------------"
+        logger.info("%s summary:", name)
+        logger.info(rule)
+        logger.info("Trainable parameters: %s", f"{trainable:,}")
+        logger.info("Total parameters: %s", f"{total:,}")
+        logger.info("Trainable parameters percentage: %.2f%%", pct)
+        logger.info("Param L2 norm: %.4f", math.sqrt(sq_norm))
+        logger.info(rule)
     return trainable, total
 
 
 def _freeze_module_by_attribute_and_patterns(
     model: nn.Module, attribute_name: str | None, name_patterns: Iterable[str]
 ) -> None:
-    """Freeze ``getattr(model, attribute_name)`` and modules whose path components start with a pattern."""
+    """Freeze ``getattr(model, attribute_name)`` and modules whose path components start with a pattern.
+
+    Unlike the reference's substring match, ``"text"`` does not freeze ``context_proj``; an
+    attribute that is missing or ``None`` is skipped.
+    """
     freeze_module_by_attribute_and_patterns(model, attribute_name, name_patterns)
 
 
+def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig | None:
+    """Validate a raw ``freeze_config`` mapping; ``None`` stays ``None`` (no freeze config), as in the reference.
+
+    Raises:
+        TypeError: ``config`` is not a mapping.
+        ValueError: unknown options (the message lists the valid ones), non-boolean flags or
+            malformed selectors.
+    """
+    if config is None:
+        return None
+    return _parse_freeze_config(config)
+
+
 def apply_parameter_freezing(
-    model: nn.Module, freeze_config: FreezeConfig | Mapping[str, Any], *, strict: bool = True
-) -> None:
-    """Freeze by config (reference 0.7.0 semantics, all or nothing).
+    model: nn.Module, freeze_config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
+) -> FreezeReport:
+    """Freeze by config with the reference 0.7.0 semantics, all or nothing.
+
+    ``None`` is a no-op (as in the reference); ``{}`` freezes the vision tower (legacy default).
+    The reference returns None; this returns the :class:`FreezeReport` (which rule froze what).
 
     Compatibility side effect kept from the reference: for ``model_type == "phi4mm"`` it also casts
-    fp32 parameters and buffers to bf16 and sets ``config.use_cache = False`` (its remote code needs
-    both under FSDP2 and transformers v5).
+    fp32 parameters and buffers to bf16 and sets ``config.use_cache = False``, because Phi-4-MM's
+    remote code has fp32 adapters that FSDP2 rejects and a KV cache that transformers v5 removed.
+
+    Raises:
+        TypeError, ValueError: see :func:`parse_freeze_config`; ``ValueError`` naming the selector
+            when ``strict`` and a selector matches no parameter. The model is unchanged then.
     """
-    _apply_parameter_freezing(model, freeze_config, strict=strict)
+    if freeze_config is None:
+        return FreezeReport()
+    report = _apply_parameter_freezing(model, freeze_config, strict=strict)
     config = getattr(model, "config", None)
     if getattr(config, "model_type", "") == "phi4mm":
         cast_mixed_dtype_params_to_bf16(model)
         config.use_cache = False
+    return report
 
 
 def freeze_unused_kv_sharing_params(model: nn.Module) -> None:
+    """Freeze ``k_proj``/``v_proj``/``k_norm``/``v_norm`` of the last ``num_kv_shared_layers`` text-decoder layers.
+
+    Those layers reuse K/V from earlier layers, so the tensors never get a gradient, never get
+    optimizer state, and a DCP resume would fail on the missing ``optim.state...step`` keys. Unlike
+    the reference, a vision encoder's identically named layers are left alone.
+    """
     _freeze_kv_sharing(model)
 
 
 def freeze_deepseek_v4_indexer_params(model: nn.Module) -> None:
+    """Freeze DeepSeek V4 ``self_attn.compressor.indexer`` parameters (they only feed ``topk(...).indices``)."""
     count = _freeze_deepseek_v4(model)
     if count:
         logger.info("Froze %d DeepSeek V4 indexer parameters.", count)
 
 
 def freeze_minimax_m3_indexer_params(model: nn.Module) -> None:
+    """Freeze MiniMax M3 ``self_attn.indexer`` parameters (model types starting with ``minimax_m3``)."""
     count = _freeze_minimax_m3(model)
     if count:
         logger.info("Froze %d MiniMax M3 indexer parameters.", count)
 
 
 def cast_mixed_dtype_params_to_bf16(model: nn.Module) -> None:
-    """Cast every fp32 parameter *and buffer* to bf16 in place (the reference casts buffers too)."""
+    """Cast every fp32 parameter *and buffer* to bf16 in place, keeping each ``Parameter`` object.
+
+    Buffers are cast because the reference casts them (RoPE ``inv_freq`` included); use
+    :func:`lightning_automodel.core.dtypes.cast_floating_point` to keep buffers in fp32. Works
+    before and after FSDP2 ``fully_shard``.
+    """
     cast_floating_point(model, torch.bfloat16, cast_buffers=True)
 
 
 def enable_radio_vit_fused_attn(model: nn.Module) -> None:
+    """Turn on fused attention in RADIO ViT blocks (avoids a (B, H, seq, seq) tensor per block)."""
     _enable_radio(model)
 
 
-def resolve_trust_remote_code(pretrained_model_name_or_path) -> bool:
+def resolve_trust_remote_code(pretrained_model_name_or_path: str | os.PathLike | None) -> bool:
     """True only for ``nvidia/<name>`` hub names (never local directories or path tricks)."""
     return _resolve_trust_remote_code(pretrained_model_name_or_path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -32,10 +32,40 @@ Matcher = Callable[[str], bool]
 
 @dataclass(frozen=True)
 class DeadParameterRule:
-    """A named rule: ``bind(model)`` returns a name matcher, or None when the rule does not apply."""
+    """A named rule that recognises parameters which can never receive a gradient in one model family.
+
+    Rules are keyed on the model (config, layer layout), so matching happens in two steps:
+    ``bound = rule.bind(model)`` resolves everything model-specific once (model type, which layers
+    share K/V, where the text decoder sits) and returns a bound rule, or ``None`` when the rule does
+    not apply; ``bound.matches(canonical_name)`` is then a cheap per-parameter test. That keeps the
+    scan to one pass over the parameters for every rule together.
+
+    Attributes:
+        name: label reported for the parameters the rule freezes (``"kv_sharing"``).
+        binder: ``model -> matcher | None``; returns None when the rule does not apply.
+    """
 
     name: str
-    bind: Callable[[nn.Module], Matcher | None]
+    binder: Callable[[nn.Module], Matcher | None]
+    matcher: Matcher | None = field(default=None, compare=False, repr=False)
+
+    def bind(self, model: nn.Module) -> DeadParameterRule | None:
+        """This rule bound to ``model``, or None when it does not apply to it."""
+        matcher = self.binder(model)
+        return None if matcher is None else replace(self, matcher=matcher)
+
+    def applies(self, model: nn.Module) -> bool:
+        """Whether the rule applies to ``model`` (its family, and something is actually dead)."""
+        return self.binder(model) is not None
+
+    def matches(self, canonical_param_name: str) -> bool:
+        """Whether a canonical parameter name is dead under this rule; needs a bound rule."""
+        if self.matcher is None:
+            raise RuntimeError(
+                f"Dead-parameter rule {self.name!r} is not bound to a model; call `rule.bind(model)` and use "
+                "the rule it returns."
+            )
+        return self.matcher(canonical_param_name)
 
 
 def _config(model: nn.Module):
@@ -93,14 +123,14 @@ DEAD_PARAMETER_RULES: tuple[DeadParameterRule, ...] = (KV_SHARING, DEEPSEEK_V4_I
 def _dead(model: nn.Module, rules: tuple[DeadParameterRule, ...]) -> list[tuple[str, str, nn.Parameter]]:
     if getattr(model, "config", None) is None:
         return []  # every rule is keyed on the model config
-    bound = [(rule.name, matcher) for rule in rules if (matcher := rule.bind(model)) is not None]
+    bound = [b for rule in rules if (b := rule.bind(model)) is not None]
     if not bound:
         return []
     dead = []
-    for name, param in unique_named_parameters(model):
-        for rule_name, matcher in bound:
-            if matcher(name):
-                dead.append((name, rule_name, param))
+    for name, param in unique_named_parameters(model):  # one pass for every rule
+        for rule in bound:
+            if rule.matches(name):
+                dead.append((name, rule.name, param))
                 break
     return dead
 

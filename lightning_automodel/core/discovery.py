@@ -25,15 +25,31 @@ def _is_hf_model(module: nn.Module) -> bool:
 def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
     """Return ``(prefix, model)``: the outermost ``PreTrainedModel`` in ``root`` and its attribute prefix.
 
-    The prefix is the dotted path of the model inside ``root`` with a trailing dot (``"model."``), or
+    Outermost means the shallowest (fewest dotted components); among equally shallow ones, the first
+    registered. A ``PreTrainedModel`` nested inside another (a LLaVA vision tower) is never chosen
+    over its parent. The prefix is the dotted path of the model inside ``root`` with a trailing dot (``"model."``), or
     ``""`` when ``root`` itself is the model or holds no Hugging Face model (then ``root`` is
     returned). Wrapper components are stripped from the prefix.
     """
     if _is_hf_model(root):
         return "", root
-    for name, module in root.named_modules():
-        if name and _is_hf_model(module):
-            return canonical_name(name) + ".", module
+    # Breadth-first, so a shallow model wins over a deeper one that a depth-first walk meets first
+    # (e.g. a teacher nested in a helper module registered before ``self.model``).
+    frontier: list[tuple[str, nn.Module]] = [("", root)]
+    seen: set[int] = {id(root)}
+    while frontier:
+        next_frontier: list[tuple[str, nn.Module]] = []
+        for prefix, module in frontier:
+            for child_name, child in module.named_children():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                name = f"{prefix}{child_name}"
+                if _is_hf_model(child):
+                    path = canonical_name(name)  # "" when only wrappers sit above the model
+                    return (f"{path}." if path else ""), child
+                next_frontier.append((name + ".", child))
+        frontier = next_frontier
     return "", root
 
 

@@ -88,6 +88,30 @@ class FreezeConfig:
     freeze_modules: tuple[ModuleSelector, ...] | None = None
     unfreeze_modules: tuple[ModuleSelector, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # Built directly from Python (not through parse_freeze_config): lists become tuples so the
+        # config stays hashable and immutable, and wrong types fail here rather than mid-freeze.
+        for key in SELECTOR_FIELDS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+                raise TypeError(f"FreezeConfig.{key} must be a sequence of ModuleSelector; got {value!r}.")
+            selectors = tuple(value)
+            bad = [entry for entry in selectors if not isinstance(entry, ModuleSelector)]
+            if bad:
+                raise TypeError(
+                    f"FreezeConfig.{key} entries must be ModuleSelector instances; got {bad!r}. "
+                    "Use parse_freeze_config to build one from {path: ...} / {glob: ...} mappings."
+                )
+            object.__setattr__(self, key, selectors)
+        for key in LEGACY_FLAGS:
+            value = getattr(self, key)
+            if value is None and key == "freeze_vision_tower":
+                continue
+            if not isinstance(value, bool):
+                raise TypeError(f"FreezeConfig.{key} must be a bool; got {value!r}.")
+
     def has_selectors(self) -> bool:
         return self.freeze_modules is not None or self.unfreeze_modules is not None
 

@@ -9,37 +9,47 @@ all-gather buffers and activations are not included.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import logical_numel
 
 
 @dataclass(frozen=True)
 class TrainingMemoryEstimate:
+    """Bytes one rank holds for training state (all fields per rank).
+
+    Attributes:
+        world_size: ranks the state is sharded over.
+        param_bytes: resident parameter shards.
+        grad_bytes: gradient shards (trainable parameters only).
+        optimizer_bytes: optimizer state (trainable parameters only).
+        total_bytes: the sum of the three (a field, so ``dataclasses.asdict`` includes it).
+    """
+
     world_size: int
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
+    total_bytes: int = field(init=False)
 
-    @property
-    def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
-
-
-def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(p.shape)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_bytes", self.param_bytes + self.grad_bytes + self.optimizer_bytes)
 
 
 def _local_numel(p: torch.Tensor, world_size: int, sharded: bool) -> int:
+    """Elements of ``p`` on one rank: FSDP2 shards dim 0 and pads it to a multiple of the world size.
+
+    A ``DTensor``'s shape is already global, so an already-sharded model is estimated like the
+    unsharded one. Packed 4-bit tensors are flat, so their logical elements are split evenly.
+    """
     numel = logical_numel(p)
     if not sharded or world_size <= 1:
         return numel
-    shape = _global_shape(p)
-    if logical_numel(p) != p.numel() or not shape:
+    shape = tuple(p.shape)
+    if numel != p.numel() or not shape:
         return math.ceil(numel / world_size)
     return math.ceil(shape[0] / world_size) * math.prod(shape[1:])
 
@@ -72,16 +82,16 @@ def estimate_training_memory(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1; got {world_size}.")
+    if optimizer_states_per_param < 0:
+        raise ValueError(f"optimizer_states_per_param must be >= 0 (AdamW: 2, SGD: 0); got {optimizer_states_per_param}.")
     param_bytes = grad_bytes = optimizer_bytes = 0.0
-    state_size = torch.empty((), dtype=optimizer_state_dtype).element_size()
-    for _, p in unique_named_parameters(model):
+    state_size = optimizer_state_dtype.itemsize
+    for p in model.parameters():  # each parameter once: tied weights are stored once
         local = _local_numel(p, world_size, sharded)
-        per_elem = (
-            torch.empty((), dtype=param_dtype).element_size() if param_dtype is not None else _physical_bytes_per_element(p)
-        )
+        per_elem = param_dtype.itemsize if param_dtype is not None else _physical_bytes_per_element(p)
         param_bytes += local * per_elem
         if p.requires_grad:
-            grad_size = torch.empty((), dtype=grad_dtype).element_size() if grad_dtype is not None else per_elem
+            grad_size = grad_dtype.itemsize if grad_dtype is not None else per_elem
             grad_bytes += local * grad_size
             optimizer_bytes += local * state_size * optimizer_states_per_param
     return TrainingMemoryEstimate(world_size, int(param_bytes), int(grad_bytes), int(optimizer_bytes))

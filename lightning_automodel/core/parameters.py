@@ -76,22 +76,32 @@ def _replication_factor(p: torch.Tensor, world_size: int) -> int:
 
 
 @torch.no_grad()
-def global_l2_norm(model: nn.Module) -> float:
-    """L2 norm of all floating-point parameters across every rank (a collective: all ranks call it).
+def global_squared_l2_norm(model: nn.Module) -> float:
+    """Sum of squares of all floating-point parameters across every rank (a collective: all ranks call it).
 
-    One all-reduce for the whole model. Replicated copies are counted once. Returns ``nan`` for a
-    model with meta parameters (there is nothing to measure).
+    Each rank sums the squares of what it holds locally (a DTensor's local shard), divides
+    replicated copies by how many ranks hold them, and one all-reduce over the default group adds
+    the ranks up: one collective for the whole model, whatever the number of parameters or meshes.
+    This assumes every rank holds the same parameters up to sharding and replication (FSDP2, HSDP,
+    TP, DDP); pipeline stages that hold different parameters are not supported.
+
+    Returns:
+        The squared norm, or ``nan`` for a model with meta parameters (nothing to measure).
     """
     world = get_world_size_safe() if is_distributed() else 1
     device = None
     total = None
-    for _, p in unique_named_parameters(model):
+    for p in model.parameters():  # each parameter once: tied weights are counted once
         if not (p.is_floating_point() or p.is_complex()):
-            continue
+            continue  # packed quantized bytes: a norm of those is meaningless
         local = p.to_local() if hasattr(p, "to_local") else p
         if local.is_meta:
             return float("nan")
-        sq = local.detach().float().pow(2).sum().double() / _replication_factor(p, world)
+        local = local.detach()
+        if local.is_complex():
+            local = local.abs()
+        # accumulate in float64 without materializing a float64 copy of the tensor
+        sq = torch.linalg.vector_norm(local, 2, dtype=torch.float64).square() / _replication_factor(p, world)
         device = sq.device
         total = sq if total is None else total + sq.to(total.device)
     if total is None:
@@ -99,11 +109,15 @@ def global_l2_norm(model: nn.Module) -> float:
     if is_distributed():
         import torch.distributed as dist
 
-        backend = dist.get_backend()
-        buf = total.to("cpu" if backend == "gloo" else total.device)
+        buf = total.to("cpu" if dist.get_backend() == "gloo" else total.device)
         dist.all_reduce(buf)
         total = buf
-    return math.sqrt(max(total.item(), 0.0))
+    return max(total.item(), 0.0)
+
+
+def global_l2_norm(model: nn.Module) -> float:
+    """L2 norm of all floating-point parameters across every rank (collective; see :func:`global_squared_l2_norm`)."""
+    return math.sqrt(global_squared_l2_norm(model))
 
 
 def parameter_stats(model: nn.Module, *, norm: bool = True) -> ParameterStats:
