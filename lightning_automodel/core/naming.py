@@ -15,21 +15,20 @@ from torch import nn
 WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
+_WRAPPER_COMPONENTS: frozenset[str] = frozenset(prefix[:-1] for prefix in WRAPPER_PREFIXES)
+
+
 def canonical_name(name: str) -> str:
-    """Strip every wrapper component (see ``WRAPPER_PREFIXES``) anywhere in a dotted name."""
+    """Strip every wrapper component (see ``WRAPPER_PREFIXES``) anywhere in a dotted name.
+
+    Only whole components go: ``layers.0._orig_mod.mlp`` -> ``layers.0.mlp``, but a module that
+    merely ends in the same letters (``foo_orig_mod``) keeps its name.
+    """
     if "._" not in name and not name.startswith("_"):
         return name  # every wrapper component starts with "_": the common case costs one scan
-    for prefix in WRAPPER_PREFIXES:
-        if prefix in name:
-            name = name.replace(prefix, "")
-    # A module name may end in a bare wrapper component (e.g. "layers.0._orig_mod").
-    for prefix in WRAPPER_PREFIXES:
-        bare = prefix[:-1]
-        if name == bare:
-            return ""
-        if name.endswith("." + bare):
-            name = name[: -len(bare) - 1]
-    return name
+    parts = name.split(".")
+    kept = [part for part in parts if part not in _WRAPPER_COMPONENTS]
+    return name if len(kept) == len(parts) else ".".join(kept)
 
 
 def canonical_named_parameters(
