@@ -73,3 +73,101 @@ def test_indexer_rules_match_reference_and_lack_gradients(builder, ref_name, rul
 def test_rules_do_not_apply_to_other_models():
     assert find_dead_parameters(tm.tiny_llama()) == {}
     assert find_dead_parameters(torch.nn.Linear(2, 2)) == {}
+
+
+# ---- rule objects ----------------------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from lightning_automodel.core.dead_params import DEAD_PARAMETER_RULES, KV_SHARING  # noqa: E402
+
+
+def test_rule_bind_applies_and_matches():
+    assert [r.name for r in DEAD_PARAMETER_RULES] == ["kv_sharing", "deepseek_v4_indexer", "minimax_m3_indexer"]
+    model = tm.synthetic_kv_shared()
+    assert KV_SHARING.applies(model) and not KV_SHARING.applies(tm.tiny_llama())
+    assert KV_SHARING.bind(tm.tiny_llama()) is None
+    bound = KV_SHARING.bind(model)
+    assert bound.name == "kv_sharing"
+    assert bound.matches("model.layers.3.self_attn.k_proj.weight")
+    assert not bound.matches("model.layers.1.self_attn.k_proj.weight")  # not a shared layer
+    assert not bound.matches("model.layers.3.self_attn.q_proj.weight")
+    assert not bound.matches("model.layers.3.self_attn.k_proj_extra.weight")
+    with pytest.raises(RuntimeError, match="bind"):
+        KV_SHARING.matches("model.layers.3.self_attn.k_proj.weight")
+
+
+def test_one_pass_over_the_parameters(monkeypatch):
+    model = tm.synthetic_kv_shared()
+    calls = []
+    original = model.named_parameters
+    monkeypatch.setattr(model, "named_parameters", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert find_dead_parameters(model)
+    assert len(calls) == 1
+
+
+# ---- a multimodal layout without get_decoder(), vision tower registered first -----------------------
+
+
+class _VLM(nn.Module):
+    def __init__(self, layers=4, shared=2, hidden=8):
+        super().__init__()
+        self.config = SimpleNamespace(
+            model_type="gemma_like_vlm",
+            text_config=SimpleNamespace(num_hidden_layers=layers, num_kv_shared_layers=shared),
+        )
+        self.model = nn.Module()
+        self.model.vision_tower = nn.Module()
+        self.model.vision_tower.encoder = nn.Module()
+        self.model.vision_tower.encoder.layers = nn.ModuleList(tm._Layer(hidden) for _ in range(layers))
+        self.model.language_model = nn.Module()
+        self.model.language_model.layers = nn.ModuleList(tm._Layer(hidden) for _ in range(layers))
+
+
+def _expected_kv(model, prefix, layers, first_shared):
+    names = set()
+    for i in range(first_shared, len(layers)):
+        for proj in ("k_proj", "v_proj", "k_norm", "v_norm"):
+            for pname, _ in getattr(layers[i].self_attn, proj).named_parameters():
+                names.add(f"{prefix}.{i}.self_attn.{proj}.{pname}")
+    return names
+
+
+def test_text_config_and_fallback_decoder_search_skip_the_vision_tower():
+    model = _VLM()
+    expected = _expected_kv(model, "model.language_model.layers", model.model.language_model.layers, 2)
+    dead = freeze_dead_parameters(model)
+    assert set(dead) == expected and set(dead.values()) == {"kv_sharing"}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == expected
+    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
+    theirs = _VLM()
+    ref.freeze_unused_kv_sharing_params(theirs)
+    theirs_frozen = {n for n, p in theirs.named_parameters() if not p.requires_grad}
+    assert theirs_frozen == expected | _expected_kv(theirs, "model.vision_tower.encoder.layers", theirs.model.vision_tower.encoder.layers, 2)
+
+
+def test_layer_count_mismatch_freezes_nothing():
+    model = _VLM()
+    model.config.text_config.num_hidden_layers = 6  # config disagrees with the model: do not guess
+    assert find_dead_parameters(model) == {}
+
+
+def test_checkpoint_wrapped_layers_use_canonical_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    plain = find_dead_parameters(tm.synthetic_kv_shared())
+    model = tm.synthetic_kv_shared()
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(layer)
+    assert freeze_dead_parameters(model) == plain
+    wrapped_frozen = {n.replace("._checkpoint_wrapped_module", "") for n, p in model.named_parameters() if not p.requires_grad}
+    assert wrapped_frozen == set(plain)
+
+
+def test_after_freezing_every_trainable_parameter_gets_a_gradient():
+    for builder in (tm.synthetic_kv_shared, tm.tiny_minimax_m3):
+        model = builder()
+        freeze_dead_parameters(model)
+        assert no_grad_after_step(model) == set(), builder.__name__

@@ -216,3 +216,79 @@ def test_checkpoint_wrapper_paths_are_canonical():
     report = apply_parameter_freezing(model, {"freeze_modules": [{"path": "model.layers.0.mlp"}]})
     assert set(report.frozen) == {f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
     assert all(not p.requires_grad for p in model.model.layers[0]._checkpoint_wrapped_module.mlp.parameters())
+
+
+# ---- typed config built in Python ----------------------------------------------------------------
+
+
+def test_freeze_config_built_directly_is_normalized_and_validated():
+    cfg = FreezeConfig(freeze_modules=[ModuleSelector(path="lm_head")])
+    assert cfg.freeze_modules == (ModuleSelector(path="lm_head"),)
+    hash(cfg)  # frozen and hashable even when given a list
+    assert parse_freeze_config(cfg) is cfg
+    with pytest.raises(TypeError, match="ModuleSelector"):
+        FreezeConfig(freeze_modules=[{"path": "lm_head"}])
+    with pytest.raises(TypeError, match="freeze_audio_tower"):
+        FreezeConfig(freeze_audio_tower="yes")
+    with pytest.raises(TypeError, match="freeze_modules"):
+        FreezeConfig(freeze_modules="lm_head")
+
+
+def test_unmatched_unfreeze_selector_is_named():
+    with pytest.raises(ValueError, match=r"unfreeze_modules\[0\] selector `glob: \*nothing\*`"):
+        apply_parameter_freezing(tm.tiny_llama(), {"unfreeze_modules": [{"glob": "*nothing*"}]})
+
+
+# ---- video embedder --------------------------------------------------------------------------------
+
+
+class _Radio(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vision_model = nn.Module()
+        self.vision_model.patch_generator = nn.Module()
+        self.vision_model.patch_generator.video_embedder = nn.Linear(2, 2)
+        self.vision_model.patch_generator.image_embedder = nn.Linear(2, 2)
+        self.decoder = nn.Module()
+        self.decoder.video_embedder = nn.Linear(2, 2)  # not under a patch generator
+
+
+def test_video_embedder_flag_matches_reference():
+    model = _Radio()
+    report = apply_parameter_freezing(model, {"freeze_video_embedder": True, "freeze_vision_tower": False})
+    assert frozen(model) == {"vision_model.patch_generator.video_embedder.weight", "vision_model.patch_generator.video_embedder.bias"}
+    assert set(report.frozen.values()) == {"freeze_video_embedder"}
+    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
+    theirs = _Radio()
+    ref.apply_parameter_freezing(theirs, {"freeze_video_embedder": True, "freeze_vision_tower": False})
+    assert frozen(theirs) == frozen(model)
+
+
+# ---- selectors: differential property against the reference ---------------------------------------
+
+_LLAMA_MODULE_PATHS = [
+    "model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.1", "model.layers.0.self_attn",
+    "model.layers.1.mlp", "model.layers.0.mlp.down_proj", "model.norm", "lm_head", "model.rotary_emb",
+]
+_GLOBS = ["model.layers.*", "*.mlp", "*proj", "*.self_attn.*", "model.layers.[01].mlp", "*norm*", "lm_*", "*"]
+_any_selector = st.one_of(
+    st.builds(lambda p: {"path": p}, st.sampled_from(_LLAMA_MODULE_PATHS)),
+    st.builds(lambda g: {"glob": g}, st.sampled_from(_GLOBS)),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(freeze=st.lists(_any_selector, max_size=3), unfreeze=st.lists(_any_selector, max_size=2), pre_frozen=st.booleans())
+def test_selectors_agree_with_reference_on_module_paths(freeze, unfreeze, pre_frozen):
+    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
+    ours, theirs = _LLAMA_PAIR
+    for model in (ours, theirs):
+        for i, p in enumerate(model.parameters()):
+            p.requires_grad_(not (pre_frozen and i % 2))
+    cfg = {"freeze_modules": freeze, "unfreeze_modules": unfreeze}
+    apply_parameter_freezing(ours, cfg, strict=False)
+    ref.apply_parameter_freezing(theirs, cfg, strict=False)
+    assert frozen(ours) == frozen(theirs)
+
+
+_LLAMA_PAIR = (tm.tiny_llama(), tm.tiny_llama())
