@@ -120,3 +120,41 @@ def test_counts_match_reference_across_architectures(builder):
     for i, p in enumerate(model.parameters()):
         p.requires_grad_(i % 3 != 0)
     assert tuple(count_parameters(model)) == tuple(ref.count_model_parameters(model)) == manual_counts(model)
+
+
+# ---- quantized, integer and complex parameters -------------------------------------------------------
+
+
+def test_quantized_params4bit_counts_and_norm_skip_packed_bytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    packed = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    assert packed.quant_state.shape == (32, 64) and packed.numel() == 32 * 64 // 2
+    holder = nn.Module()
+    holder.packed = packed
+    holder.head = nn.Linear(64, 3)
+    counts = count_parameters(holder)
+    assert counts == (64 * 3 + 3, 32 * 64 + 64 * 3 + 3)
+    expected = math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in holder.head.parameters()))
+    assert global_l2_norm(holder) == pytest.approx(expected, rel=1e-9)  # packed uint8 bytes are not a norm
+
+
+def test_params4bit_without_quant_state_uses_plain_numel():
+    bnb = pytest.importorskip("bitsandbytes")
+    p = bnb.nn.Params4bit(torch.randn(4, 8), requires_grad=False, quant_type="nf4")
+    assert p.quant_state is None and logical_numel(p) == 32
+
+
+def test_complex_parameters_count_their_magnitude():
+    holder = nn.Module()
+    holder.z = nn.Parameter(torch.tensor([3 + 4j, 0 + 1j]))
+    assert global_l2_norm(holder) == pytest.approx(math.sqrt(25 + 1))
+
+
+def test_breakdown_depth_and_tied_weights():
+    model = tm.tiny_gemma3()
+    rows = module_breakdown(model, depth=1)
+    assert [r.name for r in rows] == ["model"]  # the tied lm_head is listed under its first name
+    assert rows[0].total == count_parameters(model).total
+    deep = {r.name: r for r in module_breakdown(model, depth=3)}
+    assert deep["model.layers.0"].total == sum(p.numel() for p in model.model.layers[0].parameters())

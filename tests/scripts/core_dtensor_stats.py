@@ -28,6 +28,22 @@ def main() -> None:
     assert abs(stats.l2_norm - expected_norm) < 1e-4 * expected_norm, (stats.l2_norm, expected_norm)
     # The per-shard norm (what the reference logs) is not the model's norm.
     assert abs(math.sqrt(local_norm_sq) - expected_norm) > 1e-3 * expected_norm
+    # Placements other than FSDP2's Shard(0): a replicated copy counts once, a Shard(1) split sums.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(3)
+    plain = torch.nn.ModuleDict({"rep": torch.nn.Linear(6, 4, bias=False), "col": torch.nn.Linear(8, 4, bias=False)})
+    plain_norm = math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in plain.parameters()))
+    plain_counts = count_parameters(plain)
+    placed = torch.nn.ModuleDict({"rep": torch.nn.Linear(6, 4, bias=False), "col": torch.nn.Linear(8, 4, bias=False)})
+    placed.load_state_dict(plain.state_dict())
+    placed.rep.weight = torch.nn.Parameter(distribute_tensor(placed.rep.weight.detach(), mesh, [Replicate()]))
+    placed.col.weight = torch.nn.Parameter(distribute_tensor(placed.col.weight.detach(), mesh, [Shard(1)]))
+    placed_stats = parameter_stats(placed)
+    assert (placed_stats.trainable, placed_stats.total) == tuple(plain_counts)
+    assert abs(placed_stats.l2_norm - plain_norm) < 1e-6 * plain_norm, (placed_stats.l2_norm, plain_norm)
     assert has_local_tied_lm_head(model)
     full = get_lm_head_weight(model)
     assert torch.equal(full, reference.lm_head.weight.detach())
