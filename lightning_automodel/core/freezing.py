@@ -44,10 +44,13 @@ _LEGACY_RULES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class ModuleSelector:
-    """Selects modules by canonical path; an exact ``path`` may also name a single parameter.
+    """Selects modules (with their whole subtree) or parameters by canonical name.
 
-    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase`` over module paths; ``*``
-    crosses dots) is set. A selected module's whole subtree is affected.
+    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots)
+    is set. Both are tested against every canonical module path (wrapper components stripped,
+    relative to the model) and every canonical parameter name, so ``{path: model.vision_tower}``
+    selects a tower, ``{path: model.norm.weight}`` one tensor and ``{glob: '*.bias'}`` every bias.
+    Matching is case-sensitive, as in the reference.
     """
 
     path: str | None = None
@@ -280,9 +283,13 @@ def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
     names = index.names_under({path for path in index.module_paths if selector.matches(path)})
+    # A selector may also name parameters by their full canonical name: `path: model.norm.weight`, a
+    # bare nn.Parameter such as attention sinks, or `glob: '*.bias'` (BitFit). The reference matches
+    # module paths only, so those selectors matched nothing there.
     if selector.path is not None:
-        # An exact path may also name one parameter (e.g. a bare nn.Parameter such as attention sinks).
         names.extend(first for alias, first in index.aliases if alias == selector.path)
+    else:
+        names.extend(first for alias, first in index.aliases if selector.matches(alias))
     return names
 
 

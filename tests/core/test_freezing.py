@@ -292,3 +292,15 @@ def test_selectors_agree_with_reference_on_module_paths(freeze, unfreeze, pre_fr
 
 
 _LLAMA_PAIR = (tm.tiny_llama(), tm.tiny_llama())
+
+
+def test_glob_may_select_parameters_bitfit():
+    model = tm.tiny_llava()
+    cfg = {"freeze_modules": [{"glob": "*"}], "unfreeze_modules": [{"glob": "*.bias"}]}
+    report = apply_parameter_freezing(model, cfg)
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases and trainable(model) == biases
+    assert set(report.unfrozen) == biases
+    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
+    with pytest.raises(ValueError, match="matched no parameters"):
+        ref.apply_parameter_freezing(tm.tiny_llava(), cfg)  # the reference matches module paths only
