@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 
 def _env_int(variable: str, default: str) -> int:
+    """An integer environment variable, with an error that names it and the fix when it is not one."""
     raw = os.environ.get(variable, default)
     try:
         return int(raw)
@@ -22,6 +23,7 @@ def _env_int(variable: str, default: str) -> int:
 
 
 def is_distributed() -> bool:
+    """Whether a default process group exists (collectives are possible)."""
     return dist.is_available() and dist.is_initialized()
 
 

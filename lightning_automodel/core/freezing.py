@@ -67,11 +67,13 @@ class ModuleSelector:
             raise ValueError(f"A module selector value must be a non-empty string; got {value!r}.")
 
     def matches(self, canonical_path: str) -> bool:
+        """Whether this selector matches one canonical module path or parameter name."""
         if self.path is not None:
             return canonical_path == self.path
         return fnmatch.fnmatchcase(canonical_path, self.glob)  # type: ignore[arg-type]
 
     def describe(self) -> str:
+        """The selector as written in YAML (``path: X`` / ``glob: X``), for messages and rule labels."""
         return f"path: {self.path}" if self.path is not None else f"glob: {self.glob}"
 
 
@@ -116,9 +118,11 @@ class FreezeConfig:
                 raise TypeError(f"FreezeConfig.{key} must be a bool; got {value!r}.")
 
     def has_selectors(self) -> bool:
+        """Whether either selector list was declared (even empty): that turns off the implicit vision freeze."""
         return self.freeze_modules is not None or self.unfreeze_modules is not None
 
     def effective_flags(self) -> dict[str, bool]:
+        """The four legacy flags with ``freeze_vision_tower=None`` resolved."""
         vision = self.freeze_vision_tower
         if vision is None:
             vision = not self.has_selectors()
@@ -271,6 +275,7 @@ class _ParameterIndex:
 
 
 def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list[str]:
+    """Parameters a legacy flag freezes: the tower attribute (if it is a module) plus pattern matches."""
     attribute, patterns = _LEGACY_RULES[flag]
     names: list[str] = []
     tower = getattr(model, attribute, None) if attribute else None
@@ -282,6 +287,7 @@ def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
+    """Parameters a selector reaches: under every matched module path, plus parameters it names."""
     names = index.names_under({path for path in index.module_paths if selector.matches(path)})
     # A selector may also name parameters by their full canonical name: `path: model.norm.weight`, a
     # bare nn.Parameter such as attention sinks, or `glob: '*.bias'` (BitFit). The reference matches

@@ -37,6 +37,8 @@ def logical_numel(t: torch.Tensor) -> int:
 
 
 class ParameterCounts(NamedTuple):
+    """Logical element counts; a tuple in the reference's ``(trainable, total)`` order so it unpacks the same."""
+
     trainable: int
     total: int
 
@@ -54,6 +56,8 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
 
 @dataclass(frozen=True)
 class ParameterStats:
+    """Logical counts and the global L2 norm (``nan`` when not computed or on meta)."""
+
     total: int
     trainable: int
     l2_norm: float
