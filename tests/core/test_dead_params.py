@@ -171,3 +171,20 @@ def test_after_freezing_every_trainable_parameter_gets_a_gradient():
         model = builder()
         freeze_dead_parameters(model)
         assert no_grad_after_step(model) == set(), builder.__name__
+
+
+def test_indexer_rule_reads_the_text_config_model_type_of_a_wrapper():
+    holder = nn.Module()
+    holder.config = SimpleNamespace(model_type="deepseek_v4_vl", text_config=SimpleNamespace(model_type="deepseek_v4"))
+    holder.model = nn.Module()
+    layer = nn.Module()
+    layer.self_attn = nn.Module()
+    layer.self_attn.compressor = nn.Module()
+    layer.self_attn.compressor.indexer = nn.Linear(2, 2)
+    layer.self_attn.q_proj = nn.Linear(2, 2)
+    holder.model.layers = nn.ModuleList([layer])
+    dead = find_dead_parameters(holder)
+    assert dead == {
+        "model.layers.0.self_attn.compressor.indexer.weight": "deepseek_v4_indexer",
+        "model.layers.0.self_attn.compressor.indexer.bias": "deepseek_v4_indexer",
+    }
