@@ -1,13 +1,15 @@
 """Case 2: checkpoint dtype inspection on a sharded safetensors checkpoint: time and bytes read.
 
-Each measurement runs in a fresh process (``python -m benchmarks.case_dtypes_inspection probe IMPL DIR``)
+Each measurement runs in a fresh process (``python -m benchmarks.case_dtypes_inspection probe IMPL DIR WARMUP_DIR``)
 so page-cache reads from one implementation do not flatter the other; page cache is dropped first
 when the machine allows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -51,8 +53,7 @@ def _drop_caches() -> bool:
         return False
 
 
-def probe(impl: str, root: str) -> None:
-    dropped = _drop_caches()
+def probe(impl: str, root: str, warm: str) -> None:
     if impl == "ours":
         from lightning_automodel.checkpoint_utils import _get_checkpoint_tensor_dtypes as fn
 
@@ -63,38 +64,55 @@ def probe(impl: str, root: str) -> None:
         from nemo_automodel.components.checkpoint.utils import _get_checkpoint_tensor_dtypes as fn
 
         args = (root, AutoConfig.for_model("llama"))
-    before = proc_io()
+    fn(warm, *args[1:])  # lazy imports happen here, so the measured call reads only the checkpoint
+    dropped = _drop_caches()
+    before, faults = proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     start = time.perf_counter()
     dtypes = fn(*args)
     elapsed = time.perf_counter() - start
     after = proc_io()
+    digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in dtypes.items())).encode()).hexdigest()
     print(json.dumps({
         "seconds": elapsed, "rchar": after["rchar"] - before["rchar"], "read_bytes": after["read_bytes"] - before["read_bytes"],
-        "tensors": len(dtypes), "dropped": dropped,
+        "majflt": resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults, "tensors": len(dtypes), "dropped": dropped,
+        "digest": digest, "fp32": sum(1 for v in dtypes.values() if v == torch.float32),
     }))
 
 
 def run(smoke: bool, repeats: int) -> list[CaseResult]:
     size = 20 * 2**20 if smoke else 2 * 2**30 + 2**20
     root = write_checkpoint(WORK / f"ckpt-{size}", size)
+    warm = write_checkpoint(WORK / "ckpt-warmup", 2**20)
     samples: dict[str, list[dict]] = {"ours": [], "nemo-automodel 0.7.0": []}
     for _ in range(repeats):
         for impl in samples:
-            samples[impl].append(run_probe("case_dtypes_inspection", "probe", "ours" if impl == "ours" else "ref", str(root)))
+            samples[impl].append(run_probe("case_dtypes_inspection", "probe", "ours" if impl == "ours" else "ref", str(root), str(warm)))
     time_case = CaseResult(f"2. Checkpoint dtype inspection, {size / 2**30:.2f} GiB in 8 safetensors shards: wall time", target="at least 10× faster")
     time_case.rows = [Row(k, [s["seconds"] for s in v], "s") for k, v in samples.items()]
-    bytes_case = CaseResult("2. Checkpoint dtype inspection: bytes read (rchar + read_bytes)", target="under 1 MB read")
-    bytes_case.rows = [Row(k, [s["rchar"] + s["read_bytes"] for s in v], "bytes") for k, v in samples.items()]
+    bytes_case = CaseResult("2. Checkpoint dtype inspection: bytes read", target="under 1 MB read (the larger of rchar and read_bytes)")
+    for key, label in (("rchar", "rchar (read() syscalls)"), ("read_bytes", "read_bytes (from storage)"),
+                       ("majflt", "major page faults (mmap reads)")):
+        for impl, values in samples.items():
+            bytes_case.rows.append(Row(impl, [s[key] for s in values], "faults" if key == "majflt" else "bytes", metric=label))
     if not smoke:
         time_case.met = time_case.rows[1].median >= 10 * time_case.rows[0].median
-        bytes_case.met = bytes_case.rows[0].median < 2**20
+        bytes_case.met = max(bytes_case.rows[0].median, bytes_case.rows[2].median) < 10**6
     dropped = all(s["dropped"] for v in samples.values() for s in v)
+    digests = {s["digest"] for v in samples.values() for s in v}
+    first = samples["ours"][0]
+    time_case.notes.append(
+        f"Both return the same {first['tensors']} tensor dtypes ({first['fp32']} fp32 among bf16): "
+        f"{'yes' if len(digests) == 1 else '**no**'}. Each measurement is a fresh process that first inspects a "
+        "separate 1 MiB checkpoint (so lazy imports are not counted)"
+        + (", after dropping the page cache (`echo 3 > /proc/sys/vm/drop_caches`)." if dropped else "; the page cache could not be dropped (no permission), so storage reads may be hidden.")
+    )
     bytes_case.notes.append(
-        "rchar counts read() syscalls; read_bytes counts storage reads. The reference's meta-device load memory-maps "
-        "each shard, which neither counter fully shows. Page cache " + ("was dropped before each probe." if dropped else "could not be dropped (no permission).")
+        "rchar counts bytes requested through read() syscalls, cached or not; read_bytes counts bytes the process caused to be "
+        "fetched from storage, which (with the cache dropped) includes pages faulted in through mmap. The reference's "
+        "meta-device load opens each shard with safetensors' mmap, which rchar does not see; the major-fault row shows it."
     )
     return [time_case, bytes_case]
 
 
 if __name__ == "__main__" and sys.argv[1] == "probe":
-    probe(sys.argv[2], sys.argv[3])
+    probe(sys.argv[2], sys.argv[3], sys.argv[4])

@@ -19,9 +19,12 @@ WORK = REPO / "benchmarks" / "_work"
 
 @dataclass
 class Row:
+    """One implementation's samples of one metric; ``metric`` groups rows that are compared with each other."""
+
     name: str
     values: list[float]
     unit: str
+    metric: str = ""
 
     @property
     def median(self) -> float:
@@ -40,12 +43,19 @@ class CaseResult:
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
 
+    def ours_row(self, metric: str = "") -> Row | None:
+        return next((r for r in self.rows if r.name == self.ours and r.metric == metric), None)
+
     def markdown(self) -> str:
-        ours = next((r for r in self.rows if r.name == self.ours), None)
-        lines = [f"### {self.title}", "", "| impl | median | spread (min–max) | unit | ratio to ours |", "|---|---|---|---|---|"]
+        with_metric = any(r.metric for r in self.rows)
+        head = "| impl | metric " if with_metric else "| impl "
+        lines = [f"### {self.title}", "", head + "| median | spread (min–max) | unit | ratio to ours |",
+                 "|---" * (6 if with_metric else 5) + "|"]
         for r in self.rows:
+            ours = self.ours_row(r.metric)
             ratio = f"{r.median / ours.median:.2f}×" if ours and ours.median else "-"
-            lines.append(f"| {r.name} | {r.median:.4g} | {r.spread()} | {r.unit} | {ratio} |")
+            metric = f" {r.metric} |" if with_metric else ""
+            lines.append(f"| {r.name} |{metric} {r.median:.4g} | {r.spread()} | {r.unit} | {ratio} |")
         if self.target:
             if self.met is None:
                 verdict = "reported, not judged" if self.target.startswith("report") else "not judged (smoke)"
