@@ -1,16 +1,18 @@
-"""``python -m benchmarks.run [--smoke] [--only NAME] [--out PATH]``: run the cases, write RESULTS.md."""
+"""``python -m benchmarks.run [--smoke] [--only CASE] [--repeats N] [--out PATH]``: run the cases, write RESULTS.md."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO
+from benchmarks.harness import REPO, CaseResult
 
 CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan")
 
@@ -18,34 +20,63 @@ CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "pack
 def machine() -> str:
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {importlib.import_module('transformers').__version__}, "
+            f"lightning {importlib.import_module('lightning').__version__}")
+
+
+def peers() -> str:
+    accelerate = importlib.util.find_spec("accelerate") is not None
+    return ("Peers: NeMo AutoModel 0.7.0 (the reference, installed without its dependencies), Lightning's ModelSummary, "
+            "plain PyTorch (`model.to`, a hand-written padding collator, a bare Trainer). Hugging Face accelerate: "
+            + ("installed." if accelerate else "not installed in this environment, so it is not measured."))
+
+
+def verdict(result: CaseResult) -> str:
+    if result.met is None:
+        return "reported" if result.target.startswith("report") else "not judged"
+    return "met" if result.met else "**missed**"
+
+
+def summary(results: list[CaseResult]) -> list[str]:
+    judged = [r for r in results if r.target and not r.target.startswith("report")]
+    lines = ["## Summary", "", "| result | target | verdict |", "|---|---|---|"]
+    lines += [f"| {r.title} | {r.target} | {verdict(r)} |" for r in judged]
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, no target judgement")
-    parser.add_argument("--only", choices=CASES, action="append")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--only", choices=CASES, action="append", help="run only this case (repeatable)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating repetitions (default 5, smoke 1)")
+    parser.add_argument("--out", default=None, help="report path (default benchmarks/RESULTS.md, smoke: RESULTS-smoke.md)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.smoke else 5)
     out = Path(args.out) if args.out else REPO / "benchmarks" / ("RESULTS-smoke.md" if args.smoke else "RESULTS.md")
-    import importlib
-
-    sections = []
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    results: list[CaseResult] = []
     for name in args.only or CASES:
         start = time.perf_counter()
-        results = importlib.import_module(f"benchmarks.case_{name}").run(args.smoke, repeats)
-        sections.extend(r.markdown() for r in results)
-        print(f"{name}: {len(results)} result(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        case_results = importlib.import_module(f"benchmarks.case_{name}").run(args.smoke, repeats)
+        results.extend(case_results)
+        print(f"{name}: {len(case_results)} result(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    load_after = os.getloadavg()[0]
     header = [
-        "# Benchmark results" + (" (smoke)" if args.smoke else ""),
+        "# Benchmark results" + (" (smoke: tiny sizes, not judged)" if args.smoke else ""),
         "",
-        f"Run on {datetime.date.today()} on {machine()}; {repeats} alternating repetition(s) per case, median and min–max.",
-        "Ratios are each row's median over ours (below 1: the peer is smaller/faster). Regenerate with `make bench`.",
+        f"Run on {datetime.date.today()} on {machine()}, in {time.perf_counter() - started:.0f} s; "
+        f"{repeats} alternating repetition(s) per timing (ours, peer, ours, peer, ...), median and min–max.",
+        f"1-minute load average {load_before:.2f} at the start and {load_after:.2f} at the end: the 2 cores were shared "
+        "with other work (other engineers' test runs) when that is above ~0.5, which widens the spreads.",
+        peers(),
+        "The ratio column is each row's median over ours for the same metric (above 1: the peer is slower or larger). "
+        "Regenerate with `python -m benchmarks.run` (`make bench`); definitions and caveats: docs/benchmarks.md.",
         "",
     ]
-    out.write_text("\n".join(header) + "\n".join(sections))
+    body = [r.markdown() for r in results]
+    out.write_text("\n".join(header + ([] if args.smoke else summary(results)) + body))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
