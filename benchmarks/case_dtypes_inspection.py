@@ -1,8 +1,9 @@
 """Case 2: checkpoint dtype inspection on a sharded safetensors checkpoint: time and bytes read.
 
-Each measurement runs in a fresh process (``python -m benchmarks.case_dtypes_inspection probe IMPL DIR WARMUP_DIR``)
-so page-cache reads from one implementation do not flatter the other; page cache is dropped first
-when the machine allows it.
+Each measurement runs in a fresh process (``python -m benchmarks.case_dtypes_inspection probe IMPL DIR WARMUP_DIR drop-cache|keep-cache``)
+so page-cache reads from one implementation do not flatter the other; the page cache is dropped first
+when the machine allows it (not in smoke mode: the smoke run is a test on a shared machine, and
+dropping every process's cache is no test's business).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _drop_caches() -> bool:
         return False
 
 
-def probe(impl: str, root: str, warm: str) -> None:
+def probe(impl: str, root: str, warm: str, drop: bool) -> None:
     if impl == "ours":
         from lightning_automodel.checkpoint_utils import _get_checkpoint_tensor_dtypes as fn
 
@@ -65,7 +66,7 @@ def probe(impl: str, root: str, warm: str) -> None:
 
         args = (root, AutoConfig.for_model("llama"))
     fn(warm, *args[1:])  # lazy imports happen here, so the measured call reads only the checkpoint
-    dropped = _drop_caches()
+    dropped = drop and _drop_caches()
     before, faults = proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     start = time.perf_counter()
     dtypes = fn(*args)
@@ -86,7 +87,8 @@ def run(smoke: bool, repeats: int) -> list[CaseResult]:
     samples: dict[str, list[dict]] = {"ours": [], "nemo-automodel 0.7.0": []}
     for _ in range(repeats):
         for impl in samples:
-            samples[impl].append(run_probe("case_dtypes_inspection", "probe", "ours" if impl == "ours" else "ref", str(root), str(warm)))
+            samples[impl].append(run_probe("case_dtypes_inspection", "probe", "ours" if impl == "ours" else "ref", str(root), str(warm),
+                                             "keep-cache" if smoke else "drop-cache"))
     time_case = CaseResult(f"2. Checkpoint dtype inspection, {size / 2**30:.2f} GiB in 8 safetensors shards: wall time", target="at least 10× faster")
     time_case.rows = [Row(k, [s["seconds"] for s in v], "s") for k, v in samples.items()]
     bytes_case = CaseResult("2. Checkpoint dtype inspection: bytes read", target="under 1 MB read (the larger of rchar and read_bytes)")
@@ -104,7 +106,7 @@ def run(smoke: bool, repeats: int) -> list[CaseResult]:
         f"Both return the same {first['tensors']} tensor dtypes ({first['fp32']} fp32 among bf16): "
         f"{'yes' if len(digests) == 1 else '**no**'}. Each measurement is a fresh process that first inspects a "
         "separate 1 MiB checkpoint (so lazy imports are not counted)"
-        + (", after dropping the page cache (`echo 3 > /proc/sys/vm/drop_caches`)." if dropped else "; the page cache could not be dropped (no permission), so storage reads may be hidden.")
+        + (", after dropping the page cache (`echo 3 > /proc/sys/vm/drop_caches`)." if dropped else "; the page cache was not dropped (smoke mode, or no permission), so storage reads may be hidden.")
     )
     bytes_case.notes.append(
         "rchar counts bytes requested through read() syscalls, cached or not; read_bytes counts bytes the process caused to be "
@@ -115,4 +117,4 @@ def run(smoke: bool, repeats: int) -> list[CaseResult]:
 
 
 if __name__ == "__main__" and sys.argv[1] == "probe":
-    probe(sys.argv[2], sys.argv[3], sys.argv[4])
+    probe(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "drop-cache")
