@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO, CaseResult
+from benchmarks.harness import REPO, WORK, CaseResult
 
 CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan")
 
@@ -50,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, no target judgement")
     parser.add_argument("--only", choices=CASES, action="append", help="run only this case (repeatable)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repetitions (default 5, smoke 1)")
-    parser.add_argument("--out", default=None, help="report path (default benchmarks/RESULTS.md, smoke: RESULTS-smoke.md)")
+    parser.add_argument("--out", default=None, help="report path (default benchmarks/RESULTS.md; smoke: RESULTS-smoke.md; with --only: benchmarks/_work/)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.smoke else 5)
-    out = Path(args.out) if args.out else REPO / "benchmarks" / ("RESULTS-smoke.md" if args.smoke else "RESULTS.md")
+    if args.out:
+        out = Path(args.out)
+    elif args.only:  # a partial run never overwrites the full report
+        out = WORK / f"RESULTS-{'-'.join(args.only)}{'-smoke' if args.smoke else ''}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        out = REPO / "benchmarks" / ("RESULTS-smoke.md" if args.smoke else "RESULTS.md")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     results: list[CaseResult] = []
