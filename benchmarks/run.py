@@ -9,12 +9,32 @@ import importlib.util
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
 from benchmarks.harness import REPO, WORK, CaseResult
 
 CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan")
+
+
+class LoadSampler(threading.Thread):
+    """Samples the 1-minute load average every few seconds, to say whether the machine was shared."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.every_s = every_s
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self.samples.append(os.getloadavg()[0])
 
 
 def machine() -> str:
@@ -60,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     else:
         out = REPO / "benchmarks" / ("RESULTS-smoke.md" if args.smoke else "RESULTS.md")
-    load_before = os.getloadavg()[0]
+    load = LoadSampler()
+    load.start()
     started = time.perf_counter()
     results: list[CaseResult] = []
     for name in args.only or CASES:
@@ -68,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         case_results = importlib.import_module(f"benchmarks.case_{name}").run(args.smoke, repeats)
         results.extend(case_results)
         print(f"{name}: {len(case_results)} result(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    load_after = os.getloadavg()[0]
+    load.stop()
     header = [
         "# Benchmark results" + (" (smoke: tiny sizes, not judged)" if args.smoke else ""),
         "",
         f"Run on {datetime.date.today()} on {machine()}, in {time.perf_counter() - started:.0f} s; "
         f"{repeats} alternating repetition(s) per timing (ours, peer, ours, peer, ...), median and min–max.",
-        f"1-minute load average {load_before:.2f} at the start and {load_after:.2f} at the end: the 2 cores were shared "
-        "with other work (other engineers' test runs) when that is above ~0.5, which widens the spreads.",
+        f"1-minute load average: {load.samples[0]:.2f} at the start, {max(load.samples):.2f} at most (sampled every 5 s). "
+        "The run itself keeps about one core busy, so a figure well above 1 means other work shared the 2 cores"
+        + (" (it did during this run), which widens the spreads." if max(load.samples) > 1.3 else "; it stayed below that."),
         peers(),
         "The ratio column is each row's median over ours for the same metric (above 1: the peer is slower or larger). "
         "Regenerate with `python -m benchmarks.run` (`make bench`); definitions and caveats: docs/benchmarks.md.",
