@@ -96,3 +96,116 @@ def skip_random_init() -> Iterator[None]:
             module.__dict__.pop("_init_weights", None)
         else:
             module._init_weights = previous
+
+
+def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> the nearest ``PreTrainedModel`` at or above it (whose ``_init_weights`` applies).
+
+    transformers' ``initialize_weights`` dispatches the same way: a vision tower inside a VLM is
+    initialized by the tower's own class.
+    """
+    from transformers import PreTrainedModel
+
+    owners: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, PreTrainedModel):
+            owners[name] = module
+        else:
+            parent = name.rpartition(".")[0] if "." in name else ""
+            owners[name] = owners.get(parent, model)
+    return owners
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` as an instance of its own class (FSDP2 swaps in a subclass whose
+    ``__new__`` cannot be called without constructor arguments)."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        FSDPModule = ()  # noqa: N806
+    if FSDPModule and issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    twin = object.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    return twin
+
+
+def _meta_shadow(module: nn.Module) -> nn.Module:
+    shadow = _plain_copy(module)
+    shadow._parameters = {
+        n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad) if p is not None else None)
+        for n, p in module._parameters.items()
+    }
+    shadow._buffers = {n: (torch.empty(tuple(b.shape), dtype=b.dtype, device="meta") if b is not None else None) for n, b in module._buffers.items()}
+    shadow._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
+    return shadow
+
+
+def _module_seed(seed: int, name: str) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@torch.no_grad()
+def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
+    """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time.
+
+    For each module that holds parameters directly, a private CPU twin of just that module is built at
+    full size, initialized by the model's own ``_init_weights`` (the nearest ``PreTrainedModel``'s, as
+    ``initialize_weights`` dispatches), and each parameter's local shard is copied out. Peak extra memory
+    is one module's parameters (the largest tensor for almost every model); no rank builds the model.
+
+    Each module's generator is seeded from ``seed`` and the module's name, so the result is identical on
+    every rank and at every world size (one device, DDP or FSDP2 start from the same weights). Every
+    module initializes its own parameters: where a model's ``_init_weights`` of a parent also re-inits
+    a child's parameters (CLIP's embeddings), the child keeps its own type's init, still a proper one.
+    Returns the number of parameters initialized.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from lightning_automodel.core.naming import canonical_name
+
+    owners = _owner_models(model)
+    done: set[int] = set()
+    count = 0
+    for name, module in model.named_modules(remove_duplicate=False):
+        direct = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in done]
+        if not direct:
+            continue
+        init_fn = getattr(owners[name], "_init_weights", None)
+        twin = _plain_copy(module)
+        # Children get their own twins; here they are meta shadows, so an init that reaches into them
+        # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
+        twin._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
+        twin._parameters = {}
+        twin._buffers = {n: (b.clone() if b is not None and not b.is_meta else b) for n, b in module._buffers.items()}
+        for n, p in module._parameters.items():
+            if p is None:
+                twin._parameters[n] = None
+                continue
+            full = torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu")
+            twin._parameters[n] = nn.Parameter(full, requires_grad=p.requires_grad)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_module_seed(seed, canonical_name(name)))
+            # torch's constructor-time init first (as building the module would), then transformers' own.
+            reset = getattr(twin, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            if callable(init_fn):
+                init_fn(twin)
+        for n, p in direct:
+            value = twin._parameters[n]
+            if isinstance(p, DTensor):
+                from lightning_automodel.core.sharded_load import local_index
+
+                local = p.to_local()
+                if local.numel():
+                    local.copy_(value[local_index(p)])
+            else:
+                p.copy_(value)
+            done.add(id(p))
+            count += 1
+    return count

@@ -1,8 +1,10 @@
 """Building Hugging Face models from a local directory or an inline config, offline, the FSDP2 way.
 
 No Lightning here: the LightningModule calls these. A model is built with its parameters on the meta
-device (buffers such as RoPE ``inv_freq`` are real), sharded per decoder layer, materialized, and only
-then given its weights, so no rank ever holds a full unsharded copy in parameters.
+device (buffers such as RoPE ``inv_freq`` are real), sharded (:func:`apply_fsdp2`), materialized
+(:func:`materialize`: each rank allocates its shards only), and then filled: from a checkpoint by
+``core.sharded_load`` (each rank reads its own bytes) or by ``core.init.init_weights_by_module`` (each
+rank initializes one module at a time and keeps its shard). No rank ever holds the full model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,13 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.init import init_empty_weights
-from lightning_automodel.core.naming import get_module_by_canonical_name
-from lightning_automodel.core.tied_head import (
-    get_input_embeddings_weight_and_name,
-    has_local_tied_lm_head,
-    is_tied_word_embeddings,
-    materialize_missing_tied_lm_head,
-)
+from lightning_automodel.core.naming import get_module_by_canonical_name, unique_named_parameters
+from lightning_automodel.core.tied_head import ensure_tied_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +82,16 @@ def model_class_for(config: PretrainedConfig, model_class: ModelClass = "auto"):
     return AutoModelForCausalLM
 
 
-def build_meta_model(config: PretrainedConfig, model_class: ModelClass = "auto", **kwargs: Any) -> PreTrainedModel:
-    """Parameters on meta, buffers real (RoPE tables are computed, not loaded)."""
+def build_meta_model(
+    config: PretrainedConfig, model_class: ModelClass = "auto", *, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> PreTrainedModel:
+    """Parameters on meta, buffers real (RoPE tables are computed, not loaded).
+
+    ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise decide the training
+    precision: bf16 master weights and bf16 AdamW state round small updates away and stall a fine-tune.
+    """
     with init_empty_weights():
-        return model_class_for(config, model_class).from_config(config, **kwargs)
+        return model_class_for(config, model_class).from_config(config, dtype=dtype, **kwargs)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -98,94 +102,152 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm after the last decoder layer (``model.norm``, ``model.language_model.norm``), or None."""
+    path = text_decoder_layers_path(model)
+    if path is None:
+        return None
+    parent = get_module_by_canonical_name(model, path.rpartition(".")[0]) if "." in path else model
+    for name in ("norm", "final_layernorm", "final_norm", "ln_f"):
+        norm = getattr(parent, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
+
+
+@dataclass(frozen=True)
+class ShardingUnit:
+    """Modules that FSDP2 all-gathers together (one ``fully_shard`` call)."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    reshard_after_forward: bool = True
+
+
+def _has_params(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.parameters())
+
+
+def fsdp2_units(model: PreTrainedModel) -> list[ShardingUnit]:
+    """The FSDP2 layout, torchtitan's: one unit per decoder layer and per vision/audio tower, the input
+    embedding alone, the final norm with the head (kept unsharded between forward and backward, which
+    needs it first), and the root for what is left.
+
+    A tied embedding and head must be one unit (FSDP2 rejects a parameter managed by two groups), so
+    with tied weights the embedding, final norm and head are one unit. Leaving the untied embedding,
+    norm and head in the root would keep them unsharded for the whole step (about 2 GB per rank for an
+    8B model in bf16).
+    """
+    layers = decoder_layers(model)
+    path = text_decoder_layers_path(model)
+    units = [ShardingUnit(f"{path}.{i}", (layer,)) for i, layer in enumerate(layers)]
+    for attr in ("vision_tower", "visual", "vision_model", "audio_tower"):
+        tower = getattr(model, attr, None) or getattr(getattr(model, "model", None), attr, None)
+        if isinstance(tower, nn.Module) and _has_params(tower):
+            units.append(ShardingUnit(attr, (tower,)))
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    norm = final_norm(model)
+    tail = tuple(m for m in (norm, head) if _has_params(m))
+    tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", None)
+    if tied:
+        units.append(ShardingUnit("embedding+norm+head", (embed, *tail)))
+    else:
+        if _has_params(embed):
+            units.append(ShardingUnit("embedding", (embed,)))
+        if tail:
+            units.append(ShardingUnit("norm+head", tail, reshard_after_forward=False))
+    return units
+
+
+def _minority_dtype_modules(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
+    """Submodules whose trainable parameters differ in dtype from the rest of their unit.
+
+    FSDP2 requires one dtype among the trainable parameters of a group (it fails at the first forward
+    otherwise); a checkpoint's fp32 tensors kept in fp32 under bf16 weights get their own groups, as
+    transformers' own FSDP plan does for ``_keep_in_fp32_modules``.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if len(counts) <= 1:
+        return []
+    majority = max(counts, key=counts.__getitem__)
+    out = []
+    for module in modules:
+        for sub in module.modules():
+            direct = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+            if direct and any(p.dtype != majority for p in direct):
+                if any(p.dtype == majority for p in direct):
+                    raise ValueError(
+                        f"{type(sub).__name__} holds trainable parameters of two dtypes; FSDP2 cannot shard it. "
+                        "Use weights_dtype: float32, or cast it with CastMixedDtypeToBF16."
+                    )
+                out.append(sub)
+    return out
+
+
 def apply_fsdp2(
     model: PreTrainedModel,
     mesh: Any,
     *,
     mixed_precision: bool = False,
     activation_checkpointing: bool = False,
-) -> None:
-    """Shard each decoder layer, the vision tower, the embedding with a tied head in one group, then the root.
+    cpu_offload: bool = False,
+) -> list[ShardingUnit]:
+    """Shard ``model`` with FSDP2 in the :func:`fsdp2_units` layout; returns the units.
 
-    A tied embedding and head must share one FSDP group: FSDP2 rejects a parameter managed by two groups
-    at the first forward.
+    ``mixed_precision``: all-gather and compute in bf16, reduce gradients in fp32 (the parameters
+    and the optimizer state keep their own dtype, fp32 by default). ``cpu_offload``: sharded
+    parameters, gradients and optimizer state live in host memory (for models whose state does not
+    fit on the devices); FSDP2 copies each unit to the device when it runs.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
-    layers = decoder_layers(model)
+    # Pinned host memory needs a CUDA driver; without one, offload still works, unpinned.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+        layers = decoder_layers(model)
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    for attr in ("vision_tower", "visual", "vision_model", "audio_tower"):
-        tower = getattr(model, attr, None) or getattr(getattr(model, "model", None), attr, None)
-        if isinstance(tower, nn.Module):
-            fully_shard(tower, mesh=mesh, mp_policy=policy)
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head is not None and is_tied_word_embeddings(model) and head.weight is embed.weight:
-        fully_shard([embed, head], mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def load_full_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of a local checkpoint (safetensors memory-mapped, ``.bin`` on CPU)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in resolve_checkpoint_files(path):
-        if file.suffix == ".safetensors":
-            state.update(load_file(str(file)))
-        else:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state
+    units = fsdp2_units(model)
+    for unit in units:
+        for sub in _minority_dtype_modules(unit.modules):
+            fully_shard(sub, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        modules = unit.modules[0] if len(unit.modules) == 1 else list(unit.modules)
+        fully_shard(modules, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=unit.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return units
 
 
 @torch.no_grad()
-def materialize_and_load(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Allocate a (sharded) meta model on ``device`` and copy a full state dict into it, shard by shard.
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a (sharded) meta model's parameters on ``device``; computed buffers keep their values.
 
-    Each rank cuts its own shard from the full tensor (no communication). Buffers keep their computed
-    values. A tied head missing from ``state_dict`` is taken from the embedding.
+    Each rank allocates only its shards. The values are undefined until a checkpoint or an init fills them.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
     model.to_empty(device=device)
     for name, buf in model.named_buffers():
         if name in buffers:
             buf.copy_(buffers[name])
-    state_dict = dict(state_dict)
-    materialize_missing_tied_lm_head(state_dict, model)
-    missing = []
-    for name, param in model.named_parameters(remove_duplicate=False):
-        key = name.replace("_checkpoint_wrapped_module.", "")
-        full = state_dict.get(key)
-        if full is None:
-            missing.append(key)
-            continue
-        if tuple(full.shape) != tuple(param.shape):
-            raise ValueError(f"Checkpoint tensor {key} has shape {list(full.shape)}, the model expects {list(param.shape)}.")
-        full = full.to(device=device, dtype=param.dtype)
-        if isinstance(param, DTensor):
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
-    if missing:
-        raise KeyError(f"The checkpoint has no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+    ensure_tied_lm_head(model)
 
 
-def random_state_dict(config: PretrainedConfig, model_class: ModelClass, seed: int) -> dict[str, torch.Tensor]:
-    """A reproducible random init (the same on every rank) for models given as an inline config."""
-    torch.manual_seed(seed)
-    model = model_class_for(config, model_class).from_config(config)
-    state = model.state_dict()
-    _, embed_name = get_input_embeddings_weight_and_name(model)
-    if has_local_tied_lm_head(model) and embed_name is not None:
-        state.pop("lm_head.weight", None)
-    return state
+def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
+    """Store floating-point parameters in ``dtype`` (on meta: free), except the names in ``keep_fp32``.
+
+    Parameter objects are kept, so ties survive. Used only when the user asks for bf16 weights; tensors
+    the checkpoint stores in fp32 (router gates, norms of some models) stay fp32.
+    """
+    changed = []
+    for name, param in unique_named_parameters(model):
+        if param.is_floating_point() and param.dtype != dtype and name not in keep_fp32:
+            param.data = param.data.to(dtype)
+            changed.append(name)
+    return changed

@@ -9,18 +9,19 @@ import lightning.pytorch as pl
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from lightning_automodel.core.dtypes import dtype_from_name
 from lightning_automodel.core.forward_signature import filter_forward_kwargs
+from lightning_automodel.core.init import init_weights_by_module
+from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 from lightning_automodel.models.building import (
     ModelClass,
     apply_fsdp2,
+    apply_weights_dtype,
     build_meta_model,
     check_local_model_dir,
     inline_config,
-    load_full_state_dict,
-    materialize_and_load,
-    model_class_for,
-    random_state_dict,
+    materialize,
 )
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,17 @@ _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "qkv_format", "pad
 class HFCausalLM(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM the FSDP2 way.
 
-    The model is built in ``configure_model``: under ``ModelParallelStrategy`` its parameters start on
-    the meta device, each decoder layer is sharded with ``fully_shard`` on the data-parallel mesh (a
-    tied embedding and head in one group), and the weights are loaded into the shards. On one device
-    or DDP it is built normally. The optimizer sees trainable parameters only.
+    The model is built in ``configure_model`` with its parameters on the meta device. The checkpoint's
+    layout is mapped and checked against it first (transformers' own conversion rules: fused MoE
+    experts, legacy VLM keys, a tied head left out of the file), so a bad checkpoint fails before
+    anything is allocated. Under ``ModelParallelStrategy`` the model is then sharded with FSDP2 (one
+    group per decoder layer and tower, the embedding alone, final norm with head; a tied embedding and
+    head in one group) and each rank allocates and reads only its shards. On one device or DDP the
+    same loader fills the whole model. Weights equal ``from_pretrained``'s bit for bit.
+
+    Parameters and AdamW state are fp32 unless ``weights_dtype: bfloat16`` says otherwise; a config's
+    own ``dtype`` never decides the training precision (bf16 master weights silently stall a fine-tune).
+    The optimizer sees trainable parameters only.
 
     Args:
         pretrained_path: a local Hugging Face directory (config.json, safetensors, tokenizer).
@@ -45,9 +53,15 @@ class HFCausalLM(pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps (0: constant learning rate).
         betas: AdamW betas.
-        mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32 (single device: use the
-            Trainer's ``precision: bf16-mixed``).
+        mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32; the parameters and the
+            optimizer state stay in ``weights_dtype`` (single device: use the Trainer's
+            ``precision: bf16-mixed``).
+        weights_dtype: storage dtype of the parameters (and so of AdamW's state): ``float32`` (default)
+            or ``bfloat16`` (half the memory; small updates may round away). With ``bfloat16``, tensors
+            the checkpoint stores in fp32 stay fp32.
         activation_checkpointing: recompute each decoder layer in backward.
+        cpu_offload: FSDP2 keeps sharded parameters, gradients and optimizer state in host memory
+            (for models whose training state does not fit on the devices).
         trust_remote_code: allow model code from the model directory.
         seed: seed of the random init for inline configs (the same on every rank).
     """
@@ -62,7 +76,9 @@ class HFCausalLM(pl.LightningModule):
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.95),
         mixed_precision: Literal["none", "bf16"] = "none",
+        weights_dtype: Literal["float32", "bfloat16"] = "float32",
         activation_checkpointing: bool = False,
+        cpu_offload: bool = False,
         trust_remote_code: bool = False,
         seed: int = 0,
     ) -> None:
@@ -84,41 +100,59 @@ class HFCausalLM(pl.LightningModule):
         return inline_config(hp.config)
 
     def build_model(self, device: str | torch.device = "meta") -> PreTrainedModel:
-        """The Hugging Face model with no weights loaded and no sharding (``plan`` uses it on meta)."""
+        """The Hugging Face model on meta, fp32, no weights, no sharding (``plan`` uses it)."""
+        if torch.device(device).type != "meta":
+            raise ValueError("build_model builds on meta only; configure_model materializes and loads.")
         config = self.build_hf_config()
-        if torch.device(device).type == "meta":
-            return build_meta_model(config, self.hparams.model_class, trust_remote_code=self.hparams.trust_remote_code)
-        with torch.device(device):
-            return model_class_for(config, self.hparams.model_class).from_config(config, trust_remote_code=self.hparams.trust_remote_code)
+        return build_meta_model(config, self.hparams.model_class, trust_remote_code=self.hparams.trust_remote_code)
 
-    def _full_state_dict(self, config: PretrainedConfig) -> dict[str, torch.Tensor]:
-        if self.hparams.pretrained_path is not None:
-            return load_full_state_dict(self.hparams.pretrained_path)
-        return random_state_dict(config, self.hparams.model_class, self.hparams.seed)
+    def _check_mesh(self) -> None:
+        mesh = self.device_mesh
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"HFCausalLM does not do tensor parallelism yet (tensor_parallel_size={mesh['tensor_parallel'].size()}): "
+                "ranks would hold full copies and see identical batches. Set tensor_parallel_size: 1 and "
+                "data_parallel_size to the number of devices; FSDP2 shards across all of them."
+            )
 
     def configure_model(self) -> None:
         if self.model is not None:
             return  # idempotent: validate/test after fit call this again
-        config = self.build_hf_config()
         hp = self.hparams
-        if self.device_mesh is None:
-            if hp.pretrained_path is not None:
-                cls = model_class_for(config, hp.model_class)
-                model = cls.from_pretrained(hp.pretrained_path, local_files_only=True, trust_remote_code=hp.trust_remote_code, dtype=torch.float32)
+        if self.device_mesh is not None:
+            self._check_mesh()
+        model = self.build_model("meta")
+        reader = CheckpointReader(hp.pretrained_path) if hp.pretrained_path is not None else None
+        try:
+            # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
+            plan = plan_checkpoint_load(model, reader) if reader is not None else None
+            weights_dtype = dtype_from_name(hp.weights_dtype)
+            if weights_dtype != torch.float32:
+                keep = plan.targets_stored_as(reader, torch.float32) if plan is not None else set()
+                apply_weights_dtype(model, weights_dtype, keep_fp32=keep)
+            if self.device_mesh is not None:
+                apply_fsdp2(
+                    model,
+                    self.device_mesh["data_parallel"],
+                    mixed_precision=hp.mixed_precision == "bf16",
+                    activation_checkpointing=hp.activation_checkpointing,
+                    cpu_offload=hp.cpu_offload,
+                )
+                device = torch.device("cpu") if hp.cpu_offload else self.trainer.strategy.root_device
             else:
-                torch.manual_seed(hp.seed)
-                model = model_class_for(config, hp.model_class).from_config(config, trust_remote_code=hp.trust_remote_code)
-            if hp.activation_checkpointing:
-                model.gradient_checkpointing_enable()
-        else:
-            model = build_meta_model(config, hp.model_class, trust_remote_code=hp.trust_remote_code)
-            apply_fsdp2(
-                model,
-                self.device_mesh["data_parallel"],
-                mixed_precision=hp.mixed_precision == "bf16",
-                activation_checkpointing=hp.activation_checkpointing,
-            )
-            materialize_and_load(model, self._full_state_dict(config), self.trainer.strategy.root_device)
+                device = torch.device("cpu")  # the strategy moves the module to its device afterwards
+            materialize(model, device)
+            if reader is not None:
+                report = load_checkpoint_into(model, reader, plan)
+                log.info("Loaded %d tensors, %.1f MiB read on this rank, in %.1f s.", report.tensors, report.bytes_read / 2**20, report.seconds)
+            else:
+                init_weights_by_module(model, hp.seed)
+        finally:
+            if reader is not None:
+                reader.close()
+        if self.device_mesh is None and hp.activation_checkpointing:
+            model.gradient_checkpointing_enable()
         ensure_tied_lm_head(model)
         model.config.use_cache = False
         self.model = model

@@ -1,0 +1,440 @@
+"""Streaming a Hugging Face checkpoint into a (sharded) model: each rank reads only its own bytes.
+
+Why not ``from_pretrained``: it loads into a model it builds itself, and under FSDP2 every rank would
+hold the whole checkpoint first (8 ranks = 8x the model in host RAM per node). Why not DCP's
+``HuggingFaceStorageReader`` alone: it needs the checkpoint's names to be the module's names, and
+transformers 5 renames and merges on load (per-expert MoE tensors into fused experts, legacy VLM keys
+into ``model.language_model.*``). So the *which* comes from transformers' own conversion rules
+(``get_model_conversion_mapping``, ``rename_source_key``, the ``WeightConverter`` operations), the *how
+much* from the parameter's DTensor placement, and the bytes from ``safetensors`` slice reads (``.bin``
+files are memory-mapped with ``weights_only=True``, so a slice only touches its pages).
+
+Per-rank host memory: its shards + one tensor in flight (a plain rename reads exactly the shard's
+slice), or one conversion group in flight for converters whose operations do not commute with a
+dim-0 slice. Converters that first stack a module list on dim 0 (MoE experts) read only the experts
+the rank owns, as transformers' own shard-on-read does.
+
+The plan (which checkpoint tensors feed which parameter, with their shapes) is computed and checked on
+the meta model, before anything is allocated: a missing tensor, a shape mismatch or a layout no rule
+explains is an error naming the tensor and the file, raised identically on every rank (no hang).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, read_safetensors_header, resolve_checkpoint_files
+from lightning_automodel.core.naming import canonical_name
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointLayoutError(ValueError):
+    """The checkpoint does not fit the model: a missing tensor, a shape or dtype mismatch, an unexplained layout."""
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the checkpoint, known from the file header (nothing read)."""
+
+    key: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CheckpointReader:
+    """Lazy, slice-level access to every tensor of a local Hugging Face checkpoint.
+
+    safetensors files are indexed from their headers and read with ``get_slice`` (only the bytes of the
+    requested slice); ``.bin`` files are opened with ``mmap=True, weights_only=True`` (no code runs, and
+    untouched pages are never read). ``bytes_read`` counts the bytes of every slice handed out, which is
+    what the benchmark reports per rank.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.files = resolve_checkpoint_files(self.path)
+        self.tensors: dict[str, SourceTensor] = {}
+        self.bytes_read = 0
+        self._handles: dict[Path, object] = {}
+        for file in self.files:
+            for source in self._index_file(file):
+                if source.key in self.tensors:
+                    raise CheckpointLayoutError(
+                        f"Tensor {source.key!r} is stored twice: in {self.tensors[source.key].file.name} and {file.name}."
+                    )
+                self.tensors[source.key] = source
+
+    def _index_file(self, file: Path) -> Iterator[SourceTensor]:
+        if file.suffix == ".safetensors":
+            for key, entry in read_safetensors_header(file).items():
+                if key == "__metadata__":
+                    continue
+                code = entry.get("dtype") if isinstance(entry, dict) else None
+                shape = entry.get("shape") if isinstance(entry, dict) else None
+                if code not in SAFETENSORS_DTYPES or not isinstance(shape, list):
+                    raise CheckpointLayoutError(f"{file}: tensor {key!r} has an invalid header entry {entry!r}.")
+                yield SourceTensor(key, file, tuple(int(s) for s in shape), SAFETENSORS_DTYPES[code])
+        else:
+            for key, tensor in self._bin(file).items():
+                if isinstance(tensor, torch.Tensor):
+                    yield SourceTensor(key, file, tuple(tensor.shape), tensor.dtype)
+
+    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
+                raise CheckpointLayoutError(
+                    f"{file}: cannot memory-map this .bin file ({exc}); re-save it with torch.save or convert it to safetensors."
+                ) from None
+            if not isinstance(handle, dict):
+                raise CheckpointLayoutError(f"{file}: expected a state dict, found {type(handle).__name__}.")
+            self._handles[file] = handle
+        return handle  # type: ignore[return-value]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The tensor ``key`` (or its ``index`` slice), reading only those bytes."""
+        source = self.tensors[key]
+        if source.file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            handle = self._handles.get(source.file)
+            if handle is None:
+                handle = safe_open(str(source.file), framework="pt", device="cpu")
+                self._handles[source.file] = handle
+            piece = handle.get_slice(key)  # type: ignore[attr-defined]
+            tensor = piece[index] if index is not None else piece[:]
+        else:
+            tensor = self._bin(source.file)[key]
+            tensor = tensor[index] if index is not None else tensor
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class TargetGroup:
+    """Checkpoint tensors that make one or more model tensors: a plain rename or one ``WeightConverter``.
+
+    Attributes:
+        targets: model state-dict names this group produces (a converter may produce several).
+        sources: ``(checkpoint key, source pattern)`` in transformers' natural key order.
+        transform: a private copy of the transformers transform (``None`` for a plain rename).
+    """
+
+    targets: list[str]
+    sources: list[tuple[str, str]]
+    transform: object | None = None
+
+    @property
+    def is_rename(self) -> bool:
+        return self.transform is None
+
+
+@dataclass
+class LoadPlan:
+    """What to read for every model tensor, checked against the model before anything is allocated."""
+
+    groups: list[TargetGroup]
+    unused: list[str] = field(default_factory=list)  # checkpoint keys no model tensor needs
+    tied_aliases: list[str] = field(default_factory=list)  # model names served by another name (a tied head)
+
+    def targets_stored_as(self, reader: CheckpointReader, dtype: torch.dtype) -> set[str]:
+        """Model tensors whose checkpoint sources are all stored in ``dtype`` (e.g. fp32 router gates)."""
+        return {
+            target
+            for group in self.groups
+            if all(reader.tensors[key].dtype == dtype for key, _ in group.sources)
+            for target in group.targets
+        }
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load cost on this rank."""
+
+    tensors: int
+    bytes_read: int
+    seconds: float
+
+
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Canonical name -> parameter or persistent buffer; plus names that alias an earlier tensor (ties)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: list[str] = []
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = canonical_name(name)
+        if id(param) in seen:
+            if seen[id(param)] != key:
+                aliases.append(key)
+            continue
+        seen[id(param)] = key
+        tensors[key] = param
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None or buffer_name in module._non_persistent_buffers_set:
+                continue
+            key = canonical_name(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+            tensors.setdefault(key, buffer)
+    return tensors, aliases
+
+
+def _conversion_rules(model: nn.Module) -> tuple[list, list]:
+    """transformers' renamings and converters for this model (fresh copies: matching has side effects)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    rules = copy.deepcopy(get_model_conversion_mapping(model))
+    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in rules if isinstance(rule, WeightConverter)]
+    return renamings, converters
+
+
+def _expanded_targets(first_target: str, transform: object) -> list[str]:
+    patterns = list(getattr(transform, "target_patterns", []) or [])
+    if len(patterns) <= 1:
+        return [first_target]
+    return [first_target.replace(patterns[0], pattern) for pattern in patterns]
+
+
+def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader) -> LoadPlan:
+    """Map every checkpoint tensor to the model tensor it makes, the way ``from_pretrained`` does, and check it.
+
+    Runs on the meta model (shapes only). Raises :class:`CheckpointLayoutError` naming the tensor and the
+    file for a missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model.
+    """
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    tensors, aliases = _model_tensors(model)
+    alias_set = set(aliases)
+    renamings, converters = _conversion_rules(model)
+    pattern_to_converter = {pattern: conv for conv in converters for pattern in conv.source_patterns}
+    base_prefix = getattr(model, "base_model_prefix", None) or None
+    known = dict.fromkeys(tensors)
+    known.update(dict.fromkeys(alias_set))
+
+    groups: dict[str, TargetGroup] = {}
+    unused: list[str] = []
+    for key in sorted(reader.tensors, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, base_prefix, known)
+        if target not in known and key in known:
+            target, pattern = key, None
+        if target not in known:
+            unused.append(key)
+            continue
+        if target in alias_set and pattern is None:
+            continue  # a tied head stored next to its embedding: the embedding is loaded, the head shares it
+        group = groups.get(target)
+        if group is None:
+            transform = copy.deepcopy(pattern_to_converter[pattern]) if pattern is not None else None
+            targets = _expanded_targets(target, transform) if transform is not None else [target]
+            group = groups[target] = TargetGroup(targets=targets, sources=[], transform=transform)
+        group.sources.append((key, pattern if pattern is not None else key))
+
+    plan = LoadPlan(groups=list(groups.values()), unused=unused, tied_aliases=sorted(alias_set))
+    _check_plan(plan, tensors, reader, model)
+    return plan
+
+
+def _where(reader: CheckpointReader, keys: Iterable[str]) -> str:
+    files = sorted({reader.tensors[k].file.name for k in keys if k in reader.tensors})
+    return ", ".join(files) if files else str(reader.path)
+
+
+def _check_plan(plan: LoadPlan, tensors: dict[str, torch.Tensor], reader: CheckpointReader, model: nn.Module) -> None:
+    produced: set[str] = set()
+    for group in plan.groups:
+        produced.update(group.targets)
+        if group.is_rename:
+            (key, _), target = group.sources[0], group.targets[0]
+            _check_source(reader.tensors[key], target, tensors[target], tuple(tensors[target].shape))
+        else:
+            _check_conversion(group, tensors, reader, model)
+    missing = [name for name in tensors if name not in produced]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        hint = ""
+        if plan.unused:
+            extra = ", ".join(plan.unused[:5]) + (" ..." if len(plan.unused) > 5 else "")
+            hint = f" Checkpoint tensors no conversion rule maps to this model: {extra} (in {_where(reader, plan.unused[:5])})."
+        raise CheckpointLayoutError(
+            f"The checkpoint {reader.path} has no tensor for {shown}.{hint} Is it a checkpoint of this model "
+            f"({type(model).__name__})? A tied head needs `tie_word_embeddings: true` in config.json."
+        )
+    if plan.unused:
+        log.warning(
+            "%d checkpoint tensors are not used by the model (like from_pretrained, they are skipped): %s",
+            len(plan.unused), ", ".join(plan.unused[:10]),
+        )
+
+
+def _check_source(source: SourceTensor, target: str, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if source.shape != shape:
+        raise CheckpointLayoutError(
+            f"Checkpoint tensor {source.key!r} in {source.file.name} has shape {list(source.shape)}; "
+            f"the model's {target} expects {list(shape)}. Is config.json the one this checkpoint was saved with?"
+        )
+    if source.dtype.is_floating_point != ref.dtype.is_floating_point:
+        raise CheckpointLayoutError(
+            f"Checkpoint tensor {source.key!r} in {source.file.name} is {source.dtype}; the model's {target} is "
+            f"{ref.dtype}. Loading would reinterpret its values; the file is corrupt or belongs to another model."
+        )
+
+
+def _check_conversion(group: TargetGroup, tensors: dict[str, torch.Tensor], reader: CheckpointReader, model: nn.Module) -> None:
+    """Run the converter on meta tensors: the output names and shapes must be the model's."""
+    for key, _ in group.sources:
+        source = reader.tensors[key]
+        if not source.dtype.is_floating_point and tensors[group.targets[0]].dtype.is_floating_point:
+            raise CheckpointLayoutError(
+                f"Checkpoint tensor {key!r} in {source.file.name} is {source.dtype}; the model's {group.targets[0]} "
+                "is floating point. The file is corrupt or belongs to another model."
+            )
+    try:
+        outputs = _convert(group, model, lambda key: torch.empty(reader.tensors[key].shape, dtype=reader.tensors[key].dtype, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - surfaced with the tensor and file named
+        raise CheckpointLayoutError(
+            f"Converting {[k for k, _ in group.sources][:4]} (in {_where(reader, [k for k, _ in group.sources])}) "
+            f"into {group.targets[0]} failed: {exc}"
+        ) from None
+    for name in group.targets:
+        value = outputs.get(name)
+        expected = tuple(tensors[name].shape)
+        if value is None or tuple(value.shape) != expected:
+            got = "nothing" if value is None else f"shape {list(value.shape)}"
+            raise CheckpointLayoutError(
+                f"Checkpoint tensors {[k for k, _ in group.sources][:4]} (in {_where(reader, [k for k, _ in group.sources])}) "
+                f"convert to {got} for {name}; the model expects {list(expected)}."
+            )
+
+
+def _convert(group: TargetGroup, model: nn.Module, read: object, keep: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
+    """Run the group's transformers converter on tensors produced by ``read(key)``.
+
+    ``keep`` (indices into each source pattern's list) restricts the sources that are read, for
+    converters whose first operation stacks a module list on dim 0 (the rank's experts only).
+    """
+    transform = copy.deepcopy(group.transform)
+    counts: dict[str, int] = {}
+    kept = set(keep) if keep is not None else None
+    for key, pattern in group.sources:
+        index = counts.get(pattern, 0)
+        counts[pattern] = index + 1
+        if kept is not None and index not in kept:
+            continue
+        transform.add_tensor(group.targets[0], key, pattern, (lambda k=key: read(k)))  # type: ignore[attr-defined]
+    outputs = transform.convert(group.targets[0], model=model, config=getattr(model, "config", None))  # type: ignore[attr-defined]
+    return {name: (value[0] if isinstance(value, list) else value) for name, value in outputs.items()}
+
+
+def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """The global index of this rank's local piece of ``tensor`` (everything for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tuple(slice(0, size) for size in tensor.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _dim0_only(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is split on dim 0 only (FSDP2's ``Shard(0)``), never on another dim."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return True
+    return all(not placement.is_shard() or placement.dim == 0 for placement in tensor.placements)  # type: ignore[attr-defined]
+
+
+def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) -> bool:
+    """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone.
+
+    Then a dim-0 slice of the output is the same op on the sources it covers, and a rank reads only
+    the experts it owns. Any other converter reads its whole group.
+    """
+    from transformers.core_model_loading import MergeModulelist
+
+    operations = list(getattr(group.transform, "operations", []) or [])
+    if not operations or not isinstance(operations[0], MergeModulelist) or operations[0].dim != 0:
+        return False
+    if any(getattr(op, "dim", 1) == 0 for op in operations[1:]):
+        return False
+    if not all(_dim0_only(tensors[name]) for name in group.targets):
+        return False
+    per_pattern: dict[str, int] = {}
+    for _, pattern in group.sources:
+        per_pattern[pattern] = per_pattern.get(pattern, 0) + 1
+    rows = {tensors[name].shape[0] for name in group.targets}
+    return len(rows) == 1 and all(count == next(iter(rows)) for count in per_pattern.values())
+
+
+@torch.no_grad()
+def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadPlan | None = None) -> LoadReport:
+    """Copy each rank's part of the checkpoint into the model's (materialized, possibly sharded) tensors.
+
+    Parameters keep their identity (a tied head stays tied, FSDP2 keeps its own storage). Values are
+    cast to each parameter's dtype on copy. No collective: every rank works alone.
+    """
+    start = time.perf_counter()
+    before = reader.bytes_read
+    plan = plan if plan is not None else plan_checkpoint_load(model, reader)
+    tensors, _ = _model_tensors(model)
+    count = 0
+    for group in plan.groups:
+        if group.is_rename:
+            (key, _), target = group.sources[0], group.targets[0]
+            dest = tensors[target]
+            index = local_index(dest)
+            local = _local(dest)
+            if local.numel():
+                local.copy_(reader.read(key, index))
+            count += 1
+            continue
+        first = tensors[group.targets[0]]
+        if _stacks_experts_first(group, tensors):
+            rows = local_index(first)[0] if first.ndim else slice(0, 0)
+            if rows.stop > rows.start:
+                outputs = _convert(group, model, reader.read, keep=range(rows.start, rows.stop))
+                for name in group.targets:
+                    _local(tensors[name]).copy_(outputs[name])
+            count += len(group.targets)
+            continue
+        outputs = _convert(group, model, reader.read)
+        for name in group.targets:
+            dest = tensors[name]
+            local = _local(dest)
+            if local.numel():
+                local.copy_(outputs[name][local_index(dest)])
+        del outputs
+        count += len(group.targets)
+    return LoadReport(tensors=count, bytes_read=reader.bytes_read - before, seconds=time.perf_counter() - start)
