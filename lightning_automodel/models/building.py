@@ -217,10 +217,13 @@ def apply_fsdp2(
             layers[i] = checkpoint_wrapper(layer)
     units = fsdp2_units(model)
     for unit in units:
-        for sub in _minority_dtype_modules(unit.modules):
+        minority = _minority_dtype_modules(unit.modules)
+        for sub in minority:
             fully_shard(sub, mesh=mesh, mp_policy=policy, offload_policy=offload)
-        modules = unit.modules[0] if len(unit.modules) == 1 else list(unit.modules)
-        fully_shard(modules, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=unit.reshard_after_forward)
+        rest = [m for m in unit.modules if not any(m is sub for sub in minority)]
+        if rest:
+            modules = rest[0] if len(rest) == 1 else rest
+            fully_shard(modules, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=unit.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     return units
 

@@ -71,12 +71,36 @@ def check_bad_checkpoint(root: Path, mesh) -> None:
         raise AssertionError("a missing tensor was not reported")
 
 
+def check_random_init(root: Path, mesh) -> None:
+    """Random init of an inline config on 2 ranks equals the one-process init: no rank builds the model,
+    and the weights do not depend on the world size."""
+    from lightning_automodel.core.init import init_weights_by_module
+
+    for name in ("gemma3_tied", "llava"):
+        config = AutoConfig.from_pretrained(root / name)
+        sharded = build_meta_model(config)
+        apply_fsdp2(sharded, mesh)
+        materialize(sharded, torch.device("cpu"))
+        init_weights_by_module(sharded, seed=5)
+        whole = build_meta_model(config)
+        materialize(whole, torch.device("cpu"))
+        init_weights_by_module(whole, seed=5)
+        expected = dict(whole.named_parameters())
+        for pname, param in sharded.named_parameters():
+            want = expected[pname.replace("_checkpoint_wrapped_module.", "")]
+            assert torch.equal(param.to_local(), want[local_index(param)]), (name, pname)
+        weight = expected[next(n for n in expected if n.endswith("q_proj.weight"))]
+        std = getattr(config.get_text_config(), "initializer_range", 0.02)
+        assert abs(weight.std().item() - std) < 0.3 * std, (name, weight.std().item())
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     root = Path(sys.argv[1])
     results = {name: check_layout(root / name, mesh) for name in sys.argv[2:]}
     check_bad_checkpoint(root, mesh)
+    check_random_init(root, mesh)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
