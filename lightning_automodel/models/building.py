@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 ModelClass = Literal["auto", "causal_lm", "image_text_to_text"]
 
+# Set on a model whose FSDP2 shards live in host memory: a strategy must not move it to the device.
+CPU_OFFLOAD_ATTR = "lightning_automodel_cpu_offload"
+
 
 def check_local_model_dir(path: str | os.PathLike[str]) -> Path:
     """A local Hugging Face directory with a config and weights, or a clear error (we never download)."""
@@ -225,6 +228,7 @@ def apply_fsdp2(
             modules = rest[0] if len(rest) == 1 else rest
             fully_shard(modules, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=unit.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    setattr(model, CPU_OFFLOAD_ATTR, cpu_offload)
     return units
 
 

@@ -116,12 +116,26 @@ class HFCausalLM(pl.LightningModule):
                 "data_parallel_size to the number of devices; FSDP2 shards across all of them."
             )
 
+    def _check_offload(self) -> None:
+        from lightning_automodel.strategies import AtomicModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if strategy.root_device.type != "cpu" and not isinstance(strategy, AtomicModelParallelStrategy):
+            raise ValueError(
+                f"cpu_offload needs lightning_automodel.strategies.AtomicModelParallelStrategy (same arguments as "
+                f"{type(strategy).__name__}): Lightning's strategy would copy every offloaded shard to the device."
+            )
+
     def configure_model(self) -> None:
         if self.model is not None:
             return  # idempotent: validate/test after fit call this again
         hp = self.hparams
         if self.device_mesh is not None:
             self._check_mesh()
+            if hp.cpu_offload:
+                self._check_offload()
+        elif hp.cpu_offload:
+            raise ValueError("cpu_offload is an FSDP2 option: use ModelParallelStrategy (AtomicModelParallelStrategy) or drop it.")
         model = self.build_model("meta")
         reader = CheckpointReader(hp.pretrained_path) if hp.pretrained_path is not None else None
         try:

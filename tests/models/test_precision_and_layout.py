@@ -59,3 +59,28 @@ def test_tensor_parallel_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2.*tensor_parallel_size: 1") as err:
         module.configure_model()
     assert "\n" not in str(err.value) and module.model is None
+
+
+@pytest.mark.multiprocess
+def test_cpu_offload_trains(tmp_path):
+    run_torchrun("job_precision.py", "offload", str(_bf16_checkpoint(tmp_path / "ckpt")), str(tmp_path / "out"), timeout=600)
+
+
+def test_offloaded_shards_stay_in_host_memory_when_the_strategy_moves_the_model():
+    """Lightning's ``model.to(root_device)`` must leave offloaded shards alone (a GPU is stood in for by meta)."""
+    from torch import nn
+
+    from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
+    from lightning_automodel.strategies import AtomicModelParallelStrategy
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.register_buffer("table", torch.ones(3))
+    setattr(model[0], CPU_OFFLOAD_ATTR, True)
+    strategy = AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    strategy.model = model
+    strategy.parallel_devices = [torch.device("meta")]
+    strategy.model_to_device()
+    assert model[0].weight.device.type == "cpu" and model.table.device.type == "meta"
+    setattr(model[0], CPU_OFFLOAD_ATTR, False)
+    strategy.model_to_device()
+    assert model[0].weight.device.type == "meta"

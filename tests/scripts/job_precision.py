@@ -6,6 +6,7 @@ Modes (argv[1]):
            are their own FSDP2 groups (not the root's).
   bf16     ``weights_dtype: bfloat16`` on a checkpoint that stores the norms in fp32: those stay fp32 and
            FSDP2 accepts the mixed layers (the fp32 norms get their own groups).
+  offload  ``cpu_offload: true``: FSDP2 keeps the shards in host memory and trains.
 Usage: job_precision.py MODE CHECKPOINT_DIR OUT_DIR
 """
 
@@ -64,7 +65,15 @@ def check_bf16(checkpoint: Path, out: Path) -> None:
         assert p.dtype == (torch.float32 if name in norms else torch.bfloat16), (name, p.dtype)
 
 
+def check_offload(checkpoint: Path, out: Path) -> None:
+    module = HFCausalLM(pretrained_path=str(checkpoint), cpu_offload=True, learning_rate=1e-3)
+    trainer = fit(module, out, steps=2)
+    assert trainer.global_step == 2
+    for p in module.model.parameters():
+        assert p.to_local().device.type == "cpu"
+
+
 if __name__ == "__main__":
     mode, checkpoint, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"fp32": check_fp32, "bf16": check_bf16}[mode](checkpoint, out)
+    {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload}[mode](checkpoint, out)
     print(f"OK job_precision {mode}", file=sys.stderr)
