@@ -102,6 +102,19 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
+def _shard_name(index_path: Path, value: object) -> str:
+    """A shard file name from an index: a plain name in the checkpoint's own directory, nothing else.
+
+    An index is data from a download; ``../../etc/passwd`` or a nested path must not make a loader
+    open files outside the checkpoint.
+    """
+    if not isinstance(value, str) or not value or value != Path(value).name or value in (".", ".."):
+        raise ValueError(
+            f"{index_path}: weight_map entry {value!r} is not a file name in the checkpoint's directory; the index is corrupt."
+        )
+    return value
+
+
 def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
     state = torch.load(path, map_location="meta", weights_only=weights_only)
     return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -125,7 +138,7 @@ def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") 
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index_path = root / index_name
         if index_path.is_file():
-            shards = sorted(set(_read_index(index_path).values()))
+            shards = sorted({_shard_name(index_path, value) for value in _read_index(index_path).values()})
             files = [root / shard for shard in shards]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:

@@ -138,3 +138,14 @@ def test_index_total_size_rejects_non_int(tmp_path):
     assert get_safetensors_index_total_size(p) is None
     p.write_text(json.dumps({"metadata": {"total_size": True}}))
     assert get_safetensors_index_total_size(p) is None
+
+
+@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "sub/model.safetensors", 3, ["a"], ""])
+def test_index_entries_must_be_plain_file_names(tmp_path, entry):
+    import json as _json
+
+    from lightning_automodel.core.checkpoint_files import resolve_checkpoint_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": entry}}))
+    with pytest.raises(ValueError, match="weight_map entry"):
+        resolve_checkpoint_files(tmp_path)
