@@ -1,24 +1,35 @@
 """``lightning-automodel plan``: what a config will train and what it costs per rank, without a weight.
 
-The model is built on the meta device (70B-class configs plan in about a second and a few hundred MB),
-the configured surgery callbacks apply their core actions to it, and the result is printed: totals,
-each frozen group with the rule that froze it, and FSDP2 bytes per rank.
+The model is built on the meta device from its config alone (a directory holding only ``config.json``
+is enough: no weights, no tokenizer), the configured surgery callbacks apply their core actions to it,
+and the result is printed: each module with what froze it, totals, and the per-rank memory of the
+job's FSDP2 layout with and without CPU offload. No Trainer is created, so an 8-GPU config plans on a
+laptop.
+
+The command line is the one ``fit`` takes (``--config`` files merged in order, ``--model.*``,
+``--data.*``, ``--trainer.*`` overrides in ``--key value`` or ``--key=value`` form, values parsed as
+YAML), plus ``--world_size``. Only callbacks from ``lightning_automodel.callbacks`` are instantiated
+from the YAML: a config is data, and ``plan`` is what people run on configs they were sent.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import difflib
+import inspect
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_automodel import callbacks as _callbacks_pkg
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
@@ -27,86 +38,525 @@ from lightning_automodel.callbacks.parameter_summary import render_table
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
-from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
+from lightning_automodel.core.fsdp_layout import fsdp2_groups
+from lightning_automodel.core.memory import (
+    FSDP2MemoryEstimate,
+    TrainingMemoryEstimate,
+    estimate_fsdp2_peak,
+    estimate_training_memory,
+)
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
+from lightning_automodel.models import building
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
 
+PROG = "lightning-automodel plan"
+#: Model keys ``plan`` reads before HFCausalLM has them (the job adds ``weights_dtype``); once
+#: ``HFCausalLM.__init__`` takes them they are validated by its signature like every other key.
+_FORWARD_MODEL_KEYS: frozenset[str] = frozenset({"weights_dtype"})
+#: Top-level keys of a ``fit`` config besides the three sections.
+_TOP_LEVEL_KEYS: frozenset[str] = frozenset({"seed_everything", "ckpt_path", "model", "data", "trainer"})
+#: Callback class paths from Lightning itself: not surgery, so ignored (and never imported) without a note.
+_LIGHTNING_CALLBACK_PREFIXES: tuple[str, ...] = ("lightning.pytorch.callbacks.", "pytorch_lightning.callbacks.")
+_WEIGHTS_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.bfloat16})
 
-@dataclass
-class Plan:
-    counts: ParameterCounts
-    frozen_by: dict[str, str] = field(default_factory=dict)
-    memory: TrainingMemoryEstimate | None = None
-    model: nn.Module | None = None
+
+class PlanError(ValueError):
+    """Bad input to ``plan``: printed as one line (the problem and the fix), exit code 2."""
 
 
-def _instantiate(spec: dict[str, Any]) -> Any:
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**(spec.get("init_args") or {}))
+# ---- configuration: files, overrides, validation --------------------------------------------------
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config {str(path)!r} does not exist.")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level (model:, data:, trainer:).")
+        raise PlanError(f"{path}: expected a mapping at the top level (model:, data:, trainer:).")
     return config
 
 
-def world_size_from(trainer_config: dict[str, Any]) -> int:
+def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base`` the way LightningCLI merges successive ``--config`` files.
+
+    Mappings merge key by key, anything else (lists such as ``trainer.callbacks`` included) is
+    replaced, and a ``class_path`` that changes drops the old ``init_args`` (they belonged to the
+    other class).
+    """
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, Mapping):
+            if "class_path" in value and old.get("class_path") not in (None, value["class_path"]):
+                out[key] = dict(value)
+            else:
+                out[key] = merge_config(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML, as LightningCLI reads it: ``8`` -> 8, ``[0, 1]`` -> a list, ``bf16`` -> str."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested config; a key under a ``class_path`` mapping goes into its ``init_args``.
+
+    ``--model.init_args.x`` and ``--model.x`` are the same key, as in LightningCLI.
+    """
+    parts = dotted.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise PlanError(f"Cannot set --{dotted}: {where} is {child!r}, not a mapping.")
+        if "class_path" in child and parts[i + 1] not in ("class_path", "init_args"):
+            child = child.setdefault("init_args", {})
+            if child is None:
+                child = node[part]["init_args"] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _did_you_mean(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(section: str, values: Mapping[str, Any], valid: Sequence[str]) -> None:
+    """``section`` is ``model``, ``data``, ``trainer`` or ``""`` for the top level."""
+    for key in values:
+        if key not in valid:
+            where = f"{section}.{key}" if section else key
+            raise PlanError(
+                f"Unknown key {where}{_did_you_mean(key, valid)}; valid {section or 'top-level'} keys: {', '.join(sorted(valid))}."
+            )
+
+
+def _init_keys(cls: type) -> list[str]:
+    """The keyword parameters of ``cls.__init__``: what LightningCLI accepts for that section."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def model_keys() -> list[str]:
+    return sorted(set(_init_keys(HFCausalLM)) | _FORWARD_MODEL_KEYS)
+
+
+def model_section(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's init arguments, from ``model: {...}`` or ``model: {class_path: ..., init_args: {...}}``."""
+    section = config.get("model") or {}
+    if not isinstance(section, dict):
+        raise PlanError(f"model: expected a mapping of HFCausalLM arguments; got {section!r}.")
+    section = dict(section)
+    class_path = section.pop("class_path", None)
+    if class_path is not None and str(class_path).rpartition(".")[2] != HFCausalLM.__name__:
+        raise PlanError(f"model.class_path is {class_path!r}; plan knows HFCausalLM only.")
+    init_args = section.pop("init_args", None) or {}
+    return {**init_args, **section}
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """Unknown keys are one-line errors with a "did you mean", as ``fit`` would reject them (before any build)."""
+    from lightning.pytorch import Trainer
+
+    from lightning_automodel.data.text_datamodule import TextDataModule
+
+    _check_keys("", config, sorted(_TOP_LEVEL_KEYS))
+    _check_keys("model", model_section(config), model_keys())
+    for name, cls in (("data", TextDataModule), ("trainer", Trainer)):
+        section = config.get(name) or {}
+        if not isinstance(section, dict):
+            raise PlanError(f"{name}: expected a mapping; got {section!r}.")
+        section = {k: v for k, v in section.items() if k not in ("class_path", "init_args")}
+        _check_keys(name, section, _init_keys(cls))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: every bad input is one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PlanError(message)
+
+
+def _world_size_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (the number of ranks to shard over); got {value}")
+    return value
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: any key `fit` takes, e.g. --model.pretrained_path DIR --model.mixed_precision bf16 "
+        "--trainer.devices 8 --data.seq_length 4096 (also --key=value). --config may be repeated: later files "
+        "and later overrides win.",
+    )
+    parser.add_argument("--config", "-c", action="append", default=[], help="a YAML you would pass to `fit` (repeatable)")
+    parser.add_argument(
+        "--world_size", type=_world_size_arg, default=None,
+        help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)",
+    )
+    parser.add_argument(
+        "--optimizer_state_dtype", default=None,
+        help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)",
+    )
+    return parser
+
+
+_PLAN_OPTIONS = ("--config", "-c", "--world_size", "--optimizer_state_dtype")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse ``plan``'s command line into its own options and the merged config.
+
+    Files and overrides apply in command-line order, as in LightningCLI: ``--config a.yaml
+    --trainer.devices 4 --config b.yaml`` lets ``b.yaml`` override the 4.
+    """
+    argv = list(argv)
+    plan_argv: list[str] = []
+    steps: list[tuple[str, str, str]] = []  # ("config", path, "") or ("set", key, value)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("-h", "--help"):
+            plan_argv.append(token)
+            i += 1
+            continue
+        if not token.startswith("-"):
+            raise PlanError(f"Unexpected argument {token!r}; options look like --config FILE or --model.pretrained_path DIR.")
+        key, eq, value = token.partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
+                raise PlanError(f"{key} needs a value ({key} VALUE or {key}=VALUE).")
+            value = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+        if key in ("--config", "-c"):
+            steps.append(("config", value, ""))
+            plan_argv += ["--config", value]
+        elif key in _PLAN_OPTIONS:
+            plan_argv += [key, value]
+        elif key.startswith("--") and key[2:].partition(".")[0] in _TOP_LEVEL_KEYS:
+            if key.endswith("+"):
+                raise PlanError(f"{key}=... (appending) is not supported by plan; list the whole value, e.g. {key[:-1]} [...].")
+            steps.append(("set", key[2:], value))
+        else:
+            valid = [*_PLAN_OPTIONS, *(f"--{k}" for k in sorted(_TOP_LEVEL_KEYS))]
+            raise PlanError(f"Unknown option {key}{_did_you_mean(key, valid)}; overrides start with --model., --data. or --trainer.")
+    args = _parser().parse_args(plan_argv)
+    config: dict[str, Any] = {}
+    for kind, a, b in steps:
+        if kind == "config":
+            config = merge_config(config, load_config(a))
+        else:
+            set_key(config, a, parse_value(b))
+    validate_config(config)
+    return args, config
+
+
+# ---- building the model without weights ------------------------------------------------------------
+
+
+def hf_config_from(model_args: Mapping[str, Any]) -> Any:
+    """The Hugging Face config: ``config.json`` of a local directory (weights not needed) or the inline config.
+
+    A missing path, a file, or a directory without ``config.json`` fails with the job's own message
+    (:func:`~lightning_automodel.models.building.check_local_model_dir`'s, which also recognizes a hub
+    name: we run offline).
+    """
+    path, inline = model_args.get("pretrained_path"), model_args.get("config")
+    if (path is None) == (inline is None):
+        raise PlanError("model needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
+    if path is None:
+        if not isinstance(inline, Mapping):
+            raise PlanError(f"model.config must be a mapping such as {{model_type: llama, ...}}; got {inline!r}.")
+        return building.inline_config(inline)
+    root = Path(str(path))
+    if not (root / "config.json").is_file():
+        building.check_local_model_dir(str(path))  # raises: missing, a file, or no config.json
+        raise FileNotFoundError(f"{root} has no config.json: it is not a Hugging Face model directory, or it is half-written.")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))
+
+
+def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
+    """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
+    config = hf_config_from(model_args)
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_args.get("trust_remote_code", False))}
+    if "dtype" in inspect.signature(building.build_meta_model).parameters:
+        kwargs["dtype"] = torch.float32
+    return building.build_meta_model(config, model_args.get("model_class", "auto"), **kwargs)
+
+
+# ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------
+
+
+def _allowed_callbacks() -> dict[str, type]:
+    """Class paths that may be instantiated: the package's callbacks, by short, package and module path."""
+    allowed: dict[str, type] = {}
+    for name in _callbacks_pkg.__all__:
+        cls = getattr(_callbacks_pkg, name)
+        for path in (name, f"lightning_automodel.callbacks.{name}", f"{cls.__module__}.{cls.__qualname__}"):
+            allowed[path] = cls
+    return allowed
+
+
+def _lightning_callback(class_path: str) -> bool:
+    if class_path.startswith(_LIGHTNING_CALLBACK_PREFIXES):
+        return True
+    if "." in class_path:
+        return False
+    import lightning.pytorch.callbacks as pl_callbacks  # already imported by ours; a lookup, not an import of YAML text
+
+    return class_path in getattr(pl_callbacks, "__all__", ())
+
+
+def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCallback]:
+    """The configured surgery callbacks, instantiated only when their class path is on the allow-list.
+
+    Lightning's own callbacks (``ModelCheckpoint``...) do no surgery and are ignored without an import.
+    Anything else is skipped with a one-line note and never imported, so ``class_path: os.system``
+    with ``init_args: {command: ...}`` runs nothing.
+    """
+    specs = trainer_config.get("callbacks") or []
+    if isinstance(specs, Mapping):
+        specs = [specs]
+    allowed = _allowed_callbacks()
+    out: list[ModelSurgeryCallback] = []
+    for i, spec in enumerate(specs):
+        class_path = spec.get("class_path") if isinstance(spec, Mapping) else spec if isinstance(spec, str) else None
+        if not isinstance(class_path, str):
+            log.warning("plan: skipped trainer.callbacks[%d] (%r): not a {class_path: ...} entry.", i, spec)
+            continue
+        cls = allowed.get(class_path)
+        if cls is None:
+            if _lightning_callback(class_path):
+                log.debug("plan: ignored %s (not a surgery callback).", class_path)
+            else:
+                log.warning(
+                    "plan: skipped trainer.callbacks[%d] %s: plan instantiates only lightning_automodel.callbacks.",
+                    i, class_path,
+                )
+            continue
+        init_args = (spec.get("init_args") if isinstance(spec, Mapping) else None) or {}
+        if not isinstance(init_args, Mapping):
+            raise PlanError(f"trainer.callbacks[{i}] {class_path}: init_args must be a mapping; got {init_args!r}.")
+        try:
+            callback = cls(**init_args)
+        except (TypeError, ValueError, MisconfigurationException) as exc:
+            raise PlanError(f"trainer.callbacks[{i}] {class_path}: {exc}") from None
+        if isinstance(callback, ModelSurgeryCallback):
+            out.append(callback)
+    return sorted(out, key=lambda cb: cb.surgery_order)
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What ``plan`` found; ``fsdp2`` and ``fsdp2_offload`` are set when the run shards with FSDP2."""
+
+    counts: ParameterCounts
+    frozen_by: dict[str, str] = field(default_factory=dict)
+    memory: TrainingMemoryEstimate | None = None
+    model: nn.Module | None = None
+    fsdp2: FSDP2MemoryEstimate | None = None
+    fsdp2_offload: FSDP2MemoryEstimate | None = None
+    compute_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    cpu_offload: bool = False
+
+
+def world_size_from(trainer_config: Mapping[str, Any]) -> int:
+    """devices x num_nodes; ``devices: auto`` or ``-1`` cannot be known here, so 1 with a note."""
     devices = trainer_config.get("devices", 1)
-    devices = devices if isinstance(devices, int) and devices > 0 else (len(devices) if isinstance(devices, list) else 1)
+    if isinstance(devices, bool):
+        devices = 1
+    if isinstance(devices, list):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = len([d for d in devices.split(",") if d.strip()])
+    if not isinstance(devices, int) or devices < 1:
+        log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
+        devices = 1
     return devices * int(trainer_config.get("num_nodes", 1) or 1)
 
 
-def surgery_callbacks(trainer_config: dict[str, Any]) -> list[ModelSurgeryCallback]:
-    callbacks = []
-    for spec in trainer_config.get("callbacks") or []:
-        if isinstance(spec, dict) and "class_path" in spec:
-            callback = _instantiate(spec)
-            if isinstance(callback, ModelSurgeryCallback):
-                callbacks.append(callback)
-    return sorted(callbacks, key=lambda cb: cb.surgery_order)
+def _strategy(trainer_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    strategy = trainer_config.get("strategy")
+    if isinstance(strategy, Mapping):
+        return str(strategy.get("class_path", "")), dict(strategy.get("init_args") or {})
+    return (strategy if isinstance(strategy, str) else ""), {}
 
 
-def make_plan(config: dict[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str = "float32") -> Plan:
-    """Build the configured model on meta, apply the configured surgery, estimate per-rank memory."""
-    model_args = dict(config.get("model") or {})
-    model_args.pop("class_path", None)
-    model_args = model_args.pop("init_args", model_args)
+def data_parallel_size(trainer_config: Mapping[str, Any]) -> int:
+    """The ranks FSDP2 shards over: the strategy's ``data_parallel_size`` when it is a number, else every rank.
+
+    A data x tensor size that does not multiply to devices x num_nodes fails here, as it would at the
+    start of ``fit`` (``ModelParallelStrategy`` checks it), instead of after the job was queued.
+    """
+    total = world_size_from(trainer_config)
+    name, init_args = _strategy(trainer_config)
+    dp, tp = init_args.get("data_parallel_size", "auto"), init_args.get("tensor_parallel_size", "auto")
+    if "ModelParallel" in name and not (isinstance(dp, int) and isinstance(tp, int)) and total > 1:
+        # Lightning's 'auto' is tensor_parallel_size = devices per node, which HFCausalLM rejects at start-up.
+        log.warning(
+            "plan: trainer.strategy leaves data_parallel_size or tensor_parallel_size on 'auto' (Lightning then does tensor "
+            "parallelism over a node's devices, which HFCausalLM rejects); set data_parallel_size: %d and "
+            "tensor_parallel_size: 1. Planning FSDP2 over %d ranks.", total, total,
+        )
+    if isinstance(dp, int) and isinstance(tp, int):
+        if dp * tp != total:
+            raise PlanError(
+                f"trainer.strategy has data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp}, but devices x "
+                f"num_nodes = {total}; make them agree (or pass --world_size N to plan N ranks regardless)."
+            )
+        return dp
+    if isinstance(dp, int):
+        return dp
+    if isinstance(tp, int) and tp >= 1:
+        return max(1, total // tp)
+    return total
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
+    """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way."""
+    from lightning_automodel.data.text_datamodule import TextDataModule
+
+    default = inspect.signature(TextDataModule.__init__).parameters["seq_length"].default
+    seq_length = data_config.get("seq_length", default)
+    max_positions = int(getattr(_text_config(model.config), "max_position_embeddings", 0) or 0)
+    if isinstance(seq_length, int) and max_positions and seq_length > max_positions:
+        raise PlanError(
+            f"seq_length={seq_length} is above the model's max_position_embeddings={max_positions}; lower data.seq_length."
+        )
+
+
+def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
+    """Build the configured model on meta, apply the configured surgery, estimate per-rank memory.
+
+    Args:
+        config: a ``fit`` config (``model``, ``data``, ``trainer`` sections), already merged.
+        world_size: data-parallel ranks to plan for; ``None`` reads the trainer and strategy.
+        optimizer_state_dtype: AdamW state dtype; ``None`` follows each parameter's dtype (AdamW's
+            ``zeros_like``), so bf16 weights get bf16 state.
+    """
+    if world_size is not None and world_size < 1:
+        raise PlanError(f"world_size must be >= 1; got {world_size}.")
+    model_args = model_section(config)
     trainer_config = config.get("trainer") or {}
-    module = HFCausalLM(**model_args)
-    model = module.build_model("meta")
+    mixed = str(model_args.get("mixed_precision", "none"))
+    if mixed not in ("none", "bf16"):
+        raise PlanError(f"model.mixed_precision must be 'none' or 'bf16'; got {mixed!r}.")
+    model_class = model_args.get("model_class", "auto")
+    if model_class not in get_args(building.ModelClass):
+        raise PlanError(f"model.model_class must be one of {', '.join(get_args(building.ModelClass))}; got {model_class!r}.")
+    weights_dtype = dtype_from_name(str(model_args.get("weights_dtype", "float32")))
+    if weights_dtype not in _WEIGHTS_DTYPES:
+        raise PlanError(f"model.weights_dtype must be float32 or bfloat16; got {model_args.get('weights_dtype')!r}.")
+    callbacks = surgery_callbacks(trainer_config)  # before the build: a bad callback fails fast
+    model = build_meta(model_args)
+    check_seq_length(model, config.get("data") or {})
+    if weights_dtype != torch.float32:
+        # The job's own cast (no checkpoint here, so no fp32-stored tensor to keep); on meta it is free.
+        building.apply_weights_dtype(model, weights_dtype)
     frozen_by: dict[str, str] = {}
-    cast = False
-    for callback in surgery_callbacks(trainer_config):
+    for callback in callbacks:
         # The same core actions the callbacks run in a fit; nothing here needs a Trainer.
         if isinstance(callback, ParameterFreezing):
-            frozen_by.update(callback.freeze(model))
+            try:
+                frozen_by.update(callback.freeze(model))
+            except MisconfigurationException as exc:
+                raise PlanError(str(exc)) from None
         elif isinstance(callback, FreezeDeadParameters):
             frozen_by.update(freeze_dead_parameters(model))
         elif isinstance(callback, CastMixedDtypeToBF16):
             cast_floating_point(model, torch.bfloat16, cast_buffers=callback.cast_buffers)
-            cast = True
-    precision = str(trainer_config.get("precision", ""))
-    param_dtype = torch.bfloat16 if cast or precision.startswith("bf16-true") else None
-    strategy = trainer_config.get("strategy")
-    strategy_name = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path", "")
-    sharded = "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
-    size = world_size or world_size_from(trainer_config)
-    memory = estimate_training_memory(
-        model,
-        world_size=size,
-        param_dtype=param_dtype,
-        optimizer_state_dtype=dtype_from_name(optimizer_state_dtype),
-        sharded=sharded or world_size is not None,
-    )
-    return Plan(count_parameters(model), frozen_by, memory, model)
+    if str(trainer_config.get("precision", "")).startswith("bf16-true"):
+        cast_floating_point(model, torch.bfloat16)  # Lightning converts the module to bf16
+    strategy_name, strategy_args = _strategy(trainer_config)
+    tp = strategy_args.get("tensor_parallel_size")
+    if "ModelParallel" in strategy_name and isinstance(tp, int) and tp > 1:
+        raise PlanError(
+            f"HFCausalLM does not do tensor parallelism yet (tensor_parallel_size={tp}); set tensor_parallel_size: 1 and "
+            "data_parallel_size to the number of devices: FSDP2 shards across all of them."
+        )
+    sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
+    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
+    state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
+    memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=sharded)
+    plan = Plan(count_parameters(model), frozen_by, memory, model)
+    if sharded:
+        compute = torch.bfloat16 if mixed == "bf16" else None
+        reduce = torch.float32 if mixed == "bf16" else None  # the job's MixedPrecisionPolicy reduces in fp32
+        groups = fsdp2_groups(model)
+        common = dict(world_size=size, groups=groups, compute_dtype=compute, reduce_dtype=reduce, optimizer_state_dtype=state_dtype)
+        plan.fsdp2 = estimate_fsdp2_peak(model, cpu_offload=False, **common)
+        plan.fsdp2_offload = estimate_fsdp2_peak(model, cpu_offload=True, **common)
+        plan.compute_dtype, plan.reduce_dtype = compute, reduce
+        plan.cpu_offload = bool(model_args.get("cpu_offload", False))
+    return plan
+
+
+_SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _dtype_label(dtypes: Sequence[torch.dtype]) -> str:
+    return "+".join(sorted({_SHORT_DTYPE.get(d, str(d).removeprefix("torch.")) for d in dtypes})) or "-"
+
+
+def format_fsdp2(plan: Plan) -> list[str]:
+    """The FSDP2 memory lines: the layout's per-rank peak, then device and host with and without offload."""
+    est, off = plan.fsdp2, plan.fsdp2_offload
+    b = format_bytes_human
+    weights = _dtype_label([p.dtype for p in plan.model.parameters() if p.is_floating_point()])
+    compute = _SHORT_DTYPE.get(plan.compute_dtype, weights) if plan.compute_dtype is not None else weights
+    reduce = _SHORT_DTYPE.get(plan.reduce_dtype, compute) if plan.reduce_dtype is not None else compute
+    kept = f" + kept unsharded [{', '.join(est.kept_groups)}]" if est.kept_groups else ""
+    reduced = f" of {est.reduced_group}" if est.reduced_group else ""
+    # Forward's gather peak and backward's reduce peak are added: an upper bound, not a simulation.
+    return [
+        f"Per rank at world size {est.world_size} (FSDP2, {weights} weights, {compute} compute, {reduce} gradient reduction):",
+        f"  sharded state {b(est.sharded_bytes)} (params {b(est.param_bytes)}, grads {b(est.grad_bytes)}, AdamW {b(est.optimizer_bytes)})",
+        f"  unsharded in flight {b(est.in_flight_bytes)} (params {b(est.gather_bytes)}: two largest groups "
+        f"[{', '.join(est.prefetched_groups) or '-'}]{kept}; grads{reduced} being reduced {b(est.reduce_bytes)})",
+        f"  total {b(est.total_bytes)}: without cpu_offload all on the device; with cpu_offload device "
+        f"{b(off.device_bytes)}, host {b(off.host_bytes)} (this config: cpu_offload {'true' if plan.cpu_offload else 'false'}). "
+        "Activations not included.",
+    ]
 
 
 def format_plan(plan: Plan) -> str:
@@ -125,7 +575,9 @@ def format_plan(plan: Plan) -> str:
         f"Trainable parameters: {counts.trainable:,} of {counts.total:,} ({pct:.2f}%)",
         "Frozen groups: " + (", ".join(f"{rule}: {n} tensors" for rule, n in sorted(rules.items())) or "none"),
     ]
-    if memory is not None:
+    if plan.fsdp2 is not None and plan.fsdp2_offload is not None:
+        lines += format_fsdp2(plan)
+    elif memory is not None:
         lines.append(
             f"Per rank at world size {memory.world_size}: params {format_bytes_human(memory.param_bytes)}, "
             f"grads {format_bytes_human(memory.grad_bytes)}, optimizer state {format_bytes_human(memory.optimizer_bytes)}, "
@@ -135,11 +587,15 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-automodel plan", description=__doc__)
-    parser.add_argument("--config", "-c", required=True, help="the YAML you would pass to `fit`")
-    parser.add_argument("--world_size", type=int, default=None, help="ranks to shard over (default: the trainer's devices x num_nodes)")
-    parser.add_argument("--optimizer_state_dtype", default="float32")
-    args = parser.parse_args(list(argv))
-    plan = make_plan(load_config(args.config), world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
+    """Run ``plan``; bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        args, config = parse_args(argv)
+        plan = make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (ValueError, OSError, MisconfigurationException) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
     print(format_plan(plan))
     return 0

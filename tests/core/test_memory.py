@@ -100,3 +100,121 @@ def test_sharded_dtensor_model_estimates_like_the_unsharded_one():
     with single_rank_group():
         fully_shard(model)
         assert estimate_training_memory(model, world_size=2) == expected
+
+
+# ---- FSDP2 layout and peak -------------------------------------------------------------------
+
+from lightning_automodel.core.fsdp_layout import fsdp2_groups  # noqa: E402
+from lightning_automodel.core.memory import estimate_fsdp2_peak  # noqa: E402
+
+# tm.tiny_llama() written out by hand: hidden 64, intermediate 128, 4 heads / 2 KV heads of 16, vocab 256.
+LAYER_SHAPES = {
+    "self_attn.q_proj.weight": (64, 64), "self_attn.k_proj.weight": (32, 64), "self_attn.v_proj.weight": (32, 64),
+    "self_attn.o_proj.weight": (64, 64), "mlp.gate_proj.weight": (128, 64), "mlp.up_proj.weight": (128, 64),
+    "mlp.down_proj.weight": (64, 128), "input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,),
+}
+HAND_GROUPS = {
+    "model.layers.0": {f"model.layers.0.{k}": v for k, v in LAYER_SHAPES.items()},
+    "model.layers.1": {f"model.layers.1.{k}": v for k, v in LAYER_SHAPES.items()},
+    "embedding": {"model.embed_tokens.weight": (256, 64)},
+    "norm+head": {"model.norm.weight": (64,), "lm_head.weight": (256, 64)},
+}
+
+
+def _rows(shape, world):
+    """(local elements, padded unsharded elements) of one tensor sharded on dim 0 over ``world`` ranks."""
+    rest = math.prod(shape[1:])
+    local_rows = math.ceil(shape[0] / world)
+    return local_rows * rest, local_rows * world * rest
+
+
+def test_fsdp2_groups_of_an_untied_llama():
+    groups = fsdp2_groups(tm.tiny_llama())
+    assert [g for g, _ in groups] == ["model.layers.0", "model.layers.1", "embedding", "norm+head", "root"]
+    assert {g: set(names) for g, names in groups if g != "root"} == {g: set(v) for g, v in HAND_GROUPS.items()}
+    assert dict(groups)["root"] == []
+
+
+def test_fsdp2_groups_tied_and_vlm():
+    tied = dict(fsdp2_groups(tm.tiny_gemma3()))
+    assert list(tied) == ["model.layers.0", "model.layers.1", "embedding+norm+head", "root"]
+    assert tied["embedding+norm+head"] == ["model.embed_tokens.weight", "model.norm.weight"]  # the head is the embedding
+    vlm = dict(fsdp2_groups(tm.tiny_llava()))
+    assert list(vlm) == [
+        "model.language_model.layers.0", "model.language_model.layers.1", "model.vision_tower", "embedding", "norm+head", "root",
+    ]
+    assert vlm["norm+head"] == ["model.language_model.norm.weight", "lm_head.weight"]  # not the vision tower's norms
+    assert vlm["root"] and all(n.startswith("model.multi_modal_projector.") for n in vlm["root"])
+    model = tm.tiny_llava()
+    every = [n for names in vlm.values() for n in names]
+    assert sorted(every) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp2_peak_matches_hand_computation(world, offload):
+    model = tm.tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    est = estimate_fsdp2_peak(
+        model, world_size=world, groups=fsdp2_groups(model), compute_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+        cpu_offload=offload,
+    )
+    params = grads = optim = 0
+    gathered, reduced = {}, {}
+    for group, shapes in HAND_GROUPS.items():
+        gathered[group] = reduced[group] = 0
+        for name, shape in shapes.items():
+            local, padded = _rows(shape, world)
+            params += local * 4  # fp32 weights
+            gathered[group] += padded * 2  # all-gathered in bf16
+            if name != "model.embed_tokens.weight":
+                grads += local * 4
+                optim += local * 4 * 2  # AdamW: exp_avg and exp_avg_sq in the parameter dtype
+                reduced[group] += padded * (2 + 4)  # bf16 unsharded grads + fp32 reduce-scatter buffer
+    resharded = sorted((gathered[g] for g in ("model.layers.0", "model.layers.1", "embedding")), reverse=True)
+    gather = resharded[0] + resharded[1] + gathered["norm+head"]
+    reduce = max(reduced.values())
+    assert (est.param_bytes, est.grad_bytes, est.optimizer_bytes) == (params, grads, optim)
+    assert (est.gather_bytes, est.reduce_bytes) == (gather, reduce)
+    assert est.kept_groups == ("norm+head",) and len(est.prefetched_groups) == 2
+    assert est.total_bytes == params + grads + optim + gather + reduce
+    if offload:
+        assert (est.device_bytes, est.host_bytes) == (gather + reduce, params + grads + optim)
+    else:
+        assert (est.device_bytes, est.host_bytes) == (params + grads + optim + gather + reduce, 0)
+    # The sharded state is what estimate_training_memory reports.
+    plain = estimate_training_memory(model, world_size=world, optimizer_state_dtype=None)
+    assert (plain.param_bytes, plain.grad_bytes, plain.optimizer_bytes) == (params, grads, optim)
+
+
+def test_fsdp2_peak_bf16_weights_and_no_mixed_precision():
+    model = tm.tiny_llama()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    est = estimate_fsdp2_peak(model, world_size=2)  # groups from the model, compute and reduce in the stored dtype
+    n_layer = sum(math.prod(s) for s in LAYER_SHAPES.values())  # every dim 0 here divides by 2
+    n_total = 2 * n_layer + 256 * 64 + 64 + 256 * 64
+    assert est.param_bytes == est.grad_bytes == n_total * 2 // 2
+    assert est.optimizer_bytes == n_total * 2 * 2 // 2  # AdamW state follows the bf16 weights
+    assert est.gather_bytes == 2 * n_layer * 2 + (64 + 256 * 64) * 2
+    assert est.reduce_bytes == n_layer * (2 + 2)
+
+
+def test_fsdp2_peak_tied_group_is_resharded_and_meta_safe():
+    with torch.device("meta"):
+        meta = tm.build(tm.tiny_config("gemma3_text"))
+    real = tm.tiny_gemma3()
+    assert estimate_fsdp2_peak(meta, world_size=4) == estimate_fsdp2_peak(real, world_size=4)
+    est = estimate_fsdp2_peak(real, world_size=4)
+    assert est.kept_groups == ()  # the tied embedding+norm+head group reshards; the root is empty
+
+
+def test_fsdp2_peak_bad_input():
+    model = tm.tiny_llama()
+    with pytest.raises(ValueError, match="world_size"):
+        estimate_fsdp2_peak(model, world_size=0)
+    with pytest.raises(ValueError, match="model.nope.weight"):
+        estimate_fsdp2_peak(model, world_size=2, groups=[("x", ["model.nope.weight"])])
+    # Parameters no group names land in the root group, as fully_shard(model) takes them.
+    est = estimate_fsdp2_peak(model, world_size=1, groups=[])
+    assert est.kept_groups == ("root",) and est.prefetched_groups == ()

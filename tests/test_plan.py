@@ -1,0 +1,266 @@
+"""``lightning-automodel plan``: config-only directories, fit's overrides, the callback allow-list, FSDP2 memory."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig
+
+from distributed import REPO_ROOT, clean_env
+from lightning_automodel.core.fsdp_layout import fsdp2_groups
+from lightning_automodel.models import building
+from lightning_automodel.planning import PlanError, format_plan, main, make_plan, merge_config, parse_args
+
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False)
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}
+SCRIPT = Path(sys.executable).with_name("lightning-automodel")
+
+
+def config_only_dir(path: Path, **values) -> Path:
+    """A model directory the way ``config.save_pretrained`` writes it: config.json, no weights, no tokenizer."""
+    AutoConfig.for_model(values.pop("model_type", "llama"), **values).save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json"]
+    return path
+
+
+def write_yaml(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_plan(*args, cwd):
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_automodel.cli"]
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([*cmd, "plan", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def plan_from_argv(argv):
+    args, config = parse_args(argv)
+    return make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
+
+
+# ---- a directory with only config.json ------------------------------------------------------------
+
+
+def test_config_only_directory_plans_like_the_inline_config(tmp_path):
+    directory = config_only_dir(tmp_path / "tiny", **TINY)
+    base = {"trainer": {"devices": 2, "strategy": FSDP2}}
+    from_dir = plan_from_argv(["--config", write_yaml(tmp_path / "a.yaml", base), "--model.pretrained_path", str(directory)])
+    inline = plan_from_argv(["--config", write_yaml(tmp_path / "b.yaml", {**base, "model": {"config": TINY}})])
+    assert from_dir.counts == inline.counts
+    assert from_dir.counts.total == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64) + 2 * 256 * 64 + 64
+    assert from_dir.fsdp2 == inline.fsdp2 and from_dir.fsdp2_offload == inline.fsdp2_offload
+    assert all(p.is_meta and p.dtype == torch.float32 for p in from_dir.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("missing", "does not exist"),
+        ("meta-llama/Llama-3.1-8B", "It looks like a hub name: lightning-automodel runs offline"),
+        ("empty", "has no config.json"),
+    ],
+)
+def test_bad_model_directory_is_one_line(tmp_path, capsys, path, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"pretrained_path": path}})
+    assert main(["--config", cfg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ---- fit's overrides -------------------------------------------------------------------------------
+
+
+def test_overrides_change_the_plan(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"devices": 2, "strategy": FSDP2}})
+    two = plan_from_argv(["--config", cfg])
+    four = plan_from_argv(["--config", cfg, "--trainer.devices", "4"])
+    four_eq = plan_from_argv(["--config", cfg, "--trainer.devices=4"])
+    explicit = plan_from_argv(["--config", cfg, "--world_size", "4"])
+    assert (two.fsdp2.world_size, four.fsdp2.world_size) == (2, 4)
+    assert four.fsdp2 == four_eq.fsdp2 == explicit.fsdp2
+    assert four.fsdp2.param_bytes < two.fsdp2.param_bytes
+    listed = plan_from_argv(["--config", cfg, "--trainer.devices", "[0, 1, 2]"])  # a YAML list: 3 devices
+    assert listed.fsdp2.world_size == 3
+    bf16 = plan_from_argv(["--config", cfg, "--model.mixed_precision", "bf16"])
+    assert bf16.fsdp2.gather_bytes * 2 == two.fsdp2.gather_bytes  # bf16 copies of fp32 weights
+    assert bf16.fsdp2.param_bytes == two.fsdp2.param_bytes
+    assert "fp32 weights, bf16 compute, fp32 gradient reduction" in format_plan(bf16)
+    half = plan_from_argv(["--config", cfg, "--model.weights_dtype", "bfloat16"])
+    assert half.fsdp2.param_bytes * 2 == two.fsdp2.param_bytes
+    assert half.fsdp2.optimizer_bytes * 2 == two.fsdp2.optimizer_bytes  # AdamW state follows the weights
+    frozen = plan_from_argv(["--config", cfg, "--trainer.callbacks",
+                             "[{class_path: lightning_automodel.callbacks.ParameterFreezing, init_args: {freeze_modules: [{path: model.layers}]}}]"])
+    assert frozen.counts.trainable == 2 * 256 * 64 + 64
+
+
+def test_configs_merge_in_order_like_lightning_cli(tmp_path):
+    a = write_yaml(tmp_path / "a.yaml", {"model": {"config": TINY, "mixed_precision": "bf16"}, "trainer": {"devices": 2, "strategy": FSDP2}})
+    b = write_yaml(tmp_path / "b.yaml", {"trainer": {"devices": 8}})
+    assert plan_from_argv(["--config", a, "--config", b]).fsdp2.world_size == 8
+    assert plan_from_argv(["--config", a, "--config", b, "--trainer.devices", "4"]).fsdp2.world_size == 4
+    assert plan_from_argv(["--config", a, "--trainer.devices", "4", "-c", b]).fsdp2.world_size == 8  # the later file wins
+    _, merged = parse_args(["--config", a, "--config", b])
+    assert merged["model"]["mixed_precision"] == "bf16" and merged["trainer"]["strategy"] == FSDP2  # deep merge
+    # A different class_path drops the old init_args; lists are replaced, not appended.
+    old = {"strategy": {"class_path": "A", "init_args": {"x": 1}}, "callbacks": [1, 2]}
+    assert merge_config(old, {"strategy": {"class_path": "B"}, "callbacks": [3]}) == {"strategy": {"class_path": "B"}, "callbacks": [3]}
+    assert merge_config(old, {"strategy": {"init_args": {"y": 2}}})["strategy"] == {"class_path": "A", "init_args": {"x": 1, "y": 2}}
+
+
+def test_strategy_overrides_go_into_init_args(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {
+        "devices": 8, "strategy": {**FSDP2, "init_args": {"data_parallel_size": 8, "tensor_parallel_size": 1}}}})
+    assert plan_from_argv(["--config", cfg]).fsdp2.world_size == 8
+    with pytest.raises(PlanError, match="data_parallel_size=8 x tensor_parallel_size=1 = 8, but devices x num_nodes = 4"):
+        plan_from_argv(["--config", cfg, "--trainer.devices", "4"])
+    plan = plan_from_argv(["--config", cfg, "--trainer.devices", "4", "--trainer.strategy.data_parallel_size", "4"])
+    assert plan.fsdp2.world_size == 4
+    with pytest.raises(PlanError, match="tensor parallelism"):
+        plan_from_argv(["--config", cfg, "--trainer.strategy.init_args.tensor_parallel_size", "2",
+                        "--trainer.strategy.init_args.data_parallel_size", "4"])
+
+
+def test_seq_length_override_is_checked(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}})
+    plan_from_argv(["--config", cfg, "--data.seq_length", "512"])
+    with pytest.raises(PlanError, match="seq_length=4096 is above the model's max_position_embeddings=512"):
+        plan_from_argv(["--config", cfg, "--data.seq_length", "4096"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.learning_rat", "0.1"], "Unknown key model.learning_rat (did you mean 'learning_rate'?)"),
+        (["--model.pretrained_pth=/x"], "Unknown key model.pretrained_pth (did you mean 'pretrained_path'?)"),
+        (["--data.seq_lenght", "8"], "Unknown key data.seq_lenght (did you mean 'seq_length'?)"),
+        (["--trainer.device", "8"], "Unknown key trainer.device (did you mean 'devices'?)"),
+        (["--world-size", "8"], "Unknown option --world-size (did you mean '--world_size'?)"),
+        (["--world_size", "0"], "--world_size: must be >= 1"),
+        (["--world_size", "-2"], "--world_size: must be >= 1"),
+        (["--model.mixed_precision"], "--model.mixed_precision needs a value"),
+    ],
+)
+def test_bad_arguments_are_one_line(tmp_path, capsys, args, expected):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}})
+    assert main(["--config", cfg, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_world_size_zero_is_rejected_by_make_plan():
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        make_plan({"model": {"config": TINY}}, world_size=0)
+
+
+def test_unknown_key_from_the_command_is_one_line_without_traceback(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}})
+    proc = run_plan("--config", cfg, "--model.learning_rat", "0.1", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["lightning-automodel plan: error: " + lines[0].split("error: ", 1)[1]]
+    assert "did you mean 'learning_rate'" in lines[0]
+
+
+# ---- only the package's callbacks are instantiated -----------------------------------------------------
+
+
+def test_class_path_from_the_yaml_is_never_run(tmp_path, caplog, monkeypatch):
+    marker = tmp_path / "SOMEFILE"
+    imported = tmp_path / "IMPORTED"
+    (tmp_path / "sideeffect_mod.py").write_text(f"open({str(imported)!r}, 'w').close()\nclass Cb:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [
+        {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}},
+        {"class_path": "sideeffect_mod.Cb"},
+        {"class_path": "no_such_package.Thing"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
+        {"class_path": "ParameterFreezing", "init_args": {"freeze_modules": [{"path": "model.layers.0"}]}},
+        {"class_path": "lightning_automodel.callbacks.parameter_freezing.ParameterFreezing",
+         "init_args": {"freeze_modules": [{"path": "model.layers.1"}]}},
+    ]}})
+    with caplog.at_level("WARNING", logger="lightning_automodel.planning"):
+        assert main(["--config", cfg]) == 0
+    assert not marker.exists() and not imported.exists() and "sideeffect_mod" not in sys.modules
+    notes = [r.getMessage() for r in caplog.records]
+    assert any("os.system" in n for n in notes) and any("sideeffect_mod.Cb" in n for n in notes)
+    assert not any("ModelCheckpoint" in n for n in notes)  # Lightning's own: ignored quietly
+    assert all(len(n.splitlines()) == 1 for n in notes)
+    assert not (tmp_path / "ckpt").exists()
+    plan = plan_from_argv(["--config", cfg])
+    assert plan.counts.trainable == 2 * 256 * 64 + 64  # both allowed ParameterFreezing entries applied
+
+
+def test_bad_callback_arguments_are_one_line(tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [
+        {"class_path": "lightning_automodel.callbacks.ParameterFreezing", "init_args": {"freez_modules": []}}]}})
+    assert main(["--config", cfg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trainer.callbacks[0]" in err and len(err.splitlines()) == 1
+
+
+# ---- FSDP2 memory ------------------------------------------------------------------------------------
+
+
+def test_planner_layout_is_the_jobs_layout():
+    """fsdp2_groups partitions the parameters exactly as the job's fully_shard units do."""
+    import tiny_models as tm
+
+    for model in (tm.tiny_llama(), tm.tiny_gemma3(), tm.tiny_llava()):
+        first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+        units = [{first[id(p)] for m in unit.modules for p in m.parameters()} for unit in building.fsdp2_units(model)]
+        groups = [set(names) for name, names in fsdp2_groups(model) if name != "root"]
+        assert sorted(map(sorted, units)) == sorted(map(sorted, groups))
+
+
+def test_plan_memory_against_hand_computation(tmp_path):
+    """A 2-layer llama at world size 4, bf16 compute, embedding frozen: every byte computed here from shapes."""
+    cfg = write_yaml(tmp_path / "c.yaml", {
+        "model": {"config": TINY, "mixed_precision": "bf16"},
+        "trainer": {"devices": 4, "strategy": FSDP2, "callbacks": [
+            {"class_path": "lightning_automodel.callbacks.ParameterFreezing",
+             "init_args": {"freeze_modules": [{"path": "model.embed_tokens"}]}}]},
+    })
+    plan = plan_from_argv(["--config", cfg])
+    # Every dim 0 divides by 4, so no padding: sharded = n / 4, unsharded = n.
+    layer = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64
+    embed, norm_head = 256 * 64, 64 + 256 * 64
+    total, trainable = 2 * layer + embed + norm_head, 2 * layer + norm_head
+    est = plan.fsdp2
+    assert (est.param_bytes, est.grad_bytes, est.optimizer_bytes) == (total * 4 // 4, trainable * 4 // 4, trainable * 8 // 4)
+    assert est.gather_bytes == 2 * layer * 2 + norm_head * 2  # two layers in flight + the kept norm/head, in bf16
+    assert est.reduce_bytes == layer * (2 + 4)  # bf16 grads + fp32 reduce-scatter buffer of the largest trainable group
+    off = plan.fsdp2_offload
+    assert off.device_bytes == est.gather_bytes + est.reduce_bytes
+    assert off.host_bytes == est.param_bytes + est.grad_bytes + est.optimizer_bytes
+    text = format_plan(plan)
+    assert "Per rank at world size 4 (FSDP2, fp32 weights, bf16 compute, fp32 gradient reduction)" in text
+    assert "with cpu_offload device" in text and "Module" in text
+
+
+def llama_count_by_hand(h, layers, heads, kv_heads, inter, vocab):
+    head_dim = h // heads
+    return vocab * h + layers * (2 * h * h + 2 * h * kv_heads * head_dim + 3 * h * inter + 2 * h) + h + vocab * h
+
+
+def test_8b_config_only_directory_plans_from_the_command(tmp_path):
+    directory = config_only_dir(tmp_path / "Llama-3.1-8B", model_type="llama", **LLAMA_8B)
+    proc = run_plan("--config", str(REPO_ROOT / "configs/multi-gpu-8b.yaml"), "--model.pretrained_path", str(directory),
+                    "--world_size", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total = llama_count_by_hand(4096, 32, 32, 8, 14336, 128256)
+    assert total == 8_030_261_248
+    out = proc.stdout
+    assert f"of {total:,}" in out and "Per rank at world size 8 (FSDP2, fp32 weights, bf16 compute" in out
+    assert "  total " in out and "with cpu_offload device" in out
+    # The sharded fp32 parameters: total * 4 bytes / 8 ranks (every dim 0 divides by 8).
+    assert f"params {total * 4 / 8 / 1024**3:.1f} GiB" in out
