@@ -92,7 +92,10 @@ class ParameterSummary(ModelSurgeryCallback):
         frozen_by = coordinator_for(pl_module).frozen_by if isinstance(pl_module, pl.LightningModule) else {}
         rows = module_breakdown(model, depth=self.depth, frozen_by=frozen_by)
         param_dtype = torch.bfloat16 if trainer is not None and str(trainer.precision).startswith("bf16-true") else None
-        memory = estimate_training_memory(model, world_size=world_size, param_dtype=param_dtype, sharded=world_size > 1)
+        # AdamW keeps its state in each parameter's dtype: bf16 after CastMixedDtypeToBF16, fp32 by default.
+        memory = estimate_training_memory(
+            model, world_size=world_size, param_dtype=param_dtype, optimizer_state_dtype=None, sharded=world_size > 1
+        )
         return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory)
 
     @override

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
+from lightning_automodel.core.fsdp_layout import NORM_HEAD_GROUP, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.init import init_empty_weights
 from lightning_automodel.core.naming import get_module_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
@@ -105,19 +106,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm after the last decoder layer (``model.norm``, ``model.language_model.norm``), or None."""
-    path = text_decoder_layers_path(model)
-    if path is None:
-        return None
-    parent = get_module_by_canonical_name(model, path.rpartition(".")[0]) if "." in path else model
-    for name in ("norm", "final_layernorm", "final_norm", "ln_f"):
-        norm = getattr(parent, name, None)
-        if isinstance(norm, nn.Module):
-            return norm
-    return None
-
-
 @dataclass(frozen=True)
 class ShardingUnit:
     """Modules that FSDP2 all-gathers together (one ``fully_shard`` call)."""
@@ -127,39 +115,19 @@ class ShardingUnit:
     reshard_after_forward: bool = True
 
 
-def _has_params(module: nn.Module | None) -> bool:
-    return module is not None and any(True for _ in module.parameters())
-
-
 def fsdp2_units(model: PreTrainedModel) -> list[ShardingUnit]:
-    """The FSDP2 layout, torchtitan's: one unit per decoder layer and per vision/audio tower, the input
-    embedding alone, the final norm with the head (kept unsharded between forward and backward, which
-    needs it first), and the root for what is left.
+    """The FSDP2 layout of ``core.fsdp_layout`` (torchtitan's) as modules, root excluded.
 
-    A tied embedding and head must be one unit (FSDP2 rejects a parameter managed by two groups), so
-    with tied weights the embedding, final norm and head are one unit. Leaving the untied embedding,
-    norm and head in the root would keep them unsharded for the whole step (about 2 GB per rank for an
-    8B model in bf16).
+    One definition serves the job and ``plan``'s memory estimate, so they cannot disagree. The final
+    norm + head unit stays gathered between forward and backward (backward needs it first).
     """
-    layers = decoder_layers(model)
-    path = text_decoder_layers_path(model)
-    units = [ShardingUnit(f"{path}.{i}", (layer,)) for i, layer in enumerate(layers)]
-    for attr in ("vision_tower", "visual", "vision_model", "audio_tower"):
-        tower = getattr(model, attr, None) or getattr(getattr(model, "model", None), attr, None)
-        if isinstance(tower, nn.Module) and _has_params(tower):
-            units.append(ShardingUnit(attr, (tower,)))
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    norm = final_norm(model)
-    tail = tuple(m for m in (norm, head) if _has_params(m))
-    tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", None)
-    if tied:
-        units.append(ShardingUnit("embedding+norm+head", (embed, *tail)))
-    else:
-        if _has_params(embed):
-            units.append(ShardingUnit("embedding", (embed,)))
-        if tail:
-            units.append(ShardingUnit("norm+head", tail, reshard_after_forward=False))
+    units = []
+    for group, paths in fsdp2_group_modules(model):
+        if group == ROOT_GROUP:
+            continue
+        modules = tuple(m for m in (get_module_by_canonical_name(model, path) for path in paths) if m is not None)
+        if modules:
+            units.append(ShardingUnit(group, modules, reshard_after_forward=group != NORM_HEAD_GROUP))
     return units
 
 
@@ -212,13 +180,16 @@ def apply_fsdp2(
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     # Pinned host memory needs a CUDA driver; without one, offload still works, unpinned.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    units = fsdp2_units(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         layers = decoder_layers(model)
+        wrapped = {}
         for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer)
-    units = fsdp2_units(model)
+            layers[i] = wrapped[id(layer)] = checkpoint_wrapper(layer)
+        # Shard the wrapper, as torchtitan does: the recompute in backward runs inside the FSDP unit.
+        units = [ShardingUnit(u.name, tuple(wrapped.get(id(m), m) for m in u.modules), u.reshard_after_forward) for u in units]
     for unit in units:
         minority = _minority_dtype_modules(unit.modules)
         for sub in minority:

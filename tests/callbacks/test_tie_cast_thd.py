@@ -108,3 +108,16 @@ def test_non_thd_batch_untouched():
     before = batch["input_ids"]
     THDSqueeze().on_train_batch_start(None, None, batch, 0)
     assert batch["input_ids"] is before
+
+
+def test_summary_counts_adamw_state_in_the_parameters_dtype():
+    """After a bf16 cast AdamW's state is bf16: the summary must not report fp32 (2x too much)."""
+    import tiny_models as tm
+
+    from lightning_automodel.callbacks import ParameterSummary
+    from lightning_automodel.core.checkpoint_files import format_bytes_human
+
+    model = tm.tiny_llama().to(torch.bfloat16)
+    trainable = sum(p.numel() for p in model.parameters())
+    text = ParameterSummary().summarize(None, model, model, 1)
+    assert f"optimizer state {format_bytes_human(2 * 2 * trainable)}," in text
