@@ -84,3 +84,8 @@ def test_offloaded_shards_stay_in_host_memory_when_the_strategy_moves_the_model(
     setattr(model[0], CPU_OFFLOAD_ATTR, False)
     strategy.model_to_device()
     assert model[0].weight.device.type == "meta"
+
+
+@pytest.mark.multiprocess
+def test_activation_checkpointing_under_fsdp2_is_exact(tmp_path):
+    run_torchrun("job_precision.py", "ac", str(_bf16_checkpoint(tmp_path / "ckpt")), str(tmp_path / "out"), timeout=600)

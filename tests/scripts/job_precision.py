@@ -7,6 +7,7 @@ Modes (argv[1]):
   bf16     ``weights_dtype: bfloat16`` on a checkpoint that stores the norms in fp32: those stay fp32 and
            FSDP2 accepts the mixed layers (the fp32 norms get their own groups).
   offload  ``cpu_offload: true``: FSDP2 keeps the shards in host memory and trains.
+  ac       activation checkpointing under FSDP2 trains to exactly the weights of a run without it.
 Usage: job_precision.py MODE CHECKPOINT_DIR OUT_DIR
 """
 
@@ -73,7 +74,25 @@ def check_offload(checkpoint: Path, out: Path) -> None:
         assert p.to_local().device.type == "cpu"
 
 
+def check_activation_checkpointing(checkpoint: Path, out: Path) -> None:
+    """Recomputing each layer in backward (checkpoint wrapper inside its FSDP2 unit) trains to the same weights."""
+    results = []
+    for ac in (False, True):
+        pl.seed_everything(0)
+        module = HFCausalLM(pretrained_path=str(checkpoint), activation_checkpointing=ac, learning_rate=1e-2)
+        fit(module, out / str(ac), steps=2)
+        results.append({k.replace("_checkpoint_wrapped_module.", ""): v.full_tensor() for k, v in module.model.state_dict().items()})
+    plain, recomputed = results
+    assert plain.keys() == recomputed.keys()
+    changed = [k for k in plain if not torch.equal(plain[k], recomputed[k])]
+    assert not changed, changed[:5]
+    from safetensors.torch import load_file
+
+    start = load_file(checkpoint / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].float()
+    assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"], start)  # it did train
+
+
 if __name__ == "__main__":
     mode, checkpoint, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload}[mode](checkpoint, out)
+    {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload, "ac": check_activation_checkpointing}[mode](checkpoint, out)
     print(f"OK job_precision {mode}", file=sys.stderr)
