@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coordinator_for, target_model
 from lightning_automodel.callbacks._resume import reapply_frozen_set
 from lightning_automodel.core.dead_params import freeze_dead_parameters
-from lightning_automodel.core.distributed import digest_names, is_distributed
+from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.naming import unique_named_parameters
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,15 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         self._seen_backward += 1
         self._alive.update(name for name, p in self._watch if p.grad is not None)
         if self._seen_backward == self.detect_steps:
-            self._report(pl_module)
+            self._report(trainer, pl_module)
             self._watch = []
 
-    def _report(self, pl_module: pl.LightningModule) -> None:
-        alive = torch.tensor([1 if name in self._alive else 0 for name, _ in self._watch], dtype=torch.int32)
-        if is_distributed():
-            # A parameter that got a gradient on any rank is alive.
-            dist.all_reduce(alive, op=dist.ReduceOp.MAX)
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # On the strategy's device and through the strategy: NCCL has no CPU tensors. A parameter that
+        # got a gradient on any rank is alive.
+        flags = [1 if name in self._alive else 0 for name, _ in self._watch]
+        alive = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+        alive = trainer.strategy.reduce(alive, reduce_op=dist.ReduceOp.MAX)
         self.unused = [name for (name, _), flag in zip(self._watch, alive.tolist()) if flag == 0]
         if not self.unused:
             return

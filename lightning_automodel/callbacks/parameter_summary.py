@@ -88,7 +88,9 @@ class ParameterSummary(ModelSurgeryCallback):
         """Nothing to change; the summary is taken once the run is sharded and the optimizer exists."""
 
     def summarize(self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int) -> str:
-        stats = parameter_stats(model)  # collective for DTensor models: every rank calls it
+        # A collective for sharded models (every rank calls it), on the strategy's device: NCCL has no CPU path.
+        device = trainer.strategy.root_device if trainer is not None else None
+        stats = parameter_stats(model, device=device)
         frozen_by = coordinator_for(pl_module).frozen_by if isinstance(pl_module, pl.LightningModule) else {}
         rows = module_breakdown(model, depth=self.depth, frozen_by=frozen_by)
         param_dtype = torch.bfloat16 if trainer is not None and str(trainer.precision).startswith("bf16-true") else None

@@ -50,7 +50,7 @@ def digest_names(names: Iterable[str]) -> str:
     """Order-independent sha256 of a set of names (what a checkpoint records instead of the names' tensors)."""
     h = hashlib.sha256()
     for name in sorted(set(names)):
-        h.update(name.encode())
+        h.update(name.encode("utf-8", "surrogatepass"))  # any str, even lone surrogates
         h.update(b"\0")
     return h.hexdigest()
 
@@ -59,7 +59,8 @@ def first_mismatch_across_ranks(names: Sequence[str]) -> tuple[int, str] | None:
     """Compare a set of names across ranks: ``(rank, first differing name)`` or None when all agree.
 
     Every rank must call this (it is a collective). Only a digest travels unless the digests differ,
-    so the common case costs one tiny all-gather. Without a process group it returns None.
+    so the common case costs one tiny all-gather. Without a process group it returns None. Under NCCL,
+    ``all_gather_object`` uses the current CUDA device, which Lightning sets for each rank.
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return None
@@ -78,8 +79,39 @@ def first_mismatch_across_ranks(names: Sequence[str]) -> tuple[int, str] | None:
     return None  # pragma: no cover - digests differed, so some set differs
 
 
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over all ranks; a no-op without a process group."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device whose tensors the collectives of ``group`` (default: the world) accept.
+
+    NCCL has no CPU path: a CPU tensor handed to it fails, on GPU machines only (gloo hides it). So
+    every collective in the package moves its (tiny) tensor here first. Callbacks that have a
+    strategy pass ``trainer.strategy.root_device`` instead, which is the same device.
+    """
+    if not is_distributed():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "xccl" in backend:
+        return torch.device("xpu", torch.xpu.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, *, device: torch.device | None = None) -> torch.Tensor:
+    """Reduce ``tensor`` over all ranks in place, on ``device`` (default: :func:`collective_device`).
+
+    A no-op without a process group. The tensor is copied to the collective's device and back only
+    when it lives elsewhere (CPU flags under NCCL, CPU-offloaded shards' statistics).
+    """
+    if not is_distributed():
+        return tensor
+    target = device if device is not None else collective_device()
+    buffer = tensor if tensor.device == target else tensor.to(target)
+    dist.all_reduce(buffer, op=op)
+    if buffer is not tensor:
+        tensor.copy_(buffer)
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
+    """In-place sum over all ranks (see :func:`all_reduce_`); a no-op without a process group."""
+    return all_reduce_(tensor, dist.ReduceOp.SUM, device=device)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lightning_automodel.core.distributed import get_world_size_safe, is_distributed
+from lightning_automodel.core.distributed import all_reduce_sum_, get_world_size_safe, is_distributed
 from lightning_automodel.core.naming import unique_named_parameters
 
 
@@ -80,7 +80,7 @@ def _replication_factor(p: torch.Tensor, world_size: int) -> int:
 
 
 @torch.no_grad()
-def global_squared_l2_norm(model: nn.Module) -> float:
+def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
     """Sum of squares of all floating-point parameters across every rank (a collective: all ranks call it).
 
     Each rank sums the squares of what it holds locally (a DTensor's local shard), divides
@@ -89,11 +89,15 @@ def global_squared_l2_norm(model: nn.Module) -> float:
     This assumes every rank holds the same parameters up to sharding and replication (FSDP2, HSDP,
     TP, DDP); pipeline stages that hold different parameters are not supported.
 
+    Args:
+        device: where the all-reduce runs (a callback passes its strategy's root device); default:
+            what the process group's backend needs (CUDA for NCCL, also for CPU-offloaded shards).
+
     Returns:
         The squared norm, or ``nan`` for a model with meta parameters (nothing to measure).
     """
     world = get_world_size_safe() if is_distributed() else 1
-    device = None
+    local_device = None
     total = None
     for p in model.parameters():  # each parameter once: tied weights are counted once
         if not (p.is_floating_point() or p.is_complex()):
@@ -106,28 +110,23 @@ def global_squared_l2_norm(model: nn.Module) -> float:
             local = local.abs()
         # accumulate in float64 without materializing a float64 copy of the tensor
         sq = torch.linalg.vector_norm(local, 2, dtype=torch.float64).square() / _replication_factor(p, world)
-        device = sq.device
+        local_device = sq.device
         total = sq if total is None else total + sq.to(total.device)
     if total is None:
-        total = torch.zeros((), dtype=torch.float64, device=device)
-    if is_distributed():
-        import torch.distributed as dist
-
-        buf = total.to("cpu" if dist.get_backend() == "gloo" else total.device)
-        dist.all_reduce(buf)
-        total = buf
+        total = torch.zeros((), dtype=torch.float64, device=local_device)
+    all_reduce_sum_(total, device=device)
     return max(total.item(), 0.0)
 
 
-def global_l2_norm(model: nn.Module) -> float:
+def global_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
     """L2 norm of all floating-point parameters across every rank (collective; see :func:`global_squared_l2_norm`)."""
-    return math.sqrt(global_squared_l2_norm(model))
+    return math.sqrt(global_squared_l2_norm(model, device=device))
 
 
-def parameter_stats(model: nn.Module, *, norm: bool = True) -> ParameterStats:
-    """Total and trainable logical counts and (optionally) the global L2 norm."""
+def parameter_stats(model: nn.Module, *, norm: bool = True, device: torch.device | None = None) -> ParameterStats:
+    """Total and trainable logical counts and (optionally) the global L2 norm (all-reduced on ``device``)."""
     counts = count_parameters(model)
-    return ParameterStats(counts.total, counts.trainable, global_l2_norm(model) if norm else float("nan"))
+    return ParameterStats(counts.total, counts.trainable, global_l2_norm(model, device=device) if norm else float("nan"))
 
 
 @dataclass
