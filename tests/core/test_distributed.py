@@ -49,7 +49,7 @@ def test_is_rank_0_raises_on_bad_rank(monkeypatch):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=8), max_size=6), st.randoms())
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=8), max_size=6), st.randoms())
 def test_digest_depends_only_on_the_set_of_names(names, rnd):
     shuffled = list(names) * 2
     rnd.shuffle(shuffled)
