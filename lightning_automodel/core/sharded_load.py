@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
+import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,12 +46,20 @@ class CheckpointLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of the checkpoint, known from the file header (nothing read)."""
+    """One tensor of the checkpoint, known from the file header (nothing read).
+
+    ``offset`` is the absolute byte offset of a safetensors tensor's data in its file (None for ``.bin``).
+    """
 
     key: str
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class CheckpointReader:
@@ -77,14 +87,29 @@ class CheckpointReader:
 
     def _index_file(self, file: Path) -> Iterator[SourceTensor]:
         if file.suffix == ".safetensors":
+            with file.open("rb") as f:
+                (header_length,) = struct.unpack("<Q", f.read(8))
+            data_start, file_size = 8 + header_length, file.stat().st_size
             for key, entry in read_safetensors_header(file).items():
                 if key == "__metadata__":
                     continue
                 code = entry.get("dtype") if isinstance(entry, dict) else None
                 shape = entry.get("shape") if isinstance(entry, dict) else None
-                if code not in SAFETENSORS_DTYPES or not isinstance(shape, list):
+                offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+                valid = (
+                    code in SAFETENSORS_DTYPES
+                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                )
+                if not valid:
                     raise CheckpointLayoutError(f"{file}: tensor {key!r} has an invalid header entry {entry!r}.")
-                yield SourceTensor(key, file, tuple(int(s) for s in shape), SAFETENSORS_DTYPES[code])
+                source = SourceTensor(key, file, tuple(shape), SAFETENSORS_DTYPES[code], data_start + offsets[0])
+                if offsets[1] - offsets[0] != source.nbytes or data_start + offsets[1] > file_size or offsets[0] < 0:
+                    raise CheckpointLayoutError(
+                        f"{file}: tensor {key!r} claims bytes {offsets} for shape {shape} {code} in a "
+                        f"{file_size}-byte file; the file is truncated or corrupt."
+                    )
+                yield source
         else:
             for key, tensor in self._bin(file).items():
                 if isinstance(tensor, torch.Tensor):
@@ -111,21 +136,52 @@ class CheckpointReader:
         """The tensor ``key`` (or its ``index`` slice), reading only those bytes."""
         source = self.tensors[key]
         if source.file.suffix == ".safetensors":
-            from safetensors import safe_open
+            rows = _row_range(source.shape, index)
+            if rows is not None:
+                tensor = self._read_rows(source, *rows)
+            else:  # a slice across inner dims (tensor parallel): safetensors' own strided reads
+                from safetensors import safe_open
 
-            handle = self._handles.get(source.file)
-            if handle is None:
-                handle = safe_open(str(source.file), framework="pt", device="cpu")
-                self._handles[source.file] = handle
-            piece = handle.get_slice(key)  # type: ignore[attr-defined]
-            tensor = piece[index] if index is not None else piece[:]
+                with safe_open(str(source.file), framework="pt", device="cpu") as handle:
+                    tensor = handle.get_slice(key)[index]
         else:
             tensor = self._bin(source.file)[key]
             tensor = tensor[index] if index is not None else tensor
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
+    def _read_rows(self, source: SourceTensor, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a row-major tensor: one contiguous byte range, read with ``readinto``.
+
+        Plain reads instead of safetensors' memory map: a mapped file's touched pages count in the
+        process's resident memory until it is unmapped, so a rank reading its half of the checkpoint
+        through the map would peak at its shards plus that half again; read here, the page cache
+        holds them and the rank holds only the slice in flight.
+        """
+        inner = math.prod(source.shape[1:]) if source.shape else 1
+        shape = (stop - start, *source.shape[1:]) if source.shape else ()
+        out = torch.empty(shape, dtype=source.dtype)
+        if out.numel() == 0:
+            return out
+        handle = self._handles.get(source.file)
+        if handle is None:
+            handle = self._handles[source.file] = open(source.file, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        offset = source.offset + start * inner * source.dtype.itemsize  # type: ignore[operator]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        handle.seek(offset)  # type: ignore[attr-defined]
+        done = 0
+        while done < len(view):
+            n = handle.readinto(view[done:])  # type: ignore[attr-defined]
+            if not n:
+                raise CheckpointLayoutError(f"{source.file}: unexpected end of file while reading {source.key!r}.")
+            done += n
+        return out
+
     def close(self) -> None:
+        for handle in self._handles.values():
+            close = getattr(handle, "close", None)
+            if callable(close):
+                close()
         self._handles.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -133,6 +189,22 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _row_range(shape: tuple[int, ...], index: tuple[slice, ...] | None) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``index`` selects whole rows of a row-major tensor (one byte range), else None."""
+    if not shape:
+        return (0, 1)
+    if index is None:
+        return (0, shape[0])
+    if len(index) != len(shape) or any(s.step not in (None, 1) for s in index):
+        return None
+    for dim, piece in enumerate(index[1:], start=1):
+        start, stop, _ = piece.indices(shape[dim])
+        if (start, stop) != (0, shape[dim]):
+            return None
+    start, stop, _ = index[0].indices(shape[0])
+    return (start, max(start, stop))
 
 
 @dataclass

@@ -146,3 +146,28 @@ def test_slices_read_only_the_requested_rows(tmp_path):
     rows = reader.read("model.embed_tokens.weight", (slice(10, 20), slice(0, 64)))
     assert rows.shape == (10, 64) and reader.bytes_read == 10 * 64 * 4
     assert torch.equal(rows, load_file(path / "model.safetensors")["model.embed_tokens.weight"][10:20])
+
+
+def test_reads_are_plain_and_exact_for_every_slice_shape(tmp_path):
+    """Whole rows go through one byte range; inner-dim slices, scalars and empty ranges read right too."""
+    tensors = {
+        "m": torch.arange(60, dtype=torch.float32).reshape(5, 12),
+        "b": torch.arange(24, dtype=torch.bfloat16).reshape(2, 3, 4),
+        "s": torch.tensor(7.5),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.read("m", (slice(1, 3), slice(0, 12))), tensors["m"][1:3])
+    assert torch.equal(reader.read("m", (slice(0, 5), slice(4, 8))), tensors["m"][:, 4:8])
+    assert torch.equal(reader.read("b", (slice(1, 2), slice(0, 3), slice(0, 4))), tensors["b"][1:2])
+    assert torch.equal(reader.read("s"), tensors["s"])
+    assert reader.read("m", (slice(5, 5), slice(0, 12))).shape == (0, 12)
+    reader.close()
+
+
+def test_a_header_that_claims_bytes_past_the_end_is_an_error(tmp_path):
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated payload, intact header
+    with pytest.raises(CheckpointLayoutError, match=r"'w'.*truncated or corrupt"):
+        CheckpointReader(tmp_path)
