@@ -6,13 +6,15 @@ hold the whole checkpoint first (8 ranks = 8x the model in host RAM per node). W
 transformers 5 renames and merges on load (per-expert MoE tensors into fused experts, legacy VLM keys
 into ``model.language_model.*``). So the *which* comes from transformers' own conversion rules
 (``get_model_conversion_mapping``, ``rename_source_key``, the ``WeightConverter`` operations), the *how
-much* from the parameter's DTensor placement, and the bytes from ``safetensors`` slice reads (``.bin``
-files are memory-mapped with ``weights_only=True``, so a slice only touches its pages).
+much* from the parameter's DTensor placement, and the bytes from byte-range reads of the safetensors
+files (``.bin`` files are memory-mapped with ``weights_only=True``, so a slice only touches its pages).
 
 Per-rank host memory: its shards + one tensor in flight (a plain rename reads exactly the shard's
 slice), or one conversion group in flight for converters whose operations do not commute with a
 dim-0 slice. Converters that first stack a module list on dim 0 (MoE experts) read only the experts
-the rank owns, as transformers' own shard-on-read does.
+the rank owns, as transformers' own shard-on-read does. safetensors rows are read with plain
+``readinto`` from the header's offsets, not through a memory map (mapped pages stay resident); a
+``.bin`` file is memory-mapped, so its touched pages count until the load ends: prefer safetensors.
 
 The plan (which checkpoint tensors feed which parameter, with their shapes) is computed and checked on
 the meta model, before anything is allocated: a missing tensor, a shape mismatch or a layout no rule
