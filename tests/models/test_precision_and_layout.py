@@ -89,3 +89,18 @@ def test_offloaded_shards_stay_in_host_memory_when_the_strategy_moves_the_model(
 @pytest.mark.multiprocess
 def test_activation_checkpointing_under_fsdp2_is_exact(tmp_path):
     run_torchrun("job_precision.py", "ac", str(_bf16_checkpoint(tmp_path / "ckpt")), str(tmp_path / "out"), timeout=600)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_job_fits_moe_and_vlm_hub_layouts(tmp_path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    # vocab 260: the byte tokenizer's ids must fit the embedding
+    build(tiny_config("mixtral", num_local_experts=3, num_experts_per_tok=2, vocab_size=260), seed=1).save_pretrained(tmp_path / "hub" / "mixtral")
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=260, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=259)).save_pretrained(tmp_path / "hub" / "llava")
+    run_torchrun("job_precision.py", "layouts", str(tmp_path / "hub"), str(tmp_path / "out"), timeout=600)

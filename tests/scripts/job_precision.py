@@ -8,6 +8,7 @@ Modes (argv[1]):
            FSDP2 accepts the mixed layers (the fp32 norms get their own groups).
   offload  ``cpu_offload: true``: FSDP2 keeps the shards in host memory and trains.
   ac       activation checkpointing under FSDP2 trains to exactly the weights of a run without it.
+  layouts  fit from save_pretrained Mixtral and LLaVA directories (CHECKPOINT_DIR holds both).
 Usage: job_precision.py MODE CHECKPOINT_DIR OUT_DIR
 """
 
@@ -92,7 +93,15 @@ def check_activation_checkpointing(checkpoint: Path, out: Path) -> None:
     assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"], start)  # it did train
 
 
+def check_pretrained_layouts(root: Path, out: Path) -> None:
+    """The job fits from hub-layout Mixtral (per-expert tensors) and LLaVA (legacy keys) directories."""
+    for name in ("mixtral", "llava"):
+        module = HFCausalLM(pretrained_path=str(root / name), learning_rate=1e-3)
+        trainer = fit(module, out / name, steps=2)
+        assert trainer.global_step == 2 and trainer.callback_metrics["train_loss"].isfinite()
+
+
 if __name__ == "__main__":
     mode, checkpoint, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload, "ac": check_activation_checkpointing}[mode](checkpoint, out)
+    {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload, "ac": check_activation_checkpointing, "layouts": check_pretrained_layouts}[mode](checkpoint, out)
     print(f"OK job_precision {mode}", file=sys.stderr)
