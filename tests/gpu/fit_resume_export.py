@@ -32,17 +32,27 @@ def trainer(out: Path, steps: int) -> pl.Trainer:
     )
 
 
+def check_collectives_ran(t: pl.Trainer) -> None:
+    """The two callback collectives this smoke test is about did run (a silent skip would prove nothing)."""
+    detector = next(c for c in t.callbacks if isinstance(c, FreezeDeadParameters))
+    assert detector._seen_backward == detector.detect_steps, detector._seen_backward  # the all-reduce MAX ran
+    summary = next(c for c in t.callbacks if isinstance(c, ParameterSummary))
+    assert summary.text is not None and "L2 norm (global): nan" not in summary.text, summary.text  # the norm was all-reduced
+
+
 def main(checkpoint: Path, out: Path) -> None:
     data = lambda: TextDataModule(seq_length=64, batch_size=2, packing=True)  # noqa: E731
     first = HFCausalLM(pretrained_path=str(checkpoint), mixed_precision="bf16", learning_rate=1e-3)
     t1 = trainer(out, 4)
     t1.fit(first, datamodule=data())
+    check_collectives_ran(t1)
     assert all(p.device.type == DEVICE_TYPE and p.dtype == torch.float32 for p in first.model.parameters())
     t1.save_checkpoint(out / "sharded.ckpt")
     second = HFCausalLM(pretrained_path=str(checkpoint), mixed_precision="bf16", learning_rate=1e-3)
     t2 = trainer(out, 6)
     t2.fit(second, datamodule=data(), ckpt_path=out / "sharded.ckpt")
     assert t2.global_step == 6
+    check_collectives_ran(t2)
     model = second.model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     t2.save_checkpoint(out / "resumed.ckpt")

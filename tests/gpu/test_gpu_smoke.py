@@ -31,7 +31,8 @@ def test_two_gpu_fit_resume_export(tmp_path):
     run_torchrun(HERE / "fit_resume_export.py", str(source), str(tmp_path / "run"), nproc=2, timeout=900)
     exported = tmp_path / "exported"
     subprocess.run(
-        [sys.executable, "-m", "lightning_automodel.cli", "export", "--ckpt_path", str(tmp_path / "run" / "resumed.ckpt"), "--out", str(exported)],
+        # the console script users run (installed next to this interpreter by ``make setup``)
+        [str(Path(sys.executable).parent / "lightning-automodel"), "export", "--ckpt_path", str(tmp_path / "run" / "resumed.ckpt"), "--out", str(exported)],
         check=True, cwd=REPO_ROOT,
     )
     model = AutoModelForCausalLM.from_pretrained(exported)
