@@ -12,7 +12,7 @@ import pytest
 from distributed import REPO_ROOT
 
 CASES = {1: "setup surgery", 2: "checkpoint dtype inspection", 3: "bf16 cast", 4: "AdamW state",
-         5: "collating", 6: "seconds per training step", 7: "plan"}
+         5: "collating", 6: "seconds per training step", 7: "plan", 8: "sharded checkpoint load"}
 
 
 def sections(text: str) -> dict[str, str]:
