@@ -41,6 +41,9 @@ from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
 
+# Largest host buffer a cast or a device copy goes through (rows are read in pieces of this size).
+CHUNK_BYTES = 32 * 2**20
+
 
 class CheckpointLayoutError(ValueError):
     """The checkpoint does not fit the model: a missing tensor, a shape or dtype mismatch, an unexplained layout."""
@@ -140,17 +143,40 @@ class CheckpointReader:
         if source.file.suffix == ".safetensors":
             rows = _row_range(source.shape, index)
             if rows is not None:
-                tensor = self._read_rows(source, *rows)
-            else:  # a slice across inner dims (tensor parallel): safetensors' own strided reads
-                from safetensors import safe_open
+                return self._read_rows(source, *rows)  # counted in _readinto
+            from safetensors import safe_open  # a slice across inner dims (tensor parallel): strided reads
 
-                with safe_open(str(source.file), framework="pt", device="cpu") as handle:
-                    tensor = handle.get_slice(key)[index]
+            with safe_open(str(source.file), framework="pt", device="cpu") as handle:
+                tensor = handle.get_slice(key)[index]
         else:
             tensor = self._bin(source.file)[key]
             tensor = tensor[index] if index is not None else tensor
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def read_into(self, key: str, index: tuple[slice, ...] | None, out: torch.Tensor) -> None:
+        """Copy the ``index`` slice of ``key`` into ``out`` (same shape), with no full-size temporary.
+
+        Rows of a safetensors tensor land in ``out`` directly when it is a contiguous host tensor of the
+        file's dtype (no second copy, no extra page faults); otherwise they go through a reused buffer
+        of at most ``CHUNK_BYTES`` (a dtype cast, a GPU destination).
+        """
+        source = self.tensors[key]
+        rows = _row_range(source.shape, index) if source.offset is not None else None
+        if rows is None or not source.shape:
+            out.copy_(self.read(key, index))
+            return
+        start, stop = rows
+        if out.device.type == "cpu" and out.dtype == source.dtype and out.is_contiguous():
+            self._readinto(source, start, out)
+            return
+        row_bytes = max(1, math.prod(source.shape[1:]) * source.dtype.itemsize)
+        step = max(1, CHUNK_BYTES // row_bytes)
+        buffer = torch.empty((min(step, stop - start), *source.shape[1:]), dtype=source.dtype)
+        for first in range(start, stop, step):
+            piece = buffer[: min(step, stop - first)]
+            self._readinto(source, first, piece)
+            out[first - start : first - start + len(piece)].copy_(piece)
 
     def _read_rows(self, source: SourceTensor, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a row-major tensor: one contiguous byte range, read with ``readinto``.
@@ -160,24 +186,28 @@ class CheckpointReader:
         through the map would peak at its shards plus that half again; read here, the page cache
         holds them and the rank holds only the slice in flight.
         """
-        inner = math.prod(source.shape[1:]) if source.shape else 1
         shape = (stop - start, *source.shape[1:]) if source.shape else ()
         out = torch.empty(shape, dtype=source.dtype)
+        self._readinto(source, start, out)
+        return out
+
+    def _readinto(self, source: SourceTensor, start_row: int, out: torch.Tensor) -> None:
+        """Fill the contiguous host tensor ``out`` from the file, starting at row ``start_row``."""
         if out.numel() == 0:
-            return out
+            return
         handle = self._handles.get(source.file)
         if handle is None:
             handle = self._handles[source.file] = open(source.file, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        offset = source.offset + start * inner * source.dtype.itemsize  # type: ignore[operator]
+        inner = math.prod(source.shape[1:]) if source.shape else 1
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        handle.seek(offset)  # type: ignore[attr-defined]
+        handle.seek(source.offset + start_row * inner * source.dtype.itemsize)  # type: ignore[attr-defined,operator]
         done = 0
         while done < len(view):
             n = handle.readinto(view[done:])  # type: ignore[attr-defined]
             if not n:
                 raise CheckpointLayoutError(f"{source.file}: unexpected end of file while reading {source.key!r}.")
             done += n
-        return out
+        self.bytes_read += len(view)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -488,10 +518,9 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
         if group.is_rename:
             (key, _), target = group.sources[0], group.targets[0]
             dest = tensors[target]
-            index = local_index(dest)
             local = _local(dest)
             if local.numel():
-                local.copy_(reader.read(key, index))
+                reader.read_into(key, local_index(dest), local)
             count += 1
             continue
         first = tensors[group.targets[0]]

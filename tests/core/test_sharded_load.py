@@ -171,3 +171,15 @@ def test_a_header_that_claims_bytes_past_the_end_is_an_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated payload, intact header
     with pytest.raises(CheckpointLayoutError, match=r"'w'.*truncated or corrupt"):
         CheckpointReader(tmp_path)
+
+
+def test_casting_reads_go_through_small_chunks(tmp_path, monkeypatch):
+    """bf16 on disk into fp32 parameters: rows are read in pieces of CHUNK_BYTES, with the same result."""
+    import lightning_automodel.core.sharded_load as sharded_load
+
+    monkeypatch.setattr(sharded_load, "CHUNK_BYTES", 100)  # a few rows per piece, uneven last piece
+    path = write_layout("llama_bf16_sharded", tmp_path)
+    model, report, config = _load_whole(path)
+    reference = model_class_for(config).from_pretrained(path, dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    assert report.bytes_read == sum(t.numel() * t.element_size() for t in _all_tensors(path).values())
