@@ -380,7 +380,9 @@ def _check_plan(plan: LoadPlan, tensors: dict[str, torch.Tensor], reader: Checkp
             _check_source(reader.tensors[key], target, tensors[target], tuple(tensors[target].shape))
         else:
             _check_conversion(group, tensors, reader, model)
-    missing = [name for name in tensors if name not in produced]
+    # Persistent buffers the file lacks keep the values the model computed at build (from_pretrained
+    # does the same); every parameter must come from the file.
+    missing = [name for name, t in tensors.items() if name not in produced and isinstance(t, nn.Parameter)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         hint = ""
