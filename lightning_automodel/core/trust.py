@@ -12,13 +12,18 @@ import re
 from collections.abc import Iterable
 
 DEFAULT_TRUSTED_ORGS: tuple[str, ...] = ("nvidia",)
-_HUB_NAME = re.compile(r"^(?P<org>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)$")
+#: Used with ``fullmatch``: ``$`` would also match before a trailing newline (``"nvidia/x\n"``).
+_HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)")
 
 
 def resolve_trust_remote_code(
     path: str | os.PathLike[str] | None, *, trusted_orgs: Iterable[str] = DEFAULT_TRUSTED_ORGS
 ) -> bool:
-    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive)."""
+    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive).
+
+    ``trusted_orgs`` given as a plain string is one org (``"nvidia"``), never its characters.
+    """
+    orgs = {trusted_orgs} if isinstance(trusted_orgs, str) else set(trusted_orgs)
     if not path:
         return False
     text = os.fspath(path)
@@ -26,10 +31,10 @@ def resolve_trust_remote_code(
         return False
     if os.path.isdir(text):
         return False
-    match = _HUB_NAME.match(text)
+    match = _HUB_NAME.fullmatch(text)
     if match is None:
         return False
     name = match.group("name")
     if name in (".", "..") or ".." in name:
         return False
-    return match.group("org") in set(trusted_orgs)
+    return match.group("org") in orgs

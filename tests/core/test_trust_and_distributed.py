@@ -60,3 +60,17 @@ def test_digest_is_order_independent_and_no_group_no_mismatch():
     assert digest_names(["a", "b"]) == digest_names(["b", "a", "a"])
     assert digest_names(["a"]) != digest_names(["b"])
     assert first_mismatch_across_ranks(["x"]) is None
+
+
+@pytest.mark.parametrize("path", ["nvidia/x\n", "nvidia/x\r\n", "nvidia/x ", "\nnvidia/x", "nvidia/x\x00"])
+def test_trailing_characters_are_not_trusted(path):
+    # "$" matched before a trailing newline: "nvidia/x\n" was trusted.
+    assert resolve_trust_remote_code(path) is False
+
+
+def test_trusted_orgs_as_a_string_is_one_org():
+    # A plain string used to be iterated: "nvidia" trusted the orgs "n", "v", "i", ...
+    assert resolve_trust_remote_code("n/x", trusted_orgs="nvidia") is False
+    assert resolve_trust_remote_code("v/x", trusted_orgs="nvidia") is False
+    assert resolve_trust_remote_code("nvidia/x", trusted_orgs="nvidia") is True
+    assert resolve_trust_remote_code("myorg/x", trusted_orgs="myorg") is True
