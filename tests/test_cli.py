@@ -317,3 +317,58 @@ def test_fsdp2_kill_and_resume(tmp_path):
     run_cli(*[a for a in args if not a.startswith("--trainer.max_steps")], f"--trainer.max_steps={step + 5}",
             "--ckpt_path", str(last), cwd=tmp_path, timeout=400)
     assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == step + 5
+
+
+def tiny_fit(tmp_path, *extra):
+    return ["fit", "--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--model.warmup_steps=-3"], "warmup_steps must be >= 0"),
+        (["--data.val_fraction=1"], r"val_fraction must be in \[0, 1\)"),
+        (["--data.train_files=[BAD]"], r"bad\.txt' is not valid UTF-8: byte offset 6"),
+        (["--data.train_files=[SMALL]", "--data.batch_size=4"], r"\(1 documents, \d+ tokens\) gives 1 windows .* batch_size=4"),
+        (["--data.train_files=[MISSING]"], "does not exist"),
+    ],
+    ids=["warmup", "val_fraction", "utf8", "batch_size", "missing_file"],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, expected):
+    (tmp_path / "bad.txt").write_bytes(b"hello\n\xffworld\n")
+    (tmp_path / "small.txt").write_text("a short document\n")
+    files = {"BAD": tmp_path / "bad.txt", "SMALL": tmp_path / "small.txt", "MISSING": tmp_path / "missing.txt"}
+    extra = [e.replace(k, str(v)) for e in extra for k, v in [next(((k, v) for k, v in files.items() if k in e), ("", ""))]]
+    capsys.readouterr()
+    assert main(tiny_fit(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("lightning-automodel: error: ")]
+    assert len(lines) == 1 and re.search(expected, lines[0]), err[-3000:]
+    assert "Traceback" not in err
+    # --debug: the traceback instead (the exception propagates)
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        main(tiny_fit(tmp_path, *extra, "--debug"))
+
+
+def test_bad_input_from_the_command_line_exits_2(tmp_path):
+    proc = run_cli(*tiny_fit(tmp_path, "--model.warmup_steps=-1"), cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lightning-automodel: error: warmup_steps must be >= 0 (0: constant learning rate); got -1."
+    )
+    assert "Traceback" not in proc.stderr
+    # LightningCLI's own argument errors are unchanged (usage + exit 2)
+    proc = run_cli(*tiny_fit(tmp_path, "--model.no_such_option=1"), cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2 and "no_such_option" in proc.stderr
+
+
+def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    from lightning_automodel.models.hf_causal_lm import HFCausalLM
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("a bug inside the training step")
+
+    monkeypatch.setattr(HFCausalLM, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug inside the training step"):
+        main(tiny_fit(tmp_path))

@@ -18,6 +18,22 @@ from lightning_automodel.data.tokenizer import ByteTokenizer
 log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """Bad training data or data settings (the CLI prints it as one line, exit code 2)."""
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"Data file {str(path)!r} is not valid UTF-8: byte offset {exc.start} (line {line}): {exc.reason} "
+            f"(byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
+        ) from None
+
+
 def shipped_corpus() -> list[str]:
     """Paths of the small corpus that ships with the package (the embedded default trains on it)."""
     root = resources.files("lightning_automodel.data") / "corpus"
@@ -32,20 +48,20 @@ def read_documents(files: list[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"Data file {name!r} does not exist.")
         if path.suffix == ".jsonl":
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+                    raise DataError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: each JSON line needs a string field 'text'.")
+                    raise DataError(f"{path}:{lineno}: each JSON line needs a string field 'text'.")
                 docs.append(record["text"])
         elif path.suffix == ".txt":
-            docs.extend(p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip())
+            docs.extend(p.strip() for p in _read_text(path).split("\n\n") if p.strip())
         else:
-            raise ValueError(f"Data file {name!r}: only .txt and .jsonl are supported.")
+            raise DataError(f"Data file {name!r}: only .txt and .jsonl are supported.")
     return docs
 
 
@@ -87,7 +103,8 @@ class TextDataModule(pl.LightningDataModule):
         packing: pack each batch into one THD row instead of padding.
         pad_to_multiple_of: with packing, pad each sequence to a multiple of this.
         num_workers: DataLoader workers.
-        val_fraction: share of documents held out when ``val_files`` is not given.
+        val_fraction: share of documents held out when ``val_files`` is not given: in [0, 1), 0 holds out
+            nothing (no validation split).
         seed: split and shuffle seed.
     """
 
@@ -106,7 +123,14 @@ class TextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if seq_length < 2:
-            raise ValueError(f"seq_length must be at least 2; got {seq_length}.")
+            raise DataError(f"seq_length must be at least 2; got {seq_length}.")
+        if isinstance(batch_size, bool) or batch_size < 1:
+            raise DataError(f"batch_size must be at least 1; got {batch_size}.")
+        if not 0 <= val_fraction < 1:  # also NaN
+            raise DataError(
+                f"val_fraction must be in [0, 1) (the share of documents held out for validation; 0: none); "
+                f"got {val_fraction}."
+            )
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.train_dataset: TokenWindows | None = None
@@ -145,7 +169,7 @@ class TextDataModule(pl.LightningDataModule):
         hp = self.hparams
         docs = read_documents(hp.train_files or shipped_corpus())
         if not docs:
-            raise ValueError(f"The training files {hp.train_files or shipped_corpus()} contain no text.")
+            raise DataError(f"The training files {hp.train_files or shipped_corpus()} contain no text.")
         if hp.val_files:
             val_docs = read_documents(hp.val_files)
         else:
@@ -153,13 +177,35 @@ class TextDataModule(pl.LightningDataModule):
             rng.shuffle(docs)
             n_val = max(1, int(len(docs) * hp.val_fraction)) if len(docs) > 1 and hp.val_fraction > 0 else 0
             val_docs, docs = docs[:n_val], docs[n_val:]
-        self.train_dataset = TokenWindows(self._tokenize(docs), hp.seq_length)
+        train_tokens = self._tokenize(docs)
+        self.train_dataset = TokenWindows(train_tokens, hp.seq_length)
         self.val_dataset = TokenWindows(self._tokenize(val_docs), hp.seq_length)
-        if len(self.train_dataset) == 0:
-            raise ValueError("The training data produced no token windows (every document is shorter than 2 tokens).")
+        self._check_batches(len(docs), sum(len(t) for t in train_tokens), len(val_docs))
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)
+
+    def _check_batches(self, n_docs: int, n_tokens: int, n_val_docs: int) -> None:
+        """Fail before training when the training split cannot fill one batch (drop_last: no batch at all)."""
+        hp = self.hparams
+        trainer = self.trainer
+        world = max(1, int(getattr(trainer, "world_size", 1) or 1)) if trainer is not None else 1
+        windows = len(self.train_dataset)
+        per_rank = -(-windows // world)  # DistributedSampler pads every rank to the same count
+        if windows and per_rank >= hp.batch_size:
+            return
+        held_out = f", {n_val_docs} held out for validation" if not hp.val_files and n_val_docs else ""
+        ranks = f" over {world} ranks ({per_rank} per rank)" if world > 1 else ""
+        what = (
+            f"The training data ({n_docs} documents{held_out}, {n_tokens} tokens) gives {windows} windows of "
+            f"2 to {hp.seq_length} tokens{ranks}"
+        )
+        if windows == 0:
+            raise DataError(f"{what}: no training batch (every document is shorter than 2 tokens). Add data.")
+        raise DataError(
+            f"{what}, fewer than batch_size={hp.batch_size}: no full training batch. "
+            f"Lower data.batch_size to at most {per_rank} or add data."
+        )
 
     def _collator(self):
         pad = getattr(self.tokenizer, "pad_token_id", 0) or 0

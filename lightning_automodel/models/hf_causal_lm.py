@@ -85,6 +85,8 @@ class HFCausalLM(pl.LightningModule):
         super().__init__()
         if (pretrained_path is None) == (config is None):
             raise ValueError("HFCausalLM needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (0: constant learning rate); got {warmup_steps}.")
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
 

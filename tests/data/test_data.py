@@ -88,3 +88,43 @@ def test_model_fit_checks():
     with pytest.raises(ValueError, match="seq_length=64 is above the model's max_position_embeddings=32"):
         dm.check_model(vocab_size=300, max_positions=32)
     dm.check_model(vocab_size=300, max_positions=0)  # unknown maximum: no check
+
+
+def test_invalid_utf8_names_the_file_and_offset(tmp_path):
+    NL = b"\n"
+    from lightning_automodel.data.text_datamodule import DataError
+
+    for name, good in (("bad.txt", b"hello\n\nwor"), ("bad.jsonl", b'{"text": "a"}\n{"text": "b')):
+        path = tmp_path / name
+        path.write_bytes(good + b"\xff\xfe" + b'"}\n' * name.endswith(".jsonl"))
+        with pytest.raises(DataError, match=rf"{name}' is not valid UTF-8: byte offset {len(good)} \(line {good.count(NL) + 1}\)"):
+            read_documents([str(path)])
+
+
+@pytest.mark.parametrize("fraction", [1, 1.5, -0.1, float("nan")])
+def test_val_fraction_outside_range_is_rejected(fraction):
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+        TextDataModule(val_fraction=fraction)
+
+
+def test_val_fraction_zero_holds_out_nothing():
+    dm = TextDataModule(seq_length=32, val_fraction=0)
+    dm.setup("fit")
+    assert len(dm.val_dataset) == 0 and dm.val_dataloader() == []
+
+
+def test_batch_size_larger_than_data_names_the_numbers(tmp_path):
+    from lightning_automodel.data.text_datamodule import DataError
+
+    small = tmp_path / "small.txt"
+    small.write_text("one short document\n\nanother one\n\nthird\n")
+    dm = TextDataModule(train_files=[str(small)], val_files=[str(small)], seq_length=64, batch_size=8)
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert "3 documents" in message and "3 windows" in message and "batch_size=8" in message and "tokens" in message
+    with pytest.raises(DataError, match="batch_size must be at least 1"):
+        TextDataModule(batch_size=0)
+    ok = TextDataModule(train_files=[str(small)], val_files=[str(small)], seq_length=64, batch_size=3)
+    ok.setup("fit")
+    assert len(list(ok.train_dataloader())) == 1

@@ -1,0 +1,159 @@
+"""Single-file ``.ckpt`` saves that are atomic on every filesystem layout, and a check for truncated ones.
+
+Lightning's ``TorchCheckpointIO`` writes through ``fsspec``'s transaction, whose temporary file may live
+on another filesystem (``TMPDIR``): the final step is then a copy, and a kill during the copy leaves a
+truncated ``last.ckpt`` with the previous good copy already gone. ``AtomicTorchCheckpointIO`` writes to
+a temporary file in the target's own directory, flushes and fsyncs it, renames it onto the target
+(``os.replace``, atomic within one filesystem) and fsyncs the directory. A kill at any moment leaves the
+previous complete file or the new complete file under the final name (plus, at worst, a stale
+``.<name>.*.tmp`` sibling, removed by the next save to that name).
+
+The CLI adds it to the Trainer's plugins unless a ``CheckpointIO`` is configured
+(``lightning_automodel.cli``). Sharded (DCP) saves of ``ModelParallelStrategy`` do not go through a
+``CheckpointIO``; ``strategies.AtomicModelParallelStrategy`` makes those atomic.
+
+``check_resumable`` tells a complete single-file checkpoint from a truncated one by reading the zip's
+central directory (``torch.save`` writes a zip archive); nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointResumeError(ValueError):
+    """``--ckpt_path`` names a checkpoint that cannot be resumed from (truncated or not a checkpoint)."""
+
+
+def _is_local(path: _PATH) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, then a rename."""
+    target = Path(str(path).removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}."
+    for stale in target.parent.glob(f"{prefix}*{_TMP_SUFFIX}"):  # left by a save killed before its rename
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=_TMP_SUFFIX)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+class AtomicTorchCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are write-beside, fsync, rename (remote paths: Lightning's way)."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        log.debug("Saving checkpoint atomically: %s", path)
+        atomic_torch_save(checkpoint, path)
+
+
+def incomplete_reason(path: _PATH) -> str | None:
+    """Why ``path`` is not a complete ``torch.save`` file, or ``None`` when it is (reads only zip metadata)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "it is empty"
+        if not zipfile.is_zipfile(path):
+            return "no zip central directory at its end"
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if not any(i.filename.endswith("data.pkl") for i in infos):
+                return "its zip archive holds no data.pkl"
+            for info in infos:
+                # a lower bound of where the entry ends: local header (30 bytes + name) + data
+                end = info.header_offset + 30 + len(info.filename.encode()) + info.compress_size
+                if end > size:
+                    return f"entry {info.filename!r} ends at byte {end}, past the end of the file ({size} bytes)"
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        return f"it cannot be read as a zip archive ({exc})"
+    return None
+
+
+def _complete_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def newest_complete_checkpoint(directory: _PATH, exclude: _PATH | None = None) -> Path | None:
+    """The most recently modified complete checkpoint (``*.ckpt`` file or sharded directory) in ``directory``."""
+    directory = Path(directory)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    try:
+        candidates = [p for p in directory.glob("*.ckpt") if not p.name.startswith(".") and p.resolve() != skip]
+    except OSError:
+        return None
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    for candidate in sorted(candidates, key=mtime, reverse=True):
+        if candidate.is_file() and incomplete_reason(candidate) is None:
+            return candidate
+        if _complete_sharded(candidate):
+            return candidate
+    return None
+
+
+def check_resumable(ckpt_path: _PATH | None) -> None:
+    """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
+    checkpoint, naming the newest complete checkpoint in the same directory. Anything else passes through
+    (``last``/``best`` keywords, sharded directories, remote paths, missing files: Lightning reports those)."""
+    if ckpt_path is None or not _is_local(ckpt_path):
+        return
+    path = Path(str(ckpt_path).removeprefix("file://"))
+    if not path.is_file():
+        return
+    reason = incomplete_reason(path)
+    if reason is None:
+        return
+    newest = newest_complete_checkpoint(path.parent, exclude=path)
+    hint = (
+        f"the newest complete checkpoint in {path.parent} is {newest}: resume with --ckpt_path {newest}"
+        if newest is not None
+        else f"no complete checkpoint found in {path.parent}"
+    )
+    raise CheckpointResumeError(f"checkpoint {path} is truncated or incomplete ({reason}); {hint}")
