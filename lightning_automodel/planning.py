@@ -15,7 +15,9 @@ from the YAML: a config is data, and ``plan`` is what people run on configs they
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import gc
 import inspect
 import logging
 import sys
@@ -74,12 +76,67 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Config {str(path)!r} does not exist.")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = safe_load_bounded(path.read_text(), str(path)) or {}
     except yaml.YAMLError as exc:
         raise PlanError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PlanError(f"{path}: the YAML is nested too deeply to be a config.") from None
     if not isinstance(config, dict):
         raise PlanError(f"{path}: expected a mapping at the top level (model:, data:, trainer:).")
     return config
+
+
+#: Nodes a config may expand to through aliases (``*anchor``); a real config has a few hundred.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts the nodes aliases expand to and stops past ``MAX_YAML_NODES``.
+
+    An alias is one node in the text but a whole subtree in the result: nine lines of nested
+    ``[*a, *a, ...]`` make 10^9 references ("billion laughs"), and a later merge or walk of the
+    config visits every one. The count is taken on the composed graph, before any object is built.
+    """
+
+    def compose_document(self):  # type: ignore[override]
+        node = super().compose_document()
+        _count_nodes(node, self.name)
+        return node
+
+
+def _count_nodes(root: yaml.Node, name: str) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> expanded size: a shared subtree is walked once, counted per use
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a recursive alias (not possible in SafeLoader's output, but cheap to guard)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        if n > MAX_YAML_NODES:
+            raise PlanError(
+                f"{name}: the YAML expands to more than {MAX_YAML_NODES:,} nodes through anchors/aliases; refusing it "
+                "(an alias bomb, or a config that should be written out)."
+            )
+        sizes[key] = n
+        return n
+
+    if root is not None:
+        size(root)
+
+
+def safe_load_bounded(text: str, name: str = "<config>") -> Any:
+    """``yaml.safe_load`` that refuses documents expanding past ``MAX_YAML_NODES`` nodes (one-line ``PlanError``)."""
+    loader = _BoundedLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,8 +162,8 @@ def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 def parse_value(text: str) -> Any:
     """A command-line value as YAML, as LightningCLI reads it: ``8`` -> 8, ``[0, 1]`` -> a list, ``bf16`` -> str."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return safe_load_bounded(text, "a command-line value")
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -305,13 +362,48 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))
 
 
+def build_on_meta(config: Any, model_class: building.ModelClass = "auto", *, trust_remote_code: bool = False) -> nn.Module:
+    """The whole model, parameters and buffers, on the meta device in fp32: no storage is ever allocated.
+
+    The job's :func:`~lightning_automodel.models.building.build_meta_model` keeps buffers real (RoPE
+    tables are computed, not loaded) and goes through a patched ``register_parameter`` that creates
+    each parameter on the CPU first; a 256000 x 32768 embedding cannot be allocated that way. ``plan``
+    needs shapes and dtypes only, so everything is created under ``torch.device("meta")``.
+    ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` must not decide the planned precision.
+    """
+    cls = building.model_class_for(config, model_class)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a deep model is ~10 modules per layer: generational GC passes cost 40% of the build
+    try:
+        with torch.device("meta"), _no_weight_init():
+            model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied embeddings count once, as in the job
+    return model
+
+
+def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
+    """transformers' switch that turns ``torch.nn.init`` and ``init_weights`` into no-ops.
+
+    On meta there is nothing to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through
+    Python decompositions (half of the build time of a deep model).
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialization on meta is slow, not wrong
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
     """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
     config = hf_config_from(model_args)
-    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_args.get("trust_remote_code", False))}
-    if "dtype" in inspect.signature(building.build_meta_model).parameters:
-        kwargs["dtype"] = torch.float32
-    return building.build_meta_model(config, model_args.get("model_class", "auto"), **kwargs)
+    return build_on_meta(
+        config, model_args.get("model_class", "auto"), trust_remote_code=bool(model_args.get("trust_remote_code", False))
+    )
 
 
 # ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------

@@ -264,3 +264,81 @@ def test_8b_config_only_directory_plans_from_the_command(tmp_path):
     assert "  total " in out and "with cpu_offload device" in out
     # The sharded fp32 parameters: total * 4 bytes / 8 ranks (every dim 0 divides by 8).
     assert f"params {total * 4 / 8 / 1024**3:.1f} GiB" in out
+
+
+# ---- bounded dry runs (issue 12 item 4) ------------------------------------------------------------
+
+
+def test_plan_allocates_no_storage_parameters_and_buffers_on_meta(monkeypatch):
+    # The old build created each parameter on the CPU first (a patched register_parameter): a
+    # 256000 x 32768 embedding (33.5 GB) failed with "can't allocate memory". Any CPU parameter
+    # allocation during the build is an error here.
+    from lightning_automodel.planning import build_meta
+
+    real_empty = torch.empty
+
+    def guarded_empty(*size, **kwargs):
+        device = kwargs.get("device") or torch.get_default_device()
+        numel = 1
+        for d in (size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size):
+            numel *= int(d)
+        if numel >= 256000 * 64 and torch.device(device).type != "meta":
+            raise AssertionError(f"plan allocated {numel} elements on {device or 'the default device'}")
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    huge = {**TINY, "vocab_size": 256000, "hidden_size": 32768, "num_attention_heads": 256, "num_key_value_heads": 8,
+            "head_dim": 128, "intermediate_size": 64, "num_hidden_layers": 1}
+    model = build_meta({"config": huge})
+    assert model.model.embed_tokens.weight.shape == (256000, 32768)
+    assert all(p.is_meta and p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.is_meta for b in model.buffers())
+
+
+def test_hub_dtype_does_not_decide_the_planned_dtype():
+    plan = make_plan({"model": {"config": {**TINY, "dtype": "bfloat16"}}})
+    assert {p.dtype for p in plan.model.parameters()} == {torch.float32}
+
+
+def test_deep_model_builds_fast():
+    from lightning_automodel.planning import build_meta
+
+    deep = {**TINY, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 4, "num_hidden_layers": 2000}
+    import time
+
+    start = time.perf_counter()
+    model = build_meta({"config": deep})
+    assert len(model.model.layers) == 2000
+    assert time.perf_counter() - start < 12  # was ~15 s (about 72 s for 10,000 layers) with the CPU-first build
+
+
+def alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    lines.append(f"model: {{config: *a{levels - 1}}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    assert main(["--config", str(bomb)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bomb.yaml" in err and "anchors/aliases" in err, err
+
+
+def test_yaml_alias_bomb_on_the_command_line_is_refused():
+    with pytest.raises(PlanError, match="anchors/aliases"):
+        parse_args(["--model.config", "{" + alias_bomb().replace("\n", ", ").rstrip(", ") + "}"])
+
+
+def test_small_anchors_still_work(tmp_path):
+    cfg = tmp_path / "anchors.yaml"
+    config = {k: v for k, v in TINY.items() if k != "max_position_embeddings"}
+    text = "data: {seq_length: &n 512}\ntrainer: {devices: 2, strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy}}\n"
+    text += "model: {config: " + yaml.safe_dump(config, default_flow_style=True).strip()[:-1] + ", max_position_embeddings: *n}}\n"
+    cfg.write_text(text)
+    plan = plan_from_argv(["--config", str(cfg)])
+    assert plan.fsdp2.world_size == 2 and plan.model.config.max_position_embeddings == 512
