@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,15 +50,80 @@ class OfflineCheckpointError(FileNotFoundError):
     """A checkpoint was named that is not on local disk; we never download."""
 
 
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def is_regular_file(path: str | os.PathLike[str]) -> bool:
+    """True for a regular file (symlinks followed), False when nothing is there.
+
+    Raises:
+        ValueError: something else has the name (a FIFO, socket, device or directory): opening a FIFO
+            blocks until a writer appears, a device never ends, so a checkpoint file must be regular.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+    return True
+
+
+def open_regular(path: str | os.PathLike[str]):
+    """Open ``path`` for binary reading, refusing at once anything but a regular file.
+
+    The open is non-blocking (a FIFO would otherwise wait for a writer forever) and the check is made
+    on the opened descriptor, so a file swapped after a check cannot slip through.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_header_entry(path: Path, key: str, entry: object) -> None:
+    """A header value has the flat shape of the format, or the header is refused naming the key."""
+    if key == "__metadata__":
+        ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+        expected = "an object of strings"
+    else:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
+        )
+        expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
+    if not ok:
+        shown = repr(entry)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {shown}, expected {expected}.")
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor entries plus ``__metadata__``), reading only the header.
 
     Raises:
-        ValueError: the file is truncated, its header length is over 100 MB, or the header is not
-            valid JSON; the message names the file.
+        ValueError: the file is not a regular file, is truncated, its header length is over 100 MB, the
+            header is not valid JSON, is nested (a valid header is flat: ``{name: {dtype, shape,
+            data_offsets}}``) or has a value of another shape; the message names the file (and the key).
     """
     path = Path(path)
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         prefix = f.read(8)
         if len(prefix) != 8:
             raise ValueError(f"{path}: truncated safetensors file ({len(prefix)} bytes; the 8-byte header length is missing).")
@@ -73,8 +139,12 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: corrupt safetensors header (not JSON: {exc}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: corrupt safetensors header (JSON nested too deeply; a header is flat).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
+    for key, entry in header.items():
+        _check_header_entry(path, key, entry)
     return header
 
 
@@ -92,30 +162,45 @@ def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
+    """``weight_map`` of an index: a JSON object of tensor name -> shard file name, nothing else."""
+    with open_regular(index_path) as f:
+        raw = f.read(MAX_HEADER_BYTES + 1)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"{index_path}: the checkpoint index is over 100 MB; it is not an index.")
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{index_path}: the checkpoint index is not valid UTF-8 ({exc}).") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{index_path}: the checkpoint index is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise ValueError(f"{index_path}: the checkpoint index is nested too deeply to be an index.") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: the checkpoint index has no 'weight_map' object.")
+    for key, value in weight_map.items():
+        _shard_name(index_path, value, key)
     return weight_map
 
 
-def _shard_name(index_path: Path, value: object) -> str:
+def _shard_name(index_path: Path, value: object, key: str | None = None) -> str:
     """A shard file name from an index: a plain name in the checkpoint's own directory, nothing else.
 
     An index is data from a download; ``../../etc/passwd`` or a nested path must not make a loader
     open files outside the checkpoint.
     """
-    if not isinstance(value, str) or not value or value != Path(value).name or value in (".", ".."):
+    if not isinstance(value, str) or not value or value != Path(value).name or value in (".", "..") or "\x00" in value:
+        shown = repr(value)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        where = f" (key {key!r})" if key is not None else ""
         raise ValueError(
-            f"{index_path}: weight_map entry {value!r} is not a file name in the checkpoint's directory; the index is corrupt."
+            f"{index_path}: weight_map entry {shown}{where} is not a file name in the checkpoint's directory; the index is corrupt."
         )
     return value
 
 
 def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
+    is_regular_file(path)
     state = torch.load(path, map_location="meta", weights_only=weights_only)
     return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
@@ -128,7 +213,7 @@ def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") 
         FileNotFoundError: a directory holds no weight files, or an index names a missing shard.
     """
     root = Path(path) / subfolder if subfolder else Path(path)
-    if root.is_file():
+    if not root.is_dir() and is_regular_file(root):  # anything but a file or directory is refused by name
         return [root]
     if not root.is_dir():
         raise OfflineCheckpointError(
@@ -137,18 +222,18 @@ def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") 
         )
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index_path = root / index_name
-        if index_path.is_file():
-            shards = sorted({_shard_name(index_path, value) for value in _read_index(index_path).values()})
+        if is_regular_file(index_path):
+            shards = sorted(set(_read_index(index_path).values()))
             files = [root / shard for shard in shards]
-            missing = [str(f) for f in files if not f.is_file()]
+            missing = [str(f) for f in files if not is_regular_file(f)]
             if missing:
                 raise FileNotFoundError(f"{index_path} names shard(s) that are missing: {missing}. The download is incomplete.")
             return files
     for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
-        if (root / single).is_file():
+        if is_regular_file(root / single):
             return [root / single]
     found = sorted(root.glob("*.safetensors"))
-    if found:
+    if found and all(is_regular_file(f) for f in found):
         return found
     raise FileNotFoundError(
         f"{root} has no weights ({SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}); "
@@ -188,10 +273,13 @@ def get_safetensors_index_total_size(index_path: str | os.PathLike[str] | None) 
     if path.is_dir():
         path = path / SAFETENSORS_INDEX
     try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not is_regular_file(path):
+            return None
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
-    total = index.get("metadata", {}).get("total_size") if isinstance(index, dict) else None
+    metadata = index.get("metadata") if isinstance(index, dict) else None
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
     return total if isinstance(total, int) and not isinstance(total, bool) else None
 
 

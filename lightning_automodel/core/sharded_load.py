@@ -36,7 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, read_safetensors_header, resolve_checkpoint_files
+from lightning_automodel.core.checkpoint_files import (
+    SAFETENSORS_DTYPES,
+    open_regular,
+    read_safetensors_header,
+    resolve_checkpoint_files,
+)
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
@@ -92,10 +97,12 @@ class CheckpointReader:
 
     def _index_file(self, file: Path) -> Iterator[SourceTensor]:
         if file.suffix == ".safetensors":
-            with file.open("rb") as f:
+            header = read_safetensors_header(file)  # refuses a FIFO, socket or device at once, names the file
+            with open_regular(file) as f:
                 (header_length,) = struct.unpack("<Q", f.read(8))
-            data_start, file_size = 8 + header_length, file.stat().st_size
-            for key, entry in read_safetensors_header(file).items():
+                file_size = os.fstat(f.fileno()).st_size
+            data_start = 8 + header_length
+            for key, entry in header.items():
                 if key == "__metadata__":
                     continue
                 code = entry.get("dtype") if isinstance(entry, dict) else None

@@ -149,3 +149,127 @@ def test_index_entries_must_be_plain_file_names(tmp_path, entry):
     (tmp_path / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": entry}}))
     with pytest.raises(ValueError, match="weight_map entry"):
         resolve_checkpoint_files(tmp_path)
+
+
+# ---- hostile files (issue 12 item 5) ---------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from lightning_automodel.core.checkpoint_files import resolve_checkpoint_files  # noqa: E402
+from lightning_automodel.core.sharded_load import CheckpointReader  # noqa: E402
+
+
+@contextmanager
+def no_hang(seconds=10):
+    """The old readers blocked forever opening a FIFO: fail the test instead of hanging the suite."""
+
+    def timeout(*_):
+        raise TimeoutError("the reader hung on a non-regular file")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+READERS = {
+    "resolve": resolve_checkpoint_files,
+    "dtypes": checkpoint_tensor_dtypes,
+    "reader": CheckpointReader,
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_fifo_named_model_safetensors_is_refused_at_once(tmp_path, reader):
+    os.mkfifo(tmp_path / "model.safetensors")
+    with no_hang(), pytest.raises(ValueError, match=r"model\.safetensors: is a FIFO, not a regular file"):
+        READERS[reader](tmp_path)
+
+
+def test_fifo_header_read_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors")
+    with no_hang(), pytest.raises(ValueError, match="is a FIFO"):
+        read_safetensors_header(tmp_path / "model.safetensors")
+    with no_hang(), pytest.raises(ValueError, match="is a FIFO"):
+        resolve_checkpoint_files(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_fifo_shard_named_in_the_index_is_refused(tmp_path, reader):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    os.mkfifo(tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with no_hang(), pytest.raises(ValueError, match=r"model-00002-of-00002\.safetensors: is a FIFO"):
+        READERS[reader](tmp_path)
+
+
+def test_fifo_index_is_refused(tmp_path):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    os.mkfifo(tmp_path / "model.safetensors.index.json")
+    with no_hang(), pytest.raises(ValueError, match=r"index\.json: is a FIFO"):
+        resolve_checkpoint_files(tmp_path)
+
+
+def test_socket_and_device_are_refused(tmp_path):
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(tmp_path / "model.safetensors"))
+        with no_hang(), pytest.raises(ValueError, match="is a socket"):
+            checkpoint_tensor_dtypes(tmp_path)
+    finally:
+        server.close()
+    device = tmp_path / "dev"
+    device.mkdir()
+    (device / "model.safetensors").symlink_to("/dev/zero")
+    with no_hang(), pytest.raises(ValueError, match="is a character device"):
+        CheckpointReader(device)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (b'{"weight_map": {"w": 3}}', r"weight_map entry 3 \(key 'w'\)"),
+        (b'{"weight_map": {"w": ["a"]}}', r"weight_map entry \['a'\] \(key 'w'\)"),
+        (b'{"weight_map": {"w": {"x": 1}}}', r"\(key 'w'\)"),
+        (b'{"weight_map": ["model.safetensors"]}', "no 'weight_map' object"),
+        (b'{"weight_map": {"w": "model\xff.safetensors"}}', "not valid UTF-8"),
+        (b'[' * 100_000 + b']' * 100_000, "nested too deeply"),
+    ],
+)
+def test_malformed_index_values_name_the_file_and_key(tmp_path, text, match):
+    (tmp_path / "model.safetensors.index.json").write_bytes(text)
+    for reader in READERS.values():
+        with pytest.raises(ValueError, match=match) as err:
+            reader(tmp_path)
+        assert "model.safetensors.index.json" in str(err.value) and "\n" not in str(err.value)
+    assert get_safetensors_index_total_size(tmp_path) is None
+
+
+def write_header(path, header: bytes):
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        (b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"__metadata__": {"k": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}}", "nested too deeply"),
+        (b'{"__metadata__": {"k": {"nested": "x"}}}', r"'__metadata__' is .*expected an object of strings"),
+        (b'{"w": {"dtype": "F32", "shape": [[2]], "data_offsets": [0, 8]}}', r"'w' is .*expected \{dtype"),
+        (b'{"w": 5}', r"'w' is 5, expected"),
+        (b'{"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', r"'w' is"),
+    ],
+)
+def test_nested_or_malformed_headers_name_the_file_and_key(tmp_path, header, match):
+    write_header(tmp_path / "model.safetensors", header)
+    for reader in (read_safetensors_header, lambda p: CheckpointReader(p.parent), lambda p: checkpoint_tensor_dtypes(p.parent)):
+        with pytest.raises(ValueError, match=match) as err:
+            reader(tmp_path / "model.safetensors")
+        assert "model.safetensors" in str(err.value) and "\n" not in str(err.value)
