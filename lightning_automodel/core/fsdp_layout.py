@@ -24,7 +24,12 @@ import logging
 from torch import nn
 
 from lightning_automodel.core.discovery import text_decoder_layers_path
-from lightning_automodel.core.naming import canonical_named_modules, get_module_by_canonical_name, unique_named_parameters
+from lightning_automodel.core.naming import (
+    canonical_named_modules,
+    get_module_by_canonical_name,
+    modules_by_canonical_name,
+    unique_named_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +144,15 @@ def fsdp2_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """
     first_name: dict[int, str] = {id(p): name for name, p in unique_named_parameters(model)}
     claimed: set[int] = set()
+    by_name: dict[str, nn.Module] | None = None
     out: list[tuple[str, list[str]]] = []
     for group, module_paths in fsdp2_group_modules(model):
         names: list[str] = []
         if group == ROOT_GROUP:
             params = (p for _, p in unique_named_parameters(model))
         else:
-            modules = [get_module_by_canonical_name(model, path) for path in module_paths]
+            by_name = by_name if by_name is not None else modules_by_canonical_name(model)
+            modules = [by_name.get(path) for path in module_paths]
             params = (p for m in modules if m is not None for p in m.parameters())
         for p in params:
             if id(p) not in claimed:

@@ -54,6 +54,15 @@ def get_module_by_canonical_name(model: nn.Module, name: str) -> nn.Module | Non
     return found
 
 
+def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Canonical name -> module in one traversal (the innermost when wrappers share a name).
+
+    For many lookups: :func:`get_module_by_canonical_name` walks the whole model per call, which is
+    quadratic over a model's layers.
+    """
+    return dict(canonical_named_modules(model))
+
+
 def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Canonical names and parameters, each parameter once (tied weights under their first name)."""
     seen: set[int] = set()

@@ -25,7 +25,7 @@ from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, re
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.fsdp_layout import NORM_HEAD_GROUP, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.init import init_empty_weights
-from lightning_automodel.core.naming import get_module_by_canonical_name, unique_named_parameters
+from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,11 @@ def fsdp2_units(model: PreTrainedModel) -> list[ShardingUnit]:
     norm + head unit stays gathered between forward and backward (backward needs it first).
     """
     units = []
+    by_name = modules_by_canonical_name(model)
     for group, paths in fsdp2_group_modules(model):
         if group == ROOT_GROUP:
             continue
-        modules = tuple(m for m in (get_module_by_canonical_name(model, path) for path in paths) if m is not None)
+        modules = tuple(m for m in (by_name.get(path) for path in paths) if m is not None)
         if modules:
             units.append(ShardingUnit(group, modules, reshard_after_forward=group != NORM_HEAD_GROUP))
     return units
