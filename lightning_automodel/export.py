@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,36 @@ def parse_size(text: str) -> int:
     return int(upper)
 
 
+def _safe_globals() -> list[Any]:
+    """The only non-tensor types a Lightning checkpoint's metadata may hold; nothing else is unpickled."""
+    import collections
+    import pathlib
+
+    allowed: list[Any] = [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath]
+    try:
+        from lightning.fabric.utilities.data import AttributeDict
+
+        allowed.append(AttributeDict)
+    except ImportError:  # pragma: no cover
+        pass
+    return allowed
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: a pickle that needs any other global is refused, never run."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise ExportError(f"{path} is not a readable Lightning checkpoint or holds a type export does not trust ({type(exc).__name__}: {detail}).") from None
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Model tensors (Lightning keys) and hyper-parameters of a ``.ckpt`` file or a DCP directory."""
     if path.is_file():
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise ExportError(f"{path} is not a readable Lightning checkpoint ({type(exc).__name__}: {exc}).") from None
+        checkpoint = _safe_load(path)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ExportError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
         return checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}
@@ -68,7 +92,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         loaded = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
         state = loaded.get("state_dict", {})
         meta_file = path / "meta.pt"
-        meta = torch.load(meta_file, map_location="cpu", weights_only=False) if meta_file.is_file() else {}
+        meta = _safe_load(meta_file) if meta_file.is_file() else {}
+        if not isinstance(meta, dict):
+            raise ExportError(f"{meta_file} is not a Lightning checkpoint's metadata.")
         return state, meta.get("hyper_parameters") or {}
     raise ExportError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
 
@@ -136,8 +162,7 @@ def export_checkpoint(
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    _check_out(src, out, overwrite)
     lightning_state, hparams = read_checkpoint(src)
     init_args = {k: v for k, v in hparams.items() if k in ("pretrained_path", "config", "model_class", "trust_remote_code")}
     if not init_args:
@@ -161,13 +186,47 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_hf_directory(state, config, tmp, max_shard_bytes=parse_size(max_shard_size), tokenizer_dir=tokenizer_dir)
+        (tmp / _MARKER).write_text(json.dumps({"source": str(src.resolve()), "time": time.time()}))
+        old = None
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_MARKER = ".lightning-automodel-export.json"
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output whose replacement could delete anything export did not create."""
+    rsrc, rout = src.resolve(), out.resolve()
+    protected = {Path(rout.anchor): "the filesystem root", Path.home().resolve(): "your home directory", Path.cwd().resolve(): "the current working directory"}
+    if rout in protected:
+        raise ExportError(f"--out {out} is {protected[rout]}; choose a new directory.")
+    if rout == rsrc or rout in rsrc.parents or rout.is_relative_to(Path.cwd().resolve()) and Path.cwd().resolve().is_relative_to(rout):
+        raise ExportError(f"--out {out} is or contains the source checkpoint {src}; choose another directory.")
+    if Path.cwd().resolve().is_relative_to(rout):
+        raise ExportError(f"--out {out} contains the current working directory; choose another directory.")
+    if rout.exists():
+        if not rout.is_dir():
+            raise ExportError(f"--out {out} exists and is not a directory.")
+        if any(rout.iterdir()):
+            if not overwrite:
+                raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+            if not (rout / _MARKER).is_file():
+                raise ExportError(f"{out} is not a previous export; remove it yourself or choose another --out.")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,0 +1,88 @@
+"""Export executes no pickle from user files and never deletes what it did not create (issue 12 items 1, 2)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_automodel.export import ExportError, export_checkpoint
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_ckpt_payload_never_runs(tmp_path):
+    marker = tmp_path / "MARKER"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, ckpt)
+    with pytest.raises(ExportError, match="evil.ckpt") as err:
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_sharded_meta_payload_never_runs(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "MARKER"
+    shard = tmp_path / "sharded.ckpt"
+    dcp.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=str(shard), no_dist=True)
+    torch.save({"hyper_parameters": {"x": Payload(marker)}}, shard / "meta.pt")
+    with pytest.raises(ExportError, match="meta.pt"):
+        export_checkpoint(shard, tmp_path / "out")
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_cli import tied_checkpoint
+
+    return tied_checkpoint(tmp_path_factory.mktemp("src"))[1]
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in pathlib.Path(root).rglob("*"))
+
+
+def run_export(src, out, cwd, *extra):
+    code = "import sys; from lightning_automodel.export import main; main(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, "--ckpt_path", str(src), "--out", str(out), *extra],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("where", ["cwd", "own_folder", "parent", "root"])
+def test_dangerous_out_refused_nothing_deleted(tmp_path, ckpt, where):
+    work = tmp_path / "work" / "runs"
+    work.mkdir(parents=True)
+    src = work / "last.ckpt"
+    src.write_bytes(ckpt.read_bytes())
+    (work / "notes.txt").write_text("mine")
+    out = {"cwd": ".", "own_folder": str(work), "parent": str(tmp_path / "work"), "root": "/"}[where]
+    before = listing(tmp_path)
+    proc = run_export(src, out, work, "--overwrite")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "error:" in proc.stderr
+    assert listing(tmp_path) == before
+
+
+def test_overwrite_non_export_refused_previous_export_replaced(tmp_path, ckpt):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a previous export"):
+        export_checkpoint(ckpt, busy, overwrite=True)
+    assert (busy / "keep.txt").read_text() == "mine"
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    (out / "stale.txt").write_text("old")
+    export_checkpoint(ckpt, tmp_path / "hf", overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "hf"]
