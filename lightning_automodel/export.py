@@ -110,6 +110,32 @@ def hf_state_dict(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return state
 
 
+def check_state_matches_config(state: dict[str, torch.Tensor], config: Any, model_class: str, src: Path) -> None:
+    """The checkpoint's tensors are exactly what the config's model holds (names, shapes, int/float).
+
+    Checked on a meta model before anything is written: an export with a missing tensor or a wrong
+    shape would only fail later, in whoever loads it.
+    """
+    from lightning_automodel.models.building import build_meta_model
+
+    expected = build_meta_model(config, model_class).state_dict()
+    tied_head = "lm_head.weight" if bool(getattr(config, "tie_word_embeddings", False)) else None
+    missing = [k for k in expected if k not in state and k != tied_head]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ExportError(f"{src} has no tensor for {', '.join(missing[:3])}{more}, which the model's config needs.")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ExportError(f"{src} holds tensors the model's config does not have: {', '.join(unexpected[:3])}.")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.is_floating_point() != want.is_floating_point():
+            raise ExportError(
+                f"{src}: tensor {name} is {tensor.dtype} {list(tensor.shape)}; the model's config needs "
+                f"{'a floating-point' if want.is_floating_point() else 'an integer'} tensor of shape {list(want.shape)}."
+            )
+
+
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -169,6 +195,7 @@ def export_checkpoint(
         raise ExportError(f"{src} has no HFCausalLM hyper-parameters, so the model config is unknown.")
     config = HFCausalLM(**init_args).build_hf_config()
     state = hf_state_dict(lightning_state)
+    check_state_matches_config(state, config, init_args.get("model_class", "auto"), src)
     head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
     if head is None:
         for key in state:

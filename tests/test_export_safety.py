@@ -86,3 +86,40 @@ def test_overwrite_non_export_refused_previous_export_replaced(tmp_path, ckpt):
     export_checkpoint(ckpt, tmp_path / "hf", overwrite=True)
     assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "hf"]
+
+
+def _tiny_ckpt(tmp_path, edit):
+    """A single-device HFCausalLM checkpoint (written by Lightning) whose model tensors ``edit`` changes."""
+    import lightning.pytorch as pl
+
+    from lightning_automodel import HFCausalLM, TextDataModule
+
+    module = HFCausalLM(config=dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=64, tie_word_embeddings=False))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    path = tmp_path / "edited.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint["state_dict"])
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("model.model.layers.0.mlp.down_proj.weight"), r"no tensor for model\.layers\.0\.mlp\.down_proj\.weight"),
+        (lambda s: s.__setitem__("model.model.norm.weight", torch.ones(16)), r"model\.norm\.weight is torch\.float32 \[16\].*\[32\]"),
+        (lambda s: s.__setitem__("model.lm_head.weight", torch.ones(260, 32, dtype=torch.int32)), r"lm_head\.weight is torch\.int32"),
+    ],
+)
+def test_export_refuses_a_state_the_config_does_not_describe(tmp_path, edit, message):
+    from lightning_automodel.export import ExportError, export_checkpoint
+
+    source = _tiny_ckpt(tmp_path, edit)
+    with pytest.raises(ExportError, match=message):
+        export_checkpoint(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
