@@ -85,25 +85,15 @@ class AutoModelCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, _RunStarted()])
 
 
-# Raised on bad input wherever they happen: one line, exit code 2.
-_INPUT_ERRORS: tuple[type[BaseException], ...] = (CheckpointResumeError, DataError)
-
-
 def _input_error_types() -> tuple[type[BaseException], ...]:
-    import importlib
+    """Raised on bad input wherever they happen: one line, exit code 2 (imported late: plan and export
+    are not loaded for fit)."""
+    from lightning_automodel.core.checkpoint_files import OfflineCheckpointError
+    from lightning_automodel.core.sharded_load import CheckpointLayoutError
+    from lightning_automodel.export import ExportError
+    from lightning_automodel.planning import PlanError
 
-    types = list(_INPUT_ERRORS)
-    for module, name in (
-        ("lightning_automodel.export", "ExportError"),
-        ("lightning_automodel.planning", "PlanError"),
-        ("lightning_automodel.core.sharded_load", "CheckpointLayoutError"),
-        ("lightning_automodel.core.checkpoint_files", "OfflineCheckpointError"),
-    ):
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # pragma: no cover - renamed elsewhere
-            pass
-    return tuple(types)
+    return (CheckpointResumeError, DataError, ExportError, PlanError, CheckpointLayoutError, OfflineCheckpointError)
 
 
 def _is_input_error(exc: BaseException) -> bool:

@@ -51,14 +51,9 @@ def _safe_globals() -> list[Any]:
     import collections
     import pathlib
 
-    allowed: list[Any] = [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath]
-    try:
-        from lightning.fabric.utilities.data import AttributeDict
+    from lightning.fabric.utilities.data import AttributeDict
 
-        allowed.append(AttributeDict)
-    except ImportError:  # pragma: no cover
-        pass
-    return allowed
+    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, AttributeDict]
 
 
 def _safe_load(path: Path) -> Any:
@@ -116,9 +111,9 @@ def check_state_matches_config(state: dict[str, torch.Tensor], config: Any, mode
     Checked on a meta model before anything is written: an export with a missing tensor or a wrong
     shape would only fail later, in whoever loads it.
     """
-    from lightning_automodel.models.building import build_meta_model
+    from lightning_automodel.models.building import build_on_meta
 
-    expected = build_meta_model(config, model_class).state_dict()
+    expected = build_on_meta(config, model_class).state_dict()  # shapes only: no storage, whatever the size
     tied_head = "lm_head.weight" if bool(getattr(config, "tie_word_embeddings", False)) else None
     missing = [k for k in expected if k not in state and k != tied_head]
     if missing:
@@ -242,7 +237,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     protected = {Path(rout.anchor): "the filesystem root", Path.home().resolve(): "your home directory", Path.cwd().resolve(): "the current working directory"}
     if rout in protected:
         raise ExportError(f"--out {out} is {protected[rout]}; choose a new directory.")
-    if rout == rsrc or rout in rsrc.parents or rout.is_relative_to(Path.cwd().resolve()) and Path.cwd().resolve().is_relative_to(rout):
+    if rout == rsrc or rout in rsrc.parents:
         raise ExportError(f"--out {out} is or contains the source checkpoint {src}; choose another directory.")
     if Path.cwd().resolve().is_relative_to(rout):
         raise ExportError(f"--out {out} contains the current working directory; choose another directory.")

@@ -15,9 +15,8 @@ from the YAML: a config is data, and ``plan`` is what people run on configs they
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import difflib
-import gc
 import inspect
 import logging
 import sys
@@ -362,46 +361,10 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))
 
 
-def build_on_meta(config: Any, model_class: building.ModelClass = "auto", *, trust_remote_code: bool = False) -> nn.Module:
-    """The whole model, parameters and buffers, on the meta device in fp32: no storage is ever allocated.
-
-    The job's :func:`~lightning_automodel.models.building.build_meta_model` keeps buffers real (RoPE
-    tables are computed, not loaded) and goes through a patched ``register_parameter`` that creates
-    each parameter on the CPU first; a 256000 x 32768 embedding cannot be allocated that way. ``plan``
-    needs shapes and dtypes only, so everything is created under ``torch.device("meta")``.
-    ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` must not decide the planned precision.
-    """
-    cls = building.model_class_for(config, model_class)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a deep model is ~10 modules per layer: generational GC passes cost 40% of the build
-    try:
-        with torch.device("meta"), _no_weight_init():
-            model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # tied embeddings count once, as in the job
-    return model
-
-
-def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
-    """transformers' switch that turns ``torch.nn.init`` and ``init_weights`` into no-ops.
-
-    On meta there is nothing to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through
-    Python decompositions (half of the build time of a deep model).
-    """
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialization on meta is slow, not wrong
-        return contextlib.nullcontext()
-    return no_init_weights()
-
-
 def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
     """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
     config = hf_config_from(model_args)
-    return build_on_meta(
+    return building.build_on_meta(
         config, model_args.get("model_class", "auto"), trust_remote_code=bool(model_args.get("trust_remote_code", False))
     )
 
@@ -602,10 +565,7 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     strategy_name, strategy_args = _strategy(trainer_config)
     tp = strategy_args.get("tensor_parallel_size")
     if "ModelParallel" in strategy_name and isinstance(tp, int) and tp > 1:
-        raise PlanError(
-            f"HFCausalLM does not do tensor parallelism yet (tensor_parallel_size={tp}); set tensor_parallel_size: 1 and "
-            "data_parallel_size to the number of devices: FSDP2 shards across all of them."
-        )
+        raise PlanError(building.tensor_parallel_refusal(tp))
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
     size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
@@ -617,7 +577,8 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
         groups = fsdp2_groups(model)
         common = dict(world_size=size, groups=groups, compute_dtype=compute, reduce_dtype=reduce, optimizer_state_dtype=state_dtype)
         plan.fsdp2 = estimate_fsdp2_peak(model, cpu_offload=False, **common)
-        plan.fsdp2_offload = estimate_fsdp2_peak(model, cpu_offload=True, **common)
+        # Offload moves the same bytes to the host: only the derived device/host split differs.
+        plan.fsdp2_offload = dataclasses.replace(plan.fsdp2, cpu_offload=True)
         plan.compute_dtype, plan.reduce_dtype = compute, reduce
         plan.cpu_offload = bool(model_args.get("cpu_offload", False))
     return plan

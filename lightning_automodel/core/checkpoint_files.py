@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _not_regular(path: str | os.PathLike[str], mode: int) -> ValueError:
+    return ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+
+
+def _short_repr(value: object, limit: int = 120) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def is_regular_file(path: str | os.PathLike[str]) -> bool:
     """True for a regular file (symlinks followed), False when nothing is there.
 
@@ -70,7 +80,7 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+        raise _not_regular(path, mode)
     return True
 
 
@@ -84,7 +94,7 @@ def open_regular(path: str | os.PathLike[str]):
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+            raise _not_regular(path, mode)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -109,9 +119,16 @@ def _check_header_entry(path: Path, key: str, entry: object) -> None:
         )
         expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
     if not ok:
-        shown = repr(entry)
-        shown = shown if len(shown) <= 120 else shown[:117] + "..."
-        raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {shown}, expected {expected}.")
+        raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {_short_repr(entry)}, expected {expected}.")
+
+
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """A safetensors file's header and where its tensor data starts (``data_offsets`` count from there)."""
+
+    header: dict[str, Any]
+    data_start: int
+    file_size: int
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -122,8 +139,14 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
             header is not valid JSON, is nested (a valid header is flat: ``{name: {dtype, shape,
             data_offsets}}``) or has a value of another shape; the message names the file (and the key).
     """
+    return read_safetensors_layout(path).header
+
+
+def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
+    """:func:`read_safetensors_header` plus the data's start offset and the file size, in one open."""
     path = Path(path)
     with open_regular(path) as f:
+        file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) != 8:
             raise ValueError(f"{path}: truncated safetensors file ({len(prefix)} bytes; the 8-byte header length is missing).")
@@ -145,7 +168,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
     for key, entry in header.items():
         _check_header_entry(path, key, entry)
-    return header
+    return SafetensorsLayout(header, 8 + length, file_size)
 
 
 def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
@@ -190,11 +213,9 @@ def _shard_name(index_path: Path, value: object, key: str | None = None) -> str:
     open files outside the checkpoint.
     """
     if not isinstance(value, str) or not value or value != Path(value).name or value in (".", "..") or "\x00" in value:
-        shown = repr(value)
-        shown = shown if len(shown) <= 120 else shown[:117] + "..."
         where = f" (key {key!r})" if key is not None else ""
         raise ValueError(
-            f"{index_path}: weight_map entry {shown}{where} is not a file name in the checkpoint's directory; the index is corrupt."
+            f"{index_path}: weight_map entry {_short_repr(value)}{where} is not a file name in the checkpoint's directory; the index is corrupt."
         )
     return value
 

@@ -96,22 +96,17 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, *, device: torch.device | None = None) -> torch.Tensor:
-    """Reduce ``tensor`` over all ranks in place, on ``device`` (default: :func:`collective_device`).
+def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place, on ``device`` (default: :func:`collective_device`).
 
     A no-op without a process group. The tensor is copied to the collective's device and back only
-    when it lives elsewhere (CPU flags under NCCL, CPU-offloaded shards' statistics).
+    when it lives elsewhere (a CPU scalar under NCCL, CPU-offloaded shards' statistics).
     """
     if not is_distributed():
         return tensor
     target = device if device is not None else collective_device()
     buffer = tensor if tensor.device == target else tensor.to(target)
-    dist.all_reduce(buffer, op=op)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
-
-
-def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
-    """In-place sum over all ranks (see :func:`all_reduce_`); a no-op without a process group."""
-    return all_reduce_(tensor, dist.ReduceOp.SUM, device=device)

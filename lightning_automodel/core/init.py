@@ -164,9 +164,8 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
     a child's parameters (CLIP's embeddings), the child keeps its own type's init, still a proper one.
     Returns the number of parameters initialized.
     """
-    from torch.distributed.tensor import DTensor
-
     from lightning_automodel.core.naming import canonical_name
+    from lightning_automodel.core.sharded_load import copy_local_part
 
     owners = _owner_models(model)
     done: set[int] = set()
@@ -197,15 +196,7 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
             if callable(init_fn):
                 init_fn(twin)
         for n, p in direct:
-            value = twin._parameters[n]
-            if isinstance(p, DTensor):
-                from lightning_automodel.core.sharded_load import local_index
-
-                local = p.to_local()
-                if local.numel():
-                    local.copy_(value[local_index(p)])
-            else:
-                p.copy_(value)
+            copy_local_part(p, twin._parameters[n])
             done.add(id(p))
             count += 1
     return count

@@ -207,10 +207,15 @@ def estimate_fsdp2_peak(
     Raises:
         ValueError: ``world_size < 1``, a negative state count, or a group naming an unknown parameter.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1; got {world_size}.")
-    if optimizer_states_per_param < 0:
-        raise ValueError(f"optimizer_states_per_param must be >= 0 (AdamW: 2, SGD: 0); got {optimizer_states_per_param}.")
+    # The resident sharded state is exactly the plain estimate's (same padding, same dtypes; it also
+    # validates world_size and the state count); only the in-flight part depends on the groups.
+    state = estimate_training_memory(
+        model,
+        world_size=world_size,
+        optimizer_state_dtype=optimizer_state_dtype,
+        optimizer_states_per_param=optimizer_states_per_param,
+        sharded=True,
+    )
     params = dict(unique_named_parameters(model))
     groups = fsdp2_groups(model) if groups is None else groups
     owner: dict[str, str] = {}
@@ -225,18 +230,13 @@ def estimate_fsdp2_peak(
     if ROOT_GROUP not in order:
         order.append(ROOT_GROUP)
     per_group = {group: _GroupBytes() for group in order}
-    param_bytes = grad_bytes = optimizer_bytes = 0.0
     for name, p in params.items():
         local = _local_numel(p, world_size, True)
         stored = _physical_bytes_per_element(p)
-        param_bytes += local * stored
         gathered = compute_dtype.itemsize if compute_dtype is not None and p.is_floating_point() else stored
         bucket = per_group[owner.get(name, ROOT_GROUP)]
         bucket.gather += local * world_size * gathered
         if p.requires_grad:
-            grad_bytes += local * stored
-            state = optimizer_state_dtype.itemsize if optimizer_state_dtype is not None else stored
-            optimizer_bytes += local * state * optimizer_states_per_param
             reduce_size = reduce_dtype.itemsize if reduce_dtype is not None else gathered
             bucket.reduce += local * world_size * (gathered + reduce_size)
     kept = [g for g in order if g in keep_unsharded and per_group[g].gather > 0]
@@ -247,9 +247,9 @@ def estimate_fsdp2_peak(
     return FSDP2MemoryEstimate(
         world_size=world_size,
         cpu_offload=cpu_offload,
-        param_bytes=int(param_bytes),
-        grad_bytes=int(grad_bytes),
-        optimizer_bytes=int(optimizer_bytes),
+        param_bytes=state.param_bytes,
+        grad_bytes=state.grad_bytes,
+        optimizer_bytes=state.optimizer_bytes,
         gather_bytes=int(gather),
         reduce_bytes=int(per_group[reduced].reduce) if reduced is not None else 0,
         prefetched_groups=tuple(prefetched),

@@ -27,7 +27,6 @@ import copy
 import logging
 import math
 import os
-import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,12 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_automodel.core.checkpoint_files import (
-    SAFETENSORS_DTYPES,
-    open_regular,
-    read_safetensors_header,
-    resolve_checkpoint_files,
-)
+from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, read_safetensors_layout, resolve_checkpoint_files
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
@@ -75,9 +69,9 @@ class SourceTensor:
 class CheckpointReader:
     """Lazy, slice-level access to every tensor of a local Hugging Face checkpoint.
 
-    safetensors files are indexed from their headers and read with ``get_slice`` (only the bytes of the
-    requested slice); ``.bin`` files are opened with ``mmap=True, weights_only=True`` (no code runs, and
-    untouched pages are never read). ``bytes_read`` counts the bytes of every slice handed out, which is
+    safetensors files are indexed from their headers and read by byte range (``readinto`` at the header's
+    offsets: only the requested rows, never through a memory map); ``.bin`` files are opened with
+    ``mmap=True, weights_only=True`` (no code runs, and untouched pages are never read). ``bytes_read`` counts the bytes of every slice handed out, which is
     what the benchmark reports per rank.
     """
 
@@ -97,29 +91,19 @@ class CheckpointReader:
 
     def _index_file(self, file: Path) -> Iterator[SourceTensor]:
         if file.suffix == ".safetensors":
-            header = read_safetensors_header(file)  # refuses a FIFO, socket or device at once, names the file
-            with open_regular(file) as f:
-                (header_length,) = struct.unpack("<Q", f.read(8))
-                file_size = os.fstat(f.fileno()).st_size
-            data_start = 8 + header_length
-            for key, entry in header.items():
+            # The header's structure is checked there (regular file, flat entries of str/int lists).
+            layout = read_safetensors_layout(file)
+            for key, entry in layout.header.items():
                 if key == "__metadata__":
                     continue
-                code = entry.get("dtype") if isinstance(entry, dict) else None
-                shape = entry.get("shape") if isinstance(entry, dict) else None
-                offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-                valid = (
-                    code in SAFETENSORS_DTYPES
-                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                )
-                if not valid:
+                code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+                if code not in SAFETENSORS_DTYPES or any(d < 0 for d in shape) or len(offsets) != 2:
                     raise CheckpointLayoutError(f"{file}: tensor {key!r} has an invalid header entry {entry!r}.")
-                source = SourceTensor(key, file, tuple(shape), SAFETENSORS_DTYPES[code], data_start + offsets[0])
-                if offsets[1] - offsets[0] != source.nbytes or data_start + offsets[1] > file_size or offsets[0] < 0:
+                source = SourceTensor(key, file, tuple(shape), SAFETENSORS_DTYPES[code], layout.data_start + offsets[0])
+                if offsets[1] - offsets[0] != source.nbytes or layout.data_start + offsets[1] > layout.file_size or offsets[0] < 0:
                     raise CheckpointLayoutError(
                         f"{file}: tensor {key!r} claims bytes {offsets} for shape {shape} {code} in a "
-                        f"{file_size}-byte file; the file is truncated or corrupt."
+                        f"{layout.file_size}-byte file; the file is truncated or corrupt."
                     )
                 yield source
         else:
@@ -467,7 +451,12 @@ def _convert(group: TargetGroup, model: nn.Module, read: object, keep: Iterable[
 
 
 def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
-    """The global index of this rank's local piece of ``tensor`` (everything for a plain tensor)."""
+    """The global index of this rank's local piece of ``tensor`` (everything for a plain tensor).
+
+    The package's one use of a private torch API: DTensor has no public "where is my shard" query in
+    torch 2.13 (transformers' shard-on-read uses the same function). Guarded by the 2-rank bit-exactness
+    tests (``tests/scripts/load_layouts.py``), which fail if it ever answers differently.
+    """
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
@@ -480,6 +469,13 @@ def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def copy_local_part(dest: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full-size ``full`` into ``dest`` (a DTensor's local shard, or all of it)."""
+    local = _local(dest)
+    if local.numel():
+        local.copy_(full[local_index(dest)])
 
 
 def _dim0_only(tensor: torch.Tensor) -> bool:
@@ -552,10 +548,7 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
             continue
         outputs = _convert(group, model, reader.read)
         for name in group.targets:
-            dest = tensors[name]
-            local = _local(dest)
-            if local.numel():
-                local.copy_(outputs[name][local_index(dest)])
+            copy_local_part(tensors[name], outputs[name])
         del outputs
         count += len(group.targets)
     return LoadReport(tensors=count, bytes_read=reader.bytes_read - before, seconds=time.perf_counter() - start)

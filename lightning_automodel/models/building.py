@@ -9,7 +9,9 @@ rank initializes one module at a time and keeps its shard). No rank ever holds t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
-from lightning_automodel.core.fsdp_layout import NORM_HEAD_GROUP, ROOT_GROUP, fsdp2_group_modules
+from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.init import init_empty_weights
 from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
@@ -98,12 +100,57 @@ def build_meta_model(
         return model_class_for(config, model_class).from_config(config, dtype=dtype, **kwargs)
 
 
+def build_on_meta(config: Any, model_class: ModelClass = "auto", *, trust_remote_code: bool = False) -> nn.Module:
+    """The whole model, parameters and buffers, on the meta device in fp32: no storage is ever allocated.
+
+    :func:`build_meta_model` (what ``fit`` uses) keeps buffers real (RoPE
+    tables are computed, not loaded) and goes through a patched ``register_parameter`` that creates
+    each parameter on the CPU first; a 256000 x 32768 embedding cannot be allocated that way. ``plan``
+    and ``export``'s check need shapes and dtypes only, so everything is created under ``torch.device("meta")``.
+    ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` must not decide the planned precision.
+    """
+    cls = model_class_for(config, model_class)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a deep model is ~10 modules per layer: generational GC passes cost 40% of the build
+    try:
+        with torch.device("meta"), _no_weight_init():
+            model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied embeddings count once, as in the job
+    return model
+
+
+def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
+    """transformers' switch that turns ``torch.nn.init`` and ``init_weights`` into no-ops.
+
+    On meta there is nothing to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through
+    Python decompositions (half of the build time of a deep model).
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialization on meta is slow, not wrong
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     path = text_decoder_layers_path(model)
     layers = get_module_by_canonical_name(model, path) if path else None
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"Could not find the decoder layers of {type(model).__name__} to shard.")
     return layers
+
+
+def tensor_parallel_refusal(tensor_parallel_size: int) -> str:
+    """Why ``tensor_parallel_size > 1`` is refused (one line, shared by ``fit`` and ``plan``)."""
+    return (
+        f"HFCausalLM does not do tensor parallelism yet (tensor_parallel_size={tensor_parallel_size}): ranks would "
+        "hold full copies and see identical batches. Set tensor_parallel_size: 1 and data_parallel_size to the "
+        "number of devices; FSDP2 shards across all of them."
+    )
 
 
 @dataclass(frozen=True)
@@ -128,7 +175,7 @@ def fsdp2_units(model: PreTrainedModel) -> list[ShardingUnit]:
             continue
         modules = tuple(m for m in (by_name.get(path) for path in paths) if m is not None)
         if modules:
-            units.append(ShardingUnit(group, modules, reshard_after_forward=group != NORM_HEAD_GROUP))
+            units.append(ShardingUnit(group, modules, reshard_after_forward=group not in KEPT_UNSHARDED_GROUPS))
     return units
 
 

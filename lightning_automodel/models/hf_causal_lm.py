@@ -22,6 +22,7 @@ from lightning_automodel.models.building import (
     check_local_model_dir,
     inline_config,
     materialize,
+    tensor_parallel_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,7 @@ class HFCausalLM(pl.LightningModule):
         mesh = self.device_mesh
         names = mesh.mesh_dim_names or ()
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"HFCausalLM does not do tensor parallelism yet (tensor_parallel_size={mesh['tensor_parallel'].size()}): "
-                "ranks would hold full copies and see identical batches. Set tensor_parallel_size: 1 and "
-                "data_parallel_size to the number of devices; FSDP2 shards across all of them."
-            )
+            raise ValueError(tensor_parallel_refusal(mesh["tensor_parallel"].size()))
 
     def _check_offload(self) -> None:
         from lightning_automodel.strategies import AtomicModelParallelStrategy
