@@ -2,24 +2,32 @@
 
 Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``, and
 ``Callback.setup`` runs before ``configure_model`` (and before the LightningModule's own ``setup``).
-So the coordinator here wraps two LightningModule methods on the instance, once:
+So two LightningModule methods are wrapped on the instance, once:
 
-* ``setup``: runs after every callback's ``setup``, so all surgery callbacks are registered; if the
-  model already has parameters, surgery runs here (before FSDP2 ``fully_shard`` in
+* ``setup``: if the model already has parameters, surgery runs here (before FSDP2 ``fully_shard`` in
   ``configure_model``, which is what the bf16 cast needs).
 * ``configure_model`` (only when overridden): surgery runs again right after it returns, on the
   built or sharded model (what the tie repair needs). Surgeries are idempotent.
 
 Both moments precede ``configure_optimizers``, so frozen parameters never reach the optimizer.
-Surgeries run in ``surgery_order`` (freeze 10, dead parameters 20, cast 30, tie 40, summary 50),
-whatever the order of ``Trainer(callbacks=...)``.
+
+The wrappers hold no state and no Trainer: each call looks up the Trainer the module is attached to
+*now* and runs the surgery callbacks of *that* Trainer (``trainer.callbacks``), sorted by
+``surgery_order`` (freeze 10, dead parameters 20, cast 30, tie 40, summary 50) whatever the order of
+``Trainer(callbacks=...)``. Lightning skips ``teardown`` after an exception, so nothing may depend on
+it: a fit that failed leaves nothing behind, and a second Trainer on the same module sees only its
+own callbacks. Per-run state lives on the callbacks and is reset in their ``setup``.
+
+A surgery callback may also define ``apply_before_sharding(trainer, pl_module, model)`` for changes
+that must happen on the unsharded (meta) model, before ``fully_shard``; a LightningModule that shards
+in ``configure_model`` calls it through :func:`surgery_callbacks` (ordered the same way).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -36,7 +44,6 @@ from lightning_automodel.core.naming import unique_named_parameters
 
 log = logging.getLogger(__name__)
 
-_COORDINATOR_ATTR = "_automodel_surgery"
 _WRAPPED_ATTR = "__automodel_wrapped__"
 
 
@@ -50,77 +57,87 @@ def frozen_names(model: nn.Module) -> list[str]:
     return sorted(name for name, p in unique_named_parameters(model) if not p.requires_grad)
 
 
-class SurgeryCoordinator:
-    """Per-LightningModule registry that runs the surgery callbacks in a fixed order."""
-
-    def __init__(self) -> None:
-        self.callbacks: dict[str, ModelSurgeryCallback] = {}
-        #: canonical parameter name -> rule that froze it, filled by freezing callbacks
-        self.frozen_by: dict[str, str] = {}
-        self.runs = 0
-        self.checked_optimizer_for_fit = False
-
-    def register(self, callback: ModelSurgeryCallback) -> None:
-        self.callbacks[callback.state_key] = callback
-
-    def ordered(self) -> list[ModelSurgeryCallback]:
-        return sorted(self.callbacks.values(), key=lambda cb: cb.surgery_order)
-
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _, model = target_model(pl_module)
-        if not any(True for _ in model.parameters()):
-            return
-        for callback in self.ordered():
-            callback.apply_surgery(trainer, pl_module, model)
-        self.runs += 1
-        self._check_ranks_agree(model)
-        if trainer.state.fn == "fit" and not any(p.requires_grad for p in pl_module.parameters()):
-            raise MisconfigurationException(
-                "Every parameter is frozen, so there is nothing to train. Check the freeze configuration "
-                "(ParameterFreezing freeze_* flags and freeze_modules selectors) or add unfreeze_modules."
-            )
-
-    def _check_ranks_agree(self, model: nn.Module) -> None:
-        mismatch = first_mismatch_across_ranks(frozen_names(model))
-        if mismatch is not None:
-            rank, name = mismatch
-            raise MisconfigurationException(
-                f"Ranks froze different parameters: rank {rank} differs from rank 0 first at {name!r}. Every rank must "
-                "apply the same freeze configuration (a config or seed that depends on the rank causes this)."
-            )
-
-    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Wrap ``pl_module.setup`` and, when overridden, ``configure_model`` once (idempotent)."""
-        _wrap_once(pl_module, "setup", lambda: self.run(trainer, pl_module))
-        if is_overridden("configure_model", pl_module):
-            _wrap_once(pl_module, "configure_model", lambda: self.run(trainer, pl_module))
+def surgery_callbacks(trainer: pl.Trainer) -> list[ModelSurgeryCallback]:
+    """The running Trainer's surgery callbacks in ``surgery_order`` (stable for equal orders)."""
+    return sorted((cb for cb in trainer.callbacks if isinstance(cb, ModelSurgeryCallback)), key=lambda cb: cb.surgery_order)
 
 
-def _wrap_once(pl_module: pl.LightningModule, method: str, after: Callable[[], None]) -> None:
-    """Replace ``pl_module.<method>`` by a wrapper that calls ``after()`` when it returns; once per instance."""
+def frozen_by(trainer: pl.Trainer) -> dict[str, str]:
+    """Canonical parameter name -> the rule that froze it, over the Trainer's surgery callbacks."""
+    rules: dict[str, str] = {}
+    for callback in surgery_callbacks(trainer):
+        rules.update(callback.frozen_parameters())
+    return rules
+
+
+def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
+    """The Trainer the module is attached to right now, or None (called outside a Trainer run)."""
+    try:
+        return pl_module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None
+
+
+def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Run the Trainer's surgery callbacks on the target model, then check ranks agree and something trains."""
+    callbacks = surgery_callbacks(trainer)
+    if not callbacks:
+        return
+    _, model = target_model(pl_module)
+    if not any(True for _ in model.parameters()):
+        return  # built later, in configure_model
+    for callback in callbacks:
+        callback.apply_surgery(trainer, pl_module, model)
+    for callback in callbacks:
+        callback.surgery_runs += 1
+    _check_ranks_agree(model)
+    if trainer.state.fn == "fit" and not any(p.requires_grad for p in pl_module.parameters()):
+        raise MisconfigurationException(
+            "Every parameter is frozen, so there is nothing to train. Check the freeze configuration "
+            "(ParameterFreezing freeze_* flags and freeze_modules selectors) or add unfreeze_modules."
+        )
+
+
+def _check_ranks_agree(model: nn.Module) -> None:
+    mismatch = first_mismatch_across_ranks(frozen_names(model))
+    if mismatch is not None:
+        rank, name = mismatch
+        raise MisconfigurationException(
+            f"Ranks froze different parameters: rank {rank} differs from rank 0 first at {name!r}. Every rank must "
+            "apply the same freeze configuration (a config or seed that depends on the rank causes this)."
+        )
+
+
+def _run_for_attached_trainer(pl_module: pl.LightningModule) -> None:
+    trainer = attached_trainer(pl_module)
+    if trainer is not None:
+        run_surgery(trainer, pl_module)
+
+
+def install_surgery_hooks(pl_module: pl.LightningModule) -> None:
+    """Wrap ``pl_module.setup`` and, when overridden, ``configure_model`` once per instance.
+
+    The wrappers close over the module's original bound methods only: which Trainer and which
+    callbacks is decided at each call.
+    """
+    _wrap_once(pl_module, "setup")
+    if is_overridden("configure_model", pl_module):
+        _wrap_once(pl_module, "configure_model")
+
+
+def _wrap_once(pl_module: pl.LightningModule, method: str) -> None:
     current = getattr(pl_module, method)
     if getattr(current, _WRAPPED_ATTR, False):
-        # Already wrapped (e.g. validate after fit): only refresh what runs afterwards.
-        current.__automodel_after__ = after
         return
 
     @functools.wraps(current)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         result = current(*args, **kwargs)
-        wrapped.__automodel_after__()
+        _run_for_attached_trainer(pl_module)
         return result
 
-    wrapped.__automodel_after__ = after  # type: ignore[attr-defined]
     setattr(wrapped, _WRAPPED_ATTR, True)
     setattr(pl_module, method, wrapped)
-
-
-def coordinator_for(pl_module: pl.LightningModule) -> SurgeryCoordinator:
-    coordinator = pl_module.__dict__.get(_COORDINATOR_ATTR)
-    if coordinator is None:
-        coordinator = SurgeryCoordinator()
-        pl_module.__dict__[_COORDINATOR_ATTR] = coordinator
-    return coordinator
 
 
 def _reject_unsupported_strategy(trainer: pl.Trainer, name: str) -> None:
@@ -145,36 +162,49 @@ def optimizer_holds_frozen(trainer: pl.Trainer) -> list[int]:
 
 
 class ModelSurgeryCallback(Callback):
-    """Base class: subclasses implement :meth:`apply_surgery` and set ``surgery_order``."""
+    """Base class: subclasses implement :meth:`apply_surgery` and set ``surgery_order``.
+
+    Subclasses keep per-run state on themselves and reset it in :meth:`reset_run_state` (called from
+    ``setup``), so a callback reused by a second Trainer, or after a failed fit, starts clean.
+    """
 
     surgery_order: ClassVar[int] = 100
+    #: completed surgery passes in the current run (0 during the first: log only then)
+    surgery_runs: int = 0
 
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         raise NotImplementedError
 
+    def frozen_parameters(self) -> Mapping[str, str]:
+        """Canonical names this callback froze in the current run -> the rule (for the summary)."""
+        return {}
+
+    def reset_run_state(self) -> None:
+        """Forget everything from a previous run (override and call ``super()``)."""
+        self.surgery_runs = 0
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _reject_unsupported_strategy(trainer, type(self).__name__)
-        coordinator = coordinator_for(pl_module)
-        coordinator.register(self)
-        coordinator.install(trainer, pl_module)
+        self.reset_run_state()
+        install_surgery_hooks(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        coordinator = coordinator_for(pl_module)
-        if coordinator.checked_optimizer_for_fit:
-            return
-        coordinator.checked_optimizer_for_fit = True
+        if surgery_callbacks(trainer)[0] is not self:
+            return  # one warning per fit, from the first surgery callback
         if optimizer_holds_frozen(trainer):
-            rank_zero_warn(
-                "The optimizer holds frozen parameters. They get no gradient, so AdamW creates no state for them and "
-                "a sharded (DCP) resume fails with `Missing key in checkpoint state_dict: optim.state...`. Build the "
-                "optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
-            )
+            rank_zero_warn(FROZEN_IN_OPTIMIZER_WARNING)
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        coordinator = coordinator_for(pl_module)
-        coordinator.checked_optimizer_for_fit = False
-        # A later Trainer on the same module registers its own callbacks again.
-        coordinator.callbacks.pop(self.state_key, None)
+
+#: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py): frozen parameters in the optimizer get
+#: no gradient and no state, and a resume with the same frozen set works on one device and on FSDP2. A sharded
+#: (DCP) resume fails only when some of them are trainable again: the new run's optimizer asks DCP for their
+#: state. One device then resumes (the missing state is created at the next step).
+FROZEN_IN_OPTIMIZER_WARNING = (
+    "The optimizer holds frozen parameters. They get no gradient and no optimizer state: training works, and so "
+    "does a resume with the same frozen set. One case fails: a sharded (DCP) resume in which some of them are trainable again (the new optimizer asks "
+    "for state the checkpoint does not have: `Missing key in checkpoint state_dict: optimizer_0.state...`). "
+    "ParameterFreezing prevents that by re-applying the checkpoint's frozen set; to rule it out altogether, build "
+    "the optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
+)

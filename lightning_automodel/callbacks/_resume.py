@@ -1,60 +1,180 @@
-"""Re-applying a checkpoint's frozen set on resume, so a resumed run trains the same parameters."""
+"""Resuming with the checkpoint's frozen set, before any optimizer state is loaded.
+
+The optimizer state in a checkpoint belongs to the parameters that trained. If a resumed run trains
+a different set, the optimizer load fails with a raw torch error (one device: ``loaded state dict
+contains a parameter group that doesn't match the size of optimizer's group``; DCP: ``Missing key in
+checkpoint state_dict: optimizer_0.state...``) or, worse, silently resumes a different run. So the
+saved frozen set is compared with the model's before that load and either re-applied (with a warning
+naming the parameters) or refused (an error naming them).
+
+When that comparison can run depends on the strategy:
+
+* single device, DDP: Lightning restores modules and callbacks before ``configure_optimizers``, so
+  ``Callback.on_load_checkpoint`` is early enough;
+* ``ModelParallelStrategy`` / ``FSDPStrategy`` (``restore_checkpoint_after_setup``): the optimizer
+  exists and ``strategy.load_checkpoint`` restores its state before any callback hook sees the
+  checkpoint, and the checkpoint path is not known before that call. So the strategy's
+  ``load_checkpoint`` is wrapped (per instance, stateless): it reads only the callbacks' saved state
+  (``meta.pt`` of a DCP directory, or the file memory-mapped), lets the callbacks reconcile, rebuilds
+  the optimizers through ``strategy.setup_optimizers`` when what trains changed, and only then lets
+  the strategy load.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+import torch
 from torch import nn
 
+from lightning_automodel.callbacks._lifecycle import attached_trainer
 from lightning_automodel.core.naming import canonical_name
 
+log = logging.getLogger(__name__)
+
 _SHOWN = 10
+_WRAPPED_ATTR = "__automodel_resume_check__"
+_DCP_METADATA_FILE = "meta.pt"  # where Lightning's ModelParallelStrategy keeps everything but tensors
 
 
-def _preview(names: Iterable[str]) -> str:
+def preview(names: Iterable[str]) -> str:
+    """At most ten names, sorted, and how many more."""
     names = sorted(names)
     more = f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
     return ", ".join(names[:_SHOWN]) + more
 
 
-def reapply_frozen_set(
-    trainer: pl.Trainer, model: nn.Module, frozen: set[str], *, owner: str, scope: set[str] | None = None
-) -> None:
-    """Make exactly ``frozen`` (within ``scope``, default all parameters) frozen; warn on any difference.
+def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:
+    """The state a callback saved under ``state_key``, or under an older ``state_key{...}`` key.
 
-    A parameter the checkpoint trained that is not in the optimizer cannot be revived after the
-    optimizer exists (sharded strategies restore after ``configure_optimizers``): that is an error,
-    not a silent change of what trains.
+    Earlier versions put the configuration into the key (``ParameterFreezing{'config': ...}``), so a
+    changed configuration never found its checkpoint; those checkpoints are still read when the key is
+    unambiguous.
     """
+    if state_key in callback_states:
+        return callback_states[state_key]
+    legacy = [k for k in callback_states if isinstance(k, str) and k.startswith(state_key + "{")]
+    return callback_states[legacy[0]] if len(legacy) == 1 else None
+
+
+def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Mapping[str, Any] | None:
+    """Only the ``callbacks`` entry of a checkpoint, without reading a tensor; None when unreadable.
+
+    The same ``torch.load`` arguments Lightning's own load uses: if this read fails, Lightning's load
+    fails too and reports it in its own words, so nothing is raised here.
+    """
+    path = Path(checkpoint_path)
+    try:
+        if path.is_dir():
+            checkpoint = torch.load(path / _DCP_METADATA_FILE, map_location="cpu", weights_only=weights_only)
+        elif path.is_file():
+            checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        else:
+            return None
+    except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
+        log.debug("Could not read the callback state of %s early: %s", path, exc)
+        return None
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    return callbacks if isinstance(callbacks, Mapping) else None
+
+
+@dataclass(frozen=True)
+class FrozenSetDiff:
+    """How the model's frozen set differs from a checkpoint's (canonical names, sorted)."""
+
+    #: the checkpoint froze them, this run would train them
+    to_freeze: list[str]
+    #: the checkpoint trained them, this run would freeze them
+    to_unfreeze: list[str]
+    #: the checkpoint froze them, the model has no such parameter
+    missing: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.to_freeze or self.to_unfreeze)
+
+    def describe(self) -> str:
+        parts = []
+        if self.to_freeze:
+            parts.append(f"the checkpoint froze {len(self.to_freeze)} that this run would train: [{preview(self.to_freeze)}]")
+        if self.to_unfreeze:
+            parts.append(
+                f"the checkpoint trained {len(self.to_unfreeze)} that this run would freeze: [{preview(self.to_unfreeze)}]"
+            )
+        return "; ".join(parts)
+
+
+def _params_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
     params: dict[str, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(canonical_name(name), p)
-    names = set(params) if scope is None else scope & set(params)
+    return params
+
+
+def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[str] | None = None) -> FrozenSetDiff:
+    """Compare the model's frozen parameters with ``frozen`` (within ``scope``, default all parameters)."""
+    frozen = set(frozen)
+    params = _params_by_name(model)
+    names = set(params) if scope is None else set(scope) & set(params)
     current = {n for n in names if not params[n].requires_grad}
-    missing = frozen - set(params)
-    to_freeze = (frozen & names) - current
-    to_unfreeze = current - frozen
-    if missing:
-        rank_zero_warn(f"{owner}: the checkpoint froze parameters this model does not have: {_preview(missing)}.")
-    if not to_freeze and not to_unfreeze:
-        return
-    rank_zero_warn(
-        f"{owner}: the model now differs from the checkpoint; re-applying the checkpoint's frozen set. "
-        f"Freezing again: [{_preview(to_freeze)}]; unfreezing: [{_preview(to_unfreeze)}]."
+    return FrozenSetDiff(
+        to_freeze=sorted((frozen & names) - current),
+        to_unfreeze=sorted(current - frozen),
+        missing=sorted(frozen - set(params)),
     )
-    in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-    if trainer.optimizers:
-        unreachable = [n for n in to_unfreeze if id(params[n]) not in in_optimizer]
-        if unreachable:
-            raise MisconfigurationException(
-                f"{owner}: the checkpoint trained {_preview(unreachable)}, but the optimizer was built without them, "
-                "so this resume would silently train a different set. Use the freeze configuration the checkpoint "
-                "was trained with."
-            )
-    for n in to_freeze:
-        params[n].requires_grad_(False)
-    for n in to_unfreeze:
-        params[n].requires_grad_(True)
+
+
+def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
+    """Make the model's frozen set the checkpoint's: freeze ``to_freeze``, unfreeze ``to_unfreeze``."""
+    params = _params_by_name(model)
+    for name in diff.to_freeze:
+        params[name].requires_grad_(False)
+    for name in diff.to_unfreeze:
+        params[name].requires_grad_(True)
+
+
+def install_resume_check(strategy: pl.strategies.Strategy) -> None:
+    """Wrap ``strategy.load_checkpoint`` once so callbacks reconcile before the optimizer state loads.
+
+    Only for strategies that restore after ``configure_optimizers``. The wrapper keeps no Trainer or
+    callback: at each call it asks the strategy's current LightningModule for its Trainer and calls
+    ``reconcile_with_checkpoint(trainer, pl_module, callback_states, checkpoint_path)`` on every
+    callback of that Trainer that defines it. When one of them changed what trains, the optimizers
+    are rebuilt from ``configure_optimizers`` (they hold no state yet), so the load finds exactly the
+    parameters the checkpoint has state for.
+    """
+    current = strategy.load_checkpoint
+    if getattr(current, _WRAPPED_ATTR, False):
+        return
+
+    @functools.wraps(current)
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        _reconcile_before_load(strategy, checkpoint_path, kwargs.get("weights_only", args[0] if args else None))
+        return current(checkpoint_path, *args, **kwargs)
+
+    setattr(load_checkpoint, _WRAPPED_ATTR, True)
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _reconcile_before_load(strategy: pl.strategies.Strategy, checkpoint_path: Any, weights_only: bool | None) -> None:
+    pl_module = strategy.lightning_module
+    trainer = attached_trainer(pl_module) if pl_module is not None else None
+    if trainer is None or trainer.state.fn != "fit":
+        return
+    reconcilers = [cb for cb in trainer.callbacks if callable(getattr(cb, "reconcile_with_checkpoint", None))]
+    if not reconcilers:
+        return
+    states = read_callback_states(checkpoint_path, weights_only)
+    if states is None:
+        return
+    changed = False
+    for callback in reconcilers:
+        changed |= bool(callback.reconcile_with_checkpoint(trainer, pl_module, states, checkpoint_path))
+    if changed and strategy.optimizers:
+        strategy.setup_optimizers(trainer)
+        log.info("Rebuilt the optimizers for the checkpoint's frozen set before loading their state.")

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coordinator_for
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.core.dtypes import cast_floating_point
 
 
@@ -42,6 +42,11 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
         return self._generate_state_key(cast_buffers=self.cast_buffers)
 
     @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
+        self.cast = []
+
+    @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -53,7 +58,7 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
         cast = cast_floating_point(model, torch.bfloat16, cast_buffers=self.cast_buffers)
         if cast:
             self.cast = sorted(set(self.cast) | set(cast))
-            if coordinator_for(pl_module).runs == 0:
+            if self.surgery_runs == 0:
                 rank_zero_info(f"CastMixedDtypeToBF16: cast {len(cast)} tensors to bfloat16.")
 
     @override

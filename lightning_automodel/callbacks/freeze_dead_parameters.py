@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coordinator_for, target_model
-from lightning_automodel.callbacks._resume import reapply_frozen_set
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
+from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_diff, preview, saved_state
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.naming import unique_named_parameters
@@ -30,6 +32,10 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     the first ``detect_steps`` backward passes are watched: a trainable parameter that received no
     gradient on any rank in any of them is named on rank 0, with the selector that freezes it.
 
+    Parameters are tracked by name and looked up again after every watched backward: FSDP2 swaps
+    the module's parameter objects (sharded and unsharded, at lazy init and around every forward,
+    validation included), so an object captured earlier may never see its gradient.
+
     Args:
         detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
             0 disables detection. After them the callback costs nothing.
@@ -45,45 +51,60 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         self.unused: list[str] = []
         self._seen_backward = 0
         self._alive: set[str] = set()
-        self._watch: list[tuple[str, nn.Parameter]] = []
+        self._watched: list[str] = []
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(detect_steps=self.detect_steps)
+        # Stable: a resume with another detect_steps still finds the saved dead set.
+        return type(self).__qualname__
+
+    @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
+        self.frozen = {}
+        self.unused = []
+        self._seen_backward = 0
+        self._alive = set()
+        self._watched = []
 
     @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self.frozen = freeze_dead_parameters(model)
-        coordinator = coordinator_for(pl_module)
-        coordinator.frozen_by.update(self.frozen)
-        if self.frozen and coordinator.runs == 0:
+        if self.frozen and self.surgery_runs == 0:
             rank_zero_info(f"FreezeDeadParameters: froze {len(self.frozen)} dead parameter tensors.")
+
+    @override
+    def frozen_parameters(self) -> Mapping[str, str]:
+        return self.frozen
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_backward = 0
         self._alive = set()
         _, model = target_model(pl_module)
-        self._watch = [(name, p) for name, p in unique_named_parameters(model) if p.requires_grad]
+        # Names only: the objects behind them change under FSDP2.
+        self._watched = [name for name, p in unique_named_parameters(model) if p.requires_grad]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._seen_backward >= self.detect_steps or not self._watch:
+        if self._seen_backward >= self.detect_steps or not self._watched:
             return
         self._seen_backward += 1
-        self._alive.update(name for name, p in self._watch if p.grad is not None)
+        _, model = target_model(pl_module)
+        with_grad = {name for name, p in unique_named_parameters(model) if p.grad is not None}
+        self._alive.update(name for name in self._watched if name in with_grad)
         if self._seen_backward == self.detect_steps:
-            self._report(trainer, pl_module)
-            self._watch = []
+            self._report(trainer)
+            self._watched = []
 
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On the strategy's device and through the strategy: NCCL has no CPU tensors. A parameter that
-        # got a gradient on any rank is alive.
-        flags = [1 if name in self._alive else 0 for name, _ in self._watch]
+    def _report(self, trainer: pl.Trainer) -> None:
+        # On the strategy's device and through the strategy: NCCL has no CPU tensors. Every rank watches
+        # the same names in the same order; a parameter that got a gradient on any rank is alive.
+        flags = [1 if name in self._alive else 0 for name in self._watched]
         alive = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
         alive = trainer.strategy.reduce(alive, reduce_op=dist.ReduceOp.MAX)
-        self.unused = [name for (name, _), flag in zip(self._watch, alive.tolist()) if flag == 0]
+        self.unused = [name for name, flag in zip(self._watched, alive.tolist()) if flag == 0]
         if not self.unused:
             return
         shown = self.unused[:20]
@@ -97,15 +118,17 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         )
 
     def _selector_paths(self, unused: list[str]) -> list[str]:
-        """The module path when every watched parameter of that module is unused, else the parameter path."""
-        by_module: dict[str, list[str]] = {}
-        for name, _ in self._watch:
-            by_module.setdefault(name.rpartition(".")[0], []).append(name)
-        dead = set(unused)
+        """For each unused parameter, the outermost module whose watched parameters are all unused (else the parameter)."""
+        watched: dict[str, int] = {}
+        dead: dict[str, int] = {}
+        unused_set = set(unused)
+        for name in self._watched:
+            for module in _module_prefixes(name):
+                watched[module] = watched.get(module, 0) + 1
+                dead[module] = dead.get(module, 0) + (name in unused_set)
         paths: list[str] = []
         for name in unused:
-            module = name.rpartition(".")[0]
-            path = module if module and all(n in dead for n in by_module.get(module, [])) else name
+            path = next((m for m in _module_prefixes(name) if dead[m] == watched[m]), name)
             if path not in paths:
                 paths.append(path)
         return paths
@@ -117,11 +140,33 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None:
+        """The dead set of the checkpoint, re-applied within the dead-parameter scope (rules may change).
+
+        ``ParameterFreezing`` re-applies the checkpoint's whole frozen set before the optimizer state
+        loads; this covers runs without it on strategies that restore before ``configure_optimizers``.
+        """
+        state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
+        if state is None or trainer.state.fn != "fit":
             return
         saved = set(state.get("frozen", []))
-        if saved != set(self.frozen):
-            reapply_frozen_set(
-                trainer, target_model(pl_module)[1], saved, owner="FreezeDeadParameters", scope=saved | set(self.frozen)
+        model = target_model(pl_module)[1]
+        diff = frozen_set_diff(model, saved, scope=saved | set(self.frozen))
+        if not diff:
+            return
+        if trainer.strategy.restore_checkpoint_after_setup:
+            raise MisconfigurationException(
+                f"FreezeDeadParameters: the dead parameters of the checkpoint differ from this run's: {diff.describe()}. "
+                "Add ParameterFreezing (it re-applies the checkpoint's frozen set before the optimizer state loads)."
             )
+        apply_frozen_set(model, diff)
+        rank_zero_warn(
+            f"FreezeDeadParameters: re-applying the checkpoint's dead set: {diff.describe()}"
+            + (f"; not in this model: {preview(diff.missing)}" if diff.missing else "")
+            + "."
+        )
+
+
+def _module_prefixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``: the modules that own a parameter, outermost first."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]

@@ -1,4 +1,4 @@
-"""A parameter summary after sharding: what trains, what froze it, and what it costs per rank."""
+"""A parameter summary once the run is set up and restored: what trains, what froze it, what it costs per rank."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import logging
 from typing import ClassVar
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, coordinator_for, target_model
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_by, target_model
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
 from lightning_automodel.core.parameters import ModuleRow, module_breakdown, parameter_stats
@@ -60,11 +59,16 @@ def format_summary(
 
 
 class ParameterSummary(ModelSurgeryCallback):
-    """Log, once and on rank 0 after sharding, what trains and what it costs.
+    """Log, once per fit and on rank 0, what trains and what it costs.
 
     Trainable and total parameters (logical counts: 4-bit and sharded parameters counted right), the
     trainable percentage, the global L2 norm, a table by top-level module with the rule that froze each
     part, and the bytes per rank for parameters, gradients and AdamW state at the run's world size.
+
+    It runs at ``on_train_start``: after sharding, after the bf16 cast and Lightning's precision
+    conversion, and after a resume has restored the weights (sharded strategies restore after
+    ``on_fit_start``), so the norm is that of the weights that train and the bytes are those of the
+    dtypes in use (AdamW allocates its state like each parameter: bf16 after a bf16 cast).
 
     Args:
         name: the model's name in the summary.
@@ -84,25 +88,26 @@ class ParameterSummary(ModelSurgeryCallback):
         return self._generate_state_key(name=self.name)
 
     @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
+        self.text = None
+
+    @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
-        """Nothing to change; the summary is taken once the run is sharded and the optimizer exists."""
+        """Nothing to change; the summary is taken when training starts."""
 
     def summarize(self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int) -> str:
         # A collective for sharded models (every rank calls it), on the strategy's device: NCCL has no CPU path.
         device = trainer.strategy.root_device if trainer is not None else None
         stats = parameter_stats(model, device=device)
-        frozen_by = coordinator_for(pl_module).frozen_by if isinstance(pl_module, pl.LightningModule) else {}
-        rows = module_breakdown(model, depth=self.depth, frozen_by=frozen_by)
-        param_dtype = torch.bfloat16 if trainer is not None and str(trainer.precision).startswith("bf16-true") else None
-        # AdamW keeps its state in each parameter's dtype: bf16 after CastMixedDtypeToBF16, fp32 by default.
-        memory = estimate_training_memory(
-            model, world_size=world_size, param_dtype=param_dtype, optimizer_state_dtype=None, sharded=world_size > 1
-        )
+        rules = frozen_by(trainer) if isinstance(trainer, pl.Trainer) else {}
+        rows = module_breakdown(model, depth=self.depth, frozen_by=rules)
+        # Each parameter's own dtype, as it is now: AdamW keeps its state in it (zeros_like(param)).
+        memory = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=None, sharded=world_size > 1)
         return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
