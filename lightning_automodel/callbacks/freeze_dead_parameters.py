@@ -128,7 +128,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
                 dead[module] = dead.get(module, 0) + (name in unused_set)
         paths: list[str] = []
         for name in unused:
-            path = next((m for m in _module_prefixes(name) if dead[m] == watched[m]), name)
+            path = next((m for m in _module_prefixes(name) if m in watched and dead[m] == watched[m]), name)
             if path not in paths:
                 paths.append(path)
         return paths

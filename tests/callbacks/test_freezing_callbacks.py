@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -123,3 +124,76 @@ def test_summary_table(caplog):
     assert f"of {total:,}" in text and f"Trainable parameters: {trainable:,}" in text
     assert "model.vision_tower" in text and "freeze_vision_tower" in text
     assert "optimizer state" in text
+
+
+def test_runtime_detection_names_the_vision_tower_of_a_text_only_llava():
+    cb = FreezeDeadParameters(detect_steps=2)
+    with pytest.warns(UserWarning, match=r"(?s)received no gradient.*- \{path: model\.vision_tower\}") as record:
+        trainer(callbacks=[cb], max_steps=2).fit(InitLM(tm.tiny_llava), loader())
+    llava = tm.tiny_llava()
+    vision = {n for n, _ in llava.named_parameters() if n.startswith("model.vision_tower.")}
+    projector = {n for n, _ in llava.named_parameters() if n.startswith("model.multi_modal_projector.")}
+    assert set(cb.unused) == vision | projector  # text-only batches: exactly the tower and its projector
+    text = next(str(w.message) for w in record if "FreezeDeadParameters" in str(w.message))
+    assert set(re.findall(r"- \{path: (\S+)\}", text)) == {"model.vision_tower", "model.multi_modal_projector"}
+
+
+def test_a_failed_fit_leaves_nothing_behind():
+    """A fit that fails on a selector typo, then a new Trainer with the corrected selector on the same module."""
+    import gc
+    import weakref
+
+    module = ShardedLM(tm.tiny_llama, build_in_configure=False)
+    failed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mpl"}]), ParameterSummary()])
+    with pytest.raises(MisconfigurationException, match=r"model\.layers\.0\.mpl"):
+        failed.fit(module, loader())
+    first_trainer = weakref.ref(failed)
+    del failed
+    summary = ParameterSummary()
+    fixed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}]), summary])
+    fixed.fit(module, loader())
+    assert {n for n, p in module.model.named_parameters() if not p.requires_grad} == {
+        f"model.layers.0.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert "freeze_modules[path: model.layers.0.mlp]" in summary.text
+    gc.collect()
+    assert first_trainer() is None, "the module's wrappers keep the failed Trainer alive"
+
+
+def test_a_second_trainer_behaves_like_the_first():
+    module = ShardedLM(tm.tiny_llama, build_in_configure=False)
+    texts = []
+    for _ in range(2):
+        freezing, summary = ParameterFreezing(freeze_modules=[{"path": "model.embed_tokens"}]), ParameterSummary()
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            t = trainer(callbacks=[freezing, summary], max_steps=1)
+            t.fit(module, loader())
+        texts.append(summary.text.split("Param L2 norm")[0])  # the weights moved; the table must not
+        assert freezing.frozen == {"model.embed_tokens.weight": "freeze_modules[path: model.embed_tokens]"}
+    assert texts[0] == texts[1]
+    # A third Trainer without surgery callbacks runs none: the previous callbacks are not remembered.
+    module.model.model.embed_tokens.weight.requires_grad_(True)
+    trainer(max_steps=1).fit(module, loader())
+    assert module.model.model.embed_tokens.weight.requires_grad
+
+
+def test_summary_prints_the_restored_norm_and_the_real_optimizer_bytes(tmp_path):
+    """One device: the norm of the checkpoint's weights (not the init) and AdamW state bytes as allocated."""
+    from lightning_automodel.callbacks import CastMixedDtypeToBF16
+    from lightning_automodel.core.checkpoint_files import format_bytes_human
+
+    t = trainer(callbacks=[CastMixedDtypeToBF16()], max_steps=2)
+    t.fit(InitLM(tm.tiny_llama), loader())
+    ckpt = tmp_path / "a.ckpt"
+    t.save_checkpoint(ckpt)
+    weights = torch.load(ckpt, weights_only=False)["state_dict"]
+    restored_norm = sum(float(v.double().pow(2).sum()) for k, v in weights.items() if k.startswith("model.")) ** 0.5
+
+    summary = ParameterSummary()
+    resumed = InitLM(tm.tiny_llama)
+    t2 = trainer(callbacks=[CastMixedDtypeToBF16(), summary], max_steps=3)
+    t2.fit(resumed, loader(), ckpt_path=ckpt)
+    assert f"Param L2 norm (global): {restored_norm:.4f}" in summary.text
+    state_bytes = sum(v.nbytes for s in t2.optimizers[0].state.values() for k, v in s.items() if k != "step")
+    assert f"optimizer state {format_bytes_human(state_bytes)}," in summary.text  # bf16 state, not fp32
