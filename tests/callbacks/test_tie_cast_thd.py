@@ -79,13 +79,6 @@ def test_cast_makes_fsdp2_accept_a_mixed_dtype_model(build_in_configure):
     assert module.model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
-def test_without_cast_fsdp2_fails():
-    module = ShardedLM(mixed_dtype_llama)
-    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-    with pytest.raises(AssertionError, match="uniform original parameter dtype"):
-        trainer(strategy=strategy, max_steps=1).fit(module, loader())
-
-
 def test_thd_batch_squeezed_in_place_with_exact_values():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 8, 9]]),

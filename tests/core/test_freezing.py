@@ -140,14 +140,6 @@ def test_legacy_language_flag_matches_components_not_substrings():
     assert set(report.frozen.values()) == {"freeze_language_model"}
 
 
-def test_reference_substring_match_overfreezes():
-    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
-    model = _ContextModel()
-    model.language_model = nn.Linear(2, 2)  # the reference crashes on an attribute that is None
-    ref.apply_parameter_freezing(model, {"freeze_language_model": True, "freeze_vision_tower": False})
-    assert "context_proj.weight" in frozen(model)  # substring "text" in "context_proj": the bug we fix
-
-
 def test_vlm_default_freezes_vision_tower_only():
     model = tm.tiny_llava()
     report = apply_parameter_freezing(model, {})
@@ -301,6 +293,3 @@ def test_glob_may_select_parameters_bitfit():
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     assert biases and trainable(model) == biases
     assert set(report.unfrozen) == biases
-    ref = pytest.importorskip("nemo_automodel.components.utils.model_utils")
-    with pytest.raises(ValueError, match="matched no parameters"):
-        ref.apply_parameter_freezing(tm.tiny_llava(), cfg)  # the reference matches module paths only
