@@ -38,6 +38,7 @@ from lightning_automodel.callbacks import (
     ParameterSummary,
     TiedLMHead,
 )
+from lightning_automodel.core.checkpoint_files import format_bytes_human
 
 
 def kv_model():
@@ -120,6 +121,11 @@ def mode_resume(tmp: Path) -> None:
         # The summary runs after the sharded restore: the checkpoint's weights, not the random init.
         assert printed_norm(t2) == f"{saved_norm:.4f}", (printed_norm(t2), saved_norm)
         assert printed_norm(t2) != printed_norm(t1)
+        # AdamW state bytes as allocated on rank 0 (bf16 after the cast; rank 0 holds the larger half of dim 0).
+        state = t2.optimizers[0].state.values()
+        state_bytes = sum(v.to_local().nbytes for s in state for k, v in s.items() if k != "step")
+        summary = next(c for c in t2.callbacks if isinstance(c, ParameterSummary))
+        assert f"optimizer state {format_bytes_human(state_bytes)}," in summary.text, (state_bytes, summary.text)
 
 
 SAVED = {"glob": "model.layers.0.*"}
