@@ -112,9 +112,7 @@ def test_bad_resume_policy_is_a_misconfiguration():
         ParameterFreezing(on_resume_mismatch="ignore")
 
 
-def test_summary_table(caplog):
-    import logging
-
+def test_summary_table():
     module = InitLM(tm.tiny_llava)
     summary = ParameterSummary(name="VLM")
     trainer(callbacks=[ParameterFreezing(), summary], max_steps=1).fit(module, loader())
@@ -144,13 +142,16 @@ def test_a_failed_fit_leaves_nothing_behind():
     import weakref
 
     module = ShardedLM(tm.tiny_llama, build_in_configure=False)
-    failed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mpl"}]), ParameterSummary()])
+    from lightning_automodel.callbacks import CastMixedDtypeToBF16, TiedLMHead
+
+    suite = lambda: [FreezeDeadParameters(), CastMixedDtypeToBF16(), TiedLMHead()]  # noqa: E731
+    failed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mpl"}]), ParameterSummary(), *suite()])
     with pytest.raises(MisconfigurationException, match=r"model\.layers\.0\.mpl"):
         failed.fit(module, loader())
     first_trainer = weakref.ref(failed)
     del failed
     summary = ParameterSummary()
-    fixed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}]), summary])
+    fixed = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}]), summary, *suite()])
     fixed.fit(module, loader())
     assert {n for n, p in module.model.named_parameters() if not p.requires_grad} == {
         f"model.layers.0.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")

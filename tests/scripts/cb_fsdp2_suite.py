@@ -168,6 +168,19 @@ def mode_changed_config(tmp: Path, direction: str) -> None:
     else:
         raise AssertionError("on_resume_mismatch='error' must stop the resume")
 
+    # A single-file checkpoint loaded into FSDP2 (full state dict): the same check, before the optimizer state.
+    full_strategy = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    t3 = make_trainer(tmp / "d", 1, [ParameterFreezing(freeze_modules=[SAVED])], strategy=full_strategy())
+    t3.fit(ShardedLM(tm.tiny_llama, lr=5e-3), data())
+    single = tmp / "full.ckpt"
+    t3.save_checkpoint(single)
+    assert single.is_file()
+    from_file = ShardedLM(tm.tiny_llama, lr=5e-3)
+    t4 = make_trainer(tmp / "e", 2, [ParameterFreezing(freeze_modules=CHANGED[direction])], strategy=full_strategy())
+    t4.fit(from_file, data(), ckpt_path=single)
+    assert frozen(from_file) == saved and t4.global_step == 6
+    assert all(float(s["step"]) == 6 for s in t4.optimizers[0].state.values())
+
 
 def drop_from_dcp(src: Path, dst: Path, key_suffix: str) -> None:
     if dist.get_rank() == 0:
