@@ -19,8 +19,10 @@ it: a fit that failed leaves nothing behind, and a second Trainer on the same mo
 own callbacks. Per-run state lives on the callbacks and is reset in their ``setup``.
 
 A surgery callback may also define ``apply_before_sharding(trainer, pl_module, model)`` for changes
-that must happen on the unsharded (meta) model, before ``fully_shard``; a LightningModule that shards
-in ``configure_model`` calls it through :func:`surgery_callbacks` (ordered the same way).
+that must happen on the unsharded (meta) model, before ``fully_shard``: a LightningModule that shards
+in ``configure_model`` runs those (``prepare_before_sharding`` in ``callbacks/_pre_shard.py``), taking
+the Trainer from :func:`attached_trainer` and the callbacks from :func:`surgery_callbacks`, in the
+same order.
 """
 
 from __future__ import annotations
