@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
@@ -233,9 +234,11 @@ def export_checkpoint(
             write_config_files(staging, config, tokenizer_dir=tokenizer_dir)
             write_marker(staging, str(src.resolve()))
             publish_directory(staging, out)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
+            # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
             shutil.rmtree(staging, ignore_errors=True)
-            raise ExportError(f"writing {out} failed: {exc.strerror or exc} ({exc.filename or staging}); nothing was written under {out}.") from None
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+            raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -111,3 +111,26 @@ def test_export_bf16(trained, tmp_path):
     want = tensors_of(reference)
     assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["mixtral", "tied_llama"])
+def test_two_rank_fsdp2_hugging_face_checkpoint_and_sharded_export(tmp_path, name):
+    from distributed import run_torchrun
+    from transformers import AutoModelForCausalLM
+
+    run_torchrun("job_hf_checkpoint.py", str(tmp_path), name, nproc=2, timeout=400)
+    reference = tmp_path / "save_pretrained"
+    want = tensors_of(reference)
+    exported = export_checkpoint(tmp_path / "sharded.ckpt", tmp_path / "exported", max_shard_size="40KB")
+    for out in (tmp_path / "hf" / "final", exported):
+        got = tensors_of(out)
+        assert sorted(got) == sorted(want), out
+        assert all(torch.equal(got[k], want[k]) for k in want), out
+    assert ("lm_head.weight" in want) is (name == "mixtral")
+    step = tensors_of(tmp_path / "hf" / "step-0000002")
+    assert sorted(step) == sorted(want) and not all(torch.equal(step[k], want[k]) for k in want)  # an earlier state
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "final")
+    if name == "tied_llama":
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert not list((tmp_path / "hf").glob(".*"))  # no staging left behind
