@@ -1,36 +1,58 @@
 """``lightning-automodel export``: a Lightning checkpoint (single file or sharded DCP) -> a Hugging Face directory.
 
-The directory holds ``config.json``, safetensors shards with an index, and the tokenizer when the
-model came from a local directory that has one; ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it.
-``lm_head.weight`` is omitted only when the head is truly tied (config says tied and the tensors are
-equal); a head that diverged is kept and the exported config is untied. The directory is built
-next to the target and renamed into place, so a failure leaves nothing half-written.
+The directory is what ``save_pretrained`` writes for the model: the hub layout (per-expert MoE
+tensors, legacy VLM keys; transformers' own reversion of its load-time conversions), safetensors
+shards with an index when there is more than one, ``config.json``, ``generation_config.json`` and
+the tokenizer when the weights came from a local directory that has one; directories 0755, files
+0644. ``lm_head.weight`` is omitted only when the head is truly tied (config says tied and the
+tensors are equal); a head that diverged is kept and the exported config is untied.
+
+Memory: one output shard plus one conversion group, whatever the model size. Tensors are read one
+group at a time (``.ckpt``: from their byte ranges; DCP: by key), the optimizer state never.
+
+The checkpoint says which model it holds: the callbacks and ``HFCausalLM`` store the Hugging Face
+config and the model's attribute prefix in it (``core.hub_layout.HubModelInfo``), so a checkpoint
+from any LightningModule exports, without the original weights directory. Older ``HFCausalLM``
+checkpoints fall back to their hyper-parameters.
+
+Nothing from the checkpoint is executed: tensors and Lightning's metadata are unpickled with
+``weights_only=True`` and a short allow-list, DCP's ``.metadata`` through an allow-list of DCP's
+own types. The directory is built beside the target and renamed into place, so a failure (a
+full disk included) leaves nothing half-written under the target name.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, HubModelInfo, plan_hub_layout
+from lightning_automodel.core.hub_writer import (
+    EXPORT_MARKER,
+    publish_directory,
+    shard_file_names,
+    staging_directory,
+    write_config_files,
+    write_index,
+    write_marker,
+    write_shard,
+)
 from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name, get_lm_head_weight_and_name, is_tied_word_embeddings
+from lightning_automodel.trained_checkpoint import CheckpointReadError, TrainedCheckpoint, open_trained_checkpoint
 
 log = logging.getLogger(__name__)
 
-_MODULE_PREFIX = "model."  # HFCausalLM keeps the Hugging Face model at `self.model`
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
+_HF_CAUSAL_LM_PREFIX = "model."  # HFCausalLM keeps the Hugging Face model at `self.model`
+_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
 class ExportError(RuntimeError):
@@ -42,131 +64,120 @@ def parse_size(text: str) -> int:
     upper = text.strip().upper()
     for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+            value = int(float(upper[: -len(unit)]) * factor)
+            break
+    else:
+        value = int(upper)
+    if value <= 0:
+        raise ValueError(f"--max_shard_size must be positive; got {text!r}.")
+    return value
 
 
-def _safe_globals() -> list[Any]:
-    """The only non-tensor types a Lightning checkpoint's metadata may hold; nothing else is unpickled."""
-    import collections
-    import pathlib
+def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
+    """What the checkpoint says about its Hugging Face model (stored info, else HFCausalLM hyper-parameters)."""
+    stored = checkpoint.metadata.get(EXPORT_INFO_KEY)
+    if isinstance(stored, Mapping):
+        try:
+            return HubModelInfo.from_dict(stored)
+        except ValueError as exc:
+            raise ExportError(f"{checkpoint.path}: {exc}.") from None
+    hparams = checkpoint.metadata.get("hyper_parameters") or {}
+    init_args = {k: v for k, v in hparams.items() if k in ("pretrained_path", "config", "model_class", "trust_remote_code")}
+    if not init_args:
+        raise ExportError(
+            f"{checkpoint.path} does not say which Hugging Face model it holds: it was written without the "
+            "lightning-automodel callbacks or HFCausalLM. Add any lightning_automodel callback (e.g. "
+            "HuggingFaceCheckpoint) to the Trainer and save again."
+        )
+    from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    from lightning.fabric.utilities.data import AttributeDict
+    config = HFCausalLM(**init_args).build_hf_config()
+    source = init_args.get("pretrained_path")
+    from lightning_automodel.models.building import build_on_meta
 
-    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, AttributeDict]
-
-
-def _safe_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: a pickle that needs any other global is refused, never run."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise ExportError(f"{path} is not a readable Lightning checkpoint or holds a type export does not trust ({type(exc).__name__}: {detail}).") from None
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model tensors (Lightning keys) and hyper-parameters of a ``.ckpt`` file or a DCP directory."""
-    if path.is_file():
-        checkpoint = _safe_load(path)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ExportError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
-        return checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}
-    if path.is_dir() and (path / ".metadata").is_file():
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            # DCP would treat the read as a collective and wait for every rank.
-            raise ExportError("Export a sharded checkpoint from a single process (outside torchrun / a Trainer run).")
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        keys = {k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
-        loaded = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
-        state = loaded.get("state_dict", {})
-        meta_file = path / "meta.pt"
-        meta = _safe_load(meta_file) if meta_file.is_file() else {}
-        if not isinstance(meta, dict):
-            raise ExportError(f"{meta_file} is not a Lightning checkpoint's metadata.")
-        return state, meta.get("hyper_parameters") or {}
-    raise ExportError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
+    model = build_on_meta(config, init_args.get("model_class", "auto"))
+    return HubModelInfo(prefix=_HF_CAUSAL_LM_PREFIX, model_class=type(model).__name__, config=config.to_dict(), source=source)
 
 
-def hf_state_dict(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = {}
-    for key, value in lightning_state.items():
-        key = canonical_name(key)
-        if key.startswith(_MODULE_PREFIX):
-            state[key[len(_MODULE_PREFIX):]] = value.full_tensor() if hasattr(value, "full_tensor") else value
-    if not state:
-        raise ExportError("The checkpoint holds no `model.` tensors: was it written by HFCausalLM?")
-    return state
+def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
+    """The Hugging Face model described by ``info``, on meta (transformers' classes only: no remote code)."""
+    import transformers
+    from transformers import PreTrainedModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from lightning_automodel.models.building import build_on_meta
+
+    model_type = info.config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ExportError(f"{src}: model type {model_type!r} is not one transformers knows; export does not run remote code.")
+    cls = getattr(transformers, info.model_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ExportError(f"{src}: {info.model_class!r} is not a transformers model class; export does not run remote code.")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(info.config))
+    for kind in ("causal_lm", "image_text_to_text"):
+        try:
+            model = build_on_meta(config, kind)
+        except ValueError:
+            continue
+        if type(model) is cls:
+            return model
+    raise ExportError(f"{src}: cannot rebuild {info.model_class} from its config with transformers' auto classes.")
 
 
-def check_state_matches_config(state: dict[str, torch.Tensor], config: Any, model_class: str, src: Path) -> None:
+def check_state_matches_config(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], model: Any, src: Path, *, tied_head: str | None) -> None:
     """The checkpoint's tensors are exactly what the config's model holds (names, shapes, int/float).
 
     Checked on a meta model before anything is written: an export with a missing tensor or a wrong
     shape would only fail later, in whoever loads it.
     """
-    from lightning_automodel.models.building import build_on_meta
-
-    expected = build_on_meta(config, model_class).state_dict()  # shapes only: no storage, whatever the size
-    tied_head = "lm_head.weight" if bool(getattr(config, "tie_word_embeddings", False)) else None
-    missing = [k for k in expected if k not in state and k != tied_head]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in specs and k != tied_head]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ExportError(f"{src} has no tensor for {', '.join(missing[:3])}{more}, which the model's config needs.")
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [k for k in specs if k not in expected]
     if unexpected:
         raise ExportError(f"{src} holds tensors the model's config does not have: {', '.join(unexpected[:3])}.")
-    for name, tensor in state.items():
+    for name, (shape, dtype) in specs.items():
         want = expected[name]
-        if tuple(tensor.shape) != tuple(want.shape) or tensor.is_floating_point() != want.is_floating_point():
+        if tuple(shape) != tuple(want.shape) or dtype.is_floating_point != want.is_floating_point():
             raise ExportError(
-                f"{src}: tensor {name} is {tensor.dtype} {list(tensor.shape)}; the model's config needs "
+                f"{src}: tensor {name} is {dtype} {list(shape)}; the model's config needs "
                 f"{'a floating-point' if want.is_floating_point() else 'an integer'} tensor of shape {list(want.shape)}."
             )
 
 
-def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = state[key]
-        size += nbytes
-    return shards
+def module_names(checkpoint: TrainedCheckpoint, prefix: str) -> dict[str, str]:
+    """Hugging Face module name -> Lightning state key, for the model at ``prefix``."""
+    names = {}
+    for key in checkpoint.specs:
+        name = canonical_name(key)
+        if name.startswith(prefix):
+            names[name[len(prefix):]] = key
+    if not names:
+        raise ExportError(f"{checkpoint.path} holds no tensors under {prefix!r}.")
+    return names
 
 
-def write_hf_directory(state: dict[str, torch.Tensor], config: Any, out: Path, *, max_shard_bytes: int, tokenizer_dir: Path | None) -> None:
-    from safetensors.torch import save_file
-
-    config.save_pretrained(out)
-    # safetensors refuses tensors that share storage; each exported tensor gets its own.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        for name in _TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, out / name)
+def _decide_tie(checkpoint: TrainedCheckpoint, model: Any, names: dict[str, str], config: Any) -> str | None:
+    """The head name to omit (truly tied), or ``None``; unties ``config`` when the head diverged."""
+    _, head = get_lm_head_weight_and_name(model)
+    _, embed = get_input_embeddings_weight_and_name(model)
+    if head is None or embed is None or not is_tied_word_embeddings(model):
+        return None
+    if head not in names:
+        return head
+    if embed not in names:
+        return None
+    pair = checkpoint.read([names[head], names[embed]])
+    head_t, embed_t = pair[names[head]], pair[names[embed]]
+    if head_t.shape == embed_t.shape and torch.equal(head_t, embed_t):
+        return head
+    log.warning("%s differs from the embedding: exporting it and an untied config.", head)
+    config.tie_word_embeddings = False
+    if hasattr(config, "get_text_config"):
+        config.get_text_config().tie_word_embeddings = False
+    return None
 
 
 def export_checkpoint(
@@ -176,59 +187,63 @@ def export_checkpoint(
     max_shard_size: str = "5GB",
     overwrite: bool = False,
     tokenizer_path: str | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Export and return the output directory (see the module docstring)."""
-    from lightning_automodel.models.hf_causal_lm import HFCausalLM
-
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
+    if dtype not in _DTYPES:
+        raise ExportError(f"--dtype must be one of auto, bf16, fp32; got {dtype!r}.")
+    out_dtype = _DTYPES[dtype]
+    max_bytes = parse_size(max_shard_size)
     _check_out(src, out, overwrite)
-    lightning_state, hparams = read_checkpoint(src)
-    init_args = {k: v for k, v in hparams.items() if k in ("pretrained_path", "config", "model_class", "trust_remote_code")}
-    if not init_args:
-        raise ExportError(f"{src} has no HFCausalLM hyper-parameters, so the model config is unknown.")
-    config = HFCausalLM(**init_args).build_hf_config()
-    state = hf_state_dict(lightning_state)
-    check_state_matches_config(state, config, init_args.get("model_class", "auto"), src)
-    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
-    if head is None:
-        for key in state:
-            if key.endswith("embed_tokens.weight"):
-                embed = state[key]
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied and head is not None and embed is not None:
-        if head.shape == embed.shape and torch.equal(head, embed):
-            del state["lm_head.weight"]
-        else:
-            log.warning("lm_head.weight differs from the embedding: exporting it and an untied config.")
-            config.tie_word_embeddings = False
-    tokenizer_dir = Path(tokenizer_path) if tokenizer_path else (Path(init_args["pretrained_path"]) if init_args.get("pretrained_path") else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_hf_directory(state, config, tmp, max_shard_bytes=parse_size(max_shard_size), tokenizer_dir=tokenizer_dir)
-        (tmp / _MARKER).write_text(json.dumps({"source": str(src.resolve()), "time": time.time()}))
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
+        checkpoint = open_trained_checkpoint(src)
+    except CheckpointReadError as exc:
+        raise ExportError(str(exc)) from None
+    with checkpoint:
+        info = model_info(checkpoint)
+        model = build_meta_model_for(info, src)
+        config = model.config
+        names = module_names(checkpoint, info.prefix)
+        specs = {name: checkpoint.specs[key] for name, key in names.items()}
+        _, head = get_lm_head_weight_and_name(model)
+        tied_head = head if head is not None and is_tied_word_embeddings(model) else None
+        check_state_matches_config(specs, model, src, tied_head=tied_head)
+        omit = _decide_tie(checkpoint, model, names, config)
+        out_specs = {n: (shape, out_dtype if (out_dtype is not None and dt.is_floating_point) else dt) for n, (shape, dt) in specs.items()}
+        layout = plan_hub_layout(model, out_specs, omit={omit} if omit else set())
+        shards = layout.shards(max_bytes)
+        floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
+        if floats:
+            config.dtype = max(set(floats), key=floats.count)
+
+        def fetch(groups: Sequence[ConversionGroup]) -> dict[str, torch.Tensor]:
+            wanted = [name for group in groups for name in group.sources]
+            read = checkpoint.read([names[name] for name in wanted])
+            return {name: read[names[name]] for name in wanted}
+
+        tokenizer_dir = Path(tokenizer_path) if tokenizer_path else (Path(info.source) if info.source else None)
+        staging = staging_directory(out)
         try:
-            os.replace(tmp, out)
+            for file_name, shard in zip(shard_file_names(len(shards)), shards):
+                write_shard(staging / file_name, shard, model, fetch, dtype=out_dtype)
+            if len(shards) > 1:
+                write_index(staging, layout, shards)
+            write_config_files(staging, config, tokenizer_dir=tokenizer_dir)
+            write_marker(staging, str(src.resolve()))
+            publish_directory(staging, out)
+        except (OSError, SafetensorError) as exc:
+            # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
+            shutil.rmtree(staging, ignore_errors=True)
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+            raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
         except BaseException:
-            if old is not None:
-                os.replace(old, out)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log.info("Exported %d tensors in %d file(s) to %s.", len(layout.names()), len(shards), out)
     return out
-
-
-_MARKER = ".lightning-automodel-export.json"
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -247,7 +262,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         if any(rout.iterdir()):
             if not overwrite:
                 raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it.")
-            if not (rout / _MARKER).is_file():
+            if not (rout / EXPORT_MARKER).is_file():
                 raise ExportError(f"{out} is not a previous export; remove it yourself or choose another --out.")
 
 
@@ -257,11 +272,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
     parser.add_argument("--max_shard_size", default="5GB")
     parser.add_argument("--tokenizer_path", default=None, help="copy the tokenizer from this local directory")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: the dtypes the checkpoint stores")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export (a directory holding export's marker)")
     args = parser.parse_args(list(argv))
     try:
         out = export_checkpoint(
-            args.ckpt_path, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite, tokenizer_path=args.tokenizer_path
+            args.ckpt_path, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            tokenizer_path=args.tokenizer_path, dtype=args.dtype,
         )
     except (ExportError, FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"lightning-automodel export: error: {exc}\n")

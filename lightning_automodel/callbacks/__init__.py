@@ -2,6 +2,7 @@
 
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
+from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import ParameterSummary
 from lightning_automodel.callbacks.thd_squeeze import THDSqueeze
@@ -10,6 +11,7 @@ from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
 __all__ = [
     "CastMixedDtypeToBF16",
     "FreezeDeadParameters",
+    "HuggingFaceCheckpoint",
     "ParameterFreezing",
     "ParameterSummary",
     "THDSqueeze",

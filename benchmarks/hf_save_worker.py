@@ -1,0 +1,85 @@
+"""One rank of case 9's save comparison: ``torchrun --nproc_per_node=2 benchmarks/hf_save_worker.py HF_DIR TMP SHARD``.
+
+Every rank builds the llama from ``HF_DIR`` on meta, shards it with FSDP2, loads its shards, and
+then measures, each from a reset high-water mark: (a) ``dcp.save`` of the model state dict and
+(b) the hub-layout save of ``HuggingFaceCheckpoint`` (``write_shards_from_all_ranks`` + publish).
+Rank 0 writes ``{label: [every rank's record]}`` to ``TMP/records.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import AutoConfig
+
+from benchmarks.harness import reset_peak_rss, rss_kib
+from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
+from lightning_automodel.core.hub_layout import hub_model_info
+from lightning_automodel.core.hub_writer import publish_directory, staging_directory, write_config_files
+from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
+from lightning_automodel.export import build_meta_model_for, parse_size
+from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
+
+
+def measure(fn) -> dict:
+    dist.barrier()
+    base = rss_kib()
+    reset_peak_rss()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return {"seconds": time.perf_counter() - start, "peak_kib": rss_kib("VmHWM") - base}
+
+
+def main(hf_dir: str, tmp: str, shard: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    config = AutoConfig.from_pretrained(hf_dir)
+    model = build_meta_model(config, "causal_lm")
+    reader = CheckpointReader(hf_dir)
+    plan = plan_checkpoint_load(model, reader)
+    apply_fsdp2(model, mesh, mixed_precision=False, activation_checkpointing=False, cpu_offload=False)
+    materialize(model, torch.device("cpu"))
+    load_checkpoint_into(model, reader, plan)
+    reader.close()
+    out = Path(tmp)
+    layout_model = build_meta_model_for(hub_model_info("", model), Path(hf_dir))
+
+    def plain() -> None:
+        dcp.save({"state_dict": model.state_dict()}, checkpoint_id=str(out / "dcp"))
+
+    def hub() -> None:
+        state = module_state(model)
+        omit = tied_head_to_omit(model, state)
+        layout = plan_module_layout(model, layout_model, state, omit=omit, dtype=None)
+        staging = [str(staging_directory(out / "hf")) if rank == 0 else None]
+        dist.broadcast_object_list(staging, src=0)
+        write_shards_from_all_ranks(layout_model, state, layout, Path(staging[0]), rank=rank, world_size=world,
+                                    max_shard_bytes=parse_size(shard), dtype=None)
+        dist.barrier()
+        if rank == 0:
+            write_config_files(Path(staging[0]), layout_model.config, tokenizer_dir=None)
+            publish_directory(Path(staging[0]), out / "hf")
+
+    plain()  # warm-up of both paths on this exact model (first-call set-up is not measured)
+    hub()
+    records = {"plain DCP save": measure(plain), "HuggingFaceCheckpoint": measure(hub)}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        merged = {label: [r[label] for r in gathered] for label in records}
+        (out / "records.json").write_text(json.dumps(merged))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

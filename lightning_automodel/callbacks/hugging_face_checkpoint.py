@@ -1,0 +1,166 @@
+"""Write a Hugging Face directory during training, from all ranks, without gathering the model on one."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_automodel.callbacks._export_info import record_export_info, source_directory
+from lightning_automodel.core.discovery import find_hf_model
+from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
+from lightning_automodel.core.hub_layout import hub_model_info
+from lightning_automodel.core.hub_writer import EXPORT_MARKER, publish_directory, write_config_files, write_marker
+
+log = logging.getLogger(__name__)
+
+
+class HuggingFaceCheckpoint(Callback):
+    """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
+
+    At the end of ``fit`` it writes ``dirpath/final``, and every ``every_n_train_steps`` steps (when
+    set) ``dirpath/step-<N>``. The layout is ``save_pretrained``'s (see
+    ``lightning-automodel export``): hub tensor names, the tied head omitted only when truly tied,
+    safetensors shards with an index, config, generation config and the tokenizer of the source
+    directory; directories 0755, files 0644.
+
+    Every rank writes: output file ``i`` belongs to rank ``i % world_size``, and each conversion
+    group is all-gathered in turn (``DTensor.full_tensor``), so per rank memory is one output shard
+    plus one gathered group, never the model. Files go to a staging directory beside the target;
+    rank 0 publishes it with one rename after every rank has fsynced its files, so a crash leaves
+    the previous directory or the new one, never a mix. ``dirpath`` must be on a filesystem every
+    node sees (as for sharded checkpoints).
+
+    It also records in every Lightning checkpoint what ``lightning-automodel export`` needs (the
+    Hugging Face config and where the model sits in the LightningModule), so a checkpoint of any
+    LightningModule exports.
+
+    Args:
+        dirpath: where the directories go (default: ``<trainer.default_root_dir>/hf``).
+        every_n_train_steps: also save every N optimizer steps (0: only at the end of fit).
+        save_on_train_end: write ``final`` when fit ends.
+        max_shard_size: largest output file, e.g. ``"5GB"``.
+        dtype: ``auto`` (the parameters' dtypes), ``bf16`` or ``fp32``.
+        tokenizer_path: copy the tokenizer from this local directory (default: the directory the
+            weights came from, when the module says so).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 0,
+        save_on_train_end: bool = True,
+        max_shard_size: str = "5GB",
+        dtype: Literal["auto", "bf16", "fp32"] = "auto",
+        tokenizer_path: str | None = None,
+    ) -> None:
+        from lightning_automodel.export import _DTYPES, parse_size
+
+        if every_n_train_steps < 0:
+            raise MisconfigurationException(f"HuggingFaceCheckpoint(every_n_train_steps=...) must be >= 0; got {every_n_train_steps}.")
+        if dtype not in ("auto", "bf16", "fp32"):
+            raise MisconfigurationException(f"HuggingFaceCheckpoint(dtype=...) must be auto, bf16 or fp32; got {dtype!r}.")
+        try:
+            self._max_shard_bytes = parse_size(max_shard_size)
+        except ValueError as exc:
+            raise MisconfigurationException(f"HuggingFaceCheckpoint(max_shard_size={max_shard_size!r}): {exc}") from None
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self.save_on_train_end = save_on_train_end
+        self.dtype = _DTYPES[dtype]
+        self.tokenizer_path = tokenizer_path
+        self._layout_model: Any = None
+        self._last_step = -1
+        self.last_saved: Path | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "HuggingFaceCheckpoint"
+
+    def _root(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir) / "hf"
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            root = self._root(trainer)
+            for stale in root.glob(".*.tmp-*") if root.is_dir() else ():
+                shutil.rmtree(stale, ignore_errors=True)  # staging left by a run killed mid-save
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record_export_info(pl_module, checkpoint)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and self._last_step != trainer.global_step:
+            self.save(trainer, pl_module, self._root(trainer) / f"step-{trainer.global_step:07d}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_on_train_end:
+            self.save(trainer, pl_module, self._root(trainer) / "final")
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> Path:
+        """Write ``out`` from every rank (a collective: all ranks call it)."""
+        from lightning_automodel.export import build_meta_model_for
+
+        strategy = trainer.strategy
+        prefix, model = find_hf_model(pl_module)
+        if not hasattr(model, "config"):
+            raise MisconfigurationException("HuggingFaceCheckpoint needs a Hugging Face model (a transformers PreTrainedModel) in the LightningModule.")
+        info = hub_model_info(prefix, model, source_directory(pl_module))
+        if self._layout_model is None:
+            self._layout_model = build_meta_model_for(info, Path("<the LightningModule>"))
+        if out.exists() and not (out / EXPORT_MARKER).is_file():
+            raise MisconfigurationException(f"HuggingFaceCheckpoint: {out} exists and was not written by it; move it or choose another dirpath.")
+        state = module_state(model)
+        omit = tied_head_to_omit(model, state, device=strategy.root_device)
+        config = self._layout_model.config.__class__.from_dict(model.config.to_dict())
+        if omit is None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # the head diverged (or was never tied): say so
+        layout = plan_module_layout(model, self._layout_model, state, omit=omit, dtype=self.dtype)
+        floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
+        if floats:
+            config.dtype = max(set(floats), key=floats.count)
+
+        staging = None
+        if trainer.is_global_zero:
+            from lightning_automodel.core.hub_writer import staging_directory
+
+            staging = staging_directory(out)
+        staging = Path(strategy.broadcast(str(staging) if staging is not None else None))
+        strategy.barrier("hf_checkpoint_staged")
+        write_shards_from_all_ranks(
+            self._layout_model, state, layout, staging,
+            rank=trainer.global_rank, world_size=trainer.world_size, max_shard_bytes=self._max_shard_bytes, dtype=self.dtype,
+        )
+        strategy.barrier("hf_checkpoint_written")
+        if trainer.is_global_zero:
+            tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else (Path(info.source) if info.source else None)
+            write_config_files(staging, config, tokenizer_dir=tokenizer)
+            write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
+            publish_directory(staging, out)
+            rank_zero_info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
+        strategy.barrier("hf_checkpoint_published")
+        self._last_step = trainer.global_step
+        self.last_saved = out
+        return out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_saved": str(self.last_saved) if self.last_saved else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        last = state_dict.get("last_saved")
+        self.last_saved = Path(last) if last else None

@@ -1,0 +1,203 @@
+"""The Hugging Face hub layout of a model's weights, planned on shapes so it can be written tensor by tensor.
+
+``save_pretrained`` writes the hub layout, not the module's names: fused MoE experts become one
+tensor per expert, VLMs get their legacy keys back, a tied head is left out. It does so with
+transformers' ``revert_weight_conversion`` on the *whole* state dict, which needs every tensor in
+memory at once (80 GB for 8B in fp32). The reversion is a set of independent groups (one fused
+expert tensor and the per-expert tensors it becomes, or one renamed tensor), so here the state is
+split into those groups with transformers' own matching rules, each group is reverted on meta
+tensors to learn its output names and shapes, and a writer later reverts one group of real
+tensors at a time. The result is the same names and shapes as ``save_pretrained`` (tested per
+layout), with one group in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: where a checkpoint records what export needs (written by the callbacks, read by ``export``)
+EXPORT_INFO_KEY = "lightning_automodel_hf_model"
+
+
+@dataclass(frozen=True)
+class HubModelInfo:
+    """What rebuilding the Hugging Face model needs, stored in a training checkpoint.
+
+    ``prefix`` is the attribute path of the Hugging Face model inside the LightningModule
+    (``"model."`` for ``HFCausalLM``), ``config`` the model's ``config.to_dict()``, ``source`` the
+    local directory the weights came from (for the tokenizer), if any.
+    """
+
+    prefix: str
+    model_class: str
+    config: dict[str, Any]
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # A JSON string: Lightning's metadata is unpickled with weights_only=True, which takes
+        # str/dict/list but not every value a config dict may hold (tuples of floats, nested configs).
+        return {"prefix": self.prefix, "model_class": self.model_class, "config_json": json.dumps(self.config), "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HubModelInfo:
+        try:
+            config = json.loads(data["config_json"])
+            prefix, model_class = data["prefix"], data["model_class"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the checkpoint's {EXPORT_INFO_KEY!r} entry is malformed ({type(exc).__name__}: {exc})") from None
+        if not isinstance(config, dict) or not isinstance(prefix, str) or not isinstance(model_class, str):
+            raise ValueError(f"the checkpoint's {EXPORT_INFO_KEY!r} entry is malformed")
+        source = data.get("source")
+        return cls(prefix=prefix, model_class=model_class, config=config, source=source if isinstance(source, str) else None)
+
+
+def transformers_class_name(model: nn.Module) -> str:
+    """The transformers class of ``model``, also once FSDP2 has swapped its class for ``FSDP<Class>``."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and hasattr(cls, "config_class"):
+            return cls.__name__
+    return type(model).__name__
+
+
+def hub_model_info(prefix: str, model: nn.Module, source: str | None = None) -> HubModelInfo:
+    """The :class:`HubModelInfo` of a Hugging Face ``model`` found at ``prefix`` inside a training module."""
+    config = model.config.to_dict()
+    return HubModelInfo(prefix=prefix, model_class=transformers_class_name(model), config=config, source=source)
+
+
+@dataclass(frozen=True)
+class HubTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class ConversionGroup:
+    """Module tensors that are reverted together and the hub tensors they become."""
+
+    sources: tuple[str, ...]
+    outputs: tuple[HubTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass
+class HubLayout:
+    """Every hub tensor of a model, grouped by the module tensors that produce it."""
+
+    groups: list[ConversionGroup]
+    omitted: tuple[str, ...] = field(default=())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups)
+
+    def names(self) -> list[str]:
+        return [t.name for g in self.groups for t in g.outputs]
+
+    def shards(self, max_shard_bytes: int) -> list[list[ConversionGroup]]:
+        """Groups packed in order into shards of at most ``max_shard_bytes`` (a larger group gets a shard alone).
+
+        A group never spans two files, so each file is written from whole groups (one read each).
+        """
+        shards: list[list[ConversionGroup]] = [[]]
+        size = 0
+        for group in self.groups:
+            if shards[-1] and size + group.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(group)
+            size += group.nbytes
+        return shards
+
+
+def _reverse_converters(model: nn.Module) -> list[Any]:
+    """The reversed ``WeightConverter`` list ``revert_weight_conversion`` uses for ``model``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    reverse = [c.reverse_transform() for c in conversions[::-1]]
+    return [c for c in reverse if isinstance(c, WeightConverter)]
+
+
+def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...]]:
+    """Split ``names`` into the groups transformers' reversion converts together.
+
+    Mirrors the matching in ``revert_weight_conversion``: a name matched by a converter joins the
+    group of its converted name; any other name is a group alone (renamings are one-to-one).
+    """
+    from transformers.core_model_loading import apply_converters, dot_natural_key
+
+    converters = _reverse_converters(model)
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=dot_natural_key):
+        renamed, pattern = apply_converters(name, converters) if converters else (name, None)
+        groups.setdefault(renamed if pattern is not None else f"\0{name}", []).append(name)
+    return [tuple(members) for members in groups.values()]
+
+
+def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' reversion of one conversion group (module names -> hub names)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(model, dict(tensors))
+    return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
+
+
+def plan_hub_layout(
+    meta_model: nn.Module,
+    module_tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    omit: set[str] = frozenset(),  # type: ignore[assignment]
+) -> HubLayout:
+    """Plan the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)), on meta.
+
+    ``meta_model`` is the Hugging Face model (any device; only its class and config are used by the
+    conversion rules). ``omit`` names module tensors left out (a tied head).
+    """
+    names = [n for n in module_tensors if n not in omit]
+    groups = []
+    seen: set[str] = set()
+    for members in conversion_groups(meta_model, names):
+        fake = {n: torch.empty(module_tensors[n][0], dtype=module_tensors[n][1], device="meta") for n in members}
+        outputs = tuple(HubTensor(n, tuple(t.shape), t.dtype) for n, t in revert_group(meta_model, fake).items())
+        clash = seen.intersection(t.name for t in outputs)
+        if clash:
+            raise ValueError(f"two tensor groups revert to the same hub name {sorted(clash)[0]!r}; transformers' conversion rules changed?")
+        seen.update(t.name for t in outputs)
+        groups.append(ConversionGroup(sources=members, outputs=outputs))
+    return HubLayout(groups=groups, omitted=tuple(sorted(omit)))
+
+
+def iter_outputs(model: nn.Module, group: ConversionGroup, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Revert one group of real tensors and check each output against the plan."""
+    planned = {t.name: t for t in group.outputs}
+    reverted = revert_group(model, tensors)
+    if set(reverted) != set(planned):
+        raise ValueError(f"reverting {group.sources[0]!r} gave {sorted(reverted)} instead of the planned {sorted(planned)}")
+    for name, tensor in reverted.items():
+        if tuple(tensor.shape) != planned[name].shape:
+            raise ValueError(f"{name}: reverted shape {list(tensor.shape)} differs from the planned {list(planned[name].shape)}")
+        yield name, tensor
