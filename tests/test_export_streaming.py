@@ -132,3 +132,48 @@ def test_no_info_no_hyper_parameters_says_what_to_do(tmp_path):
     torch.save({"state_dict": {"net.w": torch.zeros(2)}, "epoch": 0}, path)
     with pytest.raises(ExportError, match="HuggingFaceCheckpoint"):
         export_checkpoint(path, tmp_path / "out")
+
+
+def test_hf_causal_lm_checkpoint_exports_without_its_weights_directory(tmp_path):
+    """The config travels in the checkpoint: the directory the weights came from may be gone."""
+    import shutil
+
+    import lightning.pytorch as pl
+    from transformers import AutoModelForCausalLM
+
+    import tiny_models as tm
+    from callbacks.lit_models import loader
+    from lightning_automodel import HFCausalLM
+
+    source = tmp_path / "weights"
+    tm.tiny_llama().save_pretrained(source)
+    module = HFCausalLM(pretrained_path=str(source))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader(n=8, batch_size=4))
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    shutil.rmtree(source)
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in module.model.state_dict().items())
+
+
+def test_any_surgery_callback_records_what_export_needs(tmp_path):
+    import lightning.pytorch as pl
+
+    import tiny_models as tm
+    from callbacks.lit_models import loader
+    from lightning_automodel.callbacks import ParameterFreezing
+    from test_export_layouts import UserLM, tensors_of
+
+    module = UserLM(tm.tiny_llama)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0"}])])
+    trainer.fit(module, loader(n=4, batch_size=4))
+    ckpt = tmp_path / "user.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    got = tensors_of(out)
+    assert all(torch.equal(got[k], v) for k, v in module.net.state_dict().items())

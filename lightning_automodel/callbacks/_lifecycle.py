@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_automodel.callbacks._export_info import record_export_info
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
 from lightning_automodel.core.naming import unique_named_parameters
@@ -190,6 +191,11 @@ class ModelSurgeryCallback(Callback):
         _reject_unsupported_strategy(trainer, type(self).__name__)
         self.reset_run_state()
         install_surgery_hooks(pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # What `lightning-automodel export` needs: any LightningModule's checkpoint becomes exportable.
+        record_export_info(pl_module, checkpoint)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from lightning_automodel.core.dtypes import dtype_from_name
 from lightning_automodel.core.forward_signature import filter_forward_kwargs
+from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, hub_model_info
 from lightning_automodel.core.init import init_weights_by_module
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
@@ -169,6 +170,11 @@ class HFCausalLM(pl.LightningModule):
         ensure_tied_lm_head(model)
         model.config.use_cache = False
         self.model = model
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The Hugging Face config travels with the checkpoint: export needs no weights directory.
+        if self.model is not None:
+            checkpoint[EXPORT_INFO_KEY] = hub_model_info("model.", self.model, self.hparams.pretrained_path).to_dict()
 
     # ---- steps --------------------------------------------------------------------------------
 
