@@ -30,6 +30,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_directory
+
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
@@ -41,19 +43,6 @@ class CheckpointResumeError(ValueError):
 
 def _is_local(path: _PATH) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -74,7 +63,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 class AtomicTorchCheckpointIO(TorchCheckpointIO):
@@ -140,11 +129,14 @@ def newest_complete_checkpoint(directory: _PATH, exclude: _PATH | None = None) -
 
 def check_resumable(ckpt_path: _PATH | None) -> None:
     """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
-    checkpoint, naming the newest complete checkpoint in the same directory. Anything else passes through
+    checkpoint, naming the newest complete checkpoint in the same directory. A sharded checkpoint that a
+    killed save left parked beside its name is put back first. Anything else passes through
     (``last``/``best`` keywords, sharded directories, remote paths, missing files: Lightning reports those)."""
     if ckpt_path is None or not _is_local(ckpt_path):
         return
     path = Path(str(ckpt_path).removeprefix("file://"))
+    if not path.exists():
+        recover_replaced_directory(path)  # a sharded save killed between its two renames
     if not path.is_file():
         return
     reason = incomplete_reason(path)

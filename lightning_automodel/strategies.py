@@ -1,11 +1,23 @@
-"""A ModelParallelStrategy (FSDP2) whose sharded checkpoints never exist half-written, and which keeps
+"""A ModelParallelStrategy (FSDP2) whose sharded checkpoints survive a kill at any moment, and which keeps
 CPU-offloaded shards in host memory.
 
 Lightning writes a sharded (DCP) checkpoint into its final directory, overwriting the previous one
 file by file; a run killed in the middle leaves ``last.ckpt`` with new shards next to old metadata,
-and a resume loads garbage or fails. Here every rank writes into a temporary sibling directory, and
-rank 0 swaps it into place only after every rank has finished. A kill at any moment leaves either
-the previous complete checkpoint or the new one under the final name.
+and a resume loads garbage or fails. Here:
+
+* every rank writes into a staging sibling (``.last.ckpt.tmp``); DCP fsyncs each data file as it
+  writes it, and rank 0 fsyncs the metadata files and the directory once every rank is done;
+* rank 0 then publishes it with ``core.atomic_files.replace_directory``: an atomic exchange with the
+  previous directory where the filesystem supports it (ext4, xfs, btrfs, tmpfs), so the final name
+  always holds a complete checkpoint; elsewhere two renames, the previous directory parked at
+  ``.last.ckpt.old`` in between, which the next save or load (and the CLI's ``--ckpt_path`` check)
+  moves back if a kill struck there;
+* a second save of the same training state (``ModelCheckpoint(save_last=True)`` saves ``last``
+  right after its top-k file, at the same step) hard-links that save's data files instead of
+  writing the model and optimizer again; only ``meta.pt`` (which holds ModelCheckpoint's own
+  state) is written anew. "Same" is checked, not assumed: the step and an exact sum of every
+  local parameter shard must match on every rank (:func:`training_state_fingerprint`). Set
+  ``link_same_step_saves=False`` to always write.
 """
 
 from __future__ import annotations
@@ -20,13 +32,12 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
+from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
 
 log = logging.getLogger(__name__)
 
-
-def _sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}")
+_METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
 def offloads_to_cpu(module: torch.nn.Module) -> bool:
@@ -34,13 +45,42 @@ def offloads_to_cpu(module: torch.nn.Module) -> bool:
     return any(getattr(m, CPU_OFFLOAD_ATTR, False) for m in module.modules())
 
 
+def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> tuple[Any, ...]:
+    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard.
+
+    Two saves of one run with equal fingerprints hold the same state: the optimizer state changes
+    only with a step (which changes ``global_step``), and any edit of the weights between two saves
+    at the same step changes a sum. The live tensors are summed, not the checkpoint's copies; one
+    read of the local shards (no allocation beyond one scalar per tensor, one device sync).
+    """
+    from torch.distributed.tensor import DTensor
+
+    sums = []
+    for tensor in module.state_dict(keep_vars=True).values():
+        if isinstance(tensor, torch.Tensor):
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            sums.append(local.detach().sum(dtype=torch.float64) if local.is_floating_point() else local.detach().double().sum())
+    values = tuple(torch.stack(sums).cpu().tolist()) if sums else ()
+    return (checkpoint.get("epoch"), checkpoint.get("global_step"), values)
+
+
 class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` with atomic sharded checkpoint saves (same arguments).
+    """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus one).
 
     With FSDP2 CPU offload, only buffers go to the device: Lightning's ``model.to(device)`` would copy
     every shard to the GPU (the state that did not fit, hence the offload) and FSDP2 would then refuse
     it ("FSDP parameters should be materialized on CPU when enabling CPU offloading").
+
+    Args:
+        link_same_step_saves: a save of exactly the state of the previous save of this run hard-links
+            that save's data files (no second full copy for ``save_last``).
+        *args, **kwargs: ``ModelParallelStrategy``'s.
     """
+
+    def __init__(self, *args: Any, link_same_step_saves: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.link_same_step_saves = link_same_step_saves
+        self._previous_save: tuple[Path, tuple[Any, ...]] | None = None
 
     @override
     def model_to_device(self) -> None:
@@ -51,29 +91,58 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.root_device)
 
+    def _linkable_previous(self, state_id: tuple[Any, ...]) -> Path | None:
+        if not self.link_same_step_saves or self._previous_save is None:
+            return None
+        path, previous_id = self._previous_save
+        if previous_id != state_id or not (path / ".metadata").is_file():
+            return None
+        return path
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         final = Path(self.broadcast(str(filepath)))
-        staging, previous = _sibling(final, "tmp"), _sibling(final, "old")
-        if self.global_rank == 0 and staging.exists():
-            shutil.rmtree(staging)  # left over by a run killed while saving
+        staging = sibling(final, "tmp")
+        state_id = training_state_fingerprint(self.lightning_module, checkpoint)
+        source = self._linkable_previous(state_id)
+        if self.global_rank == 0:
+            recover_replaced_directory(final)
+            if staging.exists():
+                shutil.rmtree(staging)  # left over by a run killed while saving
+        # every rank must take the same branch: link only if every rank's state is unchanged
+        source = source if self.reduce_boolean_decision(source is not None, all=True) else None
         self.barrier("atomic_checkpoint_prepare")
-        super().save_checkpoint(checkpoint, staging, storage_options)
+        if source is None:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+        elif self.global_rank == 0:
+            staging.mkdir(parents=True)
+            for file in source.iterdir():
+                if file.is_file() and file.name != _METADATA_FILE:
+                    os.link(file, staging / file.name)
+            metadata = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            torch.save(metadata, staging / _METADATA_FILE)
         self.barrier("atomic_checkpoint_written")
         if self.global_rank == 0:
-            if final.exists():
-                if previous.exists():
-                    shutil.rmtree(previous)
-                os.replace(final, previous)
-            os.replace(staging, final)
-            shutil.rmtree(previous, ignore_errors=True)
+            fsync_tree(staging)
+            replace_directory(staging, final)
         self.barrier("atomic_checkpoint_done")
+        self._previous_save = (final, state_id)
+        if source is not None:
+            log.info("Checkpoint %s shares the data files of %s (same step).", final, source)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if self.global_rank == 0:
+            recover_replaced_directory(path)
+        self.barrier("atomic_checkpoint_recover")
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
         super().remove_checkpoint(filepath)
         if self.global_rank == 0:
             for tag in ("tmp", "old"):
-                shutil.rmtree(_sibling(Path(filepath), tag), ignore_errors=True)
+                shutil.rmtree(sibling(Path(filepath), tag), ignore_errors=True)

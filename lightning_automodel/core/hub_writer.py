@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel.core.atomic_files import fsync_path, replace_directory
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, iter_outputs
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,6 @@ def shard_file_names(count: int) -> list[str]:
     if count == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk before it is published."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def cast_for_output(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -151,26 +143,13 @@ def staging_directory(out: Path) -> Path:
 
 
 def publish_directory(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an existing ``out`` is swapped aside first and removed last.
+    """Move ``staging`` to ``out`` (the caller decided an existing ``out`` may be replaced).
 
-    The caller has decided that an existing ``out`` may be replaced. A failure between the two
-    renames puts the old directory back.
+    An existing ``out`` is swapped atomically where the filesystem can (see ``core.atomic_files``):
+    a reader sees the old directory or the new one under the name, never neither.
     """
     fsync_path(staging)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(staging, out)
 
 
 def write_marker(out: Path, source: str) -> None:

@@ -1,0 +1,119 @@
+"""Publishing a directory under its final name with no moment at which that name is missing.
+
+A checkpoint or export directory is written beside its target and then moved into place. When the
+target already exists, POSIX ``rename`` cannot replace a non-empty directory, so the usual dance is
+two renames (old aside, new in), and a crash between them leaves no directory under the name at
+all. Linux has an atomic swap of two paths (``renameat2(..., RENAME_EXCHANGE)``, ext4, xfs, btrfs,
+tmpfs); :func:`replace_directory` uses it when the filesystem supports it, and otherwise falls back
+to the two renames with the old directory parked at a fixed sibling name that
+:func:`recover_replaced_directory` moves back at the next start.
+
+``renameat2`` is not in Python's ``os`` module; it is reached through ``ctypes`` here and nowhere
+else (tested in ``tests/core/test_atomic_files.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def sibling(path: Path, tag: str) -> Path:
+    """``dir/.name.tag``: where a directory is staged (``tmp``) or parked (``old``) beside ``path``."""
+    return path.with_name(f".{path.name}.{tag}")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk (best effort where a directory cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and then every directory, deepest first."""
+    directories = []
+    for current, dirs, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(current) / name)
+        directories.append(Path(current))
+    for directory in reversed(directories):
+        fsync_path(directory)
+
+
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap the entries ``a`` and ``b`` (both must exist); ``False`` when the system cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # no such call, or a filesystem that cannot exchange: fall back to two renames
+    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a} and {b}: {os.strerror(code)}")
+
+
+def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True) -> None:
+    """Move ``staging`` to ``final``, replacing an existing ``final``; no moment without ``final`` if possible.
+
+    With the atomic exchange, ``final`` always names a complete directory (old, then new). Without
+    it, the old directory is parked at ``sibling(final, "old")`` between two renames; a crash there
+    is repaired by :func:`recover_replaced_directory`. Parent directory entries are fsynced.
+    """
+    parked = sibling(final, "old")
+    if not final.exists() and not final.is_symlink():
+        os.replace(staging, final)
+    elif allow_exchange and exchange_paths(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # staging now names the previous directory
+    else:
+        if parked.exists():
+            shutil.rmtree(parked)
+        os.replace(final, parked)
+        try:
+            os.replace(staging, final)
+        except BaseException:
+            os.replace(parked, final)
+            raise
+        fsync_path(final.parent)
+        shutil.rmtree(parked, ignore_errors=True)
+    fsync_path(final.parent)
+
+
+def recover_replaced_directory(final: Path) -> bool:
+    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did."""
+    parked = sibling(final, "old")
+    if final.exists() or final.is_symlink() or not parked.is_dir():
+        return False
+    os.replace(parked, final)
+    fsync_path(final.parent)
+    log.warning("Recovered %s from %s, left by a save that was interrupted while replacing it.", final, parked.name)
+    return True
