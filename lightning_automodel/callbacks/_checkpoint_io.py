@@ -1,25 +1,26 @@
 """Loading checkpoints that omit a tied ``lm_head.weight`` (HF tied checkpoints, some exporters).
 
-Full ``.ckpt`` files: the LightningModule's ``on_load_checkpoint`` runs before the weights are loaded,
-so a wrapper on it adds the missing key to ``checkpoint["state_dict"]`` from the embedding source.
+Full ``.ckpt`` files on one device or DDP: the LightningModule's ``on_load_checkpoint`` runs before
+the weights are loaded, so a wrapper on it adds the missing key to ``checkpoint["state_dict"]`` from
+the embedding source.
 
-Sharded (DCP) checkpoints under ``ModelParallelStrategy``: Lightning asks DCP for every key of the
-model, and DCP fails hard on the missing head (``Missing key in checkpoint state_dict:
-state_dict.model.lm_head.weight``). For exactly that key, and only when its embedding source is in
-the checkpoint, the DCP load here leaves the head out of the request and then points it at the loaded
-embedding. Every other missing key still fails as before.
+Under ``ModelParallelStrategy`` the strategy loads the module itself, before any hook: DCP fails on
+the missing key (``Missing key in checkpoint state_dict: state_dict.model.lm_head.weight``) and a
+full file with ``KeyError``. When the head is tied *in the model* (one Parameter object for head and
+embedding) and the checkpoint has the embedding, the head is the embedding: :func:`tied_head_detached`
+takes the head's registration off its module for the duration of the strategy's load, so neither
+path asks for it, and puts the same Parameter back afterwards. Public ``nn.Module`` operations only;
+every other missing key still fails as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_automodel.core.tied_head import (
@@ -45,7 +46,7 @@ def materialize_prefixed(state_dict: MutableMapping[str, Any], model: nn.Module,
     return True
 
 
-def missing_tied_head_keys(checkpoint_keys: set[str], model: nn.Module, prefix: str) -> tuple[str, str] | None:
+def missing_tied_head_keys(stored: set[str], model: nn.Module, prefix: str) -> tuple[str, str] | None:
     """``(head_key, source_key)`` as stored in a DCP checkpoint when the head is missing but its source is there."""
     if not is_tied_word_embeddings(model):
         return None
@@ -53,48 +54,51 @@ def missing_tied_head_keys(checkpoint_keys: set[str], model: nn.Module, prefix: 
     if head_name is None:
         return None
     head_key = f"{_STATE_KEY}.{prefix}{head_name}"
-    if head_key in checkpoint_keys:
+    if head_key in stored:
         return None
     for source in get_tied_lm_head_source_names(model, head_name):
         source_key = f"{_STATE_KEY}.{prefix}{source}"
-        if source_key in checkpoint_keys:
+        if source_key in stored:
             return head_key, source_key
     return None
 
 
-def dcp_keys(path: Path) -> set[str]:
-    from torch.distributed.checkpoint import FileSystemReader
+def checkpoint_keys(path: Path) -> set[str] | None:
+    """The keys a Lightning checkpoint stores, DCP-style (``state_dict.<name>``), without loading tensors.
 
-    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    DCP: its metadata (read through the allow-list of ``trained_checkpoint``); a file: the structure of
+    ``torch.load(mmap=True, weights_only=True)``. ``None`` when it cannot be read that way (Lightning's
+    own load then reports the problem).
+    """
+    from lightning_automodel.trained_checkpoint import CheckpointReadError, SafeFileSystemReader, safe_torch_load
+
+    try:
+        if path.is_dir():
+            return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
+        if path.is_file():
+            checkpoint = safe_torch_load(path, mmap=True)
+            state = checkpoint.get(_STATE_KEY) if isinstance(checkpoint, dict) else None
+            return {f"{_STATE_KEY}.{k}" for k in state} if isinstance(state, dict) else None
+    except CheckpointReadError:
+        return None
+    return None
 
 
 @contextlib.contextmanager
-def dcp_load_without(head_key: str, source_key: str) -> Iterator[None]:
-    """Within the block, Lightning's DCP module load skips ``head_key`` and aliases it to ``source_key``."""
-    import lightning.fabric.strategies.model_parallel as fabric_mp
+def tied_head_detached(model: nn.Module, head_name: str, source_name: str) -> Iterator[bool]:
+    """Within the block, ``model`` has no ``head_name`` parameter if it is the same object as ``source_name``'s.
 
-    original: Callable[..., None] = fabric_mp._distributed_checkpoint_load
-    outer, head_attr = head_key.split(".", 1)
-    _, source_attr = source_key.split(".", 1)
-
-    @functools.wraps(original)
-    def load(module_state: dict[str, Any], path: Path) -> None:
-        inner = module_state.get(outer)
-        if not isinstance(inner, dict) or head_attr not in inner or source_attr not in inner:
-            return original(module_state, path)
-        head = inner.pop(head_attr)
-        try:
-            original(module_state, path)
-        finally:
-            inner[head_attr] = head
-        with torch.no_grad():
-            source = inner[source_attr]
-            if source is not head:
-                head.copy_(source)
-        log.info("Loaded %s from its embedding source %s.", head_key, source_key)
-
-    fabric_mp._distributed_checkpoint_load = load
+    Yields whether it detached the head (not when the two are distinct tensors: then the head must
+    be loaded, and a missing key is the right error).
+    """
+    head = model.get_parameter(head_name)
+    if head is not model.get_parameter(source_name):
+        yield False
+        return
+    owner_name, _, attr = head_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    delattr(owner, attr)
     try:
-        yield
+        yield True
     finally:
-        fabric_mp._distributed_checkpoint_load = original
+        owner.register_parameter(attr, head)

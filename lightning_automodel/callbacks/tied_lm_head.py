@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._checkpoint_io import dcp_keys, dcp_load_without, materialize_prefixed, missing_tied_head_keys
+from lightning_automodel.callbacks._checkpoint_io import checkpoint_keys, materialize_prefixed, missing_tied_head_keys, tied_head_detached
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
 
@@ -24,8 +24,8 @@ class TiedLMHead(ModelSurgeryCallback):
 
     * After the model is built or sharded (before the optimizer exists), a broken alias (meta init plus
       ``to_empty``, parameter replacement) is repaired, so the optimizer holds one tensor for both.
-    * A checkpoint that omits ``lm_head.weight`` loads: a full ``.ckpt`` on any strategy, and a sharded
-      DCP checkpoint under ``ModelParallelStrategy`` (which otherwise fails on the missing key).
+    * A checkpoint that omits ``lm_head.weight`` loads, a full ``.ckpt`` or a sharded DCP directory, on
+      any strategy (``ModelParallelStrategy`` otherwise fails on the missing key before any hook runs).
     * After loading, the tie is verified.
 
     Args:
@@ -90,15 +90,15 @@ class TiedLMHead(ModelSurgeryCallback):
 
         @functools.wraps(original)
         def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            path = Path(checkpoint_path)
-            if not path.is_dir():
-                return original(checkpoint_path, *args, **kwargs)
             prefix, model = target_model(pl_module)
-            keys = missing_tied_head_keys(dcp_keys(path), model, prefix)
-            if keys is None:
+            keys = checkpoint_keys(Path(checkpoint_path))
+            missing = missing_tied_head_keys(keys, model, prefix) if keys is not None else None
+            if missing is None:
                 return original(checkpoint_path, *args, **kwargs)
-            rank_zero_info(f"TiedLMHead: {keys[0]} is not in the checkpoint; loading it from {keys[1]}.")
-            with dcp_load_without(*keys):
+            head, source = (key[len(f"state_dict.{prefix}"):] for key in missing)
+            with tied_head_detached(model, head, source) as detached:
+                if detached:
+                    rank_zero_info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
                 return original(checkpoint_path, *args, **kwargs)
 
         setattr(load_checkpoint, _WRAPPED, True)

@@ -201,6 +201,13 @@ def tied_llama():
     return tm.tiny_llama(tie_word_embeddings=True, seed=5)
 
 
+class RestoredHead(pl.Callback):
+    head = None
+
+    def on_train_start(self, trainer, pl_module):
+        RestoredHead.head = pl_module.model.lm_head.weight.full_tensor().detach().clone()
+
+
 def mode_no_head(tmp: Path) -> None:
     module = ShardedLM(tied_llama)
     t = make_trainer(tmp / "a", 1, [TiedLMHead()])
@@ -221,6 +228,25 @@ def mode_no_head(tmp: Path) -> None:
     t2.fit(resumed, data(), ckpt_path=no_head)
     assert resumed.model.lm_head.weight is resumed.model.model.embed_tokens.weight
     assert t2.global_step == 6
+    # A full (single-file) checkpoint without the head, under ModelParallelStrategy: before the fix a
+    # KeyError inside the strategy's load, before any hook.
+    full_path = tmp / "full.ckpt"
+    t_full = make_trainer(tmp / "e", 1, [TiedLMHead()], strategy=ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False))
+    t_full.fit(ShardedLM(tied_llama), data())
+    t_full.save_checkpoint(full_path)
+    if dist.get_rank() == 0:
+        full = torch.load(full_path, weights_only=False)
+        embedding = full["state_dict"]["model.model.embed_tokens.weight"].clone()
+        del full["state_dict"]["model.lm_head.weight"]
+        torch.save(full, full_path)
+        torch.save(embedding, tmp / "embedding.pt")
+    dist.barrier()
+    from_full = ShardedLM(tied_llama)
+    t_from_full = make_trainer(tmp / "f", 2, [TiedLMHead(), RestoredHead()])
+    t_from_full.fit(from_full, data(), ckpt_path=full_path)
+    assert from_full.model.lm_head.weight is from_full.model.model.embed_tokens.weight
+    assert torch.equal(RestoredHead.head, torch.load(tmp / "embedding.pt")), "the head is not the checkpoint's embedding"
     # Any other missing key still fails, with the callback too.
     no_norm = tmp / "no_norm.ckpt"
     drop_from_dcp(ckpt, no_norm, "model.model.norm.weight")
