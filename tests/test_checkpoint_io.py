@@ -175,3 +175,11 @@ def test_cli_wires_atomic_checkpoint_io_by_default():
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     assert type(trainer_io("--trainer.plugins=lightning.pytorch.plugins.io.TorchCheckpointIO")) is TorchCheckpointIO
+
+
+def test_cli_keeps_a_checkpoint_io_the_strategy_carries():
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    io = trainer_io("--trainer.strategy=SingleDeviceStrategy", "--trainer.strategy.device=cpu",
+                    "--trainer.strategy.checkpoint_io=AsyncCheckpointIO")
+    assert type(io) is AsyncCheckpointIO

@@ -97,14 +97,17 @@ class TextDataModule(pl.LightningDataModule):
     Args:
         train_files: text files (default: the small corpus shipped with the package).
         val_files: validation files (default: a ``val_fraction`` split of the training documents).
+        test_files: test files (default: a ``test_fraction`` split, disjoint from training and validation).
         tokenizer_path: a local Hugging Face tokenizer directory (default: a byte-level tokenizer).
         seq_length: tokens per window.
         batch_size: windows per batch (packed into one row with ``packing``).
         packing: pack each batch into one THD row instead of padding.
         pad_to_multiple_of: with packing, pad each sequence to a multiple of this.
         num_workers: DataLoader workers.
-        val_fraction: share of documents held out when ``val_files`` is not given: in [0, 1), 0 holds out
-            nothing (no validation split).
+        val_fraction: share of documents held out for validation when ``val_files`` is not given, in
+            (0, 1) (no validation at all: ``trainer.limit_val_batches: 0``).
+        test_fraction: share of documents held out for ``test`` when ``test_files`` is not given, in
+            [0, 1) (0: no test split). Held out after the validation split, by the same seeded shuffle.
         seed: split and shuffle seed.
     """
 
@@ -120,21 +123,29 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        test_files: list[str] | None = None,
+        test_fraction: float = 0.05,
     ) -> None:
         super().__init__()
         if seq_length < 2:
             raise DataError(f"seq_length must be at least 2; got {seq_length}.")
         if isinstance(batch_size, bool) or batch_size < 1:
             raise DataError(f"batch_size must be at least 1; got {batch_size}.")
-        if not 0 <= val_fraction < 1:  # also NaN
+        if not 0 < val_fraction < 1:  # also NaN
             raise DataError(
-                f"val_fraction must be in [0, 1) (the share of documents held out for validation; 0: none); "
-                f"got {val_fraction}."
+                f"val_fraction must be in (0, 1) (the share of documents held out for validation; for no validation "
+                f"set trainer.limit_val_batches: 0); got {val_fraction}."
+            )
+        if not 0 <= test_fraction < 1 or not 0 < val_fraction + test_fraction < 1:
+            raise DataError(
+                f"test_fraction must be in [0, 1) and val_fraction + test_fraction below 1 (the share of documents "
+                f"held out for test; 0: none); got test_fraction={test_fraction}, val_fraction={val_fraction}."
             )
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.train_dataset: TokenWindows | None = None
         self.val_dataset: TokenWindows | None = None
+        self.test_dataset: TokenWindows | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -170,20 +181,26 @@ class TextDataModule(pl.LightningDataModule):
         docs = read_documents(hp.train_files or shipped_corpus())
         if not docs:
             raise DataError(f"The training files {hp.train_files or shipped_corpus()} contain no text.")
-        if hp.val_files:
-            val_docs = read_documents(hp.val_files)
-        else:
-            rng = random.Random(hp.seed)
-            rng.shuffle(docs)
-            n_val = max(1, int(len(docs) * hp.val_fraction)) if len(docs) > 1 and hp.val_fraction > 0 else 0
-            val_docs, docs = docs[:n_val], docs[n_val:]
+        # One seeded shuffle, then whole documents held out: validation first, then test.
+        random.Random(hp.seed).shuffle(docs)
+        total = len(docs)
+        val_docs, docs = (read_documents(hp.val_files), docs) if hp.val_files else self._hold_out(docs, hp.val_fraction, total)
+        test_docs, docs = (read_documents(hp.test_files), docs) if hp.test_files else self._hold_out(docs, hp.test_fraction, total)
         train_tokens = self._tokenize(docs)
         self.train_dataset = TokenWindows(train_tokens, hp.seq_length)
         self.val_dataset = TokenWindows(self._tokenize(val_docs), hp.seq_length)
+        self.test_dataset = TokenWindows(self._tokenize(test_docs), hp.seq_length)
         self._check_batches(len(docs), sum(len(t) for t in train_tokens), len(val_docs))
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)
+
+    @staticmethod
+    def _hold_out(docs: list[str], fraction: float, total: int) -> tuple[list[str], list[str]]:
+        """``(held_out, rest)``: ``fraction`` of ``total`` documents, at least one when there is a fraction to hold
+        and more than one document left."""
+        n = max(1, int(total * fraction)) if len(docs) > 1 and fraction > 0 else 0
+        return docs[:n], docs[n:]
 
     def _check_batches(self, n_docs: int, n_tokens: int, n_val_docs: int) -> None:
         """Fail before training when the training split cannot fill one batch (drop_last: no batch at all)."""
@@ -228,3 +245,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False) if len(self.val_dataset) else []
+
+    def test_dataloader(self) -> DataLoader:
+        if not len(self.test_dataset):
+            raise DataError(
+                "There is no test split: set data.test_fraction (a share of the training documents, e.g. 0.05) "
+                "or data.test_files."
+            )
+        return self._loader(self.test_dataset, shuffle=False)

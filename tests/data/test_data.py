@@ -101,16 +101,35 @@ def test_invalid_utf8_names_the_file_and_offset(tmp_path):
             read_documents([str(path)])
 
 
-@pytest.mark.parametrize("fraction", [1, 1.5, -0.1, float("nan")])
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1, float("nan")])
 def test_val_fraction_outside_range_is_rejected(fraction):
-    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
         TextDataModule(val_fraction=fraction)
 
 
-def test_val_fraction_zero_holds_out_nothing():
-    dm = TextDataModule(seq_length=32, val_fraction=0)
+@pytest.mark.parametrize("test_fraction, val_fraction", [(-0.1, 0.1), (1, 0.1), (0.5, 0.5), (float("nan"), 0.1)])
+def test_test_fraction_outside_range_is_rejected(test_fraction, val_fraction):
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        TextDataModule(val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def test_train_val_test_splits_are_disjoint_whole_documents(tmp_path):
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(f"document {i:03d} says {i * 7 % 101}" for i in range(60)))
+    make = lambda: TextDataModule(train_files=[str(corpus)], seq_length=64, val_fraction=0.1, test_fraction=0.1)  # noqa: E731
+    dm = make()
     dm.setup("fit")
-    assert len(dm.val_dataset) == 0 and dm.val_dataloader() == []
+    windows = lambda ds: {tuple(ds[i]) for i in range(len(ds))}  # noqa: E731 - one window per document here
+    train, val, test = windows(dm.train_dataset), windows(dm.val_dataset), windows(dm.test_dataset)
+    assert (len(train), len(val), len(test)) == (48, 6, 6)
+    assert not (train & val) and not (train & test) and not (val & test)
+    again = make()
+    again.setup("test")
+    assert windows(again.test_dataset) == test  # deterministic
+    none = TextDataModule(seq_length=32, test_fraction=0)
+    none.setup("test")
+    with pytest.raises(ValueError, match="no test split"):
+        none.test_dataloader()
 
 
 def test_batch_size_larger_than_data_names_the_numbers(tmp_path):
@@ -118,13 +137,13 @@ def test_batch_size_larger_than_data_names_the_numbers(tmp_path):
 
     small = tmp_path / "small.txt"
     small.write_text("one short document\n\nanother one\n\nthird\n")
-    dm = TextDataModule(train_files=[str(small)], val_files=[str(small)], seq_length=64, batch_size=8)
+    dm = TextDataModule(train_files=[str(small)], val_files=[str(small)], test_fraction=0, seq_length=64, batch_size=8)
     with pytest.raises(DataError) as info:
         dm.setup("fit")
     message = str(info.value)
     assert "3 documents" in message and "3 windows" in message and "batch_size=8" in message and "tokens" in message
     with pytest.raises(DataError, match="batch_size must be at least 1"):
         TextDataModule(batch_size=0)
-    ok = TextDataModule(train_files=[str(small)], val_files=[str(small)], seq_length=64, batch_size=3)
+    ok = TextDataModule(train_files=[str(small)], val_files=[str(small)], test_fraction=0, seq_length=64, batch_size=3)
     ok.setup("fit")
     assert len(list(ok.train_dataloader())) == 1
