@@ -47,8 +47,9 @@ def _positional_names(fn):
 )
 def test_parameter_names_match_reference(ours, ref_path, names):
     ref = pytest.importorskip(ref_path)
+    shared = pytest.importorskip("nemo_automodel.shared.tied_weights")  # where 0.7.0 keeps the private tie helpers
     for name in names:
-        a, b = getattr(ours, name), getattr(ref, name, None)
+        a, b = getattr(ours, name), getattr(ref, name, None) or getattr(shared, name, None)
         if b is None or not callable(b) or isinstance(b, logging.Logger):
             continue
         theirs = _positional_names(b)
@@ -100,3 +101,37 @@ def test_no_lightning_import_from_core_and_facades():
     code = "import sys, lightning_automodel.model_utils, lightning_automodel.checkpoint_utils; import lightning_automodel.core.freezing; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.reference
+def test_tied_source_names_skip_non_string_entries_like_the_reference():
+    ref = pytest.importorskip("nemo_automodel.components.checkpoint.utils")
+    import tiny_models as tm
+
+    model = tm.tiny_llama(tie_word_embeddings=True)
+    model._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight", 3: "x", "lm_head.weight2": None}
+    assert cu.get_tied_lm_head_source_names(model) == ref.get_tied_lm_head_source_names(model)
+    assert all(isinstance(n, str) for n in cu.get_tied_lm_head_source_names(model))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("kwargs", [{}, {"use_safetensors": False}, {"variant": "fp16"}, {"variant": "fp16", "use_safetensors": False}])
+def test_checkpoint_dtypes_honour_variant_and_use_safetensors_like_the_reference(tmp_path, kwargs):
+    """A directory with four weight sets of different dtypes: each choice must read the same files as the reference."""
+    ref = pytest.importorskip("nemo_automodel.components.checkpoint.utils")
+    import torch
+    from safetensors.torch import save_file
+
+    import tiny_models as tm
+
+    model = tm.tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for name, dtype in (("model.safetensors", torch.float32), ("model.fp16.safetensors", torch.float16)):
+        save_file({k: v.to(dtype) for k, v in state.items()}, str(tmp_path / name), metadata={"format": "pt"})
+    for name, dtype in (("pytorch_model.bin", torch.bfloat16), ("pytorch_model.fp16.bin", torch.float64)):
+        torch.save({k: v.to(dtype) for k, v in state.items()}, tmp_path / name)
+    load_kwargs = {"local_files_only": True, **kwargs}
+    ours = cu._get_checkpoint_tensor_dtypes(str(tmp_path), model.config, load_kwargs)
+    theirs = ref._get_checkpoint_tensor_dtypes(str(tmp_path), model.config, load_kwargs)
+    assert ours == theirs and len(set(ours.values())) == 1

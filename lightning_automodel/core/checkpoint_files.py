@@ -226,12 +226,27 @@ def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
     return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") -> list[Path]:
+def with_variant(file_name: str, variant: str | None) -> str:
+    """transformers' naming of a weights variant: ``model.safetensors`` -> ``model.fp16.safetensors``,
+    ``model.safetensors.index.json`` -> ``model.safetensors.index.fp16.json``."""
+    if not variant:
+        return file_name
+    stem, extension = file_name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def resolve_checkpoint_files(
+    path: str | os.PathLike[str], subfolder: str = "", *, variant: str | None = None, use_safetensors: bool | None = None
+) -> list[Path]:
     """Local weight files of a checkpoint (a file, or a directory with an index or a single file).
+
+    As ``from_pretrained`` chooses them: ``variant`` selects ``model.<variant>.safetensors`` and its
+    index (or the ``.bin`` equivalents); ``use_safetensors=False`` reads ``.bin`` files only, ``True``
+    safetensors only, ``None`` safetensors when present, else ``.bin``.
 
     Raises:
         OfflineCheckpointError: ``path`` is not a local file or directory (e.g. a hub name).
-        FileNotFoundError: a directory holds no weight files, or an index names a missing shard.
+        FileNotFoundError: a directory holds no weight files of the asked kind, or an index names a missing shard.
     """
     root = Path(path) / subfolder if subfolder else Path(path)
     if not root.is_dir() and is_regular_file(root):  # anything but a file or directory is refused by name
@@ -241,8 +256,11 @@ def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") 
             f"{os.fspath(path)!r} is not a local file or directory. lightning-automodel runs offline and never downloads: "
             "download the model once (e.g. `hf download <name> --local-dir DIR`) and pass the local DIR."
         )
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index_path = root / index_name
+    kinds = {True: [(SAFETENSORS_INDEX, SAFETENSORS_SINGLE)], False: [(BIN_INDEX, BIN_SINGLE)]}
+    kinds[None] = kinds[True] + kinds[False]
+    candidates = kinds[use_safetensors]
+    for index_name, single_name in candidates:
+        index_path = root / with_variant(index_name, variant)
         if is_regular_file(index_path):
             shards = sorted(set(_read_index(index_path).values()))
             files = [root / shard for shard in shards]
@@ -250,16 +268,14 @@ def resolve_checkpoint_files(path: str | os.PathLike[str], subfolder: str = "") 
             if missing:
                 raise FileNotFoundError(f"{index_path} names shard(s) that are missing: {missing}. The download is incomplete.")
             return files
-    for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
-        if is_regular_file(root / single):
-            return [root / single]
-    found = sorted(root.glob("*.safetensors"))
-    if found and all(is_regular_file(f) for f in found):
-        return found
-    raise FileNotFoundError(
-        f"{root} has no weights ({SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}); "
-        "is the directory half-written?"
-    )
+        if is_regular_file(root / with_variant(single_name, variant)):
+            return [root / with_variant(single_name, variant)]
+    if variant is None and use_safetensors is not False:
+        found = sorted(root.glob("*.safetensors"))
+        if found and all(is_regular_file(f) for f in found):
+            return found
+    wanted = ", ".join(with_variant(name, variant) for pair in candidates for name in pair)
+    raise FileNotFoundError(f"{root} has no weights ({wanted}); is the directory half-written?")
 
 
 def checkpoint_tensor_dtypes(
@@ -268,7 +284,8 @@ def checkpoint_tensor_dtypes(
     """Tensor name -> dtype of a local checkpoint, reading headers only (``.bin`` files load on meta).
 
     ``load_kwargs["state_dict"]`` (a mapping) short-circuits to its tensors' dtypes; a ``gguf_file``
-    gives ``{}`` (GGUF dtypes are quantization formats, not torch dtypes).
+    gives ``{}`` (GGUF dtypes are quantization formats, not torch dtypes); ``variant`` and
+    ``use_safetensors`` pick the files as ``from_pretrained`` does (:func:`resolve_checkpoint_files`).
     """
     kwargs = dict(load_kwargs or {})
     state_dict = kwargs.get("state_dict")
@@ -278,7 +295,10 @@ def checkpoint_tensor_dtypes(
         return {}
     weights_only = kwargs.get("weights_only", True)
     dtypes: dict[str, torch.dtype] = {}
-    for file in resolve_checkpoint_files(path, kwargs.get("subfolder") or ""):
+    files = resolve_checkpoint_files(
+        path, kwargs.get("subfolder") or "", variant=kwargs.get("variant"), use_safetensors=kwargs.get("use_safetensors")
+    )
+    for file in files:
         if file.suffix == ".safetensors":
             dtypes.update(safetensors_dtypes(file))
         else:

@@ -44,9 +44,10 @@ def normalize_param_name(name: str) -> str:
     return name.replace(_CHECKPOINT_WRAPPER, "").replace("_orig_mod.", "")
 
 
-def get_module_by_normalized_name(model: nn.Module, name: str) -> nn.Module | None:
+def get_module_by_normalized_name(model: nn.Module, normalized_module_name: str) -> nn.Module | None:
+    """The module whose wrapper-free name is ``normalized_module_name`` (``""``: the model itself)."""
     for module_name, module in model.named_modules():
-        if normalize_param_name(module_name) == name:
+        if normalize_param_name(module_name) == normalized_module_name:
             return module
     return None
 
@@ -134,9 +135,9 @@ def get_input_embeddings_weight_and_name(model: nn.Module) -> tuple[torch.Tensor
     return None, None
 
 
-def same_tensor_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor_storage(left: torch.Tensor, right: torch.Tensor) -> bool:
     """Whether two tensors are one alias (same object, or same storage pointer and offset; meta never)."""
-    if a is b:
+    if left is right:
         return True
 
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def same_tensor_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
                 return t
         return t
 
-    la, lb = local(a), local(b)
+    la, lb = local(left), local(right)
     if la is lb:
         return True
     if la.device.type == "meta" or lb.device.type == "meta":
@@ -245,8 +246,10 @@ def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | No
     tied_keys = getattr(model, "_tied_weights_keys", None)
     if isinstance(tied_keys, Mapping):
         for target, source in tied_keys.items():
-            if lm_head_param_name is None or target == lm_head_param_name or str(target).endswith("lm_head.weight"):
-                names.append(str(source))
+            if not isinstance(target, str) or not isinstance(source, str):
+                continue  # as the reference: only name -> name entries can source a head
+            if lm_head_param_name is None or target == lm_head_param_name or target.endswith("lm_head.weight"):
+                names.append(source)
     _, embed_name = get_input_embeddings_weight_and_name(model)
     if embed_name:
         names.append(embed_name)
