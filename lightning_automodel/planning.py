@@ -377,6 +377,8 @@ def _allowed_callbacks() -> dict[str, type]:
     allowed: dict[str, type] = {}
     for name in _callbacks_pkg.__all__:
         cls = getattr(_callbacks_pkg, name)
+        if not isinstance(cls, type):
+            continue  # functions exported beside the callbacks (prepare_before_sharding) are never instantiated
         for path in (name, f"lightning_automodel.callbacks.{name}", f"{cls.__module__}.{cls.__qualname__}"):
             allowed[path] = cls
     return allowed

@@ -2,7 +2,9 @@
 
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
+from lightning_automodel.callbacks._lifecycle import prepare_before_sharding
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
+from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import ParameterSummary
 from lightning_automodel.callbacks.thd_squeeze import THDSqueeze
@@ -12,8 +14,10 @@ __all__ = [
     "CastMixedDtypeToBF16",
     "FreezeDeadParameters",
     "HuggingFaceCheckpoint",
+    "LoRA",
     "ParameterFreezing",
     "ParameterSummary",
     "THDSqueeze",
     "TiedLMHead",
+    "prepare_before_sharding",
 ]

@@ -81,6 +81,24 @@ def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
         return None
 
 
+def prepare_before_sharding(pl_module: pl.LightningModule, model: nn.Module | None = None) -> None:
+    """Run the surgery that must happen before FSDP2 shards the model (LoRA injection), in ``surgery_order``.
+
+    ``HFCausalLM.configure_model`` calls it right after building the model on meta. A LightningModule
+    that builds and shards its own model in ``configure_model`` calls it once, between the build and
+    ``fully_shard``: ``prepare_before_sharding(self, self.model)``. Without a Trainer it does nothing.
+    """
+    trainer = attached_trainer(pl_module)
+    if trainer is None:
+        return
+    if model is None:
+        _, model = target_model(pl_module)
+    for callback in surgery_callbacks(trainer):
+        before = getattr(callback, "apply_before_sharding", None)
+        if callable(before):
+            before(trainer, pl_module, model)
+
+
 def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Run the Trainer's surgery callbacks on the target model, then check ranks agree and something trains."""
     callbacks = surgery_callbacks(trainer)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, read_safetensors_layout, resolve_checkpoint_files
+from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
@@ -279,12 +280,18 @@ class LoadReport:
 
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Canonical name -> parameter or persistent buffer; plus names that alias an earlier tensor (ties)."""
+    """Checkpoint name -> parameter or persistent buffer; plus names that alias an earlier tensor (ties).
+
+    The checkpoint name is the canonical name with a LoRA layer's ``base_layer`` component dropped: a
+    model with adapters loads the un-adapted model's checkpoint (its adapters are not in it).
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: list[str] = []
     seen: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        key = canonical_name(name)
+        if is_adapter_name(name):
+            continue
+        key = base_checkpoint_name(canonical_name(name))
         if id(param) in seen:
             if seen[id(param)] != key:
                 aliases.append(key)
@@ -295,7 +302,7 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
         for buffer_name, buffer in module._buffers.items():
             if buffer is None or buffer_name in module._non_persistent_buffers_set:
                 continue
-            key = canonical_name(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+            key = base_checkpoint_name(canonical_name(f"{module_name}.{buffer_name}" if module_name else buffer_name))
             tensors.setdefault(key, buffer)
     return tensors, aliases
 

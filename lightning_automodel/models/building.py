@@ -269,10 +269,14 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
     """Store floating-point parameters in ``dtype`` (on meta: free), except the names in ``keep_fp32``.
 
     Parameter objects are kept, so ties survive. Used only when the user asks for bf16 weights; tensors
-    the checkpoint stores in fp32 (router gates, norms of some models) stay fp32.
+    the checkpoint stores in fp32 (router gates, norms of some models) and LoRA adapters stay fp32.
     """
+    from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
+
     changed = []
     for name, param in unique_named_parameters(model):
+        if is_adapter_name(name) or base_checkpoint_name(name) in keep_fp32:
+            continue  # LoRA adapters train in fp32 on low-precision base weights
         if param.is_floating_point() and param.dtype != dtype and name not in keep_fp32:
             param.data = param.data.to(dtype)
             changed.append(name)

@@ -9,10 +9,12 @@ import lightning.pytorch as pl
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from lightning_automodel.callbacks._lifecycle import prepare_before_sharding
 from lightning_automodel.core.dtypes import dtype_from_name
 from lightning_automodel.core.forward_signature import filter_forward_kwargs
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, hub_model_info
 from lightning_automodel.core.init import init_weights_by_module
+from lightning_automodel.core.lora import adapted_modules, initialize_adapters
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 from lightning_automodel.models.building import (
@@ -30,6 +32,16 @@ log = logging.getLogger(__name__)
 
 # Batch keys that describe packing for THD kernels; Hugging Face attention takes position_ids instead.
 _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "qkv_format", "padding_mask")
+
+
+def lora_settings(pl_module: pl.LightningModule) -> object | None:
+    """The LoraConfig of the running Trainer's LoRA callback, if any."""
+    from lightning_automodel.callbacks._lifecycle import attached_trainer
+    from lightning_automodel.callbacks.lora import LoRA
+
+    trainer = attached_trainer(pl_module)
+    callback = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None) if trainer is not None else None
+    return callback.config if callback is not None else None
 
 
 class HFCausalLM(pl.LightningModule):
@@ -141,6 +153,9 @@ class HFCausalLM(pl.LightningModule):
         try:
             # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
             plan = plan_checkpoint_load(model, reader) if reader is not None else None
+            # Surgery that must precede sharding (LoRA adapters, sharded with their layer), after the
+            # plan: the checkpoint maps onto the base weights; adapters are not in it.
+            prepare_before_sharding(self, model)
             weights_dtype = dtype_from_name(hp.weights_dtype)
             if weights_dtype != torch.float32:
                 keep = plan.targets_stored_as(reader, torch.float32) if plan is not None else set()
@@ -162,6 +177,8 @@ class HFCausalLM(pl.LightningModule):
                 log.info("Loaded %d tensors, %.1f MiB read on this rank, in %.1f s.", report.tensors, report.bytes_read / 2**20, report.seconds)
             else:
                 init_weights_by_module(model, hp.seed)
+            if adapted_modules(model):
+                initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))
         finally:
             if reader is not None:
                 reader.close()

@@ -1,0 +1,127 @@
+"""LoRA adapters through peft, injected in place before sharding, with the base frozen."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
+from lightning_automodel.core.distributed import digest_names
+from lightning_automodel.core.lora import (
+    adapted_modules,
+    adapter_parameter_count,
+    config_to_json,
+    freeze_base,
+    inject_lora,
+    is_adapter_name,
+    lora_config,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class LoRA(ModelSurgeryCallback):
+    """Train LoRA adapters (peft) instead of the whole model.
+
+    Adapters are injected in place (peft's ``inject_adapter_in_model``: the model keeps its class and
+    names; a targeted ``q_proj`` keeps its weight as ``q_proj.base_layer.weight`` and gains
+    ``q_proj.lora_A.default.weight`` / ``lora_B``), before the freeze rules and before FSDP2 shards the
+    model, so the adapters are sharded with their decoder layer. Every other parameter is frozen;
+    ``ParameterFreezing(unfreeze_modules=...)`` can still make e.g. the head trainable, and the
+    dead-parameter rules still win.
+
+    With ``HFCausalLM`` nothing else is needed. A LightningModule that builds its model in
+    ``configure_model`` and shards it itself calls
+    ``lightning_automodel.callbacks.prepare_before_sharding(self, model)`` between the build and
+    ``fully_shard``; a model that exists at ``setup`` (one device, DDP) is adapted then.
+
+    Args:
+        r: adapter rank.
+        lora_alpha: scaling numerator (the update is ``lora_alpha / r · B @ A``).
+        lora_dropout: dropout on the adapter input.
+        target_modules: ``"all-linear"`` (every linear layer but the output head), a list of module
+            names (``[q_proj, v_proj]``) or a regex.
+        exclude_modules: names or a regex left out.
+        **lora_kwargs: any other ``peft.LoraConfig`` field (``use_rslora``, ``lora_bias``, ...).
+    """
+
+    surgery_order: ClassVar[int] = 5
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        exclude_modules: str | list[str] | None = None,
+        **lora_kwargs: Any,
+    ) -> None:
+        self.config = lora_config(r, lora_alpha, lora_dropout, target_modules, exclude_modules, **lora_kwargs)
+        self._frozen: dict[str, str] = {}
+        self.adapted: list[str] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "LoRA"
+
+    def inject(self, model: nn.Module) -> dict[str, str]:
+        """Inject (once) and freeze the base; returns what it froze -> rule (``plan`` calls this on meta)."""
+        if not any(is_adapter_name(name) for name, _ in model.named_parameters()):
+            self.adapted = inject_lora(model, self.config)
+            rank_zero_info(
+                f"LoRA: {len(self.adapted)} adapted modules, {adapter_parameter_count(model):,} adapter parameters (r={self.config.r})."
+            )
+        else:
+            self.adapted = adapted_modules(model)
+        frozen = freeze_base(model)
+        self._frozen.update(frozen)
+        return frozen
+
+    def apply_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        self.inject(model)
+
+    @override
+    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        if not any(is_adapter_name(name) for name, _ in model.named_parameters()) and _is_sharded(model):
+            raise MisconfigurationException(
+                "LoRA must be injected before FSDP2 shards the model: in configure_model, call "
+                "lightning_automodel.callbacks.prepare_before_sharding(self, model) between the build and fully_shard "
+                "(HFCausalLM does this itself)."
+            )
+        self.inject(model)
+
+    @override
+    def frozen_parameters(self) -> dict[str, str]:
+        return dict(self._frozen)
+
+    @override
+    def reset_run_state(self) -> None:
+        super().reset_run_state()
+        self._frozen = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # What export needs (the config: scaling, targets) and what identifies the adapter set.
+        return {"config": config_to_json(self.config), "adapted_digest": digest_names(self.adapted), "adapted": len(self.adapted)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config")
+        if saved is not None and saved != config_to_json(self.config):
+            raise MisconfigurationException(
+                "LoRA: the checkpoint was trained with another LoRA configuration "
+                f"({saved}); resume with the same r, lora_alpha, target_modules and exclude_modules."
+            )

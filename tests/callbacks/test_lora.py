@@ -1,0 +1,88 @@
+"""LoRA through peft: injected in place before sharding, base frozen, checkpoints of the base load, exact merge."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_models as tm
+from callbacks.lit_models import InitLM, loader
+from lightning_automodel import HFCausalLM
+from lightning_automodel.callbacks import LoRA, ParameterFreezing
+from lightning_automodel.core.lora import LoraConfigError, is_adapter_name
+
+pytest.importorskip("peft")
+
+
+def trainer(steps=3, callbacks=()):
+    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks))
+
+
+def batch():
+    return next(iter(loader(n=4, batch_size=4)))
+
+
+def test_hf_causal_lm_with_lora_loads_the_base_and_starts_equal_to_it(tmp_path):
+    base = tm.tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=1e-2)
+    t = trainer(steps=0, callbacks=[LoRA(r=4, lora_alpha=8)])
+    t.fit(module, loader(n=8))
+    model = module.model
+    names = [n for n, _ in model.named_parameters()]
+    assert any(".q_proj.base_layer.weight" in n for n in names) and any("lora_A.default" in n for n in names)
+    assert not any("lm_head.lora" in n for n in names)  # all-linear leaves the output head alone
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter_name(n) for n in trainable)
+    # the base weights are the checkpoint's, bit for bit; B = 0 so the outputs are the base model's
+    reference = base.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not is_adapter_name(name):
+            assert torch.equal(tensor, reference[name.replace(".base_layer", "")]), name
+    b = batch()
+    model.eval()
+    base.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=b["input_ids"]).logits, base(input_ids=b["input_ids"]).logits)
+
+
+def test_lora_trains_adapters_only_and_unfreeze_wins_for_the_head():
+    module = HFCausalLM(config=dict(tm.tiny_config("llama").to_dict()), learning_rate=1e-2)
+    t = trainer(steps=4, callbacks=[LoRA(r=4, target_modules=["q_proj", "v_proj"]),
+                                    ParameterFreezing(unfreeze_modules=[{"path": "lm_head"}])])
+    t.fit(module, loader(n=32))
+    model = module.model
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert "lm_head.weight" in trainable
+    assert all(is_adapter_name(n) or n == "lm_head.weight" for n in trainable)
+    assert {n.split(".")[-4] for n in trainable if is_adapter_name(n)} == {"q_proj", "v_proj"}
+    optimizer = t.optimizers[0]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # they trained
+
+
+def test_lora_on_a_users_module_built_in_init():
+    module = InitLM(tm.tiny_llama)
+    t = trainer(steps=2, callbacks=[LoRA(r=2)])
+    t.fit(module, loader(n=16))
+    assert all(is_adapter_name(n) for n, p in module.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("targets, match", [(["q_proj", "qq_proj"], "'qq_proj' matches no module.*q_proj"), (["lm_headx"], "lm_headx")])
+def test_bad_targets_are_one_line_and_leave_the_model_untouched(targets, match):
+    model = tm.tiny_llama()
+    before = [n for n, _ in model.named_parameters()]
+    callback = LoRA(target_modules=targets)
+    with pytest.raises(LoraConfigError, match=match):
+        callback.inject(model)
+    assert [n for n, _ in model.named_parameters()] == before and all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_lora_settings():
+    with pytest.raises(LoraConfigError, match="positive integer"):
+        LoRA(r=0)
+    with pytest.raises(LoraConfigError, match="pissa"):
+        LoRA(init_lora_weights="pissa")
