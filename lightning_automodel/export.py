@@ -24,10 +24,12 @@ full disk included) leaves nothing half-written under the target name.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,15 @@ from lightning_automodel.core.hub_writer import (
     write_index,
     write_marker,
     write_shard,
+)
+from lightning_automodel.core.lora import (
+    adapter_triples,
+    base_checkpoint_name,
+    config_from_json,
+    is_adapter_name,
+    merged_weight,
+    peft_adapter_files,
+    scaling,
 )
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name, get_lm_head_weight_and_name, is_tied_word_embeddings
@@ -159,18 +170,90 @@ def module_names(checkpoint: TrainedCheckpoint, prefix: str) -> dict[str, str]:
     return names
 
 
-def _decide_tie(checkpoint: TrainedCheckpoint, model: Any, names: dict[str, str], config: Any) -> str | None:
+@dataclass
+class StateView:
+    """The Hugging Face model's tensors as a checkpoint holds them: read directly, or merged from LoRA adapters.
+
+    For a LoRA checkpoint, ``x.q_proj.weight`` is ``base + scaling · B @ A`` of ``x.q_proj.base_layer.weight``
+    and its adapters (peft's merge), and ``x.q_proj.base_layer.bias`` is ``x.q_proj.bias``: the export is
+    the plain model, which ``from_pretrained`` loads without peft.
+    """
+
+    checkpoint: TrainedCheckpoint
+    keys: dict[str, str]
+    merges: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    factor: float = 0.0
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {name: self.checkpoint.specs[key] for name, key in self.keys.items()}
+        out.update({name: self.checkpoint.specs[base] for name, (base, _, _) in self.merges.items()})
+        return out
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        wanted = [self.keys[n] for n in names if n in self.keys]
+        wanted += [key for n in names if n in self.merges for key in self.merges[n]]
+        read = self.checkpoint.read(wanted)
+        out = {n: read[self.keys[n]] for n in names if n in self.keys}
+        for n in names:
+            if n in self.merges:
+                base, a, b = (read[key] for key in self.merges[n])
+                out[n] = merged_weight(base, a, b, self.factor)
+        return out
+
+
+def lora_config_of(checkpoint: TrainedCheckpoint) -> Any | None:
+    """The LoraConfig the LoRA callback recorded in the checkpoint, if any."""
+    state = (checkpoint.metadata.get("callbacks") or {}).get("LoRA")
+    if not isinstance(state, Mapping) or not isinstance(state.get("config"), str):
+        return None
+    return config_from_json(state["config"])
+
+
+def state_view(checkpoint: TrainedCheckpoint, names: dict[str, str], src: Path) -> StateView:
+    """Plain names, or LoRA adapters merged into their base weights."""
+    triples = adapter_triples(names)
+    if not triples:
+        return StateView(checkpoint, names)
+    config = lora_config_of(checkpoint)
+    if config is None:
+        raise ExportError(f"{src} holds LoRA adapters but no LoRA configuration (the LoRA callback's state); cannot merge them.")
+    used = {n for triple in triples.values() for n in triple}
+    plain = {base_checkpoint_name(n): key for n, key in names.items() if n not in used and not is_adapter_name(n)}
+    merges = {merged: tuple(names[n] for n in triple) for merged, triple in triples.items()}
+    return StateView(checkpoint, plain, merges, scaling(config))  # type: ignore[arg-type]
+
+
+def export_adapter(checkpoint: TrainedCheckpoint, names: dict[str, str], info: HubModelInfo, staging: Path, src: Path) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, DIR)`` loads."""
+    from safetensors.torch import save_file
+
+    from lightning_automodel.core.hub_writer import FILE_MODE, fsync_path, write_text
+
+    config = lora_config_of(checkpoint)
+    adapters = {n: key for n, key in names.items() if is_adapter_name(n)}
+    if config is None or not adapters:
+        raise ExportError(f"{src} holds no LoRA adapters (trained with the LoRA callback?); --adapter_only needs them.")
+    read = checkpoint.read(list(adapters.values()))
+    data, tensors = peft_adapter_files(config, {n: read[key] for n, key in adapters.items()}, info.source)
+    write_text(staging / "adapter_config.json", json.dumps(data, indent=2) + "\n")
+    save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    os.chmod(staging / "adapter_model.safetensors", FILE_MODE)
+    fsync_path(staging / "adapter_model.safetensors")
+
+
+def _decide_tie(view: StateView, model: Any, config: Any) -> str | None:
     """The head name to omit (truly tied), or ``None``; unties ``config`` when the head diverged."""
     _, head = get_lm_head_weight_and_name(model)
     _, embed = get_input_embeddings_weight_and_name(model)
     if head is None or embed is None or not is_tied_word_embeddings(model):
         return None
-    if head not in names:
+    present = view.specs()
+    if head not in present:
         return head
-    if embed not in names:
+    if embed not in present:
         return None
-    pair = checkpoint.read([names[head], names[embed]])
-    head_t, embed_t = pair[names[head]], pair[names[embed]]
+    pair = view.read([head, embed])
+    head_t, embed_t = pair[head], pair[embed]
     if head_t.shape == embed_t.shape and torch.equal(head_t, embed_t):
         return head
     log.warning("%s differs from the embedding: exporting it and an untied config.", head)
@@ -188,8 +271,13 @@ def export_checkpoint(
     overwrite: bool = False,
     tokenizer_path: str | None = None,
     dtype: str = "auto",
+    adapter_only: bool = False,
 ) -> Path:
-    """Export and return the output directory (see the module docstring)."""
+    """Export and return the output directory (see the module docstring).
+
+    A checkpoint trained with the LoRA callback exports the merged model; ``adapter_only`` writes the
+    PEFT adapter directory instead.
+    """
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
@@ -207,11 +295,22 @@ def export_checkpoint(
         model = build_meta_model_for(info, src)
         config = model.config
         names = module_names(checkpoint, info.prefix)
-        specs = {name: checkpoint.specs[key] for name, key in names.items()}
+        if adapter_only:
+            staging = staging_directory(out)
+            try:
+                export_adapter(checkpoint, names, info, staging, src)
+                write_marker(staging, str(src.resolve()))
+                publish_directory(staging, out)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return out
+        view = state_view(checkpoint, names, src)
+        specs = view.specs()
         _, head = get_lm_head_weight_and_name(model)
         tied_head = head if head is not None and is_tied_word_embeddings(model) else None
         check_state_matches_config(specs, model, src, tied_head=tied_head)
-        omit = _decide_tie(checkpoint, model, names, config)
+        omit = _decide_tie(view, model, config)
         out_specs = {n: (shape, out_dtype if (out_dtype is not None and dt.is_floating_point) else dt) for n, (shape, dt) in specs.items()}
         layout = plan_hub_layout(model, out_specs, omit={omit} if omit else set())
         shards = layout.shards(max_bytes)
@@ -220,9 +319,7 @@ def export_checkpoint(
             config.dtype = max(set(floats), key=floats.count)
 
         def fetch(groups: Sequence[ConversionGroup]) -> dict[str, torch.Tensor]:
-            wanted = [name for group in groups for name in group.sources]
-            read = checkpoint.read([names[name] for name in wanted])
-            return {name: read[names[name]] for name in wanted}
+            return view.read([name for group in groups for name in group.sources])
 
         tokenizer_dir = Path(tokenizer_path) if tokenizer_path else (Path(info.source) if info.source else None)
         staging = staging_directory(out)
@@ -274,11 +371,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--tokenizer_path", default=None, help="copy the tokenizer from this local directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: the dtypes the checkpoint stores")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export (a directory holding export's marker)")
+    parser.add_argument("--adapter_only", action="store_true", help="LoRA: write the PEFT adapter directory, not the merged model")
     args = parser.parse_args(list(argv))
     try:
         out = export_checkpoint(
             args.ckpt_path, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-            tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+            tokenizer_path=args.tokenizer_path, dtype=args.dtype, adapter_only=args.adapter_only,
         )
     except (ExportError, FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"lightning-automodel export: error: {exc}\n")

@@ -86,3 +86,64 @@ def test_bad_lora_settings():
         LoRA(r=0)
     with pytest.raises(LoraConfigError, match="pissa"):
         LoRA(init_lora_weights="pissa")
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = tm.tiny_llama(tie_word_embeddings=True)
+    base.save_pretrained(root / "base")
+    module = HFCausalLM(pretrained_path=str(root / "base"), learning_rate=2e-2)
+    t = trainer(steps=4, callbacks=[LoRA(r=4, lora_alpha=8, use_rslora=True)])
+    t.fit(module, loader(n=32))
+    t.save_checkpoint(root / "lora.ckpt")
+    return root, module
+
+
+def test_export_merges_adapters_like_peft(trained_lora, tmp_path):
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from lightning_automodel.export import export_checkpoint
+
+    root, module = trained_lora
+    out = export_checkpoint(root / "lora.ckpt", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n or "base_layer" in n for n in merged.state_dict())
+    peft_merged = copy.deepcopy(module.model)
+    for layer in peft_merged.modules():
+        if isinstance(layer, LoraLayer):
+            layer.merge()
+    want = {n.replace(".base_layer", ""): t for n, t in peft_merged.state_dict().items() if not is_adapter_name(n)}
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(tensor, want[name], rtol=0, atol=1e-6), name
+    b = batch()
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=b["input_ids"]).logits, module.model(input_ids=b["input_ids"]).logits, atol=1e-5)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # the tie survives the merge
+
+
+def test_export_adapter_only_loads_with_peft(trained_lora, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lightning_automodel.export import ExportError, export_checkpoint
+
+    root, module = trained_lora
+    out = export_checkpoint(root / "lora.ckpt", tmp_path / "adapter", adapter_only=True)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), out)
+    model.eval()
+    module.model.eval()
+    b = batch()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=b["input_ids"]).logits, module.model(input_ids=b["input_ids"]).logits, atol=1e-5)
+    plain = tmp_path / "plain.ckpt"
+    trainer_plain = trainer(steps=1)
+    trainer_plain.fit(HFCausalLM(pretrained_path=str(root / "base")), loader(n=8))
+    trainer_plain.save_checkpoint(plain)
+    with pytest.raises(ExportError, match="no LoRA adapters"):
+        export_checkpoint(plain, tmp_path / "none", adapter_only=True)
