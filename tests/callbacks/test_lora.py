@@ -147,3 +147,29 @@ def test_export_adapter_only_loads_with_peft(trained_lora, tmp_path):
     trainer_plain.save_checkpoint(plain)
     with pytest.raises(ExportError, match="no LoRA adapters"):
         export_checkpoint(plain, tmp_path / "none", adapter_only=True)
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_lora_resumes_bit_exactly_and_exports(tmp_path):
+    from distributed import run_torchrun
+    from transformers import AutoModelForCausalLM
+
+    from lightning_automodel.export import export_checkpoint
+
+    proc = run_torchrun("job_lora.py", str(tmp_path), nproc=2, timeout=400)
+    assert "OK job_lora" in proc.stderr
+    out = export_checkpoint(tmp_path / "final.ckpt", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    state = torch.load(tmp_path / "final_state.pt")
+    from lightning_automodel.core.lora import merged_weight, scaling
+    from peft import LoraConfig
+
+    factor = scaling(LoraConfig(r=4, lora_alpha=8))
+    for name, tensor in merged.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if f"{module}.lora_A.default.weight" in state:
+            want = merged_weight(state[f"{module}.base_layer.weight"], state[f"{module}.lora_A.default.weight"],
+                                 state[f"{module}.lora_B.default.weight"], factor)
+        else:
+            want = state[name]
+        assert torch.equal(tensor, want), name

@@ -1,0 +1,74 @@
+"""2 FSDP2 ranks: HFCausalLM + LoRA from a saved base; adapters sharded with their layer; a resume is bit-exact.
+
+Two epochs of 2 steps (8 samples, batch 2, 2 ranks); the checkpoint is saved at the end of the first.
+
+Usage: job_lora.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import tiny_models as tm
+from callbacks.lit_models import loader
+from lightning_automodel import HFCausalLM
+from lightning_automodel.callbacks import LoRA
+from lightning_automodel.core.lora import is_adapter_name
+from lightning_automodel.strategies import AtomicModelParallelStrategy
+
+
+class Losses(pl.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"].detach()))
+
+
+def make_trainer(out: Path, epochs: int, losses: Losses) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=2, strategy=AtomicModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_model_summary=False, default_root_dir=str(out), callbacks=[LoRA(r=4, lora_alpha=8), losses],
+    )
+
+
+def main(out: Path) -> None:
+    base_dir = out / "base"
+    full = Losses()
+    uninterrupted = make_trainer(out, 2, full)
+    if uninterrupted.global_rank == 0:
+        tm.tiny_llama(seed=3).save_pretrained(base_dir)
+    uninterrupted.strategy.barrier()
+    module = HFCausalLM(pretrained_path=str(base_dir), learning_rate=2e-2)
+    uninterrupted.fit(module, loader(n=8, batch_size=2))
+    model = module.model
+    adapters = {n: p for n, p in model.named_parameters() if is_adapter_name(n)}
+    assert adapters and all(isinstance(p, DTensor) and p.requires_grad for p in adapters.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not is_adapter_name(n))
+
+    first, second = Losses(), Losses()
+    t1 = make_trainer(out, 1, first)
+    t1.fit(HFCausalLM(pretrained_path=str(base_dir), learning_rate=2e-2), loader(n=8, batch_size=2))
+    t1.save_checkpoint(out / "half.ckpt")
+    resumed = HFCausalLM(pretrained_path=str(base_dir), learning_rate=2e-2)
+    t2 = make_trainer(out, 2, second)
+    t2.fit(resumed, loader(n=8, batch_size=2), ckpt_path=out / "half.ckpt")
+    assert first.values + second.values == full.values, (first.values, second.values, full.values)
+    for (name, a), b in zip(module.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), name
+    t2.save_checkpoint(out / "final.ckpt")
+    if dist.get_rank() == 0:
+        torch.save({k: v.full_tensor() for k, v in resumed.model.state_dict().items()}, out / "final_state.pt")
+    else:
+        {k: v.full_tensor() for k, v in resumed.model.state_dict().items()}
+    t2.strategy.barrier()
+    print("OK job_lora", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
