@@ -12,7 +12,6 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -176,8 +175,7 @@ class AutoModelCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         strategy = config.get("strategy")
-        # A strategy object's `checkpoint_io` is Lightning's default TorchCheckpointIO unless one was configured.
-        strategy_io = isinstance(strategy, Strategy) and type(strategy.checkpoint_io) is not TorchCheckpointIO
+        strategy_io = isinstance(strategy, Strategy) and strategy_has_own_checkpoint_io(strategy)
         if not strategy_io and not _has_checkpoint_io(config.get("plugins")):
             plugins = config.get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -186,6 +184,17 @@ class AutoModelCLI(LightningCLI):
         if not _progress_bar_configured(config):
             extra.append(TQDMProgressBar())
         return super()._instantiate_trainer(config, [*callbacks, *extra])
+
+
+def strategy_has_own_checkpoint_io(strategy: Strategy) -> bool:
+    """Whether a strategy object was configured with a ``CheckpointIO``.
+
+    Reading the public ``strategy.checkpoint_io`` is not an option: it creates Lightning's default on
+    first access, and the Trainer then refuses a CheckpointIO given in ``plugins`` as set twice. So the
+    attribute behind it is read here, and only here (tests: a strategy with its own CheckpointIO keeps
+    it; a plain ModelParallelStrategy gets the atomic one).
+    """
+    return vars(strategy).get("_checkpoint_io") is not None
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:

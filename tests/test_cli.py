@@ -316,7 +316,7 @@ trainer:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("config", ["fsdp2-cpu.yaml", "vlm-freeze-vision.yaml"])
+@pytest.mark.parametrize("config", ["fsdp2-cpu.yaml", "vlm-freeze-vision.yaml", "lora-fsdp2-cpu.yaml"])
 def test_two_process_fsdp2_configs_run(config, tmp_path):
     # The config's own launcher starts the second process (Lightning re-runs the command).
     args = [
@@ -331,6 +331,8 @@ def test_two_process_fsdp2_configs_run(config, tmp_path):
     assert "Trainable parameters:" in text
     if config.startswith("vlm"):
         assert "freeze_vision_tower" in text
+    if config.startswith("lora"):
+        assert "LoRA: 16 adapted modules" in text and (tmp_path / "outputs/lora-fsdp2-cpu/hf/final/config.json").is_file()
 
 
 @pytest.mark.multiprocess
