@@ -34,12 +34,14 @@ from lightning_automodel import callbacks as _callbacks_pkg
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
+from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import render_table
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
+from lightning_automodel.core.lora import LoraConfigError, adapter_parameter_count
 from lightning_automodel.core.memory import (
     FSDP2MemoryEstimate,
     TrainingMemoryEstimate,
@@ -553,7 +555,12 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     frozen_by: dict[str, str] = {}
     for callback in callbacks:
         # The same core actions the callbacks run in a fit; nothing here needs a Trainer.
-        if isinstance(callback, ParameterFreezing):
+        if isinstance(callback, LoRA):
+            try:
+                frozen_by.update(callback.inject(model))  # adapters on the meta model, base frozen, as in fit
+            except LoraConfigError as exc:
+                raise PlanError(str(exc)) from None
+        elif isinstance(callback, ParameterFreezing):
             try:
                 frozen_by.update(callback.freeze(model))
             except MisconfigurationException as exc:
@@ -628,6 +635,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         table,
         f"Trainable parameters: {counts.trainable:,} of {counts.total:,} ({pct:.2f}%)",
+        *([f"LoRA adapter parameters: {adapters:,}"] if (adapters := adapter_parameter_count(plan.model)) else []),
         "Frozen groups: " + (", ".join(f"{rule}: {n} tensors" for rule, n in sorted(rules.items())) or "none"),
     ]
     if plan.fsdp2 is not None and plan.fsdp2_offload is not None:

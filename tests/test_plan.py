@@ -353,3 +353,33 @@ def test_small_anchors_still_work(tmp_path):
     cfg.write_text(text)
     plan = plan_from_argv(["--config", str(cfg)])
     assert plan.fsdp2.world_size == 2 and plan.model.config.max_position_embeddings == 512
+
+
+def test_plan_counts_lora_adapters_and_their_memory():
+    """8B-shaped llama, LoRA r=16 on q/v: adapter count and per-rank state computed independently."""
+    hidden, layers, inter, vocab, kv = 4096, 32, 14336, 128256, 8
+    config = {
+        "model": {"config": dict(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                 num_attention_heads=32, num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192)},
+        "trainer": {"callbacks": [{"class_path": "lightning_automodel.callbacks.LoRA",
+                                   "init_args": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}]},
+    }
+    plan = make_plan(config, world_size=8)
+    head_dim = hidden // 32
+    per_layer = 16 * (hidden + hidden) + 16 * (hidden + kv * head_dim)  # q: A (16 x 4096) + B (4096 x 16); v: B is (1024 x 16)
+    adapters = layers * per_layer
+    assert plan.counts.trainable == adapters
+    assert plan.memory.grad_bytes == adapters * 4 // 8 and plan.memory.optimizer_bytes == adapters * 8 // 8
+    text = format_plan(plan)
+    assert f"LoRA adapter parameters: {adapters:,}" in text and "LoRA (base weights frozen)" in text
+
+
+def test_plan_lora_bad_target_is_one_line(tmp_path, capsys):
+    config = {"model": {"config": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+                                   "intermediate_size": 128, "vocab_size": 100}},
+              "trainer": {"callbacks": [{"class_path": "LoRA", "init_args": {"target_modules": ["q_prj"]}}]}}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'q_prj' matches no module" in err[0] and "q_proj" in err[0]

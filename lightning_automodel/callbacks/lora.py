@@ -21,6 +21,7 @@ from lightning_automodel.core.lora import (
     inject_lora,
     is_adapter_name,
     lora_config,
+    trainable_names,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class LoRA(ModelSurgeryCallback):
     ) -> None:
         self.config = lora_config(r, lora_alpha, lora_dropout, target_modules, exclude_modules, **lora_kwargs)
         self._frozen: dict[str, str] = {}
+        self._trainable_before: set[str] | None = None
         self.adapted: list[str] = []
 
     @property
@@ -80,13 +82,14 @@ class LoRA(ModelSurgeryCallback):
     def inject(self, model: nn.Module) -> dict[str, str]:
         """Inject (once) and freeze the base; returns what it froze -> rule (``plan`` calls this on meta)."""
         if not any(is_adapter_name(name) for name, _ in model.named_parameters()):
+            self._trainable_before = trainable_names(model)
             self.adapted = inject_lora(model, self.config)
             rank_zero_info(
                 f"LoRA: {len(self.adapted)} adapted modules, {adapter_parameter_count(model):,} adapter parameters (r={self.config.r})."
             )
         else:
             self.adapted = adapted_modules(model)
-        frozen = freeze_base(model)
+        frozen = freeze_base(model, self._trainable_before)
         self._frozen.update(frozen)
         return frozen
 
@@ -111,6 +114,7 @@ class LoRA(ModelSurgeryCallback):
     def reset_run_state(self) -> None:
         super().reset_run_state()
         self._frozen = {}
+        self._trainable_before = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

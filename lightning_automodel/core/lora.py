@@ -128,14 +128,30 @@ def base_checkpoint_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != BASE_LAYER)
 
 
-def freeze_base(model: nn.Module) -> dict[str, str]:
-    """Freeze every parameter that is not an adapter; returns the names it froze -> the rule."""
+def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> dict[str, str]:
+    """Freeze every parameter that is not an adapter; returns canonical name -> rule for those LoRA froze.
+
+    peft's injection already freezes the base, so ``trainable_before`` (checkpoint names of what was
+    trainable before the injection) tells which frozen parameters are LoRA's doing.
+    """
+    from lightning_automodel.core.naming import canonical_name
+
     frozen = {}
     for name, param in model.named_parameters():
-        if not is_adapter_name(name) and param.requires_grad:
-            param.requires_grad_(False)
-            frozen[name] = BASE_RULE
+        if is_adapter_name(name):
+            continue
+        was_trainable = param.requires_grad if trainable_before is None else base_checkpoint_name(canonical_name(name)) in trainable_before
+        param.requires_grad_(False)
+        if was_trainable:
+            frozen[canonical_name(name)] = BASE_RULE
     return frozen
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Checkpoint names of the trainable parameters (what :func:`freeze_base` compares against)."""
+    from lightning_automodel.core.naming import canonical_name
+
+    return {base_checkpoint_name(canonical_name(n)) for n, p in model.named_parameters() if p.requires_grad and not is_adapter_name(n)}
 
 
 def _seed_for(seed: int, name: str) -> int:
