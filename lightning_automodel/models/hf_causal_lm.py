@@ -34,6 +34,34 @@ log = logging.getLogger(__name__)
 _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "qkv_format", "padding_mask")
 
 
+def quantization_config(settings: dict[str, Any]) -> Any:
+    """``transformers.BitsAndBytesConfig(**settings)``, or one clear line about what is wrong."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("quantization needs bitsandbytes: pip install 'lightning-automodel[bnb]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"quantization must be a mapping of BitsAndBytesConfig arguments; got {settings!r}.")
+    import difflib
+    import inspect
+
+    known = [name for name in inspect.signature(BitsAndBytesConfig.__init__).parameters if name not in ("self", "kwargs")]
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"quantization: unknown BitsAndBytesConfig argument {key!r}{hint}.")
+    try:
+        config = BitsAndBytesConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"quantization: {' '.join(str(exc).split())}") from None
+    if not (config.load_in_4bit or config.load_in_8bit):
+        raise ValueError("quantization: set load_in_4bit: true (QLoRA) or load_in_8bit: true.")
+    return config
+
+
 def lora_settings(pl_module: pl.LightningModule) -> object | None:
     """The LoraConfig of the running Trainer's LoRA callback, if any."""
     from lightning_automodel.callbacks._lifecycle import attached_trainer
@@ -78,6 +106,10 @@ class HFCausalLM(pl.LightningModule):
             (for models whose training state does not fit on the devices).
         trust_remote_code: allow model code from the model directory.
         seed: seed of the random init for inline configs (the same on every rank).
+        quantization: QLoRA: ``BitsAndBytesConfig`` arguments (``{load_in_4bit: true, bnb_4bit_quant_type: nf4,
+            bnb_4bit_compute_dtype: bfloat16}``); the base is loaded 4-bit by transformers on one device or per
+            DDP rank (FSDP2 cannot shard 4-bit weights: refused at setup). Needs ``pretrained_path`` and
+            bitsandbytes; train it with the ``LoRA`` callback.
     """
 
     def __init__(
@@ -95,10 +127,15 @@ class HFCausalLM(pl.LightningModule):
         cpu_offload: bool = False,
         trust_remote_code: bool = False,
         seed: int = 0,
+        quantization: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if (pretrained_path is None) == (config is None):
             raise ValueError("HFCausalLM needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
+        if quantization is not None:
+            quantization_config(quantization)  # fails here, in one line, before anything is built
+            if pretrained_path is None:
+                raise ValueError("quantization (QLoRA) quantizes pretrained weights: set model.pretrained_path, not model.config.")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (0: constant learning rate); got {warmup_steps}.")
         self.save_hyperparameters()
@@ -138,10 +175,38 @@ class HFCausalLM(pl.LightningModule):
                 f"{type(strategy).__name__}): Lightning's strategy would copy every offloaded shard to the device."
             )
 
+    def _configure_quantized(self) -> None:
+        """QLoRA: transformers loads and quantizes the base (bitsandbytes), then LoRA adapts it in place."""
+        from transformers import AutoConfig
+
+        from lightning_automodel.models.building import model_class_for
+
+        hp = self.hparams
+        if self.device_mesh is not None:
+            raise ValueError(
+                "quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights. Use "
+                "DDP (each GPU holds the 4-bit base) or LoRA on bf16 weights under FSDP2 (model.weights_dtype: bfloat16)."
+            )
+        root = check_local_model_dir(hp.pretrained_path)
+        config = AutoConfig.from_pretrained(root, trust_remote_code=hp.trust_remote_code, local_files_only=True)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        model = model_class_for(config, hp.model_class).from_pretrained(
+            root, quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
+            device_map={"": device}, local_files_only=True, trust_remote_code=hp.trust_remote_code,
+        )
+        prepare_before_sharding(self, model)
+        if adapted_modules(model):
+            initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))
+        model.config.use_cache = False
+        self.model = model
+        self.strict_loading = False  # the frozen 4-bit base is not in checkpoints; on_load_checkpoint checks the rest
+
     def configure_model(self) -> None:
         if self.model is not None:
             return  # idempotent: validate/test after fit call this again
         hp = self.hparams
+        if hp.get("quantization") is not None:
+            return self._configure_quantized()
         if self.device_mesh is not None:
             self._check_mesh()
             if hp.cpu_offload:
@@ -192,6 +257,24 @@ class HFCausalLM(pl.LightningModule):
         # The Hugging Face config travels with the checkpoint: export needs no weights directory.
         if self.model is not None:
             checkpoint[EXPORT_INFO_KEY] = hub_model_info("model.", self.model, self.hparams.pretrained_path).to_dict()
+        if self.hparams.get("quantization") is not None:
+            # QLoRA: the frozen 4-bit base is rebuilt from pretrained_path at every start (bitsandbytes'
+            # quantization is deterministic); the checkpoint holds what trains, a few MB instead of the model.
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.get("quantization") is None:
+            return
+        state = checkpoint.get("state_dict", {})
+        missing = [name for name, p in self.named_parameters() if p.requires_grad and name not in state]
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no {missing[0]} ({len(missing)} trainable tensors missing): it was not saved from "
+                "this QLoRA configuration (same LoRA callback and quantization)."
+            )
 
     # ---- steps --------------------------------------------------------------------------------
 

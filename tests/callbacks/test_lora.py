@@ -173,3 +173,56 @@ def test_two_rank_fsdp2_lora_resumes_bit_exactly_and_exports(tmp_path):
         else:
             want = state[name]
         assert torch.equal(tensor, want), name
+
+
+QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+
+
+def test_qlora_on_one_device_trains_adapters_on_a_4bit_base_and_resumes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=2e-2, quantization=QLORA)
+    t = trainer(steps=3, callbacks=[LoRA(r=4)])
+    t.fit(module, loader(n=24))
+    model = module.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(is_adapter_name(n) for n in trainable)
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    t.save_checkpoint(tmp_path / "qlora.ckpt")
+    resumed = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=2e-2, quantization=QLORA)
+    t2 = trainer(steps=4, callbacks=[LoRA(r=4)])
+    t2.fit(resumed, loader(n=24), ckpt_path=tmp_path / "qlora.ckpt")
+    assert t2.global_step == 4
+
+
+@pytest.mark.parametrize("settings, match", [({"load_in_4bit": True, "bnb_4bit_quant_typo": "nf4"}, "bnb_4bit_quant_typo"),
+                                             ({"load_in_4bit": False}, "load_in_4bit: true")])
+def test_bad_quantization_is_one_line(settings, match):
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match=match):
+        HFCausalLM(pretrained_path="x", quantization=settings)
+    with pytest.raises(ValueError, match="pretrained_path"):
+        HFCausalLM(config={"model_type": "llama"}, quantization={"load_in_4bit": True})
+
+
+def test_qlora_under_fsdp2_is_refused_at_setup(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_automodel.cli import main
+
+    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    config = tmp_path / "qlora.yaml"
+    config.write_text(
+        f"model: {{pretrained_path: {tmp_path / 'base'}, quantization: {{load_in_4bit: true}}}}\n"
+        "trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false,\n"
+        "  strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {data_parallel_size: 1, tensor_parallel_size: 1}},\n"
+        "  callbacks: [{class_path: lightning_automodel.callbacks.LoRA}]}\n"
+    )
+    assert ModelParallelStrategy  # the strategy the YAML names
+    assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot run under FSDP2" in err[-1] and err[-1].startswith("lightning-automodel: error:")
