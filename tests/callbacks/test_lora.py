@@ -214,7 +214,7 @@ def test_qlora_under_fsdp2_is_refused_at_setup(tmp_path, capsys):
 
     from lightning_automodel.cli import main
 
-    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    tm.build(tm.tiny_config("llama", vocab_size=260)).save_pretrained(tmp_path / "base")  # the byte tokenizer's 259 ids fit
     config = tmp_path / "qlora.yaml"
     config.write_text(
         f"model: {{pretrained_path: {tmp_path / 'base'}, quantization: {{load_in_4bit: true}}}}\n"
