@@ -305,6 +305,11 @@ def export_checkpoint(
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             return out
+        if (checkpoint.metadata.get("hyper_parameters") or {}).get("quantization"):
+            raise ExportError(
+                f"{src} is a QLoRA checkpoint: it holds the adapters, not the 4-bit base. Export them with --adapter_only "
+                "and load with PeftModel.from_pretrained(base, DIR)."
+            )
         view = state_view(checkpoint, names, src)
         specs = view.specs()
         _, head = get_lm_head_weight_and_name(model)

@@ -196,6 +196,12 @@ def test_qlora_on_one_device_trains_adapters_on_a_4bit_base_and_resumes(tmp_path
     t2 = trainer(steps=4, callbacks=[LoRA(r=4)])
     t2.fit(resumed, loader(n=24), ckpt_path=tmp_path / "qlora.ckpt")
     assert t2.global_step == 4
+    from lightning_automodel.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="--adapter_only"):
+        export_checkpoint(tmp_path / "qlora.ckpt", tmp_path / "merged")
+    out = export_checkpoint(tmp_path / "qlora.ckpt", tmp_path / "adapter", adapter_only=True)
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("settings, match", [({"load_in_4bit": True, "bnb_4bit_quant_typo": "nf4"}, "bnb_4bit_quant_typo"),
