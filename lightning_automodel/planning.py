@@ -448,6 +448,7 @@ class Plan:
     model: nn.Module | None = None
     fsdp2: FSDP2MemoryEstimate | None = None
     fsdp2_offload: FSDP2MemoryEstimate | None = None
+    adapters: int = 0  # LoRA adapter elements (0 without the LoRA callback)
     compute_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     cpu_offload: bool = False
@@ -580,6 +581,8 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
     memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=sharded)
     plan = Plan(count_parameters(model), frozen_by, memory, model)
+    if any(isinstance(callback, LoRA) for callback in callbacks):
+        plan.adapters = adapter_parameter_count(model)
     if sharded:
         compute = torch.bfloat16 if mixed == "bf16" else None
         reduce = torch.float32 if mixed == "bf16" else None  # the job's MixedPrecisionPolicy reduces in fp32
@@ -635,7 +638,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         table,
         f"Trainable parameters: {counts.trainable:,} of {counts.total:,} ({pct:.2f}%)",
-        *([f"LoRA adapter parameters: {adapters:,}"] if (adapters := adapter_parameter_count(plan.model)) else []),
+        *([f"LoRA adapter parameters: {plan.adapters:,}"] if plan.adapters else []),
         "Frozen groups: " + (", ".join(f"{rule}: {n} tensors" for rule, n in sorted(rules.items())) or "none"),
     ]
     if plan.fsdp2 is not None and plan.fsdp2_offload is not None:
