@@ -232,3 +232,12 @@ def test_qlora_under_fsdp2_is_refused_at_setup(tmp_path, capsys):
     assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "cannot run under FSDP2" in err[-1] and err[-1].startswith("lightning-automodel: error:")
+
+
+@pytest.mark.multiprocess
+def test_two_rank_ddp_lora_and_qlora(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from distributed import run_torchrun
+
+    proc = run_torchrun("job_lora.py", str(tmp_path), "ddp", nproc=2, timeout=400)
+    assert "OK job_lora ddp" in proc.stderr

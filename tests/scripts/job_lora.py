@@ -2,7 +2,7 @@
 
 Two epochs of 2 steps (8 samples, batch 2, 2 ranks); the checkpoint is saved at the end of the first.
 
-Usage: job_lora.py OUT_DIR
+Usage: job_lora.py OUT_DIR [ddp]
 """
 
 import sys
@@ -35,6 +35,29 @@ def make_trainer(out: Path, epochs: int, losses: Losses) -> pl.Trainer:
         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
         enable_model_summary=False, default_root_dir=str(out), callbacks=[LoRA(r=4, lora_alpha=8), losses],
     )
+
+
+def ddp(out: Path) -> None:
+    """LoRA and QLoRA under DDP: every rank adapts its own copy; gradients of the adapters are averaged."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    base_dir = out / "base"
+    for quantization in (None, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}):
+        t = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(), max_epochs=1, logger=False,
+                       enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                       default_root_dir=str(out), callbacks=[LoRA(r=4, lora_alpha=8)])
+        if t.global_rank == 0 and not base_dir.exists():
+            tm.tiny_llama(seed=3).save_pretrained(base_dir)
+        t.strategy.barrier()
+        module = HFCausalLM(pretrained_path=str(base_dir), learning_rate=2e-2, quantization=quantization)
+        t.fit(module, loader(n=8, batch_size=2))
+        adapters = {n: p.detach().clone() for n, p in module.model.named_parameters() if is_adapter_name(n)}
+        assert adapters and all(p.requires_grad for n, p in module.model.named_parameters() if is_adapter_name(n))
+        gathered = [None, None]
+        dist.all_gather_object(gathered, {n: float(t.double().sum()) for n, t in adapters.items()})
+        assert gathered[0] == gathered[1], "ranks diverged: the adapters' gradients were not averaged"
+        assert any(float(p.abs().sum()) > 0 for n, p in adapters.items() if "lora_B" in n)
+    print("OK job_lora ddp", file=sys.stderr)
 
 
 def main(out: Path) -> None:
@@ -71,4 +94,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2] == "ddp":
+        ddp(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
