@@ -525,6 +525,35 @@ def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
         )
 
 
+def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, settings: Any, sharded: bool) -> TrainingMemoryEstimate:
+    """QLoRA: the linear weights bitsandbytes quantizes (every ``nn.Linear`` but the output head) at their 4-bit size.
+
+    Counts stay logical (the meta model is not quantized); only the resident bytes change.
+    """
+    import dataclasses
+
+    from lightning_automodel.core.memory import four_bit_weight_bytes
+    from lightning_automodel.models.hf_causal_lm import quantization_config
+
+    try:
+        config = quantization_config(settings)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if sharded:
+        raise PlanError("quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights; plan it with DDP.")
+    if not config.load_in_4bit:
+        return memory
+    saved = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head") and weight is not None:
+            n = weight.numel()
+            saved += n * weight.element_size() - four_bit_weight_bytes(
+                n, blocksize=64, double_quant=bool(config.bnb_4bit_use_double_quant))
+    param_bytes = memory.param_bytes - saved
+    return dataclasses.replace(memory, param_bytes=param_bytes)
+
+
 def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
     """Build the configured model on meta, apply the configured surgery, estimate per-rank memory.
 
@@ -580,6 +609,9 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
     memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=sharded)
+    quantization = model_args.get("quantization")
+    if quantization is not None:
+        memory = _quantized_memory(model, memory, quantization, sharded)
     plan = Plan(count_parameters(model), frozen_by, memory, model)
     if any(isinstance(callback, LoRA) for callback in callbacks):
         plan.adapters = adapter_parameter_count(model)

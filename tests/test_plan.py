@@ -383,3 +383,32 @@ def test_plan_lora_bad_target_is_one_line(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'q_prj' matches no module" in err[0] and "q_proj" in err[0]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_plan_qlora_bytes_match_a_real_4bit_load(tmp_path, double_quant):
+    """The planned parameter bytes of a 4-bit base against bitsandbytes' actual tensors after a real load."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import tiny_models as tm
+    from lightning_automodel.core.parameters import count_parameters
+
+    model = tm.build(tm.tiny_config("llama", hidden_size=128, intermediate_size=512, vocab_size=260))
+    model.save_pretrained(tmp_path / "base")
+    settings = {"load_in_4bit": True, "bnb_4bit_use_double_quant": double_quant}
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(**settings),
+                                                dtype=torch.float32, device_map={"": "cpu"})
+    actual = 0
+    for p in real.parameters():
+        actual += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            actual += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                actual += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
+    plan = make_plan({"model": {"pretrained_path": str(tmp_path / "base"), "quantization": settings}, "trainer": {"devices": 1}})
+    assert plan.counts.total == count_parameters(model).total  # logical counts, not packed storage
+    assert abs(plan.memory.param_bytes - actual) <= 0.01 * actual, (plan.memory.param_bytes, actual)
+    with pytest.raises(PlanError, match="cannot run under FSDP2"):
+        make_plan({"model": {"pretrained_path": str(tmp_path / "base"), "quantization": settings}}, world_size=8)

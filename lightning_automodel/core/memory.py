@@ -256,3 +256,14 @@ def estimate_fsdp2_peak(
         kept_groups=tuple(kept),
         reduced_group=reduced,
     )
+
+
+def four_bit_weight_bytes(numel: int, *, blocksize: int = 64, double_quant: bool = False) -> int:
+    """Bytes bitsandbytes holds for one 4-bit (nf4/fp4) weight of ``numel`` elements.
+
+    Two values per byte, plus one absmax per ``blocksize`` block: fp32, or with double quantization one
+    byte each plus an fp32 absmax per 256 blocks and one offset.
+    """
+    blocks = -(-numel // blocksize)
+    absmax = blocks + (-(-blocks // 256)) * 4 + 4 if double_quant else blocks * 4
+    return (numel + 1) // 2 + absmax
