@@ -241,3 +241,11 @@ def test_two_rank_ddp_lora_and_qlora(tmp_path):
 
     proc = run_torchrun("job_lora.py", str(tmp_path), "ddp", nproc=2, timeout=400)
     assert "OK job_lora ddp" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_users_module_calls_prepare_before_sharding(tmp_path):
+    from distributed import run_torchrun
+
+    proc = run_torchrun("job_lora.py", str(tmp_path), "user", nproc=2, timeout=400)
+    assert "OK job_lora user" in proc.stderr

@@ -2,7 +2,7 @@
 
 Two epochs of 2 steps (8 samples, batch 2, 2 ranks); the checkpoint is saved at the end of the first.
 
-Usage: job_lora.py OUT_DIR [ddp]
+Usage: job_lora.py OUT_DIR [ddp|user]
 """
 
 import sys
@@ -60,6 +60,41 @@ def ddp(out: Path) -> None:
     print("OK job_lora ddp", file=sys.stderr)
 
 
+def user_module(out: Path) -> None:
+    """A user's module that builds and shards its model in configure_model: the one call before fully_shard."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from callbacks.lit_models import ShardedLM
+    from lightning_automodel.callbacks import prepare_before_sharding
+
+    class UserSharded(ShardedLM):
+        def configure_model(self):
+            if self.model is None:
+                self.model = self.builder()
+                prepare_before_sharding(self, self.model)  # adapters now, so fully_shard shards them with their layer
+            super().configure_model()
+
+    module = UserSharded(tm.tiny_llama)
+    t = pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                   max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                   enable_model_summary=False, default_root_dir=str(out), callbacks=[LoRA(r=4)])
+    t.fit(module, loader(n=16, batch_size=2))
+    adapters = [p for n, p in module.model.named_parameters() if is_adapter_name(n)]
+    assert adapters and all(isinstance(p, DTensor) and p.requires_grad for p in adapters)
+    # without the call, LoRA refuses the sharded model with the instruction
+    plain = ShardedLM(tm.tiny_llama)
+    t2 = pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                    max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                    enable_model_summary=False, default_root_dir=str(out), callbacks=[LoRA(r=4)])
+    try:
+        t2.fit(plain, loader(n=16, batch_size=2))
+    except Exception as exc:  # noqa: BLE001
+        assert "prepare_before_sharding" in str(exc), exc
+    else:
+        raise AssertionError("LoRA on an already sharded model must be refused")
+    print("OK job_lora user", file=sys.stderr)
+
+
 def main(out: Path) -> None:
     base_dir = out / "base"
     full = Losses()
@@ -96,5 +131,7 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "ddp":
         ddp(Path(sys.argv[1]))
+    elif len(sys.argv) > 2 and sys.argv[2] == "user":
+        user_module(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))
