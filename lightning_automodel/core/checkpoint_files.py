@@ -84,7 +84,7 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def open_regular(path: str | os.PathLike[str]):
+def open_regular(path: str | os.PathLike[str], buffering: int = -1):
     """Open ``path`` for binary reading, refusing at once anything but a regular file.
 
     The open is non-blocking (a FIFO would otherwise wait for a writer forever) and the check is made
@@ -97,7 +97,7 @@ def open_regular(path: str | os.PathLike[str]):
             raise _not_regular(path, mode)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, read_safetensors_layout, resolve_checkpoint_files
+from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
 from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.naming import canonical_name
 
@@ -189,7 +189,7 @@ class CheckpointReader:
             return
         handle = self._handles.get(source.file)
         if handle is None:
-            handle = self._handles[source.file] = open(source.file, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            handle = self._handles[source.file] = open_regular(source.file, buffering=0)  # noqa: SIM115 - closed in close(); checked again on the descriptor
             if hasattr(os, "posix_fadvise"):  # forward reads: let the kernel read ahead generously
                 os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         inner = math.prod(source.shape[1:]) if source.shape else 1

@@ -183,3 +183,18 @@ def test_casting_reads_go_through_small_chunks(tmp_path, monkeypatch):
     reference = model_class_for(config).from_pretrained(path, dtype=torch.float32).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     assert report.bytes_read == sum(t.numel() * t.element_size() for t in _all_tensors(path).values())
+
+
+def test_a_shard_swapped_for_a_fifo_after_indexing_is_refused_not_waited_on(tmp_path):
+    import os
+
+    model = build(tiny_config("llama"), seed=0)
+    model.save_pretrained(tmp_path / "m")
+    reader = CheckpointReader(tmp_path / "m")
+    shard = tmp_path / "m" / "model.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)  # what a reader blocked on forever before the descriptor check
+    key = next(iter(reader.tensors))
+    with pytest.raises(ValueError, match="regular file"):
+        reader.read(key)
+    reader.close()
