@@ -53,6 +53,9 @@ def lora_config(
         raise LoraConfigError("LoRA needs peft: pip install 'lightning-automodel[peft]'.") from None
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise LoraConfigError(f"LoRA rank r must be a positive integer; got {r!r}.")
+    # LightningCLI passes every LoraConfig field with its default; an empty loftq_config only makes peft warn.
+    if not extra.get("loftq_config", True):
+        extra.pop("loftq_config")
     init = extra.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise LoraConfigError(
