@@ -106,10 +106,12 @@ def run_save_worker(smoke: bool) -> dict[str, list[dict]]:
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
                str(REPO / "benchmarks" / "hf_save_worker.py"), str(hf), tmp, "200MB"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
-        if proc.returncode != 0:
-            raise RuntimeError(f"save worker failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "records.json").read_text())
+        for attempt in range(2):  # one retry, reported on stderr: a shared machine, and gloo's teardown race
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
+            if proc.returncode == 0:
+                return json.loads((Path(tmp) / "records.json").read_text())
+            print(f"save worker failed ({proc.returncode}), attempt {attempt + 1}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        raise RuntimeError(f"save worker failed twice:\n{proc.stderr[-3000:]}")
 
 
 def run(smoke: bool, repeats: int) -> list[CaseResult]:
