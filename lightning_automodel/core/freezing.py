@@ -238,23 +238,35 @@ class _ParameterIndex:
 
     Module paths are derived from parameter names, so matching needs no module traversal: a module
     selected by path selects every parameter name under that path (through any alias of a tied weight).
+    The set of module paths is built only when a glob or a legacy flag needs to scan it; an exact
+    ``path`` selector is answered by a prefix scan of the names (a plan of 100,000 layers has a
+    million module paths).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.first_name: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.aliases: list[tuple[str, str]] = []  # (canonical alias name, canonical first name)
-        paths: set[str] = set()
+        first_name, params, aliases = self.first_name, self.params, self.aliases
         for name, param in model.named_parameters(remove_duplicate=False):
             alias = canonical_name(name)
-            first = self.first_name.setdefault(id(param), alias)
-            self.params.setdefault(first, param)
-            self.aliases.append((alias, first))
-            cut = alias.rfind(".")
-            while cut > 0 and alias[:cut] not in paths:
-                paths.add(alias[:cut])
-                cut = alias.rfind(".", 0, cut)
-        self.module_paths = sorted(paths)
+            first = first_name.setdefault(id(param), alias)
+            params.setdefault(first, param)
+            aliases.append((alias, first))
+        self._module_paths: set[str] | None = None
+
+    @property
+    def module_paths(self) -> set[str]:
+        """Every module path that has a parameter under it."""
+        if self._module_paths is None:
+            paths: set[str] = set()
+            for alias, _ in self.aliases:
+                cut = alias.rfind(".")
+                while cut > 0 and alias[:cut] not in paths:
+                    paths.add(alias[:cut])
+                    cut = alias.rfind(".", 0, cut)
+            self._module_paths = paths
+        return self._module_paths
 
     def names_in(self, module: nn.Module) -> list[str]:
         return [self.first_name[id(p)] for p in module.parameters() if id(p) in self.first_name]
@@ -263,6 +275,9 @@ class _ParameterIndex:
         """First names of every parameter that sits under one of ``matched_paths``."""
         if not matched_paths:
             return []
+        if len(matched_paths) <= 32:  # a C-level prefix test beats walking each name's ancestors
+            prefixes = tuple(path + "." for path in matched_paths)
+            return [first for alias, first in self.aliases if alias.startswith(prefixes)]
         names = []
         for alias, first in self.aliases:
             cut = alias.rfind(".")
@@ -288,7 +303,10 @@ def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
     """Parameters a selector reaches: under every matched module path, plus parameters it names."""
-    names = index.names_under({path for path in index.module_paths if selector.matches(path)})
+    if selector.path is not None:
+        names = index.names_under({selector.path})  # empty when no module has that path
+    else:
+        names = index.names_under({path for path in index.module_paths if selector.matches(path)})
     # A selector may also name parameters by their full canonical name: `path: model.norm.weight`, a
     # bare nn.Parameter such as attention sinks, or `glob: '*.bias'` (BitFit). The reference matches
     # module paths only, so those selectors matched nothing there.

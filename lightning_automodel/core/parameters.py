@@ -29,8 +29,13 @@ def _is_params4bit(t: torch.Tensor) -> bool:
     return isinstance(t, bnb.nn.Params4bit)
 
 
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
 def logical_numel(t: torch.Tensor) -> int:
     """Number of logical elements: ``quant_state.shape`` for a quantized ``Params4bit``, else ``numel()``."""
+    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without the bitsandbytes lookup (plan: a million tensors)
+        return t.numel()
     if _is_params4bit(t) and getattr(t, "quant_state", None) is not None:
         return math.prod(t.quant_state.shape)
     return t.numel()
@@ -153,9 +158,11 @@ def module_breakdown(
     """
     rows: dict[str, ModuleRow] = {}
     for name, p in unique_named_parameters(model):
-        module_path = name.rsplit(".", 1)[0] if "." in name else name
-        key = ".".join(module_path.split(".")[:depth])
-        row = rows.setdefault(key, ModuleRow(key))
+        parts = name.split(".", depth)  # at most depth + 1 pieces: the key, then the rest
+        key = ".".join(parts[: min(depth, len(parts) - 1)]) if len(parts) > 1 else name
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = ModuleRow(key)
         n = logical_numel(p)
         row.total += n
         if p.requires_grad:
