@@ -33,7 +33,8 @@ The proof rests on what the probe can see, so every gap falls back to a real bui
   closure or other object), so every place that holds ``i`` is known and set for a copy;
 - every tensor of the representative must be on the meta device (copies carry no values).
 
-Copies are meant for planning (counting, freezing, memory estimates), not for a forward: modules,
+A probe is one more run of the constructor: a constructor with side effects (a global counter) sees
+one extra call per probe, at most ``max_variants`` per key. Copies are meant for planning (counting, freezing, memory estimates), not for a forward: modules,
 parameters, buffers and the module's own containers are new objects, plain attributes are shared,
 and other objects the constructor created (lists, dicts, helper objects) are shallow copies.
 """
@@ -561,17 +562,19 @@ class _Interceptor:
         if entry is None:
             entry = self.entries[(cls, key)] = _Entry(arguments=(args, kwargs))
         name = cls.__name__
-        if vals:
-            for variant in entry.variants:
-                if variant.matches(vals):
-                    variant.template.instantiate(target, vals)
-                    self.stats.replicated[name] = self.stats.replicated.get(name, 0) + 1
-                    return
+        # Without integer arguments there is nothing to log: the probe is a second construction with the
+        # same arguments, and any difference (a global counter, randomness in the structure) fails the
+        # structure check.
+        for variant in entry.variants:
+            if variant.matches(vals):
+                variant.template.instantiate(target, vals)
+                self.stats.replicated[name] = self.stats.replicated.get(name, 0) + 1
+                return
         self.depth += 1
         try:
             original(target, *args, **kwargs)
             self.stats.built[name] = self.stats.built.get(name, 0) + 1
-            if vals and entry.refused is None and entry.probes < self.max_variants:
+            if entry.refused is None and entry.probes < self.max_variants:
                 entry.probes += 1
                 self._probe(cls, original, target, args, kwargs, vals, slots, entry)
         finally:

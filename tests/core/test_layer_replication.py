@@ -261,3 +261,54 @@ def test_classes_are_restored_after_the_build():
         assert ModuloLayer.__init__ is not original
     assert ModuloLayer.__init__ is original
     assert "__init__" not in KeywordLayer.__dict__ or KeywordLayer.__init__.__qualname__.startswith("KeywordLayer")
+
+
+class CountingLayer(nn.Module):
+    """No integer argument, but a global counter: a second construction differs, so nothing may be copied."""
+
+    made = 0
+
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        CountingLayer.made += 1
+        self.serial = CountingLayer.made
+        self.proj = nn.Linear(config.width, config.width)
+
+
+class PlainLayer(nn.Module):
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.width, config.width)
+        self.norm = nn.LayerNorm(config.width)
+
+
+@pytest.mark.parametrize("cls, copies", [(PlainLayer, 9), (CountingLayer, 0)])
+def test_layers_without_integer_arguments(cls, copies):
+    config = TinyConfig()
+    stats = ReplicationStats()
+    with torch.device("meta"), replicate_identical_layers([cls], stats=stats):
+        layers = nn.ModuleList(cls(config) for _ in range(10))
+    assert stats.total_replicated == copies
+    if cls is CountingLayer:
+        assert "different structure" in stats.refused["CountingLayer"]
+        serials = [layer.serial for layer in layers]
+        assert len(set(serials)) == 10  # every one a real construction
+    else:
+        with torch.device("meta"):
+            built = nn.ModuleList(cls(config) for _ in range(10))
+        assert fingerprint(layers) == fingerprint(built)
+
+
+def test_vision_language_model_copies_both_towers():
+    config = AutoConfig.for_model(
+        "llava",
+        text_config={"model_type": "llama", "num_hidden_layers": 12, **SMALL},
+        vision_config={"model_type": "clip_vision_model", "num_hidden_layers": 10, "hidden_size": 16, "intermediate_size": 32,
+                       "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
+        image_token_index=63,
+    )
+    stats = ReplicationStats()
+    replicated = build_on_meta(config, "image_text_to_text", replication=stats)
+    built = build_on_meta(config, "image_text_to_text")
+    assert fingerprint(replicated) == fingerprint(built)
+    assert stats.replicated == {"LlamaDecoderLayer": 11, "CLIPEncoderLayer": 9}, stats
