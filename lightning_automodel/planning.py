@@ -556,14 +556,8 @@ def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
         )
 
 
-def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, settings: Any, sharded: bool) -> TrainingMemoryEstimate:
-    """QLoRA: the linear weights bitsandbytes quantizes (every ``nn.Linear`` but the output head) at their 4-bit size.
-
-    Counts stay logical (the meta model is not quantized); only the resident bytes change.
-    """
-    import dataclasses
-
-    from lightning_automodel.core.memory import four_bit_weight_bytes
+def _quantization_settings(settings: Any, sharded: bool) -> Any:
+    """The job's ``BitsAndBytesConfig`` for ``model.quantization``, refused in one line where the job refuses it."""
     from lightning_automodel.models.hf_causal_lm import quantization_config
 
     try:
@@ -572,6 +566,16 @@ def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, settings
         raise PlanError(str(exc)) from None
     if sharded:
         raise PlanError("quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights; plan it with DDP.")
+    return config
+
+
+def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, config: Any) -> TrainingMemoryEstimate:
+    """QLoRA: the linear weights bitsandbytes quantizes (every ``nn.Linear`` but the output head) at their 4-bit size.
+
+    Counts stay logical (the meta model is not quantized); only the resident bytes change.
+    """
+    from lightning_automodel.core.memory import four_bit_weight_bytes
+
     if not config.load_in_4bit:
         return memory
     saved = 0
@@ -581,8 +585,7 @@ def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, settings
             n = weight.numel()
             saved += n * weight.element_size() - four_bit_weight_bytes(
                 n, blocksize=64, double_quant=bool(config.bnb_4bit_use_double_quant))
-    param_bytes = memory.param_bytes - saved
-    return dataclasses.replace(memory, param_bytes=param_bytes)
+    return dataclasses.replace(memory, param_bytes=memory.param_bytes - saved)
 
 
 def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
@@ -644,21 +647,28 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
     size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
-    memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=sharded)
     quantization = model_args.get("quantization")
-    if quantization is not None:
-        memory = _quantized_memory(model, memory, quantization, sharded)
-    plan = Plan(count_parameters(model), frozen_by, memory, model)
-    if any(isinstance(callback, LoRA) for callback in callbacks):
-        plan.adapters = adapter_parameter_count(model)
+    bnb_config = _quantization_settings(quantization, sharded) if quantization is not None else None
+    fsdp2 = None
     if sharded:
         compute = torch.bfloat16 if mixed == "bf16" else None
         reduce = torch.float32 if mixed == "bf16" else None  # the job's MixedPrecisionPolicy reduces in fp32
         groups = fsdp2_groups(model)
         common = dict(world_size=size, groups=groups, compute_dtype=compute, reduce_dtype=reduce, optimizer_state_dtype=state_dtype)
-        plan.fsdp2 = estimate_fsdp2_peak(model, cpu_offload=False, **common)
+        fsdp2 = estimate_fsdp2_peak(model, cpu_offload=False, **common)
+        # The sharded state is estimate_training_memory's by construction: no second pass over the model.
+        memory = TrainingMemoryEstimate(size, fsdp2.param_bytes, fsdp2.grad_bytes, fsdp2.optimizer_bytes)
+    else:
+        memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=False)
+        if bnb_config is not None:
+            memory = _quantized_memory(model, memory, bnb_config)
+    plan = Plan(count_parameters(model), frozen_by, memory, model)
+    if any(isinstance(callback, LoRA) for callback in callbacks):
+        plan.adapters = adapter_parameter_count(model)
+    if fsdp2 is not None:
+        plan.fsdp2 = fsdp2
         # Offload moves the same bytes to the host: only the derived device/host split differs.
-        plan.fsdp2_offload = dataclasses.replace(plan.fsdp2, cpu_offload=True)
+        plan.fsdp2_offload = dataclasses.replace(fsdp2, cpu_offload=True)
         plan.compute_dtype, plan.reduce_dtype = compute, reduce
         plan.cpu_offload = bool(model_args.get("cpu_offload", False))
     return plan

@@ -20,6 +20,7 @@ Only shapes and identities are read, so it works on meta models. No Lightning he
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -27,7 +28,6 @@ from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.naming import (
     canonical_named_modules,
     get_module_by_canonical_name,
-    modules_by_canonical_name,
     unique_named_parameters,
 )
 
@@ -46,11 +46,22 @@ TOWER_ATTRIBUTES: tuple[str, ...] = ("vision_tower", "visual", "vision_model", "
 FINAL_NORM_ATTRIBUTES: tuple[str, ...] = ("norm", "final_layernorm", "final_norm", "ln_f")
 
 
-def _path_of(model: nn.Module, target: nn.Module) -> str | None:
-    for name, module in canonical_named_modules(model):
-        if module is target:
-            return name
-    return None
+class _ModuleIndex:
+    """Every module by canonical path and every path by module, from one traversal.
+
+    A lookup by walking the model costs a full traversal when the target sits after the decoder
+    layers (the final norm, the head): at 100,000 layers, a million modules per lookup.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.by_name: dict[str, nn.Module] = {}
+        self.path_by_id: dict[int, str] = {}
+        for name, module in canonical_named_modules(model):
+            self.by_name[name] = module  # the innermost module when wrappers share a name
+            self.path_by_id.setdefault(id(module), name)  # the first path of a module registered twice
+
+    def path_of(self, target: nn.Module | None) -> str | None:
+        return None if target is None else self.path_by_id.get(id(target))
 
 
 def _has_params(module: nn.Module | None) -> bool:
@@ -69,7 +80,7 @@ def _call_or_none(model: nn.Module, method: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def final_norm_path(model: nn.Module, layers_path: str | None = None) -> str | None:
+def final_norm_path(model: nn.Module, layers_path: str | None = None, *, index: _ModuleIndex | None = None) -> str | None:
     """Canonical path of the norm after the last decoder layer: the norm *next to* the layer list.
 
     ``model.norm`` for a llama, ``model.language_model.norm`` for a LLaVA. Looking next to the layers
@@ -79,7 +90,12 @@ def final_norm_path(model: nn.Module, layers_path: str | None = None) -> str | N
     if layers_path is None:
         return None
     parent_path = layers_path.rpartition(".")[0]
-    parent = get_module_by_canonical_name(model, parent_path) if parent_path else model
+    if not parent_path:
+        parent = model
+    elif index is not None:
+        parent = index.by_name.get(parent_path)
+    else:
+        parent = get_module_by_canonical_name(model, parent_path)
     for attr in FINAL_NORM_ATTRIBUTES:
         norm = getattr(parent, attr, None)
         if isinstance(norm, nn.Module):
@@ -94,8 +110,12 @@ def fsdp2_group_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
     when the text decoder layers cannot be found: sharding everything as one root group would keep the
     whole model unsharded during forward, which is never what a user wants silently.
     """
+    return _group_modules(model, _ModuleIndex(model))
+
+
+def _group_modules(model: nn.Module, index: _ModuleIndex) -> list[tuple[str, list[str]]]:
     layers_path = text_decoder_layers_path(model)
-    layers = get_module_by_canonical_name(model, layers_path) if layers_path else None
+    layers = index.by_name.get(layers_path) if layers_path else None
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"Could not find the text decoder layers of {type(model).__name__}: no FSDP2 layout for it.")
     groups: list[tuple[str, list[str]]] = [(f"{layers_path}.{i}", [f"{layers_path}.{i}"]) for i in range(len(layers))]
@@ -107,15 +127,15 @@ def fsdp2_group_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
             tower = getattr(owner, attr, None)
             if isinstance(tower, nn.Module) and id(tower) not in seen_towers and _has_params(tower):
                 seen_towers.add(id(tower))
-                path = _path_of(model, tower)
+                path = index.path_of(tower)
                 if path:
                     groups.append((path, [path]))
     embed = _call_or_none(model, "get_input_embeddings")
     head = _call_or_none(model, "get_output_embeddings")
-    embed_path = _path_of(model, embed) if _has_params(embed) else None
-    head_path = _path_of(model, head) if _has_params(head) else None
-    norm_path = final_norm_path(model, layers_path)
-    if norm_path is not None and not _has_params(get_module_by_canonical_name(model, norm_path)):
+    embed_path = index.path_of(embed) if _has_params(embed) else None
+    head_path = index.path_of(head) if _has_params(head) else None
+    norm_path = final_norm_path(model, layers_path, index=index)
+    if norm_path is not None and not _has_params(index.by_name.get(norm_path)):
         norm_path = None
     tail = [p for p in (norm_path, head_path) if p is not None]
     embed_weight = getattr(embed, "weight", None)
@@ -142,17 +162,17 @@ def fsdp2_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     Not modelled: the extra single-dtype sub-groups the sharding code may add when one group mixes
     trainable parameter dtypes (their bytes stay in the same place, only the grouping is finer).
     """
-    first_name: dict[int, str] = {id(p): name for name, p in unique_named_parameters(model)}
+    unique = unique_named_parameters(model)
+    first_name: dict[int, str] = {id(p): name for name, p in unique}
     claimed: set[int] = set()
-    by_name: dict[str, nn.Module] | None = None
+    index = _ModuleIndex(model)
     out: list[tuple[str, list[str]]] = []
-    for group, module_paths in fsdp2_group_modules(model):
+    for group, module_paths in _group_modules(model, index):
         names: list[str] = []
         if group == ROOT_GROUP:
-            params = (p for _, p in unique_named_parameters(model))
+            params: Iterable[nn.Parameter] = (p for _, p in unique)
         else:
-            by_name = by_name if by_name is not None else modules_by_canonical_name(model)
-            modules = [by_name.get(path) for path in module_paths]
+            modules = [index.by_name.get(path) for path in module_paths]
             params = (p for m in modules if m is not None for p in m.parameters())
         for p in params:
             if id(p) not in claimed:
