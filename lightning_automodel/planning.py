@@ -51,6 +51,7 @@ from lightning_automodel.core.memory import (
     estimate_fsdp2_peak,
     estimate_training_memory,
 )
+from lightning_automodel.core.naming import reuse_parameter_traversal, unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
 from lightning_automodel.models import building
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
@@ -647,6 +648,14 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
     size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
+    with reuse_parameter_traversal(model):  # surgery is done: from here on every pass reads the same list
+        return _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
+
+
+def _estimate(
+    model: nn.Module, model_args: Mapping[str, Any], callbacks: Sequence[ModelSurgeryCallback], frozen_by: dict[str, str],
+    *, sharded: bool, size: int, mixed: str, state_dtype: torch.dtype | None,
+) -> Plan:
     quantization = model_args.get("quantization")
     bnb_config = _quantization_settings(quantization, sharded) if quantization is not None else None
     fsdp2 = None
@@ -685,7 +694,7 @@ def format_fsdp2(plan: Plan) -> list[str]:
     """The FSDP2 memory lines: the layout's per-rank peak, then device and host with and without offload."""
     est, off = plan.fsdp2, plan.fsdp2_offload
     b = format_bytes_human
-    weights = _dtype_label([p.dtype for p in plan.model.parameters() if p.is_floating_point()])
+    weights = _dtype_label([p.dtype for _, p in unique_named_parameters(plan.model) if p.is_floating_point()])
     compute = _SHORT_DTYPE.get(plan.compute_dtype, weights) if plan.compute_dtype is not None else weights
     reduce = _SHORT_DTYPE.get(plan.reduce_dtype, compute) if plan.reduce_dtype is not None else compute
     kept = f" + kept unsharded [{', '.join(est.kept_groups)}]" if est.kept_groups else ""
@@ -735,7 +744,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         args, config = parse_args(argv)
         plan = make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
-        with _gc_paused():
+        with _gc_paused(), reuse_parameter_traversal(plan.model):
             report = format_plan(plan)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

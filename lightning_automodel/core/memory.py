@@ -90,7 +90,7 @@ def estimate_training_memory(
         sharded: False for DDP (everything replicated).
     """
     return _estimate_from_parameters(
-        model.parameters(),  # each parameter once: tied weights are stored once
+        (p for _, p in unique_named_parameters(model)),  # each parameter once: tied weights are stored once
         world_size=world_size,
         param_dtype=param_dtype,
         grad_dtype=grad_dtype,

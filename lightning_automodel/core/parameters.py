@@ -51,7 +51,7 @@ class ParameterCounts(NamedTuple):
 def count_parameters(model: nn.Module) -> ParameterCounts:
     """``(trainable, total)`` logical element counts; safe on meta models; shared parameters once."""
     trainable = total = 0
-    for p in model.parameters():  # deduplicated by identity: tied weights count once
+    for _, p in unique_named_parameters(model):  # deduplicated by identity: tied weights count once
         n = logical_numel(p)
         total += n
         if p.requires_grad:
