@@ -26,6 +26,8 @@ from torch import nn
 
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.naming import (
+    WRAPPER_COMPONENTS,
+    canonical_name,
     canonical_named_modules,
     get_module_by_canonical_name,
     unique_named_parameters,
@@ -47,21 +49,70 @@ FINAL_NORM_ATTRIBUTES: tuple[str, ...] = ("norm", "final_layernorm", "final_norm
 
 
 class _ModuleIndex:
-    """Every module by canonical path and every path by module, from one traversal.
+    """Modules by canonical path and paths by module, for the components the layout looks up.
 
-    A lookup by walking the model costs a full traversal when the target sits after the decoder
-    layers (the final norm, the head): at 100,000 layers, a million modules per lookup.
+    Those components (the layer list, towers, embedding, final norm, head) sit outside the repeated
+    blocks, so the index does not descend into the elements of a ``ModuleList`` or ``ModuleDict``: at
+    100,000 layers it holds a dozen modules instead of 1.3 million, where a walk per lookup cost a
+    full traversal each (the head and final norm come after the layers). A lookup it cannot answer
+    falls back to the whole model. Paths and the innermost-module rule are those of
+    ``canonical_named_modules``.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.complete = False
         self.by_name: dict[str, nn.Module] = {}
         self.path_by_id: dict[int, str] = {}
-        for name, module in canonical_named_modules(model):
-            self.by_name[name] = module  # the innermost module when wrappers share a name
-            self.path_by_id.setdefault(id(module), name)  # the first path of a module registered twice
+        stack: list[tuple[str, nn.Module]] = [("", model)]
+        while stack:  # pre-order, like named_modules
+            prefix, module = stack.pop()
+            self._add(canonical_name(prefix), module)
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in module._modules.items() if child is not None]
+            stack.extend(reversed(children))
+
+    def _add(self, name: str, module: nn.Module) -> None:
+        self.by_name[name] = module  # the innermost module when wrappers share a name
+        self.path_by_id.setdefault(id(module), name)  # the first path of a module registered twice
+
+    def add_elements(self, list_path: str, elements: nn.ModuleList) -> None:
+        """Index a list's elements (the decoder layers) without walking into them."""
+        for i, element in enumerate(elements):
+            self._add(f"{list_path}.{i}", _innermost(element))
+
+    def _complete(self) -> None:
+        if not self.complete:
+            self.complete = True
+            self.by_name, self.path_by_id = {}, {}
+            for name, module in canonical_named_modules(self.model):
+                self._add(name, module)
+
+    def get(self, path: str) -> nn.Module | None:
+        module = self.by_name.get(path)
+        if module is None and not self.complete:
+            self._complete()
+            module = self.by_name.get(path)
+        return module
 
     def path_of(self, target: nn.Module | None) -> str | None:
-        return None if target is None else self.path_by_id.get(id(target))
+        if target is None:
+            return None
+        path = self.path_by_id.get(id(target))
+        if path is None and not self.complete:
+            self._complete()
+            path = self.path_by_id.get(id(target))
+        return path
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The module a wrapper chain (activation checkpointing, ``torch.compile``) holds: its canonical owner."""
+    while True:
+        inner = next((child for name, child in module._modules.items() if name in WRAPPER_COMPONENTS and child is not None), None)
+        if inner is None:
+            return module
+        module = inner
 
 
 def _has_params(module: nn.Module | None) -> bool:
@@ -93,7 +144,7 @@ def final_norm_path(model: nn.Module, layers_path: str | None = None, *, index: 
     if not parent_path:
         parent = model
     elif index is not None:
-        parent = index.by_name.get(parent_path)
+        parent = index.get(parent_path)
     else:
         parent = get_module_by_canonical_name(model, parent_path)
     for attr in FINAL_NORM_ATTRIBUTES:
@@ -115,9 +166,10 @@ def fsdp2_group_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _group_modules(model: nn.Module, index: _ModuleIndex) -> list[tuple[str, list[str]]]:
     layers_path = text_decoder_layers_path(model)
-    layers = index.by_name.get(layers_path) if layers_path else None
+    layers = index.get(layers_path) if layers_path else None
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"Could not find the text decoder layers of {type(model).__name__}: no FSDP2 layout for it.")
+    index.add_elements(layers_path, layers)
     groups: list[tuple[str, list[str]]] = [(f"{layers_path}.{i}", [f"{layers_path}.{i}"]) for i in range(len(layers))]
     seen_towers: set[int] = set()
     for owner in (model, getattr(model, "model", None)):
@@ -135,7 +187,7 @@ def _group_modules(model: nn.Module, index: _ModuleIndex) -> list[tuple[str, lis
     embed_path = index.path_of(embed) if _has_params(embed) else None
     head_path = index.path_of(head) if _has_params(head) else None
     norm_path = final_norm_path(model, layers_path, index=index)
-    if norm_path is not None and not _has_params(index.by_name.get(norm_path)):
+    if norm_path is not None and not _has_params(index.get(norm_path)):
         norm_path = None
     tail = [p for p in (norm_path, head_path) if p is not None]
     embed_weight = getattr(embed, "weight", None)
@@ -172,7 +224,7 @@ def fsdp2_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
         if group == ROOT_GROUP:
             params: Iterable[nn.Parameter] = (p for _, p in unique)
         else:
-            modules = [index.by_name.get(path) for path in module_paths]
+            modules = [index.get(path) for path in module_paths]
             params = (p for m in modules if m is not None for p in m.parameters())
         for p in params:
             if id(p) not in claimed:

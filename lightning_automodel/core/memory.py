@@ -242,16 +242,14 @@ def estimate_fsdp2_peak(
     )
     groups = fsdp2_groups(model) if groups is None else groups
     owner: dict[str, str] = {}
-    order: list[str] = []
+    order: dict[str, None] = {}  # groups in first-seen order; a list's `in` made this quadratic in the layers
     for group, names in groups:
-        if group not in order:
-            order.append(group)
+        order.setdefault(group)
         for name in names:
             if name not in params:
                 raise ValueError(f"FSDP2 group {group!r} names {name!r}, which is not a parameter of {type(model).__name__}.")
             owner.setdefault(name, group)
-    if ROOT_GROUP not in order:
-        order.append(ROOT_GROUP)
+    order.setdefault(ROOT_GROUP)
     per_group = {group: _GroupBytes() for group in order}
     for name, p in params.items():
         local = _local_numel(p, world_size, True)

@@ -16,7 +16,7 @@ from torch import nn
 WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
-_WRAPPER_COMPONENTS: frozenset[str] = frozenset(prefix[:-1] for prefix in WRAPPER_PREFIXES)
+WRAPPER_COMPONENTS: frozenset[str] = frozenset(prefix[:-1] for prefix in WRAPPER_PREFIXES)
 
 
 def canonical_name(name: str) -> str:
@@ -28,7 +28,7 @@ def canonical_name(name: str) -> str:
     if "._" not in name and not name.startswith("_"):
         return name  # every wrapper component starts with "_": the common case costs one scan
     parts = name.split(".")
-    kept = [part for part in parts if part not in _WRAPPER_COMPONENTS]
+    kept = [part for part in parts if part not in WRAPPER_COMPONENTS]
     return name if len(kept) == len(parts) else ".".join(kept)
 
 

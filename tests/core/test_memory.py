@@ -135,6 +135,44 @@ def test_fsdp2_groups_of_an_untied_llama():
     assert dict(groups)["root"] == []
 
 
+def _groups_by_full_traversal(model):
+    """The layout's groups resolved the slow, obvious way: every module by canonical name, then its parameters."""
+    from lightning_automodel.core.fsdp_layout import fsdp2_group_modules
+    from lightning_automodel.core.naming import canonical_named_modules, unique_named_parameters
+
+    by_name = dict(canonical_named_modules(model))
+    first = {id(p): n for n, p in unique_named_parameters(model)}
+    claimed, out = set(), []
+    for group, paths in fsdp2_group_modules(model):
+        params = [p for _, p in unique_named_parameters(model)] if group == "root" else [
+            p for path in paths for p in by_name[path].parameters()]
+        names = []
+        for p in params:
+            if id(p) not in claimed:
+                claimed.add(id(p))
+                names.append(first[id(p)])
+        out.append((group, names))
+    return out
+
+
+@pytest.mark.parametrize("make", ["llama", "gemma3", "llava", "llama-checkpointed", "llava-compiled-tower"])
+def test_fsdp2_groups_equal_a_full_traversal(make):
+    """The layout's index skips the insides of layer lists; wrappers and towers must resolve as a full walk does."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = {"llama": tm.tiny_llama, "gemma3": tm.tiny_gemma3, "llava": tm.tiny_llava,
+             "llama-checkpointed": tm.tiny_llama, "llava-compiled-tower": tm.tiny_llava}[make]()
+    if make == "llama-checkpointed":
+        layer_type = type(model.model.layers[0])
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_type))
+        assert "_checkpoint_wrapped_module" in dict(model.named_modules())["model.layers.0"]._modules
+    if make == "llava-compiled-tower":
+        model.model.vision_tower = torch.compile(model.model.vision_tower)  # an OptimizedModule: `_orig_mod` inside
+    expected = _groups_by_full_traversal(model)
+    assert fsdp2_groups(model) == expected
+    assert sum(len(names) for _, names in expected) == len({id(p) for p in model.parameters()})
+
+
 def test_fsdp2_groups_tied_and_vlm():
     tied = dict(fsdp2_groups(tm.tiny_gemma3()))
     assert list(tied) == ["model.layers.0", "model.layers.1", "embedding+norm+head", "root"]
