@@ -543,6 +543,9 @@ class _Interceptor:
         self.stats = stats
         self.entries: dict[tuple[type, Any], _Entry] = {}
         self.depth = 0
+        # A model that passes every layer its own config object makes a new key per layer: bound the
+        # probes per class too, or such a model would pay two constructions per layer.
+        self.probes_by_class: dict[type, int] = {}
 
     def wrap(self, cls: type, original: Callable[..., None]) -> Callable[..., None]:
         interceptor = self
@@ -574,8 +577,10 @@ class _Interceptor:
         try:
             original(target, *args, **kwargs)
             self.stats.built[name] = self.stats.built.get(name, 0) + 1
-            if entry.refused is None and entry.probes < self.max_variants:
+            probed = self.probes_by_class.get(cls, 0)
+            if entry.refused is None and entry.probes < self.max_variants and probed < 4 * self.max_variants:
                 entry.probes += 1
+                self.probes_by_class[cls] = probed + 1
                 self._probe(cls, original, target, args, kwargs, vals, slots, entry)
         finally:
             self.depth -= 1

@@ -312,3 +312,22 @@ def test_vision_language_model_copies_both_towers():
     built = build_on_meta(config, "image_text_to_text")
     assert fingerprint(replicated) == fingerprint(built)
     assert stats.replicated == {"LlamaDecoderLayer": 11, "CLIPEncoderLayer": 9}, stats
+
+
+def test_a_config_object_per_layer_is_probed_a_bounded_number_of_times():
+    """Heterogeneous models hand each layer its own config: every call is a new key, so probes are capped per class."""
+    probes = []
+    original = ModuloLayer.__init__
+
+    def counting(self, config, layer_idx):
+        probes.append(layer_idx)
+        original(self, config, layer_idx)
+
+    stats = ReplicationStats()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModuloLayer, "__init__", counting)
+        with torch.device("meta"), replicate_identical_layers([ModuloLayer], max_variants=2, stats=stats):
+            layers = nn.ModuleList(ModuloLayer(TinyConfig(), i) for i in range(40))
+    assert stats.built == {"ModuloLayer": 40} and stats.total_replicated == 0
+    assert len(probes) == 40 + 4 * 2  # every layer built once, plus at most 4 x max_variants probes
+    assert [layer.layer_idx for layer in layers] == list(range(40))
