@@ -180,7 +180,7 @@ def _mapped_class(mapping: Any, config: PretrainedConfig) -> type | None:
         return None
     try:
         return mapping[type(config)]
-    except KeyError:
+    except (KeyError, ValueError, ImportError):  # no class for it, or one that cannot be imported: no copies
         return None
 
 
