@@ -34,9 +34,14 @@ The proof rests on what the probe can see, so every gap falls back to a real bui
 - every tensor of the representative must be on the meta device (copies carry no values).
 
 A probe is one more run of the constructor: a constructor with side effects (a global counter) sees
-one extra call per probe, at most ``max_variants`` per key. Copies are meant for planning (counting, freezing, memory estimates), not for a forward: modules,
-parameters, buffers and the module's own containers are new objects, plain attributes are shared,
-and other objects the constructor created (lists, dicts, helper objects) are shallow copies.
+one extra call per probe, at most ``max_variants`` per key and ``4 * max_variants`` per class.
+
+Copies are meant for planning (counting, freezing, casting, LoRA injection, memory estimates), not for
+a forward. Modules and parameters are new objects (their ``requires_grad``, ``.data`` and children are
+their own) over the representative's meta tensors; ``_parameters``, ``_buffers`` and ``_modules`` are
+their own dicts; the empty hook containers are shared and read-only (registering a hook raises
+:class:`ReplicaMutationError`); plain attributes are shared; other objects the constructor created
+(lists, dicts, helper objects) are shallow copies.
 """
 
 from __future__ import annotations
