@@ -47,3 +47,21 @@ def run_torchrun(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def end_rank_cleanly() -> None:
+    """End a torchrun rank whose checks all passed, without Python's interpreter finalization.
+
+    A gloo rank sometimes aborts while the interpreter shuts down ("terminate called without an active
+    exception", SIGABRT, no Python frame), after every check passed and every result was written: a
+    torch teardown race seen in CI here (benchmarks/load_worker.py works around the same one). Both
+    ranks meet at a barrier first, so neither leaves while the other still needs it. A rank whose
+    checks fail raises before reaching this and exits 1 with its traceback, as usual.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -19,6 +19,7 @@ from lightning_automodel import HFCausalLM
 from lightning_automodel.callbacks import LoRA
 from lightning_automodel.core.lora import is_adapter_name
 from lightning_automodel.strategies import AtomicModelParallelStrategy
+from distributed import end_rank_cleanly
 
 
 class Losses(pl.Callback):
@@ -135,3 +136,4 @@ if __name__ == "__main__":
         user_module(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))
+    end_rank_cleanly()  # after every check passed: skip the gloo teardown race at exit

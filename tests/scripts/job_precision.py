@@ -22,6 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lightning_automodel import HFCausalLM, TextDataModule
+from distributed import end_rank_cleanly
 
 
 def fit(module: HFCausalLM, out: Path, steps: int = 3) -> pl.Trainer:
@@ -105,3 +106,4 @@ if __name__ == "__main__":
     mode, checkpoint, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     {"fp32": check_fp32, "bf16": check_bf16, "offload": check_offload, "ac": check_activation_checkpointing, "layouts": check_pretrained_layouts}[mode](checkpoint, out)
     print(f"OK job_precision {mode}", file=sys.stderr)
+    end_rank_cleanly()  # after every check passed: skip the gloo teardown race at exit
