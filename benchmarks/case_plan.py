@@ -29,14 +29,19 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_automodel.cli"]
 
 
-def probe(config_path: str) -> None:
+def run_child(cmd: list[str], what: str) -> tuple[float, int, str]:
+    """Wall time, peak RSS (the probe's only child, so RUSAGE_CHILDREN's maximum is its own) and stdout."""
     start = time.perf_counter()
-    proc = subprocess.run([*command(), "plan", "--config", config_path, "--world_size", "8"], capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"plan failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout_lines": len(proc.stdout.splitlines())}))
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, proc.stdout
+
+
+def probe(config_path: str) -> None:
+    elapsed, maxrss, stdout = run_child([*command(), "plan", "--config", config_path, "--world_size", "8"], "plan")
+    print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout_lines": len(stdout.splitlines())}))
 
 
 DEEP = dict(model_type="llama", vocab_size=256, hidden_size=16, intermediate_size=32, num_attention_heads=4,
@@ -59,13 +64,8 @@ sys.exit(planning.main(["--config", sys.argv[2]]))
 
 
 def probe_deep(config_path: str, mode: str) -> None:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PLANNER, mode, config_path], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"plan ({mode}) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout": proc.stdout}))
+    elapsed, maxrss, stdout = run_child([sys.executable, "-c", _PLANNER, mode, config_path], f"plan ({mode})")
+    print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout": stdout}))
 
 
 def write_deep_config(smoke: bool) -> Path:

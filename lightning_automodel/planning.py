@@ -15,14 +15,12 @@ from the YAML: a config is data, and ``plan`` is what people run on configs they
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
-import gc
 import inspect
 import logging
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -386,23 +384,6 @@ def build_meta(model_args: Mapping[str, Any], replication: ReplicationStats | No
     return model
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while planning.
-
-    A deep model is millions of Python objects, and each full collection walks all of them: with the
-    collector on, indexing and freezing 10,000 layers took 2.4 times as long. Everything a plan
-    creates is reclaimed by reference counting or by the next collection after it.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 # ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------
 
 
@@ -598,7 +579,7 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
         optimizer_state_dtype: AdamW state dtype; ``None`` follows each parameter's dtype (AdamW's
             ``zeros_like``), so bf16 weights get bf16 state.
     """
-    with _gc_paused():
+    with building.paused_gc():
         return _make_plan(config, world_size=world_size, optimizer_state_dtype=optimizer_state_dtype)
 
 
@@ -744,7 +725,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         args, config = parse_args(argv)
         plan = make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
-        with _gc_paused(), reuse_parameter_traversal(plan.model):
+        with building.paused_gc(), reuse_parameter_traversal(plan.model):
             report = format_plan(plan)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

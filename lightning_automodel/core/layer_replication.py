@@ -337,13 +337,10 @@ _SHARED_EMPTY: dict[type, Any] = {OrderedDict: _SharedEmptyHooks(), set: _Shared
 
 
 def _fresh_container(value: Any) -> Callable[[], Any]:
-    """A factory for a module's own container: the shared read-only empty one, a new empty one, or a copy."""
+    """A factory for a container each copy must own: a new empty one, or a copy of a non-empty one."""
     kind = type(value)
-    if value is None:
-        return lambda: None
     if not value:
-        shared = _SHARED_EMPTY.get(kind)
-        return (lambda: shared) if shared is not None else kind
+        return kind
     return lambda: kind(value)  # ``copy.copy`` of an OrderedDict goes through __reduce_ex__: 10x slower
 
 
@@ -367,9 +364,8 @@ class _ModuleRecipe:
 
 @dataclass
 class _Template:
-    """A representative and what a copy of it needs: which attributes hold the integers, what to copy."""
+    """What a copy of a representative needs: its modules' recipes, which attributes hold the integers, what to copy."""
 
-    representative: nn.Module
     recipes: list[_ModuleRecipe]  # the representative's modules, root first
     integer_attributes: list[tuple[int, str, Expr]]  # (module position, attribute, derivation from the integers)
     copied_attributes: list[tuple[int, str]]  # objects the constructor created: each copy gets a shallow copy
@@ -387,12 +383,12 @@ class _Template:
                 if key in ("_parameters", "_buffers", "_modules"):
                     continue
                 if key in _MODULE_CONTAINERS:
-                    factory = _fresh_container(value)
-                    shared = factory()
-                    if shared is value or shared is None or shared is _SHARED_EMPTY.get(type(value)):
-                        state[key] = shared
+                    if value is None:
+                        state[key] = None
+                    elif not value and type(value) in _SHARED_EMPTY:
+                        state[key] = _SHARED_EMPTY[type(value)]
                     else:
-                        fresh.append((key, factory))
+                        fresh.append((key, _fresh_container(value)))
                 else:
                     state[key] = value
             recipes.append(_ModuleRecipe(
@@ -403,7 +399,7 @@ class _Template:
                 buffers=[(k, None if b is None else b.detach()) for k, b in module._buffers.items()],
                 children=[(k, None if c is None else position[id(c)]) for k, c in module._modules.items()],
             ))
-        return cls(representative, recipes, integer_attributes, copied_attributes, module_attributes)
+        return cls(recipes, integer_attributes, copied_attributes, module_attributes)
 
     def instantiate(self, target: nn.Module, vals: tuple[int, ...]) -> None:
         """Make ``target`` (an empty instance of the representative's class) a copy of the representative."""

@@ -14,7 +14,7 @@ activation checkpointing, not on the layout).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,33 +89,12 @@ def estimate_training_memory(
         optimizer_states_per_param: state tensors per trainable parameter (AdamW: 2).
         sharded: False for DDP (everything replicated).
     """
-    return _estimate_from_parameters(
-        (p for _, p in unique_named_parameters(model)),  # each parameter once: tied weights are stored once
-        world_size=world_size,
-        param_dtype=param_dtype,
-        grad_dtype=grad_dtype,
-        optimizer_state_dtype=optimizer_state_dtype,
-        optimizer_states_per_param=optimizer_states_per_param,
-        sharded=sharded,
-    )
-
-
-def _estimate_from_parameters(
-    parameters: Iterable[torch.Tensor],
-    *,
-    world_size: int,
-    param_dtype: torch.dtype | None,
-    grad_dtype: torch.dtype | None,
-    optimizer_state_dtype: torch.dtype | None,
-    optimizer_states_per_param: int,
-    sharded: bool,
-) -> TrainingMemoryEstimate:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1; got {world_size}.")
     if optimizer_states_per_param < 0:
         raise ValueError(f"optimizer_states_per_param must be >= 0 (AdamW: 2, SGD: 0); got {optimizer_states_per_param}.")
     param_bytes = grad_bytes = optimizer_bytes = 0.0
-    for p in parameters:
+    for _, p in unique_named_parameters(model):  # each parameter once: tied weights are stored once
         local = _local_numel(p, world_size, sharded)
         per_elem = param_dtype.itemsize if param_dtype is not None else _physical_bytes_per_element(p)
         param_bytes += local * per_elem
@@ -230,16 +209,14 @@ def estimate_fsdp2_peak(
     """
     # The resident sharded state is exactly the plain estimate's (same padding, same dtypes; it also
     # validates world_size and the state count); only the in-flight part depends on the groups.
-    params = dict(unique_named_parameters(model))
-    state = _estimate_from_parameters(
-        params.values(),  # the same parameters as model.parameters(), without a second traversal
+    state = estimate_training_memory(
+        model,
         world_size=world_size,
-        param_dtype=None,
-        grad_dtype=None,
         optimizer_state_dtype=optimizer_state_dtype,
         optimizer_states_per_param=optimizer_states_per_param,
         sharded=True,
     )
+    params = dict(unique_named_parameters(model))  # under reuse_parameter_traversal (plan) this is the same list
     groups = fsdp2_groups(model) if groups is None else groups
     owner: dict[str, str] = {}
     order: dict[str, None] = {}  # groups in first-seen order; a list's `in` made this quadratic in the layers

@@ -14,7 +14,7 @@ import difflib
 import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -121,17 +121,12 @@ def build_on_meta(
     which makes a 100,000-layer model a matter of seconds; ``replication`` reports what was copied.
     """
     cls = model_class_for(config, model_class)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a deep model is ~10 modules per layer: generational GC passes cost 40% of the build
-    try:
-        with torch.device("meta"), _no_weight_init(), contextlib.ExitStack() as stack:
-            if replication is not None:
-                classes = repeated_layer_classes(cls, config, trust_remote_code=trust_remote_code)
-                stack.enter_context(replicate_identical_layers(classes, stats=replication))
-            model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    # A deep model is ~10 modules per layer: generational GC passes cost 40% of the build.
+    with paused_gc(), torch.device("meta"), _no_weight_init(), contextlib.ExitStack() as stack:
+        if replication is not None:
+            classes = repeated_layer_classes(cls, config, trust_remote_code=trust_remote_code)
+            stack.enter_context(replicate_identical_layers(classes, stats=replication))
+        model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings count once, as in the job
     return model
@@ -186,6 +181,23 @@ def _mapped_class(mapping: Any, config: PretrainedConfig) -> type | None:
 
 def _is_remote(cls: type) -> bool:
     return not cls.__module__.startswith("transformers.")
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (restored as it was, on exceptions too).
+
+    A deep model is millions of Python objects and each full collection walks all of them: building
+    one, or indexing and freezing 10,000 layers with the collector on, took 1.7 to 2.4 times as long.
+    What the block creates is reclaimed by reference counting or by the next collection after it.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
