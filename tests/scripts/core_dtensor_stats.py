@@ -10,6 +10,7 @@ from torch.distributed.fsdp import fully_shard
 import tiny_models as tm
 from lightning_automodel.core.parameters import count_parameters, parameter_stats
 from lightning_automodel.core.tied_head import get_lm_head_weight, has_local_tied_lm_head
+from distributed import end_rank_cleanly
 
 
 def main() -> None:
@@ -54,3 +55,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_cleanly()  # after every check passed: skip the gloo teardown race at exit

@@ -12,6 +12,7 @@ from lightning_automodel.core.distributed import (
     get_world_size_safe,
     is_rank_0,
 )
+from distributed import end_rank_cleanly
 
 
 def main() -> None:
@@ -42,3 +43,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_cleanly()  # after every check passed: skip the gloo teardown race at exit

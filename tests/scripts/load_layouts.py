@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, load_checkpoint_into, local_index, plan_checkpoint_load
 from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize, model_class_for
+from distributed import end_rank_cleanly
 
 
 def check_layout(path: Path, mesh) -> dict:
@@ -110,3 +111,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_cleanly()  # after every check passed: skip the gloo teardown race at exit
