@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,13 +13,15 @@ from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
+
+log = logging.getLogger(__name__)
 
 PROG = "lightning-automodel"
 
@@ -46,6 +50,35 @@ Details of one subcommand: {PROG} SUBCOMMAND --help. Add --debug to see tracebac
 
 class ConfigError(ValueError):
     """A key or value of the configuration is not accepted (one line, with a suggestion when one is close)."""
+
+
+#: Module prefixes a ``class_path`` (or any import path value) of a fit / validate / test configuration
+#: may name. Everything else is refused by the parser *before* it is imported: importing a module runs
+#: its code, so a type check after the import is too late (``class_path: this.Zen`` printed the Zen of
+#: Python). ``plan`` never imports a class_path at all.
+ALLOWED_IMPORT_PREFIXES: tuple[str, ...] = ("lightning.pytorch", "lightning.fabric", "lightning_automodel", "torch.optim")
+#: Comma-separated extra prefixes the user trusts, e.g. ``LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS=my_project.callbacks``.
+ALLOWED_IMPORTS_ENV = "LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS"
+
+
+def allowed_import_prefixes() -> list[str]:
+    """The built-in prefixes plus the ones the user added through ``ALLOWED_IMPORTS_ENV`` (checked, one line when malformed)."""
+    extra = [entry.strip() for entry in os.environ.get(ALLOWED_IMPORTS_ENV, "").split(",") if entry.strip()]
+    for entry in extra:
+        if not all(part.isidentifier() for part in entry.split(".")):
+            raise ConfigError(f"{ALLOWED_IMPORTS_ENV}: {entry!r} is not a dotted module prefix (e.g. my_project.callbacks).")
+    return [*ALLOWED_IMPORT_PREFIXES, *extra]
+
+
+def restrict_import_paths() -> None:
+    """Make the configuration parser refuse, before importing it, any import path outside :func:`allowed_import_prefixes`.
+
+    jsonargparse's public import-path policy: ``*`` denies everything that the allow-list does not
+    name (the most specific entry decides). It is process-wide, like the parser's other settings.
+    """
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=allowed_import_prefixes())
 
 
 _UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|Key \"?'?([\w.]+)'?\"? is not expected|unrecognized arguments: (\S+)")
@@ -77,6 +110,42 @@ class _RunStarted(Callback):
         self.started = True
 
     on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _mark
+
+
+def write_new_config_file(directory: Path, text: str, filename: str = "config.yaml") -> Path:
+    """Write ``text`` to ``directory/config.yaml``, or to the first free ``config-<n>.yaml``; never replaces a file.
+
+    Each name is created with ``O_EXCL``, so two runs sharing a directory (a resume, a second fit)
+    keep every earlier config: a resumed run's config sits beside the first run's.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem, suffix = os.path.splitext(filename)
+    for n in range(10_000):
+        path = directory / (filename if n == 0 else f"{stem}-{n}{suffix}")
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{directory} already holds 10000 {stem}-<n>{suffix} files; choose another trainer.default_root_dir.")
+
+
+class NumberedConfigSave(SaveConfigCallback):
+    """Saves the run's configuration beside the logs without ever overwriting one (see :func:`write_new_config_file`)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        if "://" in str(log_dir):
+            return super().setup(trainer, pl_module, stage)  # remote: Lightning's refusal of an existing file
+        if trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            path = write_new_config_file(Path(log_dir), text, self.config_filename)
+            log.info("Configuration saved at %s.", path)
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
 
 
 def _has_checkpoint_io(plugins: Any) -> bool:
@@ -118,9 +187,30 @@ def check_ckpt_path(ckpt_path: Any) -> None:
     raise CheckpointResumeError(f"--ckpt_path {path} {problem}{hint}.")
 
 
+_DENIED_IMPORT = re.compile(r"Importing '([\w.]+)' is not allowed")
+_PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
+
+
+def _denied_import(message: str) -> str | None:
+    """One line for a refused import path (jsonargparse's own message lists every Union subtype)."""
+    found = _DENIED_IMPORT.search(message)
+    if not found:
+        return None
+    path = found.group(1)
+    key = _PARSER_KEY.search(message)
+    where = f"{key.group(1)}: " if key else ""
+    return (
+        f"{where}{path!r} is outside the modules a configuration may import ({', '.join(allowed_import_prefixes())}); "
+        f"nothing was imported. To trust it, set {ALLOWED_IMPORTS_ENV}={path.rpartition('.')[0]}."
+    )
+
+
 def _suggestion(message: str, parsers: list[Any]) -> str:
     """``message`` on one line, with "did you mean" when an unknown key is close to a valid one."""
     line = " ".join(message.split())
+    denied = _denied_import(line)
+    if denied is not None:
+        return denied
     found = _UNKNOWN_OPTION.search(line)
     if not found:
         return line
@@ -231,11 +321,12 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
         close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown subcommand {argv[0]!r}{hint}; choose one of {', '.join(SUBCOMMANDS)}.")
+    restrict_import_paths()
     cli = AutoModelCLI(
         HFCausalLM,
         TextDataModule,
         args=None if from_command_line else argv,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=NumberedConfigSave,
         auto_configure_optimizers=False,
         parser_kwargs={"prog": PROG},
         run_marker=marker,
