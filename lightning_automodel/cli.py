@@ -205,6 +205,57 @@ def _denied_import(message: str) -> str | None:
     )
 
 
+#: HFCausalLM arguments that decide which parameters the model has: a checkpoint recorded with other
+#: values is refused in one line. ``pretrained_path`` differing only warns (the directory may have
+#: moved; the weights come from the checkpoint and the strict state load checks every shape).
+_MODEL_DEFINING = ("config", "model_class", "quantization")
+
+
+def _differences(theirs: Any, ours: Any, key: str) -> list[str]:
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [d for k in sorted(set(theirs) | set(ours), key=str) for d in _differences(theirs.get(k), ours.get(k), f"{key}.{k}")]
+    return [] if theirs == ours else [f"{key} (checkpoint: {_short(theirs)}, your config: {_short(ours)})"]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None:
+    """Compare a checkpoint's recorded hyper-parameters with the user's model arguments; never apply them.
+
+    Lightning's CLI would merge the checkpoint's ``hyper_parameters`` over the user's configuration, so
+    a checkpoint could switch on ``trust_remote_code`` with a ``pretrained_path`` of its choosing (and
+    run that directory's code), or silently train another model than the YAML describes. Here the
+    checkpoint is read as data (:func:`~lightning_automodel.trained_checkpoint.read_checkpoint_metadata`:
+    a sharded directory's DCP metadata included) and the user's configuration always wins: a
+    difference in what defines the model is one line naming the fields; other differences
+    (learning rate, trust_remote_code, ...) are the user's choice for this run.
+    """
+    from lightning_automodel.trained_checkpoint import CheckpointReadError, read_checkpoint_metadata
+
+    try:
+        metadata = read_checkpoint_metadata(ckpt_path)
+    except CheckpointReadError as exc:
+        raise CheckpointResumeError(f"--ckpt_path: {exc}") from None
+    hparams = metadata.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        return
+    keys = [*_MODEL_DEFINING]
+    theirs, ours = hparams.get("pretrained_path"), model_args.get("pretrained_path")
+    if (theirs is None) != (ours is None):
+        keys.insert(0, "pretrained_path")  # one side is an inline config: another model, not a moved directory
+    problems = [d for key in keys if key in hparams for d in _differences(hparams[key], model_args.get(key), f"model.{key}")]
+    if problems:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} was trained with another model than your config describes: {'; '.join(problems)}. "
+            "The checkpoint's hyper-parameters are never applied: set these fields in your config as the checkpoint has them."
+        )
+    if theirs and ours and os.path.normpath(str(theirs)) != os.path.normpath(str(ours)):
+        log.warning("--ckpt_path %s was trained from model.pretrained_path %s; this run uses %s.", ckpt_path, theirs, ours)
+
+
 def _suggestion(message: str, parsers: list[Any]) -> str:
     """``message`` on one line, with "did you mean" when an unknown key is close to a valid one."""
     line = " ".join(message.split())
@@ -262,6 +313,17 @@ class AutoModelCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        # Replaces LightningCLI's private hook of the same name, which merges the checkpoint's
+        # hyper-parameters over the user's configuration (see check_checkpoint_hparams).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        model = self.config[subcommand].get("model")
+        model_args = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+        check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         strategy = config.get("strategy")

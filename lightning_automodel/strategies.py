@@ -64,6 +64,25 @@ def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, An
     return (checkpoint.get("epoch"), checkpoint.get("global_step"), values)
 
 
+def check_checkpoint_is_data(path: Path) -> None:
+    """Refuse (one line) a checkpoint whose metadata would import or run anything when unpickled.
+
+    Lightning's load hands a sharded directory to DCP, which unpickles ``.metadata`` with plain
+    ``pickle``, and reads ``meta.pt`` with ``torch.load``; every rank reads both. So every rank
+    first reads them through the restricted readers export uses (DCP's own types; Lightning's
+    metadata types, ``weights_only``): a crafted file fails here, before any plain unpickling.
+    """
+    from lightning_automodel.checkpoint_io import CheckpointResumeError
+    from lightning_automodel.trained_checkpoint import CheckpointReadError, read_checkpoint_metadata
+
+    if not path.exists():
+        return  # Lightning's load reports a missing path in its own words
+    try:
+        read_checkpoint_metadata(path)
+    except CheckpointReadError as exc:
+        raise CheckpointResumeError(f"cannot resume from {path}: {exc}") from None
+
+
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus one).
 
@@ -138,7 +157,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        check_checkpoint_is_data(path)
+        return super().load_checkpoint(checkpoint_path, True if weights_only is None else weights_only)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:

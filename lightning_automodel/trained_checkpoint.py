@@ -115,6 +115,40 @@ class SafeFileSystemReader(FileSystemReader):
         return self._metadata
 
 
+def read_meta_pt(directory: Path) -> dict[str, Any]:
+    """Lightning's ``meta.pt`` of a sharded checkpoint (epoch, hyper-parameters, callback state), as data only; ``{}`` when absent."""
+    meta_file = directory / "meta.pt"
+    meta = safe_torch_load(meta_file) if meta_file.is_file() else {}
+    if not isinstance(meta, dict):
+        raise CheckpointReadError(f"{meta_file} is not a Lightning checkpoint's metadata.")
+    return meta
+
+
+_TENSOR_ENTRIES = ("state_dict", "optimizer_states", "lr_schedulers")
+
+
+def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data: nothing is imported or run.
+
+    For a sharded directory DCP's ``.metadata`` is unpickled through :class:`SafeFileSystemReader`'s
+    allow-list as well, so a caller that hands the directory to code reading it with plain
+    ``pickle`` (Lightning's resume through DCP) has checked it first. Raises
+    :class:`CheckpointReadError` (one line) for anything else.
+    """
+    path = Path(path)
+    if path.is_file():
+        checkpoint = safe_torch_load(path, mmap=True)
+        if not isinstance(checkpoint, dict):
+            raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
+        return {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
+    if path.is_dir() and (path / ".metadata").is_file():
+        SafeFileSystemReader(path).read_metadata()
+        return read_meta_pt(path)
+    if not path.exists():
+        raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
+    raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
+
+
 # ---- the two checkpoint kinds -----------------------------------------------------------------
 
 
@@ -243,11 +277,7 @@ class ShardedCheckpoint(TrainedCheckpoint):
             for key, md in metadata.state_dict_metadata.items()
             if key.startswith(_STATE_PREFIX) and isinstance(md, TensorStorageMetadata)
         }
-        meta_file = path / "meta.pt"
-        meta = safe_torch_load(meta_file) if meta_file.is_file() else {}
-        if not isinstance(meta, dict):
-            raise CheckpointReadError(f"{meta_file} is not a Lightning checkpoint's metadata.")
-        self.metadata = meta
+        self.metadata = read_meta_pt(path)
 
     def _check_files(self, metadata: Any) -> None:
         """Every byte range the metadata points to exists: a truncated or partly copied directory fails here."""

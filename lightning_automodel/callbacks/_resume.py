@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from lightning_automodel.callbacks._lifecycle import attached_trainer
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _SHOWN = 10
 _WRAPPED_ATTR = "__automodel_resume_check__"
-_DCP_METADATA_FILE = "meta.pt"  # where Lightning's ModelParallelStrategy keeps everything but tensors
 
 
 def preview(names: Iterable[str]) -> str:
@@ -66,17 +64,19 @@ def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[s
 def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Mapping[str, Any] | None:
     """Only the ``callbacks`` entry of a checkpoint, without reading a tensor; None when unreadable.
 
-    The same ``torch.load`` arguments Lightning's own load uses: if this read fails, Lightning's load
-    fails too and reports it in its own words, so nothing is raised here.
+    Read as data whatever ``weights_only`` says (``weights_only=True`` with Lightning's short
+    allow-list; a sharded directory's DCP ``.metadata`` through the restricted unpickler): this read
+    runs before the strategy's own load, so it must never unpickle code. If it fails, the strategy's
+    load (or its check) reports it in its own words, so nothing is raised here.
     """
+    from lightning_automodel.trained_checkpoint import read_checkpoint_metadata
+
+    del weights_only  # kept for the callers' signature: this read is always weights-only
     path = Path(checkpoint_path)
+    if not path.exists():
+        return None
     try:
-        if path.is_dir():
-            checkpoint = torch.load(path / _DCP_METADATA_FILE, map_location="cpu", weights_only=weights_only)
-        elif path.is_file():
-            checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
-        else:
-            return None
+        checkpoint = read_checkpoint_metadata(path)
     except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
         log.debug("Could not read the callback state of %s early: %s", path, exc)
         return None
