@@ -17,8 +17,13 @@ checkpoints fall back to their hyper-parameters.
 
 Nothing from the checkpoint is executed: tensors and Lightning's metadata are unpickled with
 ``weights_only=True`` and a short allow-list, DCP's ``.metadata`` through an allow-list of DCP's
-own types. The directory is built beside the target and renamed into place, so a failure (a
-full disk included) leaves nothing half-written under the target name.
+own types; the checkpoint's ``trust_remote_code`` is ignored. The directory is built beside the
+target and renamed into place, so a failure (a full disk included) leaves nothing half-written under
+the target name. Publishing refuses an ``--out`` that exists at that moment (two exports racing for
+one name: one wins, the other fails in one line); ``--overwrite`` replaces only a previous export
+that holds no file it did not write (files a user added are named, and nothing is replaced). The
+tokenizer comes from ``--tokenizer_path`` or from the model directory the checkpoint records, and
+only regular, non-symlink files inside that directory are copied.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from safetensors import SafetensorError
 
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
-    EXPORT_MARKER,
+    PublishRefused,
+    check_replaceable,
     publish_directory,
     shard_file_names,
     staging_directory,
@@ -93,7 +99,8 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
         except ValueError as exc:
             raise ExportError(f"{checkpoint.path}: {exc}.") from None
     hparams = checkpoint.metadata.get("hyper_parameters") or {}
-    init_args = {k: v for k, v in hparams.items() if k in ("pretrained_path", "config", "model_class", "trust_remote_code")}
+    # trust_remote_code is not taken from the checkpoint: export reads data, never code
+    init_args = {k: v for k, v in hparams.items() if k in ("pretrained_path", "config", "model_class")}
     if not init_args:
         raise ExportError(
             f"{checkpoint.path} does not say which Hugging Face model it holds: it was written without the "
@@ -102,12 +109,19 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
         )
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    config = HFCausalLM(**init_args).build_hf_config()
-    source = init_args.get("pretrained_path")
     from lightning_automodel.models.building import build_on_meta
 
-    model = build_on_meta(config, init_args.get("model_class", "auto"))
+    try:
+        config = HFCausalLM(**init_args, trust_remote_code=False).build_hf_config()
+        model = build_on_meta(config, init_args.get("model_class", "auto"))
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"{checkpoint.path}: the model its hyper-parameters describe cannot be rebuilt without remote code ({_one_line(exc)}).") from None
+    source = init_args.get("pretrained_path")
     return HubModelInfo(prefix=_HF_CAUSAL_LM_PREFIX, model_class=type(model).__name__, config=config.to_dict(), source=source)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
@@ -300,7 +314,10 @@ def export_checkpoint(
             try:
                 export_adapter(checkpoint, names, info, staging, src)
                 write_marker(staging, str(src.resolve()))
-                publish_directory(staging, out)
+                publish_directory(staging, out, replace=overwrite)
+            except PublishRefused as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ExportError(str(exc)) from None
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -326,7 +343,7 @@ def export_checkpoint(
         def fetch(groups: Sequence[ConversionGroup]) -> dict[str, torch.Tensor]:
             return view.read([name for group in groups for name in group.sources])
 
-        tokenizer_dir = Path(tokenizer_path) if tokenizer_path else (Path(info.source) if info.source else None)
+        tokenizer_dir = Path(tokenizer_path) if tokenizer_path else recorded_source_dir(info.source)
         staging = staging_directory(out)
         try:
             for file_name, shard in zip(shard_file_names(len(shards)), shards):
@@ -335,7 +352,10 @@ def export_checkpoint(
                 write_index(staging, layout, shards)
             write_config_files(staging, config, tokenizer_dir=tokenizer_dir)
             write_marker(staging, str(src.resolve()))
-            publish_directory(staging, out)
+            publish_directory(staging, out, replace=overwrite)
+        except PublishRefused as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(str(exc)) from None
         except (OSError, SafetensorError) as exc:
             # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
             shutil.rmtree(staging, ignore_errors=True)
@@ -346,6 +366,26 @@ def export_checkpoint(
             raise
     log.info("Exported %d tensors in %d file(s) to %s.", len(layout.names()), len(shards), out)
     return out
+
+
+def recorded_source_dir(source: str | None) -> Path | None:
+    """The model directory a checkpoint says it was trained from, as the source of the tokenizer and generation config.
+
+    The recorded path is the checkpoint's word, not the user's: it is used only when it is an existing
+    directory holding a ``config.json`` (a model directory), and only regular, non-symlink files inside
+    it are copied (``core.hub_writer.regular_file_inside``). The log names it; ``--tokenizer_path``
+    chooses another.
+    """
+    if not source:
+        return None
+    directory = Path(source)
+    from lightning_automodel.core.hub_writer import regular_file_inside
+
+    if not directory.is_dir() or regular_file_inside(directory, "config.json") is None:
+        log.warning("The checkpoint's recorded model directory %s is not a model directory here: no tokenizer copied (use --tokenizer_path).", source)
+        return None
+    log.info("Copying the tokenizer and generation config from the checkpoint's recorded model directory %s.", directory)
+    return directory
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -364,8 +404,10 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         if any(rout.iterdir()):
             if not overwrite:
                 raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it.")
-            if not (rout / EXPORT_MARKER).is_file():
-                raise ExportError(f"{out} is not a previous export; remove it yourself or choose another --out.")
+            try:
+                check_replaceable(rout)  # checked again when publishing: the directory may change meanwhile
+            except PublishRefused as exc:
+                raise ExportError(f"--overwrite: {exc}") from None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -375,7 +417,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--max_shard_size", default="5GB")
     parser.add_argument("--tokenizer_path", default=None, help="copy the tokenizer from this local directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: the dtypes the checkpoint stores")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous export (a directory holding export's marker)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export (a directory holding export's marker and no file it did not write)")
     parser.add_argument("--adapter_only", action="store_true", help="LoRA: write the PEFT adapter directory, not the merged model")
     args = parser.parse_args(list(argv))
     try:

@@ -83,8 +83,13 @@ def test_overwrite_non_export_refused_previous_export_replaced(tmp_path, ckpt):
     assert (busy / "keep.txt").read_text() == "mine"
     out = export_checkpoint(ckpt, tmp_path / "hf")
     (out / "stale.txt").write_text("old")
+    # a file the user added to the previous export is named, never deleted (issue 22 finding 8)
+    with pytest.raises(ExportError, match="stale.txt"):
+        export_checkpoint(ckpt, tmp_path / "hf", overwrite=True)
+    assert (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
     export_checkpoint(ckpt, tmp_path / "hf", overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "hf"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +16,32 @@ from lightning_automodel.callbacks._export_info import record_export_info, sourc
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
 from lightning_automodel.core.hub_layout import hub_model_info
-from lightning_automodel.core.hub_writer import EXPORT_MARKER, publish_directory, write_config_files, write_marker
+from lightning_automodel.core.hub_writer import (
+    PublishRefused,
+    check_replaceable,
+    publish_directory,
+    remove_stale_staging,
+    write_config_files,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
+
+
+def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None:
+    """Refuse (one line) a save target that is, contains or lies inside the directory the model is loaded from.
+
+    Publishing replaces the target directory: a target that is or contains the source would delete
+    the weights the run started from (``pretrained_path: runs/hf/final`` with ``dirpath: runs/hf``);
+    one inside it would write into the user's model directory.
+    """
+    t, s = target.resolve(), source.resolve()
+    relation = "is" if t == s else "contains" if s.is_relative_to(t) else "is inside" if t.is_relative_to(s) else None
+    if relation is not None:
+        raise ValueError(
+            f"{what}: {target} {relation} the model's source directory {source} (model.pretrained_path); "
+            "saving there would replace or change it. Choose another dirpath."
+        )
 
 
 class HuggingFaceCheckpoint(Callback):
@@ -90,10 +112,14 @@ class HuggingFaceCheckpoint(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:
-            root = self._root(trainer)
-            for stale in root.glob(".*.tmp-*") if root.is_dir() else ():
-                shutil.rmtree(stale, ignore_errors=True)  # staging left by a run killed mid-save
+        if stage != "fit":
+            return
+        root = self._root(trainer)
+        source = (getattr(pl_module, "hparams", None) or {}).get("pretrained_path")
+        if source:
+            check_target_is_not_source(root, Path(source), what="HuggingFaceCheckpoint(dirpath=...)")
+        if trainer.is_global_zero:
+            remove_stale_staging(root)  # only staging directories of killed saves (our signature, process gone)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -121,8 +147,14 @@ class HuggingFaceCheckpoint(Callback):
         info = hub_model_info(prefix, model, source_directory(pl_module))
         if self._layout_model is None:
             self._layout_model = build_meta_model_for(info, Path("<the LightningModule>"))
-        if out.exists() and not (out / EXPORT_MARKER).is_file():
-            raise MisconfigurationException(f"HuggingFaceCheckpoint: {out} exists and was not written by it; move it or choose another dirpath.")
+        source = source_directory(pl_module)
+        if source is not None:
+            check_target_is_not_source(out, Path(source), what="HuggingFaceCheckpoint")
+        if out.exists() or out.is_symlink():
+            try:
+                check_replaceable(out)  # checked again when publishing
+            except PublishRefused as exc:
+                raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         state = module_state(model)
         omit = tied_head_to_omit(model, state, device=strategy.root_device)
         config = self._layout_model.config.__class__.from_dict(model.config.to_dict())
@@ -149,7 +181,7 @@ class HuggingFaceCheckpoint(Callback):
             tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else (Path(info.source) if info.source else None)
             write_config_files(staging, config, tokenizer_dir=tokenizer)
             write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
-            publish_directory(staging, out)
+            publish_directory(staging, out, replace=True)
             rank_zero_info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step

@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
@@ -80,6 +81,29 @@ def exchange_paths(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False  # no such call, or a filesystem that cannot exchange: fall back to two renames
     raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a} and {b}: {os.strerror(code)}")
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, raising ``FileExistsError`` when ``target`` exists (even an empty directory).
+
+    ``renameat2(RENAME_NOREPLACE)`` checks and renames in one step, so of two writers racing for one
+    name exactly one wins and the other is told. Where the call or the filesystem lacks the flag, the
+    check is a separate ``lstat`` just before ``rename``: the window is tiny but not zero there.
+    """
+    function = _renameat2()
+    if function is not None:
+        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            fsync_path(target.parent)
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(code, os.strerror(code), str(target))
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(code, f"renameat2(RENAME_NOREPLACE) of {source} to {target}: {os.strerror(code)}")
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+    fsync_path(target.parent)
 
 
 def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True) -> None:

@@ -22,13 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_automodel.core.atomic_files import fsync_path, replace_directory
+from lightning_automodel.core.atomic_files import fsync_path, rename_no_replace, replace_directory
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, iter_outputs
 
 log = logging.getLogger(__name__)
 
-#: written by every export; ``--overwrite`` replaces only a directory that holds it
+#: written by every export; ``--overwrite`` replaces only a directory that holds it (and no file it did not list)
 EXPORT_MARKER = ".lightning-automodel-export.json"
+#: inside every staging directory while it is written: who made it (host, pid); removed when published
+STAGING_MARKER = ".lightning-automodel-staging.json"
+_STAGING_INFIX = ".tmp-"
+
+
+class PublishRefused(ValueError):
+    """Publishing would replace or delete something this run did not write; the message names it."""
 DIR_MODE, FILE_MODE = 0o755, 0o644
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -111,23 +118,47 @@ def write_text(path: Path, text: str) -> None:
     os.chmod(path, FILE_MODE)
 
 
+def regular_file_inside(directory: Path, name: str) -> Path | None:
+    """``directory/name`` when it is a regular file that is not a symlink and resolves inside ``directory``; else ``None``.
+
+    Files copied into an output come from directories a checkpoint may name: a symlink (or a
+    ``..`` name) there must not make a save copy a file from anywhere else on the machine.
+    """
+    import stat
+
+    path = directory / name
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or path.resolve().parent != directory.resolve():
+        if stat.S_ISLNK(info.st_mode) or stat.S_ISREG(info.st_mode):
+            log.warning("Not copying %s: it is a symlink or lies outside %s.", path, directory)
+        return None
+    return path
+
+
 def write_config_files(out: Path, config: Any, *, tokenizer_dir: Path | None) -> None:
-    """``config.json``, ``generation_config.json`` and the tokenizer files, all 0644."""
+    """``config.json``, ``generation_config.json`` and the tokenizer files, all 0644.
+
+    From ``tokenizer_dir`` only regular, non-symlink files inside it are copied (:func:`regular_file_inside`).
+    """
     from transformers import GenerationConfig
 
     config.save_pretrained(out)
-    generation_source = tokenizer_dir / "generation_config.json" if tokenizer_dir is not None else None
-    if generation_source is not None and generation_source.is_file():
-        shutil.copyfile(generation_source, out / "generation_config.json")
+    source_dir = tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None
+    generation_source = regular_file_inside(source_dir, "generation_config.json") if source_dir is not None else None
+    if generation_source is not None:
+        shutil.copyfile(generation_source, out / "generation_config.json", follow_symlinks=False)
     else:
         generation = GenerationConfig.from_model_config(config)
         if generation.to_diff_dict():  # save_pretrained writes one only when it holds something
             generation.save_pretrained(out)
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+    if source_dir is not None:
         for name in TOKENIZER_FILES:
-            source = tokenizer_dir / name
-            if source.is_file() and not source.is_symlink():
-                shutil.copyfile(source, out / name)
+            source = regular_file_inside(source_dir, name)
+            if source is not None:
+                shutil.copyfile(source, out / name, follow_symlinks=False)
     for file in out.iterdir():
         if file.is_file():
             os.chmod(file, FILE_MODE)
@@ -135,24 +166,128 @@ def write_config_files(out: Path, config: Any, *, tokenizer_dir: Path | None) ->
 
 
 def staging_directory(out: Path) -> Path:
-    """A fresh directory beside ``out`` (same filesystem, so publishing is one rename), mode 0755."""
+    """A fresh directory beside ``out`` (same filesystem, so publishing is one rename), mode 0755.
+
+    Its name is unique (``mkdtemp``) and it holds :data:`STAGING_MARKER` (this host and process), so
+    :func:`remove_stale_staging` can tell a staging directory a killed save left from anything else.
+    """
+    import socket
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}", dir=out.parent))
     os.chmod(staging, DIR_MODE)
+    signature = {"tool": "lightning-automodel", "host": socket.gethostname(), "pid": os.getpid(), "target": out.name}
+    write_text(staging / STAGING_MARKER, json.dumps(signature) + "\n")
     return staging
 
 
-def publish_directory(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out`` (the caller decided an existing ``out`` may be replaced).
+def _staging_signature(entry: Path) -> dict[str, Any] | None:
+    """The signature inside a staging directory this package made, else ``None`` (never follows a symlink)."""
+    if entry.is_symlink() or not entry.is_dir() or _STAGING_INFIX not in entry.name:
+        return None
+    marker = entry / STAGING_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("tool") != "lightning-automodel" or not isinstance(data.get("pid"), int):
+        return None
+    return data if entry.name.startswith(f".{data.get('target')}{_STAGING_INFIX}") else None
 
-    An existing ``out`` is swapped atomically where the filesystem can (see ``core.atomic_files``):
-    a reader sees the old directory or the new one under the name, never neither.
+
+def _alive_here(signature: Mapping[str, Any]) -> bool:
+    """Whether the process that made a staging directory still runs on this host (another host: assumed alive)."""
+    import socket
+
+    if signature.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(signature["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove the staging directories of killed saves in ``directory``: only those holding our signature
+    whose process is gone. Anything else (a user's ``.x.tmp-y``, another live run's staging) stays."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        signature = _staging_signature(entry)
+        if signature is not None and not _alive_here(signature):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("Removed %d staging director(y/ies) left by killed saves in %s.", len(removed), directory)
+    return removed
+
+
+def _files_under(root: Path) -> set[str]:
+    found = set()
+    for current, dirs, files in os.walk(root):
+        for name in [*files, *(d for d in dirs if (Path(current) / d).is_symlink())]:
+            found.add(str((Path(current) / name).relative_to(root)))
+    return found
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse (:class:`PublishRefused`) to replace ``out`` unless it is a previous export holding only files it wrote.
+
+    The export marker lists the files the export wrote; a file the user added since (notes, an
+    evaluation) would be deleted by the replacement, so it is named and nothing happens.
+    """
+    marker = out / EXPORT_MARKER
+    if out.is_symlink() or not out.is_dir() or marker.is_symlink() or not marker.is_file():
+        raise PublishRefused(f"{out} is not a previous export (no {EXPORT_MARKER}); move it or choose another directory.")
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, list):
+        raise PublishRefused(f"{out} does not list the files its export wrote (an older version wrote it); remove it yourself to replace it.")
+    extra = sorted(_files_under(out) - set(recorded) - {EXPORT_MARKER, STAGING_MARKER})
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise PublishRefused(f"{out} holds files its export did not write ({', '.join(extra[:5])}{more}); move them away to replace it.")
+
+
+def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> None:
+    """Move ``staging`` to ``out`` in one step; never a silent replacement.
+
+    Without ``replace``, an ``out`` that exists at this moment (another export or save got there
+    first) is refused (``renameat2(RENAME_NOREPLACE)``); an empty directory is the one exception
+    (removed first: nothing is lost). With ``replace``, an existing ``out`` must pass
+    :func:`check_replaceable` right here and is swapped atomically where the filesystem can (see
+    ``core.atomic_files``): a reader sees the old directory or the new one under the name, never neither.
     """
     fsync_path(staging)
-    replace_directory(staging, out)
+    if replace and (out.exists() or out.is_symlink()):
+        check_replaceable(out)
+        replace_directory(staging, out)
+    else:
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            try:
+                out.rmdir()  # an empty directory made for the output: only an empty one can be removed
+            except OSError:
+                pass
+        try:
+            rename_no_replace(staging, out)
+        except FileExistsError:
+            raise PublishRefused(
+                f"{out} appeared while it was being written (another export or save to the same place?); it was left as it is."
+            ) from None
+    (out / STAGING_MARKER).unlink(missing_ok=True)
 
 
 def write_marker(out: Path, source: str) -> None:
+    """The export marker, listing every file written so far (write it last, before publishing)."""
     import time
 
-    write_text(out / EXPORT_MARKER, json.dumps({"source": source, "time": time.time()}) + "\n")
+    files = sorted(_files_under(out) - {STAGING_MARKER, EXPORT_MARKER})
+    write_text(out / EXPORT_MARKER, json.dumps({"source": source, "time": time.time(), "files": files}) + "\n")
