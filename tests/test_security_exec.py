@@ -270,6 +270,20 @@ def test_hf_checkpoint_check_covers_is_contains_and_inside(tmp_path):
     check_target_is_not_source(tmp_path / "elsewhere", source, what="x")
 
 
+def test_hf_checkpoint_refuses_at_setup_a_final_holding_user_files(tmp_path):
+    from lightning_automodel.callbacks import HuggingFaceCheckpoint
+    from lightning_automodel.core.hub_writer import write_marker
+
+    final = tmp_path / "hf" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    write_marker(final, "HuggingFaceCheckpoint step 1")
+    (final / "my_eval.txt").write_text("mine")
+    with pytest.raises(ValueError, match="my_eval.txt"):
+        HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf")).setup(SimpleNamespace(is_global_zero=True), SimpleNamespace(hparams={}), "fit")
+    assert (final / "my_eval.txt").read_text() == "mine"
+
+
 # ---- 6. config files are never overwritten -------------------------------------------------------------
 
 
@@ -289,9 +303,14 @@ def test_config_file_in_the_run_directory_is_never_overwritten(tmp_path):
 # ---- 7. only staging directories that are provably ours are cleaned -----------------------------------
 
 
-def test_hf_checkpoint_setup_removes_only_its_own_stale_staging(tmp_path):
+def _setup_callback(root: Path) -> None:
     from lightning_automodel.callbacks import HuggingFaceCheckpoint
-    from lightning_automodel.core.hub_writer import STAGING_MARKER, staging_directory
+
+    HuggingFaceCheckpoint(dirpath=str(root)).setup(SimpleNamespace(is_global_zero=True), SimpleNamespace(hparams={}), "fit")
+
+
+def test_hf_checkpoint_setup_keeps_user_tmp_entries_and_live_staging(tmp_path):
+    from lightning_automodel.core.hub_writer import staging_directory
 
     root = tmp_path / "hf"
     root.mkdir()
@@ -299,6 +318,16 @@ def test_hf_checkpoint_setup_removes_only_its_own_stale_staging(tmp_path):
     (root / ".notes.tmp-keep" / "mine.txt").write_text("mine")
     (root / ".draft.tmp-1").write_text("mine too")
     live = staging_directory(root / "final")  # this process: alive, maybe another run saving right now
+    _setup_callback(root)
+    assert (root / ".notes.tmp-keep" / "mine.txt").read_text() == "mine"
+    assert (root / ".draft.tmp-1").read_text() == "mine too"
+    assert live.is_dir()
+
+
+def test_hf_checkpoint_setup_removes_its_own_stale_staging_only(tmp_path):
+    from lightning_automodel.core.hub_writer import STAGING_MARKER, staging_directory
+
+    root = tmp_path / "hf"
     stale = staging_directory(root / "step-0000001")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     signature = json.loads((stale / STAGING_MARKER).read_text())
@@ -306,12 +335,8 @@ def test_hf_checkpoint_setup_removes_only_its_own_stale_staging(tmp_path):
     forged = root / ".final.tmp-forged"  # claims to be ours but names another target
     forged.mkdir()
     (forged / STAGING_MARKER).write_text(json.dumps({**signature, "pid": int(dead), "target": "other"}))
-
-    callback = HuggingFaceCheckpoint(dirpath=str(root))
-    callback.setup(SimpleNamespace(is_global_zero=True), SimpleNamespace(hparams={}), "fit")
-    assert (root / ".notes.tmp-keep" / "mine.txt").read_text() == "mine"
-    assert (root / ".draft.tmp-1").read_text() == "mine too"
-    assert live.is_dir() and forged.is_dir() and not stale.exists()
+    _setup_callback(root)
+    assert forged.is_dir() and not stale.exists()
 
 
 # ---- 8. exports publish atomically, refuse a late --out and never delete user files -------------------

@@ -118,6 +118,12 @@ class HuggingFaceCheckpoint(Callback):
         source = (getattr(pl_module, "hparams", None) or {}).get("pretrained_path")
         if source:
             check_target_is_not_source(root, Path(source), what="HuggingFaceCheckpoint(dirpath=...)")
+        final = root / "final"
+        if self.save_on_train_end and (final.exists() or final.is_symlink()):
+            try:
+                check_replaceable(final)  # now, not after hours of training
+            except PublishRefused as exc:
+                raise ValueError(f"HuggingFaceCheckpoint(dirpath=...): {exc}") from None
         if trainer.is_global_zero:
             remove_stale_staging(root)  # only staging directories of killed saves (our signature, process gone)
 
