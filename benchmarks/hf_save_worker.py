@@ -23,7 +23,7 @@ from transformers import AutoConfig
 from benchmarks.harness import reset_peak_rss, rss_kib
 from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
 from lightning_automodel.core.hub_layout import hub_model_info
-from lightning_automodel.core.hub_writer import publish_directory, staging_directory, write_config_files
+from lightning_automodel.core.hub_writer import publish_directory, staging_directory, write_config_files, write_marker
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.export import build_meta_model_for, parse_size
 from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
@@ -68,7 +68,8 @@ def main(hf_dir: str, tmp: str, shard: str) -> None:
         dist.barrier()
         if rank == 0:
             write_config_files(Path(staging[0]), layout_model.config, tokenizer_dir=None)
-            publish_directory(Path(staging[0]), out / "hf")
+            write_marker(Path(staging[0]), "benchmark")  # as the callback does: the next round may replace it
+            publish_directory(Path(staging[0]), out / "hf", replace=True)
 
     plain()  # warm-up of both paths on this exact model (first-call set-up is not measured)
     hub()
