@@ -15,7 +15,8 @@ from pathlib import Path
 
 from benchmarks.harness import REPO, WORK, CaseResult
 
-CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan", "load", "export", "lora")
+CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan", "load", "export", "lora",
+         "layout_planning", "random_init", "hf_checkpoint")
 
 
 class LoadSampler(threading.Thread):

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,17 +52,38 @@ def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, An
     Two saves of one run with equal fingerprints hold the same state: the optimizer state changes
     only with a step (which changes ``global_step``), and any edit of the weights between two saves
     at the same step changes a sum. The live tensors are summed, not the checkpoint's copies; one
-    read of the local shards (no allocation beyond one scalar per tensor, one device sync).
+    read of the local shards (no allocation beyond one scalar per tensor, one sync per device).
     """
     from torch.distributed.tensor import DTensor
 
-    sums = []
+    # One stack (and one sync) per device: with CPU offload the shards are on the CPU and the
+    # buffers on the GPU, and one stack across both fails.
+    sums: list[torch.Tensor] = []
     for tensor in module.state_dict(keep_vars=True).values():
         if isinstance(tensor, torch.Tensor):
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
             sums.append(local.detach().sum(dtype=torch.float64) if local.is_floating_point() else local.detach().double().sum())
-    values = tuple(torch.stack(sums).cpu().tolist()) if sums else ()
-    return (checkpoint.get("epoch"), checkpoint.get("global_step"), values)
+    by_device: dict[torch.device, list[int]] = {}
+    for position, value in enumerate(sums):
+        by_device.setdefault(value.device, []).append(position)
+    values: list[float] = [0.0] * len(sums)
+    for positions in by_device.values():
+        for position, value in zip(positions, torch.stack([sums[p] for p in positions]).cpu().tolist()):
+            values[position] = value
+    return (checkpoint.get("epoch"), checkpoint.get("global_step"), tuple(values))
+
+
+def backend_with_cpu_path(requested: str | None, device: torch.device) -> str | None:
+    """The process-group backend for ``device``: on CUDA, NCCL plus gloo for CPU tensors unless one was chosen.
+
+    With FSDP2 CPU offload the gradients are CPU DTensors, so Lightning's gradient clipping
+    (``clip_grad_norm_``) all-reduces their norm on the CPU, and an NCCL-only group fails ("No
+    backend type associated with device type cpu"; pytorch#148532). A gloo backend beside NCCL costs
+    no device memory and serves every CPU collective (also DCP's planning of CPU shards).
+    """
+    if requested is not None or device.type != "cuda":
+        return requested
+    return "cpu:gloo,cuda:nccl"
 
 
 def check_checkpoint_is_data(path: Path) -> None:
@@ -90,6 +112,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     every shard to the GPU (the state that did not fit, hence the offload) and FSDP2 would then refuse
     it ("FSDP parameters should be materialized on CPU when enabling CPU offloading").
 
+    On CUDA, without an explicit ``process_group_backend``, the process group is ``cpu:gloo,cuda:nccl``
+    (:func:`backend_with_cpu_path`), so clipping CPU-offloaded gradients works.
+
     Args:
         link_same_step_saves: a save of exactly the state of the previous save of this run hard-links
             that save's data files (no second full copy for ``save_last``).
@@ -100,6 +125,13 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         super().__init__(*args, **kwargs)
         self.link_same_step_saves = link_same_step_saves
         self._previous_save: tuple[Path, tuple[Any, ...]] | None = None
+
+    @override
+    def setup_environment(self) -> None:
+        # Lightning creates the process group from its private ``_process_group_backend`` in
+        # setup_environment; this is the last point to choose it (the root device is known here).
+        self._process_group_backend = backend_with_cpu_path(self._process_group_backend, self.root_device)
+        super().setup_environment()
 
     @override
     def model_to_device(self) -> None:
@@ -118,6 +150,25 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             return None
         return path
 
+    def _on_rank_0_then_agree(self, step: Callable[[], object], what: str) -> None:
+        """Run a filesystem ``step`` on rank 0, then agree on its outcome (a collective).
+
+        A failure on rank 0 alone (a full disk, ``os.link`` refused across filesystems) would leave the
+        other ranks at the next barrier until the timeout; here it raises on rank 0 and, within one
+        all-reduce, a one-line error on every other rank.
+        """
+        error: Exception | None = None
+        if self.global_rank == 0:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the agreement
+                error = exc
+        if self.reduce_boolean_decision(error is None, all=True):
+            return
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed {what}; its log has the error.")
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
@@ -126,27 +177,31 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         staging = sibling(final, "tmp")
         state_id = training_state_fingerprint(self.lightning_module, checkpoint)
         source = self._linkable_previous(state_id)
-        if self.global_rank == 0:
+
+        def prepare() -> None:
             recover_replaced_directory(final)
             if staging.exists():
                 shutil.rmtree(staging)  # left over by a run killed while saving
+
+        self._on_rank_0_then_agree(prepare, f"preparing {staging}")
         # every rank must take the same branch: link only if every rank's state is unchanged
         source = source if self.reduce_boolean_decision(source is not None, all=True) else None
-        self.barrier("atomic_checkpoint_prepare")
         if source is None:
             super().save_checkpoint(checkpoint, staging, storage_options)
-        elif self.global_rank == 0:
-            staging.mkdir(parents=True)
-            for file in source.iterdir():
-                if file.is_file() and file.name != _METADATA_FILE:
-                    os.link(file, staging / file.name)
-            metadata = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-            torch.save(metadata, staging / _METADATA_FILE)
+        else:
+            linked = source
+
+            def link() -> None:
+                staging.mkdir(parents=True)
+                for file in linked.iterdir():
+                    if file.is_file() and file.name != _METADATA_FILE:
+                        os.link(file, staging / file.name)
+                metadata = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+                torch.save(metadata, staging / _METADATA_FILE)
+
+            self._on_rank_0_then_agree(link, f"linking the data files of {source} into {staging}")
         self.barrier("atomic_checkpoint_written")
-        if self.global_rank == 0:
-            fsync_tree(staging)
-            replace_directory(staging, final)
-        self.barrier("atomic_checkpoint_done")
+        self._on_rank_0_then_agree(lambda: (fsync_tree(staging), replace_directory(staging, final)), f"publishing {final}")
         self._previous_save = (final, state_id)
         if source is not None:
             log.info("Checkpoint %s shares the data files of %s (same step).", final, source)

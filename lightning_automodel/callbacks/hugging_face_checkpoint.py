@@ -181,6 +181,7 @@ class HuggingFaceCheckpoint(Callback):
         write_shards_from_all_ranks(
             self._layout_model, state, layout, staging,
             rank=trainer.global_rank, world_size=trainer.world_size, max_shard_bytes=self._max_shard_bytes, dtype=self.dtype,
+            device=strategy.root_device,
         )
         strategy.barrier("hf_checkpoint_written")
         if trainer.is_global_zero:

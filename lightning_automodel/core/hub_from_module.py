@@ -1,13 +1,14 @@
 """Write a live (possibly FSDP2-sharded) model in the hub layout from every rank at once.
 
 No rank holds the model: the output files are dealt out to the ranks (file ``i`` to rank
-``i % world_size``), and the tensors of each conversion group are gathered one group at a time
-with ``DTensor.full_tensor()``. Every rank takes part in every gather (they are collectives, so all
-ranks walk the same plan in the same order), and only the owner of the file keeps the result.
+``i % world_size``), and each tensor is gathered to the owner of its file only, in the output
+dtype (``dist.gather`` of the FSDP2 shards). Every rank takes part in every gather (they are
+collectives, so all ranks walk the same plan in the same order); the others send their shard and
+receive nothing. Owners write in a background thread while the walk goes on, so files are
+written in parallel.
 
-Per rank memory: one output shard it owns plus one gathered conversion group. The traffic is one
-all-gather of the model, what FSDP2 already does every forward pass. Writing is spread over the
-ranks, so the wall time falls with the world size while a single-writer gather would not.
+Per rank memory: one output shard it owns plus one gathered conversion group. The traffic is the
+model once, each tensor to one rank (an all-gather would send it to every rank).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from lightning_automodel.core.distributed import all_reduce_sum_
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, plan_hub_layout
-from lightning_automodel.core.hub_writer import shard_file_names, write_index, write_shard
+from lightning_automodel.core.hub_writer import assemble_shard, save_shard, shard_file_names, write_index
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import (
     get_input_embeddings_weight_and_name,
@@ -89,26 +90,123 @@ def write_shards_from_all_ranks(
     world_size: int,
     max_shard_bytes: int,
     dtype: torch.dtype | None,
+    device: torch.device | None = None,
 ) -> list[str]:
-    """Write this rank's files of ``layout`` into ``staging``; rank 0 also writes the index. Returns the files written."""
-    from torch.distributed.tensor import DTensor
+    """Write this rank's files of ``layout`` into ``staging``; rank 0 also writes the index. Returns the files written.
+
+    A collective: every rank walks every file's groups in the same order; each tensor is gathered
+    to the file's owner only (:func:`gather_to_owner`), in the output ``dtype``. The owner hands
+    the assembled file to a writer thread and goes on with the next gathers, so the files are
+    written in parallel; it waits for that write before assembling its next file (one output
+    shard in memory). A failure on any rank (a write, a reversion) is an error on every rank once
+    the walk is done: one all-reduce on ``device`` (default: ``collective_device()``), no hang.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     shards = layout.shards(max_shard_bytes)
     names = shard_file_names(len(shards))
-    collective = any(isinstance(t, DTensor) for t in state.values())
-    written = []
-    for index, (file_name, shard) in enumerate(zip(names, shards)):
-        owner = index % world_size
-        if owner == rank:
-            write_shard(staging / file_name, shard, layout_model, lambda groups: _gather(groups, state), dtype=dtype)
-            written.append(file_name)
-        elif collective:
-            for group in shard:  # take part in the gathers; keep nothing
-                _gather([group], state)
-    if rank == 0 and len(shards) > 1:
-        write_index(staging, layout, shards)
+    written: list[str] = []
+    error: BaseException | None = None
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-shard-writer") as writer:
+        for index, (file_name, shard) in enumerate(zip(names, shards)):
+            owner = index % world_size
+            if owner != rank:
+                fetch_groups(shard, state, owner=owner, rank=rank, dtype=dtype)  # take part in the gathers; receive nothing
+                continue
+            if pending is not None:  # one shard in memory: the previous one is on disk first
+                error = error or pending.exception()
+                pending = None
+            fetched: set[int] = set()
+
+            def fetch(groups: Sequence[ConversionGroup], owner: int = owner, fetched: set[int] = fetched) -> dict[str, torch.Tensor]:
+                tensors = fetch_groups(groups, state, owner=owner, rank=rank, dtype=dtype)
+                fetched.update(id(g) for g in groups)
+                return tensors
+
+            try:
+                if error is not None:
+                    raise error  # only take part in the gathers from now on
+                outputs = assemble_shard(shard, layout_model, fetch, dtype=dtype)
+                pending = writer.submit(save_shard, staging / file_name, outputs)
+                del outputs
+                written.append(file_name)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank after the walk
+                error = error or exc
+                fetch_groups([g for g in shard if id(g) not in fetched], state, owner=owner, rank=rank, dtype=dtype)
+        if pending is not None:
+            error = error or pending.exception()
+    if rank == 0 and len(shards) > 1 and error is None:
+        try:
+            write_index(staging, layout, shards)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = exc
+    _agree_on_success(error, rank, world_size, device)
     return written
 
 
-def _gather(groups: Sequence[ConversionGroup], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: full_tensor(state[name]) for group in groups for name in group.sources}
+def _agree_on_success(error: BaseException | None, rank: int, world_size: int, device: torch.device | None) -> None:
+    """Raise on every rank when any rank failed (the failing rank re-raises its own error)."""
+    failed = torch.zeros(world_size, dtype=torch.float32)
+    failed[rank] = 1.0 if error is not None else 0.0
+    all_reduce_sum_(failed, device=device)
+    if error is not None:
+        raise error
+    ranks = [r for r, flag in enumerate(failed.tolist()) if flag]
+    if ranks:
+        raise RuntimeError(f"HuggingFaceCheckpoint: rank(s) {ranks} failed writing their files; their logs have the error.")
+
+
+def fetch_groups(
+    groups: Sequence[ConversionGroup], state: dict[str, torch.Tensor], *, owner: int, rank: int, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """The full source tensors of ``groups`` on the CPU of ``owner`` (an empty dict elsewhere); a collective.
+
+    The seam between gathering and writing: transforms of the fetched group (a LoRA merge) apply
+    to what this returns, on the owner.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for group in groups:
+        for name in group.sources:
+            tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=dtype)
+            if tensor is not None:
+                out[name] = tensor
+    return out
+
+
+def _output_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+
+
+def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The whole ``tensor`` in the output ``dtype`` on the CPU of global rank ``owner``; ``None`` on the others.
+
+    An FSDP2 shard (a DTensor split on dim 0 over one mesh dimension) is gathered to the owner
+    only (``dist.gather`` into one buffer: the owner receives the tensor once, the others send their
+    shard and receive nothing), cast before it travels. Other DTensor layouts are all-gathered
+    (:func:`full_tensor`). A CPU-offloaded shard travels on the mesh's device (NCCL has no CPU path).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    out_dtype = _output_dtype(tensor, dtype)
+    if not isinstance(tensor, DTensor):
+        return tensor.detach().to("cpu", out_dtype) if rank == owner else None
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or owner not in mesh.mesh.flatten().tolist():
+        full = full_tensor(tensor)
+        return full.to(out_dtype) if rank == owner else None
+    group = mesh.get_group()
+    size = dist.get_world_size(group)
+    rows = tensor.shape[0]
+    chunk = -(-rows // size) if rows else 0
+    local = tensor.to_local().detach()
+    device = torch.device(mesh.device_type) if mesh.device_type != "cpu" else torch.device("cpu")
+    sent = torch.zeros((chunk, *tensor.shape[1:]), dtype=out_dtype, device=device)
+    sent[: local.shape[0]].copy_(local)  # FSDP2's last shards are shorter (or empty): padded to one chunk
+    if rank != owner:
+        dist.gather(sent, None, dst=owner, group=group)
+        return None
+    received = torch.empty((chunk * size, *tensor.shape[1:]), dtype=out_dtype, device=device)
+    dist.gather(sent, list(received.chunk(size)) if chunk else [received[:0]] * size, dst=owner, group=group)
+    return received[:rows].cpu()

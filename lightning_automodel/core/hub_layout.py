@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,15 +131,35 @@ class HubLayout:
         return shards
 
 
-def _reverse_converters(model: nn.Module) -> list[Any]:
-    """The reversed ``WeightConverter`` list ``revert_weight_conversion`` uses for ``model``."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightConverter
+_CONVERSIONS: weakref.WeakKeyDictionary[nn.Module, list[Any] | None] = weakref.WeakKeyDictionary()
 
+
+def _weight_conversions(model: nn.Module) -> list[Any] | None:
+    """The conversions ``revert_weight_conversion`` applies to ``model``, computed once per model.
+
+    transformers finds them by walking every module (``get_model_conversion_mapping``); doing that
+    for every group made planning quadratic in depth (160 layers: 29 s). The rules depend on the
+    model's classes and config only, so one walk per model serves every group of every save.
+    Same selection as transformers: the model's own ``_weight_conversions`` when it was loaded with
+    them, else the default mapping without legacy renames and without ``PrefixChange``.
+    """
+    if model in _CONVERSIONS:
+        return _CONVERSIONS[model]
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    reverse = [c.reverse_transform() for c in conversions[::-1]]
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)] or None
+    _CONVERSIONS[model] = conversions
+    return conversions
+
+
+def _reverse_converters(model: nn.Module) -> list[Any]:
+    """The reversed ``WeightConverter`` list ``revert_weight_conversion`` uses for ``model``."""
+    from transformers.core_model_loading import WeightConverter
+
+    reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]
     return [c for c in reverse if isinstance(c, WeightConverter)]
 
 
@@ -159,10 +180,26 @@ def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...
 
 
 def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' reversion of one conversion group (module names -> hub names)."""
+    """transformers' reversion of one conversion group (module names -> hub names).
+
+    ``revert_weight_conversion`` is handed the conversions computed once (:func:`_weight_conversions`)
+    through the attribute it reads first, set for the call only, so it does not walk the model again.
+    """
     from transformers.core_model_loading import revert_weight_conversion
 
-    reverted = revert_weight_conversion(model, dict(tensors))
+    conversions = _weight_conversions(model)
+    if conversions is None:
+        return dict(tensors)  # what transformers returns when no conversion applies
+    had_own = "_weight_conversions" in model.__dict__
+    previous = model.__dict__.get("_weight_conversions")
+    model.__dict__["_weight_conversions"] = conversions
+    try:
+        reverted = revert_weight_conversion(model, dict(tensors))
+    finally:
+        if had_own:
+            model.__dict__["_weight_conversions"] = previous
+        else:
+            del model.__dict__["_weight_conversions"]
     return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
 
 

@@ -70,8 +70,18 @@ def write_shard(
     group_batch_bytes: int = 256 * 2**20,
 ) -> None:
     """Revert and write the groups of one output file, reading a few groups at a time."""
-    from safetensors.torch import save_file
+    save_shard(path, assemble_shard(groups, model, fetch, dtype=dtype, group_batch_bytes=group_batch_bytes))
 
+
+def assemble_shard(
+    groups: Sequence[ConversionGroup],
+    model: nn.Module,
+    fetch: FetchGroups,
+    *,
+    dtype: torch.dtype | None,
+    group_batch_bytes: int = 256 * 2**20,
+) -> dict[str, torch.Tensor]:
+    """The hub tensors of one output file: its groups fetched a few at a time, reverted and cast."""
     outputs: dict[str, torch.Tensor] = {}
     batch: list[ConversionGroup] = []
     batch_bytes = 0
@@ -96,7 +106,14 @@ def write_shard(
         batch.append(group)
         batch_bytes += group.nbytes
     flush()
-    save_file(outputs, str(path), metadata={"format": "pt"})
+    return outputs
+
+
+def save_shard(path: Path, outputs: Mapping[str, torch.Tensor]) -> None:
+    """Write one safetensors file (``save_pretrained``'s metadata), 0644, fsynced."""
+    from safetensors.torch import save_file
+
+    save_file(dict(outputs), str(path), metadata={"format": "pt"})
     os.chmod(path, FILE_MODE)
     fsync_path(path)
 
