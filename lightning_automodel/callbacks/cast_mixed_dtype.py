@@ -39,7 +39,9 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(cast_buffers=self.cast_buffers)
+        # One key whatever the arguments: changing them on resume is allowed and must not make
+        # Lightning ask for "the callbacks used to create the checkpoint".
+        return "CastMixedDtypeToBF16"
 
     @override
     def reset_run_state(self) -> None:

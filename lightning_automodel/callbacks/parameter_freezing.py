@@ -136,6 +136,9 @@ class ParameterFreezing(ModelSurgeryCallback):
             report = apply_parameter_freezing(model, self.config, strict=self.strict)
         except ValueError as exc:
             raise MisconfigurationException(f"ParameterFreezing: {exc}") from exc
+        if self.surgery_runs == 0:
+            for note in report.notes:
+                rank_zero_warn(f"ParameterFreezing: {note}")
         return report.frozen
 
     @override

@@ -37,8 +37,18 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def memory_scope(strategy: str, world_size: int) -> str:
+    """What the per-rank bytes describe: a shard of the state (FSDP) or a full replica (DDP)."""
+    if strategy == "sharded":
+        return f"Per rank (FSDP, state sharded over {world_size} ranks)"
+    if world_size > 1:
+        return f"Per rank (DDP: each of {world_size} ranks holds a full replica)"
+    return "Per device (one process)"
+
+
 def format_summary(
-    name: str, total: int, trainable: int, norm: float, rows: list[ModuleRow], memory: TrainingMemoryEstimate
+    name: str, total: int, trainable: int, norm: float, rows: list[ModuleRow], memory: TrainingMemoryEstimate,
+    scope: str | None = None,
 ) -> str:
     pct = 100.0 * trainable / total if total else 0.0
     table_rows = [
@@ -51,7 +61,7 @@ def format_summary(
             render_table(["Module", "Params", "Trainable", "Frozen by"], table_rows),
             f"Trainable parameters: {trainable:,} of {total:,} ({pct:.2f}%)",
             f"Param L2 norm (global): {norm:.4f}",
-            f"Per rank (world size {memory.world_size}): params {format_bytes_human(memory.param_bytes)}, "
+            f"{scope or memory_scope('sharded' if memory.world_size > 1 else 'replica', memory.world_size)}: params {format_bytes_human(memory.param_bytes)}, "
             f"grads {format_bytes_human(memory.grad_bytes)}, optimizer state {format_bytes_human(memory.optimizer_bytes)}, "
             f"total {format_bytes_human(memory.total_bytes)}",
         ]
@@ -85,7 +95,7 @@ class ParameterSummary(ModelSurgeryCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        return "ParameterSummary"  # not the arguments: a renamed summary still resumes silently
 
     @override
     def reset_run_state(self) -> None:
@@ -96,7 +106,9 @@ class ParameterSummary(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         """Nothing to change; the summary is taken when training starts."""
 
-    def summarize(self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int) -> str:
+    def summarize(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int, scope: str | None = None
+    ) -> str:
         # A collective for sharded models (every rank calls it), on the strategy's device: NCCL has no CPU path.
         device = trainer.strategy.root_device if trainer is not None else None
         stats = parameter_stats(model, device=device)
@@ -104,7 +116,7 @@ class ParameterSummary(ModelSurgeryCallback):
         rows = module_breakdown(model, depth=self.depth, frozen_by=rules)
         # Each parameter's own dtype, as it is now: AdamW keeps its state in it (zeros_like(param)).
         memory = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=None, sharded=world_size > 1)
-        return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory)
+        return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory, scope)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,5 +124,6 @@ class ParameterSummary(ModelSurgeryCallback):
 
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         _, model = target_model(pl_module)
-        self.text = self.summarize(trainer, pl_module, model, trainer.world_size if sharded else 1)
+        scope = memory_scope("sharded" if sharded else "replica", trainer.world_size)
+        self.text = self.summarize(trainer, pl_module, model, trainer.world_size if sharded else 1, scope)
         rank_zero_info(self.text)

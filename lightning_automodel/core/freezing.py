@@ -121,6 +121,10 @@ class FreezeConfig:
         """Whether either selector list was declared (even empty): that turns off the implicit vision freeze."""
         return self.freeze_modules is not None or self.unfreeze_modules is not None
 
+    def explicit_flags(self) -> set[str]:
+        """The legacy flags set to true by the user (the implicit vision freeze is not one: no note when it finds nothing)."""
+        return {flag for flag in LEGACY_FLAGS if getattr(self, flag) is True}
+
     def effective_flags(self) -> dict[str, bool]:
         """The four legacy flags with ``freeze_vision_tower=None`` resolved."""
         vision = self.freeze_vision_tower
@@ -142,6 +146,8 @@ class FreezePlan:
     rule: dict[str, str] = field(default_factory=dict)
     #: the planned parameters by name, so applying needs no second traversal of the model
     params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    #: what the user may not expect: a flag that reached nothing, a freeze that also freezes a tied alias
+    notes: list[str] = field(default_factory=list)
 
     def set(self, name: str, value: bool, rule: str) -> None:
         self.requires_grad[name] = value
@@ -154,6 +160,7 @@ class FreezeReport:
 
     frozen: dict[str, str] = field(default_factory=dict)
     unfrozen: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
@@ -330,7 +337,10 @@ def plan_parameter_freezing(
     plan = FreezePlan(params=index.params)
     for flag, enabled in cfg.effective_flags().items():
         if enabled:
-            for name in _legacy_targets(model, index, flag):
+            targets = _legacy_targets(model, index, flag)
+            if not targets and flag in cfg.explicit_flags():
+                plan.notes.append(f"{flag} matched no parameters: this model has no such part, so it froze nothing.")
+            for name in targets:
                 plan.set(name, False, flag)
     for field_name, value in (("freeze_modules", False), ("unfreeze_modules", True)):
         for i, selector in enumerate(getattr(cfg, field_name) or ()):
@@ -343,12 +353,23 @@ def plan_parameter_freezing(
                 )
             for name in names:
                 plan.set(name, value, f"{field_name}[{selector.describe()}]")
+    plan.notes.extend(_tied_alias_notes(index, plan))
     return plan
+
+
+def _tied_alias_notes(index: _ParameterIndex, plan: FreezePlan) -> list[str]:
+    """One note per tensor a rule changed that another module shares (a tied LM head and its embedding)."""
+    notes = []
+    for alias, first in index.aliases:
+        if alias != first and first in plan.requires_grad:
+            state = "trainable" if plan.requires_grad[first] else "frozen"
+            notes.append(f"{plan.rule[first]} made {first} {state}; {alias} is the same tensor (tied), so it is {state} too.")
+    return notes
 
 
 def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
     """Apply a plan made by :func:`plan_parameter_freezing` to the same model."""
-    report = FreezeReport()
+    report = FreezeReport(notes=list(plan.notes))
     params = plan.params or dict(unique_named_parameters(model))
     for name, value in plan.requires_grad.items():
         params[name].requires_grad_(value)
