@@ -131,6 +131,8 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(f"seq_length must be at least 2; got {seq_length}.")
         if isinstance(batch_size, bool) or batch_size < 1:
             raise DataError(f"batch_size must be at least 1; got {batch_size}.")
+        if isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:  # the collator would refuse it mid-run
+            raise DataError(f"pad_to_multiple_of must be at least 1 (1: no padding); got {pad_to_multiple_of}.")
         if not 0 < val_fraction < 1:  # also NaN
             raise DataError(
                 f"val_fraction must be in (0, 1) (the share of documents held out for validation; for no validation "
