@@ -224,6 +224,23 @@ _ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
+#: A full or read-only disk, wherever it surfaces: torch.save reports ENOSPC as a RuntimeError
+#: ("unexpected pos ...") raised while handling the OSError.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _full_disk_cause(exc: BaseException) -> OSError | None:
+    """The full/read-only disk OSError this exception was raised from, if any (its cause or context chain)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _checkpoint_exception_type() -> type[BaseException]:
     """DCP's CheckpointException: a BaseException, so ``except Exception`` does not see it."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -243,7 +260,7 @@ def _is_input_error(exc: BaseException, run_started: bool) -> bool:
     if _is_checkpoint_exception(exc):
         # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk) in a BaseException.
         return all(_is_input_error(inner, False) for inner, _ in exc.failures.values())
-    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS or _full_disk_cause(exc) is not None:
         return True
     # Plain ValueError / FileNotFoundError / the Trainer's own refusals (devices 0, max_steps -5) and a
     # file nested past the parser's recursion limit: bad input while parsing, building and setting up;
@@ -255,6 +272,13 @@ def _one_line(exc: BaseException) -> str:
     if _is_checkpoint_exception(exc):
         rank, (inner, _) = next(iter(exc.failures.items()))
         return f"the sharded checkpoint could not be read or written (rank {rank}): {_one_line(inner)}"
+    disk = _full_disk_cause(exc)
+    if disk is not None:
+        where = f" writing {disk.filename}" if disk.filename else " while writing a checkpoint or a log"
+        return (
+            f"{disk.strerror or disk}{where}: free space, or point trainer.default_root_dir (and any ModelCheckpoint "
+            "dirpath) at a disk with room."
+        )
     if isinstance(exc, RecursionError):
         return "a file or value is nested too deeply (JSON/YAML recursion limit); it is corrupt or hostile."
     if isinstance(exc, UnpicklingError):

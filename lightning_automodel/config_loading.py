@@ -103,15 +103,13 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigFileError(f"config {name!r} does not exist.") from None
-    except IsADirectoryError:
-        raise ConfigFileError(f"config {name!r} is a directory, not a YAML file.") from None
     except PermissionError:
         raise ConfigFileError(f"config {name!r} cannot be read (permission denied).") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigFileError(f"config {name!r} is not a regular file (a FIFO, device or directory); pass a YAML file.")
+    os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigFileError(f"config {name!r} is not a regular file (a FIFO, device or directory); pass a YAML file.")
-        os.set_blocking(fd, True)
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigFileError(f"config {name!r} is over {MAX_CONFIG_BYTES // 2**20} MiB; a config is a few kilobytes.")

@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
     EXPORT_MARKER,
+    TOKENIZER_FILES,
     publish_directory,
     shard_file_names,
     staging_directory,
@@ -285,6 +286,7 @@ def export_checkpoint(
         raise ExportError(f"--dtype must be one of auto, bf16, fp32; got {dtype!r}.")
     out_dtype = _DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
+    _check_tokenizer_path(tokenizer_path)
     _check_out(src, out, overwrite)
     try:
         checkpoint = open_trained_checkpoint(src)
@@ -346,6 +348,18 @@ def export_checkpoint(
             raise
     log.info("Exported %d tensors in %d file(s) to %s.", len(layout.names()), len(shards), out)
     return out
+
+
+def _check_tokenizer_path(tokenizer_path: str | None) -> None:
+    """An explicit ``--tokenizer_path`` must be a directory holding tokenizer files: an export without the
+    tokenizer that was asked for is a silent wrong result."""
+    if not tokenizer_path:
+        return
+    root = Path(tokenizer_path)
+    if not root.is_dir():
+        raise ExportError(f"--tokenizer_path {tokenizer_path} is not a directory; pass the local directory holding the tokenizer files.")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"--tokenizer_path {tokenizer_path} holds none of the tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...).")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:

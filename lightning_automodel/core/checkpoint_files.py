@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import stat
 import struct
 from collections.abc import Mapping
@@ -277,7 +278,10 @@ def _shard_name(index_path: Path, value: object, key: str | None = None) -> str:
 
 def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
     is_regular_file(path)
-    state = torch.load(path, map_location="meta", weights_only=weights_only)
+    try:
+        state = torch.load(path, map_location="meta", weights_only=weights_only)
+    except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
+        raise ValueError(f"{path}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors.") from None
     return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 

@@ -27,6 +27,7 @@ import copy
 import logging
 import math
 import os
+import pickle
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -125,6 +126,10 @@ class CheckpointReader:
             except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
                 raise CheckpointLayoutError(
                     f"{file}: cannot memory-map this .bin file ({exc}); re-save it with torch.save or convert it to safetensors."
+                ) from None
+            except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
+                raise CheckpointLayoutError(
+                    f"{file}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors."
                 ) from None
             if not isinstance(handle, dict):
                 raise CheckpointLayoutError(f"{file}: expected a state dict, found {type(handle).__name__}.")

@@ -55,6 +55,8 @@ def read_documents(files: list[str]) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: the JSON line is nested too deeply to be a record.") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise DataError(f"{path}:{lineno}: each JSON line needs a string field 'text'.")
                 docs.append(record["text"])
@@ -192,6 +194,9 @@ class TextDataModule(pl.LightningDataModule):
         self.train_dataset = TokenWindows(train_tokens, hp.seq_length)
         self.val_dataset = TokenWindows(self._tokenize(val_docs), hp.seq_length)
         self.test_dataset = TokenWindows(self._tokenize(test_docs), hp.seq_length)
+        for files, dataset, split in ((hp.val_files, self.val_dataset, "validation"), (hp.test_files, self.test_dataset, "test")):
+            if files and not len(dataset):  # named files that give nothing: no silent run without the split
+                raise DataError(f"The {split} files {files} give no window of at least 2 tokens (empty files?); add text or drop them.")
         self._check_batches(len(docs), sum(len(t) for t in train_tokens), len(val_docs))
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is not None and hasattr(model, "vocab_size"):
