@@ -262,6 +262,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "export_tokenizer_empty": (export_with("--out", "TMP/out", "--tokenizer_path", "TMP"), r"--tokenizer_path .* holds none of the tokenizer files"),
     "export_out_is_a_file": (export_with("--out", "TMP/a_file"), r"a_file exists and is not a directory"),
     "export_out_under_a_file": (export_with("--out", "TMP/a_file/out"), r"File exists: .*a_file"),
+    "plan_layers_1e6": (lambda tmp_path: ["plan", "--config", TINY, "--model.config.num_hidden_layers=1000000"], r"num_hidden_layers=1,000,000 is above"),
+    "plan_heads_zero": (lambda tmp_path: ["plan", "--config", TINY, "--model.config.num_attention_heads=0"], r"num_attention_heads must be a positive integer"),
+    "plan_config_fifo": (lambda tmp_path: ["plan", *config_fifo(tmp_path)[1:]], r"config\.fifo.* not a regular file"),
     "truncated_ckpt_resume": (truncated_ckpt_resume, r"cut\.ckpt"),
     "full_disk_during_save": (full_disk_during_save, r"No space left on device .*trainer\.default_root_dir"),
 }
