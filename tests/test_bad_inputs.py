@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lightning_automodel.cli import main
-from tests.tiny_models import build, tiny_config
+from tiny_models import build, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "configs/tiny-llama-cpu.yaml")
