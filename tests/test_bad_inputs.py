@@ -292,3 +292,37 @@ def test_bad_input_is_one_line_with_exit_code_2(case, tmp_path, capsys, monkeypa
 def _known_library_line(line: str) -> bool:
     """Lightning's start-up notes, printed before any input is read (not errors)."""
     return line.startswith(("Seed set to", "💡 Tip", "GPU available", "TPU available", "HPU available"))
+
+
+def _raise_from_run(monkeypatch, exc: BaseException) -> None:
+    import lightning_automodel.cli as cli
+
+    def run(*args):
+        raise exc
+
+    monkeypatch.setattr(cli, "_run", run)
+
+
+def test_a_dcp_failure_on_a_bad_file_is_one_line(monkeypatch, capsys):
+    """DCP wraps each rank's error in CheckpointException, a BaseException that ``except Exception`` misses."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    missing = FileNotFoundError(2, "No such file or directory", "/ckpts/last.ckpt/__0_0.distcp")
+    _raise_from_run(monkeypatch, CheckpointException("load failed", {0: (missing, None)}))
+    assert main(["fit"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ERROR.match(lines[0]) and "rank 0" in lines[0] and "__0_0.distcp" in lines[0], lines
+
+
+def test_a_dcp_failure_from_a_bug_keeps_its_traceback(monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _raise_from_run(monkeypatch, CheckpointException("save failed", {1: (ZeroDivisionError("a bug"), None)}))
+    with pytest.raises(CheckpointException):
+        main(["fit"])
+
+
+def test_a_runtime_error_without_a_full_disk_behind_it_keeps_its_traceback(monkeypatch):
+    _raise_from_run(monkeypatch, RuntimeError("a bug in a kernel"))
+    with pytest.raises(RuntimeError, match="a bug in a kernel"):
+        main(["fit"])
