@@ -7,8 +7,8 @@ import difflib
 import errno
 import re
 import sys
-from pickle import UnpicklingError
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -220,7 +220,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
 #: OSErrors that describe the user's files or disk (a read-only or full disk, a file where a directory
 #: goes), at any point of a run: a save that fails at step 900 is still the disk's problem, not ours.
 _ENVIRONMENT_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 )
 
 
@@ -260,7 +260,7 @@ def _is_input_error(exc: BaseException, run_started: bool) -> bool:
     if _is_checkpoint_exception(exc):
         # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk) in a BaseException.
         return all(_is_input_error(inner, False) for inner, _ in exc.failures.values())
-    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS or _full_disk_cause(exc) is not None:
+    if (isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS) or _full_disk_cause(exc) is not None:
         return True
     # Plain ValueError / FileNotFoundError / the Trainer's own refusals (devices 0, max_steps -5) and a
     # file nested past the parser's recursion limit: bad input while parsing, building and setting up;

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from lightning_automodel.cli import main
 from tiny_models import build, tiny_config
@@ -76,8 +75,7 @@ def rewrite_header(path: Path, edit: Callable[[dict], None], extra: bytes = b"")
     path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :] + extra)
 
 
-def _q_and_o(header: dict) -> tuple[str, str]:
-    return "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+Q_PROJ, O_PROJ = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
 
 
 # ---- the cases: tmp_path -> command line ------------------------------------------------------------
@@ -104,8 +102,7 @@ def overlapping_safetensors(tmp_path):
     root = pretrained_dir(tmp_path)
 
     def edit(header):
-        q, o = _q_and_o(header)
-        header[q]["data_offsets"] = list(header[o]["data_offsets"])
+        header[Q_PROJ]["data_offsets"] = list(header[O_PROJ]["data_offsets"])
 
     rewrite_header(root / "model.safetensors", edit)
     return pretrained_fit(tmp_path, root)
@@ -117,10 +114,9 @@ def duplicate_safetensors_key(tmp_path):
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + length])
-    q, o = _q_and_o(header)
     text = json.dumps(header)
     # the same name twice: json.loads keeps the second entry (o_proj's bytes) silently
-    text = text[:-1] + f', "{q}": ' + json.dumps(header[o]) + "}"
+    text = text[:-1] + f', "{Q_PROJ}": ' + json.dumps(header[O_PROJ]) + "}"
     path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + raw[8 + length :])
     return pretrained_fit(tmp_path, root)
 
