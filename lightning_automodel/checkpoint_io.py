@@ -6,7 +6,9 @@ truncated ``last.ckpt`` with the previous good copy already gone. ``AtomicTorchC
 a temporary file in the target's own directory, flushes and fsyncs it, renames it onto the target
 (``os.replace``, atomic within one filesystem) and fsyncs the directory. A kill at any moment leaves the
 previous complete file or the new complete file under the final name (plus, at worst, a stale
-``.<name>.*.tmp`` sibling, removed by the next save to that name).
+``.<name>.lightning-automodel-<host>-<pid>-*.tmp`` sibling, removed by the next save into that
+directory: only files whose name says this package wrote them, on this host, from a process that
+is gone; a user's own ``.last.ckpt.notes.tmp`` is never touched).
 
 The CLI adds it to the Trainer's plugins unless a ``CheckpointIO`` is configured
 (``lightning_automodel.cli``). Sharded (DCP) saves of ``ModelParallelStrategy`` do not go through a
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,6 +39,10 @@ from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_d
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
+_TMP_TAG = "lightning-automodel"
+#: ``.<target>.lightning-automodel-<host>-<pid>-<random>.tmp``: the temporary files this module writes.
+_OUR_TMP = re.compile(r"^\.(?P<target>.+)\." + _TMP_TAG + r"-(?P<host>.+)-(?P<pid>\d+)-[^.]+\.tmp$")
+_swept: set[Path] = set()
 
 
 class CheckpointResumeError(ValueError):
@@ -49,9 +57,10 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, then a rename."""
     target = Path(str(path).removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}."
-    for stale in target.parent.glob(f"{prefix}*{_TMP_SUFFIX}"):  # left by a save killed before its rename
-        stale.unlink(missing_ok=True)
+    prefix = f".{target.name}.{_TMP_TAG}-{socket.gethostname()}-{os.getpid()}-"
+    if target.parent.resolve() not in _swept:  # once per directory and process: saves killed by earlier runs
+        remove_stale_tmp_files(target.parent)
+        _swept.add(target.parent.resolve())
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
@@ -64,6 +73,37 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+
+
+def remove_stale_tmp_files(directory: Path) -> list[Path]:
+    """Remove the temporary files of saves killed before their rename; returns what was removed.
+
+    Only provably ours: a regular file (not a symlink) named by :func:`atomic_torch_save` for this
+    host, whose writing process no longer runs. Anything else, a user's ``.x.tmp`` included, stays.
+    """
+    removed = []
+    host = socket.gethostname()
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        found = _OUR_TMP.match(entry.name)
+        if found is None or found["host"] != host or entry.is_symlink() or not entry.is_file() or _running(int(found["pid"])):
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("Removed %d temporary file(s) of interrupted saves in %s.", len(removed), directory)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes one save at a time: an entry of ours is from an aborted save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 class AtomicTorchCheckpointIO(TorchCheckpointIO):

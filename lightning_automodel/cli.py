@@ -6,9 +6,11 @@ import argparse
 import difflib
 import logging
 import os
+import errno
 import re
 import sys
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -18,6 +20,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
+from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
@@ -301,6 +304,7 @@ class AutoModelCLI(LightningCLI):
 
     def init_parser(self, **kwargs: Any) -> Any:
         kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("parser_mode", register_parser_mode())  # the bounded YAML loader, as plan's
         parser = super().init_parser(**kwargs)
         self._parsers.append(parser)
         return parser
@@ -352,23 +356,95 @@ def strategy_has_own_checkpoint_io(strategy: Strategy) -> bool:
 def _input_error_types() -> tuple[type[BaseException], ...]:
     """Raised on bad input wherever they happen: one line, exit code 2 (imported late: plan and export
     are not loaded for fit)."""
+    from lightning_automodel.config_loading import ConfigFileError
     from lightning_automodel.core.checkpoint_files import OfflineCheckpointError
     from lightning_automodel.core.sharded_load import CheckpointLayoutError
     from lightning_automodel.export import ExportError
     from lightning_automodel.planning import PlanError
 
-    return (CheckpointResumeError, ConfigError, DataError, ExportError, PlanError, CheckpointLayoutError, OfflineCheckpointError)
+    return (
+        CheckpointResumeError, ConfigError, ConfigFileError, DataError, ExportError, PlanError, CheckpointLayoutError,
+        OfflineCheckpointError,
+        UnpicklingError,  # torch.load(weights_only=True) refusing a pickle: a bad or hostile file, not a bug
+    )
+
+
+#: OSErrors that describe the user's files or disk (a read-only or full disk, a file where a directory
+#: goes), at any point of a run: a save that fails at step 900 is still the disk's problem, not ours.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+)
+
+
+#: A full or read-only disk, wherever it surfaces: torch.save reports ENOSPC as a RuntimeError
+#: ("unexpected pos ...") raised while handling the OSError.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _full_disk_cause(exc: BaseException) -> OSError | None:
+    """The full/read-only disk OSError this exception was raised from, if any (its cause or context chain)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _checkpoint_exception_type() -> type[BaseException]:
+    """DCP's CheckpointException: a BaseException, so ``except Exception`` does not see it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _is_checkpoint_exception(exc: BaseException) -> bool:
+    return isinstance(exc, _checkpoint_exception_type())
 
 
 def _is_input_error(exc: BaseException, run_started: bool) -> bool:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     if isinstance(exc, _input_error_types()):
         return True
-    # Plain ValueError / FileNotFoundError: bad input while parsing, building and setting up; a bug afterwards.
-    return isinstance(exc, (ValueError, FileNotFoundError)) and not run_started
+    if _is_checkpoint_exception(exc):
+        # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk) in a BaseException.
+        return all(_is_input_error(inner, False) for inner, _ in exc.failures.values())
+    if (isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS) or _full_disk_cause(exc) is not None:
+        return True
+    # Plain ValueError / FileNotFoundError / the Trainer's own refusals (devices 0, max_steps -5) and a
+    # file nested past the parser's recursion limit: bad input while parsing, building and setting up;
+    # a bug afterwards.
+    return isinstance(exc, (ValueError, FileNotFoundError, MisconfigurationException, RecursionError)) and not run_started
 
 
 def _one_line(exc: BaseException) -> str:
+    if _is_checkpoint_exception(exc):
+        rank, (inner, _) = next(iter(exc.failures.items()))
+        return f"the sharded checkpoint could not be read or written (rank {rank}): {_one_line(inner)}"
+    disk = _full_disk_cause(exc)
+    if disk is not None:
+        where = f" writing {disk.filename}" if disk.filename else " while writing a checkpoint or a log"
+        return (
+            f"{disk.strerror or disk}{where}: free space, or point trainer.default_root_dir (and any ModelCheckpoint "
+            "dirpath) at a disk with room."
+        )
+    if isinstance(exc, RecursionError):
+        return "a file or value is nested too deeply (JSON/YAML recursion limit); it is corrupt or hostile."
+    if isinstance(exc, UnpicklingError):
+        # torch's message is a page ending in "re-run with weights_only=False": never advise that for a stranger's file.
+        return (
+            f"a checkpoint file holds pickled objects besides tensors ({_first_line(exc)}); refusing to unpickle it. "
+            "Load only checkpoints you created, or convert the weights to safetensors."
+        )
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
@@ -384,6 +460,9 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown subcommand {argv[0]!r}{hint}; choose one of {', '.join(SUBCOMMANDS)}.")
     restrict_import_paths()
+    for path in config_paths(argv):
+        check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
+    check_command_line_values(argv)
     cli = AutoModelCLI(
         HFCausalLM,
         TextDataModule,
@@ -410,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         from_command_line = False  # LightningCLI parses our stripped list (sys.argv keeps it for relaunches)
     try:
         return _run(argv, from_command_line, marker)
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an input error
+    except (Exception, _checkpoint_exception_type()) as exc:  # noqa: BLE001 - re-raised unless it is an input error
         if debug or not _is_input_error(exc, marker.started):
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr, flush=True)

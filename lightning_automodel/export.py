@@ -45,6 +45,7 @@ from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
     check_replaceable,
+    TOKENIZER_FILES,
     publish_directory,
     shard_file_names,
     staging_directory,
@@ -299,6 +300,7 @@ def export_checkpoint(
         raise ExportError(f"--dtype must be one of auto, bf16, fp32; got {dtype!r}.")
     out_dtype = _DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
+    _check_tokenizer_path(tokenizer_path)
     _check_out(src, out, overwrite)
     try:
         checkpoint = open_trained_checkpoint(src)
@@ -386,6 +388,16 @@ def recorded_source_dir(source: str | None) -> Path | None:
         return None
     log.info("Copying the tokenizer and generation config from the checkpoint's recorded model directory %s.", directory)
     return directory
+def _check_tokenizer_path(tokenizer_path: str | None) -> None:
+    """An explicit ``--tokenizer_path`` must be a directory holding tokenizer files: an export without the
+    tokenizer that was asked for is a silent wrong result."""
+    if not tokenizer_path:
+        return
+    root = Path(tokenizer_path)
+    if not root.is_dir():
+        raise ExportError(f"--tokenizer_path {tokenizer_path} is not a directory; pass the local directory holding the tokenizer files.")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"--tokenizer_path {tokenizer_path} holds none of the tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...).")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:

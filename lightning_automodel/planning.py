@@ -37,6 +37,7 @@ from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParam
 from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import render_table
+from lightning_automodel.config_loading import ConfigFileError, read_config_text, safe_load_bounded
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
@@ -75,71 +76,16 @@ class PlanError(ValueError):
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config {str(path)!r} does not exist.")
+    """A config file through the one bounded loader of every command (regular files only, aliases bounded)."""
     try:
-        config = safe_load_bounded(path.read_text(), str(path)) or {}
+        config = safe_load_bounded(read_config_text(path), str(path)) or {}
+    except ConfigFileError as exc:
+        raise PlanError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise PlanError(f"{path} is not valid YAML: {exc}") from None
-    except RecursionError:
-        raise PlanError(f"{path}: the YAML is nested too deeply to be a config.") from None
     if not isinstance(config, dict):
         raise PlanError(f"{path}: expected a mapping at the top level (model:, data:, trainer:).")
     return config
-
-
-#: Nodes a config may expand to through aliases (``*anchor``); a real config has a few hundred.
-MAX_YAML_NODES = 100_000
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts the nodes aliases expand to and stops past ``MAX_YAML_NODES``.
-
-    An alias is one node in the text but a whole subtree in the result: nine lines of nested
-    ``[*a, *a, ...]`` make 10^9 references ("billion laughs"), and a later merge or walk of the
-    config visits every one. The count is taken on the composed graph, before any object is built.
-    """
-
-    def compose_document(self):  # type: ignore[override]
-        node = super().compose_document()
-        _count_nodes(node, self.name)
-        return node
-
-
-def _count_nodes(root: yaml.Node, name: str) -> None:
-    sizes: dict[int, int] = {}  # id(node) -> expanded size: a shared subtree is walked once, counted per use
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        sizes[key] = 1  # a recursive alias (not possible in SafeLoader's output, but cheap to guard)
-        n = 1
-        if isinstance(node, yaml.SequenceNode):
-            n += sum(size(child) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            n += sum(size(k) + size(v) for k, v in node.value)
-        if n > MAX_YAML_NODES:
-            raise PlanError(
-                f"{name}: the YAML expands to more than {MAX_YAML_NODES:,} nodes through anchors/aliases; refusing it "
-                "(an alias bomb, or a config that should be written out)."
-            )
-        sizes[key] = n
-        return n
-
-    if root is not None:
-        size(root)
-
-
-def safe_load_bounded(text: str, name: str = "<config>") -> Any:
-    """``yaml.safe_load`` that refuses documents expanding past ``MAX_YAML_NODES`` nodes (one-line ``PlanError``)."""
-    loader = _BoundedLoader(text)
-    loader.name = name
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +112,9 @@ def parse_value(text: str) -> Any:
     """A command-line value as YAML, as LightningCLI reads it: ``8`` -> 8, ``[0, 1]`` -> a list, ``bf16`` -> str."""
     try:
         return safe_load_bounded(text, "a command-line value")
-    except (yaml.YAMLError, RecursionError):
+    except ConfigFileError as exc:
+        raise PlanError(str(exc)) from None
+    except yaml.YAMLError:
         return text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import stat
 import struct
 from collections.abc import Mapping
@@ -159,7 +160,7 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
     if len(raw) != length:
         raise ValueError(f"{path}: truncated safetensors header ({len(raw)} of {length} bytes); re-save or re-download the file.")
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: corrupt safetensors header (not JSON: {exc}).") from None
     except RecursionError:
@@ -168,7 +169,56 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
     for key, entry in header.items():
         _check_header_entry(path, key, entry)
+    _check_data_ranges(path, header, file_size - 8 - length)
     return SafetensorsLayout(header, 8 + length, file_size)
+
+
+def _refuse_duplicate_keys(path: Path):
+    """A ``json.loads`` hook: a key given twice is an error (plain JSON keeps the last one silently)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise ValueError(f"{path}: corrupt safetensors header: {key!r} is listed twice; safetensors refuses such a file.")
+            out[key] = value
+        return out
+
+    return pairs
+
+
+def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """The tensors' byte ranges tile the data area exactly, as ``safe_open`` requires.
+
+    Sorted by start, each range begins where the previous one ended, none is reversed, each holds
+    ``numel * itemsize`` bytes of its dtype, and the last ends at the end of the file. Overlapping
+    ranges (two names reading the same bytes), gaps and data past the end are refused: ``from_pretrained``
+    refuses them too, and loading them would train on wrong values.
+    """
+    ranges = sorted((entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__")
+    end, last = 0, None
+    for offsets, key in ranges:
+        if len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise ValueError(f"{path}: corrupt safetensors header: {key!r} has data_offsets {offsets}; expected [begin, end] with begin <= end.")
+        if offsets[0] != end:
+            problem = "overlaps another tensor's bytes" if offsets[0] < end else f"leaves a gap after byte {end}"
+            raise ValueError(f"{path}: corrupt safetensors header: {key!r} (data_offsets {offsets}) {problem}; safetensors refuses such a file.")
+        dtype = SAFETENSORS_DTYPES.get(header[key]["dtype"])
+        numel = 1
+        for d in header[key]["shape"]:
+            numel *= d
+        if dtype is not None and (min(header[key]["shape"], default=0) < 0 or offsets[1] - offsets[0] != numel * dtype.itemsize):
+            raise ValueError(
+                f"{path}: corrupt safetensors header: {key!r} has shape {header[key]['shape']} {header[key]['dtype']} "
+                f"but data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)."
+            )
+        end, last = offsets[1], key
+    if end > data_bytes:
+        raise ValueError(
+            f"{path}: tensor {last!r} ends at data byte {end} of a {data_bytes}-byte data area; the file is truncated or corrupt."
+        )
+    if end < data_bytes:
+        raise ValueError(f"{path}: {data_bytes - end} bytes after the last tensor's data; the file is corrupt (safetensors refuses it).")
 
 
 def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
@@ -184,20 +234,26 @@ def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
     return dtypes
 
 
+def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) -> Any:
+    """A small JSON file (an index, a config.json): regular, at most ``max_bytes``, UTF-8, not nested past
+    the interpreter's limit; otherwise one line naming ``path`` and ``what`` it should have been."""
+    with open_regular(path) as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: the {what} is over {max_bytes // 2**20} MiB; it is not a {what}.")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: the {what} is not valid UTF-8 ({exc}).") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the {what} is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: the {what} is nested too deeply to be a {what}.") from None
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
     """``weight_map`` of an index: a JSON object of tensor name -> shard file name, nothing else."""
-    with open_regular(index_path) as f:
-        raw = f.read(MAX_HEADER_BYTES + 1)
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ValueError(f"{index_path}: the checkpoint index is over 100 MB; it is not an index.")
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{index_path}: the checkpoint index is not valid UTF-8 ({exc}).") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{index_path}: the checkpoint index is not valid JSON ({exc}).") from None
-    except RecursionError:
-        raise ValueError(f"{index_path}: the checkpoint index is nested too deeply to be an index.") from None
+    index = read_bounded_json(index_path, "checkpoint index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: the checkpoint index has no 'weight_map' object.")
@@ -222,7 +278,10 @@ def _shard_name(index_path: Path, value: object, key: str | None = None) -> str:
 
 def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
     is_regular_file(path)
-    state = torch.load(path, map_location="meta", weights_only=weights_only)
+    try:
+        state = torch.load(path, map_location="meta", weights_only=weights_only)
+    except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
+        raise ValueError(f"{path}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors.") from None
     return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 

@@ -27,8 +27,10 @@ import copy
 import logging
 import math
 import os
+import pickle
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,8 +94,12 @@ class CheckpointReader:
 
     def _index_file(self, file: Path) -> Iterator[SourceTensor]:
         if file.suffix == ".safetensors":
-            # The header's structure is checked there (regular file, flat entries of str/int lists).
-            layout = read_safetensors_layout(file)
+            # The header's structure and byte ranges are checked there (regular file, flat entries,
+            # ranges that tile the data exactly, as safe_open requires).
+            try:
+                layout = read_safetensors_layout(file)
+            except ValueError as exc:
+                raise CheckpointLayoutError(str(exc)) from None
             for key, entry in layout.header.items():
                 if key == "__metadata__":
                     continue
@@ -120,6 +126,10 @@ class CheckpointReader:
             except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
                 raise CheckpointLayoutError(
                     f"{file}: cannot memory-map this .bin file ({exc}); re-save it with torch.save or convert it to safetensors."
+                ) from None
+            except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
+                raise CheckpointLayoutError(
+                    f"{file}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors."
                 ) from None
             if not isinstance(handle, dict):
                 raise CheckpointLayoutError(f"{file}: expected a state dict, found {type(handle).__name__}.")
@@ -325,11 +335,12 @@ def _expanded_targets(first_target: str, transform: object) -> list[str]:
     return [first_target.replace(patterns[0], pattern) for pattern in patterns]
 
 
-def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader) -> LoadPlan:
+def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys: Sequence[str] = ()) -> LoadPlan:
     """Map every checkpoint tensor to the model tensor it makes, the way ``from_pretrained`` does, and check it.
 
     Runs on the meta model (shapes only). Raises :class:`CheckpointLayoutError` naming the tensor and the
-    file for a missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model.
+    file for a missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model
+    unless each of them matches one of the ``ignore_keys`` regular expressions (``re.fullmatch``).
     """
     from transformers.core_model_loading import dot_natural_key, rename_source_key
 
@@ -361,7 +372,31 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader) -> LoadPlan
 
     plan = LoadPlan(groups=list(groups.values()), unused=unused, tied_aliases=sorted(alias_set))
     _check_plan(plan, tensors, reader, model)
+    _check_unused(plan.unused, reader, ignore_keys)
     return plan
+
+
+def _check_unused(unused: list[str], reader: CheckpointReader, ignore_keys: Sequence[str]) -> None:
+    """Checkpoint tensors the model does not take are an error unless the user named them.
+
+    A checkpoint with two layers loaded into a one-layer config trains a different model than the one
+    saved; ``from_pretrained`` only warns. Known extras (a vision tower the text model drops) are
+    allowed by regular expression: ``ignore_checkpoint_keys: ['model\\.vision_tower\\..*']``.
+    """
+    try:
+        patterns = [re.compile(p) for p in ignore_keys]
+    except re.error as exc:
+        raise CheckpointLayoutError(f"ignore_checkpoint_keys: {exc.pattern!r} is not a regular expression ({exc}).") from None
+    refused = [key for key in unused if not any(p.fullmatch(key) for p in patterns)]
+    if refused:
+        shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise CheckpointLayoutError(
+            f"The checkpoint {reader.path} has {len(refused)} tensor(s) this model does not use: {shown} "
+            f"(in {_where(reader, refused[:5])}). Is config.json the one it was saved with (e.g. num_hidden_layers)? "
+            "To drop them knowingly, list them in model.ignore_checkpoint_keys (regular expressions)."
+        )
+    if unused:
+        log.info("%d checkpoint tensors matched ignore_checkpoint_keys and are not loaded: %s", len(unused), ", ".join(unused[:10]))
 
 
 def _where(reader: CheckpointReader, keys: Iterable[str]) -> str:
@@ -390,11 +425,6 @@ def _check_plan(plan: LoadPlan, tensors: dict[str, torch.Tensor], reader: Checkp
         raise CheckpointLayoutError(
             f"The checkpoint {reader.path} has no tensor for {shown}.{hint} Is it a checkpoint of this model "
             f"({type(model).__name__})? A tied head needs `tie_word_embeddings: true` in config.json."
-        )
-    if plan.unused:
-        log.warning(
-            "%d checkpoint tensors are not used by the model (like from_pretrained, they are skipped): %s",
-            len(plan.unused), ", ".join(plan.unused[:10]),
         )
 
 

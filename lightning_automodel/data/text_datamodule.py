@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_automodel.core.checkpoint_files import open_regular
 from lightning_automodel.data.collators import PackedSequenceCollator, PaddingCollator
 from lightning_automodel.data.tokenizer import ByteTokenizer
 
@@ -22,16 +25,70 @@ class DataError(ValueError):
     """Bad training data or data settings (the CLI prints it as one line, exit code 2)."""
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"Data file {str(path)!r} is not valid UTF-8: byte offset {exc.start} (line {line}): {exc.reason} "
-            f"(byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
-        ) from None
+#: Bytes read from a data file at a time.
+READ_CHUNK_BYTES = 1 << 20
+#: Characters of one document tokenized at a time: a longer paragraph (a 100 MB file on one line) is
+#: cut into pieces of this size, at a space where there is one, so no whole-file line is ever held.
+MAX_PIECE_CHARS = 1 << 18
+
+
+def _decoded_chunks(path: Path) -> Iterator[str]:
+    """The file as UTF-8 text in chunks of about ``READ_CHUNK_BYTES``; a bad byte is a DataError with its offset and line."""
+    offset, lines, carry = 0, 0, b""
+    with open_regular(path) as f:
+        while True:
+            raw = f.read(READ_CHUNK_BYTES)
+            data, at_end = carry + raw, not raw
+            try:
+                text, carry = data.decode("utf-8"), b""
+            except UnicodeDecodeError as exc:
+                if not at_end and exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
+                    text, carry = data[: exc.start].decode("utf-8"), data[exc.start :]  # a character split by the chunk
+                else:
+                    line = lines + data.count(b"\n", 0, exc.start) + 1
+                    raise DataError(
+                        f"Data file {str(path)!r} is not valid UTF-8: byte offset {offset + exc.start} (line {line}): "
+                        f"{exc.reason} (byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
+                    ) from None
+            if text:
+                yield text
+            if at_end:
+                return
+            consumed = len(data) - len(carry)
+            offset += consumed
+            lines += data.count(b"\n", 0, consumed)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most ``MAX_PIECE_CHARS``, cut after a space where one is near the limit."""
+    while len(text) > MAX_PIECE_CHARS:
+        cut = text.rfind(" ", MAX_PIECE_CHARS // 2, MAX_PIECE_CHARS) + 1 or MAX_PIECE_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """Paragraphs (separated by blank lines) of a ``.txt`` file, streamed; long ones in pieces (:func:`_pieces`)."""
+    pending = ""
+    for chunk in _decoded_chunks(path):
+        pending += chunk
+        *complete, pending = pending.split("\n\n")
+        for paragraph in complete:
+            yield from _pieces(paragraph)
+        if len(pending) > MAX_PIECE_CHARS:  # one paragraph longer than a piece: hand out all but the tail
+            *head, pending = list(_pieces(pending))
+            yield from head
+    yield from _pieces(pending)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Lines of a ``.jsonl`` file, streamed (a JSON record has to be read whole to be parsed)."""
+    pending = ""
+    for chunk in _decoded_chunks(path):
+        *complete, pending = (pending + chunk).split("\n")
+        yield from complete
+    yield pending
 
 
 def shipped_corpus() -> list[str]:
@@ -48,35 +105,54 @@ def read_documents(files: list[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"Data file {name!r} does not exist.")
         if path.suffix == ".jsonl":
-            for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+            for lineno, line in enumerate(_lines(path), start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: the JSON line is nested too deeply to be a record.") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise DataError(f"{path}:{lineno}: each JSON line needs a string field 'text'.")
-                docs.append(record["text"])
+                docs.extend(_pieces(record["text"]))
         elif path.suffix == ".txt":
-            docs.extend(p.strip() for p in _read_text(path).split("\n\n") if p.strip())
+            docs.extend(p.strip() for p in _paragraphs(path) if p.strip())
         else:
             raise DataError(f"Data file {name!r}: only .txt and .jsonl are supported.")
     return docs
 
 
 class TokenWindows(Dataset):
-    """Token windows of at most ``seq_length`` ids, cut from tokenized documents."""
+    """Token windows of at most ``seq_length`` ids, cut from tokenized documents.
 
-    def __init__(self, docs: list[list[int]], seq_length: int) -> None:
-        self.windows = [doc[i : i + seq_length] for doc in docs for i in range(0, len(doc), seq_length)]
-        self.windows = [w for w in self.windows if len(w) >= 2]
+    The ids live in one flat array (2 bytes an id for vocabularies under 65,536, else 4) with each
+    window's bounds: a Python list holds 8 bytes a reference per id, and a slice per window doubled it.
+    """
+
+    def __init__(self, docs: Iterable[list[int]], seq_length: int) -> None:
+        self.docs: list[np.ndarray] = []
+        windows: list[np.ndarray] = []  # per document: rows of (document, start, end)
+        self.n_tokens = 0
+        for doc in docs:
+            ids = np.asarray(doc, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+                raise DataError(f"token ids must be in [0, 2^31); the tokenizer produced {int(ids.min())}..{int(ids.max())}.")
+            starts = np.arange(0, ids.size, seq_length, dtype=np.int64)
+            starts = starts[ids.size - starts >= 2]  # a window of one id has nothing to predict
+            rows = np.stack([np.full_like(starts, len(self.docs)), starts, np.minimum(starts + seq_length, ids.size)], axis=1)
+            windows.append(rows)
+            self.docs.append(ids.astype(np.uint16 if ids.size == 0 or ids.max() < 2**16 else np.int32))
+            self.n_tokens += ids.size
+        self.bounds = np.concatenate(windows) if windows else np.zeros((0, 3), dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.bounds)
 
     def __getitem__(self, i: int) -> list[int]:
-        return self.windows[i]
+        doc, start, end = self.bounds[i]
+        return self.docs[doc][start:end].tolist()
 
 
 def load_tokenizer(tokenizer_path: str | None) -> Any:
@@ -131,6 +207,8 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(f"seq_length must be at least 2; got {seq_length}.")
         if isinstance(batch_size, bool) or batch_size < 1:
             raise DataError(f"batch_size must be at least 1; got {batch_size}.")
+        if isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:  # the collator would refuse it mid-run
+            raise DataError(f"pad_to_multiple_of must be at least 1 (1: no padding); got {pad_to_multiple_of}.")
         if not 0 < val_fraction < 1:  # also NaN
             raise DataError(
                 f"val_fraction must be in (0, 1) (the share of documents held out for validation; for no validation "
@@ -164,15 +242,15 @@ class TextDataModule(pl.LightningDataModule):
                 "lower data.seq_length."
             )
 
-    def _tokenize(self, docs: list[str]) -> list[list[int]]:
+    def _tokenize(self, docs: list[str]) -> Iterator[list[int]]:
+        """Token ids of each document, one at a time (TokenWindows keeps them compact)."""
         if isinstance(self.tokenizer, ByteTokenizer):
-            return [self.tokenizer.encode(d) for d in docs]
+            yield from (self.tokenizer.encode(d) for d in docs)
+            return
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        out = []
         for d in docs:
             ids = self.tokenizer.encode(d, add_special_tokens=False)
-            out.append(([bos] if bos is not None else []) + ids + ([eos] if eos is not None else []))
-        return out
+            yield ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -186,11 +264,13 @@ class TextDataModule(pl.LightningDataModule):
         total = len(docs)
         val_docs, docs = (read_documents(hp.val_files), docs) if hp.val_files else self._hold_out(docs, hp.val_fraction, total)
         test_docs, docs = (read_documents(hp.test_files), docs) if hp.test_files else self._hold_out(docs, hp.test_fraction, total)
-        train_tokens = self._tokenize(docs)
-        self.train_dataset = TokenWindows(train_tokens, hp.seq_length)
+        self.train_dataset = TokenWindows(self._tokenize(docs), hp.seq_length)
         self.val_dataset = TokenWindows(self._tokenize(val_docs), hp.seq_length)
         self.test_dataset = TokenWindows(self._tokenize(test_docs), hp.seq_length)
-        self._check_batches(len(docs), sum(len(t) for t in train_tokens), len(val_docs))
+        for files, dataset, split in ((hp.val_files, self.val_dataset, "validation"), (hp.test_files, self.test_dataset, "test")):
+            if files and not len(dataset):  # named files that give nothing: no silent run without the split
+                raise DataError(f"The {split} files {files} give no window of at least 2 tokens (empty files?); add text or drop them.")
+        self._check_batches(len(docs), self.train_dataset.n_tokens, len(val_docs))
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, resolve_checkpoint_files
+from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.init import init_empty_weights
@@ -55,8 +55,131 @@ def check_local_model_dir(path: str | os.PathLike[str]) -> Path:
         raise NotADirectoryError(f"pretrained_path {str(path)!r} is a file; pass the model's directory.")
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root} has no config.json: it is not a Hugging Face model directory, or it is half-written.")
+    check_config_json(root / "config.json")
     resolve_checkpoint_files(root)  # raises for missing or incomplete weights
     return root
+
+
+#: Bytes a config.json may have; real ones are a few kilobytes (a VLM's, with its processor, under 100 KB).
+MAX_CONFIG_JSON_BYTES = 10 * 2**20
+
+
+def check_config_json(path: Path) -> None:
+    """``path`` is a JSON object of bounded size and depth, or one line naming it.
+
+    transformers parses it with ``json.loads``: a 100,000-deep ``[[[...]]]`` raises RecursionError from
+    inside ``from_pretrained`` and a multi-gigabyte file is read whole.
+    """
+    value = read_bounded_json(path, "model config", MAX_CONFIG_JSON_BYTES)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object (the model config); found {type(value).__name__}.")
+    try:
+        validate_model_config(value)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+#: Size fields that must be positive integers wherever a (sub-)config has them.
+_POSITIVE_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_local_experts",
+    "num_experts", "num_experts_per_tok", "patch_size", "image_size", "num_channels",
+)
+#: Decoder layers a config may ask for: real models have at most a few hundred; building 10^6 layers
+#: runs for minutes and ends in a MemoryError, even on the meta device.
+MAX_LAYERS = 100_000
+#: Parameters a config may ask for (10^13: five times today's largest models).
+MAX_PARAMETERS = 10**13
+
+
+def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the field, a config that cannot make a working model.
+
+    Checked before any build (transformers builds a 0-layer model from ``num_hidden_layers: -1`` and
+    trains it, and fails with ZeroDivisionError or an allocation error on others): sizes are positive
+    integers, attention heads divide the hidden size (when ``head_dim`` is not given) and key/value
+    heads divide attention heads, layers at most ``MAX_LAYERS``, parameters at most ``MAX_PARAMETERS``.
+    Every sub-config (text, vision, audio) is checked under its own name. A mapping (an inline config,
+    a parsed config.json) is checked before transformers sees it: its constructors divide by the heads.
+    """
+    for where, sub in _sub_configs(config):
+        for field_name in _POSITIVE_SIZES:
+            value = _field(sub, field_name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is None:
+                    continue
+                if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+                    raise ValueError(f"model config {where}{field_name} must be a positive integer; got {item!r}.")
+        _check_heads(sub, where)
+        layers = _field(sub, "num_hidden_layers")
+        if isinstance(layers, int) and layers > MAX_LAYERS:
+            raise ValueError(f"model config {where}num_hidden_layers={layers:,} is above {MAX_LAYERS:,}; no model that deep can be trained.")
+        params = estimate_parameters(sub)
+        if params > MAX_PARAMETERS:
+            raise ValueError(
+                f"model config {where or 'sizes'}: about {params:.1e} parameters (vocab_size, hidden_size, intermediate_size, "
+                f"num_hidden_layers) is above {MAX_PARAMETERS:.0e}; check the sizes."
+            )
+
+
+def _field(config: PretrainedConfig | Mapping[str, Any], name: str) -> Any:
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
+def _sub_configs(config: PretrainedConfig | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = [("", config)]
+    if isinstance(config, Mapping):
+        keys = [k for k, v in config.items() if isinstance(v, Mapping) and k.endswith("_config") and k != "quantization_config"]
+    else:
+        keys = list(getattr(config, "sub_configs", {}) or {})
+    for key in keys:
+        sub = _field(config, key)
+        if isinstance(sub, (PretrainedConfig, Mapping)) and sub is not config:
+            found.append((f"{key}.", sub))
+    return found
+
+
+def _check_heads(sub: Any, where: str) -> None:
+    hidden, heads, kv_heads = (_field(sub, name) for name in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if isinstance(hidden, int) and isinstance(heads, int) and _field(sub, "head_dim") is None and hidden % heads:
+        raise ValueError(
+            f"model config {where}hidden_size={hidden} is not divisible by num_attention_heads={heads}; "
+            "pick sizes that divide, or set head_dim."
+        )
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise ValueError(f"model config {where}num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}.")
+
+
+def estimate_parameters(sub: Any) -> int:
+    """A rough parameter count from the sizes (embeddings, attention, MLP); 0 when they are not all there."""
+    sizes = [_field(sub, name) for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")]
+    if not all(isinstance(v, int) for v in sizes):
+        return 0
+    vocab, hidden, inter, layers = sizes
+    experts = max(_field(sub, "num_local_experts") or 0, _field(sub, "num_experts") or 0, 1)
+    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter * experts)
+
+
+def check_fits_in_memory(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> None:
+    """The largest tensor of the build must fit in host memory: the meta build creates each parameter on
+    the CPU first (an embedding of 10^10 rows fails there with an allocation error, not a message)."""
+    total = _physical_memory()
+    if total is None:
+        return
+    for where, sub in _sub_configs(config):
+        vocab, hidden = getattr(sub, "vocab_size", None), getattr(sub, "hidden_size", None)
+        if isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden * dtype.itemsize > total:
+            raise ValueError(
+                f"model config {where}vocab_size={vocab:,} x hidden_size={hidden:,} is a {vocab * hidden * dtype.itemsize / 2**30:,.0f} GiB "
+                f"embedding, more than this machine's {total / 2**30:,.0f} GiB of memory; check the sizes."
+            )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def inline_config(config: Mapping[str, Any]) -> PretrainedConfig:
@@ -76,6 +199,7 @@ def inline_config(config: Mapping[str, Any]) -> PretrainedConfig:
         hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
         detail = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
         raise ValueError(f"The inline {model_type} config has unknown key(s): {detail}.")
+    validate_model_config(values)  # transformers' constructors divide by head counts
     return AutoConfig.for_model(model_type, **values)
 
 
@@ -97,6 +221,8 @@ def build_meta_model(
     ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise decide the training
     precision: bf16 master weights and bf16 AdamW state round small updates away and stall a fine-tune.
     """
+    validate_model_config(config)
+    check_fits_in_memory(config, dtype)
     with init_empty_weights():
         return model_class_for(config, model_class).from_config(config, dtype=dtype, **kwargs)
 
@@ -120,6 +246,7 @@ def build_on_meta(
     structural copies instead of constructor runs (:mod:`~lightning_automodel.core.layer_replication`),
     which makes a 100,000-layer model a matter of seconds; ``replication`` reports what was copied.
     """
+    validate_model_config(config)
     cls = model_class_for(config, model_class)
     # A deep model is ~10 modules per layer: generational GC passes cost 40% of the build.
     with paused_gc(), torch.device("meta"), _no_weight_init(), contextlib.ExitStack() as stack:

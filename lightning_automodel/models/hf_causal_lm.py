@@ -110,6 +110,9 @@ class HFCausalLM(pl.LightningModule):
             bnb_4bit_compute_dtype: bfloat16}``); the base is loaded 4-bit by transformers on one device or per
             DDP rank (FSDP2 cannot shard 4-bit weights: refused at setup). Needs ``pretrained_path`` and
             bitsandbytes; train it with the ``LoRA`` callback.
+        ignore_checkpoint_keys: regular expressions (full match) of checkpoint tensors the model may leave
+            unused; any other unused tensor stops the run before anything is allocated (a config with
+            fewer layers than the checkpoint would otherwise train a different model).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class HFCausalLM(pl.LightningModule):
         trust_remote_code: bool = False,
         seed: int = 0,
         quantization: dict[str, Any] | None = None,
+        ignore_checkpoint_keys: list[str] | None = None,
     ) -> None:
         super().__init__()
         if (pretrained_path is None) == (config is None):
@@ -217,7 +221,7 @@ class HFCausalLM(pl.LightningModule):
         reader = CheckpointReader(hp.pretrained_path) if hp.pretrained_path is not None else None
         try:
             # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
-            plan = plan_checkpoint_load(model, reader) if reader is not None else None
+            plan = plan_checkpoint_load(model, reader, hp.get("ignore_checkpoint_keys") or ()) if reader is not None else None
             # Surgery that must precede sharding (LoRA adapters, sharded with their layer), after the
             # plan: the checkpoint maps onto the base weights; adapters are not in it.
             prepare_before_sharding(self, model)
