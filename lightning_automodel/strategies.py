@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_automodel.callbacks._resume import dcp_stored_keys
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
 
@@ -66,13 +67,6 @@ def missing_optimizer_state_message(path: Any, missing: list[str], *, error: boo
             "AtomicModelParallelStrategy(on_missing_optimizer_state='warn') to start them with fresh optimizer state."
         )
     return f"{head}{why}; they start with fresh optimizer state (on_missing_optimizer_state='error' stops instead)."
-
-
-def stored_keys(path: Path) -> set[str]:
-    """The tensor and object keys a DCP checkpoint directory holds (its metadata only; no tensor is read)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
@@ -232,7 +226,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     def _load_sharded_with_partial_optimizer_state(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        stored = stored_keys(path)
+        stored = dcp_stored_keys(path)
         # Lightning's load for the module and the metadata, with the optimizers hidden (it would request
         # every parameter's state); then each optimizer's present state, here.
         optimizers, lightning_optimizers = self._optimizers, self._lightning_optimizers

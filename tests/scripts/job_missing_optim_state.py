@@ -100,9 +100,9 @@ def main(out: Path, mode: str) -> None:
         from torch.distributed.checkpoint import FileSystemReader
 
         keys = set(FileSystemReader(str(out / "half.ckpt")).read_metadata().state_dict_metadata)
-        trained = quoted.replace("vision_tower", "language_model", 1)
-        assert quoted not in keys, quoted  # it names a key the checkpoint lacks...
-        assert any(k.startswith("optimizer_0.state.model.") for k in keys) and quoted.startswith("optimizer_0.state.model."), quoted
+        # the real key: absent for the dead parameter, present in the same form for a trained one
+        assert quoted.startswith("optimizer_0.state.model.model.vision_tower.") and quoted not in keys, quoted
+        assert re.sub(r"model\.vision_tower\..*\.step$", "lm_head.weight.step", quoted) in keys, quoted
         rule = ParameterFreezing(freeze_vision_tower=False, freeze_modules=selectors)
         t, module, messages = resume(out, [rule, FreezeDeadParameters()], on_missing_optimizer_state="error")
         assert t.global_step == 4, t.global_step
