@@ -95,3 +95,10 @@ def test_init_is_the_same_for_the_same_seed_and_names_its_limits():
     assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
     with pytest.raises(LoraConfigError, match="pissa"):
         initialize_adapters(tm.tiny_llama(), init="pissa")
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_dora_and_embedding_adapters_equal_one_device(tmp_path):
+    from distributed import run_torchrun
+
+    run_torchrun("job_lora_init_fsdp2.py", str(tmp_path), timeout=600)
