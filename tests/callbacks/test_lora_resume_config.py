@@ -53,3 +53,10 @@ def test_same_lora_config_resumes(checkpoint, tmp_path):
     t = trainer(tmp_path, 3, LoRA(r=4, lora_alpha=8))
     t.fit(module(), loader(n=16), ckpt_path=str(checkpoint))
     assert t.global_step == 3
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_resume_with_another_r_is_one_line(tmp_path):
+    from distributed import run_torchrun
+
+    run_torchrun("job_lora_init_fsdp2.py", str(tmp_path), "resume-r", timeout=600)

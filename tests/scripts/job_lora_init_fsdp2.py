@@ -1,6 +1,8 @@
 """2 FSDP2 ranks: DoRA and embedding adapters get peft's init from the loaded base, as on one device.
 
-Usage: job_lora_init_fsdp2.py OUT_DIR. Materialized memory is NaN-filled (tests/conftest.py sets the switch).
+Usage: job_lora_init_fsdp2.py OUT_DIR [init|resume-r]. Materialized memory is NaN-filled (tests/conftest.py
+sets the switch). ``resume-r``: a sharded checkpoint of r=4 resumed with r=8 stops with one line naming r
+(before the weights load: no size-mismatch traceback).
 """
 
 import sys
@@ -49,9 +51,34 @@ def main(out: Path) -> None:
     print("OK lora_init_fsdp2", file=sys.stderr)
 
 
+def resume_with_other_r(out: Path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    def trainer(r: int, steps: int) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", devices=2, strategy=AtomicModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                          max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                          enable_model_summary=False, default_root_dir=str(out), callbacks=[LoRA(r=r, lora_alpha=8)])
+
+    config = dict(tm.tiny_config("llama").to_dict())
+    first = trainer(4, 1)
+    first.fit(HFCausalLM(config=config, learning_rate=1e-2), loader(n=8, batch_size=2))
+    first.save_checkpoint(out / "r4.ckpt")
+    try:
+        trainer(8, 2).fit(HFCausalLM(config=config, learning_rate=1e-2), loader(n=8, batch_size=2), ckpt_path=out / "r4.ckpt")
+    except MisconfigurationException as exc:
+        message = str(exc)
+        assert "\n" not in message and "r: 4 (checkpoint) vs 8 (this run)" in message, message
+    else:
+        raise AssertionError("a resume with another r must stop")
+    print("OK lora_resume_r_fsdp2", file=sys.stderr)
+
+
 if __name__ == "__main__":
     from lightning_automodel.core.lora import lora_config
 
     LORA_CONFIG = lora_config(**LORA)
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["resume-r"]:
+        resume_with_other_r(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
     end_rank_cleanly()
