@@ -12,6 +12,11 @@ and a resume loads garbage or fails. Here:
   always holds a complete checkpoint; elsewhere two renames, the previous directory parked at
   ``.last.ckpt.old`` in between, which the next save or load (and the CLI's ``--ckpt_path`` check)
   moves back if a kill struck there;
+* a resume whose checkpoint has no optimizer state for some parameters this run trains (they got no
+  gradient, e.g. the vision tower of a VLM fine-tuned on text, or were frozen when it was saved) loads
+  the state the checkpoint has and starts those with fresh state, with one warning naming them
+  (``on_missing_optimizer_state="warn"``, the default), or stops with one line naming them and the fix
+  (``"error"``); Lightning's own load dies on ``Missing key in checkpoint state_dict``;
 * a second save of the same training state (``ModelCheckpoint(save_last=True)`` saves ``last``
   right after its top-k file, at the same step) hard-links that save's data files instead of
   writing the model and optimizer again; only ``meta.pt`` (which holds ModelCheckpoint's own
@@ -27,18 +32,82 @@ import os
 import shutil
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_automodel.callbacks._resume import dcp_stored_keys
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
 
 log = logging.getLogger(__name__)
 
 _METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+_DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
+_SHOWN = 10
+
+MissingOptimizerStatePolicy = Literal["warn", "error"]
+
+
+def _preview(names: list[str]) -> str:
+    more = f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def missing_optimizer_state_message(path: Any, missing: list[str], *, error: bool) -> str:
+    """One line naming the parameters without optimizer state in checkpoint ``path`` and what to do."""
+    head = f"The checkpoint {path} has no optimizer state for {len(missing)} parameters this run trains: [{_preview(missing)}]"
+    why = " (they got no gradient before it was saved, e.g. a vision tower on text-only data, or were frozen then)"
+    if error:
+        return (
+            f"{head}{why}. Freeze them if they are dead (ParameterFreezing freeze_modules), or set "
+            "AtomicModelParallelStrategy(on_missing_optimizer_state='warn') to start them with fresh optimizer state."
+        )
+    return f"{head}{why}; they start with fresh optimizer state (on_missing_optimizer_state='error' stops instead)."
+
+
+def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
+    """FQNs in ``current`` (a ``get_optimizer_state_dict``) with any state key the checkpoint lacks."""
+    return sorted(fqn for fqn, values in current["state"].items() if any(f"{key}.state.{fqn}.{name}" not in stored for name in values))
+
+
+def load_present_optimizer_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, current: dict[str, Any], key: str, path: Path, stored: set[str]
+) -> None:
+    """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has; the others start fresh.
+
+    ``current`` is ``get_optimizer_state_dict(module, optimizer)``: a state for every parameter (torch
+    runs a zero step to create it), and a DCP load of a key the checkpoint lacks fails. So only the
+    present keys are requested; a parameter missing any key has no state at all afterwards (exactly a
+    fresh optimizer's, not the zero step's ``step = 1``). Each group keeps this run's parameters.
+    """
+    from torch.distributed.checkpoint import load
+
+    from lightning_automodel.trained_checkpoint import SafeFileSystemReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    missing = set(missing_state(current, key, stored))
+    request = {
+        "state": {fqn: values for fqn, values in current["state"].items() if fqn not in missing},
+        "param_groups": [
+            {k: v for k, v in group.items() if k != "params" and f"{key}.param_groups.{i}.{k}" in stored}
+            for i, group in enumerate(current["param_groups"])
+        ],
+    }
+    load({key: request}, storage_reader=SafeFileSystemReader(path))  # .metadata through the allow-list, never plain pickle
+    state = {
+        "state": {**current["state"], **request["state"]},
+        "param_groups": [{**group, **loaded} for group, loaded in zip(current["param_groups"], request["param_groups"])],
+    }
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(cpu_offload=True))
+    # torch lists each group's FQNs in the order of the optimizer's own group.
+    by_fqn = {fqn: p for group, named in zip(optimizer.param_groups, current["param_groups"]) for p, fqn in zip(group["params"], named["params"])}
+    for fqn in missing:
+        optimizer.state.pop(by_fqn[fqn], None)
 
 
 def offloads_to_cpu(module: torch.nn.Module) -> bool:
@@ -118,12 +187,26 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     Args:
         link_same_step_saves: a save of exactly the state of the previous save of this run hard-links
             that save's data files (no second full copy for ``save_last``).
+        on_missing_optimizer_state: a resume from a sharded checkpoint without optimizer state for some
+            trained parameters: ``"warn"`` starts them fresh with one warning naming them, ``"error"``
+            stops with one line naming them.
         *args, **kwargs: ``ModelParallelStrategy``'s.
     """
 
-    def __init__(self, *args: Any, link_same_step_saves: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        link_same_step_saves: bool = True,
+        on_missing_optimizer_state: MissingOptimizerStatePolicy = "warn",
+        **kwargs: Any,
+    ) -> None:
+        if on_missing_optimizer_state not in ("warn", "error"):
+            raise MisconfigurationException(
+                f"AtomicModelParallelStrategy: on_missing_optimizer_state must be 'warn' or 'error'; got {on_missing_optimizer_state!r}."
+            )
         super().__init__(*args, **kwargs)
         self.link_same_step_saves = link_same_step_saves
+        self.on_missing_optimizer_state = on_missing_optimizer_state
         self._previous_save: tuple[Path, tuple[Any, ...]] | None = None
 
     @override
@@ -213,7 +296,32 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
         check_checkpoint_is_data(path)
-        return super().load_checkpoint(checkpoint_path, True if weights_only is None else weights_only)
+        weights_only = True if weights_only is None else weights_only
+        if not self.optimizers or not (path / _DCP_METADATA_FILE).is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return self._load_sharded_with_partial_optimizer_state(path, weights_only)
+
+    def _load_sharded_with_partial_optimizer_state(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        stored = dcp_stored_keys(path)
+        # Lightning's load for the module and the metadata, with the optimizers hidden (it would request
+        # every parameter's state); then each optimizer's present state, here.
+        optimizers, lightning_optimizers = self._optimizers, self._lightning_optimizers
+        self._optimizers, self._lightning_optimizers = [], []
+        try:
+            checkpoint = super().load_checkpoint(path, weights_only)
+        finally:
+            self._optimizers, self._lightning_optimizers = optimizers, lightning_optimizers
+        currents = [get_optimizer_state_dict(self.model, optimizer) for optimizer in optimizers]
+        missing = sorted({fqn for i, current in enumerate(currents) for fqn in missing_state(current, f"optimizer_{i}", stored)})
+        if missing and self.on_missing_optimizer_state == "error":
+            raise MisconfigurationException(missing_optimizer_state_message(path, missing, error=True))
+        for i, (optimizer, current) in enumerate(zip(optimizers, currents)):
+            load_present_optimizer_state(self.model, optimizer, current, f"optimizer_{i}", path, stored)
+        if missing:
+            rank_zero_warn(missing_optimizer_state_message(path, missing, error=False))
+        return checkpoint
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:

@@ -84,6 +84,48 @@ def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Map
     return callbacks if isinstance(callbacks, Mapping) else None
 
 
+def dcp_stored_keys(path: Path) -> set[str]:
+    """The keys a DCP checkpoint directory holds (its metadata only; no tensor is read)."""
+    from lightning_automodel.trained_checkpoint import SafeFileSystemReader  # never plain pickle for .metadata
+
+    return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def optimizer_state_key(module_prefix: str, name: str, optimizer_index: int = 0, state: str = "step") -> str:
+    """The DCP key of a parameter's optimizer state in a Lightning sharded checkpoint.
+
+    ``name`` is relative to the Hugging Face model, ``module_prefix`` where that model sits in the
+    LightningModule (``target_model``'s ``"model."``): ``optimizer_0.state.model.lm_head.weight.step``.
+    """
+    return f"optimizer_{optimizer_index}.state.{_dotted(module_prefix)}{name}.{state}"
+
+
+def _dotted(prefix: str) -> str:
+    return f"{prefix.rstrip('.')}." if prefix else ""
+
+
+def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
+    """Parameter names (relative to the model at ``module_prefix``) a sharded checkpoint has optimizer state for.
+
+    None when that cannot be told (not a DCP directory, unreadable metadata).
+    """
+    path = Path(checkpoint_path)
+    if not (path / ".metadata").is_file():
+        return None
+    try:
+        keys = dcp_stored_keys(path)
+    except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
+        log.debug("Could not read the DCP metadata of %s: %s", path, exc)
+        return None
+    head = _dotted(module_prefix)
+    names = set()
+    for key in keys:
+        optimizer, _, rest = key.partition(".state.")
+        if optimizer.startswith("optimizer_") and rest.startswith(head):
+            names.add(rest[len(head) :].rsplit(".", 1)[0])
+    return names
+
+
 @dataclass(frozen=True)
 class FrozenSetDiff:
     """How the model's frozen set differs from a checkpoint's (canonical names, sorted)."""

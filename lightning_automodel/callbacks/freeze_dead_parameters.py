@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
-from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_diff, preview, saved_state
+from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_diff, optimizer_state_key, preview, saved_state
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.naming import unique_named_parameters
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
-    A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume then
-    fails with ``Missing key in checkpoint state_dict: optim.state.<name>.step``. Known cases are frozen
+    A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
+    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict:
+    optimizer_0.state.model.<name>.step`` (``AtomicModelParallelStrategy`` starts them fresh with a warning). Known cases are frozen
     by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them). For every other model,
     the first ``detect_steps`` backward passes are watched: a trainable parameter that received no
     gradient on any rank in any of them is named on rank 0, with the selector that freezes it.
@@ -112,9 +113,10 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         rank_zero_warn(
             f"FreezeDeadParameters: {len(self.unused)} trainable parameter tensors received no gradient on any rank in the "
             f"first {self.detect_steps} backward passes: {', '.join(shown)}"
-            f"{' ...' if len(self.unused) > len(shown) else ''}. A sharded (DCP) resume will fail on them with "
-            f"`Missing key in checkpoint state_dict: optim.state.{shown[0]}.step`. If they are dead, freeze them:\n"
-            f"  ParameterFreezing:\n    freeze_modules:\n{selectors}"
+            f"{' ...' if len(self.unused) > len(shown) else ''}. A checkpoint has no optimizer state for them "
+            f"(`Missing key in checkpoint state_dict: {optimizer_state_key(target_model(trainer.lightning_module)[0], shown[0])}` "
+            "from a plain ModelParallelStrategy resume; AtomicModelParallelStrategy starts them fresh with a warning). "
+            f"If they are dead, freeze them (a resume keeps them frozen):\n  ParameterFreezing:\n    freeze_modules:\n{selectors}"
         )
 
     def _selector_paths(self, unused: list[str]) -> list[str]:

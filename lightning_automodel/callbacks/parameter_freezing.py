@@ -18,6 +18,7 @@ from lightning_automodel.callbacks._resume import (
     apply_frozen_set,
     frozen_set_diff,
     install_resume_check,
+    names_with_optimizer_state,
     preview,
     saved_state,
 )
@@ -182,8 +183,30 @@ class ParameterFreezing(ModelSurgeryCallback):
         state = saved_state(callback_states, self.state_key)
         if state is None:
             return False
-        diff = frozen_set_diff(target_model(pl_module)[1], state.get("frozen", []))
-        return self._resolve(target_model(pl_module)[1], diff, checkpoint_path)
+        prefix, model = target_model(pl_module)
+        diff = self._keep_stateless_frozen(frozen_set_diff(model, state.get("frozen", [])), checkpoint_path, prefix)
+        return self._resolve(model, diff, checkpoint_path)
+
+    def _keep_stateless_frozen(self, diff: FrozenSetDiff, checkpoint_path: Any, prefix: str, *, report: bool = True) -> FrozenSetDiff:
+        """Parameters this run freezes that the checkpoint trained without ever stepping them stay frozen.
+
+        The checkpoint has no optimizer state for them (they got no gradient: FreezeDeadParameters'
+        advice names them), so the run it saved never changed them and freezing them now resumes it exactly.
+        """
+        if not diff.to_unfreeze:
+            return diff
+        with_state = names_with_optimizer_state(checkpoint_path, prefix)
+        if with_state is None:
+            return diff
+        stateless = [name for name in diff.to_unfreeze if name not in with_state]
+        if not stateless:
+            return diff
+        if report:
+            rank_zero_info(
+                f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
+                f"stepped (it has no optimizer state for them): {preview(stateless)}."
+            )
+        return FrozenSetDiff(to_freeze=diff.to_freeze, to_unfreeze=[n for n in diff.to_unfreeze if n not in stateless], missing=diff.missing)
 
     def _resolve(self, model: nn.Module, diff: FrozenSetDiff, checkpoint_path: Any) -> bool:
         if diff.missing:
@@ -216,9 +239,10 @@ class ParameterFreezing(ModelSurgeryCallback):
         state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
         if state is None:
             return
-        model = target_model(pl_module)[1]
+        prefix, model = target_model(pl_module)
         diff = frozen_set_diff(model, state.get("frozen", []))
         if trainer.strategy.restore_checkpoint_after_setup:
+            diff = self._keep_stateless_frozen(diff, trainer.ckpt_path, prefix, report=False)
             # The strategy wrapper reconciled before the optimizer state loaded; a difference now means it
             # could not (the strategy's load_checkpoint was replaced): the optimizer state may not fit.
             if diff:

@@ -116,7 +116,7 @@ def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
     return owners
 
 
-def _plain_copy(module: nn.Module) -> nn.Module:
+def plain_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` as an instance of its own class (FSDP2 swaps in a subclass whose
     ``__new__`` cannot be called without constructor arguments)."""
     cls = type(module)
@@ -132,7 +132,7 @@ def _plain_copy(module: nn.Module) -> nn.Module:
 
 
 def _meta_shadow(module: nn.Module) -> nn.Module:
-    shadow = _plain_copy(module)
+    shadow = plain_copy(module)
     shadow._parameters = {
         n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad) if p is not None else None)
         for n, p in module._parameters.items()
@@ -175,7 +175,7 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
         if not direct:
             continue
         init_fn = getattr(owners[name], "_init_weights", None)
-        twin = _plain_copy(module)
+        twin = plain_copy(module)
         # Children get their own twins; here they are meta shadows, so an init that reaches into them
         # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
         twin._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}

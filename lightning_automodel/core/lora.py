@@ -8,9 +8,9 @@ works on a meta model, before FSDP2 shards it, so the adapters are sharded with 
 * :func:`inject_lora` checks every ``target_modules`` name first (the model is untouched on error);
 * checkpoints of the un-adapted model load unchanged: :func:`base_checkpoint_name` drops the
   ``base_layer`` component, which is what the loader maps checkpoint keys to;
-* :func:`initialize_adapters` gives the adapters peft's init (``lora_A`` Kaiming-uniform or Gaussian,
-  ``lora_B`` zero) from a CPU twin per adapter seeded by (seed, name): the same numbers at every
-  world size, each rank copying its shard;
+* :func:`initialize_adapters` runs peft's own init (every ``init_lora_weights`` that needs no base,
+  embedding adapters, DoRA's magnitude from the loaded base) on a CPU twin per layer seeded by
+  (seed, name): the same numbers at every world size, each rank copying its shard;
 * export: :func:`merged_weight` (base + scaling · B @ A) and :func:`peft_adapter_files` (what
   ``PeftModel.from_pretrained`` reads).
 """
@@ -57,10 +57,10 @@ def lora_config(
     if not extra.get("loftq_config", True):
         extra.pop("loftq_config")
     init = extra.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init not in INIT_WITHOUT_BASE:
         raise LoraConfigError(
             f"init_lora_weights={init!r} needs the base weights at init (PiSSA, OLoRA, LoftQ...), which a meta-device "
-            "build does not have; use true (peft's default), gaussian or false."
+            "build does not have; use true (peft's default), gaussian, orthogonal or false."
         )
     try:
         return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -161,36 +161,122 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+# init_lora_weights values peft computes without the base weights' values (the others need a loaded base).
+INIT_WITHOUT_BASE = (True, False, "gaussian", "orthogonal")
+# peft's variants a meta build can initialize; any other one would keep memory it never wrote.
+_SUPPORTED_VARIANTS = ("DoraLinearVariant", "DoraEmbeddingVariant")
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (a collective for a DTensor: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return full.detach().to("cpu")
+
+
+def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
+    """What peft's init sees as ``base_layer``: a copy holding the full loaded weights, or a stand-in.
+
+    Only DoRA reads the base's values (the magnitude is its column-wise weight norm); every other init
+    reads the base's dtype at most, so a 0-element stand-in in fp32 (the adapters' dtype) avoids gathering it.
+    """
+    from lightning_automodel.core.init import plain_copy
+
+    base = layer.get_base_layer()
+    if with_values:
+        weight = getattr(base, "weight", None)
+        if weight is not None and not weight.is_meta and not _is_dtensor(weight):
+            return base  # unsharded and real (one device, DDP, a bitsandbytes base): peft reads it as it is
+        twin = plain_copy(base)
+        twin._parameters = {n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in base._parameters.items()}
+        return twin
+    stand_in = nn.Module()
+    stand_in.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    stand_in.bias = nn.Parameter(torch.empty(0), requires_grad=False) if getattr(base, "bias", None) is not None else None
+    return stand_in
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _layer_config(layer: nn.Module, init: bool | str) -> Any:
+    """The ``LoraConfig`` peft's ``update_layer`` needs, rebuilt from what the layer recorded at injection."""
+    from peft import LoraConfig
+
+    variant = layer.lora_variant.get(ADAPTER_NAME) if hasattr(layer, "lora_variant") else None
+    if variant is not None and type(variant).__name__ not in _SUPPORTED_VARIANTS:
+        raise LoraConfigError(
+            f"LoRA variant {type(variant).__name__} cannot be initialized on a meta-device build; use plain LoRA or use_dora."
+        )
+    return LoraConfig(
+        r=layer.r[ADAPTER_NAME],
+        lora_alpha=layer.lora_alpha[ADAPTER_NAME],
+        init_lora_weights=init,
+        use_rslora=layer.use_rslora[ADAPTER_NAME],
+        use_dora=layer.use_dora[ADAPTER_NAME],
+        lora_bias=layer.lora_bias[ADAPTER_NAME],
+        fan_in_fan_out=getattr(layer, "fan_in_fan_out", False),
+    )
+
+
+def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
+    """A private copy of a LoRA layer with empty adapter containers and ``base`` as its base layer.
+
+    peft's ``update_layer`` on it creates and initializes the adapter from scratch (at full size, on
+    the CPU) without touching the real layer: its bookkeeping dicts are copies and its containers new.
+    """
+    from lightning_automodel.core.init import plain_copy
+
+    twin = plain_copy(layer)
+    twin.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if type(v) is dict and not k.startswith("_")})
+    twin._parameters = {}
+    twin._buffers = {}
+    twin._modules = {name: (base if name == BASE_LAYER else type(child)()) for name, child in layer._modules.items() if child is not None}
+    return twin
+
+
+def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's adapter parameters by name within the layer (``lora_A.default.weight``, ...)."""
+    return {name: p for name, p in layer.named_parameters() if not name.startswith(f"{BASE_LAYER}.") and is_adapter_name(name)}
+
+
 @torch.no_grad()
 def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True) -> int:
-    """peft's adapter init, identical at every world size; returns the number of adapter tensors set.
+    """peft's own adapter init on every LoRA layer, identical at every world size; returns the tensors set.
 
-    ``lora_A`` gets Kaiming-uniform (a = sqrt(5), as ``nn.Linear``) or N(0, 1/r) for ``gaussian``, drawn
-    on the CPU at full size from a generator seeded by (seed, name) and copied into this rank's shard;
-    ``lora_B`` (and a LoRA bias) zero, so the adapted model starts equal to the base.
+    Runs after the base weights are loaded (or initialized): for each LoRA layer, peft's
+    ``update_layer`` builds and initializes the adapter on a private CPU twin of the layer, at full size
+    and from a generator seeded by (seed, layer name), and this rank's part of every adapter tensor is
+    copied out. So every ``init_lora_weights`` peft computes without the base (true: ``lora_A``
+    Kaiming-uniform and ``lora_B`` zero; ``gaussian``; ``orthogonal``; false: peft's "random B"),
+    embedding adapters (``lora_embedding_A`` zero, ``lora_embedding_B`` normal) and DoRA's magnitude
+    (the column-wise norm of the loaded base weight) get exactly peft's values.
     """
     from peft.tuners.lora import LoraLayer
 
     from lightning_automodel.core.sharded_load import copy_local_part
 
+    if init not in INIT_WITHOUT_BASE:
+        raise LoraConfigError(f"init_lora_weights={init!r} cannot be computed on a meta-device build; use one of {INIT_WITHOUT_BASE}.")
     count = 0
     for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
+        if not isinstance(layer, LoraLayer) or not _adapter_tensors(layer):
             continue
-        a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
-        if init is not False:
-            generator = torch.Generator().manual_seed(_seed_for(seed, name))
-            full = torch.empty(tuple(a.weight.shape), dtype=torch.float32)
-            if init == "gaussian":
-                full.normal_(0.0, 1.0 / layer.r[ADAPTER_NAME], generator=generator)
-            else:
-                bound = 1.0 / math.sqrt(full.shape[1]) if full.shape[1] else 0.0  # kaiming_uniform_(a=sqrt(5))
-                full.uniform_(-bound, bound, generator=generator)
-            copy_local_part(a.weight, full)
-            copy_local_part(b.weight, torch.zeros(tuple(b.weight.shape)))
-            if getattr(b, "bias", None) is not None:
-                copy_local_part(b.bias, torch.zeros(tuple(b.bias.shape)))
-        count += 2
+        config = _layer_config(layer, init)
+        twin = _adapter_twin(layer, _base_twin(layer, with_values=bool(config.use_dora)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(seed, name))
+            twin.update_layer(ADAPTER_NAME, config.r, lora_alpha=config.lora_alpha, config=config)
+        made = _adapter_tensors(twin)
+        for key, param in _adapter_tensors(layer).items():
+            if key not in made:
+                raise LoraConfigError(f"peft's init of {name} made no {key}; this peft version's LoRA layer is not supported.")
+            copy_local_part(param, made[key].to(torch.float32))
+            count += 1
     return count
 
 

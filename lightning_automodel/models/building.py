@@ -463,10 +463,32 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     """
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
     model.to_empty(device=device)
+    fill_uninitialized(model)
     for name, buf in model.named_buffers():
         if name in buffers:
             buf.copy_(buffers[name])
     ensure_tied_lm_head(model)
+
+
+FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
+
+
+@torch.no_grad()
+def fill_uninitialized(model: nn.Module) -> bool:
+    """Test switch: with ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan``, fill freshly materialized memory with NaN.
+
+    ``to_empty`` leaves whatever the allocator returns; on CPU that is often zeros, which hides a tensor
+    that no load or init writes. NaN makes such a tensor fail loudly (the test suite turns this on).
+    """
+    value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
+    if not value:
+        return False
+    if value != "nan":
+        raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() or tensor.is_complex():
+            tensor.fill_(float("nan"))
+    return True
 
 
 def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
