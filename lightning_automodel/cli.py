@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
@@ -17,9 +19,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
+from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
 PROG = "lightning-automodel"
+log = logging.getLogger(__name__)
 
 _USAGE_EXTRA = {
     "plan": "lightning_automodel.planning",
@@ -173,6 +177,19 @@ class AutoModelCLI(LightningCLI):
         if subcommand:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # `data:` without a class_path configures the default TextDataModule (the embedded demo);
+        # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
+        parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        default_tokenizer_to_model(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        log_tokenizer_vocabulary(self.datamodule)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         strategy = config.get("strategy")
         strategy_io = isinstance(strategy, Strategy) and strategy_has_own_checkpoint_io(strategy)
@@ -183,7 +200,41 @@ class AutoModelCLI(LightningCLI):
         extra: list[Callback] = [self.run_marker]
         if not _progress_bar_configured(config):
             extra.append(TQDMProgressBar())
-        return super()._instantiate_trainer(config, [*callbacks, *extra])
+        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        set_rank_threads(trainer.num_devices)
+        return trainer
+
+
+def default_tokenizer_to_model(config: Any) -> None:
+    """``data.tokenizer_path`` defaults to ``model.pretrained_path``: a checkpoint trains on its own tokenizer."""
+    data, model = config.get("data"), config.get("model")
+    init_args = data.get("init_args") if data is not None else None
+    pretrained = model.get("pretrained_path") if model is not None else None
+    if init_args is None or "tokenizer_path" not in init_args:
+        return
+    if init_args.get("tokenizer_path") is None and pretrained:
+        init_args["tokenizer_path"] = pretrained
+    tokenizer = init_args.get("tokenizer_path")
+    source = " (model.pretrained_path)" if tokenizer and tokenizer == pretrained else ""
+    log.info("Tokenizer: %s", f"{tokenizer}{source}" if tokenizer else "the byte tokenizer (embedded demo)")
+
+
+def log_tokenizer_vocabulary(datamodule: Any) -> None:
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
+
+
+def _show_data_logs() -> None:
+    """The job says which tokenizer, format and packing it trains with: INFO lines of the data modules and of
+    the tokenizer choice go to stdout (the application configures logging; the library only logs)."""
+    for name in ("lightning_automodel.data", __name__):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def strategy_has_own_checkpoint_io(strategy: Strategy) -> bool:
@@ -231,9 +282,11 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
         close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown subcommand {argv[0]!r}{hint}; choose one of {', '.join(SUBCOMMANDS)}.")
+    _show_data_logs()
     cli = AutoModelCLI(
         HFCausalLM,
-        TextDataModule,
+        LightningDataModule,
+        subclass_mode_data=True,
         args=None if from_command_line else argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
