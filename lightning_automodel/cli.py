@@ -14,6 +14,7 @@ from pickle import UnpicklingError
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import Strategy
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
+from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
@@ -328,6 +330,18 @@ class AutoModelCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         model_args = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # `data:` without a class_path configures the default TextDataModule (the embedded demo);
+        # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
+        parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        default_tokenizer_to_model(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        log_tokenizer_vocabulary(self.datamodule)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         strategy = config.get("strategy")
@@ -339,7 +353,41 @@ class AutoModelCLI(LightningCLI):
         extra: list[Callback] = [self.run_marker]
         if not _progress_bar_configured(config):
             extra.append(TQDMProgressBar())
-        return super()._instantiate_trainer(config, [*callbacks, *extra])
+        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        set_rank_threads(trainer.num_devices)
+        return trainer
+
+
+def default_tokenizer_to_model(config: Any) -> None:
+    """``data.tokenizer_path`` defaults to ``model.pretrained_path``: a checkpoint trains on its own tokenizer."""
+    data, model = config.get("data"), config.get("model")
+    init_args = data.get("init_args") if data is not None else None
+    pretrained = model.get("pretrained_path") if model is not None else None
+    if init_args is None or "tokenizer_path" not in init_args:
+        return
+    if init_args.get("tokenizer_path") is None and pretrained:
+        init_args["tokenizer_path"] = pretrained
+    tokenizer = init_args.get("tokenizer_path")
+    source = " (model.pretrained_path)" if tokenizer and tokenizer == pretrained else ""
+    log.info("Tokenizer: %s", f"{tokenizer}{source}" if tokenizer else "the byte tokenizer (embedded demo)")
+
+
+def log_tokenizer_vocabulary(datamodule: Any) -> None:
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
+
+
+def _show_data_logs() -> None:
+    """The job says which tokenizer, format and packing it trains with: INFO lines of the data modules and of
+    the tokenizer choice go to stdout (the application configures logging; the library only logs)."""
+    for name in ("lightning_automodel.data", __name__):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def strategy_has_own_checkpoint_io(strategy: Strategy) -> bool:
@@ -463,9 +511,11 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
     for path in config_paths(argv):
         check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
     check_command_line_values(argv)
+    _show_data_logs()
     cli = AutoModelCLI(
         HFCausalLM,
-        TextDataModule,
+        LightningDataModule,
+        subclass_mode_data=True,
         args=None if from_command_line else argv,
         save_config_callback=NumberedConfigSave,
         auto_configure_optimizers=False,

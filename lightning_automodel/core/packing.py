@@ -8,6 +8,7 @@ that) and both boundary vectors are filled to a fixed length with the sentinel s
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ def pack_thd(
     max_sequences: int | None = None,
     label_ignore_index: int = -100,
     pad_token_id: int = 0,
+    labels: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Pack token sequences into ``[1, T]`` tensors plus THD metadata.
 
@@ -32,29 +34,34 @@ def pack_thd(
         pad_to_multiple_of: each sequence's padded length is a multiple of this.
         seqlens_padding_value: sentinel that fills the boundary vectors up to ``max_sequences + 1``.
         max_sequences: fixed number of sequences the boundary vectors have room for (default: this batch's).
+        labels: per-sequence labels (an SFT loss mask, ``label_ignore_index`` on prompts); default: the ids.
+            Either way each sequence's first label is ignored.
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("pack_thd needs at least one sequence and no empty sequence.")
+    if labels is not None and [len(x) for x in labels] != [len(x) for x in sequences]:
+        raise ValueError("pack_thd: labels must have one list per sequence, each as long as its sequence.")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1; got {pad_to_multiple_of}.")
     room = max_sequences if max_sequences is not None else len(sequences)
     if room < len(sequences):
         raise ValueError(f"{len(sequences)} sequences do not fit max_sequences={room}.")
     ids: list[int] = []
-    labels: list[int] = []
+    out_labels: list[int] = []
     positions: list[int] = []
     padding: list[bool] = []
     cu, cu_padded = [0], [0]
-    for seq in sequences:
+    for k, seq in enumerate(sequences):
         n = len(seq)
+        targets = labels[k] if labels is not None else seq
         padded = -(-n // pad_to_multiple_of) * pad_to_multiple_of
         ids.extend(seq)
-        labels.extend([label_ignore_index, *seq[1:]])
+        out_labels.extend([label_ignore_index, *targets[1:]])
         positions.extend(range(n))
         padding.extend([False] * n)
         extra = padded - n
         ids.extend([pad_token_id] * extra)
-        labels.extend([label_ignore_index] * extra)
+        out_labels.extend([label_ignore_index] * extra)
         positions.extend(range(n, n + extra))
         padding.extend([True] * extra)
         cu.append(cu[-1] + n)
@@ -64,7 +71,7 @@ def pack_thd(
     # a row laid out by cu_seqlens_padded (what TE expects with pad_between_seqs).
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
+        "labels": torch.tensor([out_labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "padding_mask": torch.tensor([padding], dtype=torch.bool),
         "cu_seqlens": torch.tensor([cu + fill], dtype=torch.int32),
@@ -72,3 +79,30 @@ def pack_thd(
         "max_seqlen": max(len(s) for s in sequences),
         "qkv_format": "thd",
     }
+
+
+def plan_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Group documents into rows of at most ``row_length`` tokens: best-fit decreasing.
+
+    Returns the document indices of each row (in placement order). Every length must be in
+    ``[1, row_length]``. Best-fit decreasing leaves far less room unused than filling rows in reading
+    order; the data module runs it over a bounded window of documents so memory stays flat.
+    """
+    if any(n < 1 or n > row_length for n in lengths):
+        raise ValueError(f"plan_rows: every length must be in [1, {row_length}].")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = row_length - n, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows

@@ -1,0 +1,246 @@
+"""SFT sample formats -> token ids and loss labels.
+
+Three formats, chosen per dataset (``auto`` looks at the columns):
+
+* ``messages``: a list of ``{role, content}`` dicts (OpenAI style), rendered by the tokenizer's chat template;
+  the loss sees the assistant turns only (their content and the template's end-of-turn text).
+* ``prompt_completion``: two text columns; the loss sees the completion (and EOS) only.
+* ``text``: plain text; every token is a target, long documents are cut into ``seq_length`` windows.
+
+Labels are ``-100`` wherever the loss must not look (``mask_prompt=False`` trains on every token).
+Truncation never drops a sample silently: each sample gets a status (kept, cut, dropped) that the data
+module counts and reports; a sample whose targets were all cut away is dropped, not trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_automodel.data.text_datamodule import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+KEPT, CUT, DROPPED = 0, 1, 2
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+FormatName = Literal["auto", "messages", "prompt_completion", "text"]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which dataset column holds which field (``data.columns: {prompt: question, completion: answer}``)."""
+
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, str] | None) -> Columns:
+        mapping = dict(mapping or {})
+        unknown = sorted(set(mapping) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise DataError(
+                f"data.columns: unknown field {unknown[0]!r}; the fields are {', '.join(cls.__dataclass_fields__)} "
+                "(map each to a column name of your dataset)."
+            )
+        return cls(**mapping)
+
+    def needed(self, fmt: str) -> list[str]:
+        return {"messages": [self.messages], "prompt_completion": [self.prompt, self.completion], "text": [self.text]}[fmt]
+
+
+def resolve_format(fmt: FormatName, column_names: Sequence[str], columns: Columns, source: str) -> str:
+    """The concrete format for a dataset with ``column_names``; one clear line when the columns are missing."""
+    names = set(column_names)
+    if fmt == "auto":
+        for candidate in ("messages", "prompt_completion", "text"):
+            if set(columns.needed(candidate)) <= names:
+                return candidate
+        raise DataError(
+            f"{source}: columns {sorted(names)} fit no SFT format: need {columns.messages!r} (chat messages), "
+            f"{columns.prompt!r} + {columns.completion!r}, or {columns.text!r}. Map yours with data.columns, "
+            "e.g. {prompt: question, completion: answer}."
+        )
+    if fmt not in ("messages", "prompt_completion", "text"):
+        raise DataError(f"data.format must be auto, messages, prompt_completion or text; got {fmt!r}.")
+    missing = [c for c in columns.needed(fmt) if c not in names]
+    if missing:
+        raise DataError(
+            f"{source}: format {fmt!r} needs column(s) {missing} but the data has {sorted(names)}. "
+            "Map them with data.columns (e.g. {" + f"{fmt.split('_')[0]}: your_column" + "}) or pick data.format."
+        )
+    return fmt
+
+
+def check_chat_template(tokenizer: Any, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source} holds chat messages but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+            "template. Use a chat/instruct checkpoint's tokenizer (data.tokenizer_path) or give data.chat_template "
+            "(a Jinja string)."
+        )
+
+
+def _special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    return ([bos] if bos is not None else []), ([eos] if eos is not None else [])
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _truncate(ids: list[int], labels: list[int], seq_length: int) -> tuple[list[int], list[int], int]:
+    """Cut from the right; dropped when no target survives, cut when targets were lost."""
+    if len(ids) <= seq_length:
+        return ids, labels, KEPT
+    kept = labels[:seq_length]
+    if all(label == IGNORE for label in kept[1:]):  # the first label is never a target once shifted
+        return [], [], DROPPED
+    return ids[:seq_length], kept, CUT
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any, prompt: str, completion: str, seq_length: int, mask_prompt: bool = True
+) -> tuple[list[int], list[int], int]:
+    bos, eos = _special_ids(tokenizer)
+    prompt_ids = bos + _encode(tokenizer, prompt)
+    completion_ids = _encode(tokenizer, completion) + eos
+    ids = prompt_ids + completion_ids
+    labels = (list(prompt_ids) if not mask_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
+    return _truncate(ids, labels, seq_length)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, template: str | None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+    )
+
+
+def assistant_char_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], template: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the conversation before it rendered with the generation prompt to
+    the end of the conversation through it: the turn's content and the template's end-of-turn text, not
+    the role header. Needs a template whose renders of shorter conversations are prefixes of longer ones.
+    """
+    full = _render(tokenizer, messages, False, template)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start_text = _render(tokenizer, messages[:i], True, template) if i else ""
+        end_text = _render(tokenizer, messages[: i + 1], False, template)
+        if not (full.startswith(start_text) and full.startswith(end_text) and end_text.startswith(start_text)):
+            raise DataError(
+                "the chat template does not render conversations incrementally (a shorter conversation is not a prefix "
+                "of the longer one), so assistant turns cannot be located for the loss mask; use data.mask_prompt: false "
+                "or a template without history-dependent rewriting."
+            )
+        spans.append((len(start_text), len(end_text)))
+    return full, spans
+
+
+def _token_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    raise DataError(
+        f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is not a fast tokenizer: chat loss masks need its "
+        "offset mapping. Save the tokenizer with a tokenizer.json (transformers converts most slow tokenizers)."
+    )
+
+
+def tokenize_messages(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    seq_length: int,
+    mask_prompt: bool = True,
+    template: str | None = None,
+) -> tuple[list[int], list[int], int]:
+    full, spans = assistant_char_spans(tokenizer, messages, template)
+    ids, offsets = _token_offsets(tokenizer, full)
+    if not mask_prompt:
+        return _truncate(ids, list(ids), seq_length)
+    labels = [IGNORE] * len(ids)
+    for k, (start, end) in enumerate(offsets):
+        if start == end:
+            continue
+        if any(s <= start < e for s, e in spans):
+            labels[k] = ids[k]
+    return _truncate(ids, labels, seq_length)
+
+
+def tokenize_text(tokenizer: Any, text: str, seq_length: int) -> list[list[int]]:
+    """Plain text: BOS + text + EOS cut into windows of ``seq_length`` (windows shorter than 2 tokens dropped)."""
+    bos, eos = _special_ids(tokenizer)
+    ids = bos + _encode(tokenizer, text) + eos
+    return [ids[i : i + seq_length] for i in range(0, len(ids), seq_length) if len(ids[i : i + seq_length]) >= 2]
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}; got {type(messages).__name__}.")
+    for turn, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in ROLES:
+            raise DataError(
+                f"{where}: message {turn} has role {role!r}; the roles are {', '.join(sorted(ROLES))} "
+                "(rename it in the data, e.g. human -> user, gpt -> assistant)."
+            )
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: message {turn} ({role}) needs a string 'content'.")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on.")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@dataclass(frozen=True)
+class SampleTokenizer:
+    """The ``datasets.map`` function (batched, ``with_indices``): rows -> ``input_ids``, ``labels``, ``status``.
+
+    A picklable object (not a closure) so ``num_proc`` workers get it and the fingerprint is stable.
+    """
+
+    tokenizer: Any
+    fmt: str
+    columns: Columns
+    seq_length: int
+    mask_prompt: bool
+    source: str
+    chat_template: str | None = None
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": []}
+        for row, index in enumerate(indices):
+            if self.fmt == "text":
+                for window in tokenize_text(self.tokenizer, batch[self.columns.text][row] or "", self.seq_length):
+                    out["input_ids"].append(window)
+                    out["labels"].append(window)
+                    out["status"].append(KEPT)
+                continue
+            if self.fmt == "messages":
+                messages = check_messages(batch[self.columns.messages][row], f"{self.source} row {index}")
+                ids, labels, status = tokenize_messages(
+                    self.tokenizer, messages, self.seq_length, self.mask_prompt, self.chat_template
+                )
+            else:
+                prompt, completion = batch[self.columns.prompt][row], batch[self.columns.completion][row]
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise DataError(
+                        f"{self.source} row {index}: {self.columns.prompt!r} and {self.columns.completion!r} must be "
+                        f"strings; got {type(prompt).__name__} and {type(completion).__name__}."
+                    )
+                ids, labels, status = tokenize_prompt_completion(
+                    self.tokenizer, prompt, completion, self.seq_length, self.mask_prompt
+                )
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(status)
+        return out
