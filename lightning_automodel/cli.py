@@ -330,6 +330,7 @@ class AutoModelCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         model_args = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `data:` without a class_path configures the default TextDataModule (the embedded demo);
         # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
