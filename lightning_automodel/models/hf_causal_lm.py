@@ -201,7 +201,6 @@ class HFCausalLM(pl.LightningModule):
         prepare_before_sharding(self, model)
         if adapted_modules(model):
             initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))
-        model.config.use_cache = False
         self.model = model
         self.strict_loading = False  # the frozen 4-bit base is not in checkpoints; on_load_checkpoint checks the rest
 
@@ -254,7 +253,6 @@ class HFCausalLM(pl.LightningModule):
         if self.device_mesh is None and hp.activation_checkpointing:
             model.gradient_checkpointing_enable()
         ensure_tied_lm_head(model)
-        model.config.use_cache = False
         self.model = model
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
