@@ -89,20 +89,68 @@ def restrict_import_paths() -> None:
 _UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|Key \"?'?([\w.]+)'?\"? is not expected|unrecognized arguments: (\S+)")
 
 
+def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``--option value`` / ``--option=value`` for each of ``options``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in options:
+            skip = True
+            continue
+        if arg.startswith(tuple(f"{o}=" for o in options)):
+            continue
+        kept.append(arg)
+    return kept
+
+
+def resume_command(argv: list[str], ckpt_path: str, global_step: int, max_steps: int) -> str:
+    """The command that continues this run from ``ckpt_path``, as typed (the same options).
+
+    A run that reached ``max_steps`` would stop again at once if resumed as it was, so the command
+    then asks for as many steps again: pasted as printed, it trains.
+    """
+    import shlex
+
+    dropped = ("--ckpt_path", "--trainer.max_steps") if max_steps > 0 and global_step >= max_steps else ("--ckpt_path",)
+    args = [*_without_options(argv[1:], dropped), "--ckpt_path", ckpt_path]
+    if "--trainer.max_steps" in dropped:
+        args += ["--trainer.max_steps", str(global_step + max_steps)]
+    return " ".join(shlex.quote(a) for a in [PROG, argv[0], *args])
+
+
 @rank_zero_only
 def _report_checkpoint(cli: LightningCLI, argv: list[str]) -> None:
     callback = cli.trainer.checkpoint_callback
     path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
     if not path:
         return
-    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")), None)
-    config_arg = f" --config {config}" if config else ""
+    trainer = cli.trainer
+    finished = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+    resume = resume_command(argv, path, trainer.global_step, trainer.max_steps)
     out = Path(path).parent.parent / "exported"
     print(
-        f"Checkpoint saved at {path} | resume: lightning-automodel fit{config_arg} --ckpt_path {path} "
-        f"| export to Hugging Face: lightning-automodel export --ckpt_path {path} --out {out}",
+        f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: {resume} "
+        f"| export to Hugging Face: {PROG} export --ckpt_path {path} --out {out}",
         flush=True,
     )
+
+
+def prefer_command_line_model_source(model: Any, argv: list[str]) -> None:
+    """``--model.pretrained_path`` on the command line replaces the YAML's inline ``model.config``, and the reverse.
+
+    ``HFCausalLM`` takes exactly one of the two; a command-line override of one is meant to replace
+    whichever the YAML set, as any other override replaces its YAML value.
+    """
+    sources = ("pretrained_path", "config")
+    given = [key for key in sources if any(a == f"--model.{key}" or a.startswith(f"--model.{key}=") for a in argv)]
+    if model is None or len(given) != 1:
+        return
+    other = sources[1 - sources.index(given[0])]
+    if model.get(other) is not None:
+        model[other] = None
+        log.info("--model.%s on the command line replaces the configuration's model.%s.", given[0], other)
 
 
 class _RunStarted(Callback):
@@ -317,6 +365,8 @@ class AutoModelCLI(LightningCLI):
         except argparse.ArgumentError as exc:
             raise ConfigError(_suggestion(str(exc), self._parsers)) from None
         subcommand = self.config.get("subcommand")
+        command_line = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        prefer_command_line_model_source((self.config[subcommand] if subcommand else self.config).get("model"), command_line)
         if subcommand:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
@@ -334,7 +384,8 @@ class AutoModelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `data:` without a class_path configures the default TextDataModule (the embedded demo);
         # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
-        parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+        if self.subclass_mode_data:
+            parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -431,3 +431,40 @@ def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(HFCausalLM, "training_step", broken)
     with pytest.raises(ValueError, match="a bug inside the training step"):
         main(tiny_fit(tmp_path))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_a_command_line_model_source_replaces_the_yaml_one(config, tmp_path, monkeypatch):
+    """``--model.pretrained_path`` replaces an inline ``model.config`` (and the reverse), as overrides do."""
+    import yaml
+    from lightning.pytorch import LightningDataModule
+
+    from lightning_automodel.cli import AutoModelCLI
+    from lightning_automodel.models import HFCausalLM
+
+    model = yaml.safe_load(config.read_text()).get("model") or {}
+    if "config" in model:
+        override, expected = ["--model.pretrained_path", str(tmp_path)], ("pretrained_path", str(tmp_path))
+    else:
+        override, expected = ["--model.config", '{"model_type": "llama"}'], ("config", {"model_type": "llama"})
+    monkeypatch.setattr(AutoModelCLI, "instantiate_classes", lambda self: None)  # the parsed configuration is what is checked
+    cli = AutoModelCLI(HFCausalLM, LightningDataModule, subclass_mode_data=True, args=["--config", str(config), *override],
+                       run=False, auto_configure_optimizers=False, save_config_callback=None)
+    parsed = cli.config.model
+    assert parsed[expected[0]] == expected[1]
+    assert [k for k in ("pretrained_path", "config") if parsed[k] is not None] == [expected[0]]
+
+
+def test_the_printed_resume_command_trains_further_when_pasted(tmp_path):
+    import shlex
+
+    common = ["--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
+              f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true"]
+    first = run_cli("fit", *common, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    hint = re.search(r"\| train further: (.+?) \| export", first).group(1)
+    argv = shlex.split(hint)
+    assert argv[0] == "lightning-automodel"
+    run_cli(*argv[1:], cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 6
