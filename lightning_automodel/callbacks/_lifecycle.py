@@ -35,6 +35,7 @@ same order.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -222,6 +223,10 @@ class MethodPatch:
         return self.around(self.owner, self.call_previous, *args, **kwargs)
 
 
+#: Patches not removed yet (weak: a patch lives as long as its owner's attribute or a wrapper holds it).
+_LIVE_PATCHES: weakref.WeakSet[MethodPatch] = weakref.WeakSet()
+
+
 def _patch_chain(owner: object, name: str) -> list[MethodPatch]:
     """Our patches of ``owner.<name>``, outermost first (stops at anything that is not a MethodPatch)."""
     chain = []
@@ -236,8 +241,9 @@ def patch_method(owner: object, name: str, around: Callable[..., Any]) -> None:
     """Patch ``owner.<name>`` with ``around`` unless an active patch with the same ``around`` is already there."""
     if any(patch.around is around and patch.active for patch in _patch_chain(owner, name)):
         return
-    previous = vars(owner).get(name, _ABSENT)
-    setattr(owner, name, MethodPatch(owner, name, around, previous))
+    patch = MethodPatch(owner, name, around, vars(owner).get(name, _ABSENT))
+    _LIVE_PATCHES.add(patch)
+    setattr(owner, name, patch)
 
 
 def remove_patches(owner: object | None) -> None:
@@ -248,6 +254,9 @@ def remove_patches(owner: object | None) -> None:
     """
     if owner is None or not hasattr(owner, "__dict__"):
         return
+    for patch in [patch for patch in _LIVE_PATCHES if patch.owner is owner]:
+        patch.active = False  # also those wrapped by someone else, which stay reachable through their wrapper
+        _LIVE_PATCHES.discard(patch)
     for name, value in list(vars(owner).items()):
         if not isinstance(value, MethodPatch):
             continue

@@ -16,7 +16,6 @@ from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
 
 
-
 def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previous: Any, checkpoint: dict[str, Any]) -> Any:
     """``LightningModule.on_load_checkpoint`` patch: a full checkpoint without ``lm_head.weight`` gets it from the embedding."""
     state_dict = checkpoint.get("state_dict")

@@ -88,3 +88,38 @@ def test_ddp_spawn_fit_after_a_first_fit():
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT,
     )
     assert proc.returncode == 0 and "OK spawn_after_fit" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-6000:]
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def hook(self, x: int) -> int:
+        self.calls.append("hook")
+        return x + 1
+
+
+def _record_around(owner, call_previous, x):
+    owner.calls.append("around")
+    return call_previous(x) * 10
+
+
+def test_method_patch_is_picklable_copies_with_its_owner_and_is_removed():
+    from lightning_automodel.callbacks._lifecycle import patch_method, remove_patches
+
+    owner = Owner()
+    patch_method(owner, "hook", _record_around)
+    patch_method(owner, "hook", _record_around)  # once
+    assert owner.hook(1) == 20 and owner.calls == ["around", "hook"]
+    clone = pickle.loads(pickle.dumps(owner))
+    assert clone.hook(2) == 30 and clone.calls == ["around", "hook", "around", "hook"]
+    copied = copy.deepcopy(owner)
+    copied.hook(0)
+    assert copied.calls[-2:] == ["around", "hook"] and len(owner.calls) == 2  # the copy's patch calls the copy
+    foreign = owner.hook  # someone else wraps on top of ours: ours must stop acting anyway
+    owner.hook = lambda x: foreign(x)
+    remove_patches(owner)
+    assert owner.hook(1) == 2 and owner.calls[-1] == "hook" and owner.calls.count("around") == 1
+    del owner.hook
+    remove_patches(clone)
+    assert "hook" not in vars(clone) and clone.hook(1) == 2
