@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import inspect
 import logging
 import sys
@@ -31,13 +32,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_automodel import callbacks as _callbacks_pkg
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, SurgeryStep, WeightsDtypeCast, surgery_schedule
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
 from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import render_table
 from lightning_automodel.config_loading import ConfigFileError, read_config_text, safe_load_bounded
+from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
@@ -52,6 +54,7 @@ from lightning_automodel.core.memory import (
 )
 from lightning_automodel.core.naming import reuse_parameter_traversal, unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
+from lightning_automodel.core.tied_head import ensure_tied_lm_head
 from lightning_automodel.models import building
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
@@ -548,26 +551,11 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     callbacks = surgery_callbacks(trainer_config)  # before the build: a bad callback fails fast
     model = build_meta(model_args)
     check_seq_length(model, config.get("data") or {})
-    if weights_dtype != torch.float32:
-        # The job's own cast (no checkpoint here, so no fp32-stored tensor to keep); on meta it is free.
-        building.apply_weights_dtype(model, weights_dtype)
+    # The job's weights cast (no checkpoint here, so no fp32-stored tensor to keep; on meta it is free).
+    weights_cast = functools.partial(building.apply_weights_dtype, dtype=weights_dtype) if weights_dtype != torch.float32 else None
     frozen_by: dict[str, str] = {}
-    for callback in callbacks:
-        # The same core actions the callbacks run in a fit; nothing here needs a Trainer.
-        if isinstance(callback, LoRA):
-            try:
-                frozen_by.update(callback.inject(model))  # adapters on the meta model, base frozen, as in fit
-            except LoraConfigError as exc:
-                raise PlanError(str(exc)) from None
-        elif isinstance(callback, ParameterFreezing):
-            try:
-                frozen_by.update(callback.freeze(model))
-            except MisconfigurationException as exc:
-                raise PlanError(str(exc)) from None
-        elif isinstance(callback, FreezeDeadParameters):
-            frozen_by.update(freeze_dead_parameters(model))
-        elif isinstance(callback, CastMixedDtypeToBF16):
-            cast_floating_point(model, torch.bfloat16, cast_buffers=callback.cast_buffers)
+    for step in surgery_schedule(callbacks, weights_cast):  # the order fit uses: one function decides it
+        frozen_by.update(_apply_on_meta(step, model))
     if str(trainer_config.get("precision", "")).startswith("bf16-true"):
         cast_floating_point(model, torch.bfloat16)  # Lightning converts the module to bf16
     strategy_name, strategy_args = _strategy(trainer_config)
@@ -579,6 +567,29 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
     with reuse_parameter_traversal(model):  # surgery is done: from here on every pass reads the same list
         return _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
+
+
+def _apply_on_meta(step: SurgeryStep, model: nn.Module) -> Mapping[str, str]:
+    """One surgery step's core action on the meta model, without a Trainer; returns what it froze -> rule."""
+    if isinstance(step, WeightsDtypeCast):
+        step.apply_to_model(model)
+    elif isinstance(step, LoRA):
+        try:
+            return step.inject(model)  # adapters on the meta model, base frozen, as in fit
+        except LoraConfigError as exc:
+            raise PlanError(str(exc)) from None
+    elif isinstance(step, ParameterFreezing):
+        try:
+            return step.freeze(model)
+        except MisconfigurationException as exc:
+            raise PlanError(str(exc)) from None
+    elif isinstance(step, FreezeDeadParameters):
+        return freeze_dead_parameters(model)
+    elif isinstance(step, CastMixedDtypeToBF16):
+        cast_floating_point(model, torch.bfloat16, cast_buffers=step.cast_buffers)
+    elif isinstance(step, TiedLMHead):
+        ensure_tied_lm_head(model)
+    return {}
 
 
 def _estimate(

@@ -2,7 +2,7 @@
 
 Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``, and
 ``Callback.setup`` runs before ``configure_model`` (and before the LightningModule's own ``setup``).
-So two LightningModule methods are wrapped on the instance, once:
+So two LightningModule methods are patched on the instance for the duration of one Trainer run:
 
 * ``setup``: if the model already has parameters, surgery runs here (before FSDP2 ``fully_shard`` in
   ``configure_model``, which is what the bf16 cast needs).
@@ -11,12 +11,19 @@ So two LightningModule methods are wrapped on the instance, once:
 
 Both moments precede ``configure_optimizers``, so frozen parameters never reach the optimizer.
 
-The wrappers hold no state and no Trainer: each call looks up the Trainer the module is attached to
-*now* and runs the surgery callbacks of *that* Trainer (``trainer.callbacks``), sorted by
-``surgery_order`` (freeze 10, dead parameters 20, cast 30, tie 40, summary 50) whatever the order of
-``Trainer(callbacks=...)``. Lightning skips ``teardown`` after an exception, so nothing may depend on
-it: a fit that failed leaves nothing behind, and a second Trainer on the same module sees only its
-own callbacks. Per-run state lives on the callbacks and is reset in their ``setup``.
+The patches (:class:`MethodPatch`) hold no Trainer: each call looks up the Trainer the module is
+attached to *now* and runs the surgery callbacks of *that* Trainer (``trainer.callbacks``), sorted by
+``surgery_order`` (LoRA 5, freeze 10, dead parameters 20, cast 30, tie 40, summary 50) whatever the
+order of ``Trainer(callbacks=...)``. Nothing of ours outlives the run on the user's objects: every
+surgery callback removes all patches at ``teardown`` and, because Lightning skips ``teardown`` after an
+exception, at ``on_exception`` too. So after a fit, failed or not, the module pickles, deep-copies and
+runs under ``ddp_spawn``, and a copy fitted by another Trainer gets only that Trainer's surgery. The
+patches are picklable objects (the owner, a method name and a module-level function), not closures.
+Per-run state lives on the callbacks and is reset in their ``setup``.
+
+The order of surgery is decided in one place, :func:`surgery_schedule`, for ``fit`` and ``plan`` alike:
+LoRA injection (5), the job's ``weights_dtype`` cast (:data:`WEIGHTS_DTYPE_ORDER`, so adapters are
+created in fp32 and stay fp32), freeze (10), dead parameters (20), mixed cast (30), tie (40).
 
 A surgery callback may also define ``apply_before_sharding(trainer, pl_module, model)`` for changes
 that must happen on the unsharded (meta) model, before ``fully_shard``: a LightningModule that shards
@@ -27,10 +34,10 @@ same order.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Mapping
-from typing import Any, ClassVar
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -47,7 +54,10 @@ from lightning_automodel.core.naming import unique_named_parameters
 
 log = logging.getLogger(__name__)
 
-_WRAPPED_ATTR = "__automodel_wrapped__"
+#: Where the job's ``weights_dtype`` cast runs among the callbacks' ``surgery_order`` values: after LoRA
+#: injection (5), so peft creates the adapters on fp32 base weights (fp32 adapters, which the cast keeps),
+#: and before the freeze rules (10), which see the final dtypes.
+WEIGHTS_DTYPE_ORDER = 7
 
 
 def target_model(pl_module: nn.Module) -> tuple[str, nn.Module]:
@@ -60,9 +70,41 @@ def frozen_names(model: nn.Module) -> list[str]:
     return sorted(name for name, p in unique_named_parameters(model) if not p.requires_grad)
 
 
+class SurgeryStep(Protocol):
+    """A step of :func:`surgery_schedule`: a surgery callback, or the job's weights dtype cast."""
+
+    surgery_order: int
+
+
+class WeightsDtypeCast:
+    """The job's ``weights_dtype`` as a surgery step: a model setting, not a callback (fit and plan both run it)."""
+
+    surgery_order: int = WEIGHTS_DTYPE_ORDER
+
+    def __init__(self, cast: Callable[[nn.Module], object]) -> None:
+        self.cast = cast
+
+    def apply_to_model(self, model: nn.Module) -> None:
+        self.cast(model)
+
+
+def surgery_schedule(
+    callbacks: Iterable[Callback], weights_cast: Callable[[nn.Module], object] | None = None
+) -> list[SurgeryStep]:
+    """THE order of surgery, for ``fit`` and ``plan``: the surgery callbacks and the weights cast by ``surgery_order``.
+
+    LoRA injection (5), weights dtype (:data:`WEIGHTS_DTYPE_ORDER`), freeze (10), dead parameters (20),
+    mixed cast (30), tie (40), summary (50); equal orders keep the order given (stable sort).
+    """
+    steps: list[SurgeryStep] = [cb for cb in callbacks if isinstance(cb, ModelSurgeryCallback)]
+    if weights_cast is not None:
+        steps.append(WeightsDtypeCast(weights_cast))
+    return sorted(steps, key=lambda step: step.surgery_order)
+
+
 def surgery_callbacks(trainer: pl.Trainer) -> list[ModelSurgeryCallback]:
     """The running Trainer's surgery callbacks in ``surgery_order`` (stable for equal orders)."""
-    return sorted((cb for cb in trainer.callbacks if isinstance(cb, ModelSurgeryCallback)), key=lambda cb: cb.surgery_order)
+    return [step for step in surgery_schedule(trainer.callbacks) if isinstance(step, ModelSurgeryCallback)]
 
 
 def frozen_by(trainer: pl.Trainer) -> dict[str, str]:
@@ -81,20 +123,25 @@ def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
         return None
 
 
-def prepare_before_sharding(pl_module: pl.LightningModule, model: nn.Module | None = None) -> None:
-    """Run the surgery that must happen before FSDP2 shards the model (LoRA injection), in ``surgery_order``.
+def prepare_before_sharding(
+    pl_module: pl.LightningModule, model: nn.Module | None = None, *, weights_cast: Callable[[nn.Module], object] | None = None
+) -> None:
+    """Run the surgery that must happen before FSDP2 shards the model, in :func:`surgery_schedule` order.
 
+    That is LoRA injection, then ``weights_cast`` (``HFCausalLM``'s ``weights_dtype``) when given.
     ``HFCausalLM.configure_model`` calls it right after building the model on meta. A LightningModule
     that builds and shards its own model in ``configure_model`` calls it once, between the build and
-    ``fully_shard``: ``prepare_before_sharding(self, self.model)``. Without a Trainer it does nothing.
+    ``fully_shard``: ``prepare_before_sharding(self, self.model)``. Without a Trainer only the cast runs.
     """
     trainer = attached_trainer(pl_module)
-    if trainer is None:
-        return
     if model is None:
         _, model = target_model(pl_module)
-    for callback in surgery_callbacks(trainer):
-        before = getattr(callback, "apply_before_sharding", None)
+    callbacks = trainer.callbacks if trainer is not None else []
+    for step in surgery_schedule(callbacks, weights_cast):
+        if isinstance(step, WeightsDtypeCast):
+            step.apply_to_model(model)
+            continue
+        before = getattr(step, "apply_before_sharding", None)
         if callable(before):
             before(trainer, pl_module, model)
 
@@ -129,36 +176,124 @@ def _check_ranks_agree(model: nn.Module) -> None:
         )
 
 
-def _run_for_attached_trainer(pl_module: pl.LightningModule) -> None:
+class _Absent:
+    """``MethodPatch.previous`` when the owner had no instance attribute (its class's method applies)."""
+
+    def __reduce__(self) -> str:
+        return "_ABSENT"  # pickling and deepcopy keep the singleton, so identity checks hold in a copy
+
+
+_ABSENT = _Absent()
+
+
+class MethodPatch:
+    """``owner.<name>`` replaced on the instance by ``around(owner, call_previous, *args, **kwargs)``.
+
+    A plain object, not a closure: it holds the owner, the method name and a module-level function, so
+    an owner that is pickled or deep-copied while patched stays picklable, and a copy's patch calls the
+    copy. ``previous`` is what the instance attribute was before (``_ABSENT``: the class's method), looked
+    up at each call, never a bound method held across calls. An inactive patch only calls through (what
+    :func:`remove_patches` leaves behind when something patched the same method on top of it).
+    """
+
+    def __init__(self, owner: object, name: str, around: Callable[..., Any], previous: Any = _ABSENT) -> None:
+        self.owner = owner
+        self.name = name
+        self.around = around
+        self.previous = previous
+        self.active = True
+
+    def call_previous(self, *args: Any, **kwargs: Any) -> Any:
+        return self._previous()(*args, **kwargs)
+
+    def _previous(self) -> Callable[..., Any]:
+        if self.previous is not _ABSENT:
+            return self.previous
+        # The class attribute through the descriptor protocol: a function, staticmethod or classmethod binds as usual.
+        return getattr(type(self.owner), self.name).__get__(self.owner, type(self.owner))
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        # Lightning's is_overridden unwraps __wrapped__: a patched configure_model still counts as overridden.
+        return self._previous()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return self.call_previous(*args, **kwargs)
+        return self.around(self.owner, self.call_previous, *args, **kwargs)
+
+
+#: Patches not removed yet (weak: a patch lives as long as its owner's attribute or a wrapper holds it).
+_LIVE_PATCHES: weakref.WeakSet[MethodPatch] = weakref.WeakSet()
+
+
+def _patch_chain(owner: object, name: str) -> list[MethodPatch]:
+    """Our patches of ``owner.<name>``, outermost first (stops at anything that is not a MethodPatch)."""
+    chain = []
+    current = vars(owner).get(name, _ABSENT) if hasattr(owner, "__dict__") else _ABSENT
+    while isinstance(current, MethodPatch):
+        chain.append(current)
+        current = current.previous
+    return chain
+
+
+def patch_method(owner: object, name: str, around: Callable[..., Any]) -> None:
+    """Patch ``owner.<name>`` with ``around`` unless an active patch with the same ``around`` is already there."""
+    if any(patch.around is around and patch.active for patch in _patch_chain(owner, name)):
+        return
+    patch = MethodPatch(owner, name, around, vars(owner).get(name, _ABSENT))
+    _LIVE_PATCHES.add(patch)
+    setattr(owner, name, patch)
+
+
+def remove_patches(owner: object | None) -> None:
+    """Remove every :class:`MethodPatch` from ``owner``'s instance attributes, restoring what was there before.
+
+    A patch reachable from the attribute is unlinked; one that something else wrapped on top of it is
+    deactivated instead (it then only calls through), so nothing of ours acts after the run.
+    """
+    if owner is None or not hasattr(owner, "__dict__"):
+        return
+    for patch in [patch for patch in _LIVE_PATCHES if patch.owner is owner]:
+        patch.active = False  # also those wrapped by someone else, which stay reachable through their wrapper
+        _LIVE_PATCHES.discard(patch)
+    for name, value in list(vars(owner).items()):
+        if not isinstance(value, MethodPatch):
+            continue
+        chain = _patch_chain(owner, name)
+        for patch in chain:
+            patch.active = False
+        restored = chain[-1].previous
+        if restored is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, restored)
+
+
+def _surgery_after(pl_module: pl.LightningModule, call_previous: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The ``setup`` / ``configure_model`` patch: the module's own method, then the attached Trainer's surgery."""
+    result = call_previous(*args, **kwargs)
     trainer = attached_trainer(pl_module)
     if trainer is not None:
         run_surgery(trainer, pl_module)
+    return result
 
 
 def install_surgery_hooks(pl_module: pl.LightningModule) -> None:
-    """Wrap ``pl_module.setup`` and, when overridden, ``configure_model`` once per instance.
+    """Patch ``pl_module.setup`` and, when overridden, ``configure_model`` (once; undone by :func:`remove_patches`).
 
-    The wrappers close over the module's original bound methods only: which Trainer and which
-    callbacks is decided at each call.
+    The patches hold the module and the method name only: which Trainer and which callbacks is decided
+    at each call.
     """
-    _wrap_once(pl_module, "setup")
+    patch_method(pl_module, "setup", _surgery_after)
     if is_overridden("configure_model", pl_module):
-        _wrap_once(pl_module, "configure_model")
+        patch_method(pl_module, "configure_model", _surgery_after)
 
 
-def _wrap_once(pl_module: pl.LightningModule, method: str) -> None:
-    current = getattr(pl_module, method)
-    if getattr(current, _WRAPPED_ATTR, False):
-        return
-
-    @functools.wraps(current)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        result = current(*args, **kwargs)
-        _run_for_attached_trainer(pl_module)
-        return result
-
-    setattr(wrapped, _WRAPPED_ATTR, True)
-    setattr(pl_module, method, wrapped)
+def remove_run_patches(trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
+    """Undo every patch a surgery callback made for this run: on the module and on the Trainer's strategy."""
+    remove_patches(pl_module)
+    remove_patches(trainer.strategy)
 
 
 def _reject_unsupported_strategy(trainer: pl.Trainer, name: str) -> None:
@@ -214,6 +349,15 @@ class ModelSurgeryCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # What `lightning-automodel export` needs: any LightningModule's checkpoint becomes exportable.
         record_export_info(pl_module, checkpoint)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_run_patches(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown after an exception: a failed fit must not leave patches behind either.
+        remove_run_patches(trainer, pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

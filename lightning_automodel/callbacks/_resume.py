@@ -14,7 +14,7 @@ When that comparison can run depends on the strategy:
 * ``ModelParallelStrategy`` / ``FSDPStrategy`` (``restore_checkpoint_after_setup``): the optimizer
   exists and ``strategy.load_checkpoint`` restores its state before any callback hook sees the
   checkpoint, and the checkpoint path is not known before that call. So the strategy's
-  ``load_checkpoint`` is wrapped (per instance, stateless): it reads only the callbacks' saved state
+  ``load_checkpoint`` is patched for the run (per instance, stateless, removed at teardown and on exception): it reads only the callbacks' saved state
   (``meta.pt`` of a DCP directory, or the file memory-mapped), lets the callbacks reconcile, rebuilds
   the optimizers through ``strategy.setup_optimizers`` when what trains changed, and only then lets
   the strategy load.
@@ -22,7 +22,6 @@ When that comparison can run depends on the strategy:
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,13 +31,12 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_automodel.callbacks._lifecycle import attached_trainer
+from lightning_automodel.callbacks._lifecycle import attached_trainer, patch_method
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
 
 _SHOWN = 10
-_WRAPPED_ATTR = "__automodel_resume_check__"
 
 
 def preview(names: Iterable[str]) -> str:
@@ -181,26 +179,22 @@ def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
 
 
 def install_resume_check(strategy: pl.strategies.Strategy) -> None:
-    """Wrap ``strategy.load_checkpoint`` once so callbacks reconcile before the optimizer state loads.
+    """Patch ``strategy.load_checkpoint`` once so callbacks reconcile before the optimizer state loads.
 
-    Only for strategies that restore after ``configure_optimizers``. The wrapper keeps no Trainer or
-    callback: at each call it asks the strategy's current LightningModule for its Trainer and calls
-    ``reconcile_with_checkpoint(trainer, pl_module, callback_states, checkpoint_path)`` on every
-    callback of that Trainer that defines it. When one of them changed what trains, the optimizers
-    are rebuilt from ``configure_optimizers`` (they hold no state yet), so the load finds exactly the
-    parameters the checkpoint has state for.
+    Only for strategies that restore after ``configure_optimizers``. The patch (a picklable
+    :class:`~lightning_automodel.callbacks._lifecycle.MethodPatch`, removed at teardown and on exception)
+    keeps no Trainer or callback: at each call it asks the strategy's current LightningModule for its
+    Trainer and calls ``reconcile_with_checkpoint(trainer, pl_module, callback_states, checkpoint_path)``
+    on every callback of that Trainer that defines it. When one of them changed what trains, the
+    optimizers are rebuilt from ``configure_optimizers`` (they hold no state yet), so the load finds
+    exactly the parameters the checkpoint has state for.
     """
-    current = strategy.load_checkpoint
-    if getattr(current, _WRAPPED_ATTR, False):
-        return
+    patch_method(strategy, "load_checkpoint", _load_after_reconcile)
 
-    @functools.wraps(current)
-    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        _reconcile_before_load(strategy, checkpoint_path, kwargs.get("weights_only", args[0] if args else None))
-        return current(checkpoint_path, *args, **kwargs)
 
-    setattr(load_checkpoint, _WRAPPED_ATTR, True)
-    strategy.load_checkpoint = load_checkpoint
+def _load_after_reconcile(strategy: pl.strategies.Strategy, call_previous: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+    _reconcile_before_load(strategy, checkpoint_path, kwargs.get("weights_only", args[0] if args else None))
+    return call_previous(checkpoint_path, *args, **kwargs)
 
 
 def _reconcile_before_load(strategy: pl.strategies.Strategy, checkpoint_path: Any, weights_only: bool | None) -> None:

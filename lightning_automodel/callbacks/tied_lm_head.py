@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,10 +12,32 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._checkpoint_io import checkpoint_keys, materialize_prefixed, missing_tied_head_keys, tied_head_detached
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch_method, target_model
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
 
-_WRAPPED = "__automodel_tied_head__"
+
+def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previous: Any, checkpoint: dict[str, Any]) -> Any:
+    """``LightningModule.on_load_checkpoint`` patch: a full checkpoint without ``lm_head.weight`` gets it from the embedding."""
+    state_dict = checkpoint.get("state_dict")
+    if isinstance(state_dict, dict):
+        prefix, model = target_model(pl_module)
+        if materialize_prefixed(state_dict, model, prefix):
+            rank_zero_info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
+    return call_previous(checkpoint)
+
+
+def _load_with_head_detached(strategy: Any, call_previous: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``ModelParallelStrategy.load_checkpoint`` patch: a sharded checkpoint without the head loads it from the embedding."""
+    prefix, model = target_model(strategy.lightning_module)
+    keys = checkpoint_keys(Path(checkpoint_path))
+    missing = missing_tied_head_keys(keys, model, prefix) if keys is not None else None
+    if missing is None:
+        return call_previous(checkpoint_path, *args, **kwargs)
+    head, source = (key[len(f"state_dict.{prefix}"):] for key in missing)
+    with tied_head_detached(model, head, source) as detached:
+        if detached:
+            rank_zero_info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
+        return call_previous(checkpoint_path, *args, **kwargs)
 
 
 class TiedLMHead(ModelSurgeryCallback):
@@ -59,50 +80,13 @@ class TiedLMHead(ModelSurgeryCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._wrap_module_on_load_checkpoint(pl_module)
-        self._wrap_strategy_load(trainer, pl_module)
-
-    def _wrap_module_on_load_checkpoint(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.on_load_checkpoint
-        if getattr(original, _WRAPPED, False):
-            return
-
-        @functools.wraps(original)
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            state_dict = checkpoint.get("state_dict")
-            if isinstance(state_dict, dict):
-                prefix, model = target_model(pl_module)
-                if materialize_prefixed(state_dict, model, prefix):
-                    rank_zero_info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
-            return original(checkpoint)
-
-        setattr(on_load_checkpoint, _WRAPPED, True)
-        pl_module.on_load_checkpoint = on_load_checkpoint
-
-    def _wrap_strategy_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = trainer.strategy
-        if not isinstance(strategy, ModelParallelStrategy) or getattr(strategy.load_checkpoint, _WRAPPED, False):
-            return
-        original = strategy.load_checkpoint
-
-        @functools.wraps(original)
-        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            prefix, model = target_model(pl_module)
-            keys = checkpoint_keys(Path(checkpoint_path))
-            missing = missing_tied_head_keys(keys, model, prefix) if keys is not None else None
-            if missing is None:
-                return original(checkpoint_path, *args, **kwargs)
-            head, source = (key[len(f"state_dict.{prefix}"):] for key in missing)
-            with tied_head_detached(model, head, source) as detached:
-                if detached:
-                    rank_zero_info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
-                return original(checkpoint_path, *args, **kwargs)
-
-        setattr(load_checkpoint, _WRAPPED, True)
-        strategy.load_checkpoint = load_checkpoint
+        super().setup(trainer, pl_module, stage)
+        # Both patches are removed at teardown and on exception (ModelSurgeryCallback); see _lifecycle.
+        patch_method(pl_module, "on_load_checkpoint", _head_from_embedding_in_state_dict)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            patch_method(trainer.strategy, "load_checkpoint", _load_with_head_detached)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from lightning_automodel.callbacks._lifecycle import prepare_before_sharding
@@ -163,6 +166,14 @@ class HFCausalLM(pl.LightningModule):
         config = self.build_hf_config()
         return build_meta_model(config, self.hparams.model_class, trust_remote_code=self.hparams.trust_remote_code)
 
+    def weights_cast(self, plan: Any = None, reader: CheckpointReader | None = None) -> Callable[[nn.Module], object] | None:
+        """The ``weights_dtype`` surgery step (None for float32); tensors the checkpoint stores in fp32 stay fp32."""
+        weights_dtype = dtype_from_name(self.hparams.weights_dtype)
+        if weights_dtype == torch.float32:
+            return None
+        keep = plan.targets_stored_as(reader, torch.float32) if plan is not None and reader is not None else set()
+        return functools.partial(apply_weights_dtype, dtype=weights_dtype, keep_fp32=keep)
+
     def _check_mesh(self) -> None:
         mesh = self.device_mesh
         names = mesh.mesh_dim_names or ()
@@ -221,13 +232,10 @@ class HFCausalLM(pl.LightningModule):
         try:
             # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
             plan = plan_checkpoint_load(model, reader, hp.get("ignore_checkpoint_keys") or ()) if reader is not None else None
-            # Surgery that must precede sharding (LoRA adapters, sharded with their layer), after the
-            # plan: the checkpoint maps onto the base weights; adapters are not in it.
-            prepare_before_sharding(self, model)
-            weights_dtype = dtype_from_name(hp.weights_dtype)
-            if weights_dtype != torch.float32:
-                keep = plan.targets_stored_as(reader, torch.float32) if plan is not None else set()
-                apply_weights_dtype(model, weights_dtype, keep_fp32=keep)
+            # Surgery that must precede sharding (LoRA adapters, sharded with their layer, and the weights
+            # dtype), in the order `plan` uses too (surgery_schedule), after the load plan: the checkpoint
+            # maps onto the base weights; adapters are not in it.
+            prepare_before_sharding(self, model, weights_cast=self.weights_cast(plan, reader))
             if self.device_mesh is not None:
                 apply_fsdp2(
                     model,

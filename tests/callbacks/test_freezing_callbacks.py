@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import tiny_models as tm
@@ -40,12 +41,19 @@ def test_order_is_fixed_whatever_the_callback_list():
 def test_configure_model_is_wrapped_once_across_fit_and_validate():
     module = ShardedLM(tm.tiny_llama)
     cb = ParameterFreezing(freeze_modules=[{"path": "model.embed_tokens"}])
-    t = trainer(callbacks=[cb])
+    seen = []
+
+    class ChainProbe(Callback):
+        def on_validation_start(self, trainer, pl_module):
+            patch = pl_module.configure_model
+            seen.append((type(patch).__name__, patch.__wrapped__.__func__, isinstance(patch.previous, type(patch))))
+
+    t = trainer(callbacks=[cb, ChainProbe()])
     t.fit(module, loader())
-    wrapped = module.configure_model
     t.validate(module, loader(8))
-    assert module.configure_model is wrapped
-    assert module.configure_model.__wrapped__.__func__ is ShardedLM.configure_model
+    # Patched once per run (never a patch over a patch) and removed at each teardown.
+    assert seen == [("MethodPatch", ShardedLM.configure_model, False)]
+    assert "configure_model" not in vars(module)
     assert not module.model.model.embed_tokens.weight.requires_grad
 
 
