@@ -44,70 +44,6 @@ def probe(config_path: str) -> None:
     print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout_lines": len(stdout.splitlines())}))
 
 
-DEEP = dict(model_type="llama", vocab_size=256, hidden_size=16, intermediate_size=32, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=4, num_hidden_layers=100_000)
-
-# The peer: the same planner with every decoder layer constructed by transformers (what plan did before
-# layer replication), so the ratio isolates the copies.
-_PLANNER = """
-import sys
-from lightning_automodel import planning
-from lightning_automodel.models import building
-if sys.argv[1] == "constructor":
-    real = building.build_on_meta
-    def every_layer(*args, **kwargs):
-        kwargs.pop("replication", None)
-        return real(*args, **kwargs)
-    building.build_on_meta = every_layer
-sys.exit(planning.main(["--config", sys.argv[2]]))
-"""
-
-
-def probe_deep(config_path: str, mode: str) -> None:
-    elapsed, maxrss, stdout = run_child([sys.executable, "-c", _PLANNER, mode, config_path], f"plan ({mode})")
-    print(json.dumps({"seconds": elapsed, "maxrss": maxrss, "stdout": stdout}))
-
-
-def write_deep_config(smoke: bool) -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / ("plan-deep-smoke.yaml" if smoke else "plan-deep.yaml")
-    path.write_text(yaml.safe_dump({
-        "model": {"config": dict(DEEP, num_hidden_layers=200) if smoke else DEEP},
-        "trainer": {"callbacks": [
-            {"class_path": "lightning_automodel.callbacks.ParameterFreezing",
-             "init_args": {"freeze_modules": [{"path": "model.layers.0.mlp"}]}},
-            {"class_path": "lightning_automodel.callbacks.FreezeDeadParameters"},
-        ]},
-    }))
-    return path
-
-
-def run_deep(smoke: bool, repeats: int) -> list[CaseResult]:
-    cfg = write_deep_config(smoke)
-    rounds = 1 if smoke else min(repeats, 2)  # the peer takes a minute or more per run
-    samples: dict[str, list[dict]] = {"ours": [], "every layer constructed": []}
-    for _ in range(rounds):
-        samples["ours"].append(run_probe("case_plan", "probe_deep", str(cfg), "replicated", timeout=1800))
-        samples["every layer constructed"].append(run_probe("case_plan", "probe_deep", str(cfg), "constructor", timeout=1800))
-    layers = 200 if smoke else DEEP["num_hidden_layers"]
-    same = samples["ours"][0]["stdout"] == samples["every layer constructed"][0]["stdout"]
-    case = CaseResult(f"7. `plan` on a {layers:,}-layer llama config (a freeze and the dead-parameter rules): "
-                      "proven layer copies against constructing every layer", target="under 30 s and 3 GB")
-    for name, runs in samples.items():
-        case.rows.append(Row(name, [r["seconds"] for r in runs], "s", "wall time"))
-        case.rows.append(Row(name, [r["maxrss"] for r in runs], "bytes", "peak RSS"))
-    case.notes.append("Both print the same plan: " + ("yes." if same else "**no**."))
-    modules, tensors = 13 * layers, 9 * layers
-    case.notes.append(f"Each run is one process (imports included, about 3.5 s). What remains is Python's per-object "
-                      f"cost: {modules:,} modules and {tensors:,} parameter tensors pass through transformers' "
-                      "tie_weights, the freeze index, the counts, the memory estimate and the table.")
-    if not smoke:
-        ours = case.ours_row("wall time")
-        memory = case.ours_row("peak RSS")
-        case.met = same and ours is not None and memory is not None and ours.median < 30 and memory.median < 3e9
-    return [case]
-
-
 def write_config(smoke: bool) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / ("plan-smoke.yaml" if smoke else "plan-70b.yaml")
@@ -136,10 +72,8 @@ def run(smoke: bool, repeats: int) -> list[CaseResult]:
     if not smoke:
         time_case.met = time_case.rows[0].median < 10
         mem_case.met = mem_case.rows[0].median < 1e9
-    return [time_case, mem_case, *run_deep(smoke, repeats)]
+    return [time_case, mem_case]
 
 
 if __name__ == "__main__" and sys.argv[1] == "probe":
     probe(sys.argv[2])
-if __name__ == "__main__" and sys.argv[1] == "probe_deep":
-    probe_deep(sys.argv[2], sys.argv[3])

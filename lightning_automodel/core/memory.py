@@ -216,7 +216,7 @@ def estimate_fsdp2_peak(
         optimizer_states_per_param=optimizer_states_per_param,
         sharded=True,
     )
-    params = dict(unique_named_parameters(model))  # under reuse_parameter_traversal (plan) this is the same list
+    params = dict(unique_named_parameters(model))
     groups = fsdp2_groups(model) if groups is None else groups
     owner: dict[str, str] = {}
     order: dict[str, None] = {}  # groups in first-seen order; a list's `in` made this quadratic in the layers

@@ -8,7 +8,6 @@ matching whatever wrapping the run applies.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 from torch import nn
@@ -64,38 +63,8 @@ def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
     return dict(canonical_named_modules(model))
 
 
-_REUSED: dict[int, list[tuple[str, nn.Parameter]]] = {}
-
-
-@contextlib.contextmanager
-def reuse_parameter_traversal(model: nn.Module) -> Iterator[None]:
-    """While active, :func:`unique_named_parameters` of ``model`` is computed once and reused.
-
-    For read-only passes over a model whose structure does not change meanwhile (``plan``'s counts,
-    memory estimates and table after surgery): each traversal of a 100,000-layer model is a second or
-    more, and five passes read the same list. ``requires_grad`` and dtypes are read live from the
-    parameters; adding or replacing modules inside the block is not seen.
-    """
-    key = id(model)
-    outermost = key not in _REUSED
-    if outermost:
-        _REUSED[key] = _unique_named_parameters(model)
-    try:
-        yield
-    finally:
-        if outermost:
-            del _REUSED[key]
-
-
 def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Canonical names and parameters, each parameter once (tied weights under their first name)."""
-    reused = _REUSED.get(id(model))
-    if reused is not None:
-        return list(reused)
-    return _unique_named_parameters(model)
-
-
-def _unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     seen: set[int] = set()
     out = []
     for name, param in model.named_parameters(remove_duplicate=False):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import gc
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,6 @@ from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, re
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.init import init_empty_weights
-from lightning_automodel.core.layer_replication import ReplicationStats, replicate_identical_layers
 from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 
@@ -232,7 +230,6 @@ def build_on_meta(
     model_class: ModelClass = "auto",
     *,
     trust_remote_code: bool = False,
-    replication: ReplicationStats | None = None,
 ) -> nn.Module:
     """The whole model, parameters and buffers, on the meta device in fp32: no storage is ever allocated.
 
@@ -241,90 +238,14 @@ def build_on_meta(
     each parameter on the CPU first; a 256000 x 32768 embedding cannot be allocated that way. ``plan``
     and ``export``'s check need shapes and dtypes only, so everything is created under ``torch.device("meta")``.
     ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` must not decide the planned precision.
-
-    With ``replication`` (``plan`` passes one), decoder layers that provably repeat an earlier one are
-    structural copies instead of constructor runs (:mod:`~lightning_automodel.core.layer_replication`),
-    which makes a 100,000-layer model a matter of seconds; ``replication`` reports what was copied.
     """
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    # A deep model is ~10 modules per layer: generational GC passes cost 40% of the build.
-    with paused_gc(), torch.device("meta"), _no_weight_init(), contextlib.ExitStack() as stack:
-        if replication is not None:
-            classes = repeated_layer_classes(cls, config, trust_remote_code=trust_remote_code)
-            stack.enter_context(replicate_identical_layers(classes, stats=replication))
+    with torch.device("meta"), _no_weight_init():
         model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings count once, as in the job
     return model
-
-
-def repeated_layer_classes(auto_class: Any, config: PretrainedConfig, *, trust_remote_code: bool = False) -> list[type]:
-    """The classes a model repeats: transformers' ``_no_split_modules`` of the model and of its sub-models.
-
-    ``_no_split_modules`` names the blocks accelerate and FSDP treat as units (decoder layers, vision
-    blocks); they are exactly what a deep model repeats. Names are resolved among the loaded
-    ``nn.Module`` subclasses of the modeling modules involved, so nothing is imported by name.
-    """
-    names: set[str] = set()
-    modules: set[str] = set()
-    candidates = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})]
-    for sub in candidates:
-        if not isinstance(sub, PretrainedConfig):
-            continue
-        for mapping in (getattr(auto_class, "_model_mapping", None), _base_model_mapping()):
-            model_cls = _mapped_class(mapping, sub)
-            if model_cls is not None and not (trust_remote_code is False and _is_remote(model_cls)):
-                names.update(getattr(model_cls, "_no_split_modules", None) or ())
-                modules.add(model_cls.__module__)
-    found: list[type] = []
-    stack = list(nn.Module.__subclasses__())
-    seen: set[type] = set()
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
-        if cls.__name__ in names and cls.__module__ in modules:
-            found.append(cls)
-    return found
-
-
-def _base_model_mapping() -> Any:
-    from transformers import AutoModel
-
-    return getattr(AutoModel, "_model_mapping", None)
-
-
-def _mapped_class(mapping: Any, config: PretrainedConfig) -> type | None:
-    if mapping is None:
-        return None
-    try:
-        return mapping[type(config)]
-    except (KeyError, ValueError, ImportError):  # no class for it, or one that cannot be imported: no copies
-        return None
-
-
-def _is_remote(cls: type) -> bool:
-    return not cls.__module__.startswith("transformers.")
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic garbage collection inside the block (restored as it was, on exceptions too).
-
-    A deep model is millions of Python objects and each full collection walks all of them: building
-    one, or indexing and freezing 10,000 layers with the collector on, took 1.7 to 2.4 times as long.
-    What the block creates is reclaimed by reference counting or by the next collection after it.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
