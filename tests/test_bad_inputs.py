@@ -179,6 +179,11 @@ def empty_validation_file(tmp_path):
     return tiny_fit(tmp_path, f"--data.val_files=[{tmp_path / 'empty.txt'}]")
 
 
+def data_fifo(tmp_path):
+    os.mkfifo(tmp_path / "data.txt")
+    return tiny_fit(tmp_path, f"--data.train_files=[{tmp_path / 'data.txt'}]")
+
+
 def fit_with(*extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp_path: tiny_fit(tmp_path, *extra)
 
@@ -244,6 +249,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "devices_zero": (fit_with("--trainer.devices=0"), r"devices"),
     "pad_to_multiple_of_zero": (fit_with("--data.packing=true", "--data.pad_to_multiple_of=0"), r"pad_to_multiple_of must be at least 1"),
     "empty_validation_file": (empty_validation_file, r"validation files .*empty\.txt"),
+    "data_fifo": (data_fifo, r"data\.txt' is not a regular file"),
     "deep_jsonl": (deep_jsonl, r"deep\.jsonl:1: .*nested too deeply"),
     "overlapping_safetensors": (overlapping_safetensors, r"model\.safetensors.*q_proj.*overlaps"),
     "duplicate_safetensors_key": (duplicate_safetensors_key, r"model\.safetensors.*q_proj.* listed twice"),

@@ -103,6 +103,8 @@ def read_documents(files: list[str]) -> list[str]:
     for name in files:
         path = Path(name)
         if not path.is_file():
+            if path.exists():  # a FIFO or a device never ends (or blocks); a directory is not a file
+                raise DataError(f"Data file {name!r} is not a regular file; pass .txt or .jsonl files.")
             raise FileNotFoundError(f"Data file {name!r} does not exist.")
         if path.suffix == ".jsonl":
             for lineno, line in enumerate(_lines(path), start=1):
