@@ -84,6 +84,9 @@ def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Map
     return callbacks if isinstance(callbacks, Mapping) else None
 
 
+DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
+
+
 def dcp_stored_keys(path: Path) -> set[str]:
     """The keys a DCP checkpoint directory holds (its metadata only; no tensor is read)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -104,13 +107,26 @@ def _dotted(prefix: str) -> str:
     return f"{prefix.rstrip('.')}." if prefix else ""
 
 
+def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str]:
+    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``).
+
+    Only ``optimizer_key``'s (``optimizer_0``) when given, else any optimizer's.
+    """
+    fqns = set()
+    for key in keys:
+        optimizer, _, rest = key.partition(".state.")
+        if rest and (optimizer == optimizer_key if optimizer_key else optimizer.startswith("optimizer_")):
+            fqns.add(rest.rsplit(".", 1)[0])
+    return fqns
+
+
 def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
     """Parameter names (relative to the model at ``module_prefix``) a sharded checkpoint has optimizer state for.
 
     None when that cannot be told (not a DCP directory, unreadable metadata).
     """
     path = Path(checkpoint_path)
-    if not (path / ".metadata").is_file():
+    if not (path / DCP_METADATA_FILE).is_file():
         return None
     try:
         keys = dcp_stored_keys(path)
@@ -118,12 +134,7 @@ def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[
         log.debug("Could not read the DCP metadata of %s: %s", path, exc)
         return None
     head = _dotted(module_prefix)
-    names = set()
-    for key in keys:
-        optimizer, _, rest = key.partition(".state.")
-        if optimizer.startswith("optimizer_") and rest.startswith(head):
-            names.add(rest[len(head) :].rsplit(".", 1)[0])
-    return names
+    return {fqn[len(head) :] for fqn in state_fqns(keys) if fqn.startswith(head)}
 
 
 @dataclass(frozen=True)
