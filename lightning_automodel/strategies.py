@@ -40,34 +40,39 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._resume import dcp_stored_keys
+from lightning_automodel.callbacks._resume import DCP_METADATA_FILE, dcp_stored_keys, preview, state_fqns
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
 
 log = logging.getLogger(__name__)
 
 _METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
-_DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
-_SHOWN = 10
 
 MissingOptimizerStatePolicy = Literal["warn", "error"]
 
 
-def _preview(names: list[str]) -> str:
-    more = f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
-
-
-def missing_optimizer_state_message(path: Any, missing: list[str], *, error: bool) -> str:
-    """One line naming the parameters without optimizer state in checkpoint ``path`` and what to do."""
-    head = f"The checkpoint {path} has no optimizer state for {len(missing)} parameters this run trains: [{_preview(missing)}]"
-    why = " (they got no gradient before it was saved, e.g. a vision tower on text-only data, or were frozen then)"
+def missing_optimizer_state_message(path: Any, missing: list[str], unused: list[str], *, error: bool) -> str:
+    """One line naming the parameters whose optimizer state checkpoint ``path`` lacks (or has unused) and what to do."""
+    parts = []
+    if missing:
+        parts.append(
+            f"has no optimizer state for {len(missing)} parameters this run trains: [{preview(missing)}] (they got no "
+            "gradient before it was saved, e.g. a vision tower on text-only data, or were frozen then)"
+        )
+    if unused:
+        parts.append(f"has optimizer state for {len(unused)} parameters this run does not train: [{preview(unused)}]")
+    head = f"The checkpoint {path} {'; it '.join(parts)}"
     if error:
         return (
-            f"{head}{why}. Freeze them if they are dead (ParameterFreezing freeze_modules), or set "
-            "AtomicModelParallelStrategy(on_missing_optimizer_state='warn') to start them with fresh optimizer state."
+            f"{head}. Freeze the dead ones (ParameterFreezing freeze_modules) or resume with the checkpoint's frozen set, "
+            "or set AtomicModelParallelStrategy(on_missing_optimizer_state='warn') to start them with fresh optimizer state."
         )
-    return f"{head}{why}; they start with fresh optimizer state (on_missing_optimizer_state='error' stops instead)."
+    return f"{head}. Resuming: the former start with fresh optimizer state, the latter's is left out (on_missing_optimizer_state='error' stops instead)."
+
+
+def unused_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
+    """FQNs the checkpoint holds ``key`` optimizer state for that ``current`` does not train."""
+    return sorted(state_fqns(stored, key) - set(current["state"]))
 
 
 def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
@@ -297,7 +302,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("atomic_checkpoint_recover")
         check_checkpoint_is_data(path)
         weights_only = True if weights_only is None else weights_only
-        if not self.optimizers or not (path / _DCP_METADATA_FILE).is_file():
+        if not self.optimizers or not (path / DCP_METADATA_FILE).is_file():
             return super().load_checkpoint(checkpoint_path, weights_only)
         return self._load_sharded_with_partial_optimizer_state(path, weights_only)
 
@@ -315,12 +320,13 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             self._optimizers, self._lightning_optimizers = optimizers, lightning_optimizers
         currents = [get_optimizer_state_dict(self.model, optimizer) for optimizer in optimizers]
         missing = sorted({fqn for i, current in enumerate(currents) for fqn in missing_state(current, f"optimizer_{i}", stored)})
-        if missing and self.on_missing_optimizer_state == "error":
-            raise MisconfigurationException(missing_optimizer_state_message(path, missing, error=True))
+        unused = sorted({fqn for i, current in enumerate(currents) for fqn in unused_state(current, f"optimizer_{i}", stored)})
+        if (missing or unused) and self.on_missing_optimizer_state == "error":
+            raise MisconfigurationException(missing_optimizer_state_message(path, missing, unused, error=True))
         for i, (optimizer, current) in enumerate(zip(optimizers, currents)):
             load_present_optimizer_state(self.model, optimizer, current, f"optimizer_{i}", path, stored)
-        if missing:
-            rank_zero_warn(missing_optimizer_state_message(path, missing, error=False))
+        if missing or unused:
+            rank_zero_warn(missing_optimizer_state_message(path, missing, unused, error=False))
         return checkpoint
 
     @override

@@ -82,6 +82,9 @@ def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Map
     return callbacks if isinstance(callbacks, Mapping) else None
 
 
+DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
+
+
 def dcp_stored_keys(path: Path) -> set[str]:
     """The keys a DCP checkpoint directory holds (its metadata only; no tensor is read)."""
     from lightning_automodel.trained_checkpoint import SafeFileSystemReader  # never plain pickle for .metadata
@@ -102,13 +105,26 @@ def _dotted(prefix: str) -> str:
     return f"{prefix.rstrip('.')}." if prefix else ""
 
 
+def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str]:
+    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``).
+
+    Only ``optimizer_key``'s (``optimizer_0``) when given, else any optimizer's.
+    """
+    fqns = set()
+    for key in keys:
+        optimizer, _, rest = key.partition(".state.")
+        if rest and (optimizer == optimizer_key if optimizer_key else optimizer.startswith("optimizer_")):
+            fqns.add(rest.rsplit(".", 1)[0])
+    return fqns
+
+
 def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
     """Parameter names (relative to the model at ``module_prefix``) a sharded checkpoint has optimizer state for.
 
     None when that cannot be told (not a DCP directory, unreadable metadata).
     """
     path = Path(checkpoint_path)
-    if not (path / ".metadata").is_file():
+    if not (path / DCP_METADATA_FILE).is_file():
         return None
     try:
         keys = dcp_stored_keys(path)
@@ -116,12 +132,53 @@ def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[
         log.debug("Could not read the DCP metadata of %s: %s", path, exc)
         return None
     head = _dotted(module_prefix)
-    names = set()
-    for key in keys:
-        optimizer, _, rest = key.partition(".state.")
-        if optimizer.startswith("optimizer_") and rest.startswith(head):
-            names.add(rest[len(head) :].rsplit(".", 1)[0])
+    return {fqn[len(head) :] for fqn in state_fqns(keys) if fqn.startswith(head)}
+
+
+def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: Iterable[str]) -> list[dict[int, str]] | None:
+    """Per saved optimizer of a full checkpoint (one device, DDP): parameter position -> name.
+
+    The optimizer of the saved run held its trainable parameters, the model's minus the checkpoint's
+    frozen set, in module order (``configure_optimizers`` over ``parameters()``); None when the saved
+    state does not hold exactly that many parameters (another optimizer layout: cannot be told).
+    """
+    states = checkpoint.get("optimizer_states")
+    if not isinstance(states, list) or not states:
+        return None
+    frozen = set(saved_frozen)
+    trained = [name for name in (canonical_name(n) for n, _ in model.named_parameters()) if name not in frozen]
+    positions = [[i for group in state.get("param_groups", []) for i in group.get("params", [])] for state in states]
+    if sum(len(p) for p in positions) != len(trained):
+        return None
+    names, offset = [], 0
+    for saved in positions:
+        names.append({position: trained[offset + k] for k, position in enumerate(saved)})
+        offset += len(saved)
     return names
+
+
+def names_with_saved_optimizer_state(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: Iterable[str]) -> set[str] | None:
+    """:func:`names_with_optimizer_state` for a full checkpoint, whose optimizer state is keyed by position."""
+    names = _saved_optimizer_names(checkpoint, model, saved_frozen)
+    if names is None:
+        return None
+    return {by_position[i] for state, by_position in zip(checkpoint["optimizer_states"], names) for i in state.get("state", {}) if i in by_position}
+
+
+def drop_from_saved_optimizers(checkpoint: dict[str, Any], model: nn.Module, saved_frozen: Iterable[str], drop: Iterable[str]) -> None:
+    """Remove parameters from a full checkpoint's optimizer groups (in place), so a run that freezes them loads the rest.
+
+    Lightning restores the optimizer from this same dict after the callbacks' ``on_load_checkpoint``.
+    """
+    drop = set(drop)
+    names = _saved_optimizer_names(checkpoint, model, saved_frozen)
+    if names is None or not drop:
+        return
+    for state, by_position in zip(checkpoint["optimizer_states"], names):
+        for group in state.get("param_groups", []):
+            group["params"] = [i for i in group["params"] if by_position.get(i) not in drop]
+        for i in [i for i in state.get("state", {}) if by_position.get(i) in drop]:
+            del state["state"][i]
 
 
 @dataclass(frozen=True)

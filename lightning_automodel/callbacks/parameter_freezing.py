@@ -16,9 +16,11 @@ from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, froze
 from lightning_automodel.callbacks._resume import (
     FrozenSetDiff,
     apply_frozen_set,
+    drop_from_saved_optimizers,
     frozen_set_diff,
     install_resume_check,
     names_with_optimizer_state,
+    names_with_saved_optimizer_state,
     preview,
     saved_state,
 )
@@ -184,19 +186,17 @@ class ParameterFreezing(ModelSurgeryCallback):
         if state is None:
             return False
         prefix, model = target_model(pl_module)
-        diff = self._keep_stateless_frozen(frozen_set_diff(model, state.get("frozen", [])), checkpoint_path, prefix)
+        diff = frozen_set_diff(model, state.get("frozen", []))
+        diff = self._keep_stateless_frozen(diff, names_with_optimizer_state(checkpoint_path, prefix) if diff.to_unfreeze else None)
         return self._resolve(model, diff, checkpoint_path)
 
-    def _keep_stateless_frozen(self, diff: FrozenSetDiff, checkpoint_path: Any, prefix: str, *, report: bool = True) -> FrozenSetDiff:
+    def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None, *, report: bool = True) -> FrozenSetDiff:
         """Parameters this run freezes that the checkpoint trained without ever stepping them stay frozen.
 
         The checkpoint has no optimizer state for them (they got no gradient: FreezeDeadParameters'
         advice names them), so the run it saved never changed them and freezing them now resumes it exactly.
         """
-        if not diff.to_unfreeze:
-            return diff
-        with_state = names_with_optimizer_state(checkpoint_path, prefix)
-        if with_state is None:
+        if not diff.to_unfreeze or with_state is None:
             return diff
         stateless = [name for name in diff.to_unfreeze if name not in with_state]
         if not stateless:
@@ -242,7 +242,8 @@ class ParameterFreezing(ModelSurgeryCallback):
         prefix, model = target_model(pl_module)
         diff = frozen_set_diff(model, state.get("frozen", []))
         if trainer.strategy.restore_checkpoint_after_setup:
-            diff = self._keep_stateless_frozen(diff, trainer.ckpt_path, prefix, report=False)
+            with_state = names_with_optimizer_state(trainer.ckpt_path, prefix) if diff.to_unfreeze else None
+            diff = self._keep_stateless_frozen(diff, with_state, report=False)
             # The strategy wrapper reconciled before the optimizer state loaded; a difference now means it
             # could not (the strategy's load_checkpoint was replaced): the optimizer state may not fit.
             if diff:
@@ -252,4 +253,9 @@ class ParameterFreezing(ModelSurgeryCallback):
                 )
             return
         # Single device and DDP restore before configure_optimizers: reconciling here is in time.
-        self._resolve(model, diff, trainer.ckpt_path)
+        saved_frozen = state.get("frozen", [])
+        with_state = names_with_saved_optimizer_state(checkpoint, model, saved_frozen) if diff.to_unfreeze else None
+        kept = self._keep_stateless_frozen(diff, with_state)
+        # what stays frozen leaves the saved groups: the optimizer built next holds the rest, in order
+        drop_from_saved_optimizers(checkpoint, model, saved_frozen, set(diff.to_unfreeze) - set(kept.to_unfreeze))
+        self._resolve(model, kept, trainer.ckpt_path)

@@ -192,8 +192,11 @@ def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
         twin._parameters = {n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in base._parameters.items()}
         return twin
     stand_in = nn.Module()
-    stand_in.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    # peft reads the dtype and device of the base's ``weight`` (a ParamWrapper: of the wrapped parameter).
+    for attr in {"weight", getattr(layer, "parameter_name", "weight")}:
+        setattr(stand_in, attr, nn.Parameter(torch.empty(0), requires_grad=False))
     stand_in.bias = nn.Parameter(torch.empty(0), requires_grad=False) if getattr(base, "bias", None) is not None else None
+    stand_in.is_transposed = getattr(base, "is_transposed", False)
     return stand_in
 
 

@@ -102,3 +102,20 @@ def test_two_rank_fsdp2_dora_and_embedding_adapters_equal_one_device(tmp_path):
     from distributed import run_torchrun
 
     run_torchrun("job_lora_init_fsdp2.py", str(tmp_path), timeout=600)
+
+
+def test_fused_moe_expert_adapters_are_initialized_and_start_at_the_base():
+    """peft adapts fused experts through ParamWrapper (the wrapped tensor is not named ``weight``)."""
+    from lightning_automodel.core.lora import inject_lora, lora_config
+
+    model = tm.build(tm.tiny_config("mixtral", num_local_experts=3, num_experts_per_tok=2)).eval()
+    before = logits(model)
+    inject_lora(model, lora_config(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.fill_(float("nan"))
+    assert initialize_adapters(model, seed=1) > 0
+    values = adapters(model)
+    assert any("experts" in n for n in values) and all(torch.isfinite(t).all() for t in values.values())
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-6)
