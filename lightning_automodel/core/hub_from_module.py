@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_automodel.core.atomic_files import fsync_path
 from lightning_automodel.core.distributed import all_reduce_sum_
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, HubTensor, is_renaming, plan_hub_layout
 from lightning_automodel.core.hub_writer import FILE_MODE, assemble_shard, save_shard, shard_file_names, write_index
@@ -152,6 +153,15 @@ def write_shards_from_all_ranks(
                 fetch_groups([g for g in shard if id(g) not in fetched], state, owner=owner, rank=rank, dtype=dtype)
         for job in [*in_place, *([pending] if pending is not None else [])]:
             error = error or job.exception()
+    if error is None:
+        # One fsync per file at the end, not after each file's writes: the disk writes back the earlier
+        # files while the later ones are filled (each rank flushes its own writes: NFS needs that).
+        for i in order:
+            try:
+                fsync_path(staging / names[i])
+            except OSError as exc:
+                error = exc
+                break
     if rank == 0 and len(shards) > 1 and error is None:
         try:
             write_index(staging, layout, shards)
@@ -285,7 +295,7 @@ def _create_in_place(path: Path, shard: Sequence[ConversionGroup]) -> None:
 
 
 def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: dict[str, torch.Tensor], *, owner: int, rank: int) -> None:
-    """Write this rank's rows of every tensor of ``shard`` at their offsets in ``path``, cast to the file's dtypes, fsynced.
+    """Write this rank's rows of every tensor of ``shard`` at their offsets in ``path``, cast to the file's dtypes (not fsynced yet).
 
     A tensor that every rank holds whole is written by the file's owner only.
     """
@@ -316,6 +326,5 @@ def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: di
             while view:  # pwrite may write less than asked
                 done = os.pwrite(fd, view, position)
                 view, position = view[done:], position + done
-        os.fsync(fd)
     finally:
         os.close(fd)
