@@ -30,6 +30,7 @@ from lightning_automodel.models.building import apply_fsdp2, build_meta_model, m
 
 
 def measure(fn) -> dict:
+    os.sync()  # the previous measurement's dirty pages are on disk first: its writeback would slow this one
     dist.barrier()
     base = rss_kib()
     reset_peak_rss()

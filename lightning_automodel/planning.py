@@ -233,13 +233,29 @@ def _parser() -> _Parser:
         help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)",
     )
     parser.add_argument(
+        "--node_host_memory", type=_node_memory_arg, default=10**12,
+        help="host memory of one node, e.g. 1TB (default), 2TiB, 768GB: the per-node check of cpu_offload's pinned state",
+    )
+    parser.add_argument(
         "--optimizer_state_dtype", default=None,
         help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)",
     )
     return parser
 
 
-_PLAN_OPTIONS = ("--config", "-c", "--world_size", "--optimizer_state_dtype")
+_PLAN_OPTIONS = ("--config", "-c", "--world_size", "--optimizer_state_dtype", "--node_host_memory")
+
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _node_memory_arg(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    factor = _MEMORY_UNITS.get(match.group(2).upper()) if match else None
+    if match is None or factor is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 1TB, 2TiB or 768GB; got {text!r}")
+    return int(float(match.group(1)) * factor)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -412,6 +428,8 @@ class Plan:
     compute_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     cpu_offload: bool = False
+    nodes: int = 1  # trainer.num_nodes: the ranks are spread evenly over them
+    node_host_bytes: int = 10**12  # --node_host_memory
 
 
 def world_size_from(trainer_config: Mapping[str, Any]) -> int:
@@ -560,7 +578,9 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
     size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
-    return _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
+    plan = _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
+    plan.nodes = max(1, int(trainer_config.get("num_nodes", 1) or 1))
+    return plan
 
 
 def _apply_on_meta(step: SurgeryStep, model: nn.Module) -> Mapping[str, str]:
@@ -642,7 +662,35 @@ def format_fsdp2(plan: Plan) -> list[str]:
         f"  total {b(est.total_bytes)}: without cpu_offload all on the device; with cpu_offload device "
         f"{b(off.device_bytes)}, host {b(off.host_bytes)} (this config: cpu_offload {'true' if plan.cpu_offload else 'false'}). "
         "Activations not included.",
+        *format_per_node(plan),
     ]
+
+
+def format_per_node(plan: Plan) -> list[str]:
+    """Host memory per node with ``cpu_offload`` (FSDP2 pins the offloaded state), and what makes it fit a node.
+
+    The ranks are spread evenly over ``trainer.num_nodes``. Pinned memory cannot be swapped or
+    shared, so the node's host memory must hold every rank's offloaded state (plus the OS, the data
+    loaders and the page cache: a node that only just fits does not).
+    """
+    off = plan.fsdp2_offload
+    if off is None:
+        return []
+    b = format_bytes_human
+    ranks = -(-off.world_size // plan.nodes)
+    pinned = off.host_bytes * ranks
+    head = (f"Per node ({ranks} rank{'s' if ranks != 1 else ''} on each of {plan.nodes} node{'s' if plan.nodes != 1 else ''}) "
+            f"with cpu_offload: host {b(pinned)} pinned of {b(plan.node_host_bytes)} (--node_host_memory)")
+    if pinned <= plan.node_host_bytes:
+        return [head + ": fits."]
+    # The sharded state scales with 1 / ranks: more nodes of the same size divide it.
+    nodes = -(-pinned * plan.nodes // plan.node_host_bytes)
+    fixes = [f"--trainer.num_nodes {nodes} (about {b(pinned * plan.nodes / nodes)} per node)"]
+    if any(p.dtype == torch.float32 for _, p in unique_named_parameters(plan.model) if p.is_floating_point()):
+        fixes.append(f"--model.weights_dtype bfloat16 (bf16 parameters, gradients and AdamW state: about {b(pinned / 2)})")
+    if not plan.adapters:
+        fixes.append(f"LoRA (the LoRA callback: gradients and AdamW state for the adapters only, about {b(off.param_bytes * ranks)})")
+    return [head + ": does NOT fit.", "  Fits with: " + "; or ".join(fixes) + "."]
 
 
 def format_plan(plan: Plan) -> str:
@@ -678,6 +726,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         args, config = parse_args(argv)
         plan = make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
+        plan.node_host_bytes = args.node_host_memory
         report = format_plan(plan)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

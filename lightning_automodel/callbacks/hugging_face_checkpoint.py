@@ -53,9 +53,10 @@ class HuggingFaceCheckpoint(Callback):
     safetensors shards with an index, config, generation config and the tokenizer of the source
     directory; directories 0755, files 0644.
 
-    Every rank writes: output file ``i`` belongs to rank ``i % world_size``, and each conversion
-    group is all-gathered in turn (``DTensor.full_tensor``), so per rank memory is one output shard
-    plus one gathered group, never the model. Files go to a staging directory beside the target;
+    Every rank writes: output file ``i`` belongs to rank ``i % world_size``, which creates it; each
+    rank writes its own rows of renamed tensors into it in place, and converted groups (fused MoE
+    experts) are gathered to the owner only, in the output dtype. Per rank memory is at most one
+    output shard plus one gathered group, never the model; a failed write is an error on every rank. Files go to a staging directory beside the target;
     rank 0 publishes it with one rename after every rank has fsynced its files, so a crash leaves
     the previous directory or the new one, never a mix. ``dirpath`` must be on a filesystem every
     node sees (as for sharded checkpoints).

@@ -90,10 +90,26 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
         return torch.device("cpu")
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", _local_cuda_index())
     if "xccl" in backend:
         return torch.device("xpu", torch.xpu.current_device())
     return torch.device("cpu")
+
+
+def _local_cuda_index() -> int:
+    """This process's GPU: the one the process group was bound to, else ``LOCAL_RANK``'s, else the current one.
+
+    A core-API user under torchrun who never called ``torch.cuda.set_device`` has every rank on
+    GPU 0 as the "current" device; NCCL then hangs or fails. Lightning sets the device, so for its
+    jobs all three agree.
+    """
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)  # private: no public getter
+    if bound is not None and bound.index is not None:
+        return bound.index
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit() and torch.cuda.device_count() > 0:
+        return int(local_rank) % torch.cuda.device_count()
+    return torch.cuda.current_device()
 
 
 def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:

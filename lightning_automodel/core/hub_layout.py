@@ -179,6 +179,19 @@ def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...
     return [tuple(members) for members in groups.values()]
 
 
+def is_renaming(model: nn.Module, group: ConversionGroup) -> bool:
+    """Whether ``group`` is one module tensor that reverts to one hub tensor of the same shape and data (a rename).
+
+    No converter matches its name (converters stack, split, transpose); renamings move no data.
+    """
+    from transformers.core_model_loading import apply_converters
+
+    if len(group.sources) != 1 or len(group.outputs) != 1:
+        return False
+    converters = _reverse_converters(model)
+    return not converters or apply_converters(group.sources[0], converters)[1] is None
+
+
 def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' reversion of one conversion group (module names -> hub names).
 

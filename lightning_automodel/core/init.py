@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _MISSING = object()
 # torchao float8 weight wrappers keep their constructor arguments under private names.
@@ -149,20 +155,180 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+#: elements per row block: blocks depend on a tensor's shape only, never on the world size
+_BLOCK_ELEMENTS = 2**20
+#: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
+_REPLAYABLE = {
+    "aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::erfinv_", "aten::mul_", "aten::add_",
+    "aten::sub_", "aten::div_", "aten::clamp_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_",
+}
+#: ops among them that overwrite every element without reading it (earlier ops on the tensor do not matter)
+_OVERWRITING = {"aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_"}
+
+
+#: one recorded op: (aten op, its non-tensor arguments, keyword arguments, the row it applies to or None for all)
+_Op = tuple[Any, tuple[Any, ...], dict[str, Any], int | None]
+
+
+@dataclass
+class _Recorded:
+    """What an init did to each parameter of a full-size meta twin: in-place elementwise ops, in order."""
+
+    ops: dict[str, list[_Op]]
+    replayable: bool
+
+
+def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
+    """Run ``run`` (an init of ``twin``, whose parameters are full-size meta tensors) and record its ops per parameter.
+
+    The ops carry the scalars the init computed from the full shape (a kaiming bound, a std), so
+    replaying them on a block of rows gives what the full-size init would, elementwise. Anything
+    else makes the module not replayable (it then gets a full-size twin, as before): an op on a
+    part of a parameter other than one row (an embedding's padding row is fine), a tensor copied in, an op that is not
+    elementwise, or a question about the device (``trunc_normal_`` skips meta tensors).
+    Uses ``TorchDispatchMode`` (torch's own tracing hook; not part of the stable API), here only.
+    """
+    import inspect
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = {id(p): n for n, p in twin._parameters.items() if p is not None}
+    keep_alive: list[torch.Tensor] = []  # so the ids of aliases stay unique while recording
+    rows: dict[int, tuple[str, int]] = {}  # ``weight[i]``: one whole row of a parameter
+    partial: set[int] = set()
+    ops: dict[str, list[_Op]] = {n: [] for n in params.values()}
+    state = {"replayable": True}
+    device_queries = (inspect.getattr_static(torch.Tensor, "is_meta"), inspect.getattr_static(torch.Tensor, "device"))
+
+    class DeviceQueries(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__self__", None) in device_queries and args and id(args[0]) in params:
+                state["replayable"] = False
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            first = args[0] if args else None
+            if not isinstance(first, torch.Tensor):
+                return out
+            schema = func._schema
+            if schema.is_mutable:
+                if id(first) in params or id(first) in rows:
+                    name, row = (params[id(first)], None) if id(first) in params else rows[id(first)]
+                    others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
+                    if schema.name in _REPLAYABLE and not others:
+                        rest = {k: v for k, v in kwargs.items() if k != "generator"}
+                        ops[name].append((func, tuple(args[1:]), rest, row))
+                    else:
+                        state["replayable"] = False
+                elif id(first) in partial:
+                    state["replayable"] = False
+            elif (id(first) in params or id(first) in partial) and isinstance(out, torch.Tensor) and schema.returns and schema.returns[0].alias_info:
+                keep_alive.append(out)
+                whole = id(first) in params and out.shape == first.shape and out.stride() == first.stride()
+                whole = whole and out.storage_offset() == first.storage_offset()
+                if whole:
+                    params[id(out)] = params[id(first)]  # ``.data``, ``.detach()``: the same tensor
+                elif id(first) in params and schema.name == "aten::select" and len(args) == 3 and args[1] == 0:
+                    rows[id(out)] = (params[id(first)], args[2] % first.shape[0])
+                else:
+                    partial.add(id(out))
+            return out
+
+    with DeviceQueries(), Ops():
+        run()
+    replayable = state["replayable"] and all(any(_overwrites(op) for op in seq) for seq in ops.values())
+    return _Recorded(ops=ops, replayable=replayable)
+
+
+def _overwrites(op: _Op) -> bool:
+    return op[3] is None and op[0]._schema.name in _OVERWRITING
+
+
+def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
+    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it.
+
+    Block ``b`` (a fixed number of rows, from the shape alone) is drawn from a generator seeded by
+    ``seed`` and ``b``, so a row's values do not depend on which rank holds it or how many ranks there are.
+    """
+    from lightning_automodel.core.sharded_load import local_index
+
+    local = param.to_local() if hasattr(param, "to_local") else param
+    if not local.numel():
+        return
+    index = local_index(param)
+    last = max(i for i, op in enumerate(ops) if _overwrites(op))
+    ops = ops[last:]  # what came before is overwritten (a constructor's init under the model's own)
+    shape = tuple(param.shape)
+    if not shape:
+        shape, index = (1,), (slice(0, 1),)
+        local = local.reshape(1)
+    row_numel = max(1, math.prod(shape[1:]))
+    rows = max(1, _BLOCK_ELEMENTS // row_numel)
+    start, stop = index[0].start or 0, index[0].stop if index[0].stop is not None else shape[0]
+    whole_rows = all(s.start in (None, 0) and s.stop in (None, n) for s, n in zip(index[1:], shape[1:]))
+    in_place = whole_rows and local.device.type == "cpu" and local.is_contiguous()
+    for block in range(start // rows, -(-stop // rows)):
+        lo, hi = block * rows, min(shape[0], (block + 1) * rows)
+        inside = in_place and start <= lo and hi <= stop
+        # A block inside the local rows is drawn straight into them (no copy); an edge block is drawn whole.
+        values = local[lo - start : hi - start] if inside else torch.empty((hi - lo, *shape[1:]), dtype=param.dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_module_seed(seed, str(block)))
+            for func, args, kwargs, row in ops:
+                if row is None:
+                    func(values, *args, **kwargs)
+                elif lo <= row < hi:
+                    func(values[row - lo], *args, **kwargs)
+        if not inside:
+            a, b = max(lo, start), min(hi, stop)
+            local[a - start : b - start].copy_(values[(slice(a - lo, b - lo), *index[1:])])
+
+
+def _full_twin(module: nn.Module) -> nn.Module:
+    """A CPU twin of ``module`` with full-size parameters (for inits that cannot be replayed on row blocks)."""
+    twin = plain_copy(module)
+    # Children get their own twins; here they are meta shadows, so an init that reaches into them
+    # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
+    twin._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
+    twin._buffers = {n: (b.clone() if b is not None and not b.is_meta else b) for n, b in module._buffers.items()}
+    twin._parameters = {
+        n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu"), requires_grad=p.requires_grad) if p is not None else None)
+        for n, p in module._parameters.items()
+    }
+    return twin
+
+
+def _run_init(twin: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> None:
+    # torch's constructor-time init first (as building the module would), then transformers' own.
+    reset = getattr(twin, "reset_parameters", None)
+    if callable(reset):
+        reset()
+    if callable(init_fn):
+        init_fn(twin)
+
+
 @torch.no_grad()
 def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
-    """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time.
+    """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time, each rank its own rows.
 
-    For each module that holds parameters directly, a private CPU twin of just that module is built at
-    full size, initialized by the model's own ``_init_weights`` (the nearest ``PreTrainedModel``'s, as
-    ``initialize_weights`` dispatches), and each parameter's local shard is copied out. Peak extra memory
-    is one module's parameters (the largest tensor for almost every model); no rank builds the model.
+    For each module that holds parameters directly, the model's own ``_init_weights`` (the nearest
+    ``PreTrainedModel``'s, as ``initialize_weights`` dispatches) runs on a twin whose parameters are
+    full-size meta tensors, and what it does is recorded (:func:`_record_init`). When it is in-place
+    elementwise ops on whole parameters (``normal_(0, std)``, a kaiming ``uniform_``, ``ones_``:
+    what LLM inits are), each rank replays them on the row blocks of its local shard only, each
+    block seeded from ``seed``, the module's name, the parameter and the block index: the result is
+    identical on every rank and at every world size, and each rank draws about its shard's numbers.
+    Any other init (a padding row zeroed, a computed tensor copied in) gets a full-size CPU twin of
+    that module, initialized by the same code, its generator seeded from ``seed`` and the name, and
+    each rank copies its part out (peak extra memory: that module's parameters).
 
-    Each module's generator is seeded from ``seed`` and the module's name, so the result is identical on
-    every rank and at every world size (one device, DDP or FSDP2 start from the same weights). Every
-    module initializes its own parameters: where a model's ``_init_weights`` of a parent also re-inits
-    a child's parameters (CLIP's embeddings), the child keeps its own type's init, still a proper one.
-    Returns the number of parameters initialized.
+    Every module initializes its own parameters: where a model's ``_init_weights`` of a parent also
+    re-inits a child's parameters (CLIP's embeddings), the child keeps its own type's init, still a
+    proper one. Returns the number of parameters initialized.
     """
     from lightning_automodel.core.naming import canonical_name
     from lightning_automodel.core.sharded_load import copy_local_part
@@ -175,28 +341,21 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
         if not direct:
             continue
         init_fn = getattr(owners[name], "_init_weights", None)
-        twin = plain_copy(module)
-        # Children get their own twins; here they are meta shadows, so an init that reaches into them
-        # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
-        twin._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
-        twin._parameters = {}
-        twin._buffers = {n: (b.clone() if b is not None and not b.is_meta else b) for n, b in module._buffers.items()}
-        for n, p in module._parameters.items():
-            if p is None:
-                twin._parameters[n] = None
-                continue
-            full = torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu")
-            twin._parameters[n] = nn.Parameter(full, requires_grad=p.requires_grad)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_module_seed(seed, canonical_name(name)))
-            # torch's constructor-time init first (as building the module would), then transformers' own.
-            reset = getattr(twin, "reset_parameters", None)
-            if callable(reset):
-                reset()
-            if callable(init_fn):
-                init_fn(twin)
-        for n, p in direct:
-            copy_local_part(p, twin._parameters[n])
+        module_seed = _module_seed(seed, canonical_name(name))
+        meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
+        recorded = _record_init(meta, lambda: _run_init(meta, init_fn))
+        if recorded.replayable:
+            for n, p in direct:
+                _replay_into(p, recorded.ops[n], _module_seed(module_seed, n))
+        else:
+            log.debug("Initializing %s on a full-size twin: its init is not elementwise on whole parameters.", name or type(module).__name__)
+            twin = _full_twin(module)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(module_seed)
+                _run_init(twin, init_fn)
+            for n, p in direct:
+                copy_local_part(p, twin._parameters[n])
+        for _, p in direct:
             done.add(id(p))
             count += 1
     return count
