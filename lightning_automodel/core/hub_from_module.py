@@ -21,7 +21,8 @@ from torch import nn
 
 from lightning_automodel.core.distributed import all_reduce_sum_
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, plan_hub_layout
-from lightning_automodel.core.hub_writer import shard_file_names, write_index, write_shard
+from lightning_automodel.core.hub_writer import GroupTransform, shard_file_names, write_index, write_shard
+from lightning_automodel.core.lora_merge import LoraMerge
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import (
     get_input_embeddings_weight_and_name,
@@ -70,13 +71,30 @@ def tied_head_to_omit(model: nn.Module, state: dict[str, torch.Tensor], *, devic
     return head if differs.item() == 0 else None
 
 
-def plan_module_layout(model: nn.Module, layout_model: nn.Module, state: dict[str, torch.Tensor], *, omit: str | None, dtype: torch.dtype | None) -> HubLayout:
-    """The hub layout of ``model``'s state; ``layout_model`` is its meta twin (the conversion rules' model)."""
-    specs = {
-        name: (tuple(t.shape), dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
-        for name, t in state.items()
-    }
-    return plan_hub_layout(layout_model, specs, omit={omit} if omit else set())
+def plan_module_layout(
+    model: nn.Module,
+    layout_model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    omit: str | None,
+    dtype: torch.dtype | None,
+    merge: LoraMerge | None = None,
+) -> HubLayout:
+    """The hub layout of ``model``'s state; ``layout_model`` is its meta twin (the conversion rules' model).
+
+    With ``merge`` (a LoRA model) the layout is the merged model's: its groups fetch each base with its adapters.
+    """
+    spec_of = merge.names() if merge is not None else {name: name for name in state}
+    specs = {}
+    for name, source in spec_of.items():
+        t = state[source]
+        specs[name] = (tuple(t.shape), dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+    return plan_hub_layout(layout_model, specs, omit={omit} if omit else set(), inputs=merge.inputs if merge is not None else None)
+
+
+def merge_transform(merge: LoraMerge) -> GroupTransform:
+    """The write transform of a LoRA layout: a group's fetched base and adapters -> its merged sources."""
+    return lambda group, tensors: merge.merge(group.sources, tensors)
 
 
 def write_shards_from_all_ranks(
@@ -89,6 +107,7 @@ def write_shards_from_all_ranks(
     world_size: int,
     max_shard_bytes: int,
     dtype: torch.dtype | None,
+    transform: GroupTransform | None = None,
 ) -> list[str]:
     """Write this rank's files of ``layout`` into ``staging``; rank 0 also writes the index. Returns the files written."""
     from torch.distributed.tensor import DTensor
@@ -100,7 +119,7 @@ def write_shards_from_all_ranks(
     for index, (file_name, shard) in enumerate(zip(names, shards)):
         owner = index % world_size
         if owner == rank:
-            write_shard(staging / file_name, shard, layout_model, lambda groups: _gather(groups, state), dtype=dtype)
+            write_shard(staging / file_name, shard, layout_model, lambda groups: _gather(groups, state), dtype=dtype, transform=transform)
             written.append(file_name)
         elif collective:
             for group in shard:  # take part in the gathers; keep nothing
@@ -111,4 +130,4 @@ def write_shards_from_all_ranks(
 
 
 def _gather(groups: Sequence[ConversionGroup], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: full_tensor(state[name]) for group in groups for name in group.sources}
+    return {name: full_tensor(state[name]) for group in groups for name in group.fetch_names}
