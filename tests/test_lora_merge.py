@@ -1,0 +1,159 @@
+"""LoRA written as a Hugging Face model: merged with peft's own per-layer merge, under the hub's names.
+
+Every check randomizes the adapters (non-zero ``lora_B``, DoRA magnitudes off the weight norm) before
+writing, so a merge that drops or mis-scales an adapter changes the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_models as tm
+from callbacks.lit_models import loader
+from lightning_automodel import HFCausalLM
+from lightning_automodel.callbacks import LoRA
+from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
+from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
+
+pytest.importorskip("peft")
+
+OLMOE = dict(model_type="olmoe", vocab_size=256, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, eos_token_id=1,
+             pad_token_id=0, bos_token_id=2)
+LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def fit_lora(config: dict, callbacks=(), **lora) -> tuple[pl.Trainer, HFCausalLM]:
+    torch.manual_seed(0)
+    module = HFCausalLM(config=config, learning_rate=1e-2)
+    t = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, callbacks=[LoRA(**lora), *callbacks])
+    t.fit(module, loader(n=4, batch_size=2))
+    return t, module
+
+
+@torch.no_grad()
+def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if is_adapter_name(name):
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.3 * noise if "magnitude" in name else 0.2 * noise)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    return model(input_ids=ids).logits
+
+
+def peft_merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's merge of every adapted layer (what ``merge_and_unload`` does), under the plain names."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(model)
+    for layer in merged.modules():
+        if isinstance(layer, LoraLayer):
+            layer.merge()
+    return {base_checkpoint_name(n): t for n, t in merged.state_dict().items() if not is_adapter_name(n)}
+
+
+def assert_reload_matches(out, module: HFCausalLM) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    want = peft_merged_state(module.model)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(logits(reloaded), logits(module.model), rtol=1e-5, atol=1e-5)
+
+
+VARIANTS = {
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "rank_alpha_pattern_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True,
+                                      rank_pattern={"v_proj": 2, "up_proj": 6}, alpha_pattern={"o_proj": 3, "gate_proj": 20}),
+    "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_export_merges_lora_variants_like_peft(variant, tmp_path):
+    from lightning_automodel.export import export_checkpoint
+
+    t, module = fit_lora(LLAMA, **VARIANTS[variant])
+    randomize_adapters(module.model)
+    t.save_checkpoint(tmp_path / "lora.ckpt")
+    assert_reload_matches(export_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged"), module)
+
+
+def test_export_merges_moe_expert_adapters(tmp_path):
+    """OLMoE, all-linear (attention and router) plus the fused experts through target_parameters."""
+    from lightning_automodel.export import export_checkpoint
+
+    t, module = fit_lora(OLMOE, r=4, lora_alpha=8, target_modules="all-linear", target_parameters=EXPERTS)
+    assert any("experts" in n and is_adapter_name(n) for n, _ in module.model.named_parameters())
+    randomize_adapters(module.model)
+    t.save_checkpoint(tmp_path / "lora.ckpt")
+    out = export_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged")
+    assert_reload_matches(out, module)
+
+
+@pytest.mark.parametrize("config", [LLAMA, {**LLAMA, "tie_word_embeddings": True}, OLMOE], ids=["llama", "tied", "olmoe"])
+def test_hugging_face_checkpoint_of_lora_is_the_merged_model(config, tmp_path):
+    lora = dict(target_parameters=EXPERTS) if config["model_type"] == "olmoe" else {}
+    callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"))
+    t, module = fit_lora(config, callbacks=[callback], r=4, lora_alpha=8, **lora)
+    assert_reload_matches(tmp_path / "hf" / "final", module)  # the trained model as fit left it
+    randomize_adapters(module.model)
+    out = callback.save(t, module, tmp_path / "hf" / "random")
+    assert_reload_matches(out, module)
+
+
+def test_hugging_face_checkpoint_adapter_only_loads_with_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tm.build(tm.tiny_config("llama", **{k: v for k, v in LLAMA.items() if k != "model_type"})).save_pretrained(tmp_path / "base")
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=1e-2)
+    callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), adapter_only=True, save_on_train_end=False)
+    t = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, callbacks=[LoRA(r=4, lora_alpha=8), callback])
+    t.fit(module, loader(n=4, batch_size=2))
+    randomize_adapters(module.model)
+    out = callback.save(t, module, tmp_path / "hf" / "adapter")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out)
+    torch.testing.assert_close(logits(peft_model), logits(module.model), rtol=1e-5, atol=1e-5)
+
+
+def test_a_name_the_model_does_not_have_is_refused_before_writing(tmp_path):
+    from lightning_automodel.core.hub_layout import plan_hub_layout
+    from lightning_automodel.models.building import build_on_meta
+
+    model = build_on_meta(tm.tiny_config("llama"), "causal_lm")
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
+    plan_hub_layout(model, specs)  # the model's own names plan
+    specs["model.layers.0.self_attn.q_proj.base_layer.weight"] = specs.pop("model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(ValueError, match=r"q_proj\.base_layer\.weight is not a tensor of LlamaForCausalLM.*nothing was written"):
+        plan_hub_layout(model, specs)
+
+
+def test_a_quantized_base_is_refused_in_one_line():
+    from lightning_automodel.core.lora_merge import LoraMergeError, refuse_quantized_base
+
+    class Params4bit(torch.nn.Parameter):  # stands for bitsandbytes' class, matched by name
+        pass
+
+    model = torch.nn.Linear(2, 2)
+    refuse_quantized_base(model)
+    model.weight = Params4bit(torch.zeros(2, 2))
+    with pytest.raises(LoraMergeError, match="QLoRA.*adapter_only"):
+        refuse_quantized_base(model)
