@@ -7,6 +7,7 @@ writing, so a merge that drops or mis-scales an adapter changes the logits.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -26,6 +27,7 @@ OLMOE = dict(model_type="olmoe", vocab_size=256, hidden_size=32, intermediate_si
              pad_token_id=0, bos_token_id=2)
 LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -157,3 +159,16 @@ def test_a_quantized_base_is_refused_in_one_line():
     model.weight = Params4bit(torch.zeros(2, 2))
     with pytest.raises(LoraMergeError, match="QLoRA.*adapter_only"):
         refuse_quantized_base(model)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("lora-*.yaml")))
+def test_shipped_lora_configs_write_a_loadable_trained_model(config, tmp_path):
+    """Each configs/lora-*.yaml, 2 steps on its own devices (FSDP2 on 2 ranks for lora-fsdp2-cpu)."""
+    import yaml
+    from distributed import run_torchrun
+
+    path = CONFIGS / config
+    devices = yaml.safe_load(path.read_text())["trainer"]["devices"]
+    proc = run_torchrun("job_lora_configs.py", str(tmp_path), str(path), nproc=devices, timeout=400)
+    assert f"OK job_lora_configs {config}" in proc.stderr
