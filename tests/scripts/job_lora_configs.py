@@ -38,6 +38,16 @@ def randomize_adapters(model: torch.nn.Module, rank: int) -> None:
             local.copy_(0.2 * torch.randn(local.shape, generator=generator))
 
 
+def check_reload(directory: Path, want: torch.Tensor, vocab: int) -> None:
+    """``from_pretrained`` loads every weight of ``directory`` (none missing, none ignored) and gives ``want``."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (directory, info)
+    # merged weights round differently from base + adapter paths (fp32, 4 layers): 1e-4; a lost adapter moves logits by ~1
+    torch.testing.assert_close(logits(reloaded, vocab), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{directory}: {m}")
+
+
 def main(out: Path, config: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -54,6 +64,9 @@ def main(out: Path, config: str) -> None:
     final = callback.last_saved
     vocab = module.model.config.vocab_size
     trained = logits(module.model, vocab)
+    if trainer.global_rank == 0:
+        check_reload(final, trained, vocab)
+    trainer.strategy.barrier()
 
     randomize_adapters(module.model, trainer.global_rank)
     merged = callback.save(trainer, module, final.parent / "random")
@@ -61,12 +74,8 @@ def main(out: Path, config: str) -> None:
     random = logits(module.model, vocab)
     base = {base_checkpoint_name(n): full_tensor(t) for n, t in module.model.state_dict().items() if not is_adapter_name(n)}
     if trainer.global_rank == 0:
-        # merged weights round differently from base + adapter paths (fp32, 4 layers): 1e-4; a lost adapter moves logits by ~1
         assert not torch.allclose(random, trained, atol=1e-1), "the random adapters did not change the model"
-        for directory, want in ((final, trained), (merged, random)):
-            reloaded, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
-            assert not info["missing_keys"] and not info["unexpected_keys"], (directory, info)
-            torch.testing.assert_close(logits(reloaded, vocab), want, rtol=1e-4, atol=1e-4, msg=lambda m, d=directory: f"{d}: {m}")
+        check_reload(merged, random, vocab)
         plain = AutoModelForCausalLM.from_config(module.model.config)
         plain.load_state_dict(base, strict=True)
         plain.tie_weights()
