@@ -23,8 +23,9 @@ from lightning_automodel.core.hub_from_module import (
     write_shards_from_all_ranks,
 )
 from lightning_automodel.core.hub_layout import HubModelInfo, hub_model_info
-from lightning_automodel.core.lora import ADAPTER_NAME, is_adapter_name
+from lightning_automodel.core.lora import ADAPTER_NAME, base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
+from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name
 from lightning_automodel.core.hub_writer import EXPORT_MARKER, publish_directory, write_config_files, write_marker
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,12 @@ class HuggingFaceCheckpoint(Callback):
                 raise MisconfigurationException("HuggingFaceCheckpoint(adapter_only=True) needs LoRA adapters: add the LoRA callback, or drop adapter_only.")
             return self._save_adapter(trainer, model, state, info.source, out)
         omit = tied_head_to_omit(model, state, device=strategy.root_device)
+        merge = self._lora_merge(model, info, state) if lora else None
+        if omit is not None and merge is not None and merge.is_merged(base_checkpoint_name(get_input_embeddings_weight_and_name(model)[1] or "")):
+            omit = None  # an adapted embedding merges into the embedding only: the head keeps the base weight
         config = self._layout_model.config.__class__.from_dict(model.config.to_dict())
         if omit is None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False  # the head diverged (or was never tied): say so
-        merge = self._lora_merge(model, info, state) if lora else None
         try:
             layout = plan_module_layout(model, self._layout_model, state, omit=omit, dtype=self.dtype, merge=merge)
         except ValueError as exc:

@@ -104,6 +104,10 @@ class LoraMerge:
         """Merged name -> the state tensor that has its shape and dtype."""
         return dict(self._spec_of)
 
+    def is_merged(self, name: str) -> bool:
+        """Whether the tensor ``name`` (an un-adapted name) is changed by the merge."""
+        return name in self._module_of
+
     def inputs(self, merged: Sequence[str]) -> tuple[str, ...]:
         """The state tensors to fetch for the merged tensors ``merged`` (in order, once each)."""
         out: dict[str, None] = {}
