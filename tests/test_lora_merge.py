@@ -180,3 +180,18 @@ def test_shipped_lora_configs_write_a_loadable_trained_model(config, tmp_path):
     devices = yaml.safe_load(path.read_text())["trainer"]["devices"]
     proc = run_torchrun("job_lora_configs.py", str(tmp_path), str(path), nproc=devices, timeout=400)
     assert f"OK job_lora_configs {config}" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_moe_lora_hugging_face_checkpoint_reloads_to_the_trained_logits(tmp_path):
+    """lora-fsdp2-cpu.yaml on OLMoE with all-linear: router and fused experts adapted (ParamWrapper), sharded on 2 ranks."""
+    import yaml
+    from distributed import run_torchrun
+
+    config = yaml.safe_load((CONFIGS / "lora-fsdp2-cpu.yaml").read_text())
+    config["model"]["config"] = {**OLMOE, "vocab_size": 260, "hidden_size": 64, "max_position_embeddings": 512}
+    config["trainer"]["callbacks"][0]["init_args"] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    path = tmp_path / "lora-olmoe-fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_torchrun("job_lora_configs.py", str(tmp_path), str(path), nproc=2, timeout=400)
+    assert "OK job_lora_configs lora-olmoe-fsdp2.yaml" in proc.stderr
