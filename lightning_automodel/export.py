@@ -24,7 +24,6 @@ full disk included) leaves nothing half-written under the target name.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -43,9 +42,9 @@ from lightning_automodel.core.hub_writer import (
     shard_file_names,
     staging_directory,
     write_config_files,
+    write_adapter_directory,
     write_index,
     write_marker,
-    write_adapter_directory,
     write_shard,
 )
 from lightning_automodel.core.lora import LoraConfigError, config_from_json, is_adapter_name

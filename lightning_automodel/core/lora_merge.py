@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,9 +94,10 @@ class LoraMerge:
         for name in state:
             if name not in owned:
                 self._spec_of[base_checkpoint_name(name)] = name
+        log.debug("LoRA merge: %d adapted modules, %d merged tensors.", len(self._layers), len(self._module_of))
 
     @classmethod
-    def for_config(cls, meta_model: nn.Module, config: object, state_names: Iterable[str]) -> LoraMerge:
+    def for_config(cls, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> LoraMerge:
         """Adapt ``meta_model`` (a fresh meta build of the model, changed in place) with ``config``."""
         inject_lora(meta_model, config)
         return cls(meta_model, state_names)
