@@ -127,7 +127,8 @@ def test_hugging_face_checkpoint_of_lora_is_the_merged_model(config, lora, tmp_p
     assert_reload_matches(out, module)
 
 
-def test_hugging_face_checkpoint_adapter_only_loads_with_peft(tmp_path):
+@pytest.mark.parametrize("variant", ["plain", *sorted(VARIANTS)])
+def test_hugging_face_checkpoint_adapter_only_loads_with_peft(variant, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +136,7 @@ def test_hugging_face_checkpoint_adapter_only_loads_with_peft(tmp_path):
     module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=1e-2)
     callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), adapter_only=True, save_on_train_end=False)
     t = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0, callbacks=[LoRA(r=4, lora_alpha=8), callback])
+                   enable_model_summary=False, limit_val_batches=0, callbacks=[LoRA(**VARIANTS.get(variant, dict(r=4, lora_alpha=8))), callback])
     t.fit(module, loader(n=4, batch_size=2))
     randomize_adapters(module.model)
     out = callback.save(t, module, tmp_path / "hf" / "adapter")
@@ -154,6 +155,17 @@ def test_a_name_the_model_does_not_have_is_refused_before_writing(tmp_path):
     specs["model.layers.0.self_attn.q_proj.base_layer.weight"] = specs.pop("model.layers.0.self_attn.q_proj.weight")
     with pytest.raises(ValueError, match=r"q_proj\.base_layer\.weight is not a tensor of LlamaForCausalLM.*nothing was written"):
         plan_hub_layout(model, specs)
+
+
+def test_hugging_face_checkpoint_refuses_a_name_the_model_class_lacks_before_writing(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), save_on_train_end=False)
+    t, module = fit_lora(LLAMA, callbacks=[callback], r=4, lora_alpha=8)
+    module.model.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # e.g. a user's addition
+    with pytest.raises(MisconfigurationException, match=r"model\.extra is not a tensor of LlamaForCausalLM"):
+        callback.save(t, module, tmp_path / "hf" / "out")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
 
 
 def test_a_quantized_base_is_refused_in_one_line():
