@@ -207,3 +207,21 @@ def test_fsdp2_moe_lora_hugging_face_checkpoint_reloads_to_the_trained_logits(tm
     path.write_text(yaml.safe_dump(config))
     proc = run_torchrun("job_lora_configs.py", str(tmp_path), str(path), nproc=2, timeout=400)
     assert "OK job_lora_configs lora-olmoe-fsdp2.yaml" in proc.stderr
+
+
+def test_hugging_face_checkpoint_of_qlora_refuses_the_merge_and_writes_the_adapter(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    qlora = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=1e-2, quantization=qlora)
+    merged = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), save_on_train_end=False)
+    t = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, callbacks=[LoRA(r=4), merged])
+    t.fit(module, loader(n=4, batch_size=2))
+    with pytest.raises(MisconfigurationException, match=r"quantized \(Params4bit\) base weight.*adapter_only=True"):
+        merged.save(t, module, tmp_path / "hf" / "merged")
+    assert not (tmp_path / "hf" / "merged").exists()
+    out = HuggingFaceCheckpoint(adapter_only=True).save(t, module, tmp_path / "hf" / "adapter")
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
