@@ -29,12 +29,11 @@ only regular, non-symlink files inside that directory are copied.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +49,13 @@ from lightning_automodel.core.hub_writer import (
     shard_file_names,
     staging_directory,
     write_config_files,
+    write_adapter_directory,
     write_index,
     write_marker,
     write_shard,
 )
-from lightning_automodel.core.lora import (
-    adapter_triples,
-    base_checkpoint_name,
-    config_from_json,
-    is_adapter_name,
-    merged_weight,
-    peft_adapter_files,
-    scaling,
-)
+from lightning_automodel.core.lora import LoraConfigError, config_from_json, is_adapter_name
+from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name, get_lm_head_weight_and_name, is_tied_word_embeddings
 from lightning_automodel.trained_checkpoint import CheckpointReadError, TrainedCheckpoint, open_trained_checkpoint
@@ -189,31 +182,35 @@ def module_names(checkpoint: TrainedCheckpoint, prefix: str) -> dict[str, str]:
 class StateView:
     """The Hugging Face model's tensors as a checkpoint holds them: read directly, or merged from LoRA adapters.
 
-    For a LoRA checkpoint, ``x.q_proj.weight`` is ``base + scaling · B @ A`` of ``x.q_proj.base_layer.weight``
-    and its adapters (peft's merge), and ``x.q_proj.base_layer.bias`` is ``x.q_proj.bias``: the export is
-    the plain model, which ``from_pretrained`` loads without peft.
+    For a LoRA checkpoint, ``merge`` (``core.lora_merge.LoraMerge``) gives every adapted base weight
+    with peft's merge applied (``x.q_proj.weight`` from ``x.q_proj.base_layer.weight`` and its adapters,
+    fused experts, embeddings, DoRA...) under the un-adapted names: the export is the plain model,
+    which ``from_pretrained`` loads without peft.
     """
 
     checkpoint: TrainedCheckpoint
     keys: dict[str, str]
-    merges: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    factor: float = 0.0
+    merge: LoraMerge | None = None
+
+    def _spec_names(self) -> dict[str, str]:
+        return self.merge.names() if self.merge is not None else {n: n for n in self.keys}
 
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        out = {name: self.checkpoint.specs[key] for name, key in self.keys.items()}
-        out.update({name: self.checkpoint.specs[base] for name, (base, _, _) in self.merges.items()})
-        return out
+        return {name: self.checkpoint.specs[self.keys[source]] for name, source in self._spec_names().items()}
+
+    def inputs(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The checkpoint's module names to read for the (merged) ``names``."""
+        return self.merge.inputs(names) if self.merge is not None else tuple(names)
+
+    def read_inputs(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        read = self.checkpoint.read([self.keys[n] for n in names])
+        return {n: read[self.keys[n]] for n in names}
+
+    def transform(self, names: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.merge.merge(names, tensors) if self.merge is not None else {n: tensors[n] for n in names}
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        wanted = [self.keys[n] for n in names if n in self.keys]
-        wanted += [key for n in names if n in self.merges for key in self.merges[n]]
-        read = self.checkpoint.read(wanted)
-        out = {n: read[self.keys[n]] for n in names if n in self.keys}
-        for n in names:
-            if n in self.merges:
-                base, a, b = (read[key] for key in self.merges[n])
-                out[n] = merged_weight(base, a, b, self.factor)
-        return out
+        return self.transform(names, self.read_inputs(list(self.inputs(names))))
 
 
 def lora_config_of(checkpoint: TrainedCheckpoint) -> Any | None:
@@ -224,36 +221,28 @@ def lora_config_of(checkpoint: TrainedCheckpoint) -> Any | None:
     return config_from_json(state["config"])
 
 
-def state_view(checkpoint: TrainedCheckpoint, names: dict[str, str], src: Path) -> StateView:
-    """Plain names, or LoRA adapters merged into their base weights."""
-    triples = adapter_triples(names)
-    if not triples:
+def state_view(checkpoint: TrainedCheckpoint, names: dict[str, str], src: Path, info: HubModelInfo) -> StateView:
+    """Plain names, or LoRA adapters merged into their base weights (peft's merge, see ``core.lora_merge``)."""
+    if not any(is_adapter_name(n) for n in names):
         return StateView(checkpoint, names)
     config = lora_config_of(checkpoint)
     if config is None:
         raise ExportError(f"{src} holds LoRA adapters but no LoRA configuration (the LoRA callback's state); cannot merge them.")
-    used = {n for triple in triples.values() for n in triple}
-    plain = {base_checkpoint_name(n): key for n, key in names.items() if n not in used and not is_adapter_name(n)}
-    merges = {merged: tuple(names[n] for n in triple) for merged, triple in triples.items()}
-    return StateView(checkpoint, plain, merges, scaling(config))  # type: ignore[arg-type]
+    try:
+        merge = LoraMerge.for_config(build_meta_model_for(info, src), config, names)
+    except (LoraMergeError, LoraConfigError) as exc:
+        raise ExportError(f"{src}: {exc}") from None
+    return StateView(checkpoint, names, merge)
 
 
 def export_adapter(checkpoint: TrainedCheckpoint, names: dict[str, str], info: HubModelInfo, staging: Path, src: Path) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, DIR)`` loads."""
-    from safetensors.torch import save_file
-
-    from lightning_automodel.core.hub_writer import FILE_MODE, fsync_path, write_text
-
     config = lora_config_of(checkpoint)
     adapters = {n: key for n, key in names.items() if is_adapter_name(n)}
     if config is None or not adapters:
         raise ExportError(f"{src} holds no LoRA adapters (trained with the LoRA callback?); --adapter_only needs them.")
     read = checkpoint.read(list(adapters.values()))
-    data, tensors = peft_adapter_files(config, {n: read[key] for n, key in adapters.items()}, info.source)
-    write_text(staging / "adapter_config.json", json.dumps(data, indent=2) + "\n")
-    save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-    os.chmod(staging / "adapter_model.safetensors", FILE_MODE)
-    fsync_path(staging / "adapter_model.safetensors")
+    write_adapter_directory(staging, config, {n: read[key] for n, key in adapters.items()}, info.source)
 
 
 def _decide_tie(view: StateView, model: Any, config: Any) -> str | None:
@@ -329,27 +318,36 @@ def export_checkpoint(
                 f"{src} is a QLoRA checkpoint: it holds the adapters, not the 4-bit base. Export them with --adapter_only "
                 "and load with PeftModel.from_pretrained(base, DIR)."
             )
-        view = state_view(checkpoint, names, src)
+        view = state_view(checkpoint, names, src, info)
         specs = view.specs()
         _, head = get_lm_head_weight_and_name(model)
         tied_head = head if head is not None and is_tied_word_embeddings(model) else None
         check_state_matches_config(specs, model, src, tied_head=tied_head)
         omit = _decide_tie(view, model, config)
         out_specs = {n: (shape, out_dtype if (out_dtype is not None and dt.is_floating_point) else dt) for n, (shape, dt) in specs.items()}
-        layout = plan_hub_layout(model, out_specs, omit={omit} if omit else set())
+        try:
+            layout = plan_hub_layout(model, out_specs, omit={omit} if omit else set(), inputs=view.inputs if view.merge else None)
+        except ValueError as exc:
+            raise ExportError(f"{src}: {exc}") from None
         shards = layout.shards(max_bytes)
         floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
         if floats:
             config.dtype = max(set(floats), key=floats.count)
 
         def fetch(groups: Sequence[ConversionGroup]) -> dict[str, torch.Tensor]:
-            return view.read([name for group in groups for name in group.sources])
+            return view.read_inputs(list(dict.fromkeys(name for group in groups for name in group.fetch_names)))
+
+        def transform(group: ConversionGroup, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            try:
+                return view.transform(group.sources, tensors)
+            except LoraMergeError as exc:
+                raise ExportError(f"{src}: {exc}") from None
 
         tokenizer_dir = Path(tokenizer_path) if tokenizer_path else recorded_source_dir(info.source)
         staging = staging_directory(out)
         try:
             for file_name, shard in zip(shard_file_names(len(shards)), shards):
-                write_shard(staging / file_name, shard, model, fetch, dtype=out_dtype)
+                write_shard(staging / file_name, shard, model, fetch, dtype=out_dtype, transform=transform)
             if len(shards) > 1:
                 write_index(staging, layout, shards)
             write_config_files(staging, config, tokenizer_dir=tokenizer_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,8 +15,14 @@ from typing_extensions import override
 
 from lightning_automodel.callbacks._export_info import record_export_info, source_directory
 from lightning_automodel.core.discovery import find_hf_model
-from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
-from lightning_automodel.core.hub_layout import hub_model_info
+from lightning_automodel.core.hub_from_module import (
+    merge_transform,
+    module_state,
+    plan_module_layout,
+    tied_head_to_omit,
+    write_shards_from_all_ranks,
+)
+from lightning_automodel.core.hub_layout import HubModelInfo, hub_model_info
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
     check_replaceable,
@@ -24,6 +31,9 @@ from lightning_automodel.core.hub_writer import (
     write_config_files,
     write_marker,
 )
+from lightning_automodel.core.lora import ADAPTER_NAME, base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
+from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,10 @@ class HuggingFaceCheckpoint(Callback):
         dtype: ``auto`` (the parameters' dtypes), ``bf16`` or ``fp32``.
         tokenizer_path: copy the tokenizer from this local directory (default: the directory the
             weights came from, when the module says so).
+        adapter_only: with LoRA, write peft's adapter directory (``adapter_config.json`` +
+            ``adapter_model.safetensors``, loaded by ``PeftModel.from_pretrained(base, DIR)``) instead of
+            the merged model. By default a LoRA model is written merged (peft's merge of every adapted
+            layer, one module at a time), under the plain model's names.
     """
 
     def __init__(
@@ -83,6 +97,7 @@ class HuggingFaceCheckpoint(Callback):
         max_shard_size: str = "5GB",
         dtype: Literal["auto", "bf16", "fp32"] = "auto",
         tokenizer_path: str | None = None,
+        adapter_only: bool = False,
     ) -> None:
         from lightning_automodel.export import _DTYPES, parse_size
 
@@ -99,7 +114,9 @@ class HuggingFaceCheckpoint(Callback):
         self.save_on_train_end = save_on_train_end
         self.dtype = _DTYPES[dtype]
         self.tokenizer_path = tokenizer_path
+        self.adapter_only = adapter_only
         self._layout_model: Any = None
+        self._merge: LoraMerge | None = None
         self._last_step = -1
         self.last_saved: Path | None = None
 
@@ -113,6 +130,7 @@ class HuggingFaceCheckpoint(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._merge = None  # another fit may adapt another model
         if stage != "fit":
             return
         root = self._root(trainer)
@@ -163,11 +181,22 @@ class HuggingFaceCheckpoint(Callback):
             except PublishRefused as exc:
                 raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         state = module_state(model)
+        lora = any(is_adapter_name(name) for name in state)
+        if self.adapter_only:
+            if not lora:
+                raise MisconfigurationException("HuggingFaceCheckpoint(adapter_only=True) needs LoRA adapters: add the LoRA callback, or drop adapter_only.")
+            return self._save_adapter(trainer, model, state, info.source, out)
         omit = tied_head_to_omit(model, state, device=strategy.root_device)
+        merge = self._lora_merge(model, info, state) if lora else None
+        if omit is not None and merge is not None and merge.is_merged(base_checkpoint_name(get_input_embeddings_weight_and_name(model)[1] or "")):
+            omit = None  # an adapted embedding merges into the embedding only: the head keeps the base weight
         config = self._layout_model.config.__class__.from_dict(model.config.to_dict())
         if omit is None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False  # the head diverged (or was never tied): say so
-        layout = plan_module_layout(model, self._layout_model, state, omit=omit, dtype=self.dtype)
+        try:
+            layout = plan_module_layout(model, self._layout_model, state, omit=omit, dtype=self.dtype, merge=merge)
+        except ValueError as exc:
+            raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
         if floats:
             config.dtype = max(set(floats), key=floats.count)
@@ -183,6 +212,7 @@ class HuggingFaceCheckpoint(Callback):
             self._layout_model, state, layout, staging,
             rank=trainer.global_rank, world_size=trainer.world_size, max_shard_bytes=self._max_shard_bytes, dtype=self.dtype,
             device=strategy.root_device,
+            transform=merge_transform(merge) if merge is not None else None,
         )
         strategy.barrier("hf_checkpoint_written")
         if trainer.is_global_zero:
@@ -191,6 +221,46 @@ class HuggingFaceCheckpoint(Callback):
             write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
             publish_directory(staging, out, replace=True)
             rank_zero_info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
+        strategy.barrier("hf_checkpoint_published")
+        self._last_step = trainer.global_step
+        self.last_saved = out
+        return out
+
+    def _lora_merge(self, model: Any, info: HubModelInfo, state: dict[str, Any]) -> LoraMerge:
+        """How this LoRA model's adapters merge (built once: the adapted names do not change during fit)."""
+        from lightning_automodel.export import build_meta_model_for
+
+        if self._merge is None:
+            config = (getattr(model, "peft_config", None) or {}).get(ADAPTER_NAME)
+            if config is None:
+                raise MisconfigurationException(
+                    "HuggingFaceCheckpoint: the model has LoRA adapters but no peft_config to merge them with; "
+                    "use the LoRA callback, or HuggingFaceCheckpoint(adapter_only=True)."
+                )
+            try:
+                refuse_quantized_base(model)
+                self._merge = LoraMerge.for_config(build_meta_model_for(info, Path("<the LightningModule>")), config, state)
+            except LoraMergeError as exc:
+                raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
+        return self._merge
+
+    def _save_adapter(self, trainer: pl.Trainer, model: Any, state: dict[str, Any], source: str | None, out: Path) -> Path:
+        """peft's adapter directory: every rank gathers the (small) adapters, rank 0 writes and publishes."""
+        from lightning_automodel.core.hub_from_module import full_tensor
+        from lightning_automodel.core.hub_writer import staging_directory, write_adapter_directory
+
+        strategy = trainer.strategy
+        adapters = {name: full_tensor(t) for name, t in state.items() if is_adapter_name(name)}  # collectives: every rank
+        if trainer.is_global_zero:
+            staging = staging_directory(out)
+            try:
+                write_adapter_directory(staging, model.peft_config[ADAPTER_NAME], adapters, source)
+                write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
+                publish_directory(staging, out, replace=True)  # an existing `out` passed check_replaceable in save()
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            rank_zero_info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out

@@ -23,7 +23,8 @@ from torch import nn
 from lightning_automodel.core.atomic_files import fsync_path
 from lightning_automodel.core.distributed import all_reduce_sum_
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, HubTensor, is_renaming, plan_hub_layout
-from lightning_automodel.core.hub_writer import FILE_MODE, assemble_shard, save_shard, shard_file_names, write_index
+from lightning_automodel.core.hub_writer import FILE_MODE, GroupTransform, assemble_shard, save_shard, shard_file_names, write_index
+from lightning_automodel.core.lora_merge import LoraMerge
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import (
     get_input_embeddings_weight_and_name,
@@ -72,13 +73,30 @@ def tied_head_to_omit(model: nn.Module, state: dict[str, torch.Tensor], *, devic
     return head if differs.item() == 0 else None
 
 
-def plan_module_layout(model: nn.Module, layout_model: nn.Module, state: dict[str, torch.Tensor], *, omit: str | None, dtype: torch.dtype | None) -> HubLayout:
-    """The hub layout of ``model``'s state; ``layout_model`` is its meta twin (the conversion rules' model)."""
-    specs = {
-        name: (tuple(t.shape), dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
-        for name, t in state.items()
-    }
-    return plan_hub_layout(layout_model, specs, omit={omit} if omit else set())
+def plan_module_layout(
+    model: nn.Module,
+    layout_model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    omit: str | None,
+    dtype: torch.dtype | None,
+    merge: LoraMerge | None = None,
+) -> HubLayout:
+    """The hub layout of ``model``'s state; ``layout_model`` is its meta twin (the conversion rules' model).
+
+    With ``merge`` (a LoRA model) the layout is the merged model's: its groups fetch each base with its adapters.
+    """
+    spec_of = merge.names() if merge is not None else {name: name for name in state}
+    specs = {}
+    for name, source in spec_of.items():
+        t = state[source]
+        specs[name] = (tuple(t.shape), dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+    return plan_hub_layout(layout_model, specs, omit={omit} if omit else set(), inputs=merge.inputs if merge is not None else None)
+
+
+def merge_transform(merge: LoraMerge) -> GroupTransform:
+    """The write transform of a LoRA layout: a group's fetched base and adapters -> its merged sources."""
+    return lambda group, tensors: merge.merge(group.sources, tensors)
 
 
 def write_shards_from_all_ranks(
@@ -92,6 +110,7 @@ def write_shards_from_all_ranks(
     max_shard_bytes: int,
     dtype: torch.dtype | None,
     device: torch.device | None = None,
+    transform: GroupTransform | None = None,
 ) -> list[str]:
     """Write this rank's files of ``layout`` into ``staging``; rank 0 also writes the index. Returns the files written.
 
@@ -144,7 +163,7 @@ def write_shards_from_all_ranks(
             try:
                 if error is not None:
                     raise error  # only take part in the gathers from now on
-                outputs = assemble_shard(shard, layout_model, fetch, dtype=dtype)
+                outputs = assemble_shard(shard, layout_model, fetch, dtype=dtype, transform=transform)
                 pending = writer.submit(save_shard, staging / file_name, outputs)
                 del outputs
                 written.append(file_name)
@@ -193,8 +212,11 @@ def fetch_groups(
     """
     out: dict[str, torch.Tensor] = {}
     for group in groups:
-        for name in group.sources:
-            tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=dtype)
+        # A transformed group (LoRA base + adapters, merged on the owner) travels in its own dtypes:
+        # the merge runs on what trained; the merged result is cast for output afterwards.
+        travel_dtype = dtype if not group.inputs else None
+        for name in group.fetch_names:
+            tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=travel_dtype)
             if tensor is not None:
                 out[name] = tensor
     return out
@@ -253,8 +275,8 @@ def _rows_in_place(layout_model: nn.Module, group: ConversionGroup, state: dict[
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    if group.outputs[0].dtype not in _SAFETENSORS_DTYPES or not is_renaming(layout_model, group):
-        return False
+    if group.inputs or group.outputs[0].dtype not in _SAFETENSORS_DTYPES or not is_renaming(layout_model, group):
+        return False  # a transformed group (a LoRA merge) is computed on the owner, never written in place
     tensor = state[group.sources[0]]
     if tuple(tensor.shape) != group.outputs[0].shape:
         return False

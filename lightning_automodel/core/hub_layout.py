@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +91,19 @@ class HubTensor:
 
 @dataclass(frozen=True)
 class ConversionGroup:
-    """Module tensors that are reverted together and the hub tensors they become."""
+    """Module tensors that are reverted together and the hub tensors they become.
+
+    ``inputs`` are the state tensors to fetch when they differ from ``sources`` (LoRA: each adapted
+    base with its adapters, merged into ``sources`` by a transform before the reversion).
+    """
 
     sources: tuple[str, ...]
     outputs: tuple[HubTensor, ...]
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def fetch_names(self) -> tuple[str, ...]:
+        return self.inputs or self.sources
 
     @property
     def nbytes(self) -> int:
@@ -216,18 +225,39 @@ def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
     return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
 
 
+def check_known_names(meta_model: nn.Module, names: Iterable[str]) -> None:
+    """Every name is one of the model's tensors; else one line, before anything is written.
+
+    A name the model does not have would be written, and ``from_pretrained`` would ignore it and
+    initialize the tensor it stands for randomly (peft's ``base_layer`` names did exactly that).
+    """
+    expected = set(meta_model.state_dict())
+    unknown = [n for n in names if n not in expected]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        hint = " LoRA names: merge the adapters (or write the adapter directory)." if any(".base_layer." in n or ".lora_" in n for n in unknown) else ""
+        raise ValueError(
+            f"{unknown[0]}{more} is not a tensor of {type(meta_model).__name__}: from_pretrained would ignore it "
+            f"and initialize that weight randomly, so nothing was written.{hint}"
+        )
+
+
 def plan_hub_layout(
     meta_model: nn.Module,
     module_tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     *,
     omit: set[str] = frozenset(),  # type: ignore[assignment]
+    inputs: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> HubLayout:
     """Plan the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)), on meta.
 
     ``meta_model`` is the Hugging Face model (any device; only its class and config are used by the
-    conversion rules). ``omit`` names module tensors left out (a tied head).
+    conversion rules); every name must be one of its tensors. ``omit`` names module tensors left out
+    (a tied head). ``inputs`` gives the state tensors a group's sources are computed from, when they
+    differ (``LoraMerge.inputs``).
     """
     names = [n for n in module_tensors if n not in omit]
+    check_known_names(meta_model, names)
     groups = []
     seen: set[str] = set()
     for members in conversion_groups(meta_model, names):
@@ -237,7 +267,8 @@ def plan_hub_layout(
         if clash:
             raise ValueError(f"two tensor groups revert to the same hub name {sorted(clash)[0]!r}; transformers' conversion rules changed?")
         seen.update(t.name for t in outputs)
-        groups.append(ConversionGroup(sources=members, outputs=outputs))
+        fetched = inputs(members) if inputs is not None else ()
+        groups.append(ConversionGroup(sources=members, outputs=outputs, inputs=fetched if fetched != members else ()))
     return HubLayout(groups=groups, omitted=tuple(sorted(omit)))
 
 

@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
 )
 
 FetchGroups = Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]]
+#: the fetched tensors of one group (``group.fetch_names``) -> its ``sources`` (e.g. LoRA merged into the base)
+GroupTransform = Callable[[ConversionGroup, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 def shard_file_names(count: int) -> list[str]:
@@ -68,9 +70,13 @@ def write_shard(
     *,
     dtype: torch.dtype | None,
     group_batch_bytes: int = 256 * 2**20,
+    transform: GroupTransform | None = None,
 ) -> None:
-    """Revert and write the groups of one output file, reading a few groups at a time."""
-    save_shard(path, assemble_shard(groups, model, fetch, dtype=dtype, group_batch_bytes=group_batch_bytes))
+    """Revert and write the groups of one output file, reading a few groups at a time.
+
+    ``fetch`` returns the groups' ``fetch_names``; ``transform`` turns one group's into its ``sources``.
+    """
+    save_shard(path, assemble_shard(groups, model, fetch, dtype=dtype, group_batch_bytes=group_batch_bytes, transform=transform))
 
 
 def assemble_shard(
@@ -80,8 +86,9 @@ def assemble_shard(
     *,
     dtype: torch.dtype | None,
     group_batch_bytes: int = 256 * 2**20,
+    transform: GroupTransform | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The hub tensors of one output file: its groups fetched a few at a time, reverted and cast."""
+    """The hub tensors of one output file: its groups fetched a few at a time, (transformed,) reverted and cast."""
     outputs: dict[str, torch.Tensor] = {}
     batch: list[ConversionGroup] = []
     batch_bytes = 0
@@ -92,7 +99,10 @@ def assemble_shard(
             return
         sources = fetch(batch)
         for group in batch:
-            tensors = {name: sources[name] for name in group.sources}
+            if transform is not None:
+                tensors = dict(transform(group, {name: sources[name] for name in group.fetch_names}))
+            else:
+                tensors = {name: sources[name] for name in group.sources}
             for name, tensor in iter_outputs(model, group, tensors):
                 # clone when the reversion returned a view that shares storage with another output
                 # (e.g. unbound experts): safetensors refuses shared storage.
@@ -300,6 +310,19 @@ def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> Non
                 f"{out} appeared while it was being written (another export or save to the same place?); it was left as it is."
             ) from None
     (out / STAGING_MARKER).unlink(missing_ok=True)
+
+
+def write_adapter_directory(out: Path, config: Any, adapters: Mapping[str, torch.Tensor], base_model: str | None) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, DIR)`` loads."""
+    from safetensors.torch import save_file
+
+    from lightning_automodel.core.lora import peft_adapter_files
+
+    data, tensors = peft_adapter_files(config, adapters, base_model)
+    write_text(out / "adapter_config.json", json.dumps(data, indent=2) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "adapter_model.safetensors", FILE_MODE)
+    fsync_path(out / "adapter_model.safetensors")
 
 
 def write_marker(out: Path, source: str) -> None:

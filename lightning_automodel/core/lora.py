@@ -11,8 +11,8 @@ works on a meta model, before FSDP2 shards it, so the adapters are sharded with 
 * :func:`initialize_adapters` runs peft's own init (every ``init_lora_weights`` that needs no base,
   embedding adapters, DoRA's magnitude from the loaded base) on a CPU twin per layer seeded by
   (seed, name): the same numbers at every world size, each rank copying its shard;
-* export: :func:`merged_weight` (base + scaling · B @ A) and :func:`peft_adapter_files` (what
-  ``PeftModel.from_pretrained`` reads).
+* export: :func:`peft_adapter_files` (what ``PeftModel.from_pretrained`` reads); merging is
+  ``core.lora_merge`` (peft's own per-layer merge).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -283,18 +282,6 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
     return count
 
 
-def scaling(config: Any) -> float:
-    """peft's ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``)."""
-    r = config.r
-    return config.lora_alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
-
-
-def merged_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, factor: float) -> torch.Tensor:
-    """``base + factor · B @ A``, computed in fp32, returned in the base dtype (peft's merge for nn.Linear)."""
-    delta = (lora_b.float() @ lora_a.float()) * factor
-    return (base.float() + delta).to(base.dtype)
-
-
 def adapter_parameter_count(model: nn.Module) -> int:
     """Elements of the adapter parameters (meta fine; DTensor: global)."""
     return sum(p.numel() for name, p in model.named_parameters() if is_adapter_name(name))
@@ -315,22 +302,3 @@ def peft_adapter_files(config: Any, adapters: Mapping[str, torch.Tensor], base_m
     data["inference_mode"] = True
     tensors = {peft_adapter_key(name): tensor.detach().contiguous() for name, tensor in adapters.items()}
     return data, tensors
-
-
-def adapter_triples(names: Iterable[str]) -> dict[str, tuple[str, str, str]]:
-    """For a state with adapters: merged name -> (base name, lora_A name, lora_B name).
-
-    ``x.q_proj.base_layer.weight`` with ``x.q_proj.lora_A.default.weight`` and ``lora_B`` gives
-    ``x.q_proj.weight``. Base biases are not adapted (``x.q_proj.base_layer.bias`` -> ``x.q_proj.bias``
-    is a plain rename, see :func:`base_checkpoint_name`).
-    """
-    names = set(names)
-    out = {}
-    for name in names:
-        if not name.endswith(f".{BASE_LAYER}.weight"):
-            continue
-        module = name[: -len(f".{BASE_LAYER}.weight")]
-        a, b = f"{module}.lora_A.{ADAPTER_NAME}.weight", f"{module}.lora_B.{ADAPTER_NAME}.weight"
-        if a in names and b in names:
-            out[f"{module}.weight"] = (name, a, b)
-    return out

@@ -161,15 +161,11 @@ def test_two_rank_fsdp2_lora_resumes_bit_exactly_and_exports(tmp_path):
     out = export_checkpoint(tmp_path / "final.ckpt", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out)
     state = torch.load(tmp_path / "final_state.pt")
-    from lightning_automodel.core.lora import merged_weight, scaling
-    from peft import LoraConfig
-
-    factor = scaling(LoraConfig(r=4, lora_alpha=8))
+    factor = 8 / 4  # lora_alpha / r: peft's Linear merge is base + (B @ A) * scaling
     for name, tensor in merged.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if f"{module}.lora_A.default.weight" in state:
-            want = merged_weight(state[f"{module}.base_layer.weight"], state[f"{module}.lora_A.default.weight"],
-                                 state[f"{module}.lora_B.default.weight"], factor)
+            want = state[f"{module}.base_layer.weight"] + (state[f"{module}.lora_B.default.weight"] @ state[f"{module}.lora_A.default.weight"]) * factor
         else:
             want = state[name]
         assert torch.equal(tensor, want), name
