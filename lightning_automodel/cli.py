@@ -180,7 +180,8 @@ class AutoModelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `data:` without a class_path configures the default TextDataModule (the embedded demo);
         # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
-        parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+        if self.subclass_mode_data:
+            parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -225,13 +226,21 @@ def log_tokenizer_vocabulary(datamodule: Any) -> None:
         log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to the ``sys.stdout`` of the moment (captures and redirections replace it between runs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def _show_data_logs() -> None:
     """The job says which tokenizer, format and packing it trains with: INFO lines of the data modules and of
     the tokenizer choice go to stdout (the application configures logging; the library only logs)."""
     for name in ("lightning_automodel.data", __name__):
         logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stdout)
+        if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+            handler = _CurrentStdout()
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
