@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.harness import REPO, WORK, CaseResult
 
-CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan", "load", "export", "lora")
+CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan", "load", "export", "lora", "data")
 
 
 class LoadSampler(threading.Thread):
