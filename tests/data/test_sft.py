@@ -257,63 +257,15 @@ def test_thd_collator_keeps_the_loss_mask():
 # ---- exact mid-epoch resume ---------------------------------------------------------------------
 
 
-class _Record:
-    """Batches and losses by global step (a Lightning callback built lazily: keep the import local)."""
-
-    @staticmethod
-    def make():
-        from lightning.pytorch.callbacks import Callback
-
-        class Record(Callback):
-            def __init__(self) -> None:
-                self.batches: dict[int, torch.Tensor] = {}
-                self.losses: dict[int, torch.Tensor] = {}
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                self.batches[trainer.global_step] = batch["input_ids"].clone()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
-
-        return Record()
-
-
-def _fit(tmp_path: Path, max_steps: int, ckpt_path: str | None = None, save_every: int | None = None):
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_automodel.models.hf_causal_lm import HFCausalLM
-
-    pl.seed_everything(0)
-    model = HFCausalLM(
-        config={"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256},
-        learning_rate=1e-2,
-    )
-    record = _Record.make()
-    callbacks = [record]
-    if save_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every, save_top_k=-1))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=bool(save_every),
-    )
-    dm = _module(tmp_path, str(SFT / "sft_chat.jsonl"), seq_length=64, batch_size=2)
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return record, model, len(dm.train_dataloader())
-
-
 def test_mid_epoch_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
-    full, full_model, steps_per_epoch = _fit(tmp_path / "a", 9)
-    assert steps_per_epoch > 9  # the resume point (step 4) is mid-epoch
-    first, _, _ = _fit(tmp_path / "b", 4, save_every=4)
-    ckpt = next((tmp_path / "b" / "ckpt").glob("*step=4*.ckpt"))
-    resumed, resumed_model, _ = _fit(tmp_path / "b", 9, ckpt_path=str(ckpt))
-    assert sorted(resumed.batches) == list(range(4, 9))
-    for step in range(4):
-        assert torch.equal(first.batches[step], full.batches[step])
-    for step in range(4, 9):
-        assert torch.equal(resumed.batches[step], full.batches[step]), f"step {step} trained on another batch"
-        assert torch.equal(resumed.losses[step], full.losses[step]), f"step {step}: loss differs"
-    for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b), name
+    from scripts.data_sft_resume import check_resume
+
+    check_resume(tmp_path, devices=1)
+
+
+@pytest.mark.multiprocess
+def test_mid_epoch_resume_on_two_ranks(tmp_path):
+    from distributed import run_torchrun
+
+    proc = run_torchrun("data_sft_resume.py", str(tmp_path), timeout=600)
+    assert proc.stdout.count("OK data_sft_resume rank") == 2, proc.stdout[-3000:]
