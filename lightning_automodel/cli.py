@@ -430,13 +430,21 @@ def log_tokenizer_vocabulary(datamodule: Any) -> None:
         log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to the ``sys.stdout`` of the moment (captures and redirections replace it between runs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def _show_data_logs() -> None:
     """The job says which tokenizer, format and packing it trains with: INFO lines of the data modules and of
     the tokenizer choice go to stdout (the application configures logging; the library only logs)."""
     for name in ("lightning_automodel.data", __name__):
         logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stdout)
+        if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+            handler = _CurrentStdout()
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
