@@ -309,9 +309,15 @@ def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None
         log.warning("--ckpt_path %s was trained from model.pretrained_path %s; this run uses %s.", ckpt_path, theirs, ours)
 
 
+_UNION_ERRORS = re.compile(r"Does not validate against any of the Union subtypes .*? Errors: - (.*?) - Expected a <class 'NoneType'>")
+
+
 def _suggestion(message: str, parsers: list[Any]) -> str:
     """``message`` on one line, with "did you mean" when an unknown key is close to a valid one."""
     line = " ".join(message.split())
+    union = _UNION_ERRORS.search(line)
+    if union:  # a subclass-mode section (data: class_path ...): the class's own error, not jsonargparse's listing
+        line = union.group(1)
     denied = _denied_import(line)
     if denied is not None:
         return denied
@@ -418,10 +424,23 @@ def default_tokenizer_to_model(config: Any) -> None:
     if init_args is None or "tokenizer_path" not in init_args:
         return
     if init_args.get("tokenizer_path") is None and pretrained:
-        init_args["tokenizer_path"] = pretrained
+        if _has_tokenizer(pretrained):
+            init_args["tokenizer_path"] = pretrained
+        else:
+            log.warning(
+                "model.pretrained_path %s has no tokenizer files: this run trains on the data module's default "
+                "tokenizer. Set data.tokenizer_path to the tokenizer the model was trained with.", pretrained,
+            )
     tokenizer = init_args.get("tokenizer_path")
     source = " (model.pretrained_path)" if tokenizer and tokenizer == pretrained else ""
     log.info("Tokenizer: %s", f"{tokenizer}{source}" if tokenizer else "the byte tokenizer (embedded demo)")
+
+
+def _has_tokenizer(directory: str) -> bool:
+    from lightning_automodel.core.hub_writer import TOKENIZER_FILES
+
+    root = Path(directory)
+    return any((root / name).is_file() for name in TOKENIZER_FILES if name.startswith(("tokenizer", "vocab")))
 
 
 def log_tokenizer_vocabulary(datamodule: Any) -> None:
@@ -547,7 +566,9 @@ def _one_line(exc: BaseException) -> str:
             f"a checkpoint file holds pickled objects besides tensors ({_first_line(exc)}); refusing to unpickle it. "
             "Load only checkpoints you created, or convert the weights to safetensors."
         )
-    return " ".join(str(exc).split()) or type(exc).__name__
+    line = " ".join(str(exc).split()) or type(exc).__name__
+    union = _UNION_ERRORS.search(line)
+    return union.group(1) if union else line  # a subclass-mode data module's own error, not jsonargparse's listing
 
 
 def _first_line(exc: BaseException) -> str:
