@@ -12,13 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningDataModule
 
 import tiny_models as tm
 from distributed import REPO_ROOT
 from lightning_automodel.cli import AutoModelCLI
 from lightning_automodel.core.naming import unique_named_parameters
-from lightning_automodel.data.text_datamodule import TextDataModule
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 from lightning_automodel.planning import make_plan, parse_args
 
@@ -45,19 +44,28 @@ def overrides_for(config: str, tmp_path: Path) -> list[str]:
     extra = []
     if "devices: 1" not in text:
         extra += ONE_RANK_FSDP2 if "data_parallel_size" in text else ONE_DEVICE
+    import yaml
+
+    data_args = ((yaml.safe_load(text).get("data") or {}).get("init_args") or {})
+    for key, value in data_args.items():  # repository-relative data files: the test runs in tmp_path
+        if isinstance(value, str) and value.startswith("lightning_automodel/"):
+            extra.append(f"--data.init_args.{key}={REPO_ROOT / value}")
     if config == "multi-gpu-8b.yaml":  # shrunk: a tiny llama from save_pretrained, CPU, the embedded corpus
         model_dir = tmp_path / "tiny-llama"
-        tm.build(tm.tiny_config("llama", vocab_size=260)).save_pretrained(model_dir)
+        tm.build(tm.tiny_config("llama", vocab_size=128)).save_pretrained(model_dir)
+        sft = REPO_ROOT / "lightning_automodel" / "data" / "corpus" / "sft"
         extra += [
-            f"--model.pretrained_path={model_dir}", "--trainer.accelerator=cpu", "--data.train_files=null",
-            "--data.tokenizer_path=null", "--data.seq_length=64", "--data.num_workers=0",
+            f"--model.pretrained_path={model_dir}", "--trainer.accelerator=cpu",
+            f"--data.init_args.train_files={sft / 'sft_text.jsonl'}", "--data.init_args.format=text",
+            f"--data.init_args.tokenizer_path={sft / 'tiny-tokenizer'}", "--data.init_args.seq_length=64",
+            "--data.init_args.num_workers=0", "--data.init_args.num_proc=1",
         ]
     return extra
 
 
 def fit_signature(config: str, overrides: list[str]) -> dict[str, tuple[str, bool, int]]:
     cli = AutoModelCLI(
-        HFCausalLM, TextDataModule, args=["--config", str(REPO_ROOT / "configs" / config), *ONE_STEP, *overrides],
+        HFCausalLM, LightningDataModule, subclass_mode_data=True, args=["--config", str(REPO_ROOT / "configs" / config), *ONE_STEP, *overrides],
         run=False, auto_configure_optimizers=False, save_config_callback=None,
     )
     recorder = RecordModel()
