@@ -276,13 +276,15 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
         inside = in_place and start <= lo and hi <= stop
         # A block inside the local rows is drawn straight into them (no copy); an edge block is drawn whole.
         values = local[lo - start : hi - start] if inside else torch.empty((hi - lo, *shape[1:]), dtype=param.dtype)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_module_seed(seed, str(block)))
-            for func, args, kwargs, row in ops:
-                if row is None:
-                    func(values, *args, **kwargs)
-                elif lo <= row < hi:
-                    func(values[row - lo], *args, **kwargs)
+        # A private CPU generator per block (no global RNG state to fork and restore).
+        generator = torch.Generator().manual_seed(_module_seed(seed, str(block)))
+        for func, args, kwargs, row in ops:
+            if any(argument.name == "generator" for argument in func._schema.arguments):
+                kwargs = {**kwargs, "generator": generator}
+            if row is None:
+                func(values, *args, **kwargs)
+            elif lo <= row < hi:
+                func(values[row - lo], *args, **kwargs)
         if not inside:
             a, b = max(lo, start), min(hi, stop)
             local[a - start : b - start].copy_(values[(slice(a - lo, b - lo), *index[1:])])
