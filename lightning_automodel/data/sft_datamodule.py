@@ -63,7 +63,9 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
         missing = [n for n, p in zip(names, local) if not p.exists()]
         if len(names) == 1 and not Path(names[0]).suffix and "/" in names[0] and not names[0].startswith(("/", ".")):
             return datasets.load_dataset(names[0], split=split, cache_dir=cache_dir)  # a hub name
-        raise DataError(f"Data file {missing[0]!r} does not exist.")
+        if missing:
+            raise DataError(f"Data file {missing[0]!r} does not exist.")
+        raise DataError(f"data.train_files {names}: give data files of one type, or one saved dataset directory alone.")
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs one line naming the source

@@ -138,6 +138,15 @@ def test_bad_input_is_one_clear_error(tmp_path, rows, kwargs, match):
         dm.setup("fit")
 
 
+def test_missing_and_mixed_sources_are_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"Data file '.*nope\.jsonl' does not exist"):
+        _module(tmp_path, [str(tmp_path / "nope.jsonl")]).setup("fit")
+    with pytest.raises(DataError, match=r"unsupported type \.txt"):
+        _module(tmp_path, _write_jsonl(tmp_path / "d.txt", [{"text": "a"}])).setup("fit")
+    with pytest.raises(DataError, match="one saved dataset directory alone"):
+        _module(tmp_path, [str(tmp_path), str(SFT / "sft_text.jsonl")]).setup("fit")
+
+
 def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
     from lightning_automodel.data.tiny_tokenizer import build_tiny_tokenizer
 
