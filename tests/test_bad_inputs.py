@@ -259,7 +259,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "pickle_bin_payload": (pickle_bin_payload, r"pytorch_model\.bin: holds pickled objects"),
     "deep_config_json": (deep_config_json, r"config\.json.*nested too deeply"),
     "config_json_heads_zero": (config_json_heads_zero, r"config\.json: .*num_attention_heads must be a positive integer"),
-    "payload_ckpt": (payload_ckpt, r"pickled objects besides tensors"),
+    "payload_ckpt": (payload_ckpt, r"pickled objects besides tensors|payload\.ckpt .*not trusted"),
     "export_tokenizer_missing": (export_with("--out", "TMP/out", "--tokenizer_path", "TMP/no_tokenizer"), r"--tokenizer_path .*no_tokenizer"),
     "export_tokenizer_empty": (export_with("--out", "TMP/out", "--tokenizer_path", "TMP"), r"--tokenizer_path .* holds none of the tokenizer files"),
     "export_out_is_a_file": (export_with("--out", "TMP/a_file"), r"a_file exists and is not a directory"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -12,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
+from lightning_automodel.callbacks._resume import install_resume_check, saved_state
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.lora import (
     adapted_modules,
@@ -25,6 +28,17 @@ from lightning_automodel.core.lora import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def config_differences(saved: str, current: str) -> list[str]:
+    """``field: value (checkpoint) vs value (this run)`` for each ``LoraConfig`` field that differs (JSON texts)."""
+    before, now = json.loads(saved), json.loads(current)
+
+    def shown(data: dict[str, Any], key: str) -> str:
+        return json.dumps(data[key], sort_keys=True) if key in data else "(unset)"
+
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return [f"{key}: {shown(before, key)} (checkpoint) vs {shown(now, key)} (this run)" for key in keys]
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -122,10 +136,33 @@ class LoRA(ModelSurgeryCallback):
         return {"config": config_to_json(self.config), "adapted_digest": digest_names(self.adapted), "adapted": len(self.adapted)}
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # Every strategy loads the weights before any callback state (a changed r is then torch's
+            # size-mismatch traceback): the configuration is compared as the checkpoint is read.
+            install_resume_check(trainer.strategy)
+
+    def reconcile_with_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback_states: Mapping[str, Any], checkpoint_path: Any
+    ) -> bool:
+        """Before any tensor of the checkpoint loads: refuse another LoRA configuration (changes nothing)."""
+        state = saved_state(callback_states, self.state_key)
+        if state is not None:
+            self._check_saved_config(state, checkpoint_path)
+        return False
+
+    def _check_saved_config(self, state: Mapping[str, Any], checkpoint_path: Any = None) -> None:
+        saved = state.get("config")
+        if saved is None or saved == config_to_json(self.config):
+            return
+        differences = config_differences(saved, config_to_json(self.config)) or ["(the stored configuration cannot be compared)"]
+        where = f" {checkpoint_path}" if checkpoint_path is not None else ""
+        raise MisconfigurationException(
+            f"LoRA: the checkpoint{where} was trained with another LoRA configuration: {'; '.join(differences)}. Resume with "
+            "the checkpoint's values, or start a new fit from its weights (no ckpt_path) to train a new adapter."
+        )
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved is not None and saved != config_to_json(self.config):
-            raise MisconfigurationException(
-                "LoRA: the checkpoint was trained with another LoRA configuration "
-                f"({saved}); resume with the same r, lora_alpha, target_modules and exclude_modules."
-            )
+        self._check_saved_config(state_dict)

@@ -180,6 +180,8 @@ class ParameterFreezing(ModelSurgeryCallback):
 
         Returns True when the model's frozen set changed (the optimizers must be rebuilt).
         """
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            return False  # restored before configure_optimizers: on_load_checkpoint is in time
         state = saved_state(callback_states, self.state_key)
         if state is None:
             return False
