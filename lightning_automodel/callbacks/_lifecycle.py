@@ -366,6 +366,42 @@ class ModelSurgeryCallback(Callback):
         if optimizer_holds_frozen(trainer):
             rank_zero_warn(FROZEN_IN_OPTIMIZER_WARNING)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if surgery_callbacks(trainer)[0] is self:
+            warn_resumed_without_optimizer_state(trainer, pl_module)
+
+
+def trainable_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    """Names of trainable parameters the optimizers hold but have no state for (checked after a resume)."""
+    names = {id(p): name for name, p in pl_module.named_parameters()}
+    return sorted(
+        names.get(id(p), "?")
+        for optimizer in trainer.optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.requires_grad and not optimizer.state.get(p)
+    )
+
+
+def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """One warning when a single-device or DDP resume left trainable parameters without optimizer state.
+
+    torch's ``Optimizer.load_state_dict`` restores state by position and leaves a parameter that had none
+    (it never got a gradient, e.g. a vision tower trained on text) without any: it starts fresh, silently.
+    Sharded strategies restore after setup; ``AtomicModelParallelStrategy`` reports those itself.
+    """
+    if not trainer.ckpt_path or trainer.strategy.restore_checkpoint_after_setup or trainer.global_step == 0:
+        return
+    missing = trainable_without_optimizer_state(trainer, pl_module)
+    if missing:
+        more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        rank_zero_warn(
+            f"Resumed from {trainer.ckpt_path}: {len(missing)} trainable parameters have no optimizer state in it "
+            f"(they never got a gradient in the run that saved it) and start with fresh AdamW state: "
+            f"{', '.join(missing[:10])}{more}. Freeze them (ParameterFreezing) if they should not train."
+        )
+
 
 #: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py): frozen parameters in the optimizer get
 #: no gradient and no state, and a resume with the same frozen set works on one device and on FSDP2. A sharded

@@ -81,6 +81,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._seen_backward = 0
         self._alive = set()
         _, model = target_model(pl_module)

@@ -120,6 +120,7 @@ class ParameterSummary(ModelSurgeryCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))

@@ -94,6 +94,7 @@ class TiedLMHead(ModelSurgeryCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         _, model = target_model(pl_module)
         status = diagnose_tie(model)
         if status.config_tied and not status.locally_tied:
