@@ -368,7 +368,8 @@ class ModelSurgeryCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if surgery_callbacks(trainer)[0] is self:
+        first = surgery_callbacks(trainer)[:1]
+        if first == [self]:  # one check per fit, from the first surgery callback
             warn_resumed_without_optimizer_state(trainer, pl_module)
 
 

@@ -48,7 +48,7 @@ def recorded(monkeypatch):
 
 def _trainer_on_stand_in():
     strategy = DDPStrategy(parallel_devices=[STAND_IN])
-    return types.SimpleNamespace(strategy=strategy, world_size=1, precision="32-true")
+    return types.SimpleNamespace(strategy=strategy, world_size=1, precision="32-true", callbacks=[])
 
 
 def test_dead_parameter_report_reduces_on_the_strategy_device(recorded):
