@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_automodel.core.thd import SEQLEN_KEYS, squeeze_input_for_thd
+from lightning_automodel.core.thd import NUM_SEQUENCES_KEY, SEQLEN_KEYS, squeeze_input_for_thd
 
-_ATTN_KEYS = (*SEQLEN_KEYS, "max_seqlen")
+_ATTN_KEYS = (*SEQLEN_KEYS, "max_seqlen", NUM_SEQUENCES_KEY)
 
 
 def is_thd_batch(batch: Any) -> bool:
@@ -40,9 +40,11 @@ class THDSqueeze(Callback):
 
     For models whose attention takes THD inputs (Transformer Engine, custom MoE forwards): tensors lose
     their batch dimension, ``cu_seqlens`` / ``cu_seqlens_padded`` lose their sentinel padding, and
-    ``max_seqlen`` is a Python int (the ``PackedSequenceCollator`` already makes it one on the host, so
-    there is no device sync). Batches without THD metadata pass untouched. Hugging Face models that take
-    ``[1, T]`` packed batches with ``position_ids`` do not need this callback.
+    ``max_seqlen`` is a Python int. The ``PackedSequenceCollator`` puts ``max_seqlen`` and
+    ``num_sequences`` in the batch as host ints, so the squeeze only slices and never syncs with the
+    device (a batch without them is read back every step, with one warning). Batches without THD
+    metadata pass untouched. Hugging Face models that take ``[1, T]`` packed batches with
+    ``position_ids`` do not need this callback.
 
     Args:
         seqlens_padding_value: the sentinel that pads ``cu_seqlens`` rows.

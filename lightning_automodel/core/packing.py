@@ -77,6 +77,7 @@ def pack_thd(
         "cu_seqlens": torch.tensor([cu + fill], dtype=torch.int32),
         "cu_seqlens_padded": torch.tensor([cu_padded + fill], dtype=torch.int32),
         "max_seqlen": max(len(s) for s in sequences),
+        "num_sequences": len(sequences),  # host int: THDSqueeze cuts the sentinels without reading the device
         "qkv_format": "thd",
     }
 

@@ -3,16 +3,26 @@
 A packed batch arrives as one row ``[1, T]`` with ``cu_seqlens`` marking sequence boundaries; padded
 boundary vectors are filled with a sentinel so they can be stacked by a collator. TE wants 1-D
 ``[T]`` tensors, boundary vectors without sentinels, and ``max_seqlen`` as a Python int.
+
+Finding the sentinels in a device tensor is a device sync (the result's length depends on the data),
+so the squeeze cuts the boundary vectors at ``num_sequences + 1`` when the batch carries
+``num_sequences`` as a host int (``core.packing.pack_thd`` does): a view, nothing read back. Without
+it, tensors on the CPU are masked on the host and device tensors fall back to a mask, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 SEQLEN_KEYS: tuple[str, ...] = ("cu_seqlens", "cu_seqlens_padded")
+NUM_SEQUENCES_KEY = "num_sequences"
+_warned_sync = False
 
 
 def _validate(position_ids: Any, attn_kwargs: MutableMapping[str, Any]) -> None:
@@ -28,12 +38,54 @@ def _validate(position_ids: Any, attn_kwargs: MutableMapping[str, Any]) -> None:
                 f"THD expects one packed row; got {key} of shape {list(value.shape)}. "
                 "Pack the whole micro-batch into one row (batch size 1) before squeezing."
             )
+    count = attn_kwargs.get(NUM_SEQUENCES_KEY)
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(
+                f"{NUM_SEQUENCES_KEY} must be a positive Python int (the packed row's sequence count); got {count!r}."
+            )
+        for key in SEQLEN_KEYS:
+            value = attn_kwargs.get(key)
+            if isinstance(value, torch.Tensor) and value.shape[-1] < count + 1:
+                raise ValueError(
+                    f"{key} has {value.shape[-1]} entries, too few for {NUM_SEQUENCES_KEY}={count} "
+                    f"(it needs {count + 1}): the batch's metadata disagree; pack it with pack_thd."
+                )
     max_seqlen = attn_kwargs.get("max_seqlen")
     if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() != 1:
         raise ValueError(
             f"max_seqlen must hold one value; got a tensor of shape {list(max_seqlen.shape)}. "
             "Pass the longest sequence length of the packed row (a Python int avoids a device sync)."
         )
+
+
+def _warn_device_sync(key: str) -> None:
+    global _warned_sync
+    if not _warned_sync:
+        _warned_sync = True
+        log.warning(
+            "THD squeeze: %s is a device tensor and the batch has no %s, so reading it syncs with the device "
+            "every step. Put the packed row's sequence count in the batch as a Python int %r and max_seqlen "
+            "as an int (PackedSequenceCollator / pack_thd do).",
+            key,
+            NUM_SEQUENCES_KEY,
+            NUM_SEQUENCES_KEY,
+        )
+
+
+def _strip_sentinels(value: torch.Tensor, count: int | None, key: str, sentinel: int) -> torch.Tensor:
+    """``value`` (1-D) without its sentinel entries; a view of the first ``count + 1`` when the count is known."""
+    if count is not None:
+        return value[: count + 1].contiguous()  # the sentinels are a suffix: slicing needs no data
+    if value.device.type != "cpu":
+        _warn_device_sync(key)
+    return value[value != sentinel].contiguous()
+
+
+def _host_int(value: torch.Tensor, key: str) -> int:
+    if value.device.type != "cpu":
+        _warn_device_sync(key)
+    return int(value.item())
 
 
 def squeeze_input_for_thd(
@@ -47,11 +99,13 @@ def squeeze_input_for_thd(
 
     ``attn_kwargs`` is updated in place and also returned: tensors lose dim 0, ``cu_seqlens`` /
     ``cu_seqlens_padded`` lose every sentinel entry (dtype kept), a tensor ``max_seqlen`` becomes an
-    int. Everything is validated first, so an error leaves ``attn_kwargs`` as it was.
+    int. With ``attn_kwargs["num_sequences"]`` (a Python int) the boundary vectors keep their first
+    ``num_sequences + 1`` entries and nothing syncs with the device. Everything is validated first, so
+    an error leaves ``attn_kwargs`` as it was.
 
     Raises:
-        ValueError: ``position_ids`` is None, ``max_seqlen`` has several values, or a seqlens tensor
-            has more than one row.
+        ValueError: ``position_ids`` is None, ``max_seqlen`` has several values, a seqlens tensor has
+            more than one row, or ``num_sequences`` is not a positive int that fits the boundary vectors.
     """
     _validate(position_ids, attn_kwargs)
     if input_ids is not None:
@@ -59,14 +113,15 @@ def squeeze_input_for_thd(
     position_ids = position_ids.squeeze(0)
     if isinstance(padding_mask, torch.Tensor):
         padding_mask = padding_mask.squeeze(0)
+    count = attn_kwargs.get(NUM_SEQUENCES_KEY)
     updated: dict[str, Any] = {}
     for key, value in attn_kwargs.items():
         if not isinstance(value, torch.Tensor):
             continue
         if key in SEQLEN_KEYS:
-            updated[key] = value[value != seqlens_padding_value].contiguous()
+            updated[key] = _strip_sentinels(value.reshape(-1), count, key, seqlens_padding_value)
         elif key == "max_seqlen":
-            updated[key] = int(value.item())
+            updated[key] = _host_int(value, key)
         else:
             updated[key] = value.squeeze(0)
     attn_kwargs.update(updated)

@@ -34,7 +34,7 @@ from lightning_automodel.models.building import (
 log = logging.getLogger(__name__)
 
 # Batch keys that describe packing for THD kernels; Hugging Face attention takes position_ids instead.
-_THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "qkv_format", "padding_mask")
+_THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences", "qkv_format", "padding_mask")
 
 
 def quantization_config(settings: dict[str, Any]) -> Any:

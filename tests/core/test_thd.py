@@ -68,3 +68,53 @@ def test_property_against_independent_model(lengths, pad, as_tensor):
     attn2 = {"cu_seqlens": cu, "cu_seqlens_padded": cu.clone(), "max_seqlen": torch.tensor([max(lengths)])}
     *_, ref_out = ref.squeeze_input_for_thd(torch.arange(total)[None], torch.arange(total)[None], None, attn2)
     assert ref_out["cu_seqlens"].tolist() == bounds and ref_out["max_seqlen"] == out["max_seqlen"]
+
+
+# ---- no device sync per step: ``meta`` stands in for the GPU (reading a meta tensor back raises) ----
+
+STAND_IN = torch.device("meta")
+
+
+def _packed_batch_on_stand_in(lengths: list[int], room: int) -> dict:
+    from lightning_automodel.core.packing import pack_thd
+
+    batch = pack_thd([[7] * n for n in lengths], max_sequences=room)
+    return {k: v.to(STAND_IN) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def test_squeeze_of_a_collated_batch_on_the_device_reads_nothing_back():
+    """A boolean mask, ``nonzero`` or ``.item()`` on the device would raise here (data-dependent on meta)."""
+    from lightning_automodel.callbacks import THDSqueeze
+
+    batch = _packed_batch_on_stand_in([3, 2, 4], room=6)
+    THDSqueeze().on_train_batch_start(None, None, batch, 0)
+    assert batch["cu_seqlens"].device == STAND_IN and batch["cu_seqlens"].shape == (4,)
+    assert batch["cu_seqlens_padded"].shape == (4,) and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["input_ids"].shape == (9,) and batch["labels"].shape == (9,) and batch["max_seqlen"] == 4
+
+
+def test_the_count_cut_keeps_exactly_the_boundaries():
+    bounds = [0, 3, 5, 9]
+    attn = {"cu_seqlens": torch.tensor([bounds + [SENTINEL] * 3], dtype=torch.int32), "num_sequences": 3}
+    squeeze_input_for_thd(None, torch.zeros(1, 9), None, attn)
+    assert attn["cu_seqlens"].tolist() == bounds and attn["cu_seqlens"].is_contiguous()
+
+
+@pytest.mark.parametrize("count", [0, 4, 2.0, True])
+def test_a_wrong_sequence_count_is_one_clear_line(count):
+    attn = {"cu_seqlens": torch.tensor([[0, 3, 5, SENTINEL]], dtype=torch.int32), "num_sequences": count}
+    with pytest.raises(ValueError, match="num_sequences"):
+        squeeze_input_for_thd(None, torch.zeros(1, 5), None, attn)
+
+
+def test_a_device_batch_without_the_count_warns_once(monkeypatch, caplog):
+    """Without the host count the squeeze has to read the device: it says so once, naming the fix."""
+    import lightning_automodel.core.thd as thd
+
+    monkeypatch.setattr(thd, "_warned_sync", False)
+    for _ in range(2):
+        attn = {"cu_seqlens": torch.tensor([[0, 3, 5, SENTINEL]], dtype=torch.int32).to(STAND_IN)}
+        with caplog.at_level("WARNING", logger=thd.__name__), pytest.raises(NotImplementedError):
+            squeeze_input_for_thd(None, torch.zeros(1, 5), None, attn)
+    lines = [r.getMessage() for r in caplog.records if "syncs with the device" in r.getMessage()]
+    assert len(lines) == 1 and "num_sequences" in lines[0], lines
