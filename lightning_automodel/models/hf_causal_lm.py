@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -35,6 +36,26 @@ log = logging.getLogger(__name__)
 
 # Batch keys that describe packing for THD kernels; Hugging Face attention takes position_ids instead.
 _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences", "qkv_format", "padding_mask")
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in backward, through transformers' current entry point.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    and deprecated the old name (a ``FutureWarning`` at every start, removed in v6); earlier 5.x
+    releases have only the old name, the current form there.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable()
+
+
+def mixed_precision_unused_message(strategy_name: str) -> str:
+    return (
+        f"model.mixed_precision: bf16 is FSDP2's compute dtype and does nothing under {strategy_name}: use "
+        "ModelParallelStrategy, or set the Trainer's precision: bf16-mixed here (and drop mixed_precision)."
+    )
 
 
 def quantization_config(settings: dict[str, Any]) -> Any:
@@ -99,8 +120,8 @@ class HFCausalLM(pl.LightningModule):
         warmup_steps: linear warmup steps (0: constant learning rate).
         betas: AdamW betas.
         mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32; the parameters and the
-            optimizer state stay in ``weights_dtype`` (single device: use the Trainer's
-            ``precision: bf16-mixed``).
+            optimizer state stay in ``weights_dtype`` (single device / DDP: use the Trainer's
+            ``precision: bf16-mixed``; ``bf16`` there does nothing and warns once).
         weights_dtype: storage dtype of the parameters (and so of AdamW's state): ``float32`` (default)
             or ``bfloat16`` (half the memory; small updates may round away). With ``bfloat16``, tensors
             the checkpoint stores in fp32 stay fp32.
@@ -219,6 +240,10 @@ class HFCausalLM(pl.LightningModule):
         if self.model is not None:
             return  # idempotent: validate/test after fit call this again
         hp = self.hparams
+        if hp.mixed_precision == "bf16" and self.device_mesh is None:
+            # Only apply_fsdp2 reads it: silently training in fp32 would cost the user 2x compute unnoticed.
+            strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else "no strategy"
+            rank_zero_warn(mixed_precision_unused_message(strategy))
         if hp.get("quantization") is not None:
             return self._configure_quantized()
         if self.device_mesh is not None:
@@ -259,7 +284,7 @@ class HFCausalLM(pl.LightningModule):
             if reader is not None:
                 reader.close()
         if self.device_mesh is None and hp.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         ensure_tied_lm_head(model)
         self.model = model
 

@@ -95,3 +95,53 @@ def test_bad_inputs_are_clear(tmp_path):
     short = HFCausalLM(config={**TINY, "max_position_embeddings": 16})
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         trainer(max_steps=1).fit(short, datamodule=data())
+
+
+def test_activation_checkpointing_is_enabled_without_a_deprecation_warning():
+    """transformers 5 deprecated ``gradient_checkpointing_enable`` (FutureWarning); the current entry point is used."""
+    import warnings
+
+    module = HFCausalLM(config=TINY, activation_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.configure_model()
+    # Ours and transformers' deprecations (torch's own, e.g. about torch.jit at import, are not ours to fix).
+    deprecations = [
+        str(w.message) for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and ("transformers" in w.filename or "lightning_automodel" in w.filename)
+    ]
+    assert not deprecations, deprecations
+    assert module.model.is_gradient_checkpointing
+    module.model.train()
+    loss = module(input_ids=torch.randint(0, 200, (2, 8)), labels=torch.randint(0, 200, (2, 8))).loss
+    loss.backward()  # the recompute runs: every trainable weight got a gradient
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "none"])
+def test_mixed_precision_off_fsdp2_warns_once_in_one_line(mixed_precision):
+    import warnings
+
+    module = HFCausalLM(config=TINY, mixed_precision=mixed_precision)
+    t = trainer(max_steps=0, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(module, datamodule=data())
+        module.configure_model()  # validate/test call it again: still one warning
+    lines = [str(w.message) for w in caught if "mixed_precision" in str(w.message)]
+    if mixed_precision == "none":
+        assert not lines
+        return
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "SingleDeviceStrategy" in lines[0] and "bf16-mixed" in lines[0] and "ModelParallelStrategy" in lines[0]
+
+
+def test_mixed_precision_under_fsdp2_does_not_warn():
+    import warnings
+
+    module = HFCausalLM(config=TINY, mixed_precision="bf16")
+    t = trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), max_steps=0, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(module, datamodule=data())
+    assert not [w for w in caught if "mixed_precision" in str(w.message)]
