@@ -34,7 +34,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_directory
+from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_directory_per_node
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,14 @@ def newest_complete_checkpoint(directory: _PATH, exclude: _PATH | None = None) -
 def check_resumable(ckpt_path: _PATH | None) -> None:
     """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
     checkpoint, naming the newest complete checkpoint in the same directory. A sharded checkpoint that a
-    killed save left parked beside its name is put back first. Anything else passes through
+    killed save left parked beside its name is put back first, by local rank 0 while the node's other
+    processes wait (this runs on every rank before a process group exists). Anything else passes through
     (``last``/``best`` keywords, sharded directories, remote paths, missing files: Lightning reports those)."""
     if ckpt_path is None or not _is_local(ckpt_path):
         return
     path = Path(str(ckpt_path).removeprefix("file://"))
     if not path.exists():
-        recover_replaced_directory(path)  # a sharded save killed between its two renames
+        recover_replaced_directory_per_node(path)  # a sharded save killed between its two renames
     if not path.is_file():
         return
     reason = incomplete_reason(path)

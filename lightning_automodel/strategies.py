@@ -297,7 +297,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if self.global_rank == 0:
+        if self.local_rank == 0:  # one per node (node-local copies too); racing nodes on a shared filesystem are fine
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
         check_checkpoint_is_data(path)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from distributed import REPO_ROOT, clean_env, free_port, run_torchrun
-from lightning_automodel.core.atomic_files import exchange_paths, recover_replaced_directory, replace_directory, sibling
+from lightning_automodel.core.atomic_files import (
+    exchange_paths,
+    local_rank_before_group,
+    recover_replaced_directory,
+    recover_replaced_directory_per_node,
+    replace_directory,
+    sibling,
+)
 
 SCRIPT = REPO_ROOT / "tests" / "scripts" / "job_kill_save.py"
 
@@ -84,3 +91,68 @@ def test_fallback_publication_and_recovery(tmp_path):
     os.replace(final, sibling(final, "old"))
     assert recover_replaced_directory(final) and (final / "f").read_text() == "new"
     assert not recover_replaced_directory(final)  # nothing to do the second time
+
+
+# ---- recovery at a job's start: every rank checks --ckpt_path before a process group exists ----
+
+
+def _parked(tmp_path):
+    final = tmp_path / "step=4.ckpt"
+    parked = sibling(final, "old")
+    parked.mkdir()
+    (parked / "data").write_text("previous")
+    return final, parked
+
+
+def _race(tmp_path, local_ranks):
+    """Start one process per local rank on the same parked directory; all must come through."""
+    final, parked = _parked(tmp_path)
+    start = tmp_path / "start"
+    script = REPO_ROOT / "tests" / "scripts" / "core_recovery_race.py"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(final), str(start)],
+            env={**clean_env(), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in local_ranks
+    ]
+    start.touch()
+    results = [(p.wait(timeout=120), *p.communicate()) for p in processes]
+    for code, out, err in results:
+        assert code == 0, f"a racing process failed (exit {code}):\n{out}\n{err[-3000:]}"
+    assert (final / "data").read_text() == "previous" and not parked.exists()
+
+
+@pytest.mark.multiprocess
+def test_ranks_of_one_node_starting_together_recover_once(tmp_path):
+    """Local rank 0 renames; the other waits for it (on the old code both renamed and the loser died)."""
+    _race(tmp_path, [0, 1])
+
+
+@pytest.mark.multiprocess
+def test_nodes_racing_on_a_shared_filesystem_both_come_through(tmp_path):
+    """Two nodes' local ranks 0 on one NFS/Lustre path: whoever renames second finds the directory back."""
+    _race(tmp_path, [0, 0])
+
+
+def test_a_waiting_rank_gives_up_in_one_line_when_nobody_recovers(tmp_path):
+    final, parked = _parked(tmp_path)
+    with pytest.raises(TimeoutError, match="local rank 0"):
+        recover_replaced_directory_per_node(final, local_rank=1, timeout=0.2)
+    assert parked.is_dir() and not final.exists()  # the waiting rank never touches it
+    assert recover_replaced_directory_per_node(final, local_rank=0) and (final / "data").read_text() == "previous"
+    assert not recover_replaced_directory_per_node(final, local_rank=1)  # nothing to wait for any more
+
+
+def test_local_rank_comes_from_the_launcher(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    assert local_rank_before_group() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_rank_before_group() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_rank_before_group() == 1
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        local_rank_before_group()

@@ -8,6 +8,11 @@ tmpfs); :func:`replace_directory` uses it when the filesystem supports it, and o
 to the two renames with the old directory parked at a fixed sibling name that
 :func:`recover_replaced_directory` moves back at the next start.
 
+At that start no process group exists yet, and every rank of a job checks the same path. The
+recovery is therefore done by one process per node (:func:`recover_replaced_directory_per_node`:
+local rank 0, while the node's other processes wait for the outcome), and tolerates losing the
+rename to another node's local rank 0 on a shared filesystem (NFS, Lustre).
+
 ``renameat2`` is not in Python's ``os`` module; it is reached through ``ctypes`` here and nowhere
 else (tested in ``tests/core/test_atomic_files.py``).
 """
@@ -19,6 +24,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,12 +138,71 @@ def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True
     fsync_path(final.parent)
 
 
+def _awaits_recovery(final: Path) -> bool:
+    """Whether ``final`` is missing while a parked previous directory waits beside it."""
+    return not (final.exists() or final.is_symlink()) and sibling(final, "old").is_dir()
+
+
 def recover_replaced_directory(final: Path) -> bool:
-    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did."""
+    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did.
+
+    Another process doing the same recovery at the same moment (another node on a shared filesystem)
+    is not an error: whoever renames first wins, the other finds ``final`` in place and returns ``False``.
+    """
     parked = sibling(final, "old")
-    if final.exists() or final.is_symlink() or not parked.is_dir():
+    if not _awaits_recovery(final):
         return False
-    os.replace(parked, final)
+    try:
+        os.replace(parked, final)
+    except OSError:
+        # Lost the race: the parked directory is gone (ENOENT) or ``final`` is now a full directory
+        # (ENOTEMPTY / EEXIST). Anything else, e.g. a permission error, is this process's to report.
+        if final.is_dir() and not parked.exists():
+            return False
+        raise
     fsync_path(final.parent)
     log.warning("Recovered %s from %s, left by a save that was interrupted while replacing it.", final, parked.name)
     return True
+
+
+def local_rank_before_group() -> int:
+    """This process's rank on its node from the launcher's environment (no process group needed).
+
+    ``LOCAL_RANK`` (torchrun, Lightning's launchers), else ``SLURM_LOCALID`` (srun), else 0: a lone process.
+    """
+    for variable in ("LOCAL_RANK", "SLURM_LOCALID"):
+        raw = os.environ.get(variable)
+        if raw is None:
+            continue
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(
+                f"Environment variable {variable}={raw!r} is not an integer. Unset it or set it to the process's "
+                "rank on its node (as torchrun does)."
+            ) from None
+    return 0
+
+
+def recover_replaced_directory_per_node(
+    final: Path, *, local_rank: int | None = None, timeout: float = 120.0, poll: float = 0.05
+) -> bool:
+    """:func:`recover_replaced_directory` by local rank 0 only; the node's other processes wait for it.
+
+    For the start of a job, before a process group exists: every rank checking and renaming the same
+    path would race (the losers' renames fail). ``True`` where this process put the directory back.
+
+    Raises:
+        TimeoutError: local rank 0 did not put ``final`` back within ``timeout`` seconds (its log says why).
+    """
+    if (local_rank_before_group() if local_rank is None else local_rank) == 0:
+        return recover_replaced_directory(final)
+    deadline = time.monotonic() + timeout
+    while _awaits_recovery(final):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{final} is missing and its previous copy is still parked at {sibling(final, 'old')} after "
+                f"{timeout:.0f} s waiting for local rank 0 to put it back: see local rank 0's log, or rename it back by hand."
+            )
+        time.sleep(poll)
+    return False
