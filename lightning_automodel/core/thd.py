@@ -65,8 +65,8 @@ def _warn_device_sync(key: str) -> None:
         _warned_sync = True
         log.warning(
             "THD squeeze: %s is a device tensor and the batch has no %s, so reading it syncs with the device "
-            "every step. Put the packed row's sequence count in the batch as a Python int %r and max_seqlen "
-            "as an int (PackedSequenceCollator / pack_thd do).",
+            "every step. Add %s (the packed row's sequence count, a Python int) to the batch and make max_seqlen "
+            "an int, as PackedSequenceCollator / pack_thd do.",
             key,
             NUM_SEQUENCES_KEY,
             NUM_SEQUENCES_KEY,
