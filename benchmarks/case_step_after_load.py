@@ -85,8 +85,8 @@ def run(smoke: bool, repeats: int) -> list[CaseResult]:
         result.notes.append(
             f"Ratio load / init of the fill + step peak: {load_peak / init_peak:.2f} (medians of {len(samples['load'])} fresh launches each). "
             f"Checkpoint files still mapped after the load: {', '.join(mapped) if mapped else 'none'}; rank 0's smaps_rollup after "
-            f"the load: {smaps['Anonymous'] / mib:.0f} MiB anonymous, {(smaps['Shared_Clean'] + smaps['Private_Clean']) / mib:.0f} MiB "
-            "clean file pages (the interpreter's and libraries' code)."
+            f"the load (whole process, baseline included): {smaps['Anonymous'] / mib:.0f} MiB anonymous, "
+            f"{(smaps['Shared_Clean'] + smaps['Private_Clean']) / mib:.0f} MiB clean file pages (the interpreter's and libraries' code)."
         )
         result.notes.append(
             "Baseline: each rank's VmRSS after every import, the meta build and `apply_fsdp2`; peaks are VmHWM − baseline "
