@@ -206,24 +206,31 @@ def build_meta_model(
     """
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    with torch.device("meta"), _no_weight_init():
+    with torch.device("meta"), _meta_build_context():
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings are one tensor, as in the job
     return model
 
 
-def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
-    """transformers' switch that turns ``torch.nn.init`` and ``init_weights`` into no-ops.
+def _meta_build_context() -> contextlib.ExitStack:
+    """transformers' own switches around a meta build (what ``from_pretrained`` enters too).
 
-    On meta there is nothing to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through
-    Python decompositions (half of the build time of a deep model).
+    ``no_init_weights`` turns ``torch.nn.init`` and ``init_weights`` into no-ops: on meta there is nothing
+    to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through Python decompositions (half
+    of the build time of a deep model). ``meta_device_safe_creation_ops`` keeps ``torch.linspace`` on the
+    CPU, so remote code that reads a drop-path schedule with ``.item()`` in ``__init__`` builds on meta.
     """
+    stack = contextlib.ExitStack()
     try:
-        from transformers.initialization import no_init_weights
+        from transformers import initialization
     except ImportError:  # older transformers: initialization on meta is slow, not wrong
-        return contextlib.nullcontext()
-    return no_init_weights()
+        return stack
+    for name in ("no_init_weights", "meta_device_safe_creation_ops"):
+        switch = getattr(initialization, name, None)
+        if switch is not None:
+            stack.enter_context(switch())
+    return stack
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
