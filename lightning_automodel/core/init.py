@@ -161,33 +161,30 @@ def recompute_buffers(model: nn.Module) -> int:
     values would otherwise be whatever the allocator returned). Returns the number of buffers computed.
     """
     owners = _owner_models(model)
-    unset: list[str] = []
-    count = 0
+    buffers: dict[int, tuple[str, torch.Tensor]] = {}  # a buffer registered in two modules is one tensor
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        buffers.setdefault(id(buffer), (name, buffer))
+    for _, buffer in buffers.values():
+        _mark_unset(buffer)
     for name, module in model.named_modules():
         own = {n: b for n, b in module._buffers.items() if b is not None}
-        if not own:
-            continue
-        for buffer in own.values():
-            _mark_unset(buffer)
         init_fn = getattr(owners[name], "_init_weights", None)
-        if callable(init_fn):
-            shadow = _meta_shadow(module)
-            shadow._buffers = dict(own)
-            init_fn(shadow)
-            for n, value in shadow._buffers.items():
-                if value is not None and value is not own[n]:  # assigned rather than written in place
-                    own[n].copy_(value)
-        for n, buffer in own.items():
-            if _is_unset(buffer):
-                unset.append(f"{name}.{n}" if name else n)
-            count += 1
+        if not own or not callable(init_fn):
+            continue
+        shadow = _meta_shadow(module)
+        shadow._buffers = dict(own)
+        init_fn(shadow)
+        for n, value in shadow._buffers.items():
+            if value is not None and value is not own[n]:  # assigned rather than written in place
+                own[n].copy_(value)
+    unset = [name for name, buffer in buffers.values() if _is_unset(buffer)]
     if unset:
         raise ValueError(
             f"buffer(s) {', '.join(unset[:5])}{' ...' if len(unset) > 5 else ''} of {type(model).__name__} are not computed "
             "by the model's _init_weights, which the meta build needs (as transformers' from_pretrained does); update the "
             "model code (remote code written before transformers 5 may compute buffers in __init__ only)."
         )
-    return count
+    return len(buffers)
 
 
 def _mark_unset(buffer: torch.Tensor) -> None:

@@ -355,10 +355,25 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     Each rank allocates only its shards. Parameter values are undefined until a checkpoint or an init
     fills them; a checkpoint's persistent buffers overwrite the computed ones when it is loaded.
     """
+    shared = _shared_buffers(model)
     model.to_empty(device=device)
+    for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
+        first_module, first_name = owners[0]
+        for module, name in owners[1:]:
+            module._buffers[name] = first_module._buffers[first_name]
     fill_uninitialized(model)
     recompute_buffers(model)
     ensure_tied_lm_head(model)
+
+
+def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """``(module, name)`` of each buffer registered in more than one place, grouped by tensor."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                places.setdefault(id(buffer), []).append((module, name))
+    return [owners for owners in places.values() if len(owners) > 1]
 
 
 FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"

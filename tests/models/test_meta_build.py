@@ -95,3 +95,16 @@ def test_a_buffer_no_init_computes_is_an_error_naming_it():
         model = nn.Sequential(_Plain())
     with pytest.raises(ValueError, match=r"0\.table.*_init_weights"):
         materialize(model, torch.device("cpu"))
+
+
+def test_a_buffer_shared_by_two_modules_is_computed_once():
+    from transformers import AutoModelForCausalLM
+
+    config = tm.tiny_config("llama")
+    reference = AutoModelForCausalLM.from_config(config)
+    model = build_meta_model(config, "causal_lm")
+    # The rotary table registered a second time, in a module whose init does not compute it.
+    model.model.layers[0].register_buffer("inv_freq", model.model.rotary_emb.inv_freq, persistent=False)
+    materialize(model, torch.device("cpu"))
+    assert model.model.layers[0].inv_freq is model.model.rotary_emb.inv_freq  # still one tensor
+    torch.testing.assert_close(model.model.layers[0].inv_freq, reference.model.rotary_emb.inv_freq, rtol=0, atol=0)
