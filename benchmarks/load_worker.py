@@ -277,12 +277,19 @@ def main() -> None:
         records: list = [None] * world
         dist.all_gather_object(records, record)
         results[method] = records
+    write_and_exit(out, results)
+
+
+def write_and_exit(out: Path, results: object) -> None:
+    """Rank 0 writes ``results`` as JSON; every rank leaves the group and exits without finalization.
+
+    Skips interpreter finalization: on this machine a gloo rank aborted there now and then ("terminate called
+    without an active exception", no Python frame, after the results were written), a known torch teardown race.
+    """
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
-    # Skip interpreter finalization: on this machine a gloo rank aborted there now and then ("terminate called
-    # without an active exception", no Python frame, after the results were written), a known torch teardown race.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

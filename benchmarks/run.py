@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.harness import REPO, WORK, CaseResult
 
 CASES = ("surgery", "dtypes_inspection", "cast_memory", "optimizer_state", "packing", "step_overhead", "plan", "load", "export", "lora",
-         "layout_planning", "random_init", "hf_checkpoint", "data")
+         "layout_planning", "random_init", "hf_checkpoint", "data", "step_after_load")
 
 
 class LoadSampler(threading.Thread):

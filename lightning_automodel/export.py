@@ -103,11 +103,11 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
         )
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    from lightning_automodel.models.building import build_on_meta
+    from lightning_automodel.models.building import build_meta_model
 
     try:
         config = HFCausalLM(**init_args, trust_remote_code=False).build_hf_config()
-        model = build_on_meta(config, init_args.get("model_class", "auto"))
+        model = build_meta_model(config, init_args.get("model_class", "auto"))
     except (ValueError, OSError) as exc:
         raise ExportError(f"{checkpoint.path}: the model its hyper-parameters describe cannot be rebuilt without remote code ({_one_line(exc)}).") from None
     source = init_args.get("pretrained_path")
@@ -124,7 +124,7 @@ def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
     from transformers import PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from lightning_automodel.models.building import build_on_meta
+    from lightning_automodel.models.building import build_meta_model
 
     model_type = info.config.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -135,7 +135,7 @@ def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
     config = CONFIG_MAPPING[model_type].from_dict(dict(info.config))
     for kind in ("causal_lm", "image_text_to_text"):
         try:
-            model = build_on_meta(config, kind)
+            model = build_meta_model(config, kind)
         except ValueError:
             continue
         if type(model) is cls:

@@ -340,7 +340,7 @@ def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
     if layers >= _MANY_LAYERS:
         # Every layer is constructed as in `fit` (no storage: on meta): about 0.5 ms per layer here.
         log.warning("plan: building %d layers on the meta device (about %d s)...", layers, max(1, layers // 2000))
-    return building.build_on_meta(
+    return building.build_meta_model(
         config,
         model_args.get("model_class", "auto"),
         trust_remote_code=bool(model_args.get("trust_remote_code", False)),

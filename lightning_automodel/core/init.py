@@ -148,6 +148,61 @@ def _meta_shadow(module: nn.Module) -> nn.Module:
     return shadow
 
 
+@torch.no_grad()
+def recompute_buffers(model: nn.Module) -> int:
+    """Compute every buffer of a freshly materialized model with the model's own ``_init_weights``.
+
+    The meta build (``models.building.build_meta_model``) leaves buffers without values, as transformers'
+    ``from_pretrained`` does; both compute them afterwards the same way: the ``_init_weights`` of the
+    nearest ``PreTrainedModel`` fills a RotaryEmbedding's ``inv_freq`` from the config, a scaled
+    embedding's ``embed_scale``, a vision tower's ``position_ids``. It runs on a shadow of each module
+    whose parameters and children are meta, so no parameter (sharded, loaded or not) is touched, and
+    whose buffers are the real ones. A buffer that the init leaves unset is an error naming it (its
+    values would otherwise be whatever the allocator returned). Returns the number of buffers computed.
+    """
+    owners = _owner_models(model)
+    buffers: dict[int, tuple[str, torch.Tensor]] = {}  # a buffer registered in two modules is one tensor
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        buffers.setdefault(id(buffer), (name, buffer))
+    for _, buffer in buffers.values():
+        _mark_unset(buffer)
+    for name, module in model.named_modules():
+        own = {n: b for n, b in module._buffers.items() if b is not None}
+        init_fn = getattr(owners[name], "_init_weights", None)
+        if not own or not callable(init_fn):
+            continue
+        shadow = _meta_shadow(module)
+        shadow._buffers = dict(own)
+        init_fn(shadow)
+        for n, value in shadow._buffers.items():
+            if value is not None and value is not own[n]:  # assigned rather than written in place
+                own[n].copy_(value)
+    unset = [name for name, buffer in buffers.values() if _is_unset(buffer)]
+    if unset:
+        raise ValueError(
+            f"buffer(s) {', '.join(unset[:5])}{' ...' if len(unset) > 5 else ''} of {type(model).__name__} are not computed "
+            "by the model's _init_weights, which the meta build needs (as transformers' from_pretrained does); update the "
+            "model code (remote code written before transformers 5 may compute buffers in __init__ only)."
+        )
+    return len(buffers)
+
+
+def _mark_unset(buffer: torch.Tensor) -> None:
+    """A value no init computes: NaN, or the smallest integer (boolean buffers cannot be marked)."""
+    if buffer.is_floating_point() or buffer.is_complex():
+        buffer.fill_(float("nan"))
+    elif buffer.dtype != torch.bool:
+        buffer.fill_(torch.iinfo(buffer.dtype).min)
+
+
+def _is_unset(buffer: torch.Tensor) -> bool:
+    if not buffer.numel() or buffer.dtype == torch.bool:
+        return False
+    if buffer.is_floating_point() or buffer.is_complex():
+        return bool(buffer.isnan().all())
+    return bool((buffer == torch.iinfo(buffer.dtype).min).all())
+
+
 def _module_seed(seed: int, name: str) -> int:
     import hashlib
 

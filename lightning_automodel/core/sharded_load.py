@@ -581,6 +581,7 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
                 outputs = _convert(group, model, reader.read, keep=range(rows.start, rows.stop))
                 for name in group.targets:
                     _local(tensors[name]).copy_(outputs[name])
+                del outputs  # not held by this frame after the loop (a pinned frame keeps its last locals)
             count += len(group.targets)
             continue
         outputs = _convert(group, model, reader.read)

@@ -1,8 +1,8 @@
 """Building Hugging Face models from a local directory or an inline config, offline, the FSDP2 way.
 
-No Lightning here: the LightningModule calls these. A model is built with its parameters on the meta
-device (buffers such as RoPE ``inv_freq`` are real), sharded (:func:`apply_fsdp2`), materialized
-(:func:`materialize`: each rank allocates its shards only), and then filled: from a checkpoint by
+No Lightning here: the LightningModule calls these. A model is built on the meta device, parameters
+and buffers (:func:`build_meta_model`, the one build of ``fit``, ``plan`` and ``export``), sharded (:func:`apply_fsdp2`), materialized
+(:func:`materialize`: each rank allocates its shards only and computes the buffers), and then filled: from a checkpoint by
 ``core.sharded_load`` (each rank reads its own bytes) or by ``core.init.init_weights_by_module`` (each
 rank initializes one module at a time and keeps its shard). No rank ever holds the full model.
 """
@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
-from lightning_automodel.core.init import init_empty_weights
+from lightning_automodel.core.init import recompute_buffers
 from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 
@@ -158,28 +158,6 @@ def estimate_parameters(sub: Any) -> int:
     return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter * experts)
 
 
-def check_fits_in_memory(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> None:
-    """The largest tensor of the build must fit in host memory: the meta build creates each parameter on
-    the CPU first (an embedding of 10^10 rows fails there with an allocation error, not a message)."""
-    total = _physical_memory()
-    if total is None:
-        return
-    for where, sub in _sub_configs(config):
-        vocab, hidden = getattr(sub, "vocab_size", None), getattr(sub, "hidden_size", None)
-        if isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden * dtype.itemsize > total:
-            raise ValueError(
-                f"model config {where}vocab_size={vocab:,} x hidden_size={hidden:,} is a {vocab * hidden * dtype.itemsize / 2**30:,.0f} GiB "
-                f"embedding, more than this machine's {total / 2**30:,.0f} GiB of memory; check the sizes."
-            )
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
 def inline_config(config: Mapping[str, Any]) -> PretrainedConfig:
     """``{"model_type": "llama", "hidden_size": 64, ...}`` -> a config; unknown keys are an error."""
     values = dict(config)
@@ -212,53 +190,47 @@ def model_class_for(config: PretrainedConfig, model_class: ModelClass = "auto"):
 
 
 def build_meta_model(
-    config: PretrainedConfig, model_class: ModelClass = "auto", *, dtype: torch.dtype = torch.float32, **kwargs: Any
-) -> PreTrainedModel:
-    """Parameters on meta, buffers real (RoPE tables are computed, not loaded).
-
-    ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise decide the training
-    precision: bf16 master weights and bf16 AdamW state round small updates away and stall a fine-tune.
-    """
-    validate_model_config(config)
-    check_fits_in_memory(config, dtype)
-    with init_empty_weights():
-        return model_class_for(config, model_class).from_config(config, dtype=dtype, **kwargs)
-
-
-def build_on_meta(
-    config: Any,
+    config: PretrainedConfig,
     model_class: ModelClass = "auto",
     *,
+    dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
-) -> nn.Module:
-    """The whole model, parameters and buffers, on the meta device in fp32: no storage is ever allocated.
+) -> PreTrainedModel:
+    """The whole model, parameters and buffers, on the meta device: no storage is ever allocated.
 
-    :func:`build_meta_model` (what ``fit`` uses) keeps buffers real (RoPE
-    tables are computed, not loaded) and goes through a patched ``register_parameter`` that creates
-    each parameter on the CPU first; a 256000 x 32768 embedding cannot be allocated that way. ``plan``
-    and ``export``'s check need shapes and dtypes only, so everything is created under ``torch.device("meta")``.
-    ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` must not decide the planned precision.
+    The one build of ``fit``, ``plan`` and ``export``, as transformers' own ``from_pretrained`` builds:
+    under ``torch.device("meta")`` with initialization off, so a 256000 x 32768 embedding costs nothing.
+    Buffers (RoPE ``inv_freq``, scales) are computed again after :func:`materialize`, by the model's own
+    ``_init_weights``. ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise
+    decide the training precision: bf16 master weights and bf16 AdamW state round small updates away.
     """
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    with torch.device("meta"), _no_weight_init():
-        model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with torch.device("meta"), _meta_build_context():
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
-        model.tie_weights()  # tied embeddings count once, as in the job
+        model.tie_weights()  # tied embeddings are one tensor, as in the job
     return model
 
 
-def _no_weight_init() -> contextlib.AbstractContextManager[Any]:
-    """transformers' switch that turns ``torch.nn.init`` and ``init_weights`` into no-ops.
+def _meta_build_context() -> contextlib.ExitStack:
+    """transformers' own switches around a meta build (what ``from_pretrained`` enters too).
 
-    On meta there is nothing to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through
-    Python decompositions (half of the build time of a deep model).
+    ``no_init_weights`` turns ``torch.nn.init`` and ``init_weights`` into no-ops: on meta there is nothing
+    to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through Python decompositions (half
+    of the build time of a deep model). ``meta_device_safe_creation_ops`` keeps ``torch.linspace`` on the
+    CPU, so remote code that reads a drop-path schedule with ``.item()`` in ``__init__`` builds on meta.
     """
+    stack = contextlib.ExitStack()
     try:
-        from transformers.initialization import no_init_weights
+        from transformers import initialization
     except ImportError:  # older transformers: initialization on meta is slow, not wrong
-        return contextlib.nullcontext()
-    return no_init_weights()
+        return stack
+    for name in ("no_init_weights", "meta_device_safe_creation_ops"):
+        switch = getattr(initialization, name, None)
+        if switch is not None:
+            stack.enter_context(switch())
+    return stack
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -378,17 +350,30 @@ def apply_fsdp2(
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a (sharded) meta model's parameters on ``device``; computed buffers keep their values.
+    """Allocate a (sharded) meta model on ``device`` and compute its buffers (RoPE tables, scales).
 
-    Each rank allocates only its shards. The values are undefined until a checkpoint or an init fills them.
+    Each rank allocates only its shards. Parameter values are undefined until a checkpoint or an init
+    fills them; a checkpoint's persistent buffers overwrite the computed ones when it is loaded.
     """
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
+    shared = _shared_buffers(model)
     model.to_empty(device=device)
+    for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
+        first_module, first_name = owners[0]
+        for module, name in owners[1:]:
+            module._buffers[name] = first_module._buffers[first_name]
     fill_uninitialized(model)
-    for name, buf in model.named_buffers():
-        if name in buffers:
-            buf.copy_(buffers[name])
+    recompute_buffers(model)
     ensure_tied_lm_head(model)
+
+
+def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """``(module, name)`` of each buffer registered in more than one place, grouped by tensor."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                places.setdefault(id(buffer), []).append((module, name))
+    return [owners for owners in places.values() if len(owners) > 1]
 
 
 FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"

@@ -283,6 +283,11 @@ class HFCausalLM(pl.LightningModule):
         finally:
             if reader is not None:
                 reader.close()
+            # This frame can outlive the call: a library that keeps an exception it caught pins every frame
+            # above it (bitsandbytes, imported lazily by the LoRA step above, logs its kernel-load failure with
+            # the exception as a log argument; a handler that keeps records keeps the frames). Nothing of the
+            # load may stay reachable from here.
+            reader = plan = None
         if self.device_mesh is None and hp.activation_checkpointing:
             enable_activation_checkpointing(model)
         ensure_tied_lm_head(model)
