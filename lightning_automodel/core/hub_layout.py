@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel._compat.transformers import loaded_weight_conversions, weight_conversions_set
+
 log = logging.getLogger(__name__)
 
 #: where a checkpoint records what export needs (written by the callbacks, read by ``export``)
@@ -154,7 +156,7 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
     """
     if model in _CONVERSIONS:
         return _CONVERSIONS[model]
-    conversions = getattr(model, "_weight_conversions", None)
+    conversions = loaded_weight_conversions(model)
     if conversions is None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import PrefixChange
@@ -212,16 +214,8 @@ def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
     conversions = _weight_conversions(model)
     if conversions is None:
         return dict(tensors)  # what transformers returns when no conversion applies
-    had_own = "_weight_conversions" in model.__dict__
-    previous = model.__dict__.get("_weight_conversions")
-    model.__dict__["_weight_conversions"] = conversions
-    try:
+    with weight_conversions_set(model, conversions):
         reverted = revert_weight_conversion(model, dict(tensors))
-    finally:
-        if had_own:
-            model.__dict__["_weight_conversions"] = previous
-        else:
-            del model.__dict__["_weight_conversions"]
     return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
+
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
@@ -188,7 +190,7 @@ def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
         if weight is not None and not weight.is_meta and not _is_dtensor(weight):
             return base  # unsharded and real (one device, DDP, a bitsandbytes base): peft reads it as it is
         twin = plain_copy(base)
-        twin._parameters = {n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in base._parameters.items()}
+        set_own_slots(twin, parameters={n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in own_parameters(base).items()})
         return twin
     stand_in = nn.Module()
     # peft reads the dtype and device of the base's ``weight`` (a ParamWrapper: of the wrapped parameter).
@@ -235,9 +237,12 @@ def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
 
     twin = plain_copy(layer)
     twin.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if type(v) is dict and not k.startswith("_")})
-    twin._parameters = {}
-    twin._buffers = {}
-    twin._modules = {name: (base if name == BASE_LAYER else type(child)()) for name, child in layer._modules.items() if child is not None}
+    set_own_slots(
+        twin,
+        parameters={},
+        buffers={},
+        children={name: (base if name == BASE_LAYER else type(child)()) for name, child in own_children(layer).items() if child is not None},
+    )
     return twin
 
 
