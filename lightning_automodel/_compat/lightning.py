@@ -43,3 +43,12 @@ class LightningCLIHooks:
 
     def check_ckpt_path_config(self) -> None:
         """Checks ``ckpt_path`` against the parsed configuration; a subclass overrides it."""
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """A callback's ``state_key`` that tells apart two instances with different ``identity`` arguments.
+
+    Same text as Lightning's private ``Callback._generate_state_key`` (``ClassQualname{kwargs!r}``), so
+    the state of checkpoints saved before still loads; built here, so a Lightning change cannot orphan it.
+    """
+    return f"{type(callback).__qualname__}{identity!r}"
