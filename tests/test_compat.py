@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat import lightning as compat_lightning
+from lightning_automodel._compat import peft as compat_peft
 from lightning_automodel._compat import torch as compat_torch
 from lightning_automodel._compat import transformers as compat_transformers
 from tests.tiny_models import tiny_llama
@@ -293,3 +294,58 @@ def test_strategy_optimizers_setter_rewraps_and_restores():
         "lightning", "Strategy.optimizers setter", "it no longer wraps the optimizers (AtomicModelParallelStrategy hides them with it)"
     )
 
+
+
+def test_conversion_protocol_names_and_attributes():
+    from lightning_automodel._compat.transformers import _CONVERSION_PROTOCOL
+
+    for name, module in _CONVERSION_PROTOCOL.items():
+        assert hasattr(importlib.import_module(module), name), _changed("transformers", f"{module}.{name}", "gone")
+    WeightConverter = compat_transformers.WeightConverter  # noqa: N806
+    parameters = set(inspect.signature(WeightConverter).parameters)
+    assert {"source_patterns", "target_patterns", "operations"} <= parameters, _changed("transformers", "WeightConverter", f"parameters {parameters}")
+    assert callable(getattr(WeightConverter, "reverse_transform", None)), _changed("transformers", "WeightConverter.reverse_transform", "gone")
+    assert "dim" in inspect.signature(compat_transformers.MergeModulelist).parameters, _changed("transformers", "MergeModulelist", "no dim")
+    model = tiny_llama()
+    rules = compat_transformers.get_model_conversion_mapping(model, add_legacy=False)
+    assert isinstance(rules, list), _changed("transformers", "get_model_conversion_mapping", f"returned {type(rules)}")
+    renamed, pattern = compat_transformers.apply_converters("model.layers.0.mlp.up_proj.weight", [])
+    assert (renamed, pattern) == ("model.layers.0.mlp.up_proj.weight", None), _changed("transformers", "apply_converters", f"got {(renamed, pattern)}")
+    assert sorted(["a.10", "a.2"], key=compat_transformers.dot_natural_key) == ["a.2", "a.10"]
+    with pytest.raises(AttributeError):
+        compat_transformers.no_such_name  # noqa: B018
+
+
+# ---- peft --------------------------------------------------------------------------------------
+
+
+def _adapted_llama(**lora: object) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = tiny_llama()
+    inject_adapter_in_model(LoraConfig(target_modules=["q_proj"], **lora), model, adapter_name="default")
+    return model.model.layers[0].self_attn.q_proj
+
+
+def test_peft_layer_settings_are_the_config_it_was_injected_with():
+    layer = _adapted_llama(r=4, lora_alpha=16, use_rslora=True)
+    settings = compat_peft.layer_settings(layer, "default")
+    assert settings == {"r": 4, "lora_alpha": 16, "use_rslora": True, "use_dora": False, "lora_bias": False, "fan_in_fan_out": False}, _changed(
+        "peft", "LoraLayer per-adapter dicts (r, lora_alpha, use_rslora, use_dora, lora_bias)", f"read {settings}"
+    )
+    assert compat_peft.layer_variant(layer, "default") is None
+    dora = _adapted_llama(r=2, use_dora=True)
+    assert type(compat_peft.layer_variant(dora, "default")).__name__ == "DoraLinearVariant", _changed("peft", "LoraLayer.lora_variant", "no DoRA variant recorded")
+
+
+def test_peft_create_adapter_runs_peft_init_on_a_layer():
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    parameters = list(inspect.signature(LoraLayer.update_layer).parameters)
+    assert parameters[:5] == ["self", "adapter_name", "r", "lora_alpha", "config"], _changed("peft", "LoraLayer.update_layer", f"parameters {parameters}")
+    layer = _adapted_llama(r=4)
+    config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=True)
+    compat_peft.create_adapter(layer, "other", config)
+    a, b = layer.lora_A["other"].weight, layer.lora_B["other"].weight
+    assert a.shape[0] == 2 and b.shape[1] == 2 and a.abs().sum() > 0 and b.abs().sum() == 0, _changed("peft", "LoraLayer.update_layer", "adapter not built as configured")

@@ -90,3 +90,29 @@ def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]
             model.__dict__["_weight_conversions"] = previous
         else:
             del model.__dict__["_weight_conversions"]
+
+
+#: transformers' weight-conversion protocol (``transformers.core_model_loading`` and
+#: ``transformers.conversion_mapping``), re-exported lazily by name. Why here: the module is not
+#: underscore-named but is transformers' internal loading machinery (new in 5.0, undocumented, its
+#: classes' attributes ``source_patterns``/``target_patterns``/``operations``/``reverse_transform`` are
+#: what the package's save and load plans match on); ``tests/test_compat.py`` checks that protocol.
+_CONVERSION_PROTOCOL = {
+    "MergeModulelist": "transformers.core_model_loading",
+    "PrefixChange": "transformers.core_model_loading",
+    "WeightConverter": "transformers.core_model_loading",
+    "WeightRenaming": "transformers.core_model_loading",
+    "apply_converters": "transformers.core_model_loading",
+    "dot_natural_key": "transformers.core_model_loading",
+    "rename_source_key": "transformers.core_model_loading",
+    "revert_weight_conversion": "transformers.core_model_loading",
+    "get_model_conversion_mapping": "transformers.conversion_mapping",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): importing the conversion machinery costs time that fit's import path does not need.
+    module = _CONVERSION_PROTOCOL.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

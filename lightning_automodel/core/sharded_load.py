@@ -321,8 +321,8 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
 
 def _conversion_rules(model: nn.Module) -> tuple[list, list]:
     """transformers' renamings and converters for this model (fresh copies: matching has side effects)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
+    from lightning_automodel._compat.transformers import get_model_conversion_mapping
+    from lightning_automodel._compat.transformers import WeightConverter, WeightRenaming
 
     rules = copy.deepcopy(get_model_conversion_mapping(model))
     renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
@@ -344,7 +344,7 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys
     file for a missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model
     unless each of them matches one of the ``ignore_keys`` regular expressions (``re.fullmatch``).
     """
-    from transformers.core_model_loading import dot_natural_key, rename_source_key
+    from lightning_automodel._compat.transformers import dot_natural_key, rename_source_key
 
     tensors, aliases = _model_tensors(model)
     alias_set = set(aliases)
@@ -530,7 +530,7 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
     Then a dim-0 slice of the output is the same op on the sources it covers, and a rank reads only
     the experts it owns. Any other converter reads its whole group.
     """
-    from transformers.core_model_loading import MergeModulelist
+    from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
     if not operations or not isinstance(operations[0], MergeModulelist) or operations[0].dim != 0:
