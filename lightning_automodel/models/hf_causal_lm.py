@@ -153,9 +153,10 @@ class HFCausalLM(pl.LightningModule):
     def _root_device(self) -> torch.device:
         """The Trainer's root device, or the CPU when no Trainer is attached (the public ``trainer`` raises then)."""
         try:
-            return self.trainer.strategy.root_device
+            trainer = self.trainer
         except RuntimeError:
             return torch.device("cpu")
+        return trainer.strategy.root_device
 
     def build_hf_config(self) -> PretrainedConfig:
         hp = self.hparams
