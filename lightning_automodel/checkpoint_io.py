@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_directory_per_node
 
 log = logging.getLogger(__name__)
+
+#: a local or remote path, as Lightning accepts one
+PathLike = str | os.PathLike[str]
 
 _TMP_SUFFIX = ".tmp"
 _TMP_TAG = "lightning-automodel"
@@ -49,11 +51,11 @@ class CheckpointResumeError(ValueError):
     """``--ckpt_path`` names a checkpoint that cannot be resumed from (truncated or not a checkpoint)."""
 
 
-def _is_local(path: _PATH) -> bool:
+def _is_local(path: PathLike) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, then a rename."""
     target = Path(str(path).removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,14 +112,14 @@ class AtomicTorchCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local saves are write-beside, fsync, rename (remote paths: Lightning's way)."""
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         log.debug("Saving checkpoint atomically: %s", path)
         atomic_torch_save(checkpoint, path)
 
 
-def incomplete_reason(path: _PATH) -> str | None:
+def incomplete_reason(path: PathLike) -> str | None:
     """Why ``path`` is not a complete ``torch.save`` file, or ``None`` when it is (reads only zip metadata)."""
     path = Path(path)
     try:
@@ -144,7 +146,7 @@ def _complete_sharded(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
-def newest_complete_checkpoint(directory: _PATH, exclude: _PATH | None = None) -> Path | None:
+def newest_complete_checkpoint(directory: PathLike, exclude: PathLike | None = None) -> Path | None:
     """The most recently modified complete checkpoint (``*.ckpt`` file or sharded directory) in ``directory``."""
     directory = Path(directory)
     skip = Path(exclude).resolve() if exclude is not None else None
@@ -167,7 +169,7 @@ def newest_complete_checkpoint(directory: _PATH, exclude: _PATH | None = None) -
     return None
 
 
-def check_resumable(ckpt_path: _PATH | None) -> None:
+def check_resumable(ckpt_path: PathLike | None) -> None:
     """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
     checkpoint, naming the newest complete checkpoint in the same directory. A sharded checkpoint that a
     killed save left parked beside its name is put back first, by local rank 0 while the node's other

@@ -14,12 +14,13 @@ from pickle import UnpicklingError
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_automodel._compat.lightning import LightningCLIHooks, union_member_error
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
@@ -309,15 +310,10 @@ def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None
         log.warning("--ckpt_path %s was trained from model.pretrained_path %s; this run uses %s.", ckpt_path, theirs, ours)
 
 
-_UNION_ERRORS = re.compile(r"Does not validate against any of the Union subtypes .*? Errors: - (.*?) - Expected a <class 'NoneType'>")
-
-
 def _suggestion(message: str, parsers: list[Any]) -> str:
     """``message`` on one line, with "did you mean" when an unknown key is close to a valid one."""
     line = " ".join(message.split())
-    union = _UNION_ERRORS.search(line)
-    if union:  # a subclass-mode section (data: class_path ...): the class's own error, not jsonargparse's listing
-        line = union.group(1)
+    line = union_member_error(line) or line  # a subclass-mode section (data: class_path ...): the class's own error
     denied = _denied_import(line)
     if denied is not None:
         return denied
@@ -327,13 +323,20 @@ def _suggestion(message: str, parsers: list[Any]) -> str:
     bad = next(g for g in found.groups() if g).lstrip("-")
     valid: set[str] = set()
     for parser in parsers:
-        for action in getattr(parser, "_actions", []):
-            valid.update(opt.lstrip("-") for opt in action.option_strings if opt.startswith("--"))
+        valid.update(_option_names(parser))
     close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.75)
     return f"{line} (did you mean {close[0]!r}?)" if close else line
 
 
-class AutoModelCLI(LightningCLI):
+def _option_names(parser: Any) -> set[str]:
+    """The parser's option keys (``model.learning_rate``), from jsonargparse's public ``get_defaults``."""
+    try:
+        return set(parser.get_defaults().keys())
+    except Exception:  # noqa: BLE001 - only a "did you mean" hint depends on it
+        return set()
+
+
+class AutoModelCLI(LightningCLIHooks, LightningCLI):
     """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
     anything, saves single files atomically and shows a sane progress bar.
 
@@ -376,9 +379,9 @@ class AutoModelCLI(LightningCLI):
         if subcommand:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
-    def _parse_ckpt_path(self) -> None:
-        # Replaces LightningCLI's private hook of the same name, which merges the checkpoint's
-        # hyper-parameters over the user's configuration (see check_checkpoint_hparams).
+    def check_ckpt_path_config(self) -> None:
+        # Runs in place of LightningCLI's own step, which merges the checkpoint's hyper-parameters over
+        # the user's configuration (see check_checkpoint_hparams and _compat.lightning.LightningCLIHooks).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
@@ -401,17 +404,19 @@ class AutoModelCLI(LightningCLI):
         super().instantiate_classes()
         log_tokenizer_vocabulary(self.datamodule)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
-        strategy = config.get("strategy")
-        strategy_io = isinstance(strategy, Strategy) and strategy_has_own_checkpoint_io(strategy)
-        if not strategy_io and not _has_checkpoint_io(config.get("plugins")):
-            plugins = config.get("plugins")
-            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-            config["plugins"] = [*plugins, AtomicTorchCheckpointIO()]
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**(config.get("trainer") or {}), **kwargs}
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         extra: list[Callback] = [self.run_marker]
-        if not _progress_bar_configured(config):
+        if not _progress_bar_configured(trainer_config):
             extra.append(TQDMProgressBar())
-        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        trainer = super().instantiate_trainer(**{**kwargs, "callbacks": [*callbacks, *extra]})
+        # After construction the strategy holds the configured CheckpointIO (from plugins or its own);
+        # only Lightning's default (exactly TorchCheckpointIO) is replaced.
+        if not _has_checkpoint_io(trainer_config.get("plugins")) and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicTorchCheckpointIO()
         set_rank_threads(trainer.num_devices)
         return trainer
 
@@ -467,17 +472,6 @@ def _show_data_logs() -> None:
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
-
-
-def strategy_has_own_checkpoint_io(strategy: Strategy) -> bool:
-    """Whether a strategy object was configured with a ``CheckpointIO``.
-
-    Reading the public ``strategy.checkpoint_io`` is not an option: it creates Lightning's default on
-    first access, and the Trainer then refuses a CheckpointIO given in ``plugins`` as set twice. So the
-    attribute behind it is read here, and only here (tests: a strategy with its own CheckpointIO keeps
-    it; a plain ModelParallelStrategy gets the atomic one).
-    """
-    return vars(strategy).get("_checkpoint_io") is not None
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
@@ -567,8 +561,7 @@ def _one_line(exc: BaseException) -> str:
             "Load only checkpoints you created, or convert the weights to safetensors."
         )
     line = " ".join(str(exc).split()) or type(exc).__name__
-    union = _UNION_ERRORS.search(line)
-    return union.group(1) if union else line  # a subclass-mode data module's own error, not jsonargparse's listing
+    return union_member_error(line) or line  # a subclass-mode data module's own error, not jsonargparse's listing
 
 
 def _first_line(exc: BaseException) -> str:

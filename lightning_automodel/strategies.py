@@ -27,6 +27,7 @@ and a resume loads garbage or fails. Here:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_automodel._compat.lightning import set_process_group_backend
 from lightning_automodel.callbacks._resume import DCP_METADATA_FILE, dcp_stored_keys, preview, state_fqns
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
@@ -210,15 +212,19 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 f"AtomicModelParallelStrategy: on_missing_optimizer_state must be 'warn' or 'error'; got {on_missing_optimizer_state!r}."
             )
         super().__init__(*args, **kwargs)
+        # Whether saves are sharded (DCP directories): the constructor argument, read here from the public signature.
+        bound = inspect.signature(ModelParallelStrategy.__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self.sharded_saves = bool(bound.arguments["save_distributed_checkpoint"])
         self.link_same_step_saves = link_same_step_saves
         self.on_missing_optimizer_state = on_missing_optimizer_state
         self._previous_save: tuple[Path, tuple[Any, ...]] | None = None
 
     @override
     def setup_environment(self) -> None:
-        # Lightning creates the process group from its private ``_process_group_backend`` in
-        # setup_environment; this is the last point to choose it (the root device is known here).
-        self._process_group_backend = backend_with_cpu_path(self._process_group_backend, self.root_device)
+        # Lightning creates the process group in setup_environment; this is the last point to choose its
+        # backend (the root device is known here).
+        set_process_group_backend(self, backend_with_cpu_path(self.process_group_backend, self.root_device))
         super().setup_environment()
 
     @override
@@ -226,9 +232,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.model is None or not offloads_to_cpu(self.model):
             return super().model_to_device()
         for module in self.model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(self.root_device)
+            for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+                setattr(module, name, buffer.to(self.root_device))  # stays a buffer, persistent or not
 
     def _linkable_previous(self, state_id: tuple[Any, ...]) -> Path | None:
         if not self.link_same_step_saves or self._previous_save is None:
@@ -259,7 +264,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.sharded_saves:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         final = Path(self.broadcast(str(filepath)))
         staging = sibling(final, "tmp")
@@ -312,12 +317,12 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         stored = dcp_stored_keys(path)
         # Lightning's load for the module and the metadata, with the optimizers hidden (it would request
         # every parameter's state); then each optimizer's present state, here.
-        optimizers, lightning_optimizers = self._optimizers, self._lightning_optimizers
-        self._optimizers, self._lightning_optimizers = [], []
+        optimizers = self.optimizers
+        self.optimizers = []  # the public setter; restoring it below wraps the same optimizers again
         try:
             checkpoint = super().load_checkpoint(path, weights_only)
         finally:
-            self._optimizers, self._lightning_optimizers = optimizers, lightning_optimizers
+            self.optimizers = optimizers
         currents = [get_optimizer_state_dict(self.model, optimizer) for optimizer in optimizers]
         missing = sorted({fqn for i, current in enumerate(currents) for fqn in missing_state(current, f"optimizer_{i}", stored)})
         unused = sorted({fqn for i, current in enumerate(currents) for fqn in unused_state(current, f"optimizer_{i}", stored)})

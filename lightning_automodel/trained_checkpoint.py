@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from lightning_automodel._compat.torch import DCP_METADATA_PRIVATE_GLOBALS
+
 log = logging.getLogger(__name__)
 
 _STATE_PREFIX = "state_dict."
@@ -63,16 +65,18 @@ def safe_torch_load(path: Path, **kwargs: Any) -> Any:
 
 # ---- DCP metadata without arbitrary unpickling -------------------------------------------------
 
-_DCP_METADATA_TYPES = {
+_DCP_METADATA_PUBLIC_TYPES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+        "BytesStorageMetadata", "ChunkStorageMetadata",
     },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
+}
+_DCP_METADATA_TYPES = {
+    module: _DCP_METADATA_PUBLIC_TYPES.get(module, set()) | DCP_METADATA_PRIVATE_GLOBALS.get(module, set())
+    for module in {*_DCP_METADATA_PUBLIC_TYPES, *DCP_METADATA_PRIVATE_GLOBALS}
 }
 
 

@@ -23,7 +23,7 @@ def source_directory(pl_module: pl.LightningModule) -> str | None:
     candidate = hparams.get("pretrained_path") if hasattr(hparams, "get") else None
     if candidate is None:
         _, model = find_hf_model(pl_module)
-        candidate = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        candidate = getattr(getattr(model, "config", None), "name_or_path", None) or None
     if candidate and Path(candidate).is_dir():
         return str(Path(candidate).resolve())
     return None

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_automodel._compat.lightning import callback_state_key
 from lightning_automodel.core.thd import NUM_SEQUENCES_KEY, SEQLEN_KEYS, squeeze_input_for_thd
 
 _ATTN_KEYS = (*SEQLEN_KEYS, "max_seqlen", NUM_SEQUENCES_KEY)
@@ -56,7 +57,7 @@ class THDSqueeze(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(seqlens_padding_value=self.seqlens_padding_value)
+        return callback_state_key(self, seqlens_padding_value=self.seqlens_padding_value)
 
     def _squeeze(self, batch: Any) -> None:
         if is_thd_batch(batch):

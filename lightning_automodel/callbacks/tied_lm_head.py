@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_automodel._compat.lightning import callback_state_key
 from lightning_automodel.callbacks._checkpoint_io import checkpoint_keys, materialize_prefixed, missing_tied_head_keys, tied_head_detached
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch_method, target_model
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
@@ -63,7 +64,7 @@ class TiedLMHead(ModelSurgeryCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(strict=self.strict)
+        return callback_state_key(self, strict=self.strict)
 
     def _tie(self, model: nn.Module, when: str) -> None:
         self.tied = ensure_tied_lm_head(model)

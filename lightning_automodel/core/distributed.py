@@ -103,7 +103,7 @@ def _local_cuda_index() -> int:
     GPU 0 as the "current" device; NCCL then hangs or fails. Lightning sets the device, so for its
     jobs all three agree.
     """
-    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)  # private: no public getter
+    bound = getattr(dist.group.WORLD, "bound_device_id", None)  # the default group (public ``group.WORLD``)
     if bound is not None and bound.index is not None:
         return bound.index
     local_rank = os.environ.get("LOCAL_RANK")

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lightning_automodel._compat.torch import apply_to_tensors
 from lightning_automodel.core.naming import canonical_name
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,6 @@ def cast_floating_point(
     # Parameter objects, casts gradients with their parameter, and on FSDP2 modules is followed by
     # reset_sharded_param so the sharded views stay consistent.
     with torch.no_grad():
-        model._apply(convert)
+        apply_to_tensors(model, convert)
     logger.info("Cast %d tensors to %s.", len(targets), dtype)
     return targets

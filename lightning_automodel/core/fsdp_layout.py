@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lightning_automodel._compat.torch import own_children
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.naming import (
     WRAPPER_COMPONENTS,
@@ -70,7 +71,7 @@ class _ModuleIndex:
             self._add(canonical_name(prefix), module)
             if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
                 continue
-            children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in module._modules.items() if child is not None]
+            children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in own_children(module).items() if child is not None]
             stack.extend(reversed(children))
 
     def _add(self, name: str, module: nn.Module) -> None:
@@ -109,7 +110,7 @@ class _ModuleIndex:
 def _innermost(module: nn.Module) -> nn.Module:
     """The module a wrapper chain (activation checkpointing, ``torch.compile``) holds: its canonical owner."""
     while True:
-        inner = next((child for name, child in module._modules.items() if name in WRAPPER_COMPONENTS and child is not None), None)
+        inner = next((child for name, child in own_children(module).items() if name in WRAPPER_COMPONENTS and child is not None), None)
         if inner is None:
             return module
         module = inner

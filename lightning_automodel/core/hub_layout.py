@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel._compat.transformers import loaded_weight_conversions, weight_conversions_set
+
 log = logging.getLogger(__name__)
 
 #: where a checkpoint records what export needs (written by the callbacks, read by ``export``)
@@ -154,10 +156,10 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
     """
     if model in _CONVERSIONS:
         return _CONVERSIONS[model]
-    conversions = getattr(model, "_weight_conversions", None)
+    conversions = loaded_weight_conversions(model)
     if conversions is None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange
+        from lightning_automodel._compat.transformers import get_model_conversion_mapping
+        from lightning_automodel._compat.transformers import PrefixChange
 
         conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)] or None
     _CONVERSIONS[model] = conversions
@@ -166,7 +168,7 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
 
 def _reverse_converters(model: nn.Module) -> list[Any]:
     """The reversed ``WeightConverter`` list ``revert_weight_conversion`` uses for ``model``."""
-    from transformers.core_model_loading import WeightConverter
+    from lightning_automodel._compat.transformers import WeightConverter
 
     reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]
     return [c for c in reverse if isinstance(c, WeightConverter)]
@@ -178,7 +180,7 @@ def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...
     Mirrors the matching in ``revert_weight_conversion``: a name matched by a converter joins the
     group of its converted name; any other name is a group alone (renamings are one-to-one).
     """
-    from transformers.core_model_loading import apply_converters, dot_natural_key
+    from lightning_automodel._compat.transformers import apply_converters, dot_natural_key
 
     converters = _reverse_converters(model)
     groups: dict[str, list[str]] = {}
@@ -193,7 +195,7 @@ def is_renaming(model: nn.Module, group: ConversionGroup) -> bool:
 
     No converter matches its name (converters stack, split, transpose); renamings move no data.
     """
-    from transformers.core_model_loading import apply_converters
+    from lightning_automodel._compat.transformers import apply_converters
 
     if len(group.sources) != 1 or len(group.outputs) != 1:
         return False
@@ -207,21 +209,13 @@ def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
     ``revert_weight_conversion`` is handed the conversions computed once (:func:`_weight_conversions`)
     through the attribute it reads first, set for the call only, so it does not walk the model again.
     """
-    from transformers.core_model_loading import revert_weight_conversion
+    from lightning_automodel._compat.transformers import revert_weight_conversion
 
     conversions = _weight_conversions(model)
     if conversions is None:
         return dict(tensors)  # what transformers returns when no conversion applies
-    had_own = "_weight_conversions" in model.__dict__
-    previous = model.__dict__.get("_weight_conversions")
-    model.__dict__["_weight_conversions"] = conversions
-    try:
+    with weight_conversions_set(model, conversions):
         reverted = revert_weight_conversion(model, dict(tensors))
-    finally:
-        if had_own:
-            model.__dict__["_weight_conversions"] = previous
-        else:
-            del model.__dict__["_weight_conversions"]
     return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
 
 

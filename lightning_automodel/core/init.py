@@ -7,7 +7,6 @@ both restore exactly what they found, on exceptions too. Neither is thread-safe.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -16,6 +15,17 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_automodel._compat.torch import (
+    op_schema,
+    own_buffers,
+    own_children,
+    own_parameters,
+    patched_registration,
+    set_own_slots,
+    torch_dispatch_mode,
+)
+from lightning_automodel._compat.transformers import HF_INITIALIZED_FLAG, init_weights_flag_off, init_weights_hook
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,7 @@ def _meta_parameter(param: nn.Parameter) -> nn.Parameter:
     kwargs = dict(param.__dict__)
     if cls.__name__ == "WeightWithDynamicFloat8CastTensor":
         kwargs = {new: param.__dict__[old] for old, new in _SUBCLASS_ATTRIBUTE_MAP.items() if old in param.__dict__}
-    kwargs.pop("_is_hf_initialized", None)
+    kwargs.pop(HF_INITIALIZED_FLAG, None)
     return cls(meta, **kwargs, requires_grad=param.requires_grad)
 
 
@@ -48,41 +58,23 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
     only where it was set. A parameter that is already on meta is registered as it is, so assigning
     one module's parameter to another (weight tying) keeps one tensor.
     """
-    original_register_parameter = nn.Module.register_parameter
-    original_register_buffer = nn.Module.register_buffer
 
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original_register_parameter(module, name, param)
+    def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
         # A parameter already on meta keeps its identity: that is how tied weights (lm_head = embedding)
         # stay tied when a model ties them after construction.
-        if param is None or param.device.type == "meta":
-            return
-        flag = param.__dict__.get("_is_hf_initialized", _MISSING)
-        new = _meta_parameter(module._parameters[name])
+        if param.device.type == "meta":
+            return param
+        flag = param.__dict__.get(HF_INITIALIZED_FLAG, _MISSING)
+        new = _meta_parameter(param)
         if flag is not _MISSING:
-            new._is_hf_initialized = flag
-        module._parameters[name] = new
+            setattr(new, HF_INITIALIZED_FLAG, flag)
+        return new
 
-    def register_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        original_register_buffer(module, name, tensor, persistent=persistent)
-        if tensor is not None:
-            module._buffers[name] = module._buffers[name].to(torch.device("meta"))
+    def to_meta_buffer(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(torch.device("meta"))
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    if include_buffers:
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
-    try:
+    with patched_registration(to_meta_parameter, to_meta_buffer if include_buffers else None):
         yield
-    finally:
-        nn.Module.register_parameter = original_register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = original_register_buffer  # type: ignore[method-assign]
-
-
-def _transformers_init_module():
-    try:
-        return importlib.import_module("transformers.initialization")
-    except ImportError:
-        return importlib.import_module("transformers.modeling_utils")
 
 
 @contextlib.contextmanager
@@ -92,16 +84,8 @@ def skip_random_init() -> Iterator[None]:
     Restores the previous flag exactly: if the module had no ``_init_weights`` attribute before, it
     has none afterwards (the reference left one set to True).
     """
-    module = _transformers_init_module()
-    previous = module.__dict__.get("_init_weights", _MISSING)
-    module._init_weights = False
-    try:
+    with init_weights_flag_off():
         yield
-    finally:
-        if previous is _MISSING:
-            module.__dict__.pop("_init_weights", None)
-        else:
-            module._init_weights = previous
 
 
 def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
@@ -139,12 +123,15 @@ def plain_copy(module: nn.Module) -> nn.Module:
 
 def _meta_shadow(module: nn.Module) -> nn.Module:
     shadow = plain_copy(module)
-    shadow._parameters = {
-        n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad) if p is not None else None)
-        for n, p in module._parameters.items()
-    }
-    shadow._buffers = {n: (torch.empty(tuple(b.shape), dtype=b.dtype, device="meta") if b is not None else None) for n, b in module._buffers.items()}
-    shadow._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
+    set_own_slots(
+        shadow,
+        parameters={
+            n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad) if p is not None else None)
+            for n, p in own_parameters(module).items()
+        },
+        buffers={n: (torch.empty(tuple(b.shape), dtype=b.dtype, device="meta") if b is not None else None) for n, b in own_buffers(module).items()},
+        children={n: _meta_shadow(c) if c is not None else None for n, c in own_children(module).items()},
+    )
     return shadow
 
 
@@ -246,9 +233,9 @@ def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
     import inspect
 
     from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+    TorchDispatchMode = torch_dispatch_mode()  # noqa: N806 - a class
 
-    params = {id(p): n for n, p in twin._parameters.items() if p is not None}
+    params = {id(p): n for n, p in own_parameters(twin).items() if p is not None}
     keep_alive: list[torch.Tensor] = []  # so the ids of aliases stay unique while recording
     rows: dict[int, tuple[str, int]] = {}  # ``weight[i]``: one whole row of a parameter
     partial: set[int] = set()
@@ -269,7 +256,7 @@ def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
             first = args[0] if args else None
             if not isinstance(first, torch.Tensor):
                 return out
-            schema = func._schema
+            schema = op_schema(func)
             if schema.is_mutable:
                 if id(first) in params or id(first) in rows:
                     name, row = (params[id(first)], None) if id(first) in params else rows[id(first)]
@@ -300,7 +287,7 @@ def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
 
 
 def _overwrites(op: _Op) -> bool:
-    return op[3] is None and op[0]._schema.name in _OVERWRITING
+    return op[3] is None and op_schema(op[0]).name in _OVERWRITING
 
 
 def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
@@ -334,7 +321,7 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
         # A private CPU generator per block (no global RNG state to fork and restore).
         generator = torch.Generator().manual_seed(_module_seed(seed, str(block)))
         for func, args, kwargs, row in ops:
-            if any(argument.name == "generator" for argument in func._schema.arguments):
+            if any(argument.name == "generator" for argument in op_schema(func).arguments):
                 kwargs = {**kwargs, "generator": generator}
             if row is None:
                 func(values, *args, **kwargs)
@@ -350,12 +337,15 @@ def _full_twin(module: nn.Module) -> nn.Module:
     twin = plain_copy(module)
     # Children get their own twins; here they are meta shadows, so an init that reaches into them
     # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
-    twin._modules = {n: _meta_shadow(c) if c is not None else None for n, c in module._modules.items()}
-    twin._buffers = {n: (b.clone() if b is not None and not b.is_meta else b) for n, b in module._buffers.items()}
-    twin._parameters = {
-        n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu"), requires_grad=p.requires_grad) if p is not None else None)
-        for n, p in module._parameters.items()
-    }
+    set_own_slots(
+        twin,
+        children={n: _meta_shadow(c) if c is not None else None for n, c in own_children(module).items()},
+        buffers={n: (b.clone() if b is not None and not b.is_meta else b) for n, b in own_buffers(module).items()},
+        parameters={
+            n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu"), requires_grad=p.requires_grad) if p is not None else None)
+            for n, p in own_parameters(module).items()
+        },
+    )
     return twin
 
 
@@ -394,10 +384,10 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
     done: set[int] = set()
     count = 0
     for name, module in model.named_modules(remove_duplicate=False):
-        direct = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in done]
+        direct = [(n, p) for n, p in own_parameters(module).items() if p is not None and id(p) not in done]
         if not direct:
             continue
-        init_fn = getattr(owners[name], "_init_weights", None)
+        init_fn = init_weights_hook(owners[name])
         module_seed = _module_seed(seed, canonical_name(name))
         meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
         recorded = _record_init(meta, lambda: _run_init(meta, init_fn))
@@ -411,7 +401,7 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
                 torch.manual_seed(module_seed)
                 _run_init(twin, init_fn)
             for n, p in direct:
-                copy_local_part(p, twin._parameters[n])
+                copy_local_part(p, own_parameters(twin)[n])
         for _, p in direct:
             done.add(id(p))
             count += 1

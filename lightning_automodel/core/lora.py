@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel._compat.peft import create_adapter, layer_settings, layer_variant
+from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
+
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
@@ -188,7 +191,7 @@ def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
         if weight is not None and not weight.is_meta and not _is_dtensor(weight):
             return base  # unsharded and real (one device, DDP, a bitsandbytes base): peft reads it as it is
         twin = plain_copy(base)
-        twin._parameters = {n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in base._parameters.items()}
+        set_own_slots(twin, parameters={n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in own_parameters(base).items()})
         return twin
     stand_in = nn.Module()
     # peft reads the dtype and device of the base's ``weight`` (a ParamWrapper: of the wrapped parameter).
@@ -209,20 +212,12 @@ def _layer_config(layer: nn.Module, init: bool | str) -> Any:
     """The ``LoraConfig`` peft's ``update_layer`` needs, rebuilt from what the layer recorded at injection."""
     from peft import LoraConfig
 
-    variant = layer.lora_variant.get(ADAPTER_NAME) if hasattr(layer, "lora_variant") else None
+    variant = layer_variant(layer, ADAPTER_NAME)
     if variant is not None and type(variant).__name__ not in _SUPPORTED_VARIANTS:
         raise LoraConfigError(
             f"LoRA variant {type(variant).__name__} cannot be initialized on a meta-device build; use plain LoRA or use_dora."
         )
-    return LoraConfig(
-        r=layer.r[ADAPTER_NAME],
-        lora_alpha=layer.lora_alpha[ADAPTER_NAME],
-        init_lora_weights=init,
-        use_rslora=layer.use_rslora[ADAPTER_NAME],
-        use_dora=layer.use_dora[ADAPTER_NAME],
-        lora_bias=layer.lora_bias[ADAPTER_NAME],
-        fan_in_fan_out=getattr(layer, "fan_in_fan_out", False),
-    )
+    return LoraConfig(init_lora_weights=init, **layer_settings(layer, ADAPTER_NAME))
 
 
 def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
@@ -235,9 +230,12 @@ def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
 
     twin = plain_copy(layer)
     twin.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if type(v) is dict and not k.startswith("_")})
-    twin._parameters = {}
-    twin._buffers = {}
-    twin._modules = {name: (base if name == BASE_LAYER else type(child)()) for name, child in layer._modules.items() if child is not None}
+    set_own_slots(
+        twin,
+        parameters={},
+        buffers={},
+        children={name: (base if name == BASE_LAYER else type(child)()) for name, child in own_children(layer).items() if child is not None},
+    )
     return twin
 
 
@@ -272,7 +270,7 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
         twin = _adapter_twin(layer, _base_twin(layer, with_values=bool(config.use_dora)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(seed, name))
-            twin.update_layer(ADAPTER_NAME, config.r, lora_alpha=config.lora_alpha, config=config)
+            create_adapter(twin, ADAPTER_NAME, config)
         made = _adapter_tensors(twin)
         for key, param in _adapter_tensors(layer).items():
             if key not in made:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_automodel._compat.torch import local_shape_and_offset, non_persistent_buffer_names
 from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
 from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.naming import canonical_name
@@ -309,8 +310,9 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
         seen[id(param)] = key
         tensors[key] = param
     for module_name, module in model.named_modules(remove_duplicate=False):
-        for buffer_name, buffer in module._buffers.items():
-            if buffer is None or buffer_name in module._non_persistent_buffers_set:
+        transient = non_persistent_buffer_names(module)
+        for buffer_name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+            if buffer_name in transient:
                 continue
             key = base_checkpoint_name(canonical_name(f"{module_name}.{buffer_name}" if module_name else buffer_name))
             tensors.setdefault(key, buffer)
@@ -319,8 +321,8 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
 
 def _conversion_rules(model: nn.Module) -> tuple[list, list]:
     """transformers' renamings and converters for this model (fresh copies: matching has side effects)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
+    from lightning_automodel._compat.transformers import get_model_conversion_mapping
+    from lightning_automodel._compat.transformers import WeightConverter, WeightRenaming
 
     rules = copy.deepcopy(get_model_conversion_mapping(model))
     renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
@@ -342,7 +344,7 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys
     file for a missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model
     unless each of them matches one of the ``ignore_keys`` regular expressions (``re.fullmatch``).
     """
-    from transformers.core_model_loading import dot_natural_key, rename_source_key
+    from lightning_automodel._compat.transformers import dot_natural_key, rename_source_key
 
     tensors, aliases = _model_tensors(model)
     alias_set = set(aliases)
@@ -498,9 +500,7 @@ def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
 
     if not isinstance(tensor, DTensor):
         return tuple(slice(0, size) for size in tensor.shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    shape, offset = local_shape_and_offset(tensor)
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
@@ -530,7 +530,7 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
     Then a dim-0 slice of the output is the same op on the sources it covers, and a rank reads only
     the experts it owns. Any other converter reads its whole group.
     """
-    from transformers.core_model_loading import MergeModulelist
+    from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
     if not operations or not isinstance(operations[0], MergeModulelist) or operations[0].dim != 0:

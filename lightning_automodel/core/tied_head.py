@@ -20,6 +20,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from lightning_automodel._compat.transformers import declared_tied_weights
+
 logger = logging.getLogger(__name__)
 
 _EMBEDDING_FALLBACK_NAMES: tuple[str, ...] = (
@@ -243,7 +245,7 @@ def ensure_tied_lm_head(model: nn.Module) -> bool:
 def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | None = None) -> list[str]:
     """Checkpoint keys a tied head can be rebuilt from, best first, without duplicates."""
     names: list[str] = []
-    tied_keys = getattr(model, "_tied_weights_keys", None)
+    tied_keys = declared_tied_weights(model)
     if isinstance(tied_keys, Mapping):
         for target, source in tied_keys.items():
             if not isinstance(target, str) or not isinstance(source, str):

@@ -327,7 +327,9 @@ def apply_fsdp2(
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     units = fsdp2_units(model)
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        from lightning_automodel._compat.torch import checkpoint_wrapper as compat_checkpoint_wrapper
+
+        checkpoint_wrapper = compat_checkpoint_wrapper()
 
         layers = decoder_layers(model)
         wrapped = {}

@@ -171,6 +171,14 @@ class HFCausalLM(pl.LightningModule):
 
     # ---- building -----------------------------------------------------------------------------
 
+    def _root_device(self) -> torch.device:
+        """The Trainer's root device, or the CPU when no Trainer is attached (the public ``trainer`` raises then)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            return torch.device("cpu")
+        return trainer.strategy.root_device
+
     def build_hf_config(self) -> PretrainedConfig:
         hp = self.hparams
         if hp.pretrained_path is not None:
@@ -225,7 +233,7 @@ class HFCausalLM(pl.LightningModule):
             )
         root = check_local_model_dir(hp.pretrained_path)
         config = AutoConfig.from_pretrained(root, trust_remote_code=hp.trust_remote_code, local_files_only=True)
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self._root_device()
         model = model_class_for(config, hp.model_class).from_pretrained(
             root, quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
             device_map={"": device}, local_files_only=True, trust_remote_code=hp.trust_remote_code,

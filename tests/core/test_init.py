@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_automodel.core.init import init_empty_weights, skip_random_init, _transformers_init_module
+from lightning_automodel._compat.transformers import _init_module as _transformers_init_module
+from lightning_automodel.core.init import init_empty_weights, skip_random_init
 
 
 def test_init_empty_weights_meta_and_restore_on_error():

@@ -1,0 +1,54 @@
+"""Private Lightning names the package needs (checked on lightning 2.6.6, jsonargparse 4.53.0)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# jsonargparse's text for a value no member of ``Optional[X]`` accepts: the class's own error sits between
+# "Errors: - " and the NoneType member's line.
+_UNION_ERRORS = re.compile(r"Does not validate against any of the Union subtypes .*? Errors: - (.*?) - Expected a <class 'NoneType'>")
+
+
+def union_member_error(message: str) -> str | None:
+    """The first member's own error inside jsonargparse's "Does not validate against any of the Union
+    subtypes" message (one line), or None when ``message`` is not one.
+
+    Why text: LightningCLI's subclass-mode ``data``/``model`` keys are ``Optional[...]`` unions and
+    jsonargparse raises a plain ``ArgumentError`` whose only structure is this text.
+    """
+    found = _UNION_ERRORS.search(message)
+    return found.group(1) if found else None
+
+
+def set_process_group_backend(strategy: Any, backend: str | None) -> None:
+    """Choose the backend ``ModelParallelStrategy``/``FSDPStrategy`` create the process group with.
+
+    Why private: the public ``process_group_backend`` property has no setter and the constructor
+    argument is fixed before the root device is known; ``setup_environment`` reads ``_process_group_backend``.
+    """
+    strategy._process_group_backend = backend
+
+
+class LightningCLIHooks:
+    """Mixin for a ``LightningCLI`` subclass: routes Lightning's private ``_parse_ckpt_path`` step
+    (right after parsing, before anything is built) to the public :meth:`check_ckpt_path_config`.
+
+    Why private: LightningCLI's own step merges the checkpoint's hyper-parameters over the user's
+    configuration; no public switch turns it off and no public hook runs at that point.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        self.check_ckpt_path_config()
+
+    def check_ckpt_path_config(self) -> None:
+        """Checks ``ckpt_path`` against the parsed configuration; a subclass overrides it."""
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """A callback's ``state_key`` that tells apart two instances with different ``identity`` arguments.
+
+    Same text as Lightning's private ``Callback._generate_state_key`` (``ClassQualname{kwargs!r}``), so
+    the state of checkpoints saved before still loads; built here, so a Lightning change cannot orphan it.
+    """
+    return f"{type(callback).__qualname__}{identity!r}"

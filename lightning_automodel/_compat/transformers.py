@@ -1,0 +1,118 @@
+"""Private transformers names the package needs (checked on transformers 5.25.0)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+#: The attribute transformers sets on a parameter its init has handled (``param._is_hf_initialized``);
+#: a parameter rebuilt on another device must carry it over, or transformers re-initializes it.
+#: Why private: set and read only by transformers' loading code; no public accessor.
+HF_INITIALIZED_FLAG = "_is_hf_initialized"
+
+_MISSING = object()
+
+
+def declared_tied_weights(model: nn.Module) -> Any:
+    """The model class's ``_tied_weights_keys`` as declared (``{"lm_head.weight": "model.embed_tokens.weight"}``), or None.
+
+    Why private: the public ``get_expanded_tied_weights_keys`` answers ``{}`` when the config does not
+    tie the embeddings, but a head is rebuilt from the declared source even then (a checkpoint saved
+    tied). Checked: a class attribute of ``PreTrainedModel`` subclasses, a dict in 5.x.
+    """
+    return getattr(model, "_tied_weights_keys", None)
+
+
+def init_weights_hook(model: nn.Module) -> Any:
+    """The model's per-module init, ``model._init_weights(module)``, or None for a non-transformers module.
+
+    Why private: transformers' public ``init_weights``/``initialize_weights`` run it on every module of
+    the model at once at full size; initializing one (sharded) module at a time needs the hook itself.
+    """
+    return getattr(model, "_init_weights", None)
+
+
+def _init_module() -> ModuleType:
+    try:
+        return importlib.import_module("transformers.initialization")
+    except ImportError:  # transformers 4.x
+        return importlib.import_module("transformers.modeling_utils")
+
+
+@contextlib.contextmanager
+def init_weights_flag_off() -> Iterator[None]:
+    """Set transformers' module flag ``_init_weights`` to False, restoring exactly what was there.
+
+    Why private: the flag is the transformers 4.x switch behind ``no_init_weights`` (the public context
+    manager also replaces every ``torch.nn.init`` function, which a drop-in ``skip_random_init`` must
+    not do). transformers 5.25 no longer reads it; the flag is kept for the nemo-compatible contract.
+    """
+    module = _init_module()
+    previous = module.__dict__.get("_init_weights", _MISSING)
+    module._init_weights = False  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            module.__dict__.pop("_init_weights", None)
+        else:
+            module._init_weights = previous  # type: ignore[attr-defined]
+
+
+def loaded_weight_conversions(model: nn.Module) -> Any:
+    """The conversions a model was loaded with (``model._weight_conversions``), or None.
+
+    Why private: ``revert_weight_conversion`` (used by ``save_pretrained``) reads this attribute first;
+    no public getter exposes what ``from_pretrained`` recorded.
+    """
+    return getattr(model, "_weight_conversions", None)
+
+
+@contextlib.contextmanager
+def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]:
+    """``model._weight_conversions = conversions`` for the block, then exactly what was there before.
+
+    Why private: the only way to hand ``revert_weight_conversion`` conversions computed once, instead of
+    it walking the whole model again for every tensor group.
+    """
+    had_own = "_weight_conversions" in model.__dict__
+    previous = model.__dict__.get("_weight_conversions")
+    model.__dict__["_weight_conversions"] = conversions
+    try:
+        yield
+    finally:
+        if had_own:
+            model.__dict__["_weight_conversions"] = previous
+        else:
+            del model.__dict__["_weight_conversions"]
+
+
+#: transformers' weight-conversion protocol (``transformers.core_model_loading`` and
+#: ``transformers.conversion_mapping``), re-exported lazily by name. Why here: the module is not
+#: underscore-named but is transformers' internal loading machinery (new in 5.0, undocumented, its
+#: classes' attributes ``source_patterns``/``target_patterns``/``operations``/``reverse_transform`` are
+#: what the package's save and load plans match on); ``tests/test_compat.py`` checks that protocol.
+_CONVERSION_PROTOCOL = {
+    "MergeModulelist": "transformers.core_model_loading",
+    "PrefixChange": "transformers.core_model_loading",
+    "WeightConverter": "transformers.core_model_loading",
+    "WeightRenaming": "transformers.core_model_loading",
+    "apply_converters": "transformers.core_model_loading",
+    "dot_natural_key": "transformers.core_model_loading",
+    "rename_source_key": "transformers.core_model_loading",
+    "revert_weight_conversion": "transformers.core_model_loading",
+    "get_model_conversion_mapping": "transformers.conversion_mapping",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): importing the conversion machinery costs time that fit's import path does not need.
+    module = _CONVERSION_PROTOCOL.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
