@@ -154,14 +154,14 @@ def recompute_buffers(model: nn.Module) -> int:
     for _, buffer in buffers.values():
         _mark_unset(buffer)
     for name, module in model.named_modules():
-        own = {n: b for n, b in module._buffers.items() if b is not None}
-        init_fn = getattr(owners[name], "_init_weights", None)
+        own = {n: b for n, b in own_buffers(module).items() if b is not None}
+        init_fn = init_weights_hook(owners[name])
         if not own or not callable(init_fn):
             continue
         shadow = _meta_shadow(module)
-        shadow._buffers = dict(own)
+        set_own_slots(shadow, buffers=dict(own))
         init_fn(shadow)
-        for n, value in shadow._buffers.items():
+        for n, value in own_buffers(shadow).items():
             if value is not None and value is not own[n]:  # assigned rather than written in place
                 own[n].copy_(value)
     unset = [name for name, buffer in buffers.values() if _is_unset(buffer)]

@@ -362,7 +362,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
         first_module, first_name = owners[0]
         for module, name in owners[1:]:
-            module._buffers[name] = first_module._buffers[first_name]
+            setattr(module, name, getattr(first_module, first_name))  # an existing buffer slot: stays a buffer
     fill_uninitialized(model)
     recompute_buffers(model)
     ensure_tied_lm_head(model)
@@ -372,7 +372,7 @@ def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     """``(module, name)`` of each buffer registered in more than one place, grouped by tensor."""
     places: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        for name, buffer in module._buffers.items():
+        for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
             if buffer is not None:
                 places.setdefault(id(buffer), []).append((module, name))
     return [owners for owners in places.values() if len(owners) > 1]

@@ -250,7 +250,10 @@ class HFCausalLM(pl.LightningModule):
         hp = self.hparams
         if hp.mixed_precision == "bf16" and self.device_mesh is None:
             # Only apply_fsdp2 reads it: silently training in fp32 would cost the user 2x compute unnoticed.
-            strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else "no strategy"
+            try:
+                strategy = type(self.trainer.strategy).__name__
+            except RuntimeError:  # not attached to a Trainer (core-API use)
+                strategy = "no strategy"
             rank_zero_warn(mixed_precision_unused_message(strategy))
         if hp.get("quantization") is not None:
             return self._configure_quantized()
