@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import logging
 import re
@@ -150,11 +151,20 @@ def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
 # ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------
 
 
-def _allowed_callbacks() -> dict[str, type]:
-    """Class paths that may be instantiated: the package's callbacks, by short, package and module path."""
-    classes = [getattr(_callbacks_pkg, name) for name in _callbacks_pkg.__all__]
-    return {path: cls for cls in classes if isinstance(cls, type)  # not prepare_before_sharding
-            for path in (cls.__name__, f"lightning_automodel.callbacks.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")}
+def _callback_class(class_path: str) -> type | None:
+    """The package's callback class that ``class_path`` names (short, package or module path); ``None`` otherwise.
+
+    Only modules of this package are ever imported here (the parser already resolved the path).
+    """
+    classes = {getattr(_callbacks_pkg, name) for name in _callbacks_pkg.__all__}
+    module, _, name = class_path.rpartition(".")
+    if module and module != "lightning_automodel" and not module.startswith("lightning_automodel."):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module) if module else _callbacks_pkg, name, None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and cls in classes else None
 
 
 def _instantiate(cls: type, init_args: Mapping[str, Any]) -> Any:
@@ -174,11 +184,10 @@ def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCal
     they are skipped, never instantiated; an entry that is not from Lightning gets a one-line note.
     """
     specs = trainer_config.get("callbacks") or []
-    allowed = _allowed_callbacks()
     out: list[ModelSurgeryCallback] = []
     for i, spec in enumerate([specs] if isinstance(specs, Mapping) else specs):
         class_path = spec.get("class_path") if isinstance(spec, Mapping) else spec
-        cls = allowed.get(class_path) if isinstance(class_path, str) else None
+        cls = _callback_class(class_path) if isinstance(class_path, str) else None
         if cls is None:
             if not str(class_path).startswith("lightning.pytorch.callbacks."):
                 log.warning("plan: skipped trainer.callbacks[%d] %s: plan instantiates only lightning_automodel.callbacks.", i, class_path)
