@@ -452,16 +452,15 @@ class _ConfigOnlyCLI(AutoModelCLI):
         raise _Parsed(self.config["fit"])
 
 
-def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, prog: str | None = None, **kwargs: Any) -> AutoModelCLI:
+def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
     """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
 
     ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
     ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
     """
-    parser_kwargs: dict[str, Any] = {"prog": PROG, **({"fit": {"prog": prog}} if prog else {})}
     kwargs.setdefault("save_config_callback", NumberedConfigSave)
     return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
-                     parser_kwargs=parser_kwargs, **kwargs)
+                     parser_kwargs={"prog": PROG}, **kwargs)
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -472,7 +471,7 @@ def check_command_line(argv: list[str]) -> None:
     check_command_line_values(argv)
 
 
-def parse_fit_config(argv: list[str], *, prog: str, add_arguments: Callable[[Any], None] | None = None) -> dict[str, Any]:
+def parse_fit_config(argv: list[str], add_arguments: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """``argv`` parsed as ``fit`` parses it, returned as data: nothing instantiated, seeded or resumed.
 
     Every ``--config`` merged in order, ``--key value`` / ``--key=value`` / ``--key+=value`` overrides,
@@ -484,7 +483,7 @@ def parse_fit_config(argv: list[str], *, prog: str, add_arguments: Callable[[Any
         # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
-            job_cli(_ConfigOnlyCLI, prog, args=["fit", *argv], add_arguments=add_arguments, save_config_callback=None)
+            job_cli(_ConfigOnlyCLI, args=["fit", *argv], add_arguments=add_arguments, save_config_callback=None)
         except _Parsed as parsed:
             return parsed.config.as_dict()
     raise AssertionError("_ConfigOnlyCLI always stops after parsing")

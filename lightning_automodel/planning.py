@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
     """``plan``'s options and the config as ``fit`` would parse ``argv`` (merged, defaults filled, checked)."""
     from lightning_automodel.cli import parse_fit_config
 
-    config = parse_fit_config(list(argv), prog=PROG, add_arguments=_add_plan_arguments)
+    config = parse_fit_config(list(argv), add_arguments=_add_plan_arguments)
     world_size = config.pop("world_size", None)
     if world_size is not None and world_size < 1:
         raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
@@ -512,12 +512,16 @@ def format_plan(plan: Plan) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``plan``; bad input is one line on stderr and exit code 2, never a traceback."""
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: {PROG} [--config CONFIG.yaml ...] [fit's options] [--world_size N] [--node_host_memory SIZE] "
+              f"[--optimizer_state_dtype DTYPE]\n\n{__doc__}\nfit's options: lightning-automodel fit --help.")
+        return 0
     try:
         options, config = parse_args(argv)
         plan = make_plan(config, world_size=options.world_size, optimizer_state_dtype=options.optimizer_state_dtype)
         plan.node_host_bytes = options.node_host_memory
         report = format_plan(plan)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --print_config
         return int(exc.code or 0)
     except (ValueError, OSError, MisconfigurationException) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
