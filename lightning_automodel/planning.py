@@ -122,9 +122,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     if (path is None) == (inline is None):
         raise PlanError("model needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
     if path is None:
-        if not isinstance(inline, Mapping):
-            raise PlanError(f"model.config must be a mapping such as {{model_type: llama, ...}}; got {inline!r}.")
-        return building.inline_config(inline)
+        return building.inline_config(inline)  # a mapping: the parser checked model.config's type
     root = Path(str(path))
     if not (root / "config.json").is_file():
         building.check_local_model_dir(str(path))  # raises: missing, a file, or no config.json
@@ -137,7 +135,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
 def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
     """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
     config = hf_config_from(model_args)
-    layers = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "num_hidden_layers", 0) or 0
+    layers = getattr(_text_config(config), "num_hidden_layers", 0) or 0
     if layers >= _MANY_LAYERS:
         # Every layer is constructed as in `fit` (no storage: on meta): about 0.5 ms per layer here.
         log.warning("plan: building %d layers on the meta device (about %d s)...", layers, max(1, layers // 2000))

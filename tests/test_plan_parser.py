@@ -7,7 +7,6 @@ planned something else than ``fit`` would run.
 
 from __future__ import annotations
 
-import pytest
 import yaml
 from transformers import AutoConfig
 
