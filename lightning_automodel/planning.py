@@ -222,8 +222,9 @@ class Plan:
     summary: ParameterSummary | None = None  # the config's summary: its name and depth shape the table
 
 
-def world_size_from(trainer_config: Mapping[str, Any]) -> int:
-    """devices x num_nodes; ``devices: auto`` or ``-1`` cannot be known here, so 1 with a note."""
+def world_size_from(trainer_config: Mapping[str, Any], note: bool = True) -> int:
+    """devices x num_nodes; ``devices: auto`` (the parser's default) or ``-1`` cannot be known here: 1, with a
+    note when the plan depends on it (``note``: sharded state; a replica's bytes do not depend on it)."""
     devices = trainer_config.get("devices", 1)
     if isinstance(devices, bool):
         devices = 1
@@ -234,7 +235,8 @@ def world_size_from(trainer_config: Mapping[str, Any]) -> int:
     elif isinstance(devices, str) and "," in devices:
         devices = len([d for d in devices.split(",") if d.strip()])
     if not isinstance(devices, int) or devices < 1:
-        log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
+        if note:
+            log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
         devices = 1
     return devices * int(trainer_config.get("num_nodes", 1) or 1)
 
@@ -361,7 +363,7 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     if "ModelParallel" in strategy_name and isinstance(tp, int) and tp > 1:
         raise PlanError(building.tensor_parallel_refusal(tp))
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
-    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
+    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config, note=False))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
     plan = _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
     plan.nodes = max(1, int(trainer_config.get("num_nodes", 1) or 1))

@@ -181,7 +181,7 @@ def test_unknown_key_from_the_command_is_one_line_without_traceback(tmp_path):
 # ---- only the package's callbacks are instantiated -----------------------------------------------------
 
 
-def test_class_path_from_the_yaml_is_never_run(tmp_path, capsys, monkeypatch):
+def test_class_path_from_the_yaml_is_never_run(tmp_path, capsys, caplog, monkeypatch):
     """fit's parser refuses, before any import, a class path outside the allow-list; plan instantiates only ours."""
     marker = tmp_path / "SOMEFILE"
     imported = tmp_path / "IMPORTED"
@@ -200,11 +200,28 @@ def test_class_path_from_the_yaml_is_never_run(tmp_path, capsys, monkeypatch):
         {"class_path": "lightning_automodel.callbacks.parameter_freezing.ParameterFreezing",
          "init_args": {"freeze_modules": [{"path": "model.layers.1"}]}},
     ]}})
-    assert main(["--config", cfg]) == 0
-    assert "plan: skipped" not in capsys.readouterr().err  # Lightning's own: ignored quietly
+    with caplog.at_level("WARNING", logger="lightning_automodel.planning"):
+        assert main(["--config", cfg]) == 0
+    assert not caplog.records  # Lightning's own: ignored quietly
     assert not (tmp_path / "ckpt").exists()
     plan = plan_from_argv(["--config", cfg])
     assert plan.counts.trainable == 2 * 256 * 64 + 64  # both allowed ParameterFreezing entries applied
+
+
+def test_a_trusted_callback_is_checked_by_the_parser_but_never_built(tmp_path, caplog, monkeypatch):
+    """LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS lets the parser import the user's module (fit would); plan still builds only ours."""
+    built = tmp_path / "BUILT"
+    (tmp_path / "trusted_cb_mod.py").write_text(
+        "from lightning.pytorch.callbacks import Callback\n"
+        f"class Cb(Callback):\n    def __init__(self):\n        open({str(built)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS", "trusted_cb_mod")
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [{"class_path": "trusted_cb_mod.Cb"}]}})
+    with caplog.at_level("WARNING", logger="lightning_automodel.planning"):
+        assert main(["--config", cfg]) == 0
+    assert not built.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        "plan: skipped trainer.callbacks[0] trusted_cb_mod.Cb: plan instantiates only lightning_automodel.callbacks."]
 
 
 def test_bad_callback_arguments_are_one_line(tmp_path, capsys):
