@@ -9,6 +9,8 @@ import os
 import errno
 import re
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -376,6 +378,11 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         subcommand = self.config.get("subcommand")
         command_line = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
         prefer_command_line_model_source((self.config[subcommand] if subcommand else self.config).get("model"), command_line)
+        self.after_parsing()
+
+    def after_parsing(self) -> None:
+        """Checks between parsing and building: ``--ckpt_path`` must be resumable before the model is built."""
+        subcommand = self.config.get("subcommand")
         if subcommand:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
@@ -419,6 +426,72 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
             trainer.strategy.checkpoint_io = AtomicTorchCheckpointIO()
         set_rank_threads(trainer.num_devices)
         return trainer
+
+
+class _Parsed(Exception):
+    """Ends a :class:`_ConfigOnlyCLI` right after parsing, carrying the ``fit`` section of the config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ConfigOnlyCLI(AutoModelCLI):
+    """``fit``'s parser and nothing else: stops after parsing (LightningCLI parses in its constructor, then
+    seeds and builds), so no class is instantiated and ``--ckpt_path`` is not read."""
+
+    def __init__(self, *args: Any, add_arguments: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
+        self._add_arguments_fn = add_arguments
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": AutoModelCLI.subcommands()["fit"]}  # the other subcommands' parsers would be built for nothing
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        if self._add_arguments_fn is not None:
+            self._add_arguments_fn(parser)
+
+    def after_parsing(self) -> None:
+        raise _Parsed(self.config["fit"])
+
+
+def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
+    """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
+
+    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
+    ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
+    """
+    kwargs.setdefault("save_config_callback", NumberedConfigSave)
+    return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
+                     parser_kwargs={"prog": PROG}, **kwargs)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Before any parser reads ``argv``: the import allow-list, config files that are regular and bounded, bounded values."""
+    restrict_import_paths()
+    for path in config_paths(argv):
+        check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
+    check_command_line_values(argv)
+
+
+def parse_fit_config(argv: list[str], add_arguments: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """``argv`` parsed as ``fit`` parses it, returned as data: nothing instantiated, seeded or resumed.
+
+    Every ``--config`` merged in order, ``--key value`` / ``--key=value`` / ``--key+=value`` overrides,
+    the classes' defaults and type checks, "did you mean" and ``--print_config``: all of it is
+    ``fit``'s own parser (:func:`job_cli`). ``add_arguments`` adds a command's own options to it.
+    """
+    check_command_line(argv)
+    with warnings.catch_warnings():
+        # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            job_cli(_ConfigOnlyCLI, args=["fit", *argv], add_arguments=add_arguments, save_config_callback=None)
+        except _Parsed as parsed:
+            return parsed.config.as_dict()
+    raise AssertionError("_ConfigOnlyCLI always stops after parsing")
 
 
 def default_tokenizer_to_model(config: Any) -> None:
@@ -581,21 +654,9 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
         close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown subcommand {argv[0]!r}{hint}; choose one of {', '.join(SUBCOMMANDS)}.")
-    restrict_import_paths()
-    for path in config_paths(argv):
-        check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
-    check_command_line_values(argv)
+    check_command_line(argv)
     _show_data_logs()
-    cli = AutoModelCLI(
-        HFCausalLM,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=None if from_command_line else argv,
-        save_config_callback=NumberedConfigSave,
-        auto_configure_optimizers=False,
-        parser_kwargs={"prog": PROG},
-        run_marker=marker,
-    )
+    cli = job_cli(args=None if from_command_line else argv, run_marker=marker)
     if cli.subcommand == "fit":
         _report_checkpoint(cli, argv)
     return 0

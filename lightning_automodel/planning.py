@@ -1,33 +1,34 @@
 """``lightning-automodel plan``: what a config will train and what it costs per rank, without a weight.
 
 The model is built on the meta device from its config alone (a directory holding only ``config.json``
-is enough: no weights, no tokenizer), the configured surgery callbacks apply their core actions to it,
+is enough: no weights, no tokenizer), the configured surgery callbacks apply their core actions to it
+in the order ``fit`` applies them (:func:`~lightning_automodel.callbacks._lifecycle.surgery_schedule`),
 and the result is printed: each module with what froze it, totals, and the per-rank memory of the
 job's FSDP2 layout with and without CPU offload. No Trainer is created, so an 8-GPU config plans on a
 laptop.
 
-The command line is the one ``fit`` takes (``--config`` files merged in order, ``--model.*``,
-``--data.*``, ``--trainer.*`` overrides in ``--key value`` or ``--key=value`` form, values parsed as
-YAML), plus ``--world_size``. Only callbacks from ``lightning_automodel.callbacks`` are instantiated
-from the YAML: a config is data, and ``plan`` is what people run on configs they were sent.
+The command line is ``fit``'s, parsed by ``fit``'s own parser (:func:`~lightning_automodel.cli.parse_fit_config`),
+plus ``--world_size``, ``--node_host_memory`` and ``--optimizer_state_dtype``. A config is data: only
+callbacks from ``lightning_automodel.callbacks`` are instantiated, and only class paths on the
+configuration import allow-list are ever imported (by the parser, to check them).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import functools
+import importlib
 import inspect
 import logging
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
-import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -37,8 +38,7 @@ from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
 from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
-from lightning_automodel.callbacks.parameter_summary import render_table
-from lightning_automodel.config_loading import ConfigFileError, read_config_text, safe_load_bounded
+from lightning_automodel.callbacks.parameter_summary import ParameterSummary, render_table
 from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
 from lightning_automodel.core.checkpoint_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
@@ -55,256 +55,57 @@ from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 from lightning_automodel.models import building
-from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
 
 PROG = "lightning-automodel plan"
 #: from this depth on, plan says that it is building (a progress line: every layer is constructed, as in fit)
 _MANY_LAYERS = 2000
-#: Model keys ``plan`` reads before HFCausalLM has them (the job adds ``weights_dtype``); once
-#: ``HFCausalLM.__init__`` takes them they are validated by its signature like every other key.
-_FORWARD_MODEL_KEYS: frozenset[str] = frozenset({"weights_dtype"})
-#: Top-level keys of a ``fit`` config besides the three sections.
-_TOP_LEVEL_KEYS: frozenset[str] = frozenset({"seed_everything", "ckpt_path", "model", "data", "trainer"})
-#: Callback class paths from Lightning itself: not surgery, so ignored (and never imported) without a note.
-_LIGHTNING_CALLBACK_PREFIXES: tuple[str, ...] = ("lightning.pytorch.callbacks.", "pytorch_lightning.callbacks.")
-_WEIGHTS_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.bfloat16})
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class PlanError(ValueError):
     """Bad input to ``plan``: printed as one line (the problem and the fix), exit code 2."""
 
 
-# ---- configuration: files, overrides, validation --------------------------------------------------
+# ---- the command line: fit's parser plus plan's own options -----------------------------------------
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A config file through the one bounded loader of every command (regular files only, aliases bounded)."""
-    try:
-        config = safe_load_bounded(read_config_text(path), str(path)) or {}
-    except ConfigFileError as exc:
-        raise PlanError(str(exc)) from None
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(config, dict):
-        raise PlanError(f"{path}: expected a mapping at the top level (model:, data:, trainer:).")
-    return config
+@dataclass(frozen=True)
+class PlanOptions:
+    world_size: int | None = None
+    node_host_memory: int = 10**12
+    optimizer_state_dtype: str | None = None
 
 
-def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` into ``base`` the way LightningCLI merges successive ``--config`` files.
-
-    Mappings merge key by key, anything else (lists such as ``trainer.callbacks`` included) is
-    replaced, and a ``class_path`` that changes drops the old ``init_args`` (they belonged to the
-    other class).
-    """
-    out = dict(base)
-    for key, value in update.items():
-        old = out.get(key)
-        if isinstance(old, dict) and isinstance(value, Mapping):
-            if "class_path" in value and old.get("class_path") not in (None, value["class_path"]):
-                out[key] = dict(value)
-            else:
-                out[key] = merge_config(old, value)
-        else:
-            out[key] = value
-    return out
+def _add_plan_arguments(parser: Any) -> None:
+    parser.add_argument("--world_size", type=int | None, default=None,
+                        help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)")
+    parser.add_argument("--node_host_memory", type=str, default="1TB",
+                        help="host memory of one node, e.g. 1TB (default), 2TiB, 768GB: the per-node check of cpu_offload's pinned state")
+    parser.add_argument("--optimizer_state_dtype", type=str | None, default=None,
+                        help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)")
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML, as LightningCLI reads it: ``8`` -> 8, ``[0, 1]`` -> a list, ``bf16`` -> str."""
-    try:
-        return safe_load_bounded(text, "a command-line value")
-    except ConfigFileError as exc:
-        raise PlanError(str(exc)) from None
-    except yaml.YAMLError:
-        return text
-
-
-def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested config; a key under a ``class_path`` mapping goes into its ``init_args``.
-
-    ``--model.init_args.x`` and ``--model.x`` are the same key, as in LightningCLI.
-    """
-    parts = dotted.split(".")
-    node = config
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise PlanError(f"Cannot set --{dotted}: {where} is {child!r}, not a mapping.")
-        if "class_path" in child and parts[i + 1] not in ("class_path", "init_args"):
-            child = child.setdefault("init_args", {})
-            if child is None:
-                child = node[part]["init_args"] = {}
-        node = child
-    node[parts[-1]] = value
-
-
-def _did_you_mean(key: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_keys(section: str, values: Mapping[str, Any], valid: Sequence[str]) -> None:
-    """``section`` is ``model``, ``data``, ``trainer`` or ``""`` for the top level."""
-    for key in values:
-        if key not in valid:
-            where = f"{section}.{key}" if section else key
-            raise PlanError(
-                f"Unknown key {where}{_did_you_mean(key, valid)}; valid {section or 'top-level'} keys: {', '.join(sorted(valid))}."
-            )
-
-
-def _init_keys(cls: type) -> list[str]:
-    """The keyword parameters of ``cls.__init__``: what LightningCLI accepts for that section."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def model_keys() -> list[str]:
-    return sorted(set(_init_keys(HFCausalLM)) | _FORWARD_MODEL_KEYS)
-
-
-def model_section(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's init arguments, from ``model: {...}`` or ``model: {class_path: ..., init_args: {...}}``."""
-    section = config.get("model") or {}
-    if not isinstance(section, dict):
-        raise PlanError(f"model: expected a mapping of HFCausalLM arguments; got {section!r}.")
-    section = dict(section)
-    class_path = section.pop("class_path", None)
-    if class_path is not None and str(class_path).rpartition(".")[2] != HFCausalLM.__name__:
-        raise PlanError(f"model.class_path is {class_path!r}; plan knows HFCausalLM only.")
-    init_args = section.pop("init_args", None) or {}
-    return {**init_args, **section}
-
-
-def validate_config(config: Mapping[str, Any]) -> None:
-    """Unknown keys are one-line errors with a "did you mean", as ``fit`` would reject them (before any build)."""
-    from lightning.pytorch import Trainer
-
-    from lightning_automodel.data.text_datamodule import TextDataModule
-
-    _check_keys("", config, sorted(_TOP_LEVEL_KEYS))
-    _check_keys("model", model_section(config), model_keys())
-    for name, cls in (("data", TextDataModule), ("trainer", Trainer)):
-        section = config.get(name) or {}
-        if not isinstance(section, dict):
-            raise PlanError(f"{name}: expected a mapping; got {section!r}.")
-        section = {k: v for k, v in section.items() if k not in ("class_path", "init_args")}
-        _check_keys(name, section, _init_keys(cls))
-
-
-# ---- the command line ---------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting: every bad input is one line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise PlanError(message)
-
-
-def _world_size_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (the number of ranks to shard over); got {value}")
-    return value
-
-
-def _parser() -> _Parser:
-    parser = _Parser(
-        prog=PROG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: any key `fit` takes, e.g. --model.pretrained_path DIR --model.mixed_precision bf16 "
-        "--trainer.devices 8 --data.seq_length 4096 (also --key=value). --config may be repeated: later files "
-        "and later overrides win.",
-    )
-    parser.add_argument("--config", "-c", action="append", default=[], help="a YAML you would pass to `fit` (repeatable)")
-    parser.add_argument(
-        "--world_size", type=_world_size_arg, default=None,
-        help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)",
-    )
-    parser.add_argument(
-        "--node_host_memory", type=_node_memory_arg, default=10**12,
-        help="host memory of one node, e.g. 1TB (default), 2TiB, 768GB: the per-node check of cpu_offload's pinned state",
-    )
-    parser.add_argument(
-        "--optimizer_state_dtype", default=None,
-        help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)",
-    )
-    return parser
-
-
-_PLAN_OPTIONS = ("--config", "-c", "--world_size", "--optimizer_state_dtype", "--node_host_memory")
-
-_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def _node_memory_arg(text: str) -> int:
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+def parse_size(text: str) -> int:
+    """``1TB``, ``2TiB``, ``768GB`` -> bytes (a positive size, or a one-line PlanError)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     factor = _MEMORY_UNITS.get(match.group(2).upper()) if match else None
     if match is None or factor is None or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive size such as 1TB, 2TiB or 768GB; got {text!r}")
+        raise PlanError(f"--node_host_memory: expected a positive size such as 1TB, 2TiB or 768GB; got {text!r}")
     return int(float(match.group(1)) * factor)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Parse ``plan``'s command line into its own options and the merged config.
+def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
+    """``plan``'s options and the config as ``fit`` would parse ``argv`` (merged, defaults filled, checked)."""
+    from lightning_automodel.cli import parse_fit_config
 
-    Files and overrides apply in command-line order, as in LightningCLI: ``--config a.yaml
-    --trainer.devices 4 --config b.yaml`` lets ``b.yaml`` override the 4.
-    """
-    argv = list(argv)
-    plan_argv: list[str] = []
-    steps: list[tuple[str, str, str]] = []  # ("config", path, "") or ("set", key, value)
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token in ("-h", "--help"):
-            plan_argv.append(token)
-            i += 1
-            continue
-        if not token.startswith("-"):
-            raise PlanError(f"Unexpected argument {token!r}; options look like --config FILE or --model.pretrained_path DIR.")
-        key, eq, value = token.partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
-                raise PlanError(f"{key} needs a value ({key} VALUE or {key}=VALUE).")
-            value = argv[i + 1]
-            i += 2
-        else:
-            i += 1
-        if key in ("--config", "-c"):
-            steps.append(("config", value, ""))
-            plan_argv += ["--config", value]
-        elif key in _PLAN_OPTIONS:
-            plan_argv += [key, value]
-        elif key.startswith("--") and key[2:].partition(".")[0] in _TOP_LEVEL_KEYS:
-            if key.endswith("+"):
-                raise PlanError(f"{key}=... (appending) is not supported by plan; list the whole value, e.g. {key[:-1]} [...].")
-            steps.append(("set", key[2:], value))
-        else:
-            valid = [*_PLAN_OPTIONS, *(f"--{k}" for k in sorted(_TOP_LEVEL_KEYS))]
-            raise PlanError(f"Unknown option {key}{_did_you_mean(key, valid)}; overrides start with --model., --data. or --trainer.")
-    args = _parser().parse_args(plan_argv)
-    config: dict[str, Any] = {}
-    for kind, a, b in steps:
-        if kind == "config":
-            config = merge_config(config, load_config(a))
-        else:
-            set_key(config, a, parse_value(b))
-    validate_config(config)
-    return args, config
+    config = parse_fit_config(list(argv), add_arguments=_add_plan_arguments)
+    world_size = config.pop("world_size", None)
+    if world_size is not None and world_size < 1:
+        raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
+    node_memory = parse_size(config.pop("node_host_memory", "1TB"))
+    return PlanOptions(world_size, node_memory, config.pop("optimizer_state_dtype", None)), config
 
 
 # ---- building the model without weights ------------------------------------------------------------
@@ -321,9 +122,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     if (path is None) == (inline is None):
         raise PlanError("model needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
     if path is None:
-        if not isinstance(inline, Mapping):
-            raise PlanError(f"model.config must be a mapping such as {{model_type: llama, ...}}; got {inline!r}.")
-        return building.inline_config(inline)
+        return building.inline_config(inline)  # a mapping: the parser checked model.config's type
     root = Path(str(path))
     if not (root / "config.json").is_file():
         building.check_local_model_dir(str(path))  # raises: missing, a file, or no config.json
@@ -336,7 +135,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
 def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
     """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
     config = hf_config_from(model_args)
-    layers = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "num_hidden_layers", 0) or 0
+    layers = getattr(_text_config(config), "num_hidden_layers", 0) or 0
     if layers >= _MANY_LAYERS:
         # Every layer is constructed as in `fit` (no storage: on meta): about 0.5 ms per layer here.
         log.warning("plan: building %d layers on the meta device (about %d s)...", layers, max(1, layers // 2000))
@@ -350,62 +149,52 @@ def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
 # ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------
 
 
-def _allowed_callbacks() -> dict[str, type]:
-    """Class paths that may be instantiated: the package's callbacks, by short, package and module path."""
-    allowed: dict[str, type] = {}
-    for name in _callbacks_pkg.__all__:
-        cls = getattr(_callbacks_pkg, name)
-        if not isinstance(cls, type):
-            continue  # functions exported beside the callbacks (prepare_before_sharding) are never instantiated
-        for path in (name, f"lightning_automodel.callbacks.{name}", f"{cls.__module__}.{cls.__qualname__}"):
-            allowed[path] = cls
-    return allowed
+def _callback_class(class_path: str) -> type | None:
+    """The package's callback class that ``class_path`` names (short, package or module path); ``None`` otherwise.
+
+    Only modules of this package are ever imported here (the parser already resolved the path).
+    """
+    classes = {getattr(_callbacks_pkg, name) for name in _callbacks_pkg.__all__}
+    module, _, name = class_path.rpartition(".")
+    if module and module != "lightning_automodel" and not module.startswith("lightning_automodel."):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module) if module else _callbacks_pkg, name, None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and cls in classes else None
 
 
-def _lightning_callback(class_path: str) -> bool:
-    if class_path.startswith(_LIGHTNING_CALLBACK_PREFIXES):
-        return True
-    if "." in class_path:
-        return False
-    import lightning.pytorch.callbacks as pl_callbacks  # already imported by ours; a lookup, not an import of YAML text
+def _instantiate(cls: type, init_args: Mapping[str, Any]) -> Any:
+    """``cls(**init_args)`` as fit's parser instantiates it (nested dataclasses such as LoRA's ``runtime_config`` too)."""
+    from jsonargparse import ArgumentParser
 
-    return class_path in getattr(pl_callbacks, "__all__", ())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callback", type=cls)
+    spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+    return parser.instantiate_classes(parser.parse_object({"callback": spec})).callback
 
 
 def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCallback]:
-    """The configured surgery callbacks, instantiated only when their class path is on the allow-list.
+    """The configured surgery callbacks (and ParameterSummary), instantiated only from the allow-list.
 
-    Lightning's own callbacks (``ModelCheckpoint``...) do no surgery and are ignored without an import.
-    Anything else is skipped with a one-line note and never imported, so ``class_path: os.system``
-    with ``init_args: {command: ...}`` runs nothing.
+    Other class paths (Lightning's ``ModelCheckpoint``, a trusted project's callback) do no surgery:
+    they are skipped, never instantiated; an entry that is not from Lightning gets a one-line note.
     """
     specs = trainer_config.get("callbacks") or []
-    if isinstance(specs, Mapping):
-        specs = [specs]
-    allowed = _allowed_callbacks()
     out: list[ModelSurgeryCallback] = []
-    for i, spec in enumerate(specs):
-        class_path = spec.get("class_path") if isinstance(spec, Mapping) else spec if isinstance(spec, str) else None
-        if not isinstance(class_path, str):
-            log.warning("plan: skipped trainer.callbacks[%d] (%r): not a {class_path: ...} entry.", i, spec)
-            continue
-        cls = allowed.get(class_path)
+    for i, spec in enumerate([specs] if isinstance(specs, Mapping) else specs):
+        class_path = spec.get("class_path") if isinstance(spec, Mapping) else spec
+        cls = _callback_class(class_path) if isinstance(class_path, str) else None
         if cls is None:
-            if _lightning_callback(class_path):
-                log.debug("plan: ignored %s (not a surgery callback).", class_path)
-            else:
-                log.warning(
-                    "plan: skipped trainer.callbacks[%d] %s: plan instantiates only lightning_automodel.callbacks.",
-                    i, class_path,
-                )
+            if not str(class_path).startswith("lightning.pytorch.callbacks."):
+                log.warning("plan: skipped trainer.callbacks[%d] %s: plan instantiates only lightning_automodel.callbacks.", i, class_path)
             continue
-        init_args = (spec.get("init_args") if isinstance(spec, Mapping) else None) or {}
-        if not isinstance(init_args, Mapping):
-            raise PlanError(f"trainer.callbacks[{i}] {class_path}: init_args must be a mapping; got {init_args!r}.")
+        init_args = spec.get("init_args") if isinstance(spec, Mapping) else None
         try:
-            callback = cls(**init_args)
-        except (TypeError, ValueError, MisconfigurationException) as exc:
-            raise PlanError(f"trainer.callbacks[{i}] {class_path}: {exc}") from None
+            callback = _instantiate(cls, init_args or {})
+        except (TypeError, ValueError, MisconfigurationException, ArgumentError) as exc:
+            raise PlanError(f"trainer.callbacks[{i}] {class_path}: {' '.join(str(exc).split())}") from None
         if isinstance(callback, ModelSurgeryCallback):
             out.append(callback)
     return sorted(out, key=lambda cb: cb.surgery_order)
@@ -430,10 +219,12 @@ class Plan:
     cpu_offload: bool = False
     nodes: int = 1  # trainer.num_nodes: the ranks are spread evenly over them
     node_host_bytes: int = 10**12  # --node_host_memory
+    summary: ParameterSummary | None = None  # the config's summary: its name and depth shape the table
 
 
-def world_size_from(trainer_config: Mapping[str, Any]) -> int:
-    """devices x num_nodes; ``devices: auto`` or ``-1`` cannot be known here, so 1 with a note."""
+def world_size_from(trainer_config: Mapping[str, Any], note: bool = True) -> int:
+    """devices x num_nodes; ``devices: auto`` (the parser's default) or ``-1`` cannot be known here: 1, with a
+    note when the plan depends on it (``note``: sharded state; a replica's bytes do not depend on it)."""
     devices = trainer_config.get("devices", 1)
     if isinstance(devices, bool):
         devices = 1
@@ -444,7 +235,8 @@ def world_size_from(trainer_config: Mapping[str, Any]) -> int:
     elif isinstance(devices, str) and "," in devices:
         devices = len([d for d in devices.split(",") if d.strip()])
     if not isinstance(devices, int) or devices < 1:
-        log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
+        if note:
+            log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
         devices = 1
     return devices * int(trainer_config.get("num_nodes", 1) or 1)
 
@@ -491,11 +283,16 @@ def _text_config(config: Any) -> Any:
 
 
 def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
-    """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way."""
+    """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way.
+
+    The parsed config names the data module (``class_path``) and all its arguments (``init_args``);
+    a bare ``data: {seq_length: ...}`` given to :func:`make_plan` is the default ``TextDataModule``.
+    """
     from lightning_automodel.data.text_datamodule import TextDataModule
 
+    data_args = data_config.get("init_args") if "class_path" in data_config else data_config
     default = inspect.signature(TextDataModule.__init__).parameters["seq_length"].default
-    seq_length = data_config.get("seq_length", default)
+    seq_length = (data_args or {}).get("seq_length", default)
     max_positions = int(getattr(_text_config(model.config), "max_position_embeddings", 0) or 0)
     if isinstance(seq_length, int) and max_positions and seq_length > max_positions:
         raise PlanError(
@@ -539,28 +336,18 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     """Build the configured model on meta, apply the configured surgery, estimate per-rank memory.
 
     Args:
-        config: a ``fit`` config (``model``, ``data``, ``trainer`` sections), already merged.
+        config: a ``fit`` config (``model``, ``data``, ``trainer`` sections) as :func:`parse_args`
+            returns it (values the parser checked: ``mixed_precision``, ``weights_dtype``...).
         world_size: data-parallel ranks to plan for; ``None`` reads the trainer and strategy.
         optimizer_state_dtype: AdamW state dtype; ``None`` follows each parameter's dtype (AdamW's
             ``zeros_like``), so bf16 weights get bf16 state.
     """
-    return _make_plan(config, world_size=world_size, optimizer_state_dtype=optimizer_state_dtype)
-
-
-def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_state_dtype: str | None) -> Plan:
     if world_size is not None and world_size < 1:
         raise PlanError(f"world_size must be >= 1; got {world_size}.")
-    model_args = model_section(config)
+    model_args = config.get("model") or {}
     trainer_config = config.get("trainer") or {}
     mixed = str(model_args.get("mixed_precision", "none"))
-    if mixed not in ("none", "bf16"):
-        raise PlanError(f"model.mixed_precision must be 'none' or 'bf16'; got {mixed!r}.")
-    model_class = model_args.get("model_class", "auto")
-    if model_class not in get_args(building.ModelClass):
-        raise PlanError(f"model.model_class must be one of {', '.join(get_args(building.ModelClass))}; got {model_class!r}.")
     weights_dtype = dtype_from_name(str(model_args.get("weights_dtype", "float32")))
-    if weights_dtype not in _WEIGHTS_DTYPES:
-        raise PlanError(f"model.weights_dtype must be float32 or bfloat16; got {model_args.get('weights_dtype')!r}.")
     callbacks = surgery_callbacks(trainer_config)  # before the build: a bad callback fails fast
     model = build_meta(model_args)
     check_seq_length(model, config.get("data") or {})
@@ -576,10 +363,11 @@ def _make_plan(config: Mapping[str, Any], *, world_size: int | None, optimizer_s
     if "ModelParallel" in strategy_name and isinstance(tp, int) and tp > 1:
         raise PlanError(building.tensor_parallel_refusal(tp))
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
-    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config))
+    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config, note=False))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
     plan = _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
     plan.nodes = max(1, int(trainer_config.get("num_nodes", 1) or 1))
+    plan.summary = next((cb for cb in callbacks if isinstance(cb, ParameterSummary)), None)
     return plan
 
 
@@ -695,7 +483,7 @@ def format_per_node(plan: Plan) -> list[str]:
 
 def format_plan(plan: Plan) -> str:
     counts, memory = plan.counts, plan.memory
-    rows = module_breakdown(plan.model, depth=2, frozen_by=plan.frozen_by)
+    rows = module_breakdown(plan.model, depth=plan.summary.depth if plan.summary else 2, frozen_by=plan.frozen_by)
     table = render_table(
         ["Module", "Params", "Trainable", "Frozen by"],
         [[r.name, f"{r.total:,}", f"{r.trainable:,}", ", ".join(f"{k} ({v:,})" for k, v in sorted(r.frozen_by.items())) or "-"] for r in rows],
@@ -705,6 +493,7 @@ def format_plan(plan: Plan) -> str:
         rules[rule] = rules.get(rule, 0) + 1
     pct = 100.0 * counts.trainable / counts.total if counts.total else 0.0
     lines = [
+        *([f"{plan.summary.name} plan (ParameterSummary, depth {plan.summary.depth}):"] if plan.summary else []),
         table,
         f"Trainable parameters: {counts.trainable:,} of {counts.total:,} ({pct:.2f}%)",
         *([f"LoRA adapter parameters: {plan.adapters:,}"] if plan.adapters else []),
@@ -723,12 +512,16 @@ def format_plan(plan: Plan) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``plan``; bad input is one line on stderr and exit code 2, never a traceback."""
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: {PROG} [--config CONFIG.yaml ...] [fit's options] [--world_size N] [--node_host_memory SIZE] "
+              f"[--optimizer_state_dtype DTYPE]\n\n{__doc__}\nfit's options: lightning-automodel fit --help.")
+        return 0
     try:
-        args, config = parse_args(argv)
-        plan = make_plan(config, world_size=args.world_size, optimizer_state_dtype=args.optimizer_state_dtype)
-        plan.node_host_bytes = args.node_host_memory
+        options, config = parse_args(argv)
+        plan = make_plan(config, world_size=options.world_size, optimizer_state_dtype=options.optimizer_state_dtype)
+        plan.node_host_bytes = options.node_host_memory
         report = format_plan(plan)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --print_config
         return int(exc.code or 0)
     except (ValueError, OSError, MisconfigurationException) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from distributed import REPO_ROOT, clean_env
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
 from lightning_automodel.models import building
-from lightning_automodel.planning import PlanError, format_plan, main, make_plan, merge_config, parse_args
+from lightning_automodel.planning import PlanError, format_plan, main, make_plan, parse_args
 
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
@@ -109,11 +109,17 @@ def test_configs_merge_in_order_like_lightning_cli(tmp_path):
     assert plan_from_argv(["--config", a, "--config", b, "--trainer.devices", "4"]).fsdp2.world_size == 4
     assert plan_from_argv(["--config", a, "--trainer.devices", "4", "-c", b]).fsdp2.world_size == 8  # the later file wins
     _, merged = parse_args(["--config", a, "--config", b])
-    assert merged["model"]["mixed_precision"] == "bf16" and merged["trainer"]["strategy"] == FSDP2  # deep merge
-    # A different class_path drops the old init_args; lists are replaced, not appended.
-    old = {"strategy": {"class_path": "A", "init_args": {"x": 1}}, "callbacks": [1, 2]}
-    assert merge_config(old, {"strategy": {"class_path": "B"}, "callbacks": [3]}) == {"strategy": {"class_path": "B"}, "callbacks": [3]}
-    assert merge_config(old, {"strategy": {"init_args": {"y": 2}}})["strategy"] == {"class_path": "A", "init_args": {"x": 1, "y": 2}}
+    assert merged["model"]["mixed_precision"] == "bf16" and merged["trainer"]["strategy"]["class_path"] == FSDP2["class_path"]
+    # A different class_path drops the old init_args; lists are replaced, not appended (fit's parser merges).
+    freeze = {"class_path": "lightning_automodel.callbacks.ParameterFreezing", "init_args": {"freeze_modules": [{"path": "model.norm"}]}}
+    c = write_yaml(tmp_path / "c.yaml", {"trainer": {"strategy": {**FSDP2, "init_args": {"data_parallel_size": 2}},
+                                                      "callbacks": [freeze, {"class_path": "lightning_automodel.callbacks.TiedLMHead"}]}})
+    d = write_yaml(tmp_path / "d.yaml", {"trainer": {"strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy"},
+                                                      "callbacks": [{"class_path": "lightning_automodel.callbacks.TiedLMHead"}]}})
+    _, merged = parse_args(["--config", a, "--config", c, "--config", d])
+    assert merged["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert "data_parallel_size" not in merged["trainer"]["strategy"]["init_args"]
+    assert [cb["class_path"] for cb in merged["trainer"]["callbacks"]] == ["lightning_automodel.callbacks.TiedLMHead"]
 
 
 def test_strategy_overrides_go_into_init_args(tmp_path):
@@ -139,14 +145,15 @@ def test_seq_length_override_is_checked(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.learning_rat", "0.1"], "Unknown key model.learning_rat (did you mean 'learning_rate'?)"),
-        (["--model.pretrained_pth=/x"], "Unknown key model.pretrained_pth (did you mean 'pretrained_path'?)"),
-        (["--data.seq_lenght", "8"], "Unknown key data.seq_lenght (did you mean 'seq_length'?)"),
-        (["--trainer.device", "8"], "Unknown key trainer.device (did you mean 'devices'?)"),
-        (["--world-size", "8"], "Unknown option --world-size (did you mean '--world_size'?)"),
+        # fit's parser's wording (plan parses with it): argparse accepts unique prefixes, so the typos are not prefixes
+        (["--model.learning_rte", "0.1"], "--model.learning_rte 0.1 (did you mean 'model.learning_rate'?)"),
+        (["--model.pretrained_pth=/x"], "--model.pretrained_pth=/x (did you mean 'model.pretrained_path'?)"),
+        (["--data.seq_lenght", "8"], "Option 'seq_lenght' is not accepted"),
+        (["--trainer.device", "8"], "--trainer.device could match --trainer.devices"),
+        (["--world-size", "8"], "--world-size 8 (did you mean 'world_size'?)"),
         (["--world_size", "0"], "--world_size: must be >= 1"),
         (["--world_size", "-2"], "--world_size: must be >= 1"),
-        (["--model.mixed_precision"], "--model.mixed_precision needs a value"),
+        (["--model.mixed_precision"], "--model.mixed_precision: expected one argument"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, capsys, args, expected):
@@ -164,25 +171,30 @@ def test_world_size_zero_is_rejected_by_make_plan():
 
 def test_unknown_key_from_the_command_is_one_line_without_traceback(tmp_path):
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}})
-    proc = run_plan("--config", cfg, "--model.learning_rat", "0.1", cwd=tmp_path)
+    proc = run_plan("--config", cfg, "--model.learning_rte", "0.1", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["lightning-automodel plan: error: " + lines[0].split("error: ", 1)[1]]
-    assert "did you mean 'learning_rate'" in lines[0]
+    assert "did you mean 'model.learning_rate'" in lines[0]
 
 
 # ---- only the package's callbacks are instantiated -----------------------------------------------------
 
 
-def test_class_path_from_the_yaml_is_never_run(tmp_path, caplog, monkeypatch):
+def test_class_path_from_the_yaml_is_never_run(tmp_path, capsys, caplog, monkeypatch):
+    """fit's parser refuses, before any import, a class path outside the allow-list; plan instantiates only ours."""
     marker = tmp_path / "SOMEFILE"
     imported = tmp_path / "IMPORTED"
     (tmp_path / "sideeffect_mod.py").write_text(f"open({str(imported)!r}, 'w').close()\nclass Cb:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    for bad in ({"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}, {"class_path": "sideeffect_mod.Cb"},
+                {"class_path": "no_such_package.Thing"}):
+        cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [bad]}})
+        assert main(["--config", cfg]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and bad["class_path"] in err and "nothing was imported" in err, err
+    assert not marker.exists() and not imported.exists() and "sideeffect_mod" not in sys.modules
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [
-        {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}},
-        {"class_path": "sideeffect_mod.Cb"},
-        {"class_path": "no_such_package.Thing"},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
         {"class_path": "ParameterFreezing", "init_args": {"freeze_modules": [{"path": "model.layers.0"}]}},
         {"class_path": "lightning_automodel.callbacks.parameter_freezing.ParameterFreezing",
@@ -190,14 +202,26 @@ def test_class_path_from_the_yaml_is_never_run(tmp_path, caplog, monkeypatch):
     ]}})
     with caplog.at_level("WARNING", logger="lightning_automodel.planning"):
         assert main(["--config", cfg]) == 0
-    assert not marker.exists() and not imported.exists() and "sideeffect_mod" not in sys.modules
-    notes = [r.getMessage() for r in caplog.records]
-    assert any("os.system" in n for n in notes) and any("sideeffect_mod.Cb" in n for n in notes)
-    assert not any("ModelCheckpoint" in n for n in notes)  # Lightning's own: ignored quietly
-    assert all(len(n.splitlines()) == 1 for n in notes)
+    assert not caplog.records  # Lightning's own: ignored quietly
     assert not (tmp_path / "ckpt").exists()
     plan = plan_from_argv(["--config", cfg])
     assert plan.counts.trainable == 2 * 256 * 64 + 64  # both allowed ParameterFreezing entries applied
+
+
+def test_a_trusted_callback_is_checked_by_the_parser_but_never_built(tmp_path, caplog, monkeypatch):
+    """LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS lets the parser import the user's module (fit would); plan still builds only ours."""
+    built = tmp_path / "BUILT"
+    (tmp_path / "trusted_cb_mod.py").write_text(
+        "from lightning.pytorch.callbacks import Callback\n"
+        f"class Cb(Callback):\n    def __init__(self):\n        open({str(built)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS", "trusted_cb_mod")
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}, "trainer": {"callbacks": [{"class_path": "trusted_cb_mod.Cb"}]}})
+    with caplog.at_level("WARNING", logger="lightning_automodel.planning"):
+        assert main(["--config", cfg]) == 0
+    assert not built.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        "plan: skipped trainer.callbacks[0] trusted_cb_mod.Cb: plan instantiates only lightning_automodel.callbacks."]
 
 
 def test_bad_callback_arguments_are_one_line(tmp_path, capsys):
@@ -205,7 +229,7 @@ def test_bad_callback_arguments_are_one_line(tmp_path, capsys):
         {"class_path": "lightning_automodel.callbacks.ParameterFreezing", "init_args": {"freez_modules": []}}]}})
     assert main(["--config", cfg]) == 2
     err = capsys.readouterr().err.strip()
-    assert "trainer.callbacks[0]" in err and len(err.splitlines()) == 1
+    assert "ParameterFreezing" in err and "freez_modules" in err and len(err.splitlines()) == 1, err
 
 
 # ---- FSDP2 memory ------------------------------------------------------------------------------------
@@ -358,7 +382,7 @@ def test_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_yaml_alias_bomb_on_the_command_line_is_refused():
-    with pytest.raises(PlanError, match="anchors/aliases"):
+    with pytest.raises(ValueError, match="anchors/aliases"):  # fit's check of command-line values
         parse_args(["--model.config", "{" + alias_bomb().replace("\n", ", ").rstrip(", ") + "}"])
 
 

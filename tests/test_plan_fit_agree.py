@@ -1,7 +1,8 @@
 """``plan`` and ``fit`` build the same model (issue 17, item 7).
 
 For every shipped config, the model ``plan`` reports (per-parameter dtype, trainable set, counts) is
-compared with the model ``fit`` trains: recorded at ``on_train_start`` (after ``configure_model`` and
+compared with the model ``fit`` trains, and so are the parsed configuration (one parser) and the module
+table of the config's ``ParameterSummary`` (its depth): recorded at ``on_train_start`` (after ``configure_model`` and
 every surgery, before the first step) of a 1-step, 1-device fit. Multi-device configs run on one
 device with the same strategy; ``multi-gpu-8b.yaml`` runs on a tiny saved llama on CPU. LoRA with
 ``weights_dtype: bfloat16`` is added because no shipped config has it and plan got it wrong (adapters).
@@ -19,7 +20,9 @@ from distributed import REPO_ROOT
 from lightning_automodel.cli import AutoModelCLI
 from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
-from lightning_automodel.planning import make_plan, parse_args
+from lightning_automodel.callbacks import ParameterSummary
+from lightning_automodel.core.parameters import module_breakdown
+from lightning_automodel.planning import Plan, make_plan, parse_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 
@@ -34,9 +37,18 @@ def signature(model) -> dict[str, tuple[str, bool, int]]:
     return {name: (str(p.dtype), p.requires_grad, p.numel()) for name, p in unique_named_parameters(model)}
 
 
+def summary_rows(model, summary) -> list[tuple[str, int, int]]:
+    """The table rows of the config's ParameterSummary (its depth; 2 without one): module, total, trainable."""
+    rows = module_breakdown(model, depth=summary.depth if summary is not None else 2)
+    return [(r.name, r.total, r.trainable) for r in rows]
+
+
 class RecordModel(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.signature = signature(pl_module.model)
+        summary = next((cb for cb in trainer.callbacks if isinstance(cb, ParameterSummary)), None)
+        self.summary = (summary.name, summary.depth) if summary is not None else None
+        self.rows = summary_rows(pl_module.model, summary)
 
 
 def overrides_for(config: str, tmp_path: Path) -> list[str]:
@@ -63,7 +75,7 @@ def overrides_for(config: str, tmp_path: Path) -> list[str]:
     return extra
 
 
-def fit_signature(config: str, overrides: list[str]) -> dict[str, tuple[str, bool, int]]:
+def fit_record(config: str, overrides: list[str]) -> tuple[RecordModel, dict]:
     cli = AutoModelCLI(
         HFCausalLM, LightningDataModule, subclass_mode_data=True, args=["--config", str(REPO_ROOT / "configs" / config), *ONE_STEP, *overrides],
         run=False, auto_configure_optimizers=False, save_config_callback=None,
@@ -71,12 +83,12 @@ def fit_signature(config: str, overrides: list[str]) -> dict[str, tuple[str, boo
     recorder = RecordModel()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return recorder.signature
+    return recorder, cli.config.as_dict()
 
 
-def plan_signature(config: str, overrides: list[str]) -> dict[str, tuple[str, bool, int]]:
-    _, merged = parse_args(["--config", str(REPO_ROOT / "configs" / config), *overrides])
-    return signature(make_plan(merged).model)
+def plan_of(config: str, overrides: list[str]) -> tuple[Plan, dict]:
+    _, merged = parse_args(["--config", str(REPO_ROOT / "configs" / config), *ONE_STEP, *overrides])
+    return make_plan(merged), merged
 
 
 CASES = [(c, []) for c in CONFIGS] + [
@@ -89,11 +101,18 @@ CASES = [(c, []) for c in CONFIGS] + [
 def test_plan_equals_the_model_fit_trains(config, extra, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs' checkpoints go to ./outputs
     overrides = [*overrides_for(config, tmp_path), *extra]
-    planned, fitted = plan_signature(config, overrides), fit_signature(config, overrides)
+    plan, plan_config = plan_of(config, overrides)
+    fit, fit_config = fit_record(config, overrides)
+    for section in ("model", "data", "trainer"):  # one parser: the same configuration, defaults included
+        assert plan_config[section] == fit_config[section], section
+    planned, fitted = signature(plan.model), fit.signature
     assert sorted(planned) == sorted(fitted)
     differ = {n: (planned[n], fitted[n]) for n in planned if planned[n] != fitted[n]}
     assert differ == {}, f"plan vs fit (dtype, trainable, elements) differ for {len(differ)} tensors: {dict(list(differ.items())[:5])}"
     assert sum(t[2] for t in planned.values() if t[1]) == sum(t[2] for t in fitted.values() if t[1])
+    # plan's table is the config's ParameterSummary's: its name, its depth, the same module rows and counts
+    assert ((plan.summary.name, plan.summary.depth) if plan.summary else None) == fit.summary
+    assert summary_rows(plan.model, plan.summary) == fit.rows
 
 
 def test_one_schedule_orders_the_surgery():
