@@ -1,0 +1,62 @@
+"""Issue 21, the first hour: hints that work when pasted, output that is quiet and true, one file policy."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_models as tm
+from callbacks.lit_models import InitLM, loader
+
+
+def quiet_trainer(**kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0, max_steps=1)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def run_printed_hint(text: str) -> dict:
+    """Execute the indented snippet lines of a printed hint, as a user pasting them would."""
+    snippet = "\n".join(line[4:] for line in text.splitlines() if line.startswith("    "))
+    assert snippet, text
+    scope: dict = {}
+    exec(compile(snippet, "<hint>", "exec"), scope)  # noqa: S102 - the hint is our own output
+    return scope
+
+
+@pytest.mark.parametrize("builder, cls", [(tm.tiny_llama, "LlamaForCausalLM"), (tm.tiny_llava, "LlavaForConditionalGeneration")])
+def test_the_export_hint_loads_the_export_when_pasted(builder, cls, tmp_path, capsys):
+    from lightning_automodel.callbacks import HuggingFaceCheckpoint
+    from lightning_automodel.export import main
+
+    module = InitLM(builder)
+    t = quiet_trainer(callbacks=[HuggingFaceCheckpoint()], default_root_dir=tmp_path)
+    t.fit(module, loader(n=4))
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    capsys.readouterr()
+    assert main(["--ckpt_path", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    model = run_printed_hint(capsys.readouterr().out)["model"]
+    assert type(model).__name__ == cls
+
+
+def test_the_adapter_only_hint_loads_the_adapters_on_their_base_when_pasted(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from lightning_automodel import HFCausalLM
+    from lightning_automodel.callbacks import LoRA
+    from lightning_automodel.export import main
+
+    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), learning_rate=1e-2)
+    t = quiet_trainer(max_steps=2, callbacks=[LoRA(r=4)])
+    t.fit(module, loader(n=8))
+    t.save_checkpoint(tmp_path / "lora.ckpt")
+    capsys.readouterr()
+    assert main(["--ckpt_path", str(tmp_path / "lora.ckpt"), "--out", str(tmp_path / "adapter"), "--adapter_only"]) == 0
+    model = run_printed_hint(capsys.readouterr().out)["model"]
+    assert type(model).__name__ == "PeftModelForCausalLM" or type(model).__name__ == "PeftModel"
+    b = next(iter(loader(n=4)))
+    model.eval()
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=b["input_ids"]).logits, module.model(input_ids=b["input_ids"]).logits, atol=1e-5)
