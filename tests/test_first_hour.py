@@ -60,3 +60,26 @@ def test_the_adapter_only_hint_loads_the_adapters_on_their_base_when_pasted(tmp_
     module.model.eval()
     with torch.no_grad():
         assert torch.allclose(model(input_ids=b["input_ids"]).logits, module.model(input_ids=b["input_ids"]).logits, atol=1e-5)
+
+
+def test_export_of_a_sharded_checkpoint_gives_no_torch_distributed_warning(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_automodel.callbacks import HuggingFaceCheckpoint
+    from lightning_automodel.export import export_checkpoint
+
+    t = quiet_trainer(callbacks=[HuggingFaceCheckpoint()], default_root_dir=tmp_path)
+    t.fit(InitLM(tm.tiny_llama), loader(n=4))
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    full = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    sharded = tmp_path / "sharded.ckpt"
+    dcp.save({"state_dict": full.pop("state_dict")}, checkpoint_id=str(sharded), no_dist=True)
+    full.pop("optimizer_states", None)
+    torch.save(full, sharded / "meta.pt")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        export_checkpoint(sharded, tmp_path / "export")
+    assert (tmp_path / "export" / "config.json").is_file()
+    assert not [w for w in record if "torch.distributed" in str(w.message)], [str(w.message) for w in record]
