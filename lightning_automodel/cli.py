@@ -16,6 +16,7 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -333,6 +334,35 @@ def _suggestion(message: str, parsers: list[Any]) -> str:
     return f"{line} (did you mean {close[0]!r}?)" if close else line
 
 
+class ResumingProgressBar(TQDMProgressBar):
+    """The TQDM bar, with its epoch and total also in the first epoch of a mid-epoch resume.
+
+    Lightning does not call ``on_train_epoch_start`` when a run resumes in the middle of an epoch (the
+    epoch started in the earlier run), so the bar kept its placeholder ("Training: 41/?"). The first
+    batch then sets the epoch's description and total, counting from the resumed batch.
+    """
+
+    _epoch_started = False
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._epoch_started = False
+
+    def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._epoch_started = True
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._epoch_started:
+            self.on_train_epoch_start(trainer, pl_module)
+            bar = self.train_progress_bar
+            # total_train_batches counts what is left to run; the bar counts from the epoch's first batch
+            bar.total = convert_inf(min(trainer.num_training_batches, batch_idx + self.total_train_batches))
+            bar.initial = bar.n = batch_idx
+            bar.refresh()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 class AutoModelCLI(LightningCLI):
     """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
     anything, saves single files atomically and shows a sane progress bar.
@@ -410,7 +440,7 @@ class AutoModelCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicTorchCheckpointIO()]
         extra: list[Callback] = [self.run_marker]
         if not _progress_bar_configured(config):
-            extra.append(TQDMProgressBar())
+            extra.append(ResumingProgressBar())
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         set_rank_threads(trainer.num_devices)
         return trainer

@@ -83,3 +83,33 @@ def test_export_of_a_sharded_checkpoint_gives_no_torch_distributed_warning(tmp_p
         export_checkpoint(sharded, tmp_path / "export")
     assert (tmp_path / "export" / "config.json").is_file()
     assert not [w for w in record if "torch.distributed" in str(w.message)], [str(w.message) for w in record]
+
+
+TINY_YAML = """\
+model:
+  config: {model_type: llama, vocab_size: 260, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+           num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 128}
+data: {seq_length: 32, batch_size: 4, packing: false}
+trainer: {accelerator: cpu, devices: 1, max_steps: 4, limit_val_batches: 0, logger: false, default_root_dir: ROOT}
+"""
+
+
+def tiny_yaml(tmp_path, extra: str = "") -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML.replace("ROOT", str(tmp_path / "run")) + extra)
+    return str(path)
+
+
+def test_the_progress_bar_has_its_epoch_and_total_on_a_mid_epoch_resume(tmp_path, capsys):
+    from lightning_automodel.cli import main
+
+    config = tiny_yaml(tmp_path)
+    assert main(["fit", "--config", config]) == 0
+    ckpt = next((tmp_path / "run").rglob("*step=4.ckpt"))
+    capsys.readouterr()
+    assert main(["fit", "--config", config, "--ckpt_path", str(ckpt), "--trainer.max_steps", "8"]) == 0
+    bars = [line for line in capsys.readouterr().out.replace("\r", "\n").splitlines() if "it/s" in line]
+    import re
+
+    assert not [line for line in bars if re.search(r"[1-9]\d*/\?", line)], bars  # no "Training: 5/?" without a total
+    assert bars[-1].startswith("Epoch 0") and "8/8 " in bars[-1], bars[-1]  # batches 5..8 of 8, counted from the epoch's start
