@@ -26,8 +26,9 @@ from lightning_automodel.config_loading import check_command_line_values, check_
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
 from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
 
 PROG = "lightning-automodel"
 

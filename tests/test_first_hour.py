@@ -113,3 +113,32 @@ def test_the_progress_bar_has_its_epoch_and_total_on_a_mid_epoch_resume(tmp_path
 
     assert not [line for line in bars if re.search(r"[1-9]\d*/\?", line)], bars  # no "Training: 5/?" without a total
     assert bars[-1].startswith("Epoch 0") and "8/8 " in bars[-1], bars[-1]  # batches 5..8 of 8, counted from the epoch's start
+
+
+@pytest.mark.multiprocess
+def test_surgery_and_data_lines_appear_once_per_job_under_basic_config(tmp_path):
+    """basicConfig on 2 DDP ranks: one freeze line and one tokenizer line for the job, from rank 0."""
+    from distributed import run_torchrun
+
+    proc = run_torchrun("first_hour_logs.py", str(tmp_path), nproc=2, timeout=300)
+    assert "OK first_hour_logs rank0" in proc.stderr and "OK first_hour_logs rank1" in proc.stderr
+    lines = proc.stderr.splitlines()
+    froze = [line for line in lines if "froze" in line.lower() and "parameter tensors" in line]
+    assert froze == ["rank0: ParameterFreezing: froze 3 parameter tensors."], froze
+    tokenizer = [line for line in lines if "Tokenizer:" in line]
+    assert len(tokenizer) == 1 and tokenizer[0].startswith("rank0: "), tokenizer
+
+
+def test_print_trainable_parameters_shows_without_logging_configuration(tmp_path):
+    """A user who configured no logging still sees the summary (and it is written once)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, 'tests'); import tiny_models as tm; "
+            "from lightning_automodel.model_utils import print_trainable_parameters; print_trainable_parameters(tm.tiny_llama())")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120,
+                          env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Trainable parameters:") == 1, proc.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +9,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_automodel.callbacks._export_info import record_export_info, source_directory
@@ -34,8 +32,9 @@ from lightning_automodel.core.hub_writer import (
 from lightning_automodel.core.lora import ADAPTER_NAME, base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None:
@@ -220,7 +219,7 @@ class HuggingFaceCheckpoint(Callback):
             write_config_files(staging, config, tokenizer_dir=tokenizer)
             write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
             publish_directory(staging, out, replace=True)
-            rank_zero_info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
+            log.info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out
@@ -260,7 +259,7 @@ class HuggingFaceCheckpoint(Callback):
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            rank_zero_info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
+            log.info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -26,8 +25,9 @@ from lightning_automodel.callbacks._resume import (
 )
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.freezing import FreezeConfig, apply_parameter_freezing, parse_freeze_config
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 ResumeMismatchPolicy = Literal["restore", "error"]
 _CHECKPOINT_RULE = "checkpoint's frozen set"
@@ -161,7 +161,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         self._model = model
         self.frozen = self.freeze(model)
         if self.surgery_runs == 0:
-            rank_zero_info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
+            log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
 
     @override
     def frozen_parameters(self) -> Mapping[str, str]:
@@ -202,7 +202,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         if not stateless:
             return diff
         if report:
-            rank_zero_info(
+            log.info(
                 f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
                 f"stepped (it has no optimizer state for them): {preview(stateless)}."
             )
