@@ -142,3 +142,24 @@ def test_print_trainable_parameters_shows_without_logging_configuration(tmp_path
                           env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("Trainable parameters:") == 1, proc.stderr
+
+
+def test_the_freeze_count_is_the_one_after_a_resume_restores_the_checkpoints_set(tmp_path, caplog):
+    import logging
+    import warnings
+
+    from lightning_automodel.callbacks import ParameterFreezing
+
+    first = quiet_trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}])])
+    first.fit(InitLM(tm.tiny_llama), loader(n=8))
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    # the resumed run's configuration freezes the whole layer (9 tensors); the resume restores the checkpoint's 3
+    second = quiet_trainer(max_steps=2, callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0"}])])
+    module = InitLM(tm.tiny_llama)
+    caplog.clear()
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.fit(module, loader(n=8), ckpt_path=tmp_path / "a.ckpt")
+    assert sum(not p.requires_grad for p in module.parameters()) == 3
+    counts = [r.getMessage() for r in caplog.records if "ParameterFreezing: froze" in r.getMessage()]
+    assert counts == ["ParameterFreezing: froze 3 parameter tensors (after restoring the checkpoint)."], counts

@@ -106,6 +106,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         self.on_resume_mismatch = on_resume_mismatch
         self.frozen: dict[str, str] = {}
         self._model: nn.Module | None = None
+        self._count_at_fit_start = False
 
     @classmethod
     def from_config(
@@ -160,8 +161,19 @@ class ParameterFreezing(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self._model = model
         self.frozen = self.freeze(model)
-        if self.surgery_runs == 0:
+        # A fit may resume (the checkpoint path is known only later) and re-apply the checkpoint's frozen
+        # set after this: on_fit_start, after every restore, says the count that trains
+        self._count_at_fit_start = trainer.state.fn == "fit"
+        if self.surgery_runs == 0 and not self._count_at_fit_start:
             log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._count_at_fit_start:
+            self._count_at_fit_start = False
+            restored = " (after restoring the checkpoint)" if trainer.ckpt_path else ""
+            log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors{restored}.")
 
     @override
     def frozen_parameters(self) -> Mapping[str, str]:
