@@ -163,3 +163,20 @@ def test_the_freeze_count_is_the_one_after_a_resume_restores_the_checkpoints_set
     assert sum(not p.requires_grad for p in module.parameters()) == 3
     counts = [r.getMessage() for r in caplog.records if "ParameterFreezing: froze" in r.getMessage()]
     assert counts == ["ParameterFreezing: froze 3 parameter tensors (after restoring the checkpoint)."], counts
+
+
+def test_qlora_trains_in_train_mode_without_the_eval_mode_warning(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from lightning_automodel import HFCausalLM
+    from lightning_automodel.callbacks import LoRA
+
+    tm.tiny_llama().save_pretrained(tmp_path / "base")
+    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    module = HFCausalLM(pretrained_path=str(tmp_path / "base"), quantization=quantization)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[LoRA(r=4)]).fit(module, loader(n=8))
+    assert not [w for w in record if "eval mode" in str(w.message)], [str(w.message) for w in record]
+    assert all(m.training for m in module.modules())
