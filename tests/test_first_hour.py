@@ -180,3 +180,19 @@ def test_qlora_trains_in_train_mode_without_the_eval_mode_warning(tmp_path):
         quiet_trainer(callbacks=[LoRA(r=4)]).fit(module, loader(n=8))
     assert not [w for w in record if "eval mode" in str(w.message)], [str(w.message) for w in record]
     assert all(m.training for m in module.modules())
+
+
+def test_lora_on_a_moe_model_gives_no_spurious_peft_pattern_warning():
+    """peft warns that its own fused gate_up_proj rank pattern was ignored; it was applied (rank 2r)."""
+    pytest.importorskip("peft")
+    import warnings
+
+    from lightning_automodel.callbacks import LoRA
+
+    model = tm.build(tm.tiny_config("mixtral", num_local_experts=3, num_experts_per_tok=2))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        LoRA(r=4).inject(model)
+    assert not [w for w in record if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in record]
+    fused = dict(model.named_parameters())["model.layers.0.mlp.experts.base_layer.lora_A.default.weight"]
+    assert fused.shape[0] == 2 * 4 * 3  # gate and up fused: rank 2r per expert, 3 experts
