@@ -196,3 +196,37 @@ def test_lora_on_a_moe_model_gives_no_spurious_peft_pattern_warning():
     assert not [w for w in record if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in record]
     fused = dict(model.named_parameters())["model.layers.0.mlp.experts.base_layer.lora_A.default.weight"]
     assert fused.shape[0] == 2 * 4 * 3  # gate and up fused: rank 2r per expert, 3 experts
+
+
+def test_max_steps_0_still_prints_the_summary(caplog):
+    import logging
+
+    from lightning_automodel.callbacks import ParameterSummary
+
+    summary = ParameterSummary(name="zero-steps")
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(max_steps=0, callbacks=[summary]).fit(InitLM(tm.tiny_llama), loader(n=4))
+    assert summary.text is not None and "zero-steps" in summary.text
+    assert [r for r in caplog.records if "zero-steps" in r.getMessage()]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_single_file_checkpoints_follow_the_umask_as_sharded_ones_do(umask, tmp_path):
+    import os
+    import stat
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO
+
+    old = os.umask(umask)
+    try:
+        t = quiet_trainer(plugins=[AtomicTorchCheckpointIO()])
+        t.fit(InitLM(tm.tiny_llama), loader(n=4))
+        t.save_checkpoint(tmp_path / "one.ckpt")
+        dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "sharded"), no_dist=True)
+    finally:
+        os.umask(old)
+    sharded_mode = stat.S_IMODE((tmp_path / "sharded" / ".metadata").stat().st_mode)
+    assert sharded_mode == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "one.ckpt").stat().st_mode) == sharded_mode

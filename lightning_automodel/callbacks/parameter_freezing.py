@@ -106,7 +106,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         self.on_resume_mismatch = on_resume_mismatch
         self.frozen: dict[str, str] = {}
         self._model: nn.Module | None = None
-        self._count_at_fit_start = False
+        self._count_pending = False
 
     @classmethod
     def from_config(
@@ -162,18 +162,26 @@ class ParameterFreezing(ModelSurgeryCallback):
         self._model = model
         self.frozen = self.freeze(model)
         # A fit may resume (the checkpoint path is known only later) and re-apply the checkpoint's frozen
-        # set after this: on_fit_start, after every restore, says the count that trains
-        self._count_at_fit_start = trainer.state.fn == "fit"
-        if self.surgery_runs == 0 and not self._count_at_fit_start:
+        # set after this (sharded strategies: after on_fit_start): the count that trains is said once every
+        # restore is done, at train start (or at fit end when no step runs)
+        self._count_pending = trainer.state.fn == "fit"
+        if self.surgery_runs == 0 and not self._count_pending:
             log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self._count_at_fit_start:
-            self._count_at_fit_start = False
+    def _say_count(self, trainer: pl.Trainer) -> None:
+        if self._count_pending:
+            self._count_pending = False
             restored = " (after restoring the checkpoint)" if trainer.ckpt_path else ""
             log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors{restored}.")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._say_count(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._say_count(trainer)
 
     @override
     def frozen_parameters(self) -> Mapping[str, str]:
