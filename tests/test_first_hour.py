@@ -230,3 +230,12 @@ def test_single_file_checkpoints_follow_the_umask_as_sharded_ones_do(umask, tmp_
     sharded_mode = stat.S_IMODE((tmp_path / "sharded" / ".metadata").stat().st_mode)
     assert sharded_mode == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "one.ckpt").stat().st_mode) == sharded_mode
+
+
+@pytest.mark.parametrize("limits", [{"max_steps": 4}, {"max_steps": -1, "max_epochs": 1}])
+def test_a_periodic_hf_save_on_the_last_step_is_written_once_as_final(limits, tmp_path):
+    from lightning_automodel.callbacks import HuggingFaceCheckpoint
+
+    callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), every_n_train_steps=2)
+    quiet_trainer(callbacks=[callback], **limits).fit(InitLM(tm.tiny_llama), loader(n=16))  # 4 batches of 4
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["final", "step-0000002"]

@@ -53,11 +53,19 @@ def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None
         )
 
 
+def is_last_step(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer step just taken is the fit's last (``max_steps`` reached, or the last batch of ``max_epochs``)."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs - 1 and trainer.is_last_batch)
+
+
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
     At the end of ``fit`` it writes ``dirpath/final``, and every ``every_n_train_steps`` steps (when
-    set) ``dirpath/step-<N>``. The layout is ``save_pretrained``'s (see
+    set) ``dirpath/step-<N>``, except on the fit's last step, which ``final`` holds. The layout is ``save_pretrained``'s (see
     ``lightning-automodel export``): hub tensor names, the tied head omitted only when truly tied,
     safetensors shards with an index, config, generation config and the tokenizer of the source
     directory; directories 0755, files 0644.
@@ -153,6 +161,8 @@ class HuggingFaceCheckpoint(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0 and self._last_step != trainer.global_step:
+            if self.save_on_train_end and is_last_step(trainer):
+                return  # `final` is written in a moment with these weights: one copy, not step-N and final
             self.save(trainer, pl_module, self._root(trainer) / f"step-{trainer.global_step:07d}")
 
     @override
