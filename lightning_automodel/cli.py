@@ -336,14 +336,16 @@ def _suggestion(message: str, parsers: list[Any]) -> str:
 
 
 class ResumingProgressBar(TQDMProgressBar):
-    """The TQDM bar, with its epoch and total also in the first epoch of a mid-epoch resume.
+    """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run.
 
-    Lightning does not call ``on_train_epoch_start`` when a run resumes in the middle of an epoch (the
-    epoch started in the earlier run), so the bar kept its placeholder ("Training: 41/?"). The first
-    batch then sets the epoch's description and total, counting from the resumed batch.
+    A resume inside an epoch starts at batch N of it, and Lightning either skips
+    ``on_train_epoch_start`` (the epoch started in the earlier run: the bar kept its placeholder,
+    "Training: 41/?") or calls it with a total that counts only the steps left while the bar counts
+    from the epoch's first batch. The epoch's first batch in this process sets both, counting from N.
     """
 
     _epoch_started = False
+    _first_batch = True
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -351,16 +353,18 @@ class ResumingProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self._epoch_started = True
+        self._epoch_started, self._first_batch = True, True
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._epoch_started:
             self.on_train_epoch_start(trainer, pl_module)
+        if self._first_batch and batch_idx > 0:
             bar = self.train_progress_bar
             # total_train_batches counts what is left to run; the bar counts from the epoch's first batch
             bar.total = convert_inf(min(trainer.num_training_batches, batch_idx + self.total_train_batches))
             bar.initial = bar.n = batch_idx
             bar.refresh()
+        self._first_batch = False
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
