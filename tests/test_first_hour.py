@@ -239,3 +239,39 @@ def test_a_periodic_hf_save_on_the_last_step_is_written_once_as_final(limits, tm
     callback = HuggingFaceCheckpoint(dirpath=str(tmp_path / "hf"), every_n_train_steps=2)
     quiet_trainer(callbacks=[callback], **limits).fit(InitLM(tm.tiny_llama), loader(n=16))  # 4 batches of 4
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["final", "step-0000002"]
+
+
+def walkthrough_commands() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- first-hour: begin -->", 1)[1].split("<!-- first-hour: end -->", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("```")]
+
+
+def test_the_readme_first_hour_runs_as_written(tmp_path):
+    """Every command of the README's walk-through, verbatim, from a directory holding the shipped configs."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "configs").symlink_to(repo / "configs")
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    commands = walkthrough_commands()
+    assert [c.split()[0] for c in commands] == ["lightning-automodel"] * 3 + ["python"]
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command)
+        argv = [sys.executable, "-m", "lightning_automodel.cli", *argv[1:]] if argv[0] == "lightning-automodel" else [sys.executable, *argv[1:]]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+        outputs.append(proc)
+    first, resumed, export, load = outputs
+    assert "--trainer.max_steps 20" in first.stdout  # the second command is the one the first run printed
+    assert "froze 3 parameter tensors (after restoring the checkpoint)" in resumed.stderr
+    assert "20/20" in resumed.stdout.replace("\r", "\n").splitlines()[-1] or "20/20 " in resumed.stdout
+    assert "AutoModelForCausalLM.from_pretrained('outputs/tiny-llama-cpu/exported')" in export.stdout
+    assert int(load.stdout.strip().splitlines()[-1]) > 0
