@@ -28,7 +28,7 @@ from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 from lightning_automodel.core.logs import rank_zero_logger
 
-log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 PROG = "lightning-automodel"
 
