@@ -144,18 +144,27 @@ def test_print_trainable_parameters_shows_without_logging_configuration(tmp_path
     assert proc.stderr.count("Trainable parameters:") == 1, proc.stderr
 
 
-def test_the_freeze_count_is_the_one_after_a_resume_restores_the_checkpoints_set(tmp_path, caplog):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "fsdp2-one-rank"])
+def test_the_freeze_count_is_the_one_after_a_resume_restores_the_checkpoints_set(sharded, tmp_path, caplog):
+    """Single device restores before on_fit_start, FSDP2 after it (in load_checkpoint): both say the restored count."""
     import logging
     import warnings
 
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from callbacks.lit_models import ShardedLM
     from lightning_automodel.callbacks import ParameterFreezing
 
-    first = quiet_trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}])])
-    first.fit(InitLM(tm.tiny_llama), loader(n=8))
+    def strategy():
+        return dict(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)) if sharded else {}
+
+    lm = ShardedLM if sharded else InitLM
+    first = quiet_trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}])], **strategy())
+    first.fit(lm(tm.tiny_llama), loader(n=8))
     first.save_checkpoint(tmp_path / "a.ckpt")
     # the resumed run's configuration freezes the whole layer (9 tensors); the resume restores the checkpoint's 3
-    second = quiet_trainer(max_steps=2, callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0"}])])
-    module = InitLM(tm.tiny_llama)
+    second = quiet_trainer(max_steps=2, callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0"}])], **strategy())
+    module = lm(tm.tiny_llama)
     caplog.clear()
     with caplog.at_level(logging.INFO), warnings.catch_warnings():
         warnings.simplefilter("ignore")
