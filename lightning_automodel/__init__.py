@@ -10,7 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_automodel.core.logs import show_info_without_config
+
 __version__ = "0.1.0"
+
+show_info_without_config()  # the package's INFO lines show without a logging configuration, once with one
 
 _LAZY = {
     "ParameterFreezing": "lightning_automodel.callbacks",

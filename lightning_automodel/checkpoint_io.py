@@ -66,6 +66,8 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; a checkpoint gets the mode of any file the user creates (what DCP's files get)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -75,6 +77,19 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable read)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_tmp_files(directory: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -28,8 +29,9 @@ from lightning_automodel.config_loading import check_command_line_values, check_
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
 from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 PROG = "lightning-automodel"
 
@@ -338,6 +340,39 @@ def _option_names(parser: Any) -> set[str]:
         return set()
 
 
+class ResumingProgressBar(TQDMProgressBar):
+    """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run.
+
+    A resume inside an epoch starts at batch N of it, and Lightning either skips
+    ``on_train_epoch_start`` (the epoch started in the earlier run: the bar kept its placeholder,
+    "Training: 41/?") or calls it with a total that counts only the steps left while the bar counts
+    from the epoch's first batch. The epoch's first batch in this process sets both, counting from N.
+    """
+
+    _epoch_started = False
+    _first_batch = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._epoch_started = False
+
+    def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._epoch_started, self._first_batch = True, True
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._epoch_started:
+            self.on_train_epoch_start(trainer, pl_module)
+        if self._first_batch and batch_idx > 0:
+            bar = self.train_progress_bar
+            # total_train_batches counts what is left to run; the bar counts from the epoch's first batch
+            bar.total = convert_inf(min(trainer.num_training_batches, batch_idx + self.total_train_batches))
+            bar.initial = bar.n = batch_idx
+            bar.refresh()
+        self._first_batch = False
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 class AutoModelCLI(LightningCLIHooks, LightningCLI):
     """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
     anything, saves single files atomically and shows a sane progress bar.
@@ -418,7 +453,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         extra: list[Callback] = [self.run_marker]
         if not _progress_bar_configured(trainer_config):
-            extra.append(TQDMProgressBar())
+            extra.append(ResumingProgressBar())
         trainer = super().instantiate_trainer(**{**kwargs, "callbacks": [*callbacks, *extra]})
         # After construction the strategy holds the configured CheckpointIO (from plugins or its own);
         # only Lightning's default (exactly TorchCheckpointIO) is replaced.

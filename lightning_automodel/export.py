@@ -437,5 +437,43 @@ def main(argv: Sequence[str]) -> int:
         )
     except (ExportError, FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"lightning-automodel export: error: {exc}\n")
-    print(f"Exported a Hugging Face model to {out} (load it with AutoModelForCausalLM.from_pretrained).")
+    print(load_hint(out))
     return 0
+
+
+def auto_class_name(config_json: Mapping[str, Any]) -> str:
+    """The transformers class that loads a directory with this ``config.json``: its auto class when one maps to it.
+
+    A VLM's architecture is not in ``AutoModelForCausalLM``'s mapping (that call raises "Unrecognized
+    configuration class"); the image-text-to-text auto class loads it. Anything else: the class itself.
+    """
+    import transformers
+
+    architectures = config_json.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    model_type = config_json.get("model_type")
+    config_class = transformers.CONFIG_MAPPING[model_type] if model_type in transformers.CONFIG_MAPPING else None
+    for auto, mapping in (("AutoModelForCausalLM", transformers.MODEL_FOR_CAUSAL_LM_MAPPING),
+                          ("AutoModelForImageTextToText", transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)):
+        if config_class is not None and config_class in mapping and architecture in (None, mapping[config_class].__name__):
+            return auto
+    return architecture or "AutoModelForCausalLM"
+
+
+def load_hint(out: Path) -> str:
+    """What to paste to load the export: the auto class for a model, ``PeftModel`` on its base for an adapter."""
+    import json
+
+    adapter = out / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        base_config = Path(base) / "config.json" if base else None
+        cls = auto_class_name(json.loads(base_config.read_text())) if base_config is not None and base_config.is_file() else "AutoModelForCausalLM"
+        where = repr(str(base)) if base else "BASE"
+        lines = ["from peft import PeftModel", f"from transformers import {cls}",
+                 f"model = PeftModel.from_pretrained({cls}.from_pretrained({where}), {str(out)!r})"]
+        note = "" if base else " (BASE: the model directory the adapters were trained on)"
+        return f"Exported the LoRA adapters to {out}. Load them on their base model{note} with:\n" + "\n".join(f"    {line}" for line in lines)
+    cls = auto_class_name(json.loads((out / "config.json").read_text()))
+    lines = [f"from transformers import {cls}", f"model = {cls}.from_pretrained({str(out)!r})"]
+    return f"Exported a Hugging Face model to {out}. Load it with:\n" + "\n".join(f"    {line}" for line in lines)

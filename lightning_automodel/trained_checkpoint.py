@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -305,7 +306,11 @@ class ShardedCheckpoint(TrainedCheckpoint):
         if not state:
             return {}
         try:
-            dcp.load({"state_dict": state}, storage_reader=self._reader, no_dist=True)
+            with warnings.catch_warnings():
+                # DCP warns "torch.distributed is disabled ... assuming ... a single process" even when
+                # no_dist=True asks for exactly that; a single-process read is what this reader is for
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                dcp.load({"state_dict": state}, storage_reader=self._reader, no_dist=True)
         except CheckpointReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - DCP wraps read errors in CheckpointException

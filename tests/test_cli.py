@@ -89,7 +89,7 @@ def test_ckpt_path_is_checked_before_the_model_is_built(tmp_path, capsys, monkey
 def test_progress_bar_is_tqdm_unless_configured():
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    from lightning_automodel.cli import AutoModelCLI
+    from lightning_automodel.cli import AutoModelCLI, ResumingProgressBar
     from lightning_automodel.data.text_datamodule import TextDataModule
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
@@ -98,7 +98,7 @@ def test_progress_bar_is_tqdm_unless_configured():
                            run=False, auto_configure_optimizers=False, save_config_callback=None)
         return [type(c) for c in cli.trainer.callbacks if isinstance(c, (RichProgressBar, TQDMProgressBar))]
 
-    assert bars() == [TQDMProgressBar]  # Lightning would pick the rich bar, which prints "Epoch 1/-2" under max_steps
+    assert bars() == [ResumingProgressBar] and issubclass(ResumingProgressBar, TQDMProgressBar)  # Lightning would pick the rich bar, which prints "Epoch 1/-2" under max_steps
     assert bars("--trainer.callbacks+=RichProgressBar") == [RichProgressBar]
 
 

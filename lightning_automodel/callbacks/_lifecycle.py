@@ -363,7 +363,8 @@ class ModelSurgeryCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if surgery_callbacks(trainer)[0] is not self:
             return  # one warning per fit, from the first surgery callback
-        if optimizer_holds_frozen(trainer):
+        # Only a sharded (DCP) resume can fail on it; on one device and DDP the warning would cry wolf
+        if trainer.strategy.restore_checkpoint_after_setup and optimizer_holds_frozen(trainer):
             rank_zero_warn(FROZEN_IN_OPTIMIZER_WARNING)
 
     @override

@@ -7,12 +7,14 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.core.dtypes import cast_floating_point
+from lightning_automodel.core.logs import rank_zero_logger
+
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 class CastMixedDtypeToBF16(ModelSurgeryCallback):
@@ -61,7 +63,7 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
         if cast:
             self.cast = sorted(set(self.cast) | set(cast))
             if self.surgery_runs == 0:
-                rank_zero_info(f"CastMixedDtypeToBF16: cast {len(cast)} tensors to bfloat16.")
+                log.info(f"CastMixedDtypeToBF16: cast {len(cast)} tensors to bfloat16.")
 
     @override
     def state_dict(self) -> dict[str, Any]:

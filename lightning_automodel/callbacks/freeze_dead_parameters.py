@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -10,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -19,8 +18,9 @@ from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_d
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.naming import unique_named_parameters
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 class FreezeDeadParameters(ModelSurgeryCallback):
@@ -73,7 +73,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self.frozen = freeze_dead_parameters(model)
         if self.frozen and self.surgery_runs == 0:
-            rank_zero_info(f"FreezeDeadParameters: froze {len(self.frozen)} dead parameter tensors.")
+            log.info(f"FreezeDeadParameters: froze {len(self.frozen)} dead parameter tensors.")
 
     @override
     def frozen_parameters(self) -> Mapping[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +9,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_automodel.callbacks._export_info import record_export_info, source_directory
@@ -34,8 +32,9 @@ from lightning_automodel.core.hub_writer import (
 from lightning_automodel.core.lora import ADAPTER_NAME, base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None:
@@ -54,11 +53,19 @@ def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None
         )
 
 
+def is_last_step(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer step just taken is the fit's last (``max_steps`` reached, or the last batch of ``max_epochs``)."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs - 1 and trainer.is_last_batch)
+
+
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
     At the end of ``fit`` it writes ``dirpath/final``, and every ``every_n_train_steps`` steps (when
-    set) ``dirpath/step-<N>``. The layout is ``save_pretrained``'s (see
+    set) ``dirpath/step-<N>``, except on the fit's last step, which ``final`` holds. The layout is ``save_pretrained``'s (see
     ``lightning-automodel export``): hub tensor names, the tied head omitted only when truly tied,
     safetensors shards with an index, config, generation config and the tokenizer of the source
     directory; directories 0755, files 0644.
@@ -154,6 +161,8 @@ class HuggingFaceCheckpoint(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0 and self._last_step != trainer.global_step:
+            if self.save_on_train_end and is_last_step(trainer):
+                return  # `final` is written in a moment with these weights: one copy, not step-N and final
             self.save(trainer, pl_module, self._root(trainer) / f"step-{trainer.global_step:07d}")
 
     @override
@@ -220,7 +229,7 @@ class HuggingFaceCheckpoint(Callback):
             write_config_files(staging, config, tokenizer_dir=tokenizer)
             write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
             publish_directory(staging, out, replace=True)
-            rank_zero_info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
+            log.info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out
@@ -260,7 +269,7 @@ class HuggingFaceCheckpoint(Callback):
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            rank_zero_info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
+            log.info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
         strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.callbacks._resume import install_resume_check, saved_state
 from lightning_automodel.core.distributed import digest_names
+from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.lora import (
     adapted_modules,
     adapter_parameter_count,
@@ -27,7 +26,7 @@ from lightning_automodel.core.lora import (
     trainable_names,
 )
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def config_differences(saved: str, current: str) -> list[str]:
@@ -98,7 +97,7 @@ class LoRA(ModelSurgeryCallback):
         if not any(is_adapter_name(name) for name, _ in model.named_parameters()):
             self._trainable_before = trainable_names(model)
             self.adapted = inject_lora(model, self.config)
-            rank_zero_info(
+            log.info(
                 f"LoRA: {len(self.adapted)} adapted modules, {adapter_parameter_count(model):,} adapter parameters (r={self.config.r})."
             )
         else:

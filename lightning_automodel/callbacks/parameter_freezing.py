@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -26,8 +25,9 @@ from lightning_automodel.callbacks._resume import (
 )
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.freezing import FreezeConfig, apply_parameter_freezing, parse_freeze_config
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 ResumeMismatchPolicy = Literal["restore", "error"]
 _CHECKPOINT_RULE = "checkpoint's frozen set"
@@ -106,6 +106,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         self.on_resume_mismatch = on_resume_mismatch
         self.frozen: dict[str, str] = {}
         self._model: nn.Module | None = None
+        self._count_pending = False
 
     @classmethod
     def from_config(
@@ -160,8 +161,27 @@ class ParameterFreezing(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self._model = model
         self.frozen = self.freeze(model)
-        if self.surgery_runs == 0:
-            rank_zero_info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
+        # A fit may resume (the checkpoint path is known only later) and re-apply the checkpoint's frozen
+        # set after this (sharded strategies: after on_fit_start): the count that trains is said once every
+        # restore is done, at train start (or at fit end when no step runs)
+        self._count_pending = trainer.state.fn == "fit"
+        if self.surgery_runs == 0 and not self._count_pending:
+            log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
+
+    def _say_count(self, trainer: pl.Trainer) -> None:
+        if self._count_pending:
+            self._count_pending = False
+            restored = " (after restoring the checkpoint)" if trainer.ckpt_path else ""
+            log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors{restored}.")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._say_count(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._say_count(trainer)
 
     @override
     def frozen_parameters(self) -> Mapping[str, str]:
@@ -202,7 +222,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         if not stateless:
             return diff
         if report:
-            rank_zero_info(
+            log.info(
                 f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
                 f"stepped (it has no optimizer state for them): {preview(stateless)}."
             )

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from typing import ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_by, target_model
 from lightning_automodel.core.checkpoint_files import format_bytes_human
+from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
 from lightning_automodel.core.parameters import ModuleRow, module_breakdown, parameter_stats
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one summary per job: rank 0's
 
 
 def _count(n: int) -> str:
@@ -121,10 +120,18 @@ class ParameterSummary(ModelSurgeryCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._summarize_run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.text is None:  # no training step ran (max_steps 0, or already at max_steps): still say what would train
+            self._summarize_run(trainer, pl_module)
+
+    def _summarize_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         _, model = target_model(pl_module)
         scope = memory_scope("sharded" if sharded else "replica", trainer.world_size)
         self.text = self.summarize(trainer, pl_module, model, trainer.world_size if sharded else 1, scope)
-        rank_zero_info(self.text)
+        log.info(self.text)

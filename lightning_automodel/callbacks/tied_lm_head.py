@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -15,6 +15,9 @@ from lightning_automodel._compat.lightning import callback_state_key
 from lightning_automodel.callbacks._checkpoint_io import checkpoint_keys, materialize_prefixed, missing_tied_head_keys, tied_head_detached
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch_method, target_model
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
+from lightning_automodel.core.logs import rank_zero_logger
+
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previous: Any, checkpoint: dict[str, Any]) -> Any:
@@ -23,7 +26,7 @@ def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previ
     if isinstance(state_dict, dict):
         prefix, model = target_model(pl_module)
         if materialize_prefixed(state_dict, model, prefix):
-            rank_zero_info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
+            log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
     return call_previous(checkpoint)
 
 
@@ -37,7 +40,7 @@ def _load_with_head_detached(strategy: Any, call_previous: Any, checkpoint_path:
     head, source = (key[len(f"state_dict.{prefix}"):] for key in missing)
     with tied_head_detached(model, head, source) as detached:
         if detached:
-            rank_zero_info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
+            log.info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
         return call_previous(checkpoint_path, *args, **kwargs)
 
 

@@ -152,7 +152,7 @@ def freeze_dead_parameters(
         param.requires_grad_(False)
         counts[rule_name] = counts.get(rule_name, 0) + 1
     for rule_name, count in counts.items():
-        logger.info("Froze %d dead parameter tensors (rule %s).", count, rule_name)
+        logger.debug("Froze %d dead parameter tensors (rule %s).", count, rule_name)  # the callback says it, once per job
     return {name: rule for name, rule, _ in dead}
 
 

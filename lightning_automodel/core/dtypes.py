@@ -116,5 +116,5 @@ def cast_floating_point(
     # reset_sharded_param so the sharded views stay consistent.
     with torch.no_grad():
         apply_to_tensors(model, convert)
-    logger.info("Cast %d tensors to %s.", len(targets), dtype)
+    logger.debug("Cast %d tensors to %s.", len(targets), dtype)  # the callback says it, once per job
     return targets

@@ -388,7 +388,7 @@ def apply_parameter_freezing(
     plan = plan_parameter_freezing(model, config, strict=strict)
     report = apply_freeze_plan(model, plan)
     if report.frozen:
-        logger.info("Froze %d parameter tensors by freeze config.", len(report.frozen))
+        logger.debug("Froze %d parameter tensors by freeze config.", len(report.frozen))  # the callback says it, once per job
     return report
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,11 +111,34 @@ def inject_lora(model: nn.Module, config: Any) -> list[str]:
         raise LoraConfigError("the model already has LoRA adapters; add the LoRA callback once.")
     _check_targets(model, config)
     try:
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
         some = ", ".join(linear_module_names(model)[:8]) or "none"
         raise LoraConfigError(f"LoRA could not be applied: {' '.join(str(exc).split())} (linear layers: {some}).") from None
+    for warning in caught:
+        if not _is_fused_expert_pattern_warning(warning, config):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return adapted_modules(model)
+
+
+_PATTERN_WARNING = re.compile(r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: \[(.*)\]")
+
+
+def _is_fused_expert_pattern_warning(warning: warnings.WarningMessage, config: Any) -> bool:
+    """peft's "rank_pattern keys did not match any targeted module" about its own fused-expert patterns.
+
+    For a MoE model peft itself adds ``.*\\.gate_up_proj`` to ``rank_pattern``/``alpha_pattern`` (gate and up
+    fused: twice the rank) and applies it to that *parameter* target; its check then looks only at module
+    names and warns that the pattern was ignored, which it was not. Any other pattern warning is kept.
+    """
+    match = _PATTERN_WARNING.search(str(warning.message))
+    if match is None or not issubclass(warning.category, RuntimeWarning):
+        return False
+    keys = [key.strip().strip("'\"") for key in match.group(2).split(",")]
+    parameters = set(getattr(config, "target_parameters", None) or ())
+    return bool(keys) and all(any(key.endswith(name) for name in parameters) for key in keys)
 
 
 def adapted_modules(model: nn.Module) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +24,9 @@ from lightning_automodel.core.packing import pack_thd, plan_rows
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, Columns, FormatName, SampleTokenizer
 from lightning_automodel.data.formats import check_chat_template, resolve_format
 from lightning_automodel.data.text_datamodule import DataError
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Iterable, Iterator
 from importlib import resources
@@ -17,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_automodel.core.checkpoint_files import open_regular
 from lightning_automodel.data.collators import PackedSequenceCollator, PaddingCollator
 from lightning_automodel.data.tokenizer import ByteTokenizer
+from lightning_automodel.core.logs import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
 
 
 class DataError(ValueError):

@@ -238,6 +238,9 @@ class HFCausalLM(pl.LightningModule):
             root, quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
             device_map={"": device}, local_files_only=True, trust_remote_code=hp.trust_remote_code,
         )
+        # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds: without this,
+        # dropout is off while the adapters train (and Lightning warns about every module in eval mode)
+        model.train()
         prepare_before_sharding(self, model)
         if adapted_modules(model):
             initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))

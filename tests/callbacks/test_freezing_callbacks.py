@@ -70,10 +70,24 @@ def test_bad_config_is_a_misconfiguration():
         trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.nope"}])]).fit(InitLM(), loader())
 
 
-def test_optimizer_with_frozen_parameters_warns():
-    module = InitLM(tm.tiny_llama, all_params_in_optimizer=True)
+def test_optimizer_with_frozen_parameters_warns_where_a_sharded_resume_can_fail():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = ShardedLM(tm.tiny_llama)
+    module.all_params_in_optimizer = True
+    sharded = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "lm_head"}])], devices=1,
+                      strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     with pytest.warns(UserWarning, match="(?s)optimizer holds frozen parameters.*a resume with the same frozen set.*sharded.*trainable again"):
+        sharded.fit(module, loader())
+
+
+def test_optimizer_with_frozen_parameters_is_silent_on_one_device():
+    """Issue 21: the usual configure_optimizers over self.parameters() on one device cannot hit the DCP case."""
+    module = InitLM(tm.tiny_llama, all_params_in_optimizer=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "lm_head"}])]).fit(module, loader())
+    assert not [w for w in record if "optimizer holds frozen" in str(w.message)]
 
 
 def test_runtime_detection_names_unused_parameters():

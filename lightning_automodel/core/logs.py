@@ -1,0 +1,78 @@
+"""How the package's lines reach the user: once per job, and without any logging configuration.
+
+* Every rank runs the same surgery and the same data preparation; their INFO lines are one line per
+  job, from global rank 0 (:class:`RankZeroInfo` on the emitting module's logger). Warnings stay on
+  every rank: a rank that differs must be seen.
+* A user who configured nothing still sees the package's INFO lines (as Lightning's), and a user who
+  called ``logging.basicConfig`` sees each of them once, in their own format:
+  :class:`FallbackHandler` writes a record only when no other handler would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+PACKAGE_LOGGER = "lightning_automodel"
+
+
+def process_rank() -> int:
+    """Global rank: the process group's, else the launcher's ``RANK``, else ``LOCAL_RANK``.
+
+    Lightning's launcher sets only ``LOCAL_RANK`` in the processes it starts on one node, and the data
+    module is built before the process group exists.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for variable in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class RankZeroInfo(logging.Filter):
+    """Keeps INFO and lower records on global rank 0 only; warnings and errors pass on every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or process_rank() == 0
+
+
+def rank_zero_logger(name: str) -> logging.Logger:
+    """The module logger ``name``, whose INFO lines only rank 0 emits."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RankZeroInfo) for f in logger.filters):
+        logger.addFilter(RankZeroInfo())
+    return logger
+
+
+class FallbackHandler(logging.StreamHandler):
+    """Writes a record to stderr only when no other handler on its way to the root would.
+
+    ``logging.lastResort`` does the same for warnings; this one also shows the package's INFO lines
+    (a summary, a freeze count) to a user who configured nothing, and stays silent under
+    ``logging.basicConfig`` or any handler the application installed.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return
+            logger = logger.parent if logger.propagate else None
+        self.stream = sys.stderr  # the stderr of the moment (captures replace it between runs)
+        super().emit(record)
+
+
+def show_info_without_config() -> None:
+    """Install :class:`FallbackHandler` on the package logger, at INFO unless the user chose a level."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, FallbackHandler) for h in logger.handlers):
+        handler = FallbackHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
