@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_automodel.core.checkpoint_files import (
+from lightning_automodel.core.hf_weight_files import (
     checkpoint_tensor_dtypes,
     estimate_state_dict_bytes,
     estimate_tensor_bytes,

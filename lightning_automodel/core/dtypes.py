@@ -35,6 +35,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
+_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel.core.adapter_names import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, is_adapter_name
+
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
-BASE_LAYER = "base_layer"
 BASE_RULE = "LoRA (base weights frozen)"
 
 
@@ -117,17 +117,6 @@ def adapted_modules(model: nn.Module) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-
-
-def is_adapter_name(name: str) -> bool:
-    return any(part.startswith("lora_") for part in name.split("."))
-
-
-def base_checkpoint_name(name: str) -> str:
-    """The name the un-adapted model's checkpoint uses for ``name`` (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
-    if f".{BASE_LAYER}." not in f".{name}.":
-        return name
-    return ".".join(part for part in name.split(".") if part != BASE_LAYER)
 
 
 def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> dict[str, str]:

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
-from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
+from lightning_automodel.core.adapter_names import base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def checkpoint_keys(path: Path) -> set[str] | None:
     ``torch.load(mmap=True, weights_only=True)``. ``None`` when it cannot be read that way (Lightning's
     own load then reports the problem).
     """
-    from lightning_automodel.trained_checkpoint import CheckpointReadError, SafeFileSystemReader, safe_torch_load
+    from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, SafeFileSystemReader, safe_torch_load
 
     try:
         if path.is_dir():
