@@ -21,6 +21,7 @@ from lightning_automodel.core.hf_weight_files import (
     get_safetensors_index_total_size,
 )
 from lightning_automodel.core.distributed import get_rank_safe, get_world_size_safe, is_rank_0
+from lightning_automodel.core.naming import canonical_name as _normalize_param_name  # one rule for wrapper names
 from lightning_automodel.core.tied_head import (
     ensure_tied_lm_head,
     get_input_embeddings_weight_and_name,
@@ -29,8 +30,7 @@ from lightning_automodel.core.tied_head import (
     get_tied_lm_head_source_names,
     has_local_tied_lm_head,
     is_tied_word_embeddings,
-    materialize_missing_tied_lm_head,
-    normalize_param_name as _normalize_param_name,
+    fill_missing_tied_lm_head as materialize_missing_tied_lm_head,  # the reference name; "materialize" here means "fill in"
     same_tensor_storage as _same_tensor_storage,
 )
 from lightning_automodel.model_utils import resolve_trust_remote_code

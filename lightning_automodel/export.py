@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from lightning_automodel.core.dtypes import _DTYPES
+from lightning_automodel.core.dtypes import export_dtype
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, ExportError, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
@@ -244,9 +244,10 @@ def export_checkpoint(
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
-    if dtype not in _DTYPES:
-        raise ExportError(f"--dtype must be one of auto, bf16, fp32; got {dtype!r}.")
-    out_dtype = _DTYPES[dtype]
+    try:
+        out_dtype = export_dtype(dtype)
+    except ValueError as exc:
+        raise ExportError(f"--dtype {exc}") from None
     max_bytes = parse_size(max_shard_size)
     _check_tokenizer_path(tokenizer_path)
     _check_out(src, out, overwrite)

@@ -99,7 +99,7 @@ class HuggingFaceCheckpoint(Callback):
         tokenizer_path: str | None = None,
         adapter_only: bool = False,
     ) -> None:
-        from lightning_automodel.core.dtypes import _DTYPES
+        from lightning_automodel.core.dtypes import export_dtype
         from lightning_automodel.core.hub_writer import parse_size
 
         if every_n_train_steps < 0:
@@ -113,7 +113,7 @@ class HuggingFaceCheckpoint(Callback):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.save_on_train_end = save_on_train_end
-        self.dtype = _DTYPES[dtype]
+        self.dtype = export_dtype(dtype)
         self.tokenizer_path = tokenizer_path
         self.adapter_only = adapter_only
         self._layout_model: Any = None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_automodel.core.distributed import local_tensor, module_seed
 log = logging.getLogger(__name__)
 
 _MISSING = object()
@@ -148,13 +149,6 @@ def _meta_shadow(module: nn.Module) -> nn.Module:
     return shadow
 
 
-def _module_seed(seed: int, name: str) -> int:
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 #: elements per row block: blocks depend on a tensor's shape only, never on the world size
 _BLOCK_ELEMENTS = 2**20
 #: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
@@ -256,7 +250,7 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
     """
     from lightning_automodel.core.sharded_load import local_index
 
-    local = param.to_local() if hasattr(param, "to_local") else param
+    local = local_tensor(param)
     if not local.numel():
         return
     index = local_index(param)
@@ -277,7 +271,7 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
         # A block inside the local rows is drawn straight into them (no copy); an edge block is drawn whole.
         values = local[lo - start : hi - start] if inside else torch.empty((hi - lo, *shape[1:]), dtype=param.dtype)
         # A private CPU generator per block (no global RNG state to fork and restore).
-        generator = torch.Generator().manual_seed(_module_seed(seed, str(block)))
+        generator = torch.Generator().manual_seed(module_seed(seed, str(block)))
         for func, args, kwargs, row in ops:
             if any(argument.name == "generator" for argument in func._schema.arguments):
                 kwargs = {**kwargs, "generator": generator}
@@ -343,17 +337,17 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
         if not direct:
             continue
         init_fn = getattr(owners[name], "_init_weights", None)
-        module_seed = _module_seed(seed, canonical_name(name))
+        seed_of_module = module_seed(seed, canonical_name(name))
         meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
         recorded = _record_init(meta, lambda: _run_init(meta, init_fn))
         if recorded.replayable:
             for n, p in direct:
-                _replay_into(p, recorded.ops[n], _module_seed(module_seed, n))
+                _replay_into(p, recorded.ops[n], module_seed(seed_of_module, n))
         else:
             log.debug("Initializing %s on a full-size twin: its init is not elementwise on whole parameters.", name or type(module).__name__)
             twin = _full_twin(module)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(module_seed)
+                torch.manual_seed(seed_of_module)
                 _run_init(twin, init_fn)
             for n, p in direct:
                 copy_local_part(p, twin._parameters[n])

@@ -17,7 +17,6 @@ works on a meta model, before FSDP2 shards it, so the adapters are sharded with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_automodel.core.adapter_names import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.distributed import module_seed
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,6 @@ def trainable_names(model: nn.Module) -> set[str]:
     return {base_checkpoint_name(canonical_name(n)) for n, p in model.named_parameters() if p.requires_grad and not is_adapter_name(n)}
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
 # init_lora_weights values peft computes without the base weights' values (the others need a loaded base).
 INIT_WITHOUT_BASE = (True, False, "gaussian", "orthogonal")
 # peft's variants a meta build can initialize; any other one would keep memory it never wrote.
@@ -260,7 +256,7 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
         config = _layer_config(layer, init)
         twin = _adapter_twin(layer, _base_twin(layer, with_values=bool(config.use_dora)))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_for(seed, name))
+            torch.manual_seed(module_seed(seed, name))
             twin.update_layer(ADAPTER_NAME, config.r, lora_alpha=config.lora_alpha, config=config)
         made = _adapter_tensors(twin)
         for key, param in _adapter_tensors(layer).items():
