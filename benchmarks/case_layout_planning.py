@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from benchmarks.harness import CaseResult, Row
 from lightning_automodel.core.hub_layout import plan_hub_layout
-from lightning_automodel.models.building import build_meta_model
+from lightning_automodel.core.model_build import build_meta_model
 
 TARGET_S = 2.0
 

@@ -31,7 +31,7 @@ from benchmarks.harness import CaseResult, Row, alternate, reset_peak_rss, rss_k
 from lightning_automodel.core.dead_params import freeze_dead_parameters, freeze_unused_kv_sharing_params
 from lightning_automodel.core.freezing import apply_parameter_freezing
 from lightning_automodel.core.parameters import count_parameters, module_breakdown
-from lightning_automodel.models.building import build_meta_model
+from lightning_automodel.core.model_build import build_meta_model
 
 REF = "nemo-automodel 0.7.0"
 NEVER_SLOWER = "never slower than the reference"
@@ -44,7 +44,7 @@ DEEPSEEK_V3 = dict(hidden_size=7168, num_hidden_layers=61, n_routed_experts=256,
 
 
 def build(config: PretrainedConfig) -> PreTrainedModel:
-    """``models.building.build_meta_model``: parameters and buffers on meta, nothing allocated (fit's build)."""
+    """``core.model_build.build_meta_model``: parameters and buffers on meta, nothing allocated (fit's build)."""
     return build_meta_model(config)
 
 

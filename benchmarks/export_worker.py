@@ -32,7 +32,7 @@ def dcp_to_torch_save_then_save_pretrained(source: Path, out: Path, shard: str) 
     from transformers import AutoModelForCausalLM
 
     from lightning_automodel.export import build_meta_model_for, model_info
-    from lightning_automodel.trained_checkpoint import open_trained_checkpoint
+    from lightning_automodel.core.training_checkpoint_reader import open_trained_checkpoint
 
     with open_trained_checkpoint(source) as checkpoint:
         info = model_info(checkpoint)

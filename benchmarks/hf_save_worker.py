@@ -26,7 +26,7 @@ from lightning_automodel.core.hub_layout import hub_model_info
 from lightning_automodel.core.hub_writer import publish_directory, staging_directory, write_config_files, write_marker
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.export import build_meta_model_for, parse_size
-from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
+from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 
 
 def measure(fn) -> dict:

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig
 
 from lightning_automodel.core.init import init_weights_by_module
-from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
+from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 
 
 def config(smoke: bool):

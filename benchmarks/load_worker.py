@@ -43,9 +43,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_automodel.core.checkpoint_files import resolve_checkpoint_files
+from lightning_automodel.core.hf_weight_files import resolve_checkpoint_files
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
-from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
+from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 
 
 def status_kib(*fields: str) -> dict[str, int]:

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from benchmarks.load_worker import sharded_meta_model, status_kib, write_and_exit
 from lightning_automodel.core.init import init_weights_by_module
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
-from lightning_automodel.models.building import materialize
+from lightning_automodel.core.model_build import materialize
 
 
 def smaps_rollup_kib() -> dict[str, int]:

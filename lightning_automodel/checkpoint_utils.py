@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_automodel.core.checkpoint_files import (
+from lightning_automodel.core.hf_weight_files import (
     checkpoint_tensor_dtypes,
     estimate_state_dict_bytes,
     estimate_tensor_bytes,
@@ -21,16 +21,16 @@ from lightning_automodel.core.checkpoint_files import (
     get_safetensors_index_total_size,
 )
 from lightning_automodel.core.distributed import get_rank_safe, get_world_size_safe, is_rank_0
+from lightning_automodel.core.naming import canonical_name as _normalize_param_name  # one rule for wrapper names
 from lightning_automodel.core.tied_head import (
     ensure_tied_lm_head,
+    fill_missing_tied_lm_head as materialize_missing_tied_lm_head,  # the reference name; "materialize" here means "fill in"
     get_input_embeddings_weight_and_name,
     get_lm_head_weight_and_name,
     get_module_by_normalized_name as _get_module_by_normalized_name,
     get_tied_lm_head_source_names,
     has_local_tied_lm_head,
     is_tied_word_embeddings,
-    materialize_missing_tied_lm_head,
-    normalize_param_name as _normalize_param_name,
     same_tensor_storage as _same_tensor_storage,
 )
 from lightning_automodel.model_utils import resolve_trust_remote_code

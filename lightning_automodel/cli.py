@@ -286,12 +286,12 @@ def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None
     Lightning's CLI would merge the checkpoint's ``hyper_parameters`` over the user's configuration, so
     a checkpoint could switch on ``trust_remote_code`` with a ``pretrained_path`` of its choosing (and
     run that directory's code), or silently train another model than the YAML describes. Here the
-    checkpoint is read as data (:func:`~lightning_automodel.trained_checkpoint.read_checkpoint_metadata`:
+    checkpoint is read as data (:func:`~lightning_automodel.core.training_checkpoint_reader.read_checkpoint_metadata`:
     a sharded directory's DCP metadata included) and the user's configuration always wins: a
     difference in what defines the model is one line naming the fields; other differences
     (learning rate, trust_remote_code, ...) are the user's choice for this run.
     """
-    from lightning_automodel.trained_checkpoint import CheckpointReadError, read_checkpoint_metadata
+    from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
     try:
         metadata = read_checkpoint_metadata(ckpt_path)
@@ -586,7 +586,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     """Raised on bad input wherever they happen: one line, exit code 2 (imported late: plan and export
     are not loaded for fit)."""
     from lightning_automodel.config_loading import ConfigFileError
-    from lightning_automodel.core.checkpoint_files import OfflineCheckpointError
+    from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
     from lightning_automodel.core.sharded_load import CheckpointLayoutError
     from lightning_automodel.export import ExportError
     from lightning_automodel.planning import PlanError

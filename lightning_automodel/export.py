@@ -40,10 +40,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, HubModelInfo, plan_hub_layout
+from lightning_automodel.core.dtypes import export_dtype
+from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, ExportError, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
     check_replaceable,
+    parse_size,
     TOKENIZER_FILES,
     publish_directory,
     shard_file_names,
@@ -56,32 +58,14 @@ from lightning_automodel.core.hub_writer import (
 )
 from lightning_automodel.core.lora import LoraConfigError, config_from_json, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError
+from lightning_automodel.core.model_build import build_meta_model_for
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name, get_lm_head_weight_and_name, is_tied_word_embeddings
-from lightning_automodel.trained_checkpoint import CheckpointReadError, TrainedCheckpoint, open_trained_checkpoint
+from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, TrainedCheckpoint, open_trained_checkpoint
 
 log = logging.getLogger(__name__)
 
 _HF_CAUSAL_LM_PREFIX = "model."  # HFCausalLM keeps the Hugging Face model at `self.model`
-_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-
-
-class ExportError(RuntimeError):
-    """The checkpoint cannot be exported; the message says why and what to do."""
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            value = int(float(upper[: -len(unit)]) * factor)
-            break
-    else:
-        value = int(upper)
-    if value <= 0:
-        raise ValueError(f"--max_shard_size must be positive; got {text!r}.")
-    return value
 
 
 def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
@@ -103,7 +87,7 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
         )
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    from lightning_automodel.models.building import build_meta_model
+    from lightning_automodel.core.model_build import build_meta_model
 
     try:
         config = HFCausalLM(**init_args, trust_remote_code=False).build_hf_config()
@@ -116,31 +100,6 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
-    """The Hugging Face model described by ``info``, on meta (transformers' classes only: no remote code)."""
-    import transformers
-    from transformers import PreTrainedModel
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from lightning_automodel.models.building import build_meta_model
-
-    model_type = info.config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ExportError(f"{src}: model type {model_type!r} is not one transformers knows; export does not run remote code.")
-    cls = getattr(transformers, info.model_class, None)
-    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise ExportError(f"{src}: {info.model_class!r} is not a transformers model class; export does not run remote code.")
-    config = CONFIG_MAPPING[model_type].from_dict(dict(info.config))
-    for kind in ("causal_lm", "image_text_to_text"):
-        try:
-            model = build_meta_model(config, kind)
-        except ValueError:
-            continue
-        if type(model) is cls:
-            return model
-    raise ExportError(f"{src}: cannot rebuild {info.model_class} from its config with transformers' auto classes.")
 
 
 def check_state_matches_config(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], model: Any, src: Path, *, tied_head: str | None) -> None:
@@ -285,9 +244,10 @@ def export_checkpoint(
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
-    if dtype not in _DTYPES:
-        raise ExportError(f"--dtype must be one of auto, bf16, fp32; got {dtype!r}.")
-    out_dtype = _DTYPES[dtype]
+    try:
+        out_dtype = export_dtype(dtype)
+    except ValueError as exc:
+        raise ExportError(f"--dtype {exc}") from None
     max_bytes = parse_size(max_shard_size)
     _check_tokenizer_path(tokenizer_path)
     _check_out(src, out, overwrite)

@@ -40,7 +40,7 @@ from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import ParameterSummary, render_table
 from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
-from lightning_automodel.core.checkpoint_files import format_bytes_human
+from lightning_automodel.core.hf_weight_files import format_bytes_human
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
@@ -54,7 +54,7 @@ from lightning_automodel.core.memory import (
 from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
-from lightning_automodel.models import building
+from lightning_automodel.core import model_build as building
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     """The Hugging Face config: ``config.json`` of a local directory (weights not needed) or the inline config.
 
     A missing path, a file, or a directory without ``config.json`` fails with the job's own message
-    (:func:`~lightning_automodel.models.building.check_local_model_dir`'s, which also recognizes a hub
+    (:func:`~lightning_automodel.core.model_build.check_local_model_dir`'s, which also recognizes a hub
     name: we run offline).
     """
     path, inline = model_args.get("pretrained_path"), model_args.get("config")

@@ -44,7 +44,7 @@ from typing_extensions import override
 from lightning_automodel._compat.lightning import set_process_group_backend
 from lightning_automodel.callbacks._resume import DCP_METADATA_FILE, dcp_stored_keys, preview, state_fqns
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
-from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
+from lightning_automodel.core.model_build import CPU_OFFLOAD_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_present_optimizer_state(
     """
     from torch.distributed.checkpoint import load
 
-    from lightning_automodel.trained_checkpoint import SafeFileSystemReader
+    from lightning_automodel.core.training_checkpoint_reader import SafeFileSystemReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     missing = set(missing_state(current, key, stored))
@@ -118,7 +118,7 @@ def load_present_optimizer_state(
 
 
 def offloads_to_cpu(module: torch.nn.Module) -> bool:
-    """Whether ``models.building.apply_fsdp2(..., cpu_offload=True)`` sharded some part of ``module``."""
+    """Whether ``core.model_build.apply_fsdp2(..., cpu_offload=True)`` sharded some part of ``module``."""
     return any(getattr(m, CPU_OFFLOAD_ATTR, False) for m in module.modules())
 
 
@@ -171,7 +171,7 @@ def check_checkpoint_is_data(path: Path) -> None:
     metadata types, ``weights_only``): a crafted file fails here, before any plain unpickling.
     """
     from lightning_automodel.checkpoint_io import CheckpointResumeError
-    from lightning_automodel.trained_checkpoint import CheckpointReadError, read_checkpoint_metadata
+    from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
     if not path.exists():
         return  # Lightning's load reports a missing path in its own words

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Materialized memory starts as NaN (models/building.py): a tensor no load or init writes fails loudly.
+# Materialized memory starts as NaN (core/model_build.py): a tensor no load or init writes fails loudly.
 # Subprocess (torchrun) tests inherit it.
 os.environ.setdefault("LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED", "nan")
 

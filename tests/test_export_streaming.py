@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_automodel.export import ExportError, export_checkpoint
-from lightning_automodel.trained_checkpoint import SafeFileSystemReader, open_trained_checkpoint
+from lightning_automodel.core.training_checkpoint_reader import SafeFileSystemReader, open_trained_checkpoint
 
 HERE = Path(__file__).parent
 

@@ -18,10 +18,10 @@ from transformers import AutoConfig
 import lightning_automodel.data.text_datamodule as text_datamodule
 from lightning_automodel.cli import main
 from lightning_automodel.config_loading import ConfigFileError, jsonargparse_load
-from lightning_automodel.core.checkpoint_files import read_safetensors_layout
+from lightning_automodel.core.hf_weight_files import read_safetensors_layout
 from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, plan_checkpoint_load
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule, TokenWindows, read_documents
-from lightning_automodel.models.building import build_meta_model, validate_model_config
+from lightning_automodel.core.model_build import build_meta_model, validate_model_config
 from tiny_models import build, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -147,7 +147,7 @@ def test_hugging_face_checkpoint_adapter_only_loads_with_peft(variant, tmp_path)
 
 def test_a_name_the_model_does_not_have_is_refused_before_writing(tmp_path):
     from lightning_automodel.core.hub_layout import plan_hub_layout
-    from lightning_automodel.models.building import build_meta_model
+    from lightning_automodel.core.model_build import build_meta_model
 
     model = build_meta_model(tm.tiny_config("llama"), "causal_lm")
     specs = {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}

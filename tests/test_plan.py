@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from distributed import REPO_ROOT, clean_env
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
-from lightning_automodel.models import building
+from lightning_automodel.core import model_build as building
 from lightning_automodel.planning import PlanError, format_plan, main, make_plan, parse_args
 
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

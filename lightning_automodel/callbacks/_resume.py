@@ -67,7 +67,7 @@ def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Map
     runs before the strategy's own load, so it must never unpickle code. If it fails, the strategy's
     load (or its check) reports it in its own words, so nothing is raised here.
     """
-    from lightning_automodel.trained_checkpoint import read_checkpoint_metadata
+    from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
 
     del weights_only  # kept for the callers' signature: this read is always weights-only
     path = Path(checkpoint_path)
@@ -87,7 +87,7 @@ DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
 
 def dcp_stored_keys(path: Path) -> set[str]:
     """The keys a DCP checkpoint directory holds (its metadata only; no tensor is read)."""
-    from lightning_automodel.trained_checkpoint import SafeFileSystemReader  # never plain pickle for .metadata
+    from lightning_automodel.core.training_checkpoint_reader import SafeFileSystemReader  # never plain pickle for .metadata
 
     return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
 

@@ -106,7 +106,8 @@ class HuggingFaceCheckpoint(Callback):
         tokenizer_path: str | None = None,
         adapter_only: bool = False,
     ) -> None:
-        from lightning_automodel.export import _DTYPES, parse_size
+        from lightning_automodel.core.dtypes import export_dtype
+        from lightning_automodel.core.hub_writer import parse_size
 
         if every_n_train_steps < 0:
             raise MisconfigurationException(f"HuggingFaceCheckpoint(every_n_train_steps=...) must be >= 0; got {every_n_train_steps}.")
@@ -119,7 +120,7 @@ class HuggingFaceCheckpoint(Callback):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.save_on_train_end = save_on_train_end
-        self.dtype = _DTYPES[dtype]
+        self.dtype = export_dtype(dtype)
         self.tokenizer_path = tokenizer_path
         self.adapter_only = adapter_only
         self._layout_model: Any = None
@@ -172,7 +173,7 @@ class HuggingFaceCheckpoint(Callback):
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> Path:
         """Write ``out`` from every rank (a collective: all ranks call it)."""
-        from lightning_automodel.export import build_meta_model_for
+        from lightning_automodel.core.model_build import build_meta_model_for
 
         strategy = trainer.strategy
         prefix, model = find_hf_model(pl_module)
@@ -237,7 +238,7 @@ class HuggingFaceCheckpoint(Callback):
 
     def _lora_merge(self, model: Any, info: HubModelInfo, state: dict[str, Any]) -> LoraMerge:
         """How this LoRA model's adapters merge (built once: the adapted names do not change during fit)."""
-        from lightning_automodel.export import build_meta_model_for
+        from lightning_automodel.core.model_build import build_meta_model_for
 
         if self._merge is None:
             config = (getattr(model, "peft_config", None) or {}).get(ADAPTER_NAME)

@@ -9,7 +9,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_by, target_model
-from lightning_automodel.core.checkpoint_files import format_bytes_human
+from lightning_automodel.core.hf_weight_files import format_bytes_human
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
 from lightning_automodel.core.parameters import ModuleRow, module_breakdown, parameter_stats

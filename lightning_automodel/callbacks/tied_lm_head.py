@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel._compat.lightning import callback_state_key
-from lightning_automodel.callbacks._checkpoint_io import checkpoint_keys, materialize_prefixed, missing_tied_head_keys, tied_head_detached
+from lightning_automodel.callbacks._tied_head_keys import checkpoint_keys, fill_missing_tied_head_prefixed, missing_tied_head_keys, tied_head_detached
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch_method, target_model
 from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
 from lightning_automodel.core.logs import rank_zero_logger
@@ -25,7 +25,7 @@ def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previ
     state_dict = checkpoint.get("state_dict")
     if isinstance(state_dict, dict):
         prefix, model = target_model(pl_module)
-        if materialize_prefixed(state_dict, model, prefix):
+        if fill_missing_tied_head_prefixed(state_dict, model, prefix):
             log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
     return call_previous(checkpoint)
 

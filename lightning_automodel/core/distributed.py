@@ -126,3 +126,14 @@ def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None)
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (its local shard); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A seed for one named module or parameter from the run's seed: the same on every rank and at every world size."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

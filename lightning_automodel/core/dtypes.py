@@ -36,6 +36,8 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
+#: the dtypes a Hugging Face export writes; "auto" keeps each tensor's own dtype
+EXPORT_DTYPE_NAMES: tuple[str, ...] = ("auto", "bf16", "bfloat16", "fp32", "float32")
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
@@ -46,6 +48,13 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPE_NAMES:
         raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(_DTYPE_NAMES)}.")
     return _DTYPE_NAMES[key]
+
+
+def export_dtype(name: str) -> torch.dtype | None:
+    """``"auto"`` -> ``None`` (each tensor keeps its dtype), ``"bf16"`` / ``"fp32"`` (or the long names) -> the dtype."""
+    if name not in EXPORT_DTYPE_NAMES:
+        raise ValueError(f"must be one of auto, bf16, fp32; got {name!r}.")
+    return None if name == "auto" else _DTYPE_NAMES[name]
 
 
 def _unique(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:

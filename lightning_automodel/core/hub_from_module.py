@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_automodel.core.atomic_files import fsync_path
-from lightning_automodel.core.distributed import all_reduce_sum_
+from lightning_automodel.core.distributed import all_reduce_sum_, local_tensor
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, HubTensor, is_renaming, plan_hub_layout
 from lightning_automodel.core.hub_writer import FILE_MODE, GroupTransform, assemble_shard, save_shard, shard_file_names, write_index
 from lightning_automodel.core.lora_merge import LoraMerge
@@ -67,8 +67,7 @@ def tied_head_to_omit(model: nn.Module, state: dict[str, torch.Tensor], *, devic
     a, b = state[head], state[embed]
     if same_tensor_storage(a, b):
         return head
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    differs = torch.tensor([0.0 if (a.shape == b.shape and torch.equal(local(a), local(b))) else 1.0])
+    differs = torch.tensor([0.0 if (a.shape == b.shape and torch.equal(local_tensor(a), local_tensor(b))) else 1.0])
     all_reduce_sum_(differs, device=device)
     return head if differs.item() == 0 else None
 

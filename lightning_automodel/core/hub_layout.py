@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 EXPORT_INFO_KEY = "lightning_automodel_hf_model"
 
 
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported; the message says why and what to do."""
+
+
 @dataclass(frozen=True)
 class HubModelInfo:
     """What rebuilding the Hugging Face model needs, stored in a training checkpoint.

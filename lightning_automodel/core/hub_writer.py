@@ -49,6 +49,20 @@ FetchGroups = Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]]
 GroupTransform = Callable[[ConversionGroup, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit):
+            value = int(float(upper[: -len(unit)]) * factor)
+            break
+    else:
+        value = int(upper)
+    if value <= 0:
+        raise ValueError(f"--max_shard_size must be positive; got {text!r}.")
+    return value
+
+
 def shard_file_names(count: int) -> list[str]:
     """``save_pretrained``'s names: one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``."""
     if count == 1:

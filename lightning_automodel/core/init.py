@@ -26,6 +26,7 @@ from lightning_automodel._compat.torch import (
     torch_dispatch_mode,
 )
 from lightning_automodel._compat.transformers import HF_INITIALIZED_FLAG, init_weights_flag_off, init_weights_hook
+from lightning_automodel.core.distributed import local_tensor, module_seed
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _meta_shadow(module: nn.Module) -> nn.Module:
 def recompute_buffers(model: nn.Module) -> int:
     """Compute every buffer of a freshly materialized model with the model's own ``_init_weights``.
 
-    The meta build (``models.building.build_meta_model``) leaves buffers without values, as transformers'
+    The meta build (``core.model_build.build_meta_model``) leaves buffers without values, as transformers'
     ``from_pretrained`` does; both compute them afterwards the same way: the ``_init_weights`` of the
     nearest ``PreTrainedModel`` fills a RotaryEmbedding's ``inv_freq`` from the config, a scaled
     embedding's ``embed_scale``, a vision tower's ``position_ids``. It runs on a shadow of each module
@@ -188,13 +189,6 @@ def _is_unset(buffer: torch.Tensor) -> bool:
     if buffer.is_floating_point() or buffer.is_complex():
         return bool(buffer.isnan().all())
     return bool((buffer == torch.iinfo(buffer.dtype).min).all())
-
-
-def _module_seed(seed: int, name: str) -> int:
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 #: elements per row block: blocks depend on a tensor's shape only, never on the world size
@@ -298,7 +292,7 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
     """
     from lightning_automodel.core.sharded_load import local_index
 
-    local = param.to_local() if hasattr(param, "to_local") else param
+    local = local_tensor(param)
     if not local.numel():
         return
     index = local_index(param)
@@ -319,7 +313,7 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
         # A block inside the local rows is drawn straight into them (no copy); an edge block is drawn whole.
         values = local[lo - start : hi - start] if inside else torch.empty((hi - lo, *shape[1:]), dtype=param.dtype)
         # A private CPU generator per block (no global RNG state to fork and restore).
-        generator = torch.Generator().manual_seed(_module_seed(seed, str(block)))
+        generator = torch.Generator().manual_seed(module_seed(seed, str(block)))
         for func, args, kwargs, row in ops:
             if any(argument.name == "generator" for argument in op_schema(func).arguments):
                 kwargs = {**kwargs, "generator": generator}
@@ -388,17 +382,17 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
         if not direct:
             continue
         init_fn = init_weights_hook(owners[name])
-        module_seed = _module_seed(seed, canonical_name(name))
+        seed_of_module = module_seed(seed, canonical_name(name))
         meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
         recorded = _record_init(meta, lambda: _run_init(meta, init_fn))
         if recorded.replayable:
             for n, p in direct:
-                _replay_into(p, recorded.ops[n], _module_seed(module_seed, n))
+                _replay_into(p, recorded.ops[n], module_seed(seed_of_module, n))
         else:
             log.debug("Initializing %s on a full-size twin: its init is not elementwise on whole parameters.", name or type(module).__name__)
             twin = _full_twin(module)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(module_seed)
+                torch.manual_seed(seed_of_module)
                 _run_init(twin, init_fn)
             for n, p in direct:
                 copy_local_part(p, own_parameters(twin)[n])

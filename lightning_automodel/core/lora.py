@@ -17,7 +17,6 @@ works on a meta model, before FSDP2 shards it, so the adapters are sharded with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -30,11 +29,11 @@ from torch import nn
 
 from lightning_automodel._compat.peft import create_adapter, layer_settings, layer_variant
 from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
+from lightning_automodel.core.adapter_names import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.distributed import module_seed
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
-BASE_LAYER = "base_layer"
 BASE_RULE = "LoRA (base weights frozen)"
 
 
@@ -147,17 +146,6 @@ def adapted_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
-def is_adapter_name(name: str) -> bool:
-    return any(part.startswith("lora_") for part in name.split("."))
-
-
-def base_checkpoint_name(name: str) -> str:
-    """The name the un-adapted model's checkpoint uses for ``name`` (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
-    if f".{BASE_LAYER}." not in f".{name}.":
-        return name
-    return ".".join(part for part in name.split(".") if part != BASE_LAYER)
-
-
 def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> dict[str, str]:
     """Freeze every parameter that is not an adapter; returns canonical name -> rule for those LoRA froze.
 
@@ -182,10 +170,6 @@ def trainable_names(model: nn.Module) -> set[str]:
     from lightning_automodel.core.naming import canonical_name
 
     return {base_checkpoint_name(canonical_name(n)) for n, p in model.named_parameters() if p.requires_grad and not is_adapter_name(n)}
-
-
-def _seed_for(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 # init_lora_weights values peft computes without the base weights' values (the others need a loaded base).
@@ -294,7 +278,7 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
         config = _layer_config(layer, init)
         twin = _adapter_twin(layer, _base_twin(layer, with_values=bool(config.use_dora)))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_for(seed, name))
+            torch.manual_seed(module_seed(seed, name))
             create_adapter(twin, ADAPTER_NAME, config)
         made = _adapter_tensors(twin)
         for key, param in _adapter_tensors(layer).items():

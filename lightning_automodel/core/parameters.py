@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lightning_automodel.core.distributed import all_reduce_sum_, get_world_size_safe, is_distributed
+from lightning_automodel.core.distributed import all_reduce_sum_, get_world_size_safe, is_distributed, local_tensor
 from lightning_automodel.core.naming import unique_named_parameters
 
 
@@ -107,7 +107,7 @@ def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = No
     for p in model.parameters():  # each parameter once: tied weights are counted once
         if not (p.is_floating_point() or p.is_complex()):
             continue  # packed quantized bytes: a norm of those is meaningless
-        local = p.to_local() if hasattr(p, "to_local") else p
+        local = local_tensor(p)
         if local.is_meta:
             return float("nan")
         local = local.detach()

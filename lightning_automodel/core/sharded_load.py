@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat.torch import local_shape_and_offset, non_persistent_buffer_names
-from lightning_automodel.core.checkpoint_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
-from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.adapter_names import base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.distributed import local_tensor
+from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
 from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
@@ -504,13 +505,9 @@ def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def copy_local_part(dest: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of the full-size ``full`` into ``dest`` (a DTensor's local shard, or all of it)."""
-    local = _local(dest)
+    local = local_tensor(dest)
     if local.numel():
         local.copy_(full[local_index(dest)])
 
@@ -569,7 +566,7 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
         if group.is_rename:
             (key, _), target = group.sources[0], group.targets[0]
             dest = tensors[target]
-            local = _local(dest)
+            local = local_tensor(dest)
             if local.numel():
                 reader.read_into(key, local_index(dest), local)
             count += 1
@@ -580,7 +577,7 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
             if rows.stop > rows.start:
                 outputs = _convert(group, model, reader.read, keep=range(rows.start, rows.stop))
                 for name in group.targets:
-                    _local(tensors[name]).copy_(outputs[name])
+                    local_tensor(tensors[name]).copy_(outputs[name])
                 del outputs  # not held by this frame after the loop (a pinned frame keeps its last locals)
             count += len(group.targets)
             continue

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat.transformers import declared_tied_weights
+from lightning_automodel.core.naming import canonical_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ _EMBEDDING_FALLBACK_NAMES: tuple[str, ...] = (
     "model.embed_tokens.weight",
     "embed_tokens.weight",
 )
-_CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
 class TieSupport(Enum):
@@ -41,15 +41,10 @@ class TieSupport(Enum):
     UNTIED_ONLY = "untied_only"
 
 
-def normalize_param_name(name: str) -> str:
-    """Strip the activation-checkpoint and ``torch.compile`` wrapper components (reference semantics)."""
-    return name.replace(_CHECKPOINT_WRAPPER, "").replace("_orig_mod.", "")
-
-
 def get_module_by_normalized_name(model: nn.Module, normalized_module_name: str) -> nn.Module | None:
     """The module whose wrapper-free name is ``normalized_module_name`` (``""``: the model itself)."""
     for module_name, module in model.named_modules():
-        if normalize_param_name(module_name) == normalized_module_name:
+        if canonical_name(module_name) == normalized_module_name:
             return module
     return None
 
@@ -109,7 +104,7 @@ def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
 def get_lm_head_weight_and_name(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
     """The local LM-head parameter (a DTensor stays a DTensor) and its normalized name."""
     for name, param in model.named_parameters(remove_duplicate=False):
-        normalized = normalize_param_name(name)
+        normalized = canonical_name(name)
         if "lm_head" in normalized and normalized.endswith(".weight"):
             return param, normalized
     return None, None
@@ -129,9 +124,9 @@ def get_input_embeddings_weight_and_name(model: nn.Module) -> tuple[torch.Tensor
     if weight is not None:
         for name, param in named:
             if param is weight:
-                return param, normalize_param_name(name)
+                return param, canonical_name(name)
     for name, param in named:
-        normalized = normalize_param_name(name)
+        normalized = canonical_name(name)
         if normalized.endswith("embed_tokens.weight"):
             return param, normalized
     return None, None
@@ -259,7 +254,7 @@ def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | No
     return list(dict.fromkeys(names))
 
 
-def materialize_missing_tied_lm_head(
+def fill_missing_tied_lm_head(
     state_dict: MutableMapping[str, object],
     model: nn.Module,
     *,

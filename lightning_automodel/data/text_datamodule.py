@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_automodel.core.checkpoint_files import open_regular
+from lightning_automodel.core.hf_weight_files import open_regular
 from lightning_automodel.data.collators import PackedSequenceCollator, PaddingCollator
 from lightning_automodel.data.tokenizer import ByteTokenizer
 from lightning_automodel.core.logs import rank_zero_logger

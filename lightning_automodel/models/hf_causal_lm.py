@@ -21,7 +21,7 @@ from lightning_automodel.core.init import init_weights_by_module
 from lightning_automodel.core.lora import adapted_modules, initialize_adapters
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
-from lightning_automodel.models.building import (
+from lightning_automodel.core.model_build import (
     ModelClass,
     apply_fsdp2,
     apply_weights_dtype,
@@ -223,7 +223,7 @@ class HFCausalLM(pl.LightningModule):
         """QLoRA: transformers loads and quantizes the base (bitsandbytes), then LoRA adapts it in place."""
         from transformers import AutoConfig
 
-        from lightning_automodel.models.building import model_class_for
+        from lightning_automodel.core.model_build import model_class_for
 
         hp = self.hparams
         if self.device_mesh is not None:

@@ -204,7 +204,7 @@ def test_a_second_trainer_behaves_like_the_first():
 def test_summary_prints_the_restored_norm_and_the_real_optimizer_bytes(tmp_path):
     """One device: the norm of the checkpoint's weights (not the init) and AdamW state bytes as allocated."""
     from lightning_automodel.callbacks import CastMixedDtypeToBF16
-    from lightning_automodel.core.checkpoint_files import format_bytes_human
+    from lightning_automodel.core.hf_weight_files import format_bytes_human
 
     t = trainer(callbacks=[CastMixedDtypeToBF16()], max_steps=2)
     t.fit(InitLM(tm.tiny_llama), loader())

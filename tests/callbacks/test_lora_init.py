@@ -16,7 +16,7 @@ from callbacks.lit_models import loader
 from lightning_automodel import HFCausalLM
 from lightning_automodel.callbacks import LoRA
 from lightning_automodel.core.lora import LoraConfigError, initialize_adapters
-from lightning_automodel.models.building import FILL_UNINITIALIZED_ENV
+from lightning_automodel.core.model_build import FILL_UNINITIALIZED_ENV
 
 pytest.importorskip("peft")
 

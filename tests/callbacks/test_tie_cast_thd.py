@@ -108,7 +108,7 @@ def test_summary_counts_adamw_state_in_the_parameters_dtype():
     import tiny_models as tm
 
     from lightning_automodel.callbacks import ParameterSummary
-    from lightning_automodel.core.checkpoint_files import format_bytes_human
+    from lightning_automodel.core.hf_weight_files import format_bytes_human
 
     model = tm.tiny_llama().to(torch.bfloat16)
     trainable = sum(p.numel() for p in model.parameters())

@@ -169,3 +169,13 @@ def test_peak_extra_memory_is_about_one_tensor():
     assert full_copy["extra_bytes"] >= 0.8 * full_copy["total_fp32"] / 2
     # ...and the cast stays near one tensor (16 tensors here, a full copy would be 8x this bound).
     assert ours["extra_bytes"] <= 1.1 * ours["largest_fp32"]
+
+
+def test_export_dtype_names_come_from_the_one_table():
+    from lightning_automodel.core.dtypes import dtype_from_name, export_dtype
+
+    assert export_dtype("auto") is None
+    for name in ("bf16", "bfloat16", "fp32", "float32"):
+        assert export_dtype(name) is dtype_from_name(name)
+    with pytest.raises(ValueError, match="auto, bf16, fp32; got 'fp16'"):
+        export_dtype("fp16")  # a real dtype, but not one export writes

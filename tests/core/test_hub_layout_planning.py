@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from lightning_automodel.core.hub_layout import plan_hub_layout
-from lightning_automodel.models.building import build_meta_model
+from lightning_automodel.core.model_build import build_meta_model
 
 
 def _meta_model(model_type: str, layers: int) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from checkpoint_layouts import LAYOUTS, write_layout
 from distributed import run_torchrun
 from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, load_checkpoint_into, plan_checkpoint_load
-from lightning_automodel.models.building import build_meta_model, materialize, model_class_for
+from lightning_automodel.core.model_build import build_meta_model, materialize, model_class_for
 from tiny_models import build, tiny_config
 
 

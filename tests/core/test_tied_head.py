@@ -9,11 +9,11 @@ from lightning_automodel.core.tied_head import (
     diagnose_tie,
     ensure_tied_lm_head,
     get_lm_head_weight,
+    get_lm_head_weight_and_name,
     get_tied_lm_head_source_names,
     has_local_tied_lm_head,
     is_tied_word_embeddings,
-    materialize_missing_tied_lm_head,
-    normalize_param_name,
+    fill_missing_tied_lm_head,
 )
 
 ref = None
@@ -71,22 +71,22 @@ def test_class_attribute_is_authoritative():
     assert is_tied_word_embeddings(model)
 
 
-def test_materialize_missing_head_aliases_embedding():
+def test_fill_missing_head_aliases_embedding():
     model = tm.tiny_gemma3()
     sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    assert materialize_missing_tied_lm_head(sd, model) is True
+    assert fill_missing_tied_lm_head(sd, model) is True
     assert sd["lm_head.weight"] is not None
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
-    assert materialize_missing_tied_lm_head(sd, model) is False  # already present
+    assert fill_missing_tied_lm_head(sd, model) is False  # already present
 
 
-def test_materialize_without_source_and_fallback():
+def test_fill_without_source_and_fallback():
     model = tm.tiny_gemma3()
-    assert materialize_missing_tied_lm_head({}, model) is False
+    assert fill_missing_tied_lm_head({}, model) is False
     sd = {}
-    assert materialize_missing_tied_lm_head(sd, model, allow_current_lm_head_fallback=True)
+    assert fill_missing_tied_lm_head(sd, model, allow_current_lm_head_fallback=True)
     assert torch.equal(sd["lm_head.weight"], model.lm_head.weight)
-    assert materialize_missing_tied_lm_head({}, tm.tiny_llama()) is False  # untied
+    assert fill_missing_tied_lm_head({}, tm.tiny_llama()) is False  # untied
 
 
 @pytest.mark.skipif(ref is None, reason="reference not installed")
@@ -97,14 +97,26 @@ def test_matches_reference(builder):
     assert get_tied_lm_head_source_names(a) == ref.get_tied_lm_head_source_names(b)
     sd_a = {k: v for k, v in a.state_dict().items() if k != "lm_head.weight"}
     sd_b = dict(sd_a)
-    assert materialize_missing_tied_lm_head(sd_a, a) == ref.materialize_missing_tied_lm_head(sd_b, b)
+    assert fill_missing_tied_lm_head(sd_a, a) == ref.materialize_missing_tied_lm_head(sd_b, b)
     assert sd_a.keys() == sd_b.keys()
     assert ensure_tied_lm_head(a) == ref.ensure_tied_lm_head(b)
 
 
-def test_normalize_param_name():
-    assert normalize_param_name("a._checkpoint_wrapped_module.b._orig_mod.c") == "a.b.c"
-    assert normalize_param_name("module.x") == "module.x"
+def test_normalize_param_name_is_the_canonical_rule():
+    from lightning_automodel.checkpoint_utils import _normalize_param_name
+
+    assert _normalize_param_name("a._checkpoint_wrapped_module.b._orig_mod.c") == "a.b.c"
+    assert _normalize_param_name("module.x") == "module.x"
+    # FSDP1's wrapper component goes too (the tied-head rule used to keep it)
+    assert _normalize_param_name("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.weight") == "model.layers.0.mlp.weight"
+
+
+def test_tied_head_names_drop_the_fsdp1_wrapper():
+    model = nn.Module()
+    model.add_module("_fsdp_wrapped_module", nn.Module())
+    model._fsdp_wrapped_module.lm_head = nn.Linear(2, 3, bias=False)
+    _, name = get_lm_head_weight_and_name(model)
+    assert name == "lm_head.weight"
 
 
 def test_tie_survives_fully_shard_in_one_group_and_full_weight():

@@ -31,7 +31,7 @@ from lightning_automodel.callbacks import LoRA
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from lightning_automodel.core.init import init_weights_by_module
 from lightning_automodel.core.lora import is_adapter_name
-from lightning_automodel.models.building import build_meta_model, inline_config, materialize
+from lightning_automodel.core.model_build import build_meta_model, inline_config, materialize
 from lightning_automodel.strategies import AtomicModelParallelStrategy
 
 LLAMA = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -6,7 +6,7 @@ import tiny_models as tm
 from callbacks.lit_models import trainer
 from lightning_automodel import HFCausalLM
 from lightning_automodel.callbacks import FreezeDeadParameters, ParameterFreezing, ParameterSummary, TiedLMHead
-from lightning_automodel.core.checkpoint_files import OfflineCheckpointError
+from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
 from lightning_automodel.data import PackedSequenceCollator, TextDataModule
 
 TINY = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

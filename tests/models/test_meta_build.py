@@ -10,7 +10,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 import tiny_models as tm
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
-from lightning_automodel.models.building import build_meta_model, materialize
+from lightning_automodel.core.model_build import build_meta_model, materialize
 
 #: any single host allocation above this during a meta build is a failure
 _LIMIT_BYTES = 2**20

@@ -70,7 +70,7 @@ def test_offloaded_shards_stay_in_host_memory_when_the_strategy_moves_the_model(
     """Lightning's ``model.to(root_device)`` must leave offloaded shards alone (a GPU is stood in for by meta)."""
     from torch import nn
 
-    from lightning_automodel.models.building import CPU_OFFLOAD_ATTR
+    from lightning_automodel.core.model_build import CPU_OFFLOAD_ATTR
     from lightning_automodel.strategies import AtomicModelParallelStrategy
 
     model = nn.Sequential(nn.Linear(4, 4))

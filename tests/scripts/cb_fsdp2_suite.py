@@ -38,7 +38,7 @@ from lightning_automodel.callbacks import (
     ParameterSummary,
     TiedLMHead,
 )
-from lightning_automodel.core.checkpoint_files import format_bytes_human
+from lightning_automodel.core.hf_weight_files import format_bytes_human
 from distributed import end_rank_cleanly
 
 

@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 import lightning_automodel.core.hub_from_module as hub
 from lightning_automodel.core.init import init_weights_by_module
-from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize
+from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 from distributed import end_rank_cleanly
 
 

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig
 
 from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, load_checkpoint_into, local_index, plan_checkpoint_load
-from lightning_automodel.models.building import apply_fsdp2, build_meta_model, materialize, model_class_for
+from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize, model_class_for
 from distributed import end_rank_cleanly
 
 

@@ -27,7 +27,7 @@ from lightning_automodel.core.tied_head import (
     get_lm_head_weight_and_name,
     get_tied_lm_head_source_names,
     is_tied_word_embeddings,
-    materialize_missing_tied_lm_head,
+    fill_missing_tied_lm_head,
 )
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 _STATE_KEY = "state_dict"  # the key ModelParallelStrategy stores the module under
 
 
-def materialize_prefixed(state_dict: MutableMapping[str, Any], model: nn.Module, prefix: str) -> bool:
-    """``materialize_missing_tied_lm_head`` on a state dict whose keys carry ``prefix`` (``"model."``)."""
+def fill_missing_tied_head_prefixed(state_dict: MutableMapping[str, Any], model: nn.Module, prefix: str) -> bool:
+    """``fill_missing_tied_lm_head`` on a state dict whose keys carry ``prefix`` (``"model."``)."""
     view = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     before = set(view)
-    if not materialize_missing_tied_lm_head(view, model):
+    if not fill_missing_tied_lm_head(view, model):
         return False
     for key in set(view) - before:
         state_dict[prefix + key] = view[key]
@@ -70,7 +70,7 @@ def checkpoint_keys(path: Path) -> set[str] | None:
     ``torch.load(mmap=True, weights_only=True)``. ``None`` when it cannot be read that way (Lightning's
     own load then reports the problem).
     """
-    from lightning_automodel.trained_checkpoint import CheckpointReadError, SafeFileSystemReader, safe_torch_load
+    from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, SafeFileSystemReader, safe_torch_load
 
     try:
         if path.is_dir():

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lightning_automodel.core.checkpoint_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
+from lightning_automodel.core.hf_weight_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
+from lightning_automodel.core.hub_layout import ExportError, HubModelInfo
 from lightning_automodel.core.init import recompute_buffers
 from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
@@ -405,7 +406,7 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
     Parameter objects are kept, so ties survive. Used only when the user asks for bf16 weights; tensors
     the checkpoint stores in fp32 (router gates, norms of some models) and LoRA adapters stay fp32.
     """
-    from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
+    from lightning_automodel.core.adapter_names import base_checkpoint_name, is_adapter_name
 
     changed = []
     for name, param in unique_named_parameters(model):
@@ -415,3 +416,26 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
             param.data = param.data.to(dtype)
             changed.append(name)
     return changed
+
+
+def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
+    """The Hugging Face model described by ``info``, on meta (transformers' classes only: no remote code)."""
+    import transformers
+    from transformers import PreTrainedModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = info.config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ExportError(f"{src}: model type {model_type!r} is not one transformers knows; export does not run remote code.")
+    cls = getattr(transformers, info.model_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ExportError(f"{src}: {info.model_class!r} is not a transformers model class; export does not run remote code.")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(info.config))
+    for kind in ("causal_lm", "image_text_to_text"):
+        try:
+            model = build_meta_model(config, kind)
+        except ValueError:
+            continue
+        if type(model) is cls:
+            return model
+    raise ExportError(f"{src}: cannot rebuild {info.model_class} from its config with transformers' auto classes.")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_automodel.core.checkpoint_files import (
+from lightning_automodel.core.hf_weight_files import (
     OfflineCheckpointError,
     checkpoint_tensor_dtypes,
     estimate_state_dict_bytes,
@@ -144,7 +144,7 @@ def test_index_total_size_rejects_non_int(tmp_path):
 def test_index_entries_must_be_plain_file_names(tmp_path, entry):
     import json as _json
 
-    from lightning_automodel.core.checkpoint_files import resolve_checkpoint_files
+    from lightning_automodel.core.hf_weight_files import resolve_checkpoint_files
 
     (tmp_path / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": entry}}))
     with pytest.raises(ValueError, match="weight_map entry"):
@@ -158,7 +158,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-from lightning_automodel.core.checkpoint_files import resolve_checkpoint_files  # noqa: E402
+from lightning_automodel.core.hf_weight_files import resolve_checkpoint_files  # noqa: E402
 from lightning_automodel.core.sharded_load import CheckpointReader  # noqa: E402
 
 

@@ -41,14 +41,18 @@ class CheckpointReadError(ValueError):
     """The checkpoint cannot be read; the message names the file and what is wrong."""
 
 
+# Lightning stores hyper-parameters as its ``AttributeDict`` (a ``dict`` subclass). They are read here as
+# data only (nothing hands them back to Lightning), so its pickled name maps to a plain ``dict``: the
+# core reads Lightning's files without importing Lightning.
+_LIGHTNING_ATTRIBUTE_DICT = "lightning.fabric.utilities.data.AttributeDict"
+
+
 def lightning_safe_globals() -> list[Any]:
     """The only non-tensor types Lightning's checkpoint metadata holds; nothing else is unpickled."""
     import collections
     import pathlib
 
-    from lightning.fabric.utilities.data import AttributeDict
-
-    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, AttributeDict]
+    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, _LIGHTNING_ATTRIBUTE_DICT)]
 
 
 def safe_torch_load(path: Path, **kwargs: Any) -> Any:
