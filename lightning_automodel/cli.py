@@ -585,11 +585,10 @@ def _show_data_logs() -> None:
 def _input_error_types() -> tuple[type[BaseException], ...]:
     """Raised on bad input wherever they happen: one line, exit code 2 (imported late: plan and export
     are not loaded for fit)."""
-    from lightning_automodel.config_loading import ConfigFileError
+    from lightning_automodel.config_loading import ConfigFileError, PlanError
     from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
     from lightning_automodel.core.sharded_load import CheckpointLayoutError
-    from lightning_automodel.export import ExportError
-    from lightning_automodel.planning import PlanError
+    from lightning_automodel.core.hub_layout import ExportError
 
     return (
         CheckpointResumeError, ConfigError, ConfigFileError, DataError, ExportError, PlanError, CheckpointLayoutError,

@@ -32,6 +32,14 @@ class ConfigFileError(ValueError):
     """A config file or value that is refused before it is parsed (one line naming it)."""
 
 
+class PlanError(ValueError):
+    """Bad input to ``plan``: printed as one line (the problem and the fix), exit code 2.
+
+    Defined here rather than in ``planning`` so that ``cli`` can name it without importing the plan command
+    (which imports ``cli``'s parser: no circle).
+    """
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader that counts the nodes aliases expand to and stops past ``MAX_YAML_NODES``.
 

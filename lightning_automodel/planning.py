@@ -54,6 +54,7 @@ from lightning_automodel.core.memory import (
 from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
+from lightning_automodel.config_loading import PlanError
 from lightning_automodel.core import model_build as building
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ PROG = "lightning-automodel plan"
 #: from this depth on, plan says that it is building (a progress line: every layer is constructed, as in fit)
 _MANY_LAYERS = 2000
 _MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-class PlanError(ValueError):
-    """Bad input to ``plan``: printed as one line (the problem and the fix), exit code 2."""
 
 
 # ---- the command line: fit's parser plus plan's own options -----------------------------------------
