@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lightning_automodel.core.hf_weight_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
+from lightning_automodel.core.distributed import local_tensor
 from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
 from lightning_automodel.core.hub_layout import ExportError, HubModelInfo
 from lightning_automodel.core.init import recompute_buffers
@@ -357,7 +358,10 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
     Each rank allocates only its shards. Parameter values are undefined until a checkpoint or an init
     fills them; a checkpoint's persistent buffers overwrite the computed ones when it is loaded.
+    A rank whose shards cannot fit in the device's memory is refused first, in one line naming the
+    largest tensor (a typo such as ``vocab_size: 10000000000`` would otherwise be an allocator error).
     """
+    check_fits_on_device(model, device)
     shared = _shared_buffers(model)
     model.to_empty(device=device)
     for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
@@ -367,6 +371,36 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     fill_uninitialized(model)
     recompute_buffers(model)
     ensure_tied_lm_head(model)
+
+
+def check_fits_on_device(model: nn.Module, device: torch.device) -> None:
+    """ValueError when this rank's parameters and buffers (local shards) exceed ``device``'s total memory."""
+    capacity = _device_memory(torch.device(device))
+    if capacity is None:
+        return
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    sizes = {name: local_tensor(t).numel() * t.element_size() for name, t in tensors}
+    needed = sum(sizes.values())
+    if needed > capacity:
+        largest = max(sizes, key=sizes.__getitem__)
+        shape = tuple(dict(tensors)[largest].shape)
+        raise ValueError(
+            f"this rank's share of the model is {needed / 2**30:,.1f} GiB, more than the {capacity / 2**30:,.1f} GiB of memory "
+            f"of {device}; the largest tensor is {largest} {list(shape)} ({sizes[largest] / 2**30:,.1f} GiB): check the "
+            "sizes in the model config (vocab_size, hidden_size, ...) or shard over more devices."
+        )
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (host memory for the CPU), or None when unknown."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
 
 
 def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
