@@ -268,13 +268,10 @@ def _short(value: Any, limit: int = 80) -> str:
 def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None:
     """Compare a checkpoint's recorded hyper-parameters with the user's model arguments; never apply them.
 
-    Lightning's CLI would merge the checkpoint's ``hyper_parameters`` over the user's configuration, so
-    a checkpoint could switch on ``trust_remote_code`` with a ``pretrained_path`` of its choosing (and
-    run that directory's code), or silently train another model than the YAML describes. Here the
-    checkpoint is read as data (:func:`~lightning_automodel.core.training_checkpoint_reader.read_checkpoint_metadata`:
-    a sharded directory's DCP metadata included) and the user's configuration always wins: a
-    difference in what defines the model is one line naming the fields; other differences
-    (learning rate, trust_remote_code, ...) are the user's choice for this run.
+    Lightning's CLI would merge them over the user's configuration: a checkpoint could switch on
+    ``trust_remote_code`` with a ``pretrained_path`` of its choosing, or silently train another model.
+    Here the checkpoint is read as data and the user's configuration wins: a difference in what defines
+    the model is one line naming the fields; other differences are the user's choice for this run.
     """
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
@@ -323,10 +320,8 @@ def _suggestion(message: str, parsers: list[Any]) -> str:
 class ResumingProgressBar(TQDMProgressBar):
     """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run.
 
-    A resume inside an epoch starts at batch N of it, and Lightning either skips
-    ``on_train_epoch_start`` (the epoch started in the earlier run: the bar kept its placeholder,
-    "Training: 41/?") or calls it with a total that counts only the steps left while the bar counts
-    from the epoch's first batch. The epoch's first batch in this process sets both, counting from N.
+    A resume at batch N of an epoch either skips ``on_train_epoch_start`` (the bar kept "Training: 41/?")
+    or gets a total of the steps left only; the epoch's first batch in this process sets both, from N.
     """
 
     _epoch_started = False
@@ -357,15 +352,12 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
     """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
     anything, saves single files atomically and shows a sane progress bar.
 
-    * A configuration the parser refuses raises :class:`ConfigError` (one line naming the key, with a
-      "did you mean" when a valid key is close) instead of printing the usage.
+    * A configuration the parser refuses raises :class:`ConfigError` (one line, "did you mean" when close).
     * ``--ckpt_path`` is checked right after parsing (:func:`check_ckpt_path`), before the model is built.
-    * Unless the configuration sets a ``CheckpointIO`` (in ``trainer.plugins`` or on the strategy), the
-      Trainer gets ``AtomicTorchCheckpointIO``: single-file ``.ckpt`` saves are written beside the target,
-      fsynced and renamed. Sharded saves do not use a CheckpointIO (AtomicModelParallelStrategy handles them).
-    * Lightning picks its rich progress bar when ``rich`` is installed, which prints ``Epoch 1/-2`` when
-      ``max_steps`` bounds the run (``max_epochs`` becomes -1); unless a progress bar is configured, the
-      TQDM bar is used (``Epoch 1: 40/75 [...]``).
+    * Unless the configuration sets a ``CheckpointIO``, the Trainer gets ``AtomicTorchCheckpointIO``
+      (single-file saves written beside the target, fsynced, renamed; sharded saves use the strategy's).
+    * Unless a progress bar is configured, the TQDM bar (Lightning's rich bar prints ``Epoch 1/-2`` when
+      ``max_steps`` bounds the run).
     """
 
     def __init__(self, *args: Any, run_marker: _RunStarted | None = None, **kwargs: Any) -> None:
