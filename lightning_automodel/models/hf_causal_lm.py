@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from lightning_automodel.callbacks._lifecycle import prepare_before_sharding
+from lightning_automodel.callbacks._lifecycle import attached_trainer, prepare_before_sharding
 from lightning_automodel.core.dtypes import dtype_from_name
 from lightning_automodel.core.forward_signature import filter_forward_kwargs
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, hub_model_info
@@ -81,7 +81,6 @@ def quantization_config(settings: dict[str, Any]) -> Any:
 
 def initialize_lora_adapters(pl_module: pl.LightningModule, model: nn.Module, seed: int) -> None:
     """Initialize the model's LoRA adapters, if any, as the running Trainer's LoRA callback configures them."""
-    from lightning_automodel.callbacks._lifecycle import attached_trainer
     from lightning_automodel.callbacks.lora import LoRA
 
     if not adapted_modules(model):
@@ -167,12 +166,9 @@ class HFCausalLM(pl.LightningModule):
     # ---- building -----------------------------------------------------------------------------
 
     def _root_device(self) -> torch.device:
-        """The Trainer's root device, or the CPU when no Trainer is attached (the public ``trainer`` raises then)."""
-        try:
-            trainer = self.trainer
-        except RuntimeError:
-            return torch.device("cpu")
-        return trainer.strategy.root_device
+        """The Trainer's root device, or the CPU when no Trainer is attached."""
+        trainer = attached_trainer(self)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def build_hf_config(self) -> PretrainedConfig:
         hp = self.hparams
@@ -242,11 +238,8 @@ class HFCausalLM(pl.LightningModule):
         hp = self.hparams
         if hp.mixed_precision == "bf16" and self.device_mesh is None:
             # Only apply_fsdp2 reads it: silently training in fp32 would cost the user 2x compute unnoticed.
-            try:
-                strategy = type(self.trainer.strategy).__name__
-            except RuntimeError:  # not attached to a Trainer (core-API use)
-                strategy = "no strategy"
-            rank_zero_warn(mixed_precision_unused_message(strategy))
+            trainer = attached_trainer(self)  # None: core-API use
+            rank_zero_warn(mixed_precision_unused_message(type(trainer.strategy).__name__ if trainer is not None else "no strategy"))
         if hp.get("quantization") is not None:
             return self._configure_quantized()
         if self.device_mesh is not None:
