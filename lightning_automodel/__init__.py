@@ -16,13 +16,9 @@ __version__ = "0.1.0"
 
 show_info_without_config()  # the package's INFO lines show without a logging configuration, once with one
 
+_CALLBACKS = ("ParameterFreezing", "FreezeDeadParameters", "CastMixedDtypeToBF16", "TiedLMHead", "THDSqueeze", "ParameterSummary")
 _LAZY = {
-    "ParameterFreezing": "lightning_automodel.callbacks",
-    "FreezeDeadParameters": "lightning_automodel.callbacks",
-    "CastMixedDtypeToBF16": "lightning_automodel.callbacks",
-    "TiedLMHead": "lightning_automodel.callbacks",
-    "THDSqueeze": "lightning_automodel.callbacks",
-    "ParameterSummary": "lightning_automodel.callbacks",
+    **dict.fromkeys(_CALLBACKS, "lightning_automodel.callbacks"),
     "HFCausalLM": "lightning_automodel.models",
     "TextDataModule": "lightning_automodel.data",
     "PackedSequenceCollator": "lightning_automodel.data",

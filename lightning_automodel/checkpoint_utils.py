@@ -36,26 +36,12 @@ from lightning_automodel.core.tied_head import (
 from lightning_automodel.model_utils import resolve_trust_remote_code
 
 __all__ = [
-    "_get_checkpoint_tensor_dtypes",
-    "_get_module_by_normalized_name",
-    "_normalize_param_name",
-    "_same_tensor_storage",
-    "ensure_tied_lm_head",
-    "estimate_state_dict_bytes",
-    "estimate_tensor_bytes",
-    "format_bytes",
-    "format_output_file_count",
-    "get_input_embeddings_weight_and_name",
-    "get_lm_head_weight_and_name",
-    "get_rank_safe",
-    "get_safetensors_index_total_size",
-    "get_tied_lm_head_source_names",
-    "get_world_size_safe",
-    "has_local_tied_lm_head",
-    "is_rank_0",
-    "is_tied_word_embeddings",
-    "materialize_missing_tied_lm_head",
-    "resolve_trust_remote_code",
+    "_get_checkpoint_tensor_dtypes", "_get_module_by_normalized_name", "_normalize_param_name",
+    "_same_tensor_storage", "ensure_tied_lm_head", "estimate_state_dict_bytes", "estimate_tensor_bytes",
+    "format_bytes", "format_output_file_count", "get_input_embeddings_weight_and_name",
+    "get_lm_head_weight_and_name", "get_rank_safe", "get_safetensors_index_total_size",
+    "get_tied_lm_head_source_names", "get_world_size_safe", "has_local_tied_lm_head", "is_rank_0",
+    "is_tied_word_embeddings", "materialize_missing_tied_lm_head", "resolve_trust_remote_code",
 ]
 
 

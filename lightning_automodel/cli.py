@@ -18,7 +18,7 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -96,17 +96,10 @@ _UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|Key \"?'?([\w.]+
 
 def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
     """``argv`` without ``--option value`` / ``--option=value`` for each of ``options``."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in options:
-            skip = True
-            continue
-        if arg.startswith(tuple(f"{o}=" for o in options)):
-            continue
-        kept.append(arg)
+    kept: list[str] = []
+    for i, arg in enumerate(argv):
+        if not (arg in options or arg.startswith(tuple(f"{o}=" for o in options)) or (i and argv[i - 1] in options)):
+            kept.append(arg)
     return kept
 
 
@@ -206,17 +199,9 @@ class NumberedConfigSave(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
 
-def _has_checkpoint_io(plugins: Any) -> bool:
-    items = plugins if isinstance(plugins, (list, tuple)) else [plugins]
-    return any(isinstance(p, CheckpointIO) for p in items if p is not None)
-
-
-def _progress_bar_configured(config: dict[str, Any]) -> bool:
-    from lightning.pytorch.callbacks import ProgressBar
-
-    callbacks = config.get("callbacks") or []
-    callbacks = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
-    return any(isinstance(c, ProgressBar) for c in callbacks) or config.get("enable_progress_bar") is False
+def _as_list(items: Any) -> list[Any]:
+    """A Trainer argument that takes one object or a list of them (``callbacks``, ``plugins``), as a list."""
+    return list(items) if isinstance(items, (list, tuple)) else [] if items is None else [items]
 
 
 def check_ckpt_path(ckpt_path: Any) -> None:
@@ -283,13 +268,10 @@ def _short(value: Any, limit: int = 80) -> str:
 def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None:
     """Compare a checkpoint's recorded hyper-parameters with the user's model arguments; never apply them.
 
-    Lightning's CLI would merge the checkpoint's ``hyper_parameters`` over the user's configuration, so
-    a checkpoint could switch on ``trust_remote_code`` with a ``pretrained_path`` of its choosing (and
-    run that directory's code), or silently train another model than the YAML describes. Here the
-    checkpoint is read as data (:func:`~lightning_automodel.core.training_checkpoint_reader.read_checkpoint_metadata`:
-    a sharded directory's DCP metadata included) and the user's configuration always wins: a
-    difference in what defines the model is one line naming the fields; other differences
-    (learning rate, trust_remote_code, ...) are the user's choice for this run.
+    Lightning's CLI would merge them over the user's configuration: a checkpoint could switch on
+    ``trust_remote_code`` with a ``pretrained_path`` of its choosing, or silently train another model.
+    Here the checkpoint is read as data and the user's configuration wins: a difference in what defines
+    the model is one line naming the fields; other differences are the user's choice for this run.
     """
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
@@ -327,26 +309,19 @@ def _suggestion(message: str, parsers: list[Any]) -> str:
     bad = next(g for g in found.groups() if g).lstrip("-")
     valid: set[str] = set()
     for parser in parsers:
-        valid.update(_option_names(parser))
+        try:  # the option keys (``model.learning_rate``), from jsonargparse's public get_defaults
+            valid.update(parser.get_defaults().keys())
+        except Exception:  # noqa: BLE001 - only a "did you mean" hint depends on it
+            pass
     close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.75)
     return f"{line} (did you mean {close[0]!r}?)" if close else line
-
-
-def _option_names(parser: Any) -> set[str]:
-    """The parser's option keys (``model.learning_rate``), from jsonargparse's public ``get_defaults``."""
-    try:
-        return set(parser.get_defaults().keys())
-    except Exception:  # noqa: BLE001 - only a "did you mean" hint depends on it
-        return set()
 
 
 class ResumingProgressBar(TQDMProgressBar):
     """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run.
 
-    A resume inside an epoch starts at batch N of it, and Lightning either skips
-    ``on_train_epoch_start`` (the epoch started in the earlier run: the bar kept its placeholder,
-    "Training: 41/?") or calls it with a total that counts only the steps left while the bar counts
-    from the epoch's first batch. The epoch's first batch in this process sets both, counting from N.
+    A resume at batch N of an epoch either skips ``on_train_epoch_start`` (the bar kept "Training: 41/?")
+    or gets a total of the steps left only; the epoch's first batch in this process sets both, from N.
     """
 
     _epoch_started = False
@@ -377,15 +352,12 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
     """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
     anything, saves single files atomically and shows a sane progress bar.
 
-    * A configuration the parser refuses raises :class:`ConfigError` (one line naming the key, with a
-      "did you mean" when a valid key is close) instead of printing the usage.
+    * A configuration the parser refuses raises :class:`ConfigError` (one line, "did you mean" when close).
     * ``--ckpt_path`` is checked right after parsing (:func:`check_ckpt_path`), before the model is built.
-    * Unless the configuration sets a ``CheckpointIO`` (in ``trainer.plugins`` or on the strategy), the
-      Trainer gets ``AtomicTorchCheckpointIO``: single-file ``.ckpt`` saves are written beside the target,
-      fsynced and renamed. Sharded saves do not use a CheckpointIO (AtomicModelParallelStrategy handles them).
-    * Lightning picks its rich progress bar when ``rich`` is installed, which prints ``Epoch 1/-2`` when
-      ``max_steps`` bounds the run (``max_epochs`` becomes -1); unless a progress bar is configured, the
-      TQDM bar is used (``Epoch 1: 40/75 [...]``).
+    * Unless the configuration sets a ``CheckpointIO``, the Trainer gets ``AtomicTorchCheckpointIO``
+      (single-file saves written beside the target, fsynced, renamed; sharded saves use the strategy's).
+    * Unless a progress bar is configured, the TQDM bar (Lightning's rich bar prints ``Epoch 1/-2`` when
+      ``max_steps`` bounds the run).
     """
 
     def __init__(self, *args: Any, run_marker: _RunStarted | None = None, **kwargs: Any) -> None:
@@ -444,20 +416,22 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        log_tokenizer_vocabulary(self.datamodule)
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = {**(config.get("trainer") or {}), **kwargs}
-        callbacks = trainer_config.get("callbacks") or []
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        callbacks = _as_list(trainer_config.get("callbacks"))
         extra: list[Callback] = [self.run_marker]
-        if not _progress_bar_configured(trainer_config):
+        if not any(isinstance(c, ProgressBar) for c in callbacks) and trainer_config.get("enable_progress_bar") is not False:
             extra.append(ResumingProgressBar())
         trainer = super().instantiate_trainer(**{**kwargs, "callbacks": [*callbacks, *extra]})
         # After construction the strategy holds the configured CheckpointIO (from plugins or its own);
         # only Lightning's default (exactly TorchCheckpointIO) is replaced.
-        if not _has_checkpoint_io(trainer_config.get("plugins")) and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        configured_io = any(isinstance(p, CheckpointIO) for p in _as_list(trainer_config.get("plugins")))
+        if not configured_io and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicTorchCheckpointIO()
         set_rank_threads(trainer.num_devices)
         return trainer
@@ -556,12 +530,6 @@ def _has_tokenizer(directory: str) -> bool:
     return any((root / name).is_file() for name in TOKENIZER_FILES if name.startswith(("tokenizer", "vocab")))
 
 
-def log_tokenizer_vocabulary(datamodule: Any) -> None:
-    tokenizer = getattr(datamodule, "tokenizer", None)
-    if tokenizer is not None:
-        log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
-
-
 class _CurrentStdout(logging.StreamHandler):
     """Writes to the ``sys.stdout`` of the moment (captures and redirections replace it between runs)."""
 
@@ -628,16 +596,12 @@ def _checkpoint_exception_type() -> type[BaseException]:
     return CheckpointException
 
 
-def _is_checkpoint_exception(exc: BaseException) -> bool:
-    return isinstance(exc, _checkpoint_exception_type())
-
-
 def _is_input_error(exc: BaseException, run_started: bool) -> bool:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     if isinstance(exc, _input_error_types()):
         return True
-    if _is_checkpoint_exception(exc):
+    if isinstance(exc, _checkpoint_exception_type()):
         # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk) in a BaseException.
         return all(_is_input_error(inner, False) for inner, _ in exc.failures.values())
     if (isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS) or _full_disk_cause(exc) is not None:
@@ -649,7 +613,7 @@ def _is_input_error(exc: BaseException, run_started: bool) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    if _is_checkpoint_exception(exc):
+    if isinstance(exc, _checkpoint_exception_type()):
         rank, (inner, _) = next(iter(exc.failures.items()))
         return f"the sharded checkpoint could not be read or written (rank {rank}): {_one_line(inner)}"
     disk = _full_disk_cause(exc)
@@ -663,17 +627,13 @@ def _one_line(exc: BaseException) -> str:
         return "a file or value is nested too deeply (JSON/YAML recursion limit); it is corrupt or hostile."
     if isinstance(exc, UnpicklingError):
         # torch's message is a page ending in "re-run with weights_only=False": never advise that for a stranger's file.
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return (
-            f"a checkpoint file holds pickled objects besides tensors ({_first_line(exc)}); refusing to unpickle it. "
+            f"a checkpoint file holds pickled objects besides tensors ({first}); refusing to unpickle it. "
             "Load only checkpoints you created, or convert the weights to safetensors."
         )
     line = " ".join(str(exc).split()) or type(exc).__name__
     return union_member_error(line) or line  # a subclass-mode data module's own error, not jsonargparse's listing
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:

@@ -33,26 +33,20 @@ class ConfigFileError(ValueError):
 
 
 class PlanError(ValueError):
-    """Bad input to ``plan``: printed as one line (the problem and the fix), exit code 2.
-
-    Defined here rather than in ``planning`` so that ``cli`` can name it without importing the plan command
-    (which imports ``cli``'s parser: no circle).
-    """
+    """Bad input to ``plan``: one line, exit code 2 (here so that ``cli`` names it without importing ``planning``)."""
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts the nodes aliases expand to and stops past ``MAX_YAML_NODES``.
-
-    The count is taken on the composed graph, before any object is built.
-    """
+    """SafeLoader that stops past ``MAX_YAML_NODES`` expanded nodes, counted on the composed graph (nothing built yet)."""
 
     def compose_document(self):  # type: ignore[override]
         node = super().compose_document()
-        _count_nodes(node, self.name)
+        if node is not None:
+            _count_nodes(node, self.name)
         return node
 
 
-def _count_nodes(root: yaml.Node | None, name: str) -> None:
+def _count_nodes(root: yaml.Node, name: str) -> None:
     sizes: dict[int, int] = {}  # id(node) -> expanded size: a shared subtree is walked once, counted per use
 
     def size(node: yaml.Node) -> int:
@@ -73,8 +67,7 @@ def _count_nodes(root: yaml.Node | None, name: str) -> None:
         sizes[key] = n
         return n
 
-    if root is not None:
-        size(root)
+    size(root)
 
 
 def check_yaml_bounded(text: str, name: str = "<config>") -> None:
@@ -83,18 +76,6 @@ def check_yaml_bounded(text: str, name: str = "<config>") -> None:
     loader.name = name
     try:
         loader.get_single_node()
-    except RecursionError:
-        raise ConfigFileError(f"{name}: the YAML is nested too deeply to be a config.") from None
-    finally:
-        loader.dispose()
-
-
-def safe_load_bounded(text: str, name: str = "<config>") -> Any:
-    """``yaml.safe_load`` that refuses documents expanding past ``MAX_YAML_NODES`` nodes (one-line ``ConfigFileError``)."""
-    loader = _BoundedLoader(text)
-    loader.name = name
-    try:
-        return loader.get_single_data()
     except RecursionError:
         raise ConfigFileError(f"{name}: the YAML is nested too deeply to be a config.") from None
     finally:

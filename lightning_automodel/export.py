@@ -32,7 +32,7 @@ import argparse
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,11 @@ from lightning_automodel.core.dtypes import export_dtype
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, ConversionGroup, ExportError, HubModelInfo, plan_hub_layout
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
+    TOKENIZER_FILES,
     check_replaceable,
     parse_size,
-    TOKENIZER_FILES,
     publish_directory,
+    regular_file_inside,
     shard_file_names,
     staging_directory,
     write_config_files,
@@ -58,7 +59,7 @@ from lightning_automodel.core.hub_writer import (
 )
 from lightning_automodel.core.lora import LoraConfigError, config_from_json, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError
-from lightning_automodel.core.model_build import build_meta_model_for
+from lightning_automodel.core.model_build import build_meta_model, build_meta_model_for
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name, get_lm_head_weight_and_name, is_tied_word_embeddings
 from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, TrainedCheckpoint, open_trained_checkpoint
@@ -87,19 +88,14 @@ def model_info(checkpoint: TrainedCheckpoint) -> HubModelInfo:
         )
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    from lightning_automodel.core.model_build import build_meta_model
-
     try:
         config = HFCausalLM(**init_args, trust_remote_code=False).build_hf_config()
         model = build_meta_model(config, init_args.get("model_class", "auto"))
     except (ValueError, OSError) as exc:
-        raise ExportError(f"{checkpoint.path}: the model its hyper-parameters describe cannot be rebuilt without remote code ({_one_line(exc)}).") from None
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ExportError(f"{checkpoint.path}: the model its hyper-parameters describe cannot be rebuilt without remote code ({detail}).") from None
     source = init_args.get("pretrained_path")
     return HubModelInfo(prefix=_HF_CAUSAL_LM_PREFIX, model_class=type(model).__name__, config=config.to_dict(), source=source)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_state_matches_config(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], model: Any, src: Path, *, tied_head: str | None) -> None:
@@ -151,11 +147,9 @@ class StateView:
     keys: dict[str, str]
     merge: LoraMerge | None = None
 
-    def _spec_names(self) -> dict[str, str]:
-        return self.merge.names() if self.merge is not None else {n: n for n in self.keys}
-
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {name: self.checkpoint.specs[self.keys[source]] for name, source in self._spec_names().items()}
+        names = self.merge.names() if self.merge is not None else {n: n for n in self.keys}
+        return {name: self.checkpoint.specs[self.keys[source]] for name, source in names.items()}
 
     def inputs(self, names: Sequence[str]) -> tuple[str, ...]:
         """The checkpoint's module names to read for the (merged) ``names``."""
@@ -261,17 +255,7 @@ def export_checkpoint(
         config = model.config
         names = module_names(checkpoint, info.prefix)
         if adapter_only:
-            staging = staging_directory(out)
-            try:
-                export_adapter(checkpoint, names, info, staging, src)
-                write_marker(staging, str(src.resolve()))
-                publish_directory(staging, out, replace=overwrite)
-            except PublishRefused as exc:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise ExportError(str(exc)) from None
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            _write_and_publish(src, out, overwrite, lambda staging: export_adapter(checkpoint, names, info, staging, src))
             return out
         if (checkpoint.metadata.get("hyper_parameters") or {}).get("quantization"):
             raise ExportError(
@@ -304,28 +288,37 @@ def export_checkpoint(
                 raise ExportError(f"{src}: {exc}") from None
 
         tokenizer_dir = Path(tokenizer_path) if tokenizer_path else recorded_source_dir(info.source)
-        staging = staging_directory(out)
-        try:
+
+        def write_model(staging: Path) -> None:
             for file_name, shard in zip(shard_file_names(len(shards)), shards):
                 write_shard(staging / file_name, shard, model, fetch, dtype=out_dtype, transform=transform)
             if len(shards) > 1:
                 write_index(staging, layout, shards)
             write_config_files(staging, config, tokenizer_dir=tokenizer_dir)
-            write_marker(staging, str(src.resolve()))
-            publish_directory(staging, out, replace=overwrite)
-        except PublishRefused as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ExportError(str(exc)) from None
-        except (OSError, SafetensorError) as exc:
-            # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
-            shutil.rmtree(staging, ignore_errors=True)
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
-            raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        _write_and_publish(src, out, overwrite, write_model)
     log.info("Exported %d tensors in %d file(s) to %s.", len(layout.names()), len(shards), out)
     return out
+
+
+def _write_and_publish(src: Path, out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """``write`` into a staging directory beside ``out``, then publish it; on any failure nothing is left behind."""
+    staging = staging_directory(out)
+    try:
+        write(staging)
+        write_marker(staging, str(src.resolve()))
+        publish_directory(staging, out, replace=overwrite)
+    except PublishRefused as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(str(exc)) from None
+    except (OSError, SafetensorError) as exc:
+        # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
+        shutil.rmtree(staging, ignore_errors=True)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+        raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def recorded_source_dir(source: str | None) -> Path | None:
@@ -339,13 +332,13 @@ def recorded_source_dir(source: str | None) -> Path | None:
     if not source:
         return None
     directory = Path(source)
-    from lightning_automodel.core.hub_writer import regular_file_inside
-
     if not directory.is_dir() or regular_file_inside(directory, "config.json") is None:
         log.warning("The checkpoint's recorded model directory %s is not a model directory here: no tokenizer copied (use --tokenizer_path).", source)
         return None
     log.info("Copying the tokenizer and generation config from the checkpoint's recorded model directory %s.", directory)
     return directory
+
+
 def _check_tokenizer_path(tokenizer_path: str | None) -> None:
     """An explicit ``--tokenizer_path`` must be a directory holding tokenizer files: an export without the
     tokenizer that was asked for is a silent wrong result."""

@@ -47,12 +47,7 @@ from lightning_automodel.core.freezing import (
     parse_freeze_config as _parse_freeze_config,
 )
 from lightning_automodel.core.init import init_empty_weights, skip_random_init
-from lightning_automodel.core.parameters import (
-    ParameterCounts,
-    count_parameters,
-    global_squared_l2_norm,
-    logical_numel,
-)
+from lightning_automodel.core.parameters import ParameterCounts, count_parameters, global_squared_l2_norm, logical_numel
 from lightning_automodel.core.thd import squeeze_input_for_thd
 from lightning_automodel.core.tied_head import get_lm_head_module, get_lm_head_weight
 from lightning_automodel.core.trust import resolve_trust_remote_code as _resolve_trust_remote_code
@@ -61,32 +56,13 @@ from lightning_automodel.core.vision import enable_radio_vit_fused_attn as _enab
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "VLM_INPUT_KEYS",
-    "FreezeConfig",
-    "ModuleSelector",
-    "_freeze_module_by_attribute_and_patterns",
-    "_get_forward_signature",
-    "_get_logical_numel",
-    "_get_model_param_stats",
-    "_supports_logits_to_keep",
-    "_supports_seq_lens",
-    "apply_parameter_freezing",
-    "cast_mixed_dtype_params_to_bf16",
-    "count_model_parameters",
-    "enable_radio_vit_fused_attn",
-    "filter_forward_kwargs",
-    "freeze_deepseek_v4_indexer_params",
-    "freeze_minimax_m3_indexer_params",
-    "freeze_unused_kv_sharing_params",
-    "get_lm_head_module",
-    "get_lm_head_weight",
-    "init_empty_weights",
-    "logger",
-    "parse_freeze_config",
-    "print_trainable_parameters",
-    "resolve_trust_remote_code",
-    "skip_random_init",
-    "squeeze_input_for_thd",
+    "VLM_INPUT_KEYS", "FreezeConfig", "ModuleSelector", "_freeze_module_by_attribute_and_patterns",
+    "_get_forward_signature", "_get_logical_numel", "_get_model_param_stats", "_supports_logits_to_keep",
+    "_supports_seq_lens", "apply_parameter_freezing", "cast_mixed_dtype_params_to_bf16", "count_model_parameters",
+    "enable_radio_vit_fused_attn", "filter_forward_kwargs", "freeze_deepseek_v4_indexer_params",
+    "freeze_minimax_m3_indexer_params", "freeze_unused_kv_sharing_params", "get_lm_head_module",
+    "get_lm_head_weight", "init_empty_weights", "logger", "parse_freeze_config", "print_trainable_parameters",
+    "resolve_trust_remote_code", "skip_random_init", "squeeze_input_for_thd",
 ]
 
 

@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 from argparse import ArgumentError
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +110,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
 
 
 def hf_config_from(model_args: Mapping[str, Any]) -> Any:
-    """The Hugging Face config: ``config.json`` of a local directory (weights not needed) or the inline config.
-
-    A missing path, a file, or a directory without ``config.json`` fails with the job's own message
-    (:func:`~lightning_automodel.core.model_build.check_local_model_dir`'s, which also recognizes a hub
-    name: we run offline).
-    """
+    """The Hugging Face config: ``config.json`` of a local directory (weights not needed) or the inline config."""
     path, inline = model_args.get("pretrained_path"), model_args.get("config")
     if (path is None) == (inline is None):
         raise PlanError("model needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
@@ -122,8 +118,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
         return building.inline_config(inline)  # a mapping: the parser checked model.config's type
     root = Path(str(path))
     if not (root / "config.json").is_file():
-        building.check_local_model_dir(str(path))  # raises: missing, a file, or no config.json
-        raise FileNotFoundError(f"{root} has no config.json: it is not a Hugging Face model directory, or it is half-written.")
+        building.check_local_model_dir(str(path))  # raises the job's message: missing (a hub name?), a file, no config.json
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))
@@ -148,9 +143,7 @@ def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
 
 def _callback_class(class_path: str) -> type | None:
     """The package's callback class that ``class_path`` names (short, package or module path); ``None`` otherwise.
-
-    Only modules of this package are ever imported here (the parser already resolved the path).
-    """
+    Only modules of this package are ever imported here."""
     classes = {getattr(_callbacks_pkg, name) for name in _callbacks_pkg.__all__}
     module, _, name = class_path.rpartition(".")
     if module and module != "lightning_automodel" and not module.startswith("lightning_automodel."):
@@ -225,12 +218,12 @@ def world_size_from(trainer_config: Mapping[str, Any], note: bool = True) -> int
     devices = trainer_config.get("devices", 1)
     if isinstance(devices, bool):
         devices = 1
-    if isinstance(devices, list):
-        devices = len(devices)
     elif isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
     elif isinstance(devices, str) and "," in devices:
-        devices = len([d for d in devices.split(",") if d.strip()])
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list):
+        devices = len(devices)
     if not isinstance(devices, int) or devices < 1:
         if note:
             log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
@@ -332,12 +325,8 @@ def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, config: 
 def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
     """Build the configured model on meta, apply the configured surgery, estimate per-rank memory.
 
-    Args:
-        config: a ``fit`` config (``model``, ``data``, ``trainer`` sections) as :func:`parse_args`
-            returns it (values the parser checked: ``mixed_precision``, ``weights_dtype``...).
-        world_size: data-parallel ranks to plan for; ``None`` reads the trainer and strategy.
-        optimizer_state_dtype: AdamW state dtype; ``None`` follows each parameter's dtype (AdamW's
-            ``zeros_like``), so bf16 weights get bf16 state.
+    ``config`` is a ``fit`` config as :func:`parse_args` returns it; ``world_size`` ``None`` reads the trainer
+    and strategy; ``optimizer_state_dtype`` ``None`` follows each parameter's dtype (AdamW's ``zeros_like``).
     """
     if world_size is not None and world_size < 1:
         raise PlanError(f"world_size must be >= 1; got {world_size}.")
@@ -485,9 +474,7 @@ def format_plan(plan: Plan) -> str:
         ["Module", "Params", "Trainable", "Frozen by"],
         [[r.name, f"{r.total:,}", f"{r.trainable:,}", ", ".join(f"{k} ({v:,})" for k, v in sorted(r.frozen_by.items())) or "-"] for r in rows],
     )
-    rules: dict[str, int] = {}
-    for rule in plan.frozen_by.values():
-        rules[rule] = rules.get(rule, 0) + 1
+    rules = Counter(plan.frozen_by.values())
     pct = 100.0 * counts.trainable / counts.total if counts.total else 0.0
     lines = [
         *([f"{plan.summary.name} plan (ParameterSummary, depth {plan.summary.depth}):"] if plan.summary else []),

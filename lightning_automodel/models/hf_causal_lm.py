@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from lightning_automodel.callbacks._lifecycle import prepare_before_sharding
+from lightning_automodel.callbacks._lifecycle import attached_trainer, prepare_before_sharding
 from lightning_automodel.core.dtypes import dtype_from_name
 from lightning_automodel.core.forward_signature import filter_forward_kwargs
 from lightning_automodel.core.hub_layout import EXPORT_INFO_KEY, hub_model_info
@@ -39,16 +39,9 @@ _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences", "
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each decoder layer in backward, through transformers' current entry point.
-
-    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
-    and deprecated the old name (a ``FutureWarning`` at every start, removed in v6); earlier 5.x
-    releases have only the old name, the current form there.
-    """
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is None:
-        enable = model.gradient_checkpointing_enable
-    enable()
+    """Recompute each decoder layer in backward: transformers 5.x's ``activation_checkpointing_enable``, or the
+    older releases' ``gradient_checkpointing_enable`` (deprecated later: a ``FutureWarning`` at every start)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
 def mixed_precision_unused_message(strategy_name: str) -> str:
@@ -86,14 +79,15 @@ def quantization_config(settings: dict[str, Any]) -> Any:
     return config
 
 
-def lora_settings(pl_module: pl.LightningModule) -> object | None:
-    """The LoraConfig of the running Trainer's LoRA callback, if any."""
-    from lightning_automodel.callbacks._lifecycle import attached_trainer
+def initialize_lora_adapters(pl_module: pl.LightningModule, model: nn.Module, seed: int) -> None:
+    """Initialize the model's LoRA adapters, if any, as the running Trainer's LoRA callback configures them."""
     from lightning_automodel.callbacks.lora import LoRA
 
+    if not adapted_modules(model):
+        return
     trainer = attached_trainer(pl_module)
     callback = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None) if trainer is not None else None
-    return callback.config if callback is not None else None
+    initialize_adapters(model, seed, getattr(callback.config if callback is not None else None, "init_lora_weights", True))
 
 
 class HFCausalLM(pl.LightningModule):
@@ -172,12 +166,9 @@ class HFCausalLM(pl.LightningModule):
     # ---- building -----------------------------------------------------------------------------
 
     def _root_device(self) -> torch.device:
-        """The Trainer's root device, or the CPU when no Trainer is attached (the public ``trainer`` raises then)."""
-        try:
-            trainer = self.trainer
-        except RuntimeError:
-            return torch.device("cpu")
-        return trainer.strategy.root_device
+        """The Trainer's root device, or the CPU when no Trainer is attached."""
+        trainer = attached_trainer(self)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def build_hf_config(self) -> PretrainedConfig:
         hp = self.hparams
@@ -221,8 +212,6 @@ class HFCausalLM(pl.LightningModule):
 
     def _configure_quantized(self) -> None:
         """QLoRA: transformers loads and quantizes the base (bitsandbytes), then LoRA adapts it in place."""
-        from transformers import AutoConfig
-
         from lightning_automodel.core.model_build import model_class_for
 
         hp = self.hparams
@@ -231,19 +220,15 @@ class HFCausalLM(pl.LightningModule):
                 "quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights. Use "
                 "DDP (each GPU holds the 4-bit base) or LoRA on bf16 weights under FSDP2 (model.weights_dtype: bfloat16)."
             )
-        root = check_local_model_dir(hp.pretrained_path)
-        config = AutoConfig.from_pretrained(root, trust_remote_code=hp.trust_remote_code, local_files_only=True)
-        device = self._root_device()
-        model = model_class_for(config, hp.model_class).from_pretrained(
-            root, quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
-            device_map={"": device}, local_files_only=True, trust_remote_code=hp.trust_remote_code,
+        model = model_class_for(self.build_hf_config(), hp.model_class).from_pretrained(
+            check_local_model_dir(hp.pretrained_path), quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
+            device_map={"": self._root_device()}, local_files_only=True, trust_remote_code=hp.trust_remote_code,
         )
         # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds: without this,
         # dropout is off while the adapters train (and Lightning warns about every module in eval mode)
         model.train()
         prepare_before_sharding(self, model)
-        if adapted_modules(model):
-            initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))
+        initialize_lora_adapters(self, model, hp.seed)
         self.model = model
         self.strict_loading = False  # the frozen 4-bit base is not in checkpoints; on_load_checkpoint checks the rest
 
@@ -253,11 +238,8 @@ class HFCausalLM(pl.LightningModule):
         hp = self.hparams
         if hp.mixed_precision == "bf16" and self.device_mesh is None:
             # Only apply_fsdp2 reads it: silently training in fp32 would cost the user 2x compute unnoticed.
-            try:
-                strategy = type(self.trainer.strategy).__name__
-            except RuntimeError:  # not attached to a Trainer (core-API use)
-                strategy = "no strategy"
-            rank_zero_warn(mixed_precision_unused_message(strategy))
+            trainer = attached_trainer(self)  # None: core-API use
+            rank_zero_warn(mixed_precision_unused_message(type(trainer.strategy).__name__ if trainer is not None else "no strategy"))
         if hp.get("quantization") is not None:
             return self._configure_quantized()
         if self.device_mesh is not None:
@@ -292,8 +274,7 @@ class HFCausalLM(pl.LightningModule):
                 log.info("Loaded %d tensors, %.1f MiB read on this rank, in %.1f s.", report.tensors, report.bytes_read / 2**20, report.seconds)
             else:
                 init_weights_by_module(model, hp.seed)
-            if adapted_modules(model):
-                initialize_adapters(model, hp.seed, getattr(lora_settings(self), "init_lora_weights", True))
+            initialize_lora_adapters(self, model, hp.seed)
         finally:
             if reader is not None:
                 reader.close()
@@ -367,15 +348,15 @@ class HFCausalLM(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _text_config(self) -> PretrainedConfig:
+        config = self.model.config if self.model is not None else self.build_hf_config()
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
     @property
     def vocab_size(self) -> int:
-        config = self.model.config if self.model is not None else self.build_hf_config()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(text.vocab_size)
+        return int(self._text_config().vocab_size)
 
     @property
     def max_positions(self) -> int:
         """``max_position_embeddings`` of the text model (0 when the config does not say)."""
-        config = self.model.config if self.model is not None else self.build_hf_config()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(getattr(text, "max_position_embeddings", 0) or 0)
+        return int(getattr(self._text_config(), "max_position_embeddings", 0) or 0)
