@@ -102,8 +102,7 @@ class PackRows:
     """
 
     def __init__(self, row_length: int, packing: bool) -> None:
-        self.row_length = row_length
-        self.packing = packing
+        self.row_length, self.packing = row_length, packing
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         lengths = [len(ids) for ids in batch["input_ids"]]
@@ -135,10 +134,7 @@ class SFTCollator:
     def __init__(
         self, pad_token_id: int, pad_to: int | None = None, layout: Literal["rows", "thd"] = "rows", pad_to_multiple_of: int = 1
     ) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to = pad_to
-        self.layout = layout
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id, self.pad_to, self.layout, self.pad_to_multiple_of = pad_token_id, pad_to, layout, pad_to_multiple_of
 
     def __call__(self, rows: list[Mapping[str, list[int]]]) -> dict[str, Any]:
         if self.layout == "thd":
@@ -236,8 +232,7 @@ class SFTDataModule(pl.LightningDataModule):
     # ---- tokenizer --------------------------------------------------------------------------------
 
     def _model(self) -> Any:
-        trainer = self.trainer
-        return getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return self.trainer.lightning_module if self.trainer is not None else None
 
     def tokenizer_source(self) -> str:
         """``data.tokenizer_path``, else the model's ``pretrained_path``: the checkpoint's own tokenizer."""
@@ -349,16 +344,14 @@ class SFTDataModule(pl.LightningDataModule):
     def _row_stats(self, packed: Any) -> dict[str, Any]:
         import pyarrow.compute as pc
 
-        tokens = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0)
-        rows = len(packed)
+        tokens, rows = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0), len(packed)
         capacity = rows * self.hparams.seq_length if self.hparams.packing else tokens  # unpacked: see batch_waste
         return {"rows": rows, "tokens": tokens, "padding_waste": 1 - tokens / capacity if capacity else 0.0}
 
     def _build(self) -> None:
         hp = self.hparams
         raw = load_raw_dataset(hp.train_files, hp.split, hp.cache_dir)
-        source = str(hp.train_files)
-        val_raw = None
+        source, val_raw = str(hp.train_files), None
         if hp.val_files:
             val_raw = load_raw_dataset(hp.val_files, hp.split, hp.cache_dir)
         elif hp.val_fraction > 0 and len(raw) > 1:
@@ -375,15 +368,13 @@ class SFTDataModule(pl.LightningDataModule):
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)
         trainer = self.trainer
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Rank 0 tokenizes and writes the cache; the other ranks then find it by fingerprint.
-        if world > 1 and trainer.global_rank != 0:
+        if rank != 0:
             trainer.strategy.barrier("sft_data")
-            self._build()
-        else:
-            self._build()
-            if world > 1:
-                trainer.strategy.barrier("sft_data")
+        self._build()
+        if world > 1 and rank == 0:
+            trainer.strategy.barrier("sft_data")
         per_rank = len(self.train_dataset) // world
         if per_rank < self.hparams.batch_size:
             raise DataError(
@@ -402,8 +393,7 @@ class SFTDataModule(pl.LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         trainer = self.trainer
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Our own sampler, one shard per rank: Lightning leaves a DistributedSampler alone (no re-instantiation)
         # and calls its set_epoch; StatefulDataLoader records how far into it this epoch got.
         sampler = DistributedSampler(
