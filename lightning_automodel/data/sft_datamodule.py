@@ -1,11 +1,9 @@
 """Supervised fine-tuning data on Hugging Face ``datasets``: memory-mapped Arrow, tokenized once, packed, resumable.
 
-Files (``jsonl``/``json``/``parquet``/``csv``/``arrow``, or a ``save_to_disk`` directory) or a hub dataset name
-are loaded into Arrow tables that live on disk and are memory-mapped: a rank's resident memory does not grow
-with the corpus. Tokenization and packing are ``datasets.map`` passes cached by fingerprint (the source files,
-the tokenizer and every setting that changes the result), so a restart reads the cache instead of
-re-tokenizing. The training loader is torchdata's ``StatefulDataLoader`` over a seeded ``DistributedSampler``:
-Lightning stores its position in each checkpoint, so a mid-epoch resume continues with the next batch.
+Data lives in memory-mapped Arrow tables on disk (a rank's memory does not grow with the corpus).
+Tokenization and packing are ``datasets.map`` passes cached by fingerprint (source, tokenizer, settings),
+so a restart reads the cache. The training loader is a ``StatefulDataLoader`` over a seeded
+``DistributedSampler``: a mid-epoch resume continues with the next batch.
 """
 
 from __future__ import annotations
@@ -94,12 +92,8 @@ def _fingerprint(*parts: Any) -> str:
 
 
 class PackRows:
-    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens.
-
-    Each output row holds the concatenated ``input_ids``/``labels`` of its documents and ``seq_lens``;
-    each document's first label is ``-100`` (no predicting a document's first token from the previous one).
-    ``packing=False`` keeps one document per row.
-    """
+    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens
+    (``packing=False``: one document per row) with ``seq_lens``; each document's first label is ``-100``."""
 
     def __init__(self, row_length: int, packing: bool) -> None:
         self.row_length, self.packing = row_length, packing
