@@ -1,21 +1,12 @@
 """Single-file ``.ckpt`` saves that are atomic on every filesystem layout, and a check for truncated ones.
 
 Lightning's ``TorchCheckpointIO`` writes through ``fsspec``'s transaction, whose temporary file may live
-on another filesystem (``TMPDIR``): the final step is then a copy, and a kill during the copy leaves a
-truncated ``last.ckpt`` with the previous good copy already gone. ``AtomicTorchCheckpointIO`` writes to
-a temporary file in the target's own directory, flushes and fsyncs it, renames it onto the target
-(``os.replace``, atomic within one filesystem) and fsyncs the directory. A kill at any moment leaves the
-previous complete file or the new complete file under the final name (plus, at worst, a stale
-``.<name>.lightning-automodel-<host>-<pid>-*.tmp`` sibling, removed by the next save into that
-directory: only files whose name says this package wrote them, on this host, from a process that
-is gone; a user's own ``.last.ckpt.notes.tmp`` is never touched).
-
-The CLI adds it to the Trainer's plugins unless a ``CheckpointIO`` is configured
-(``lightning_automodel.cli``). Sharded (DCP) saves of ``ModelParallelStrategy`` do not go through a
-``CheckpointIO``; ``strategies.AtomicModelParallelStrategy`` makes those atomic.
-
-``check_resumable`` tells a complete single-file checkpoint from a truncated one by reading the zip's
-central directory (``torch.save`` writes a zip archive); nothing is unpickled.
+on another filesystem (``TMPDIR``): the final step is then a copy, and a kill during it leaves a
+truncated ``last.ckpt``. ``AtomicTorchCheckpointIO`` writes a temporary file beside the target, fsyncs
+it, renames it (``os.replace``) and fsyncs the directory: a kill leaves the previous or the new complete
+file (plus at worst a stale ``.<name>.lightning-automodel-<host>-<pid>-*.tmp``, removed by the next save
+into that directory; a user's own ``.tmp`` files are never touched). The CLI adds it unless a
+``CheckpointIO`` is configured; sharded (DCP) saves are made atomic by ``strategies``.
 """
 
 from __future__ import annotations
@@ -93,11 +84,8 @@ def current_umask() -> int:
 
 
 def remove_stale_tmp_files(directory: Path) -> list[Path]:
-    """Remove the temporary files of saves killed before their rename; returns what was removed.
-
-    Only provably ours: a regular file (not a symlink) named by :func:`atomic_torch_save` for this
-    host, whose writing process no longer runs. Anything else, a user's ``.x.tmp`` included, stays.
-    """
+    """Remove the temporary files of saves killed before their rename; returns what was removed. Only
+    provably ours: a regular file named by :func:`atomic_torch_save` on this host, its writer gone."""
     removed = []
     host = socket.gethostname()
     for entry in directory.iterdir() if directory.is_dir() else ():
@@ -119,7 +107,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # exists, owned by someone else
+        pass  # exists, owned by someone else
     return True
 
 
@@ -157,10 +145,6 @@ def incomplete_reason(path: PathLike) -> str | None:
     return None
 
 
-def _complete_sharded(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
-
-
 def newest_complete_checkpoint(directory: PathLike, exclude: PathLike | None = None) -> Path | None:
     """The most recently modified complete checkpoint (``*.ckpt`` file or sharded directory) in ``directory``."""
     directory = Path(directory)
@@ -179,8 +163,8 @@ def newest_complete_checkpoint(directory: PathLike, exclude: PathLike | None = N
     for candidate in sorted(candidates, key=mtime, reverse=True):
         if candidate.is_file() and incomplete_reason(candidate) is None:
             return candidate
-        if _complete_sharded(candidate):
-            return candidate
+        if candidate.is_dir() and (candidate / ".metadata").is_file() and (candidate / "meta.pt").is_file():
+            return candidate  # a complete sharded checkpoint
     return None
 
 
@@ -201,9 +185,7 @@ def check_resumable(ckpt_path: PathLike | None) -> None:
     if reason is None:
         return
     newest = newest_complete_checkpoint(path.parent, exclude=path)
-    hint = (
-        f"the newest complete checkpoint in {path.parent} is {newest}: resume with --ckpt_path {newest}"
-        if newest is not None
-        else f"no complete checkpoint found in {path.parent}"
-    )
+    hint = f"no complete checkpoint found in {path.parent}"
+    if newest is not None:
+        hint = f"the newest complete checkpoint in {path.parent} is {newest}: resume with --ckpt_path {newest}"
     raise CheckpointResumeError(f"checkpoint {path} is truncated or incomplete ({reason}); {hint}")

@@ -1,28 +1,19 @@
 """A ModelParallelStrategy (FSDP2) whose sharded checkpoints survive a kill at any moment, and which keeps
 CPU-offloaded shards in host memory.
 
-Lightning writes a sharded (DCP) checkpoint into its final directory, overwriting the previous one
-file by file; a run killed in the middle leaves ``last.ckpt`` with new shards next to old metadata,
-and a resume loads garbage or fails. Here:
+Lightning writes a sharded (DCP) checkpoint into its final directory file by file; a kill in the middle
+leaves new shards next to old metadata. Here:
 
-* every rank writes into a staging sibling (``.last.ckpt.tmp``); DCP fsyncs each data file as it
-  writes it, and rank 0 fsyncs the metadata files and the directory once every rank is done;
-* rank 0 then publishes it with ``core.atomic_files.replace_directory``: an atomic exchange with the
-  previous directory where the filesystem supports it (ext4, xfs, btrfs, tmpfs), so the final name
-  always holds a complete checkpoint; elsewhere two renames, the previous directory parked at
-  ``.last.ckpt.old`` in between, which the next save or load (and the CLI's ``--ckpt_path`` check)
-  moves back if a kill struck there;
-* a resume whose checkpoint has no optimizer state for some parameters this run trains (they got no
-  gradient, e.g. the vision tower of a VLM fine-tuned on text, or were frozen when it was saved) loads
-  the state the checkpoint has and starts those with fresh state, with one warning naming them
-  (``on_missing_optimizer_state="warn"``, the default), or stops with one line naming them and the fix
-  (``"error"``); Lightning's own load dies on ``Missing key in checkpoint state_dict``;
-* a second save of the same training state (``ModelCheckpoint(save_last=True)`` saves ``last``
-  right after its top-k file, at the same step) hard-links that save's data files instead of
-  writing the model and optimizer again; only ``meta.pt`` (which holds ModelCheckpoint's own
-  state) is written anew. "Same" is checked, not assumed: the step and an exact sum of every
-  local parameter shard must match on every rank (:func:`training_state_fingerprint`). Set
-  ``link_same_step_saves=False`` to always write.
+* every rank writes into a staging sibling (``.last.ckpt.tmp``), fsynced, and rank 0 publishes it with
+  ``core.atomic_files.replace_directory`` (an atomic exchange where the filesystem supports it; elsewhere
+  two renames, the previous directory parked at ``.last.ckpt.old``, moved back by the next save or load);
+* a resume whose checkpoint lacks optimizer state for some parameters this run trains (no gradient
+  before the save, e.g. a vision tower on text, or frozen then) starts those fresh with one warning
+  (``on_missing_optimizer_state="warn"``) or stops with one line (``"error"``); Lightning's own load dies
+  on ``Missing key in checkpoint state_dict``;
+* a second save of the same training state (``save_last`` right after the top-k file) hard-links that
+  save's data files and writes only ``meta.pt``; "same" is checked on every rank
+  (:func:`training_state_fingerprint`). ``link_same_step_saves=False`` always writes.
 """
 
 from __future__ import annotations
@@ -87,10 +78,9 @@ def load_present_optimizer_state(
 ) -> None:
     """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has; the others start fresh.
 
-    ``current`` is ``get_optimizer_state_dict(module, optimizer)``: a state for every parameter (torch
-    runs a zero step to create it), and a DCP load of a key the checkpoint lacks fails. So only the
-    present keys are requested; a parameter missing any key has no state at all afterwards (exactly a
-    fresh optimizer's, not the zero step's ``step = 1``). Each group keeps this run's parameters.
+    ``current`` (``get_optimizer_state_dict``) has a state for every parameter, and a DCP load of a key
+    the checkpoint lacks fails: so only present keys are requested, and a parameter missing any key ends
+    with no state at all (a fresh optimizer's, not the zero step's ``step = 1``).
     """
     from torch.distributed.checkpoint import load
 
@@ -125,10 +115,8 @@ def offloads_to_cpu(module: torch.nn.Module) -> bool:
 def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> tuple[Any, ...]:
     """Epoch, step, and an exact float64 sum of every local parameter and buffer shard.
 
-    Two saves of one run with equal fingerprints hold the same state: the optimizer state changes
-    only with a step (which changes ``global_step``), and any edit of the weights between two saves
-    at the same step changes a sum. The live tensors are summed, not the checkpoint's copies; one
-    read of the local shards (no allocation beyond one scalar per tensor, one sync per device).
+    Equal fingerprints mean the same state: the optimizer state changes only with a step, and an edit
+    of the weights at the same step changes a sum. One scalar per tensor, one sync per device.
     """
     from torch.distributed.tensor import DTensor
 
@@ -152,10 +140,8 @@ def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, An
 def backend_with_cpu_path(requested: str | None, device: torch.device) -> str | None:
     """The process-group backend for ``device``: on CUDA, NCCL plus gloo for CPU tensors unless one was chosen.
 
-    With FSDP2 CPU offload the gradients are CPU DTensors, so Lightning's gradient clipping
-    (``clip_grad_norm_``) all-reduces their norm on the CPU, and an NCCL-only group fails ("No
-    backend type associated with device type cpu"; pytorch#148532). A gloo backend beside NCCL costs
-    no device memory and serves every CPU collective (also DCP's planning of CPU shards).
+    With FSDP2 CPU offload, gradient clipping all-reduces CPU DTensors and an NCCL-only group fails
+    (pytorch#148532); gloo beside NCCL costs no device memory and serves every CPU collective.
     """
     if requested is not None or device.type != "cuda":
         return requested
@@ -165,10 +151,8 @@ def backend_with_cpu_path(requested: str | None, device: torch.device) -> str | 
 def check_checkpoint_is_data(path: Path) -> None:
     """Refuse (one line) a checkpoint whose metadata would import or run anything when unpickled.
 
-    Lightning's load hands a sharded directory to DCP, which unpickles ``.metadata`` with plain
-    ``pickle``, and reads ``meta.pt`` with ``torch.load``; every rank reads both. So every rank
-    first reads them through the restricted readers export uses (DCP's own types; Lightning's
-    metadata types, ``weights_only``): a crafted file fails here, before any plain unpickling.
+    DCP unpickles ``.metadata`` with plain ``pickle`` on every rank: each rank first reads it (and
+    ``meta.pt``) through export's restricted readers, so a crafted file fails here.
     """
     from lightning_automodel.checkpoint_io import CheckpointResumeError
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
@@ -182,13 +166,10 @@ def check_checkpoint_is_data(path: Path) -> None:
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus one).
+    """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus two).
 
-    With FSDP2 CPU offload, only buffers go to the device: Lightning's ``model.to(device)`` would copy
-    every shard to the GPU (the state that did not fit, hence the offload) and FSDP2 would then refuse
-    it ("FSDP parameters should be materialized on CPU when enabling CPU offloading").
-
-    On CUDA, without an explicit ``process_group_backend``, the process group is ``cpu:gloo,cuda:nccl``
+    With FSDP2 CPU offload only buffers go to the device (``model.to(device)`` would copy the shards
+    that did not fit to the GPU). On CUDA the default process group is ``cpu:gloo,cuda:nccl``
     (:func:`backend_with_cpu_path`), so clipping CPU-offloaded gradients works.
 
     Args:
@@ -239,17 +220,11 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if not self.link_same_step_saves or self._previous_save is None:
             return None
         path, previous_id = self._previous_save
-        if previous_id != state_id or not (path / ".metadata").is_file():
-            return None
-        return path
+        return path if previous_id == state_id and (path / DCP_METADATA_FILE).is_file() else None
 
     def _on_rank_0_then_agree(self, step: Callable[[], object], what: str) -> None:
-        """Run a filesystem ``step`` on rank 0, then agree on its outcome (a collective).
-
-        A failure on rank 0 alone (a full disk, ``os.link`` refused across filesystems) would leave the
-        other ranks at the next barrier until the timeout; here it raises on rank 0 and, within one
-        all-reduce, a one-line error on every other rank.
-        """
+        """Run a filesystem ``step`` on rank 0, then agree on its outcome (a collective): a failure on rank 0
+        alone (a full disk) raises there and, within one all-reduce, as one line on every other rank."""
         error: Exception | None = None
         if self.global_rank == 0:
             try:

@@ -1,9 +1,8 @@
 """What ``lightning-automodel export`` needs, recorded in every Lightning checkpoint the callbacks see.
 
-A checkpoint holds tensors under the LightningModule's attribute names; turning it back into a
-Hugging Face directory needs the model's config and where the model sits in the module. Storing
-both in the checkpoint (a JSON string, readable with ``weights_only=True``) makes any
-LightningModule's checkpoint exportable without the original weights directory.
+The model's config and where the model sits in the LightningModule, stored in the checkpoint (a JSON
+string, readable with ``weights_only=True``): any LightningModule's checkpoint exports without the
+original weights directory.
 """
 
 from __future__ import annotations

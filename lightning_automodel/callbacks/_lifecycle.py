@@ -1,35 +1,19 @@
 """When model surgery runs, whatever the user's LightningModule looks like.
 
 Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``, and
-``Callback.setup`` runs before ``configure_model`` (and before the LightningModule's own ``setup``).
-So two LightningModule methods are patched on the instance for the duration of one Trainer run:
+``Callback.setup`` runs before ``configure_model``. So two LightningModule methods are patched on the
+instance for one Trainer run: ``setup`` (surgery before FSDP2 ``fully_shard``, which the bf16 cast
+needs) and, when overridden, ``configure_model`` (surgery again on the built or sharded model, which the
+tie repair needs). Surgeries are idempotent; both moments precede ``configure_optimizers``, so frozen
+parameters never reach the optimizer.
 
-* ``setup``: if the model already has parameters, surgery runs here (before FSDP2 ``fully_shard`` in
-  ``configure_model``, which is what the bf16 cast needs).
-* ``configure_model`` (only when overridden): surgery runs again right after it returns, on the
-  built or sharded model (what the tie repair needs). Surgeries are idempotent.
-
-Both moments precede ``configure_optimizers``, so frozen parameters never reach the optimizer.
-
-The patches (:class:`MethodPatch`) hold no Trainer: each call looks up the Trainer the module is
-attached to *now* and runs the surgery callbacks of *that* Trainer (``trainer.callbacks``), sorted by
-``surgery_order`` (LoRA 5, freeze 10, dead parameters 20, cast 30, tie 40, summary 50) whatever the
-order of ``Trainer(callbacks=...)``. Nothing of ours outlives the run on the user's objects: every
-surgery callback removes all patches at ``teardown`` and, because Lightning skips ``teardown`` after an
-exception, at ``on_exception`` too. So after a fit, failed or not, the module pickles, deep-copies and
-runs under ``ddp_spawn``, and a copy fitted by another Trainer gets only that Trainer's surgery. The
-patches are picklable objects (the owner, a method name and a module-level function), not closures.
-Per-run state lives on the callbacks and is reset in their ``setup``.
-
-The order of surgery is decided in one place, :func:`surgery_schedule`, for ``fit`` and ``plan`` alike:
-LoRA injection (5), the job's ``weights_dtype`` cast (:data:`WEIGHTS_DTYPE_ORDER`, so adapters are
-created in fp32 and stay fp32), freeze (10), dead parameters (20), mixed cast (30), tie (40).
-
-A surgery callback may also define ``apply_before_sharding(trainer, pl_module, model)`` for changes
-that must happen on the unsharded (meta) model, before ``fully_shard``: a LightningModule that shards
-in ``configure_model`` runs those (``prepare_before_sharding`` in ``callbacks/_pre_shard.py``), taking
-the Trainer from :func:`attached_trainer` and the callbacks from :func:`surgery_callbacks`, in the
-same order.
+The patches (:class:`MethodPatch`) are picklable objects that hold no Trainer: each call runs the
+surgery callbacks of the Trainer the module is attached to *now*, in :func:`surgery_schedule` order.
+Every surgery callback removes all patches at ``teardown`` and at ``on_exception`` (Lightning skips
+``teardown`` after an exception), so after a fit the module pickles, deep-copies and runs under
+``ddp_spawn`` untouched. Per-run state lives on the callbacks and is reset in their ``setup``.
+A surgery callback may define ``apply_before_sharding(trainer, pl_module, model)`` for changes that
+must happen on the unsharded (meta) model: see :func:`prepare_before_sharding`.
 """
 
 from __future__ import annotations
@@ -41,6 +25,7 @@ from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -91,11 +76,8 @@ class WeightsDtypeCast:
 def surgery_schedule(
     callbacks: Iterable[Callback], weights_cast: Callable[[nn.Module], object] | None = None
 ) -> list[SurgeryStep]:
-    """THE order of surgery, for ``fit`` and ``plan``: the surgery callbacks and the weights cast by ``surgery_order``.
-
-    LoRA injection (5), weights dtype (:data:`WEIGHTS_DTYPE_ORDER`), freeze (10), dead parameters (20),
-    mixed cast (30), tie (40), summary (50); equal orders keep the order given (stable sort).
-    """
+    """THE order of surgery, for ``fit`` and ``plan``: LoRA (5), weights dtype (7), freeze (10), dead
+    parameters (20), mixed cast (30), tie (40), summary (50); equal orders keep the order given."""
     steps: list[SurgeryStep] = [cb for cb in callbacks if isinstance(cb, ModelSurgeryCallback)]
     if weights_cast is not None:
         steps.append(WeightsDtypeCast(weights_cast))
@@ -158,21 +140,16 @@ def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback.apply_surgery(trainer, pl_module, model)
     for callback in callbacks:
         callback.surgery_runs += 1
-    _check_ranks_agree(model)
+    mismatch = first_mismatch_across_ranks(frozen_names(model))
+    if mismatch is not None:
+        raise MisconfigurationException(
+            f"Ranks froze different parameters: rank {mismatch[0]} differs from rank 0 first at {mismatch[1]!r}. Every "
+            "rank must apply the same freeze configuration (a config or seed that depends on the rank causes this)."
+        )
     if trainer.state.fn == "fit" and not any(p.requires_grad for p in pl_module.parameters()):
         raise MisconfigurationException(
             "Every parameter is frozen, so there is nothing to train. Check the freeze configuration "
             "(ParameterFreezing freeze_* flags and freeze_modules selectors) or add unfreeze_modules."
-        )
-
-
-def _check_ranks_agree(model: nn.Module) -> None:
-    mismatch = first_mismatch_across_ranks(frozen_names(model))
-    if mismatch is not None:
-        rank, name = mismatch
-        raise MisconfigurationException(
-            f"Ranks froze different parameters: rank {rank} differs from rank 0 first at {name!r}. Every rank must "
-            "apply the same freeze configuration (a config or seed that depends on the rank causes this)."
         )
 
 
@@ -189,11 +166,9 @@ _ABSENT = _Absent()
 class MethodPatch:
     """``owner.<name>`` replaced on the instance by ``around(owner, call_previous, *args, **kwargs)``.
 
-    A plain object, not a closure: it holds the owner, the method name and a module-level function, so
-    an owner that is pickled or deep-copied while patched stays picklable, and a copy's patch calls the
-    copy. ``previous`` is what the instance attribute was before (``_ABSENT``: the class's method), looked
-    up at each call, never a bound method held across calls. An inactive patch only calls through (what
-    :func:`remove_patches` leaves behind when something patched the same method on top of it).
+    Not a closure, so a patched owner stays picklable and a deep copy's patch calls the copy.
+    ``previous`` is the instance attribute before (``_ABSENT``: the class's method, looked up at each
+    call). An inactive patch only calls through (left when something patched on top of it).
     """
 
     def __init__(self, owner: object, name: str, around: Callable[..., Any], previous: Any = _ABSENT) -> None:
@@ -247,11 +222,8 @@ def patch_method(owner: object, name: str, around: Callable[..., Any]) -> None:
 
 
 def remove_patches(owner: object | None) -> None:
-    """Remove every :class:`MethodPatch` from ``owner``'s instance attributes, restoring what was there before.
-
-    A patch reachable from the attribute is unlinked; one that something else wrapped on top of it is
-    deactivated instead (it then only calls through), so nothing of ours acts after the run.
-    """
+    """Remove every :class:`MethodPatch` from ``owner``, restoring what was there before; one that something
+    else wrapped is deactivated instead (it then only calls through), so nothing of ours acts after the run."""
     if owner is None or not hasattr(owner, "__dict__"):
         return
     for patch in [patch for patch in _LIVE_PATCHES if patch.owner is owner]:
@@ -279,42 +251,10 @@ def _surgery_after(pl_module: pl.LightningModule, call_previous: Callable[..., A
     return result
 
 
-def install_surgery_hooks(pl_module: pl.LightningModule) -> None:
-    """Patch ``pl_module.setup`` and, when overridden, ``configure_model`` (once; undone by :func:`remove_patches`).
-
-    The patches hold the module and the method name only: which Trainer and which callbacks is decided
-    at each call.
-    """
-    patch_method(pl_module, "setup", _surgery_after)
-    if is_overridden("configure_model", pl_module):
-        patch_method(pl_module, "configure_model", _surgery_after)
-
-
 def remove_run_patches(trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
     """Undo every patch a surgery callback made for this run: on the module and on the Trainer's strategy."""
     remove_patches(pl_module)
     remove_patches(trainer.strategy)
-
-
-def _reject_unsupported_strategy(trainer: pl.Trainer, name: str) -> None:
-    try:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-    except ImportError:  # pragma: no cover
-        return
-    if isinstance(trainer.strategy, DeepSpeedStrategy):
-        raise MisconfigurationException(
-            f"{name} does not support DeepSpeed: DeepSpeed flattens parameters at wrap time. Use "
-            "ModelParallelStrategy (FSDP2), FSDPStrategy, DDP or a single device."
-        )
-
-
-def optimizer_holds_frozen(trainer: pl.Trainer) -> list[int]:
-    """Indices of optimizers that hold at least one frozen parameter."""
-    bad = []
-    for i, optimizer in enumerate(trainer.optimizers):
-        if any(not p.requires_grad for group in optimizer.param_groups for p in group["params"]):
-            bad.append(i)
-    return bad
 
 
 class ModelSurgeryCallback(Callback):
@@ -341,9 +281,16 @@ class ModelSurgeryCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _reject_unsupported_strategy(trainer, type(self).__name__)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                f"{type(self).__name__} does not support DeepSpeed: DeepSpeed flattens parameters at wrap time. Use "
+                "ModelParallelStrategy (FSDP2), FSDPStrategy, DDP or a single device."
+            )
         self.reset_run_state()
-        install_surgery_hooks(pl_module)
+        # Which Trainer and which callbacks is decided at each call, not here.
+        patch_method(pl_module, "setup", _surgery_after)
+        if is_overridden("configure_model", pl_module):
+            patch_method(pl_module, "configure_model", _surgery_after)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -364,26 +311,16 @@ class ModelSurgeryCallback(Callback):
         if surgery_callbacks(trainer)[0] is not self:
             return  # one warning per fit, from the first surgery callback
         # Only a sharded (DCP) resume can fail on it; on one device and DDP the warning would cry wolf
-        if trainer.strategy.restore_checkpoint_after_setup and optimizer_holds_frozen(trainer):
+        frozen_in_optimizer = any(
+            not p.requires_grad for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
+        )
+        if trainer.strategy.restore_checkpoint_after_setup and frozen_in_optimizer:
             rank_zero_warn(FROZEN_IN_OPTIMIZER_WARNING)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        first = surgery_callbacks(trainer)[:1]
-        if first == [self]:  # one check per fit, from the first surgery callback
+        if surgery_callbacks(trainer)[0] is self:  # one check per fit, from the first surgery callback
             warn_resumed_without_optimizer_state(trainer, pl_module)
-
-
-def trainable_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-    """Names of trainable parameters the optimizers hold but have no state for (checked after a resume)."""
-    names = {id(p): name for name, p in pl_module.named_parameters()}
-    return sorted(
-        names.get(id(p), "?")
-        for optimizer in trainer.optimizers
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.requires_grad and not optimizer.state.get(p)
-    )
 
 
 def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -395,7 +332,14 @@ def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.Ligh
     """
     if not trainer.ckpt_path or trainer.strategy.restore_checkpoint_after_setup or trainer.global_step == 0:
         return
-    missing = trainable_without_optimizer_state(trainer, pl_module)
+    names = {id(p): name for name, p in pl_module.named_parameters()}
+    missing = sorted(
+        names.get(id(p), "?")
+        for optimizer in trainer.optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.requires_grad and not optimizer.state.get(p)
+    )
     if missing:
         more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
         rank_zero_warn(

@@ -1,23 +1,14 @@
 """Resuming with the checkpoint's frozen set, before any optimizer state is loaded.
 
-The optimizer state in a checkpoint belongs to the parameters that trained. If a resumed run trains
-a different set, the optimizer load fails with a raw torch error (one device: ``loaded state dict
-contains a parameter group that doesn't match the size of optimizer's group``; DCP: ``Missing key in
-checkpoint state_dict: optimizer_0.state...``) or, worse, silently resumes a different run. So the
-saved frozen set is compared with the model's before that load and either re-applied (with a warning
-naming the parameters) or refused (an error naming them).
+If a resumed run trains a different set than the checkpoint's, the optimizer load fails with a raw torch
+error or, worse, silently resumes a different run. So the saved frozen set is compared with the model's
+before that load and either re-applied (a warning naming the parameters) or refused (an error).
 
-When that comparison can run depends on the strategy:
-
-* single device, DDP: Lightning restores modules and callbacks before ``configure_optimizers``, so
-  ``Callback.on_load_checkpoint`` is early enough;
-* ``ModelParallelStrategy`` / ``FSDPStrategy`` (``restore_checkpoint_after_setup``): the optimizer
-  exists and ``strategy.load_checkpoint`` restores its state before any callback hook sees the
-  checkpoint, and the checkpoint path is not known before that call. So the strategy's
-  ``load_checkpoint`` is patched for the run (per instance, stateless, removed at teardown and on exception): it reads only the callbacks' saved state
-  (``meta.pt`` of a DCP directory, or the file memory-mapped), lets the callbacks reconcile, rebuilds
-  the optimizers through ``strategy.setup_optimizers`` when what trains changed, and only then lets
-  the strategy load.
+On one device and DDP, ``Callback.on_load_checkpoint`` runs before ``configure_optimizers``: early
+enough. Strategies with ``restore_checkpoint_after_setup`` (FSDP) load the optimizer state inside
+``strategy.load_checkpoint``, before any callback hook, so that method is patched for the run
+(stateless, removed at teardown and on exception): it reads only the callbacks' saved state, lets the
+callbacks reconcile, rebuilds the optimizers when what trains changed, and then lets the strategy load.
 """
 
 from __future__ import annotations
@@ -47,12 +38,8 @@ def preview(names: Iterable[str]) -> str:
 
 
 def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:
-    """The state a callback saved under ``state_key``, or under an older ``state_key{...}`` key.
-
-    Earlier versions put the configuration into the key (``ParameterFreezing{'config': ...}``), so a
-    changed configuration never found its checkpoint; those checkpoints are still read when the key is
-    unambiguous.
-    """
+    """The state a callback saved under ``state_key``, or under an older ``state_key{...}`` key (earlier
+    versions put the configuration into the key; read when unambiguous)."""
     if state_key in callback_states:
         return callback_states[state_key]
     legacy = [k for k in callback_states if isinstance(k, str) and k.startswith(state_key + "{")]
@@ -62,10 +49,8 @@ def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[s
 def read_callback_states(checkpoint_path: Any, weights_only: bool | None) -> Mapping[str, Any] | None:
     """Only the ``callbacks`` entry of a checkpoint, without reading a tensor; None when unreadable.
 
-    Read as data whatever ``weights_only`` says (``weights_only=True`` with Lightning's short
-    allow-list; a sharded directory's DCP ``.metadata`` through the restricted unpickler): this read
-    runs before the strategy's own load, so it must never unpickle code. If it fails, the strategy's
-    load (or its check) reports it in its own words, so nothing is raised here.
+    Always read as data, whatever ``weights_only`` says: this runs before the strategy's own load, which
+    reports an unreadable file in its own words, so nothing is raised here.
     """
     from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
 
@@ -93,11 +78,8 @@ def dcp_stored_keys(path: Path) -> set[str]:
 
 
 def optimizer_state_key(module_prefix: str, name: str, optimizer_index: int = 0, state: str = "step") -> str:
-    """The DCP key of a parameter's optimizer state in a Lightning sharded checkpoint.
-
-    ``name`` is relative to the Hugging Face model, ``module_prefix`` where that model sits in the
-    LightningModule (``target_model``'s ``"model."``): ``optimizer_0.state.model.lm_head.weight.step``.
-    """
+    """The DCP key of a parameter's optimizer state, ``name`` relative to the model at ``module_prefix``:
+    ``optimizer_0.state.model.lm_head.weight.step``."""
     return f"optimizer_{optimizer_index}.state.{_dotted(module_prefix)}{name}.{state}"
 
 
@@ -106,10 +88,8 @@ def _dotted(prefix: str) -> str:
 
 
 def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str]:
-    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``).
-
-    Only ``optimizer_key``'s (``optimizer_0``) when given, else any optimizer's.
-    """
+    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``), only
+    ``optimizer_key``'s when given."""
     fqns = set()
     for key in keys:
         optimizer, _, rest = key.partition(".state.")
@@ -119,10 +99,8 @@ def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str
 
 
 def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
-    """Parameter names (relative to the model at ``module_prefix``) a sharded checkpoint has optimizer state for.
-
-    None when that cannot be told (not a DCP directory, unreadable metadata).
-    """
+    """Parameter names (relative to the model at ``module_prefix``) a sharded checkpoint has optimizer state for;
+    None when that cannot be told (not a DCP directory, unreadable metadata)."""
     path = Path(checkpoint_path)
     if not (path / DCP_METADATA_FILE).is_file():
         return None
@@ -138,9 +116,8 @@ def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[
 def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: Iterable[str]) -> list[dict[int, str]] | None:
     """Per saved optimizer of a full checkpoint (one device, DDP): parameter position -> name.
 
-    The optimizer of the saved run held its trainable parameters, the model's minus the checkpoint's
-    frozen set, in module order (``configure_optimizers`` over ``parameters()``); None when the saved
-    state does not hold exactly that many parameters (another optimizer layout: cannot be told).
+    The saved optimizer held the model's parameters minus the saved frozen set, in module order; None
+    when it holds another count (another optimizer layout: cannot be told).
     """
     states = checkpoint.get("optimizer_states")
     if not isinstance(states, list) or not states:
@@ -238,13 +215,9 @@ def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
 def install_resume_check(strategy: pl.strategies.Strategy) -> None:
     """Patch ``strategy.load_checkpoint`` once so callbacks reconcile before the optimizer state loads.
 
-    Only for strategies that restore after ``configure_optimizers``. The patch (a picklable
-    :class:`~lightning_automodel.callbacks._lifecycle.MethodPatch`, removed at teardown and on exception)
-    keeps no Trainer or callback: at each call it asks the strategy's current LightningModule for its
-    Trainer and calls ``reconcile_with_checkpoint(trainer, pl_module, callback_states, checkpoint_path)``
-    on every callback of that Trainer that defines it. When one of them changed what trains, the
-    optimizers are rebuilt from ``configure_optimizers`` (they hold no state yet), so the load finds
-    exactly the parameters the checkpoint has state for.
+    At each call the patch finds the Trainer of the strategy's LightningModule and calls
+    ``reconcile_with_checkpoint(trainer, pl_module, callback_states, checkpoint_path)`` on each of its
+    callbacks that defines it; when one changed what trains, the (still stateless) optimizers are rebuilt.
     """
     patch_method(strategy, "load_checkpoint", _load_after_reconcile)
 

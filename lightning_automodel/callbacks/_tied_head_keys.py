@@ -1,16 +1,12 @@
 """Loading checkpoints that omit a tied ``lm_head.weight`` (HF tied checkpoints, some exporters).
 
-Full ``.ckpt`` files on one device or DDP: the LightningModule's ``on_load_checkpoint`` runs before
-the weights are loaded, so a wrapper on it adds the missing key to ``checkpoint["state_dict"]`` from
-the embedding source.
+Full ``.ckpt`` files on one device or DDP: a wrapper on the LightningModule's ``on_load_checkpoint``
+(which runs before the weights load) adds the missing key from the embedding.
 
-Under ``ModelParallelStrategy`` the strategy loads the module itself, before any hook: DCP fails on
-the missing key (``Missing key in checkpoint state_dict: state_dict.model.lm_head.weight``) and a
-full file with ``KeyError``. When the head is tied *in the model* (one Parameter object for head and
-embedding) and the checkpoint has the embedding, the head is the embedding: :func:`tied_head_detached`
-takes the head's registration off its module for the duration of the strategy's load, so neither
-path asks for it, and puts the same Parameter back afterwards. Public ``nn.Module`` operations only;
-every other missing key still fails as before.
+Under ``ModelParallelStrategy`` the strategy loads the module before any hook and fails on the missing
+key. When head and embedding are one Parameter in the model and the checkpoint has the embedding,
+:func:`tied_head_detached` unregisters the head for the duration of the load and puts the same
+Parameter back afterwards. Every other missing key still fails as before.
 """
 
 from __future__ import annotations
@@ -64,12 +60,8 @@ def missing_tied_head_keys(stored: set[str], model: nn.Module, prefix: str) -> t
 
 
 def checkpoint_keys(path: Path) -> set[str] | None:
-    """The keys a Lightning checkpoint stores, DCP-style (``state_dict.<name>``), without loading tensors.
-
-    DCP: its metadata (read through the allow-list of ``trained_checkpoint``); a file: the structure of
-    ``torch.load(mmap=True, weights_only=True)``. ``None`` when it cannot be read that way (Lightning's
-    own load then reports the problem).
-    """
+    """The keys a Lightning checkpoint stores, DCP-style (``state_dict.<name>``), without loading tensors
+    (restricted readers only); ``None`` when unreadable (Lightning's own load then reports it)."""
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, SafeFileSystemReader, safe_torch_load
 
     try:
@@ -86,11 +78,8 @@ def checkpoint_keys(path: Path) -> set[str] | None:
 
 @contextlib.contextmanager
 def tied_head_detached(model: nn.Module, head_name: str, source_name: str) -> Iterator[bool]:
-    """Within the block, ``model`` has no ``head_name`` parameter if it is the same object as ``source_name``'s.
-
-    Yields whether it detached the head (not when the two are distinct tensors: then the head must
-    be loaded, and a missing key is the right error).
-    """
+    """Within the block, ``model`` has no ``head_name`` parameter if it is the same object as ``source_name``'s;
+    yields whether it detached it (distinct tensors: the head must be loaded, a missing key is the right error)."""
     head = model.get_parameter(head_name)
     if head is not model.get_parameter(source_name):
         yield False

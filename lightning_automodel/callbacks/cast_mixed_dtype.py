@@ -20,16 +20,12 @@ log = rank_zero_logger(__name__)  # one line per job: rank 0's
 class CastMixedDtypeToBF16(ModelSurgeryCallback):
     """Cast every fp32 parameter (and optionally buffer) of the model to bf16, in place.
 
-    FSDP2 needs one original dtype among a group's trainable parameters and otherwise fails at the first
-    forward with ``FSDP expects uniform original parameter dtype``. The cast runs before
-    ``configure_model`` shards the model when the model exists at ``setup``, else right after
-    ``configure_model`` (FSDP2 supports casting sharded parameters). Parameter objects are kept.
+    FSDP2 fails at the first forward with ``FSDP expects uniform original parameter dtype`` otherwise.
+    The cast runs before sharding when the model exists at ``setup``, else right after
+    ``configure_model`` (FSDP2 casts sharded parameters; FSDP1 flat parameters cannot be: an error).
 
     Args:
         cast_buffers: cast fp32 buffers too (RoPE ``inv_freq`` loses precision in bf16; off by default).
-
-    Limit: FSDP1 modules wrapped by the user inside ``configure_model`` (flat parameters) cannot be cast
-    after wrapping; that is a configuration error.
     """
 
     surgery_order: ClassVar[int] = 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -27,15 +28,11 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
     A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
-    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict:
-    optimizer_0.state.model.<name>.step`` (``AtomicModelParallelStrategy`` starts them fresh with a warning). Known cases are frozen
-    by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them). For every other model,
-    the first ``detect_steps`` backward passes are watched: a trainable parameter that received no
-    gradient on any rank in any of them is named on rank 0, with the selector that freezes it.
-
-    Parameters are tracked by name and looked up again after every watched backward: FSDP2 swaps
-    the module's parameter objects (sharded and unsharded, at lazy init and around every forward,
-    validation included), so an object captured earlier may never see its gradient.
+    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``
+    (``AtomicModelParallelStrategy`` starts them fresh with a warning). Known cases are frozen by rule,
+    after ``ParameterFreezing`` (so no unfreeze selector revives them). Otherwise the first
+    ``detect_steps`` backward passes are watched (by name: FSDP2 swaps the parameter objects): a
+    trainable parameter with no gradient on any rank is named on rank 0, with the selector that freezes it.
 
     Args:
         detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
@@ -122,13 +119,9 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     def _selector_paths(self, unused: list[str]) -> list[str]:
         """For each unused parameter, the outermost module whose watched parameters are all unused (else the parameter)."""
-        watched: dict[str, int] = {}
-        dead: dict[str, int] = {}
         unused_set = set(unused)
-        for name in self._watched:
-            for module in _module_prefixes(name):
-                watched[module] = watched.get(module, 0) + 1
-                dead[module] = dead.get(module, 0) + (name in unused_set)
+        watched = Counter(m for name in self._watched for m in _module_prefixes(name))
+        dead = Counter(m for name in self._watched if name in unused_set for m in _module_prefixes(name))
         paths: list[str] = []
         for name in unused:
             path = next((m for m in _module_prefixes(name) if m in watched and dead[m] == watched[m]), name)
@@ -143,11 +136,8 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """The dead set of the checkpoint, re-applied within the dead-parameter scope (rules may change).
-
-        ``ParameterFreezing`` re-applies the checkpoint's whole frozen set before the optimizer state
-        loads; this covers runs without it on strategies that restore before ``configure_optimizers``.
-        """
+        """The checkpoint's dead set, re-applied within the dead-parameter scope, for runs without
+        ``ParameterFreezing`` on strategies that restore before ``configure_optimizers``."""
         state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
         if state is None or trainer.state.fn != "fit":
             return

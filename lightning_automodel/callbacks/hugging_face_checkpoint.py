@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_automodel.callbacks._export_info import record_export_info, source_directory
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.hub_from_module import (
+    full_tensor,
     merge_transform,
     module_state,
     plan_module_layout,
@@ -24,8 +25,11 @@ from lightning_automodel.core.hub_layout import HubModelInfo, hub_model_info
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
     check_replaceable,
+    parse_size,
     publish_directory,
     remove_stale_staging,
+    staging_directory,
+    write_adapter_directory,
     write_config_files,
     write_marker,
 )
@@ -38,12 +42,8 @@ log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None:
-    """Refuse (one line) a save target that is, contains or lies inside the directory the model is loaded from.
-
-    Publishing replaces the target directory: a target that is or contains the source would delete
-    the weights the run started from (``pretrained_path: runs/hf/final`` with ``dirpath: runs/hf``);
-    one inside it would write into the user's model directory.
-    """
+    """Refuse (one line) a save target that is, contains or lies inside the directory the model is loaded from:
+    publishing replaces the target, which would delete the weights the run started from or write into them."""
     t, s = target.resolve(), source.resolve()
     relation = "is" if t == s else "contains" if s.is_relative_to(t) else "is inside" if t.is_relative_to(s) else None
     if relation is not None:
@@ -51,6 +51,15 @@ def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None
             f"{what}: {target} {relation} the model's source directory {source} (model.pretrained_path); "
             "saving there would replace or change it. Choose another dirpath."
         )
+
+
+def _check_replaceable(path: Path, error: type[Exception], what: str) -> None:
+    """Refuse now, not after hours of training, a target that publishing would not replace (checked again then)."""
+    if path.exists() or path.is_symlink():
+        try:
+            check_replaceable(path)
+        except PublishRefused as exc:
+            raise error(f"{what}: {exc}") from None
 
 
 def is_last_step(trainer: pl.Trainer) -> bool:
@@ -70,17 +79,12 @@ class HuggingFaceCheckpoint(Callback):
     safetensors shards with an index, config, generation config and the tokenizer of the source
     directory; directories 0755, files 0644.
 
-    Every rank writes: output file ``i`` belongs to rank ``i % world_size``, which creates it; each
-    rank writes its own rows of renamed tensors into it in place, and converted groups (fused MoE
-    experts) are gathered to the owner only, in the output dtype. Per rank memory is at most one
-    output shard plus one gathered group, never the model; a failed write is an error on every rank. Files go to a staging directory beside the target;
-    rank 0 publishes it with one rename after every rank has fsynced its files, so a crash leaves
-    the previous directory or the new one, never a mix. ``dirpath`` must be on a filesystem every
-    node sees (as for sharded checkpoints).
-
-    It also records in every Lightning checkpoint what ``lightning-automodel export`` needs (the
-    Hugging Face config and where the model sits in the LightningModule), so a checkpoint of any
-    LightningModule exports.
+    Every rank writes its own rows of the output files in place (converted groups such as fused MoE
+    experts are gathered to the file's owner only): per rank memory is at most one output shard plus
+    one group, never the model. Files go to a staging directory that rank 0 publishes with one rename
+    after every rank fsynced, so a crash leaves the previous directory or the new one, never a mix.
+    ``dirpath`` must be on a filesystem every node sees. It also records in every Lightning checkpoint
+    what ``lightning-automodel export`` needs, so a checkpoint of any LightningModule exports.
 
     Args:
         dirpath: where the directories go (default: ``<trainer.default_root_dir>/hf``).
@@ -107,7 +111,6 @@ class HuggingFaceCheckpoint(Callback):
         adapter_only: bool = False,
     ) -> None:
         from lightning_automodel.core.dtypes import export_dtype
-        from lightning_automodel.core.hub_writer import parse_size
 
         if every_n_train_steps < 0:
             raise MisconfigurationException(f"HuggingFaceCheckpoint(every_n_train_steps=...) must be >= 0; got {every_n_train_steps}.")
@@ -145,12 +148,8 @@ class HuggingFaceCheckpoint(Callback):
         source = (getattr(pl_module, "hparams", None) or {}).get("pretrained_path")
         if source:
             check_target_is_not_source(root, Path(source), what="HuggingFaceCheckpoint(dirpath=...)")
-        final = root / "final"
-        if self.save_on_train_end and (final.exists() or final.is_symlink()):
-            try:
-                check_replaceable(final)  # now, not after hours of training
-            except PublishRefused as exc:
-                raise ValueError(f"HuggingFaceCheckpoint(dirpath=...): {exc}") from None
+        if self.save_on_train_end:
+            _check_replaceable(root / "final", ValueError, "HuggingFaceCheckpoint(dirpath=...)")
         if trainer.is_global_zero:
             remove_stale_staging(root)  # only staging directories of killed saves (our signature, process gone)
 
@@ -185,17 +184,14 @@ class HuggingFaceCheckpoint(Callback):
         source = source_directory(pl_module)
         if source is not None:
             check_target_is_not_source(out, Path(source), what="HuggingFaceCheckpoint")
-        if out.exists() or out.is_symlink():
-            try:
-                check_replaceable(out)  # checked again when publishing
-            except PublishRefused as exc:
-                raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
+        _check_replaceable(out, MisconfigurationException, "HuggingFaceCheckpoint")
         state = module_state(model)
         lora = any(is_adapter_name(name) for name in state)
         if self.adapter_only:
             if not lora:
                 raise MisconfigurationException("HuggingFaceCheckpoint(adapter_only=True) needs LoRA adapters: add the LoRA callback, or drop adapter_only.")
-            return self._save_adapter(trainer, model, state, info.source, out)
+            self._save_adapter(trainer, model, state, info.source, out)
+            return self._saved(trainer, out)
         omit = tied_head_to_omit(model, state, device=strategy.root_device)
         merge = self._lora_merge(model, info, state) if lora else None
         if omit is not None and merge is not None and merge.is_merged(base_checkpoint_name(get_input_embeddings_weight_and_name(model)[1] or "")):
@@ -211,12 +207,7 @@ class HuggingFaceCheckpoint(Callback):
         if floats:
             config.dtype = max(set(floats), key=floats.count)
 
-        staging = None
-        if trainer.is_global_zero:
-            from lightning_automodel.core.hub_writer import staging_directory
-
-            staging = staging_directory(out)
-        staging = Path(strategy.broadcast(str(staging) if staging is not None else None))
+        staging = Path(strategy.broadcast(str(staging_directory(out)) if trainer.is_global_zero else None))
         strategy.barrier("hf_checkpoint_staged")
         write_shards_from_all_ranks(
             self._layout_model, state, layout, staging,
@@ -231,7 +222,10 @@ class HuggingFaceCheckpoint(Callback):
             write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
             publish_directory(staging, out, replace=True)
             log.info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
-        strategy.barrier("hf_checkpoint_published")
+        return self._saved(trainer, out)
+
+    def _saved(self, trainer: pl.Trainer, out: Path) -> Path:
+        trainer.strategy.barrier("hf_checkpoint_published")
         self._last_step = trainer.global_step
         self.last_saved = out
         return out
@@ -254,12 +248,8 @@ class HuggingFaceCheckpoint(Callback):
                 raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         return self._merge
 
-    def _save_adapter(self, trainer: pl.Trainer, model: Any, state: dict[str, Any], source: str | None, out: Path) -> Path:
+    def _save_adapter(self, trainer: pl.Trainer, model: Any, state: dict[str, Any], source: str | None, out: Path) -> None:
         """peft's adapter directory: every rank gathers the (small) adapters, rank 0 writes and publishes."""
-        from lightning_automodel.core.hub_from_module import full_tensor
-        from lightning_automodel.core.hub_writer import staging_directory, write_adapter_directory
-
-        strategy = trainer.strategy
         adapters = {name: full_tensor(t) for name, t in state.items() if is_adapter_name(name)}  # collectives: every rank
         if trainer.is_global_zero:
             staging = staging_directory(out)
@@ -271,10 +261,6 @@ class HuggingFaceCheckpoint(Callback):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             log.info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
-        strategy.barrier("hf_checkpoint_published")
-        self._last_step = trainer.global_step
-        self.last_saved = out
-        return out
 
     @override
     def state_dict(self) -> dict[str, Any]:

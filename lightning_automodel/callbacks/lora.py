@@ -40,12 +40,6 @@ def config_differences(saved: str, current: str) -> list[str]:
     return [f"{key}: {shown(before, key)} (checkpoint) vs {shown(now, key)} (this run)" for key in keys]
 
 
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 class LoRA(ModelSurgeryCallback):
     """Train LoRA adapters (peft) instead of the whole model.
 
@@ -111,7 +105,10 @@ class LoRA(ModelSurgeryCallback):
 
     @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
-        if not any(is_adapter_name(name) for name, _ in model.named_parameters()) and _is_sharded(model):
+        from torch.distributed.tensor import DTensor
+
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        if sharded and not any(is_adapter_name(name) for name, _ in model.named_parameters()):
             raise MisconfigurationException(
                 "LoRA must be injected before FSDP2 shards the model: in configure_model, call "
                 "lightning_automodel.callbacks.prepare_before_sharding(self, model) between the build and fully_shard "

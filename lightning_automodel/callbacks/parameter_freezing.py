@@ -33,13 +33,18 @@ ResumeMismatchPolicy = Literal["restore", "error"]
 _CHECKPOINT_RULE = "checkpoint's frozen set"
 
 
+def _parse(raw: Mapping[str, Any]) -> FreezeConfig:
+    try:
+        return parse_freeze_config(raw)
+    except (TypeError, ValueError) as exc:
+        raise MisconfigurationException(f"ParameterFreezing: {exc}") from exc
+
+
 class ParameterFreezing(ModelSurgeryCallback):
     """Freeze towers and modules of the Hugging Face model by config (NeMo AutoModel's freeze config).
 
     Selectors are ``{path: ...}`` (exact) or ``{glob: ...}`` (``*`` crosses dots) over module paths
-    relative to the Hugging Face model (``model.vision_tower``, ``lm_head``). ``unfreeze_modules``
-    wins over ``freeze_modules``. ``freeze_vision_tower=None`` freezes the vision tower only when no
-    selector list is given (the reference's default).
+    relative to the Hugging Face model (``model.vision_tower``, ``lm_head``).
 
     Args:
         freeze_vision_tower: freeze vision modules (``None``: only when no selectors are given).
@@ -98,10 +103,7 @@ class ParameterFreezing(ModelSurgeryCallback):
             raw["freeze_modules"] = [dict(s) for s in freeze_modules]
         if unfreeze_modules:
             raw["unfreeze_modules"] = [dict(s) for s in unfreeze_modules]
-        try:
-            self.config: FreezeConfig = parse_freeze_config(raw)
-        except (TypeError, ValueError) as exc:
-            raise MisconfigurationException(f"ParameterFreezing: {exc}") from exc
+        self.config: FreezeConfig = _parse(raw)
         self.strict = strict
         self.on_resume_mismatch = on_resume_mismatch
         self.frozen: dict[str, str] = {}
@@ -113,10 +115,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         cls, freeze_config: Mapping[str, Any], strict: bool = True, on_resume_mismatch: ResumeMismatchPolicy = "restore"
     ) -> ParameterFreezing:
         """Build from a reference-style ``freeze_config`` mapping (validated, unknown keys rejected)."""
-        try:
-            config = parse_freeze_config(freeze_config)
-        except (TypeError, ValueError) as exc:
-            raise MisconfigurationException(f"ParameterFreezing: {exc}") from exc
+        config = _parse(freeze_config)
         return cls(
             freeze_vision_tower=config.freeze_vision_tower,
             freeze_audio_tower=config.freeze_audio_tower,
@@ -196,10 +195,8 @@ class ParameterFreezing(ModelSurgeryCallback):
     def reconcile_with_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback_states: Mapping[str, Any], checkpoint_path: Any
     ) -> bool:
-        """Before the optimizer state loads: compare with the checkpoint's frozen set and apply the policy.
-
-        Returns True when the model's frozen set changed (the optimizers must be rebuilt).
-        """
+        """Before the optimizer state loads: compare with the checkpoint's frozen set and apply the policy;
+        True when the model's frozen set changed (the optimizers must be rebuilt)."""
         if not trainer.strategy.restore_checkpoint_after_setup:
             return False  # restored before configure_optimizers: on_load_checkpoint is in time
         state = saved_state(callback_states, self.state_key)

@@ -70,14 +70,10 @@ def format_summary(
 class ParameterSummary(ModelSurgeryCallback):
     """Log, once per fit and on rank 0, what trains and what it costs.
 
-    Trainable and total parameters (logical counts: 4-bit and sharded parameters counted right), the
-    trainable percentage, the global L2 norm, a table by top-level module with the rule that froze each
-    part, and the bytes per rank for parameters, gradients and AdamW state at the run's world size.
-
-    It runs at ``on_train_start``: after sharding, after the bf16 cast and Lightning's precision
-    conversion, and after a resume has restored the weights (sharded strategies restore after
-    ``on_fit_start``), so the norm is that of the weights that train and the bytes are those of the
-    dtypes in use (AdamW allocates its state like each parameter: bf16 after a bf16 cast).
+    Trainable and total parameters (logical counts: 4-bit and sharded counted right), the global L2
+    norm, a table by module with the rule that froze each part, and the bytes per rank for parameters,
+    gradients and AdamW state. It runs at ``on_train_start``, after sharding, casts and a resume's
+    restore, so the norm and the dtypes are those of the weights that train.
 
     Args:
         name: the model's name in the summary.

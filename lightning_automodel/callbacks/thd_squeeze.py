@@ -39,13 +39,9 @@ def squeeze_thd_batch(batch: dict[str, Any], seqlens_padding_value: int = -1000)
 class THDSqueeze(Callback):
     """Turn packed ``[1, T]`` batches into THD form before ``training_step`` / ``validation_step``.
 
-    For models whose attention takes THD inputs (Transformer Engine, custom MoE forwards): tensors lose
-    their batch dimension, ``cu_seqlens`` / ``cu_seqlens_padded`` lose their sentinel padding, and
-    ``max_seqlen`` is a Python int. The ``PackedSequenceCollator`` puts ``max_seqlen`` and
-    ``num_sequences`` in the batch as host ints, so the squeeze only slices and never syncs with the
-    device (a batch without them is read back every step, with one warning). Batches without THD
-    metadata pass untouched. Hugging Face models that take ``[1, T]`` packed batches with
-    ``position_ids`` do not need this callback.
+    For models whose attention takes THD inputs (Transformer Engine, custom MoE forwards): see
+    :func:`~lightning_automodel.core.thd.squeeze_input_for_thd`. Batches without THD metadata pass
+    untouched; Hugging Face models that take ``[1, T]`` packed batches with ``position_ids`` do not need it.
 
     Args:
         seqlens_padding_value: the sentinel that pads ``cu_seqlens`` rows.

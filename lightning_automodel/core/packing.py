@@ -55,15 +55,11 @@ def pack_thd(
         n = len(seq)
         targets = labels[k] if labels is not None else seq
         padded = -(-n // pad_to_multiple_of) * pad_to_multiple_of
-        ids.extend(seq)
-        out_labels.extend([label_ignore_index, *targets[1:]])
-        positions.extend(range(n))
-        padding.extend([False] * n)
         extra = padded - n
-        ids.extend([pad_token_id] * extra)
-        out_labels.extend([label_ignore_index] * extra)
-        positions.extend(range(n, n + extra))
-        padding.extend([True] * extra)
+        ids.extend([*seq, *[pad_token_id] * extra])
+        out_labels.extend([label_ignore_index, *targets[1:], *[label_ignore_index] * extra])
+        positions.extend(range(padded))
+        padding.extend([False] * n + [True] * extra)
         cu.append(cu[-1] + n)
         cu_padded.append(cu_padded[-1] + padded)
     fill = [seqlens_padding_value] * (room - len(sequences))
@@ -83,12 +79,8 @@ def pack_thd(
 
 
 def plan_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-    """Group documents into rows of at most ``row_length`` tokens: best-fit decreasing.
-
-    Returns the document indices of each row (in placement order). Every length must be in
-    ``[1, row_length]``. Best-fit decreasing leaves far less room unused than filling rows in reading
-    order; the data module runs it over a bounded window of documents so memory stays flat.
-    """
+    """Document indices of each row of at most ``row_length`` tokens, by best-fit decreasing (far less
+    room unused than reading order); every length must be in ``[1, row_length]``."""
     if any(n < 1 or n > row_length for n in lengths):
         raise ValueError(f"plan_rows: every length must be in [1, {row_length}].")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

@@ -1,13 +1,10 @@
 """THD (packed, token-major) inputs for Transformer Engine style attention.
 
-A packed batch arrives as one row ``[1, T]`` with ``cu_seqlens`` marking sequence boundaries; padded
-boundary vectors are filled with a sentinel so they can be stacked by a collator. TE wants 1-D
-``[T]`` tensors, boundary vectors without sentinels, and ``max_seqlen`` as a Python int.
-
-Finding the sentinels in a device tensor is a device sync (the result's length depends on the data),
-so the squeeze cuts the boundary vectors at ``num_sequences + 1`` when the batch carries
-``num_sequences`` as a host int (``core.packing.pack_thd`` does): a view, nothing read back. Without
-it, tensors on the CPU are masked on the host and device tensors fall back to a mask, with one warning.
+A packed batch is one row ``[1, T]`` with ``cu_seqlens`` boundary vectors filled with a sentinel (so a
+collator can stack them). TE wants 1-D ``[T]`` tensors, boundaries without sentinels and an int
+``max_seqlen``. Finding sentinels in a device tensor syncs with the device, so with ``num_sequences``
+in the batch (a host int, as ``core.packing.pack_thd`` gives) the boundaries are just sliced; without
+it device tensors are masked, with one warning.
 """
 
 from __future__ import annotations
@@ -66,10 +63,7 @@ def _warn_device_sync(key: str) -> None:
         log.warning(
             "THD squeeze: %s is a device tensor and the batch has no %s, so reading it syncs with the device "
             "every step. Add %s (the packed row's sequence count, a Python int) to the batch and make max_seqlen "
-            "an int, as PackedSequenceCollator / pack_thd do.",
-            key,
-            NUM_SEQUENCES_KEY,
-            NUM_SEQUENCES_KEY,
+            "an int, as PackedSequenceCollator / pack_thd do.", key, NUM_SEQUENCES_KEY, NUM_SEQUENCES_KEY,
         )
 
 
@@ -97,15 +91,9 @@ def squeeze_input_for_thd(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, MutableMapping[str, Any]]:
     """Squeeze a packed ``[1, T]`` batch to THD form.
 
-    ``attn_kwargs`` is updated in place and also returned: tensors lose dim 0, ``cu_seqlens`` /
-    ``cu_seqlens_padded`` lose every sentinel entry (dtype kept), a tensor ``max_seqlen`` becomes an
-    int. With ``attn_kwargs["num_sequences"]`` (a Python int) the boundary vectors keep their first
-    ``num_sequences + 1`` entries and nothing syncs with the device. Everything is validated first, so
-    an error leaves ``attn_kwargs`` as it was.
-
-    Raises:
-        ValueError: ``position_ids`` is None, ``max_seqlen`` has several values, a seqlens tensor has
-            more than one row, or ``num_sequences`` is not a positive int that fits the boundary vectors.
+    ``attn_kwargs`` is updated in place and returned: tensors lose dim 0, ``cu_seqlens`` /
+    ``cu_seqlens_padded`` lose their sentinels (dtype kept), a tensor ``max_seqlen`` becomes an int.
+    Everything is validated first (``ValueError``), so an error leaves ``attn_kwargs`` as it was.
     """
     _validate(position_ids, attn_kwargs)
     if input_ids is not None:

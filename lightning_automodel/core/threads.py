@@ -18,13 +18,9 @@ def host_cpus() -> int:
 
 
 def set_rank_threads(local_world_size: int) -> int | None:
-    """Give each of ``local_world_size`` ranks on this host ``cpus // local_world_size`` torch threads.
-
-    Only when ``OMP_NUM_THREADS`` is unset (a user's setting wins). Also exports ``OMP_NUM_THREADS`` so ranks
-    that Lightning launches later from this process start with the same count. Returns the count set, or
-    None when the environment already decided. Without it, 2 ranks on 2 cores run 2 threads each and a LoRA
-    step slows down 8-10x from oversubscription.
-    """
+    """Give each of ``local_world_size`` ranks on this host ``cpus // local_world_size`` torch threads
+    (exported as ``OMP_NUM_THREADS`` for ranks launched later), unless ``OMP_NUM_THREADS`` is set; returns
+    the count set or None. Without it 2 ranks on 2 cores oversubscribe and a LoRA step is 8-10x slower."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     threads = max(1, host_cpus() // max(1, local_world_size))

@@ -19,22 +19,11 @@ _HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<name>[A-Za-z0-9
 def resolve_trust_remote_code(
     path: str | os.PathLike[str] | None, *, trusted_orgs: Iterable[str] = DEFAULT_TRUSTED_ORGS
 ) -> bool:
-    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive).
-
-    ``trusted_orgs`` given as a plain string is one org (``"nvidia"``), never its characters.
-    """
+    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive; a plain
+    string is one org, never its characters)."""
     orgs = {trusted_orgs} if isinstance(trusted_orgs, str) else set(trusted_orgs)
-    if not path:
+    text = os.fspath(path) if path else ""
+    if not isinstance(text, str) or not text or os.path.isdir(text):
         return False
-    text = os.fspath(path)
-    if not isinstance(text, str) or not text:
-        return False
-    if os.path.isdir(text):
-        return False
-    match = _HUB_NAME.fullmatch(text)
-    if match is None:
-        return False
-    name = match.group("name")
-    if name in (".", "..") or ".." in name:
-        return False
-    return match.group("org") in orgs
+    match = _HUB_NAME.fullmatch(text)  # a name starts with a letter or digit: never "." or ".."
+    return match is not None and ".." not in match["name"] and match["org"] in orgs

@@ -19,12 +19,9 @@ def enable_radio_vit_fused_attn(model: nn.Module) -> int:
     blocks = getattr(getattr(getattr(vision, "radio_model", None), "model", None), "blocks", None)
     if blocks is None:
         return 0
-    changed = 0
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if attn is not None:
-            attn.fused_attn = True
-            changed += 1
-    if changed:
-        logger.info("Enabled fused_attn on %d RADIO ViT blocks", changed)
-    return changed
+    attns = [block.attn for block in blocks if getattr(block, "attn", None) is not None]
+    for attn in attns:
+        attn.fused_attn = True
+    if attns:
+        logger.info("Enabled fused_attn on %d RADIO ViT blocks", len(attns))
+    return len(attns)

@@ -53,10 +53,4 @@ class PackedSequenceCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: Sequence[Sequence[int]]) -> dict:
-        return pack_thd(
-            samples,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            seqlens_padding_value=self.seqlens_padding_value,
-            max_sequences=self.max_sequences,
-            pad_token_id=self.pad_token_id,
-        )
+        return pack_thd(samples, **vars(self))  # every attribute is a pack_thd argument

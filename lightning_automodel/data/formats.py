@@ -14,14 +14,11 @@ module counts and reports; a sample whose targets were all cut away is dropped, 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_automodel.data.text_datamodule import DataError
-
-log = logging.getLogger(__name__)
 
 IGNORE = -100
 KEPT, CUT, DROPPED = 0, 1, 2
@@ -108,17 +105,13 @@ def tokenize_prompt_completion(
     tokenizer: Any, prompt: str, completion: str, seq_length: int, mask_prompt: bool = True
 ) -> tuple[list[int], list[int], int]:
     bos, eos = _special_ids(tokenizer)
-    prompt_ids = bos + _encode(tokenizer, prompt)
-    completion_ids = _encode(tokenizer, completion) + eos
-    ids = prompt_ids + completion_ids
+    prompt_ids, completion_ids = bos + _encode(tokenizer, prompt), _encode(tokenizer, completion) + eos
     labels = (list(prompt_ids) if not mask_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
-    return _truncate(ids, labels, seq_length)
+    return _truncate(prompt_ids + completion_ids, labels, seq_length)
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, template: str | None) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template)
 
 
 def assistant_char_spans(
@@ -147,33 +140,23 @@ def assistant_char_spans(
     return full, spans
 
 
-def _token_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    raise DataError(
-        f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is not a fast tokenizer: chat loss masks need its "
-        "offset mapping. Save the tokenizer with a tokenizer.json (transformers converts most slow tokenizers)."
-    )
-
-
 def tokenize_messages(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    seq_length: int,
-    mask_prompt: bool = True,
-    template: str | None = None,
+    tokenizer: Any, messages: list[dict[str, Any]], seq_length: int, mask_prompt: bool = True, template: str | None = None
 ) -> tuple[list[int], list[int], int]:
     full, spans = assistant_char_spans(tokenizer, messages, template)
-    ids, offsets = _token_offsets(tokenizer, full)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is not a fast tokenizer: chat loss masks need its "
+            "offset mapping. Save the tokenizer with a tokenizer.json (transformers converts most slow tokenizers)."
+        )
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
     if not mask_prompt:
         return _truncate(ids, list(ids), seq_length)
-    labels = [IGNORE] * len(ids)
-    for k, (start, end) in enumerate(offsets):
-        if start == end:
-            continue
-        if any(s <= start < e for s, e in spans):
-            labels[k] = ids[k]
+    # A token is a target when it starts inside an assistant span (empty-offset tokens never are).
+    labels = [
+        i if start != end and any(s <= start < e for s, e in spans) else IGNORE for i, (start, end) in zip(ids, enc["offset_mapping"])
+    ]
     return _truncate(ids, labels, seq_length)
 
 
@@ -220,16 +203,14 @@ class SampleTokenizer:
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": []}
         for row, index in enumerate(indices):
             if self.fmt == "text":
-                for window in tokenize_text(self.tokenizer, batch[self.columns.text][row] or "", self.seq_length):
-                    out["input_ids"].append(window)
-                    out["labels"].append(window)
-                    out["status"].append(KEPT)
+                windows = tokenize_text(self.tokenizer, batch[self.columns.text][row] or "", self.seq_length)
+                out["input_ids"] += windows
+                out["labels"] += windows
+                out["status"] += [KEPT] * len(windows)
                 continue
             if self.fmt == "messages":
                 messages = check_messages(batch[self.columns.messages][row], f"{self.source} row {index}")
-                ids, labels, status = tokenize_messages(
-                    self.tokenizer, messages, self.seq_length, self.mask_prompt, self.chat_template
-                )
+                ids, labels, status = tokenize_messages(self.tokenizer, messages, self.seq_length, self.mask_prompt, self.chat_template)
             else:
                 prompt, completion = batch[self.columns.prompt][row], batch[self.columns.completion][row]
                 if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -237,9 +218,7 @@ class SampleTokenizer:
                         f"{self.source} row {index}: {self.columns.prompt!r} and {self.columns.completion!r} must be "
                         f"strings; got {type(prompt).__name__} and {type(completion).__name__}."
                     )
-                ids, labels, status = tokenize_prompt_completion(
-                    self.tokenizer, prompt, completion, self.seq_length, self.mask_prompt
-                )
+                ids, labels, status = tokenize_prompt_completion(self.tokenizer, prompt, completion, self.seq_length, self.mask_prompt)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)

@@ -1,11 +1,9 @@
 """Supervised fine-tuning data on Hugging Face ``datasets``: memory-mapped Arrow, tokenized once, packed, resumable.
 
-Files (``jsonl``/``json``/``parquet``/``csv``/``arrow``, or a ``save_to_disk`` directory) or a hub dataset name
-are loaded into Arrow tables that live on disk and are memory-mapped: a rank's resident memory does not grow
-with the corpus. Tokenization and packing are ``datasets.map`` passes cached by fingerprint (the source files,
-the tokenizer and every setting that changes the result), so a restart reads the cache instead of
-re-tokenizing. The training loader is torchdata's ``StatefulDataLoader`` over a seeded ``DistributedSampler``:
-Lightning stores its position in each checkpoint, so a mid-epoch resume continues with the next batch.
+Data lives in memory-mapped Arrow tables on disk (a rank's memory does not grow with the corpus).
+Tokenization and packing are ``datasets.map`` passes cached by fingerprint (source, tokenizer, settings),
+so a restart reads the cache. The training loader is a ``StatefulDataLoader`` over a seeded
+``DistributedSampler``: a mid-epoch resume continues with the next batch.
 """
 
 from __future__ import annotations
@@ -94,16 +92,11 @@ def _fingerprint(*parts: Any) -> str:
 
 
 class PackRows:
-    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens.
-
-    Each output row holds the concatenated ``input_ids``/``labels`` of its documents and ``seq_lens``;
-    each document's first label is ``-100`` (no predicting a document's first token from the previous one).
-    ``packing=False`` keeps one document per row.
-    """
+    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens
+    (``packing=False``: one document per row) with ``seq_lens``; each document's first label is ``-100``."""
 
     def __init__(self, row_length: int, packing: bool) -> None:
-        self.row_length = row_length
-        self.packing = packing
+        self.row_length, self.packing = row_length, packing
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         lengths = [len(ids) for ids in batch["input_ids"]]
@@ -135,10 +128,7 @@ class SFTCollator:
     def __init__(
         self, pad_token_id: int, pad_to: int | None = None, layout: Literal["rows", "thd"] = "rows", pad_to_multiple_of: int = 1
     ) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to = pad_to
-        self.layout = layout
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id, self.pad_to, self.layout, self.pad_to_multiple_of = pad_token_id, pad_to, layout, pad_to_multiple_of
 
     def __call__(self, rows: list[Mapping[str, list[int]]]) -> dict[str, Any]:
         if self.layout == "thd":
@@ -236,8 +226,7 @@ class SFTDataModule(pl.LightningDataModule):
     # ---- tokenizer --------------------------------------------------------------------------------
 
     def _model(self) -> Any:
-        trainer = self.trainer
-        return getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return self.trainer.lightning_module if self.trainer is not None else None
 
     def tokenizer_source(self) -> str:
         """``data.tokenizer_path``, else the model's ``pretrained_path``: the checkpoint's own tokenizer."""
@@ -349,16 +338,14 @@ class SFTDataModule(pl.LightningDataModule):
     def _row_stats(self, packed: Any) -> dict[str, Any]:
         import pyarrow.compute as pc
 
-        tokens = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0)
-        rows = len(packed)
+        tokens, rows = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0), len(packed)
         capacity = rows * self.hparams.seq_length if self.hparams.packing else tokens  # unpacked: see batch_waste
         return {"rows": rows, "tokens": tokens, "padding_waste": 1 - tokens / capacity if capacity else 0.0}
 
     def _build(self) -> None:
         hp = self.hparams
         raw = load_raw_dataset(hp.train_files, hp.split, hp.cache_dir)
-        source = str(hp.train_files)
-        val_raw = None
+        source, val_raw = str(hp.train_files), None
         if hp.val_files:
             val_raw = load_raw_dataset(hp.val_files, hp.split, hp.cache_dir)
         elif hp.val_fraction > 0 and len(raw) > 1:
@@ -375,15 +362,13 @@ class SFTDataModule(pl.LightningDataModule):
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)
         trainer = self.trainer
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Rank 0 tokenizes and writes the cache; the other ranks then find it by fingerprint.
-        if world > 1 and trainer.global_rank != 0:
+        if rank != 0:
             trainer.strategy.barrier("sft_data")
-            self._build()
-        else:
-            self._build()
-            if world > 1:
-                trainer.strategy.barrier("sft_data")
+        self._build()
+        if world > 1 and rank == 0:
+            trainer.strategy.barrier("sft_data")
         per_rank = len(self.train_dataset) // world
         if per_rank < self.hparams.batch_size:
             raise DataError(
@@ -402,8 +387,7 @@ class SFTDataModule(pl.LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         trainer = self.trainer
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Our own sampler, one shard per rank: Lightning leaves a DistributedSampler alone (no re-instantiation)
         # and calls its set_epoch; StatefulDataLoader records how far into it this epoch got.
         sampler = DistributedSampler(

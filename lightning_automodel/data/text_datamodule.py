@@ -273,7 +273,7 @@ class TextDataModule(pl.LightningDataModule):
             if files and not len(dataset):  # named files that give nothing: no silent run without the split
                 raise DataError(f"The {split} files {files} give no window of at least 2 tokens (empty files?); add text or drop them.")
         self._check_batches(len(docs), self.train_dataset.n_tokens, len(val_docs))
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None and hasattr(model, "vocab_size"):
             self.check_model(model.vocab_size, model.max_positions)
 
@@ -287,8 +287,7 @@ class TextDataModule(pl.LightningDataModule):
     def _check_batches(self, n_docs: int, n_tokens: int, n_val_docs: int) -> None:
         """Fail before training when the training split cannot fill one batch (drop_last: no batch at all)."""
         hp = self.hparams
-        trainer = self.trainer
-        world = max(1, int(getattr(trainer, "world_size", 1) or 1)) if trainer is not None else 1
+        world = self.trainer.world_size if self.trainer is not None else 1
         windows = len(self.train_dataset)
         per_rank = -(-windows // world)  # DistributedSampler pads every rank to the same count
         if windows and per_rank >= hp.batch_size:
@@ -306,21 +305,10 @@ class TextDataModule(pl.LightningDataModule):
             f"Lower data.batch_size to at most {per_rank} or add data."
         )
 
-    def _collator(self):
-        pad = getattr(self.tokenizer, "pad_token_id", 0) or 0
-        if self.hparams.packing:
-            return PackedSequenceCollator(pad_to_multiple_of=self.hparams.pad_to_multiple_of, pad_token_id=pad)
-        return PaddingCollator(pad_token_id=pad)
-
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collator(),
-            num_workers=self.hparams.num_workers,
-            drop_last=shuffle,
-        )
+        hp, pad = self.hparams, getattr(self.tokenizer, "pad_token_id", 0) or 0
+        collate = PackedSequenceCollator(hp.pad_to_multiple_of, pad_token_id=pad) if hp.packing else PaddingCollator(pad)
+        return DataLoader(dataset, hp.batch_size, shuffle=shuffle, collate_fn=collate, num_workers=hp.num_workers, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
