@@ -319,7 +319,7 @@ class ModelSurgeryCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if surgery_callbacks(trainer)[0] is self:  # one check per fit, from the first surgery callback
+        if surgery_callbacks(trainer)[:1] == [self]:  # one check per fit, from the first surgery callback (if listed)
             warn_resumed_without_optimizer_state(trainer, pl_module)
 
 
