@@ -9,7 +9,6 @@ rank initializes one module at a time and keeps its shard). No rank ever holds t
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import os
@@ -94,12 +93,9 @@ MAX_PARAMETERS = 10**13
 def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
     """Refuse, in one line naming the field, a config that cannot make a working model.
 
-    Checked before any build (transformers builds a 0-layer model from ``num_hidden_layers: -1`` and
-    trains it, and fails with ZeroDivisionError or an allocation error on others): sizes are positive
-    integers, attention heads divide the hidden size (when ``head_dim`` is not given) and key/value
-    heads divide attention heads, layers at most ``MAX_LAYERS``, parameters at most ``MAX_PARAMETERS``.
-    Every sub-config (text, vision, audio) is checked under its own name. A mapping (an inline config,
-    a parsed config.json) is checked before transformers sees it: its constructors divide by the heads.
+    Checked before any build, also on a mapping before transformers sees it (its constructors divide
+    by the heads; ``num_hidden_layers: -1`` builds and trains a 0-layer model): positive sizes, heads
+    that divide, at most ``MAX_LAYERS`` layers and ``MAX_PARAMETERS`` parameters, per sub-config.
     """
     for where, sub in _sub_configs(config):
         for field_name in _POSITIVE_SIZES:
@@ -205,33 +201,18 @@ def build_meta_model(
     ``_init_weights``. ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise
     decide the training precision: bf16 master weights and bf16 AdamW state round small updates away.
     """
+    from transformers.initialization import meta_device_safe_creation_ops, no_init_weights
+
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    with torch.device("meta"), _meta_build_context():
+    # transformers' own switches (``from_pretrained`` enters them too): ``no_init_weights`` skips
+    # ``kaiming_uniform_`` & co., half of a deep model's meta build time; ``meta_device_safe_creation_ops``
+    # keeps ``torch.linspace`` on the CPU, so remote code that calls ``.item()`` in ``__init__`` builds.
+    with torch.device("meta"), no_init_weights(), meta_device_safe_creation_ops():
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings are one tensor, as in the job
     return model
-
-
-def _meta_build_context() -> contextlib.ExitStack:
-    """transformers' own switches around a meta build (what ``from_pretrained`` enters too).
-
-    ``no_init_weights`` turns ``torch.nn.init`` and ``init_weights`` into no-ops: on meta there is nothing
-    to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through Python decompositions (half
-    of the build time of a deep model). ``meta_device_safe_creation_ops`` keeps ``torch.linspace`` on the
-    CPU, so remote code that reads a drop-path schedule with ``.item()`` in ``__init__`` builds on meta.
-    """
-    stack = contextlib.ExitStack()
-    try:
-        from transformers import initialization
-    except ImportError:  # older transformers: initialization on meta is slow, not wrong
-        return stack
-    for name in ("no_init_weights", "meta_device_safe_creation_ops"):
-        switch = getattr(initialization, name, None)
-        if switch is not None:
-            stack.enter_context(switch())
-    return stack
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -328,10 +309,9 @@ def apply_fsdp2(
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     units = fsdp2_units(model)
     if activation_checkpointing:
-        from lightning_automodel._compat.torch import checkpoint_wrapper as compat_checkpoint_wrapper
+        from lightning_automodel._compat.torch import checkpoint_wrapper as wrapper_class
 
-        checkpoint_wrapper = compat_checkpoint_wrapper()
-
+        checkpoint_wrapper = wrapper_class()
         layers = decoder_layers(model)
         wrapped = {}
         for i, layer in enumerate(layers):
@@ -383,21 +363,18 @@ FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
 
 
 @torch.no_grad()
-def fill_uninitialized(model: nn.Module) -> bool:
+def fill_uninitialized(model: nn.Module) -> None:
     """Test switch: with ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan``, fill freshly materialized memory with NaN.
 
-    ``to_empty`` leaves whatever the allocator returns; on CPU that is often zeros, which hides a tensor
-    that no load or init writes. NaN makes such a tensor fail loudly (the test suite turns this on).
+    ``to_empty`` leaves whatever the allocator returns; on CPU often zeros, which hides a tensor no load
+    or init writes. NaN makes it fail loudly (the test suite turns this on).
     """
     value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
-    if not value:
-        return False
-    if value != "nan":
+    if value and value != "nan":
         raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*model.parameters(), *model.buffers()] if value else []:
         if tensor.is_floating_point() or tensor.is_complex():
             tensor.fill_(float("nan"))
-    return True
 
 
 def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
@@ -410,9 +387,9 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
 
     changed = []
     for name, param in unique_named_parameters(model):
-        if is_adapter_name(name) or base_checkpoint_name(name) in keep_fp32:
+        if is_adapter_name(name) or {name, base_checkpoint_name(name)} & keep_fp32:
             continue  # LoRA adapters train in fp32 on low-precision base weights
-        if param.is_floating_point() and param.dtype != dtype and name not in keep_fp32:
+        if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             changed.append(name)
     return changed
@@ -421,7 +398,6 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
 def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
     """The Hugging Face model described by ``info``, on meta (transformers' classes only: no remote code)."""
     import transformers
-    from transformers import PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = info.config.get("model_type")
