@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,6 @@ class SourceTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     offset: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class CheckpointReader:
@@ -481,21 +478,14 @@ def copy_local_part(dest: torch.Tensor, full: torch.Tensor) -> None:
         local.copy_(full[local_index(dest)])
 
 
-def _dim0_only(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is split on dim 0 only (FSDP2's ``Shard(0)``), never on another dim."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(tensor, DTensor):
-        return True
-    return all(not placement.is_shard() or placement.dim == 0 for placement in tensor.placements)  # type: ignore[attr-defined]
-
-
 def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) -> bool:
     """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone.
 
     Then a dim-0 slice of the output is the same op on the sources it covers, and a rank reads only
     the experts it owns. Any other converter reads its whole group.
     """
+    from torch.distributed.tensor import DTensor
+
     from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
@@ -503,12 +493,11 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
         return False
     if any(getattr(op, "dim", 1) == 0 for op in operations[1:]):
         return False
-    if not all(_dim0_only(tensors[name]) for name in group.targets):
-        return False
-    per_pattern: dict[str, int] = {}
-    for _, pattern in group.sources:
-        per_pattern[pattern] = per_pattern.get(pattern, 0) + 1
+    for name in group.targets:  # split on dim 0 only (FSDP2's Shard(0)), never on another dim
+        if isinstance(tensors[name], DTensor) and any(p.is_shard() and p.dim != 0 for p in tensors[name].placements):  # type: ignore[attr-defined]
+            return False
     rows = {tensors[name].shape[0] for name in group.targets}
+    per_pattern = Counter(pattern for _, pattern in group.sources)
     return len(rows) == 1 and all(count == next(iter(rows)) for count in per_pattern.values())
 
 
