@@ -54,16 +54,11 @@ class OfflineCheckpointError(FileNotFoundError):
     """A checkpoint was named that is not on local disk; we never download."""
 
 
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
 def _not_regular(path: str | os.PathLike[str], mode: int) -> ValueError:
-    return ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return ValueError(f"{os.fspath(path)}: is {kind}, not a regular file; a checkpoint file must be a regular file.")
 
 
 def _short_repr(value: object, limit: int = 120) -> str:

@@ -18,8 +18,10 @@ metadata. Export needs the model only, a few tensors at a time:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pathlib
 import pickle
 import warnings
 import zipfile
@@ -41,24 +43,17 @@ class CheckpointReadError(ValueError):
     """The checkpoint cannot be read; the message names the file and what is wrong."""
 
 
-# Lightning stores hyper-parameters as its ``AttributeDict`` (a ``dict`` subclass). They are read here as
-# data only (nothing hands them back to Lightning), so its pickled name maps to a plain ``dict``: the
-# core reads Lightning's files without importing Lightning.
-_LIGHTNING_ATTRIBUTE_DICT = "lightning.fabric.utilities.data.AttributeDict"
-
-
-def lightning_safe_globals() -> list[Any]:
-    """The only non-tensor types Lightning's checkpoint metadata holds; nothing else is unpickled."""
-    import collections
-    import pathlib
-
-    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, _LIGHTNING_ATTRIBUTE_DICT)]
+# The only non-tensor types Lightning's checkpoint metadata holds. Its ``AttributeDict`` (hyper-parameters,
+# a ``dict`` subclass) is read as a plain ``dict``: data only, and the core never imports Lightning.
+_LIGHTNING_SAFE_GLOBALS = [
+    collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, "lightning.fabric.utilities.data.AttributeDict"),
+]
 
 
 def safe_torch_load(path: Path, **kwargs: Any) -> Any:
     """``torch.load(weights_only=True)`` with Lightning's allow-list: a pickle that needs any other global is refused, never run."""
     try:
-        with torch.serialization.safe_globals(lightning_safe_globals()):
+        with torch.serialization.safe_globals(_LIGHTNING_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
         lines = str(exc).strip().splitlines()
