@@ -41,13 +41,9 @@ def check_local_model_dir(path: str | os.PathLike[str]) -> Path:
     """A local Hugging Face directory with a config and weights, or a clear error (we never download)."""
     root = Path(path)
     if not root.exists():
-        looks_like_hub = "/" in str(path) and not str(path).startswith((".", "/", "~"))
-        hint = (
-            " It looks like a hub name: lightning-automodel runs offline, so download it once "
-            "(`hf download NAME --local-dir DIR`) and pass DIR."
-            if looks_like_hub
-            else ""
-        )
+        hint = ""
+        if "/" in str(path) and not str(path).startswith((".", "/", "~")):  # looks like a hub name
+            hint = " It looks like a hub name: lightning-automodel runs offline, so download it once (`hf download NAME --local-dir DIR`) and pass DIR."
         raise OfflineCheckpointError(f"Model directory {str(path)!r} does not exist.{hint}")
     if not root.is_dir():
         raise NotADirectoryError(f"pretrained_path {str(path)!r} is a file; pass the model's directory.")
@@ -338,25 +334,18 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     Each rank allocates only its shards. Parameter values are undefined until a checkpoint or an init
     fills them; a checkpoint's persistent buffers overwrite the computed ones when it is loaded.
     """
-    shared = _shared_buffers(model)
-    model.to_empty(device=device)
-    for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
-        first_module, first_name = owners[0]
-        for module, name in owners[1:]:
-            setattr(module, name, getattr(first_module, first_name))  # an existing buffer slot: stays a buffer
-    fill_uninitialized(model)
-    recompute_buffers(model)
-    ensure_tied_lm_head(model)
-
-
-def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """``(module, name)`` of each buffer registered in more than one place, grouped by tensor."""
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    places: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer's (module, name) places
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
             if buffer is not None:
                 places.setdefault(id(buffer), []).append((module, name))
-    return [owners for owners in places.values() if len(owners) > 1]
+    model.to_empty(device=device)
+    for (first_module, first_name), *others in places.values():  # ``to_empty`` gave each place its own copy
+        for module, name in others:
+            setattr(module, name, getattr(first_module, first_name))  # an existing buffer slot: stays a buffer
+    fill_uninitialized(model)
+    recompute_buffers(model)
+    ensure_tied_lm_head(model)
 
 
 FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
