@@ -25,8 +25,6 @@ from lightning_automodel.core.naming import canonical_named_parameters, unique_n
 
 logger = logging.getLogger(__name__)
 
-KV_PROJECTIONS: tuple[str, ...] = ("k_proj", "v_proj", "k_norm", "v_norm")
-
 Matcher = Callable[[str], bool]
 
 
@@ -34,19 +32,13 @@ Matcher = Callable[[str], bool]
 class DeadParameterRule:
     """A named rule that recognises parameters which can never receive a gradient in one model family.
 
-    Rules are keyed on the model (config, layer layout), so matching happens in two steps:
-    ``bound = rule.bind(model)`` resolves everything model-specific once (model type, which layers
-    share K/V, where the text decoder sits) and returns a bound rule, or ``None`` when the rule does
-    not apply; ``bound.matches(canonical_name)`` is then a cheap per-parameter test. That keeps the
-    scan to one pass over the parameters for every rule together.
-
-    Attributes:
-        name: label reported for the parameters the rule freezes (``"kv_sharing"``).
-        binder: ``model -> matcher | None``; returns None when the rule does not apply.
+    ``rule.bind(model)`` resolves the model-specific part once (model type, which layers share K/V)
+    and returns a bound rule (or None when it does not apply) whose ``matches(canonical_name)`` is a
+    cheap per-parameter test: one pass over the parameters serves every rule.
     """
 
-    name: str
-    binder: Callable[[nn.Module], Matcher | None]
+    name: str  # label reported for the parameters the rule freezes ("kv_sharing")
+    binder: Callable[[nn.Module], Matcher | None]  # model -> matcher, None when the rule does not apply
     matcher: Matcher | None = field(default=None, compare=False, repr=False)
 
     def bind(self, model: nn.Module) -> DeadParameterRule | None:
@@ -68,18 +60,14 @@ class DeadParameterRule:
         return self.matcher(canonical_param_name)
 
 
-def _config(model: nn.Module):
-    return getattr(model, "config", None)
-
-
 def _model_types(model: nn.Module) -> tuple[str, ...]:
-    config = _config(model)
+    config = getattr(model, "config", None)
     types = (getattr(config, "model_type", None), getattr(getattr(config, "text_config", None), "model_type", None))
     return tuple(str(t) for t in types if t)
 
 
 def _bind_kv_sharing(model: nn.Module) -> Matcher | None:
-    config = _config(model)
+    config = getattr(model, "config", None)
     if config is None:
         return None
     text_config = getattr(config, "text_config", None) or config
@@ -91,9 +79,7 @@ def _bind_kv_sharing(model: nn.Module) -> Matcher | None:
     layers_path = text_decoder_layers_path(model, total)
     if layers_path is None:
         return None
-    pattern = re.compile(
-        rf"^{re.escape(layers_path)}\.(\d+)\.self_attn\.({'|'.join(KV_PROJECTIONS)})(\.|$)"
-    )
+    pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)(\.|$)")
 
     def matches(name: str) -> bool:
         match = pattern.match(name)
@@ -147,22 +133,15 @@ def freeze_dead_parameters(
 ) -> dict[str, str]:
     """Freeze every dead parameter; returns canonical name -> rule name."""
     dead = _dead(model, rules)
-    counts: dict[str, int] = {}
-    for _, rule_name, param in dead:
+    for _, _, param in dead:
         param.requires_grad_(False)
-        counts[rule_name] = counts.get(rule_name, 0) + 1
-    for rule_name, count in counts.items():
-        logger.debug("Froze %d dead parameter tensors (rule %s).", count, rule_name)  # the callback says it, once per job
+    logger.debug("Froze %d dead parameter tensors.", len(dead))  # the callback says it, once per job
     return {name: rule for name, rule, _ in dead}
-
-
-def _freeze_one_rule(model: nn.Module, rule: DeadParameterRule) -> dict[str, str]:
-    return freeze_dead_parameters(model, (rule,))
 
 
 def freeze_unused_kv_sharing_params(model: nn.Module) -> int:
     """Freeze K/V projections and norms of KV-shared text-decoder layers; returns the count."""
-    frozen = _freeze_one_rule(model, KV_SHARING)
+    frozen = freeze_dead_parameters(model, (KV_SHARING,))
     if frozen:
         text_config = getattr(model.config, "text_config", None) or model.config
         total, shared = text_config.num_hidden_layers, text_config.num_kv_shared_layers
@@ -175,12 +154,12 @@ def freeze_unused_kv_sharing_params(model: nn.Module) -> int:
 
 def freeze_deepseek_v4_indexer_params(model: nn.Module) -> int:
     """Freeze DeepSeek V4 compressor-indexer parameters; returns the count."""
-    return len(_freeze_one_rule(model, DEEPSEEK_V4_INDEXER))
+    return len(freeze_dead_parameters(model, (DEEPSEEK_V4_INDEXER,)))
 
 
 def freeze_minimax_m3_indexer_params(model: nn.Module) -> int:
     """Freeze MiniMax M3 sparse-attention indexer parameters; returns the count."""
-    return len(_freeze_one_rule(model, MINIMAX_M3_INDEXER))
+    return len(freeze_dead_parameters(model, (MINIMAX_M3_INDEXER,)))
 
 
 def find_parameters_without_grad(model: nn.Module) -> list[str]:

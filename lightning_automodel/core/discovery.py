@@ -7,19 +7,12 @@ relative to it, so that a YAML selector reads like the Hugging Face checkpoint (
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_automodel.core.freezing import matches_component_prefix
 from lightning_automodel.core.naming import canonical_name
 
 _NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "speech", "sound", "video")
-
-
-def _is_hf_model(module: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(module, PreTrainedModel)
 
 
 def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
@@ -31,7 +24,7 @@ def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
     ``""`` when ``root`` itself is the model or holds no Hugging Face model (then ``root`` is
     returned). Wrapper components are stripped from the prefix.
     """
-    if _is_hf_model(root):
+    if isinstance(root, PreTrainedModel):
         return "", root
     # Breadth-first, so a shallow model wins over a deeper one that a depth-first walk meets first
     # (e.g. a teacher nested in a helper module registered before ``self.model``).
@@ -45,7 +38,7 @@ def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
                     continue
                 seen.add(id(child))
                 name = f"{prefix}{child_name}"
-                if _is_hf_model(child):
+                if isinstance(child, PreTrainedModel):
                     path = canonical_name(name)  # "" when only wrappers sit above the model
                     return (f"{path}." if path else ""), child
                 next_frontier.append((name + ".", child))

@@ -25,16 +25,10 @@ from lightning_automodel.core.naming import canonical_name
 logger = logging.getLogger(__name__)
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp64": torch.float64,
-    "float64": torch.float64,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64,
 }
 #: the dtypes a Hugging Face export writes; "auto" keeps each tensor's own dtype
 EXPORT_DTYPE_NAMES: tuple[str, ...] = ("auto", "bf16", "bfloat16", "fp32", "float32")
@@ -120,10 +114,7 @@ def cast_floating_point(
             converted[id(t)] = t.to(dtype)
         return converted[id(t)]
 
-    # nn.Module._apply swaps one tensor at a time (peak extra memory: one converted tensor), keeps
-    # Parameter objects, casts gradients with their parameter, and on FSDP2 modules is followed by
-    # reset_sharded_param so the sharded views stay consistent.
-    with torch.no_grad():
+    with torch.no_grad():  # one tensor at a time, Parameter objects kept (see the module docstring)
         apply_to_tensors(model, convert)
     logger.debug("Cast %d tensors to %s.", len(targets), dtype)  # the callback says it, once per job
     return targets

@@ -18,25 +18,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 VLM_INPUT_KEYS: tuple[str, ...] = (
-    "input_ids",
-    "pixel_values",
-    "image_flags",
-    "imgs_sizes",
-    "image_position_ids",
-    "mm_token_type_ids",
-    "image_grid_hws",
-    "image_grid_thw",
-    "image_sizes",
-    "patch_pixel_values",
-    "num_patches",
-    "patch_newline_mask",
-    "image_embeds",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "sound_features",
-    "sound_attention_mask",
-    "audio_input_values",
-    "audio_attention_mask",
+    "input_ids", "pixel_values", "image_flags", "imgs_sizes", "image_position_ids", "mm_token_type_ids",
+    "image_grid_hws", "image_grid_thw", "image_sizes", "patch_pixel_values", "num_patches", "patch_newline_mask",
+    "image_embeds", "pixel_values_videos", "video_grid_thw", "sound_features", "sound_attention_mask",
+    "audio_input_values", "audio_attention_mask",
 )
 
 
@@ -57,11 +42,7 @@ def get_forward_signature(model: nn.Module) -> inspect.Signature | None:
         return None
     function = getattr(forward, "__func__", None)
     if getattr(forward, "__self__", None) is model and function is not None:
-        try:
-            static = inspect.getattr_static(type(model), "forward")
-        except AttributeError:
-            static = None
-        if static is function:
+        if inspect.getattr_static(type(model), "forward", None) is function:  # the class's own: cacheable
             return _signature_without_self(function)
     try:
         return inspect.signature(forward)
@@ -82,9 +63,7 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
 def supports_seq_lens(model: nn.Module) -> bool:
     """True for an explicit ``seq_lens`` parameter or any ``**kwargs``."""
     signature = get_forward_signature(model)
-    if signature is None:
-        return False
-    return "seq_lens" in signature.parameters or _accepts_var_keyword(signature)
+    return signature is not None and ("seq_lens" in signature.parameters or _accepts_var_keyword(signature))
 
 
 def filter_forward_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_automodel.core.naming import canonical_name, unique_named_parameters
+from lightning_automodel.core.naming import canonical_name
 
 logger = logging.getLogger(__name__)
 
@@ -117,25 +117,12 @@ class FreezeConfig:
             if not isinstance(value, bool):
                 raise TypeError(f"FreezeConfig.{key} must be a bool; got {value!r}.")
 
-    def has_selectors(self) -> bool:
-        """Whether either selector list was declared (even empty): that turns off the implicit vision freeze."""
-        return self.freeze_modules is not None or self.unfreeze_modules is not None
-
-    def explicit_flags(self) -> set[str]:
-        """The legacy flags set to true by the user (the implicit vision freeze is not one: no note when it finds nothing)."""
-        return {flag for flag in LEGACY_FLAGS if getattr(self, flag) is True}
-
     def effective_flags(self) -> dict[str, bool]:
-        """The four legacy flags with ``freeze_vision_tower=None`` resolved."""
-        vision = self.freeze_vision_tower
-        if vision is None:
-            vision = not self.has_selectors()
-        return {
-            "freeze_vision_tower": vision,
-            "freeze_audio_tower": self.freeze_audio_tower,
-            "freeze_language_model": self.freeze_language_model,
-            "freeze_video_embedder": self.freeze_video_embedder,
-        }
+        """The four legacy flags with ``freeze_vision_tower=None`` resolved (declared selectors turn it off)."""
+        flags = {flag: getattr(self, flag) for flag in LEGACY_FLAGS}
+        if flags["freeze_vision_tower"] is None:
+            flags["freeze_vision_tower"] = self.freeze_modules is None and self.unfreeze_modules is None
+        return flags
 
 
 @dataclass
@@ -245,9 +232,6 @@ class _ParameterIndex:
 
     Module paths are derived from parameter names, so matching needs no module traversal: a module
     selected by path selects every parameter name under that path (through any alias of a tied weight).
-    The set of module paths is built only when a glob or a legacy flag needs to scan it; an exact
-    ``path`` selector is answered by a prefix scan of the names (a plan of 100,000 layers has a
-    million module paths).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -275,19 +259,11 @@ class _ParameterIndex:
             self._module_paths = paths
         return self._module_paths
 
-    def names_in(self, module: nn.Module) -> list[str]:
-        return [self.first_name[id(p)] for p in module.parameters() if id(p) in self.first_name]
-
     def names_under(self, matched_paths: set[str]) -> list[str]:
         """First names of every parameter that sits under one of ``matched_paths``."""
-        if not matched_paths:
-            return []
-        if len(matched_paths) <= 32:  # a C-level prefix test beats walking each name's ancestors
-            prefixes = tuple(path + "." for path in matched_paths)
-            return [first for alias, first in self.aliases if alias.startswith(prefixes)]
         names = []
-        for alias, first in self.aliases:
-            cut = alias.rfind(".")
+        for alias, first in self.aliases if matched_paths else ():
+            cut = alias.rfind(".")  # walk the name's ancestors: cost per name is its depth, not len(matched_paths)
             while cut > 0:
                 if alias[:cut] in matched_paths:
                     names.append(first)
@@ -296,16 +272,13 @@ class _ParameterIndex:
         return names
 
 
-def _legacy_targets(model: nn.Module, index: _ParameterIndex, flag: str) -> list[str]:
-    """Parameters a legacy flag freezes: the tower attribute (if it is a module) plus pattern matches."""
-    attribute, patterns = _LEGACY_RULES[flag]
-    names: list[str] = []
+def _tower_targets(model: nn.Module, index: _ParameterIndex, attribute: str | None, patterns: Iterable[str]) -> list[str]:
+    """Parameters of the module at ``attribute`` (if it is one) plus those under paths matching a pattern."""
+    patterns = tuple(patterns)
     tower = getattr(model, attribute, None) if attribute else None
-    if isinstance(tower, nn.Module):
-        names.extend(index.names_in(tower))
+    names = [index.first_name[id(p)] for p in tower.parameters()] if isinstance(tower, nn.Module) else []
     matched = {path for path in index.module_paths if any(matches_component_prefix(path, p) for p in patterns)}
-    names.extend(index.names_under(matched))
-    return names
+    return names + index.names_under(matched)
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
@@ -337,8 +310,9 @@ def plan_parameter_freezing(
     plan = FreezePlan(params=index.params)
     for flag, enabled in cfg.effective_flags().items():
         if enabled:
-            targets = _legacy_targets(model, index, flag)
-            if not targets and flag in cfg.explicit_flags():
+            targets = _tower_targets(model, index, *_LEGACY_RULES[flag])
+            # the implicit vision freeze (None) says nothing when the model has no vision part
+            if not targets and getattr(cfg, flag) is True:
                 plan.notes.append(f"{flag} matched no parameters: this model has no such part, so it froze nothing.")
             for name in targets:
                 plan.set(name, False, flag)
@@ -367,16 +341,6 @@ def _tied_alias_notes(index: _ParameterIndex, plan: FreezePlan) -> list[str]:
     return notes
 
 
-def apply_freeze_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
-    """Apply a plan made by :func:`plan_parameter_freezing` to the same model."""
-    report = FreezeReport(notes=list(plan.notes))
-    params = plan.params or dict(unique_named_parameters(model))
-    for name, value in plan.requires_grad.items():
-        params[name].requires_grad_(value)
-        (report.unfrozen if value else report.frozen)[name] = plan.rule[name]
-    return report
-
-
 def apply_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
@@ -386,7 +350,10 @@ def apply_parameter_freezing(
         A :class:`FreezeReport` naming every parameter the config froze or unfroze and the rule.
     """
     plan = plan_parameter_freezing(model, config, strict=strict)
-    report = apply_freeze_plan(model, plan)
+    report = FreezeReport(notes=list(plan.notes))
+    for name, value in plan.requires_grad.items():
+        plan.params[name].requires_grad_(value)
+        (report.unfrozen if value else report.frozen)[name] = plan.rule[name]
     if report.frozen:
         logger.debug("Froze %d parameter tensors by freeze config.", len(report.frozen))  # the callback says it, once per job
     return report
@@ -401,14 +368,7 @@ def freeze_module_by_attribute_and_patterns(
     attribute that is missing or ``None`` is skipped. Returns the canonical names frozen.
     """
     index = _ParameterIndex(model)
-    patterns = tuple(name_patterns)
-    names: list[str] = []
-    tower = getattr(model, attribute_name, None) if attribute_name else None
-    if isinstance(tower, nn.Module):
-        names.extend(index.names_in(tower))
-    names.extend(index.names_under({p for p in index.module_paths if any(matches_component_prefix(p, x) for x in patterns)}))
-    wanted = set(names)
-    for name, param in unique_named_parameters(model):
-        if name in wanted:
-            param.requires_grad_(False)
+    wanted = set(_tower_targets(model, index, attribute_name, name_patterns))
+    for name in wanted:
+        index.params[name].requires_grad_(False)
     return sorted(wanted)

@@ -24,15 +24,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lightning_automodel._compat.torch import own_children
 from lightning_automodel.core.discovery import text_decoder_layers_path
-from lightning_automodel.core.naming import (
-    WRAPPER_COMPONENTS,
-    canonical_name,
-    canonical_named_modules,
-    get_module_by_canonical_name,
-    unique_named_parameters,
-)
+from lightning_automodel.core.naming import canonical_named_modules, get_module_by_canonical_name, unique_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -50,70 +43,20 @@ FINAL_NORM_ATTRIBUTES: tuple[str, ...] = ("norm", "final_layernorm", "final_norm
 
 
 class _ModuleIndex:
-    """Modules by canonical path and paths by module, for the components the layout looks up.
-
-    Those components (the layer list, towers, embedding, final norm, head) sit outside the repeated
-    blocks, so the index does not descend into the elements of a ``ModuleList`` or ``ModuleDict``: at
-    100,000 layers it holds a dozen modules instead of 1.3 million, where a walk per lookup cost a
-    full traversal each (the head and final norm come after the layers). A lookup it cannot answer
-    falls back to the whole model. Paths and the innermost-module rule are those of
-    ``canonical_named_modules``.
-    """
+    """Modules by canonical path (the innermost when wrappers share one) and each module's first path."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.complete = False
         self.by_name: dict[str, nn.Module] = {}
         self.path_by_id: dict[int, str] = {}
-        stack: list[tuple[str, nn.Module]] = [("", model)]
-        while stack:  # pre-order, like named_modules
-            prefix, module = stack.pop()
-            self._add(canonical_name(prefix), module)
-            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-                continue
-            children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in own_children(module).items() if child is not None]
-            stack.extend(reversed(children))
-
-    def _add(self, name: str, module: nn.Module) -> None:
-        self.by_name[name] = module  # the innermost module when wrappers share a name
-        self.path_by_id.setdefault(id(module), name)  # the first path of a module registered twice
-
-    def add_elements(self, list_path: str, elements: nn.ModuleList) -> None:
-        """Index a list's elements (the decoder layers) without walking into them."""
-        for i, element in enumerate(elements):
-            self._add(f"{list_path}.{i}", _innermost(element))
-
-    def _complete(self) -> None:
-        if not self.complete:
-            self.complete = True
-            self.by_name, self.path_by_id = {}, {}
-            for name, module in canonical_named_modules(self.model):
-                self._add(name, module)
+        for name, module in canonical_named_modules(model):
+            self.by_name[name] = module
+            self.path_by_id.setdefault(id(module), name)
 
     def get(self, path: str) -> nn.Module | None:
-        module = self.by_name.get(path)
-        if module is None and not self.complete:
-            self._complete()
-            module = self.by_name.get(path)
-        return module
+        return self.by_name.get(path)
 
     def path_of(self, target: nn.Module | None) -> str | None:
-        if target is None:
-            return None
-        path = self.path_by_id.get(id(target))
-        if path is None and not self.complete:
-            self._complete()
-            path = self.path_by_id.get(id(target))
-        return path
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    """The module a wrapper chain (activation checkpointing, ``torch.compile``) holds: its canonical owner."""
-    while True:
-        inner = next((child for name, child in own_children(module).items() if name in WRAPPER_COMPONENTS and child is not None), None)
-        if inner is None:
-            return module
-        module = inner
+        return self.path_by_id.get(id(target)) if target is not None else None
 
 
 def _has_params(module: nn.Module | None) -> bool:
@@ -170,7 +113,6 @@ def _group_modules(model: nn.Module, index: _ModuleIndex) -> list[tuple[str, lis
     layers = index.get(layers_path) if layers_path else None
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"Could not find the text decoder layers of {type(model).__name__}: no FSDP2 layout for it.")
-    index.add_elements(layers_path, layers)
     groups: list[tuple[str, list[str]]] = [(f"{layers_path}.{i}", [f"{layers_path}.{i}"]) for i in range(len(layers))]
     seen_towers: set[int] = set()
     for owner in (model, getattr(model, "model", None)):

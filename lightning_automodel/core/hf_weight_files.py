@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import stat
@@ -42,26 +43,22 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
 
 class OfflineCheckpointError(FileNotFoundError):
     """A checkpoint was named that is not on local disk; we never download."""
 
 
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
 def _not_regular(path: str | os.PathLike[str], mode: int) -> ValueError:
-    return ValueError(f"{os.fspath(path)}: is {_kind(mode)}, not a regular file; a checkpoint file must be a regular file.")
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return ValueError(f"{os.fspath(path)}: is {kind}, not a regular file; a checkpoint file must be a regular file.")
 
 
 def _short_repr(value: object, limit: int = 120) -> str:
@@ -204,10 +201,8 @@ def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -
             problem = "overlaps another tensor's bytes" if offsets[0] < end else f"leaves a gap after byte {end}"
             raise ValueError(f"{path}: corrupt safetensors header: {key!r} (data_offsets {offsets}) {problem}; safetensors refuses such a file.")
         dtype = SAFETENSORS_DTYPES.get(header[key]["dtype"])
-        numel = 1
-        for d in header[key]["shape"]:
-            numel *= d
-        if dtype is not None and (min(header[key]["shape"], default=0) < 0 or offsets[1] - offsets[0] != numel * dtype.itemsize):
+        shape = header[key]["shape"]
+        if dtype is not None and (min(shape, default=0) < 0 or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
             raise ValueError(
                 f"{path}: corrupt safetensors header: {key!r} has shape {header[key]['shape']} {header[key]['dtype']} "
                 f"but data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)."
@@ -224,13 +219,11 @@ def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -
 def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
     """Tensor name -> dtype from one safetensors file's header."""
     dtypes = {}
-    for name, entry in read_safetensors_header(path).items():
-        if name == "__metadata__":
-            continue
-        code = entry.get("dtype") if isinstance(entry, dict) else None
-        if code not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unknown safetensors dtype {code!r}.")
-        dtypes[name] = SAFETENSORS_DTYPES[code]
+    for name, entry in read_safetensors_header(path).items():  # entries are checked flat there
+        if name != "__metadata__":
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unknown safetensors dtype {entry['dtype']!r}.")
+            dtypes[name] = SAFETENSORS_DTYPES[entry["dtype"]]
     return dtypes
 
 
@@ -315,9 +308,8 @@ def resolve_checkpoint_files(
             f"{os.fspath(path)!r} is not a local file or directory. lightning-automodel runs offline and never downloads: "
             "download the model once (e.g. `hf download <name> --local-dir DIR`) and pass the local DIR."
         )
-    kinds = {True: [(SAFETENSORS_INDEX, SAFETENSORS_SINGLE)], False: [(BIN_INDEX, BIN_SINGLE)]}
-    kinds[None] = kinds[True] + kinds[False]
-    candidates = kinds[use_safetensors]
+    candidates = [(SAFETENSORS_INDEX, SAFETENSORS_SINGLE)] if use_safetensors is not False else []
+    candidates += [(BIN_INDEX, BIN_SINGLE)] if use_safetensors is not True else []
     for index_name, single_name in candidates:
         index_path = root / with_variant(index_name, variant)
         if is_regular_file(index_path):
@@ -352,16 +344,12 @@ def checkpoint_tensor_dtypes(
         return {k: v.dtype for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if kwargs.get("gguf_file"):
         return {}
-    weights_only = kwargs.get("weights_only", True)
     dtypes: dict[str, torch.dtype] = {}
     files = resolve_checkpoint_files(
         path, kwargs.get("subfolder") or "", variant=kwargs.get("variant"), use_safetensors=kwargs.get("use_safetensors")
     )
     for file in files:
-        if file.suffix == ".safetensors":
-            dtypes.update(safetensors_dtypes(file))
-        else:
-            dtypes.update(_bin_dtypes(file, weights_only))
+        dtypes.update(safetensors_dtypes(file) if file.suffix == ".safetensors" else _bin_dtypes(file, kwargs.get("weights_only", True)))
     return dtypes
 
 
@@ -403,10 +391,12 @@ def format_bytes(num_bytes: int | float) -> str:
 
 def format_bytes_human(n: int | float) -> str:
     """Scaled units (B, KiB, MiB, GiB, TiB) for tables."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
         if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
 

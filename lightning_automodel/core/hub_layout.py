@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,18 +68,14 @@ class HubModelInfo:
         return cls(prefix=prefix, model_class=model_class, config=config, source=source if isinstance(source, str) else None)
 
 
-def transformers_class_name(model: nn.Module) -> str:
-    """The transformers class of ``model``, also once FSDP2 has swapped its class for ``FSDP<Class>``."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and hasattr(cls, "config_class"):
-            return cls.__name__
-    return type(model).__name__
-
-
 def hub_model_info(prefix: str, model: nn.Module, source: str | None = None) -> HubModelInfo:
     """The :class:`HubModelInfo` of a Hugging Face ``model`` found at ``prefix`` inside a training module."""
-    config = model.config.to_dict()
-    return HubModelInfo(prefix=prefix, model_class=transformers_class_name(model), config=config, source=source)
+    # the transformers class, also once FSDP2 has swapped the model's class for ``FSDP<Class>``
+    model_class = next(
+        (c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.") and hasattr(c, "config_class")),
+        type(model).__name__,
+    )
+    return HubModelInfo(prefix=prefix, model_class=model_class, config=model.config.to_dict(), source=source)
 
 
 @dataclass(frozen=True)
@@ -89,10 +86,7 @@ class HubTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -162,8 +156,7 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
         return _CONVERSIONS[model]
     conversions = loaded_weight_conversions(model)
     if conversions is None:
-        from lightning_automodel._compat.transformers import get_model_conversion_mapping
-        from lightning_automodel._compat.transformers import PrefixChange
+        from lightning_automodel._compat.transformers import PrefixChange, get_model_conversion_mapping
 
         conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)] or None
     _CONVERSIONS[model] = conversions

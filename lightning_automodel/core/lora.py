@@ -31,6 +31,7 @@ from lightning_automodel._compat.peft import create_adapter, layer_settings, lay
 from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
 from lightning_automodel.core.adapter_names import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.distributed import module_seed
+from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,8 @@ _PATTERN_WARNING = re.compile(r"The following (rank|alpha)_pattern keys did not 
 def _is_fused_expert_pattern_warning(warning: warnings.WarningMessage, config: Any) -> bool:
     """peft's "rank_pattern keys did not match any targeted module" about its own fused-expert patterns.
 
-    For a MoE model peft itself adds ``.*\\.gate_up_proj`` to ``rank_pattern``/``alpha_pattern`` (gate and up
-    fused: twice the rank) and applies it to that *parameter* target; its check then looks only at module
-    names and warns that the pattern was ignored, which it was not. Any other pattern warning is kept.
+    For a MoE model peft adds ``.*\\.gate_up_proj`` to ``rank_pattern`` and applies it to that *parameter*
+    target, then warns (checking module names only) that it was ignored; it was not. Others are kept.
     """
     match = _PATTERN_WARNING.search(str(warning.message))
     if match is None or not issubclass(warning.category, RuntimeWarning):
@@ -152,8 +152,6 @@ def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> d
     peft's injection already freezes the base, so ``trainable_before`` (checkpoint names of what was
     trainable before the injection) tells which frozen parameters are LoRA's doing.
     """
-    from lightning_automodel.core.naming import canonical_name
-
     frozen = {}
     for name, param in model.named_parameters():
         if is_adapter_name(name):
@@ -167,8 +165,6 @@ def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> d
 
 def trainable_names(model: nn.Module) -> set[str]:
     """Checkpoint names of the trainable parameters (what :func:`freeze_base` compares against)."""
-    from lightning_automodel.core.naming import canonical_name
-
     return {base_checkpoint_name(canonical_name(n)) for n, p in model.named_parameters() if p.requires_grad and not is_adapter_name(n)}
 
 
@@ -178,29 +174,27 @@ INIT_WITHOUT_BASE = (True, False, "gaussian", "orthogonal")
 _SUPPORTED_VARIANTS = ("DoraLinearVariant", "DoraEmbeddingVariant")
 
 
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (a collective for a DTensor: every rank calls it in the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return full.detach().to("cpu")
-
-
 def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
     """What peft's init sees as ``base_layer``: a copy holding the full loaded weights, or a stand-in.
 
     Only DoRA reads the base's values (the magnitude is its column-wise weight norm); every other init
     reads the base's dtype at most, so a 0-element stand-in in fp32 (the adapters' dtype) avoids gathering it.
     """
+    from torch.distributed.tensor import DTensor
+
     from lightning_automodel.core.init import plain_copy
 
     base = layer.get_base_layer()
     if with_values:
         weight = getattr(base, "weight", None)
-        if weight is not None and not weight.is_meta and not _is_dtensor(weight):
+        if weight is not None and not weight.is_meta and not isinstance(weight, DTensor):
             return base  # unsharded and real (one device, DDP, a bitsandbytes base): peft reads it as it is
         twin = plain_copy(base)
-        set_own_slots(twin, parameters={n: (nn.Parameter(_full_tensor(p), requires_grad=False) if p is not None else None) for n, p in own_parameters(base).items()})
+
+        def full(p: torch.Tensor) -> nn.Parameter:  # a collective for a DTensor: every rank calls it in the same order
+            return nn.Parameter((p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu"), requires_grad=False)
+
+        set_own_slots(twin, parameters={n: (full(p) if p is not None else None) for n, p in own_parameters(base).items()})
         return twin
     stand_in = nn.Module()
     # peft reads the dtype and device of the base's ``weight`` (a ParamWrapper: of the wrapped parameter).
@@ -209,12 +203,6 @@ def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
     stand_in.bias = nn.Parameter(torch.empty(0), requires_grad=False) if getattr(base, "bias", None) is not None else None
     stand_in.is_transposed = getattr(base, "is_transposed", False)
     return stand_in
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _layer_config(layer: nn.Module, init: bool | str) -> Any:
@@ -294,12 +282,6 @@ def adapter_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if is_adapter_name(name))
 
 
-def peft_adapter_key(name: str) -> str:
-    """Our adapter name -> PEFT's saved key: ``base_model.model.`` prefix, no adapter-name component."""
-    parts = [part for part in name.split(".") if part != ADAPTER_NAME]
-    return "base_model.model." + ".".join(parts)
-
-
 def peft_adapter_files(config: Any, adapters: Mapping[str, torch.Tensor], base_model: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json content, adapter_model.safetensors tensors)`` for ``PeftModel.from_pretrained``."""
     data = json.loads(config_to_json(config))
@@ -307,5 +289,9 @@ def peft_adapter_files(config: Any, adapters: Mapping[str, torch.Tensor], base_m
     data["peft_type"] = "LORA"
     data.setdefault("task_type", "CAUSAL_LM")
     data["inference_mode"] = True
-    tensors = {peft_adapter_key(name): tensor.detach().contiguous() for name, tensor in adapters.items()}
+    # PEFT's saved key: a ``base_model.model.`` prefix, no adapter-name component
+    tensors = {
+        "base_model.model." + ".".join(p for p in name.split(".") if p != ADAPTER_NAME): tensor.detach().contiguous()
+        for name, tensor in adapters.items()
+    }
     return data, tensors

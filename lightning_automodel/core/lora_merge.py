@@ -125,12 +125,9 @@ class LoraMerge:
         out = {}
         for name in merged:
             module = self._module_of.get(name)
-            if module is None:
-                out[name] = tensors[self._spec_of[name]]
-                continue
-            if module not in done:
+            if module is not None and module not in done:
                 done[module] = self._merge_module(module, tensors)
-            out[name] = done[module][name]
+            out[name] = done[module][name] if module is not None else tensors[self._spec_of[name]]
         return out
 
     def _merge_module(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,10 +136,8 @@ class LoraMerge:
         layer = copy.deepcopy(self._layers[prefix])
         # assign=True keeps the streamed dtypes (a bf16 base stays bf16); bases are cloned because merge adds
         # into them in place and a fetched tensor may be the live parameter itself (one CPU device).
-        local = {
-            key: (t.clone() if not is_adapter_name(key) else t)
-            for key, t in ((key, tensors[f"{prefix}.{key}"]) for key in layer.state_dict())
-        }
+        local = {key: tensors[f"{prefix}.{key}"] for key in layer.state_dict()}
+        local = {key: (t if is_adapter_name(key) else t.clone()) for key, t in local.items()}
         layer.load_state_dict(local, strict=True, assign=True)
         try:
             for module in layer.modules():

@@ -110,13 +110,7 @@ def estimate_training_memory(
 class FSDP2MemoryEstimate:
     """Peak bytes one rank holds under FSDP2 in a given layout (all fields per rank, activations excluded).
 
-    The resident part is the sharded state (``param_bytes + grad_bytes + optimizer_bytes``). The
-    transient part is what FSDP2 holds unsharded while it runs: ``gather_bytes`` (all-gathered
-    parameters: the two largest resharded groups, since FSDP2 prefetches the next group while one
-    computes, plus every group kept unsharded between forward and backward) and ``reduce_bytes`` (the
-    largest trainable group's unsharded gradients in the compute dtype together with the
-    reduce-scatter buffer in the reduce dtype). With ``cpu_offload`` the sharded state lives in host
-    memory and the device holds only the transient part.
+    With ``cpu_offload`` the sharded state lives in host memory and the device holds only what is in flight.
 
     Attributes:
         world_size: data-parallel ranks the state is sharded over.
@@ -124,8 +118,10 @@ class FSDP2MemoryEstimate:
         param_bytes: sharded parameters.
         grad_bytes: sharded gradients (trainable parameters only; FSDP2 keeps them in the parameter dtype).
         optimizer_bytes: sharded optimizer state (trainable parameters only).
-        gather_bytes: all-gathered parameters in flight at the peak.
-        reduce_bytes: unsharded gradients of the group being reduce-scattered.
+        gather_bytes: all-gathered parameters in flight at the peak: the two largest resharded groups
+            (FSDP2 prefetches the next while one computes) plus every group kept unsharded.
+        reduce_bytes: the largest trainable group's unsharded gradients (compute dtype) plus its
+            reduce-scatter buffer (reduce dtype).
         prefetched_groups: the (at most two) largest resharded groups counted in ``gather_bytes``.
         kept_groups: the non-empty groups kept unsharded, counted in ``gather_bytes``.
         reduced_group: the trainable group counted in ``reduce_bytes`` (None when nothing trains).
@@ -160,12 +156,6 @@ class FSDP2MemoryEstimate:
         object.__setattr__(self, "total_bytes", sharded + in_flight)
         object.__setattr__(self, "device_bytes", in_flight if self.cpu_offload else sharded + in_flight)
         object.__setattr__(self, "host_bytes", sharded if self.cpu_offload else 0)
-
-
-@dataclass
-class _GroupBytes:
-    gather: float = 0.0
-    reduce: float = 0.0
 
 
 def estimate_fsdp2_peak(
@@ -227,21 +217,21 @@ def estimate_fsdp2_peak(
                 raise ValueError(f"FSDP2 group {group!r} names {name!r}, which is not a parameter of {type(model).__name__}.")
             owner.setdefault(name, group)
     order.setdefault(ROOT_GROUP)
-    per_group = {group: _GroupBytes() for group in order}
+    gathers = dict.fromkeys(order, 0.0)
+    reduces = dict.fromkeys(order, 0.0)
     for name, p in params.items():
         local = _local_numel(p, world_size, True)
-        stored = _physical_bytes_per_element(p)
-        gathered = compute_dtype.itemsize if compute_dtype is not None and p.is_floating_point() else stored
-        bucket = per_group[owner.get(name, ROOT_GROUP)]
-        bucket.gather += local * world_size * gathered
+        gathered = compute_dtype.itemsize if compute_dtype is not None and p.is_floating_point() else _physical_bytes_per_element(p)
+        group = owner.get(name, ROOT_GROUP)
+        gathers[group] += local * world_size * gathered
         if p.requires_grad:
             reduce_size = reduce_dtype.itemsize if reduce_dtype is not None else gathered
-            bucket.reduce += local * world_size * (gathered + reduce_size)
-    kept = [g for g in order if g in keep_unsharded and per_group[g].gather > 0]
-    resharded = sorted((g for g in order if g not in keep_unsharded and per_group[g].gather > 0), key=lambda g: -per_group[g].gather)
+            reduces[group] += local * world_size * (gathered + reduce_size)
+    kept = [g for g in order if g in keep_unsharded and gathers[g] > 0]
+    resharded = sorted((g for g in order if g not in keep_unsharded and gathers[g] > 0), key=lambda g: -gathers[g])
     prefetched = resharded[:2]
-    gather = sum(per_group[g].gather for g in prefetched) + sum(per_group[g].gather for g in kept)
-    reduced = max((g for g in order if per_group[g].reduce > 0), key=lambda g: per_group[g].reduce, default=None)
+    gather = sum(gathers[g] for g in prefetched) + sum(gathers[g] for g in kept)
+    reduced = max((g for g in order if reduces[g] > 0), key=reduces.__getitem__, default=None)
     return FSDP2MemoryEstimate(
         world_size=world_size,
         cpu_offload=cpu_offload,
@@ -249,7 +239,7 @@ def estimate_fsdp2_peak(
         grad_bytes=state.grad_bytes,
         optimizer_bytes=state.optimizer_bytes,
         gather_bytes=int(gather),
-        reduce_bytes=int(per_group[reduced].reduce) if reduced is not None else 0,
+        reduce_bytes=int(reduces[reduced]) if reduced is not None else 0,
         prefetched_groups=tuple(prefetched),
         kept_groups=tuple(kept),
         reduced_group=reduced,

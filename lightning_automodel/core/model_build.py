@@ -9,7 +9,6 @@ rank initializes one module at a time and keeps its shard). No rank ever holds t
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import os
@@ -43,13 +42,9 @@ def check_local_model_dir(path: str | os.PathLike[str]) -> Path:
     """A local Hugging Face directory with a config and weights, or a clear error (we never download)."""
     root = Path(path)
     if not root.exists():
-        looks_like_hub = "/" in str(path) and not str(path).startswith((".", "/", "~"))
-        hint = (
-            " It looks like a hub name: lightning-automodel runs offline, so download it once "
-            "(`hf download NAME --local-dir DIR`) and pass DIR."
-            if looks_like_hub
-            else ""
-        )
+        hint = ""
+        if "/" in str(path) and not str(path).startswith((".", "/", "~")):  # looks like a hub name
+            hint = " It looks like a hub name: lightning-automodel runs offline, so download it once (`hf download NAME --local-dir DIR`) and pass DIR."
         raise OfflineCheckpointError(f"Model directory {str(path)!r} does not exist.{hint}")
     if not root.is_dir():
         raise NotADirectoryError(f"pretrained_path {str(path)!r} is a file; pass the model's directory.")
@@ -95,12 +90,9 @@ MAX_PARAMETERS = 10**13
 def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
     """Refuse, in one line naming the field, a config that cannot make a working model.
 
-    Checked before any build (transformers builds a 0-layer model from ``num_hidden_layers: -1`` and
-    trains it, and fails with ZeroDivisionError or an allocation error on others): sizes are positive
-    integers, attention heads divide the hidden size (when ``head_dim`` is not given) and key/value
-    heads divide attention heads, layers at most ``MAX_LAYERS``, parameters at most ``MAX_PARAMETERS``.
-    Every sub-config (text, vision, audio) is checked under its own name. A mapping (an inline config,
-    a parsed config.json) is checked before transformers sees it: its constructors divide by the heads.
+    Checked before any build, also on a mapping before transformers sees it (its constructors divide
+    by the heads; ``num_hidden_layers: -1`` builds and trains a 0-layer model): positive sizes, heads
+    that divide, at most ``MAX_LAYERS`` layers and ``MAX_PARAMETERS`` parameters, per sub-config.
     """
     for where, sub in _sub_configs(config):
         for field_name in _POSITIVE_SIZES:
@@ -206,33 +198,18 @@ def build_meta_model(
     ``_init_weights``. ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise
     decide the training precision: bf16 master weights and bf16 AdamW state round small updates away.
     """
+    from transformers.initialization import meta_device_safe_creation_ops, no_init_weights
+
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    with torch.device("meta"), _meta_build_context():
+    # transformers' own switches (``from_pretrained`` enters them too): ``no_init_weights`` skips
+    # ``kaiming_uniform_`` & co., half of a deep model's meta build time; ``meta_device_safe_creation_ops``
+    # keeps ``torch.linspace`` on the CPU, so remote code that calls ``.item()`` in ``__init__`` builds.
+    with torch.device("meta"), no_init_weights(), meta_device_safe_creation_ops():
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings are one tensor, as in the job
     return model
-
-
-def _meta_build_context() -> contextlib.ExitStack:
-    """transformers' own switches around a meta build (what ``from_pretrained`` enters too).
-
-    ``no_init_weights`` turns ``torch.nn.init`` and ``init_weights`` into no-ops: on meta there is nothing
-    to initialize, but ``nn.Linear`` still runs ``kaiming_uniform_`` through Python decompositions (half
-    of the build time of a deep model). ``meta_device_safe_creation_ops`` keeps ``torch.linspace`` on the
-    CPU, so remote code that reads a drop-path schedule with ``.item()`` in ``__init__`` builds on meta.
-    """
-    stack = contextlib.ExitStack()
-    try:
-        from transformers import initialization
-    except ImportError:  # older transformers: initialization on meta is slow, not wrong
-        return stack
-    for name in ("no_init_weights", "meta_device_safe_creation_ops"):
-        switch = getattr(initialization, name, None)
-        if switch is not None:
-            stack.enter_context(switch())
-    return stack
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -329,10 +306,9 @@ def apply_fsdp2(
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     units = fsdp2_units(model)
     if activation_checkpointing:
-        from lightning_automodel._compat.torch import checkpoint_wrapper as compat_checkpoint_wrapper
+        from lightning_automodel._compat.torch import checkpoint_wrapper as wrapper_class
 
-        checkpoint_wrapper = compat_checkpoint_wrapper()
-
+        checkpoint_wrapper = wrapper_class()
         layers = decoder_layers(model)
         wrapped = {}
         for i, layer in enumerate(layers):
@@ -362,11 +338,14 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     largest tensor (a typo such as ``vocab_size: 10000000000`` would otherwise be an allocator error).
     """
     check_fits_on_device(model, device)
-    shared = _shared_buffers(model)
+    places: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer's (module, name) places
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+            if buffer is not None:
+                places.setdefault(id(buffer), []).append((module, name))
     model.to_empty(device=device)
-    for owners in shared:  # ``to_empty`` gives each module its own copy of a buffer two modules share
-        first_module, first_name = owners[0]
-        for module, name in owners[1:]:
+    for (first_module, first_name), *others in places.values():  # ``to_empty`` gave each place its own copy
+        for module, name in others:
             setattr(module, name, getattr(first_module, first_name))  # an existing buffer slot: stays a buffer
     fill_uninitialized(model)
     recompute_buffers(model)
@@ -403,35 +382,22 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
-def _shared_buffers(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """``(module, name)`` of each buffer registered in more than one place, grouped by tensor."""
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
-            if buffer is not None:
-                places.setdefault(id(buffer), []).append((module, name))
-    return [owners for owners in places.values() if len(owners) > 1]
-
-
 FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
 
 
 @torch.no_grad()
-def fill_uninitialized(model: nn.Module) -> bool:
+def fill_uninitialized(model: nn.Module) -> None:
     """Test switch: with ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan``, fill freshly materialized memory with NaN.
 
-    ``to_empty`` leaves whatever the allocator returns; on CPU that is often zeros, which hides a tensor
-    that no load or init writes. NaN makes such a tensor fail loudly (the test suite turns this on).
+    ``to_empty`` leaves whatever the allocator returns; on CPU often zeros, which hides a tensor no load
+    or init writes. NaN makes it fail loudly (the test suite turns this on).
     """
     value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
-    if not value:
-        return False
-    if value != "nan":
+    if value and value != "nan":
         raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*model.parameters(), *model.buffers()] if value else []:
         if tensor.is_floating_point() or tensor.is_complex():
             tensor.fill_(float("nan"))
-    return True
 
 
 def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
@@ -444,9 +410,9 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
 
     changed = []
     for name, param in unique_named_parameters(model):
-        if is_adapter_name(name) or base_checkpoint_name(name) in keep_fp32:
+        if is_adapter_name(name) or {name, base_checkpoint_name(name)} & keep_fp32:
             continue  # LoRA adapters train in fp32 on low-precision base weights
-        if param.is_floating_point() and param.dtype != dtype and name not in keep_fp32:
+        if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             changed.append(name)
     return changed
@@ -455,7 +421,6 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
 def build_meta_model_for(info: HubModelInfo, src: Path) -> Any:
     """The Hugging Face model described by ``info``, on meta (transformers' classes only: no remote code)."""
     import transformers
-    from transformers import PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = info.config.get("model_type")

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from torch import nn
 
 WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
 WRAPPER_COMPONENTS: frozenset[str] = frozenset(prefix[:-1] for prefix in WRAPPER_PREFIXES)
 
 
@@ -45,22 +43,14 @@ def canonical_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]
         yield canonical_name(name), module
 
 
+def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Canonical name -> module in one traversal (the innermost when wrappers share a name): for many lookups."""
+    return dict(canonical_named_modules(model))
+
+
 def get_module_by_canonical_name(model: nn.Module, name: str) -> nn.Module | None:
     """The module whose canonical name is ``name`` (the innermost one when wrappers share it)."""
-    found = None
-    for module_name, module in canonical_named_modules(model):
-        if module_name == name:
-            found = module
-    return found
-
-
-def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
-    """Canonical name -> module in one traversal (the innermost when wrappers share a name).
-
-    For many lookups: :func:`get_module_by_canonical_name` walks the whole model per call, which is
-    quadratic over a model's layers.
-    """
-    return dict(canonical_named_modules(model))
+    return modules_by_canonical_name(model).get(name)
 
 
 def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

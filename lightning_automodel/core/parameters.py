@@ -22,21 +22,10 @@ from lightning_automodel.core.distributed import all_reduce_sum_, get_world_size
 from lightning_automodel.core.naming import unique_named_parameters
 
 
-def _is_params4bit(t: torch.Tensor) -> bool:
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:
-        return False
-    return isinstance(t, bnb.nn.Params4bit)
-
-
-_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
-
-
 def logical_numel(t: torch.Tensor) -> int:
     """Number of logical elements: ``quant_state.shape`` for a quantized ``Params4bit``, else ``numel()``."""
-    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without the bitsandbytes lookup (plan: a million tensors)
-        return t.numel()
-    if _is_params4bit(t) and getattr(t, "quant_state", None) is not None:
+    bnb = sys.modules.get("bitsandbytes")  # only a model that imported bitsandbytes can hold its tensors
+    if bnb is not None and isinstance(t, bnb.nn.Params4bit) and getattr(t, "quant_state", None) is not None:
         return math.prod(t.quant_state.shape)
     return t.numel()
 
@@ -70,10 +59,8 @@ class ParameterStats:
 
 def _replication_factor(p: torch.Tensor, world_size: int) -> int:
     """How many ranks hold each element of ``p`` (to count a replicated value once in a global sum)."""
-    try:
-        from torch.distributed.tensor import DTensor, Replicate
-    except ImportError:  # pragma: no cover
-        return world_size
+    from torch.distributed.tensor import DTensor, Replicate
+
     if isinstance(p, DTensor):
         mesh = p.device_mesh
         factor = max(world_size // max(mesh.size(), 1), 1)
@@ -160,9 +147,7 @@ def module_breakdown(
     for name, p in unique_named_parameters(model):
         parts = name.split(".", depth)  # at most depth + 1 pieces: the key, then the rest
         key = ".".join(parts[: min(depth, len(parts) - 1)]) if len(parts) > 1 else name
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = ModuleRow(key)
+        row = rows.setdefault(key, ModuleRow(key))
         n = logical_numel(p)
         row.total += n
         if p.requires_grad:

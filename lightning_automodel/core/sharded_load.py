@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,7 @@ class CheckpointLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of the checkpoint, known from the file header (nothing read).
-
-    ``offset`` is the absolute byte offset of a safetensors tensor's data in its file (None for ``.bin``).
-    """
+    """One tensor of the checkpoint, known from the file header; ``offset``: its data's byte offset (None for ``.bin``)."""
 
     key: str
     file: Path
@@ -66,18 +64,11 @@ class SourceTensor:
     dtype: torch.dtype
     offset: int | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
 
 class CheckpointReader:
-    """Lazy, slice-level access to every tensor of a local Hugging Face checkpoint.
+    """Lazy, slice-level access to every tensor of a local Hugging Face checkpoint (see the module docstring).
 
-    safetensors files are indexed from their headers and read by byte range (``readinto`` at the header's
-    offsets: only the requested rows, never through a memory map); ``.bin`` files are opened with
-    ``mmap=True, weights_only=True`` (no code runs, and untouched pages are never read). ``bytes_read`` counts the bytes of every slice handed out, which is
-    what the benchmark reports per rank.
+    ``bytes_read`` counts the bytes of every slice handed out (what the benchmark reports per rank).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -96,8 +87,8 @@ class CheckpointReader:
 
     def _index_file(self, file: Path) -> Iterator[SourceTensor]:
         if file.suffix == ".safetensors":
-            # The header's structure and byte ranges are checked there (regular file, flat entries,
-            # ranges that tile the data exactly, as safe_open requires).
+            # Checked there: regular file, flat entries, byte ranges that tile the data exactly with
+            # numel * itemsize bytes each (as safe_open requires); only an unknown dtype is left.
             try:
                 layout = read_safetensors_layout(file)
             except ValueError as exc:
@@ -105,16 +96,10 @@ class CheckpointReader:
             for key, entry in layout.header.items():
                 if key == "__metadata__":
                     continue
-                code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-                if code not in SAFETENSORS_DTYPES or any(d < 0 for d in shape) or len(offsets) != 2:
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
                     raise CheckpointLayoutError(f"{file}: tensor {key!r} has an invalid header entry {entry!r}.")
-                source = SourceTensor(key, file, tuple(shape), SAFETENSORS_DTYPES[code], layout.data_start + offsets[0])
-                if offsets[1] - offsets[0] != source.nbytes or layout.data_start + offsets[1] > layout.file_size or offsets[0] < 0:
-                    raise CheckpointLayoutError(
-                        f"{file}: tensor {key!r} claims bytes {offsets} for shape {shape} {code} in a "
-                        f"{layout.file_size}-byte file; the file is truncated or corrupt."
-                    )
-                yield source
+                offset = layout.data_start + entry["data_offsets"][0]
+                yield SourceTensor(key, file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], offset)
         else:
             for key, tensor in self._bin(file).items():
                 if isinstance(tensor, torch.Tensor):
@@ -138,16 +123,15 @@ class CheckpointReader:
             self._handles[file] = handle
         return handle  # type: ignore[return-value]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
     def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         """The tensor ``key`` (or its ``index`` slice), reading only those bytes."""
         source = self.tensors[key]
         if source.file.suffix == ".safetensors":
             rows = _row_range(source.shape, index)
-            if rows is not None:
-                return self._read_rows(source, *rows)  # counted in _readinto
+            if rows is not None:  # one contiguous byte range (counted in _readinto)
+                out = torch.empty((rows[1] - rows[0], *source.shape[1:]) if source.shape else (), dtype=source.dtype)
+                self._readinto(source, rows[0], out)
+                return out
             from safetensors import safe_open  # a slice across inner dims (tensor parallel): strided reads
 
             with safe_open(str(source.file), framework="pt", device="cpu") as handle:
@@ -182,21 +166,12 @@ class CheckpointReader:
             self._readinto(source, first, piece)
             out[first - start : first - start + len(piece)].copy_(piece)
 
-    def _read_rows(self, source: SourceTensor, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a row-major tensor: one contiguous byte range, read with ``readinto``.
-
-        Plain reads instead of safetensors' memory map: a mapped file's touched pages count in the
-        process's resident memory until it is unmapped, so a rank reading its half of the checkpoint
-        through the map would peak at its shards plus that half again; read here, the page cache
-        holds them and the rank holds only the slice in flight.
-        """
-        shape = (stop - start, *source.shape[1:]) if source.shape else ()
-        out = torch.empty(shape, dtype=source.dtype)
-        self._readinto(source, start, out)
-        return out
-
     def _readinto(self, source: SourceTensor, start_row: int, out: torch.Tensor) -> None:
-        """Fill the contiguous host tensor ``out`` from the file, starting at row ``start_row``."""
+        """Fill the contiguous host tensor ``out`` from the file, starting at row ``start_row``.
+
+        Plain reads, not safetensors' memory map: a mapped file's touched pages stay in the process's
+        resident memory until unmapped (a rank would peak at its shards plus the half it read).
+        """
         if out.numel() == 0:
             return
         handle = self._handles.get(source.file)
@@ -217,9 +192,8 @@ class CheckpointReader:
 
     def close(self) -> None:
         for handle in self._handles.values():
-            close = getattr(handle, "close", None)
-            if callable(close):
-                close()
+            if hasattr(handle, "close"):  # an open file; a .bin state dict needs nothing
+                handle.close()  # type: ignore[union-attr]
         self._handles.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -247,17 +221,11 @@ def _row_range(shape: tuple[int, ...], index: tuple[slice, ...] | None) -> tuple
 
 @dataclass
 class TargetGroup:
-    """Checkpoint tensors that make one or more model tensors: a plain rename or one ``WeightConverter``.
+    """Checkpoint tensors that make one or more model tensors: a plain rename or one ``WeightConverter``."""
 
-    Attributes:
-        targets: model state-dict names this group produces (a converter may produce several).
-        sources: ``(checkpoint key, source pattern)`` in transformers' natural key order.
-        transform: a private copy of the transformers transform (``None`` for a plain rename).
-    """
-
-    targets: list[str]
-    sources: list[tuple[str, str]]
-    transform: object | None = None
+    targets: list[str]  # model state-dict names this group produces
+    sources: list[tuple[str, str]]  # (checkpoint key, source pattern) in transformers' natural key order
+    transform: object | None = None  # a private copy of the transformers converter; None for a rename
 
     @property
     def is_rename(self) -> bool:
@@ -270,7 +238,6 @@ class LoadPlan:
 
     groups: list[TargetGroup]
     unused: list[str] = field(default_factory=list)  # checkpoint keys no model tensor needs
-    tied_aliases: list[str] = field(default_factory=list)  # model names served by another name (a tied head)
 
     def targets_stored_as(self, reader: CheckpointReader, dtype: torch.dtype) -> set[str]:
         """Model tensors whose checkpoint sources are all stored in ``dtype`` (e.g. fp32 router gates)."""
@@ -373,7 +340,7 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys
             group = groups[target] = TargetGroup(targets=targets, sources=[], transform=transform)
         group.sources.append((key, pattern if pattern is not None else key))
 
-    plan = LoadPlan(groups=list(groups.values()), unused=unused, tied_aliases=sorted(alias_set))
+    plan = LoadPlan(groups=list(groups.values()), unused=unused)
     _check_plan(plan, tensors, reader, model)
     _check_unused(plan.unused, reader, ignore_keys)
     return plan
@@ -392,14 +359,17 @@ def _check_unused(unused: list[str], reader: CheckpointReader, ignore_keys: Sequ
         raise CheckpointLayoutError(f"ignore_checkpoint_keys: {exc.pattern!r} is not a regular expression ({exc}).") from None
     refused = [key for key in unused if not any(p.fullmatch(key) for p in patterns)]
     if refused:
-        shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
         raise CheckpointLayoutError(
-            f"The checkpoint {reader.path} has {len(refused)} tensor(s) this model does not use: {shown} "
+            f"The checkpoint {reader.path} has {len(refused)} tensor(s) this model does not use: {_first_five(refused)} "
             f"(in {_where(reader, refused[:5])}). Is config.json the one it was saved with (e.g. num_hidden_layers)? "
             "To drop them knowingly, list them in model.ignore_checkpoint_keys (regular expressions)."
         )
     if unused:
         log.info("%d checkpoint tensors matched ignore_checkpoint_keys and are not loaded: %s", len(unused), ", ".join(unused[:10]))
+
+
+def _first_five(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _where(reader: CheckpointReader, keys: Iterable[str]) -> str:
@@ -413,25 +383,25 @@ def _check_plan(plan: LoadPlan, tensors: dict[str, torch.Tensor], reader: Checkp
         produced.update(group.targets)
         if group.is_rename:
             (key, _), target = group.sources[0], group.targets[0]
-            _check_source(reader.tensors[key], target, tensors[target], tuple(tensors[target].shape))
+            _check_source(reader.tensors[key], target, tensors[target])
         else:
             _check_conversion(group, tensors, reader, model)
     # Persistent buffers the file lacks keep the values the model computed at build (from_pretrained
     # does the same); every parameter must come from the file.
     missing = [name for name, t in tensors.items() if name not in produced and isinstance(t, nn.Parameter)]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         hint = ""
         if plan.unused:
-            extra = ", ".join(plan.unused[:5]) + (" ..." if len(plan.unused) > 5 else "")
-            hint = f" Checkpoint tensors no conversion rule maps to this model: {extra} (in {_where(reader, plan.unused[:5])})."
+            extra = f"{_first_five(plan.unused)} (in {_where(reader, plan.unused[:5])})"
+            hint = f" Checkpoint tensors no conversion rule maps to this model: {extra}."
         raise CheckpointLayoutError(
-            f"The checkpoint {reader.path} has no tensor for {shown}.{hint} Is it a checkpoint of this model "
+            f"The checkpoint {reader.path} has no tensor for {_first_five(missing)}.{hint} Is it a checkpoint of this model "
             f"({type(model).__name__})? A tied head needs `tie_word_embeddings: true` in config.json."
         )
 
 
-def _check_source(source: SourceTensor, target: str, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _check_source(source: SourceTensor, target: str, ref: torch.Tensor) -> None:
+    shape = tuple(ref.shape)
     if source.shape != shape:
         raise CheckpointLayoutError(
             f"Checkpoint tensor {source.key!r} in {source.file.name} has shape {list(source.shape)}; "
@@ -453,22 +423,18 @@ def _check_conversion(group: TargetGroup, tensors: dict[str, torch.Tensor], read
                 f"Checkpoint tensor {key!r} in {source.file.name} is {source.dtype}; the model's {group.targets[0]} "
                 "is floating point. The file is corrupt or belongs to another model."
             )
+    keys = [k for k, _ in group.sources]
+    named = f"{keys[:4]} (in {_where(reader, keys)})"
     try:
         outputs = _convert(group, model, lambda key: torch.empty(reader.tensors[key].shape, dtype=reader.tensors[key].dtype, device="meta"))
     except Exception as exc:  # noqa: BLE001 - surfaced with the tensor and file named
-        raise CheckpointLayoutError(
-            f"Converting {[k for k, _ in group.sources][:4]} (in {_where(reader, [k for k, _ in group.sources])}) "
-            f"into {group.targets[0]} failed: {exc}"
-        ) from None
+        raise CheckpointLayoutError(f"Converting {named} into {group.targets[0]} failed: {exc}") from None
     for name in group.targets:
         value = outputs.get(name)
         expected = tuple(tensors[name].shape)
         if value is None or tuple(value.shape) != expected:
             got = "nothing" if value is None else f"shape {list(value.shape)}"
-            raise CheckpointLayoutError(
-                f"Checkpoint tensors {[k for k, _ in group.sources][:4]} (in {_where(reader, [k for k, _ in group.sources])}) "
-                f"convert to {got} for {name}; the model expects {list(expected)}."
-            )
+            raise CheckpointLayoutError(f"Checkpoint tensors {named} convert to {got} for {name}; the model expects {list(expected)}.")
 
 
 def _convert(group: TargetGroup, model: nn.Module, read: object, keep: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
@@ -512,21 +478,14 @@ def copy_local_part(dest: torch.Tensor, full: torch.Tensor) -> None:
         local.copy_(full[local_index(dest)])
 
 
-def _dim0_only(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is split on dim 0 only (FSDP2's ``Shard(0)``), never on another dim."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(tensor, DTensor):
-        return True
-    return all(not placement.is_shard() or placement.dim == 0 for placement in tensor.placements)  # type: ignore[attr-defined]
-
-
 def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) -> bool:
     """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone.
 
     Then a dim-0 slice of the output is the same op on the sources it covers, and a rank reads only
     the experts it owns. Any other converter reads its whole group.
     """
+    from torch.distributed.tensor import DTensor
+
     from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
@@ -534,18 +493,12 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
         return False
     if any(getattr(op, "dim", 1) == 0 for op in operations[1:]):
         return False
-    if not all(_dim0_only(tensors[name]) for name in group.targets):
-        return False
-    per_pattern: dict[str, int] = {}
-    for _, pattern in group.sources:
-        per_pattern[pattern] = per_pattern.get(pattern, 0) + 1
+    for name in group.targets:  # split on dim 0 only (FSDP2's Shard(0)), never on another dim
+        if isinstance(tensors[name], DTensor) and any(p.is_shard() and p.dim != 0 for p in tensors[name].placements):  # type: ignore[attr-defined]
+            return False
     rows = {tensors[name].shape[0] for name in group.targets}
+    per_pattern = Counter(pattern for _, pattern in group.sources)
     return len(rows) == 1 and all(count == next(iter(rows)) for count in per_pattern.values())
-
-
-def _file_position(reader: CheckpointReader, group: TargetGroup) -> tuple[str, int]:
-    source = reader.tensors[group.sources[0][0]]
-    return (str(source.file), source.offset or 0)
 
 
 @torch.no_grad()
@@ -562,28 +515,27 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadP
     count = 0
     # In file order: each rank then walks every file front to back, which is what readahead rewards
     # (with a cold page cache, key order costs a seek per tensor).
-    for group in sorted(plan.groups, key=lambda g: _file_position(reader, g)):
-        if group.is_rename:
-            (key, _), target = group.sources[0], group.targets[0]
-            dest = tensors[target]
-            local = local_tensor(dest)
-            if local.numel():
-                reader.read_into(key, local_index(dest), local)
-            count += 1
-            continue
+    def position(group: TargetGroup) -> tuple[str, int]:
+        source = reader.tensors[group.sources[0][0]]
+        return (str(source.file), source.offset or 0)
+
+    for group in sorted(plan.groups, key=position):
+        count += len(group.targets)
         first = tensors[group.targets[0]]
-        if _stacks_experts_first(group, tensors):
+        if group.is_rename:
+            local = local_tensor(first)
+            if local.numel():
+                reader.read_into(group.sources[0][0], local_index(first), local)
+        elif _stacks_experts_first(group, tensors):
             rows = local_index(first)[0] if first.ndim else slice(0, 0)
             if rows.stop > rows.start:
                 outputs = _convert(group, model, reader.read, keep=range(rows.start, rows.stop))
                 for name in group.targets:
                     local_tensor(tensors[name]).copy_(outputs[name])
                 del outputs  # not held by this frame after the loop (a pinned frame keeps its last locals)
-            count += len(group.targets)
-            continue
-        outputs = _convert(group, model, reader.read)
-        for name in group.targets:
-            copy_local_part(tensors[name], outputs[name])
-        del outputs
-        count += len(group.targets)
+        else:
+            outputs = _convert(group, model, reader.read)
+            for name in group.targets:
+                copy_local_part(tensors[name], outputs[name])
+            del outputs
     return LoadReport(tensors=count, bytes_read=reader.bytes_read - before, seconds=time.perf_counter() - start)

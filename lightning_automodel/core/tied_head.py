@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat.transformers import declared_tied_weights
+from lightning_automodel.core.distributed import local_tensor
 from lightning_automodel.core.naming import canonical_name
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,7 @@ def is_tied_word_embeddings(model: nn.Module) -> bool:
     support = getattr(type(model), "tie_word_embeddings_support", None)
     if support is TieSupport.TIED_ONLY:
         return True
-    if support is TieSupport.UNTIED_ONLY:
-        return False
-    config = getattr(model, "config", None)
-    if config is None:
-        return False
-    return controlling_tie_word_embeddings(config)
+    return support is not TieSupport.UNTIED_ONLY and controlling_tie_word_embeddings(getattr(model, "config", None))
 
 
 def get_lm_head_module(model: nn.Module) -> nn.Module | None:
@@ -136,17 +132,7 @@ def same_tensor_storage(left: torch.Tensor, right: torch.Tensor) -> bool:
     """Whether two tensors are one alias (same object, or same storage pointer and offset; meta never)."""
     if left is right:
         return True
-
-    def local(t: torch.Tensor) -> torch.Tensor:
-        to_local = getattr(t, "to_local", None)
-        if callable(to_local):
-            try:
-                return to_local()
-            except RuntimeError:
-                return t
-        return t
-
-    la, lb = local(left), local(right)
+    la, lb = local_tensor(left), local_tensor(right)
     if la is lb:
         return True
     if la.device.type == "meta" or lb.device.type == "meta":
@@ -162,13 +148,7 @@ def same_tensor_storage(left: torch.Tensor, right: torch.Tensor) -> bool:
 
 def has_local_tied_lm_head(model: nn.Module) -> bool:
     """Configured tied, both weights present here, same shape, and truly one storage."""
-    if not is_tied_word_embeddings(model):
-        return False
-    head, _ = get_lm_head_weight_and_name(model)
-    embed, _ = get_input_embeddings_weight_and_name(model)
-    if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):
-        return False
-    return same_tensor_storage(head, embed)
+    return diagnose_tie(model).locally_tied
 
 
 @dataclass(frozen=True)
@@ -210,10 +190,9 @@ def ensure_tied_lm_head(model: nn.Module) -> bool:
     parameter to the head module. Never raises for the usual failures; callers read the result (and
     :func:`diagnose_tie` for the reason).
     """
-    if not is_tied_word_embeddings(model):
-        return False
-    if has_local_tied_lm_head(model):
-        return True
+    status = diagnose_tie(model)
+    if status.locally_tied or not status.config_tied:
+        return status.locally_tied
     head, head_name = get_lm_head_weight_and_name(model)
     embed, _ = get_input_embeddings_weight_and_name(model)
     if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):

@@ -18,8 +18,10 @@ metadata. Export needs the model only, a few tensors at a time:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pathlib
 import pickle
 import warnings
 import zipfile
@@ -41,24 +43,17 @@ class CheckpointReadError(ValueError):
     """The checkpoint cannot be read; the message names the file and what is wrong."""
 
 
-# Lightning stores hyper-parameters as its ``AttributeDict`` (a ``dict`` subclass). They are read here as
-# data only (nothing hands them back to Lightning), so its pickled name maps to a plain ``dict``: the
-# core reads Lightning's files without importing Lightning.
-_LIGHTNING_ATTRIBUTE_DICT = "lightning.fabric.utilities.data.AttributeDict"
-
-
-def lightning_safe_globals() -> list[Any]:
-    """The only non-tensor types Lightning's checkpoint metadata holds; nothing else is unpickled."""
-    import collections
-    import pathlib
-
-    return [collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, _LIGHTNING_ATTRIBUTE_DICT)]
+# The only non-tensor types Lightning's checkpoint metadata holds. Its ``AttributeDict`` (hyper-parameters,
+# a ``dict`` subclass) is read as a plain ``dict``: data only, and the core never imports Lightning.
+_LIGHTNING_SAFE_GLOBALS = [
+    collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, "lightning.fabric.utilities.data.AttributeDict"),
+]
 
 
 def safe_torch_load(path: Path, **kwargs: Any) -> Any:
     """``torch.load(weights_only=True)`` with Lightning's allow-list: a pickle that needs any other global is refused, never run."""
     try:
-        with torch.serialization.safe_globals(lightning_safe_globals()):
+        with torch.serialization.safe_globals(_LIGHTNING_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
         lines = str(exc).strip().splitlines()
@@ -145,14 +140,21 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     :class:`CheckpointReadError` (one line) for anything else.
     """
     path = Path(path)
-    if path.is_file():
+    if _is_single_file(path):
         checkpoint = safe_torch_load(path, mmap=True)
         if not isinstance(checkpoint, dict):
             raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
         return {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
+    SafeFileSystemReader(path).read_metadata()
+    return read_meta_pt(path)
+
+
+def _is_single_file(path: Path) -> bool:
+    """True for a ``.ckpt`` file, False for a sharded directory (with ``.metadata``); else one-line error."""
+    if path.is_file():
+        return True
     if path.is_dir() and (path / ".metadata").is_file():
-        SafeFileSystemReader(path).read_metadata()
-        return read_meta_pt(path)
+        return False
     if not path.exists():
         raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
     raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
@@ -184,13 +186,7 @@ class TrainedCheckpoint:
 def open_trained_checkpoint(path: str | os.PathLike[str]) -> TrainedCheckpoint:
     """Open a ``.ckpt`` file or a sharded checkpoint directory (with ``.metadata``)."""
     path = Path(path)
-    if path.is_file():
-        return SingleFileCheckpoint(path)
-    if path.is_dir() and (path / ".metadata").is_file():
-        return ShardedCheckpoint(path)
-    if not path.exists():
-        raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
-    raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
+    return SingleFileCheckpoint(path) if _is_single_file(path) else ShardedCheckpoint(path)
 
 
 class SingleFileCheckpoint(TrainedCheckpoint):
@@ -202,7 +198,7 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
             raise CheckpointReadError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
         self._tensors = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
-        self.metadata = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers")}
+        self.metadata = {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
         self.specs = {k: (tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
         self._offsets = self._record_offsets()
         self._fd = os.open(path, os.O_RDONLY)
@@ -311,8 +307,7 @@ class ShardedCheckpoint(TrainedCheckpoint):
             return {}
         try:
             with warnings.catch_warnings():
-                # DCP warns "torch.distributed is disabled ... assuming ... a single process" even when
-                # no_dist=True asks for exactly that; a single-process read is what this reader is for
+                # DCP warns "torch.distributed is disabled" even when no_dist=True asks for exactly that
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
                 dcp.load({"state_dict": state}, storage_reader=self._reader, no_dist=True)
         except CheckpointReadError:
