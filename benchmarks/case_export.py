@@ -94,7 +94,7 @@ def run_export(method: str, source: Path, warm: Path, shard: str) -> dict:
         return json.loads(result.read_text())
 
 
-def run_save_worker(smoke: bool) -> dict[str, list[dict]]:
+def run_save_worker(smoke: bool, hub_first: bool = False) -> dict[str, list[dict]]:
     hf = hf_checkpoint(smoke)
     env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -105,7 +105,7 @@ def run_save_worker(smoke: bool) -> dict[str, list[dict]]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-               str(REPO / "benchmarks" / "hf_save_worker.py"), str(hf), tmp, "200MB"]
+               str(REPO / "benchmarks" / "hf_save_worker.py"), str(hf), tmp, "200MB", "hub-first" if hub_first else "dcp-first"]
         for attempt in range(2):  # one retry, reported on stderr: a shared machine, and gloo's teardown race
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
             if proc.returncode == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,8 +191,10 @@ def _is_unset(buffer: torch.Tensor) -> bool:
     return bool((buffer == torch.iinfo(buffer.dtype).min).all())
 
 
-#: elements per row block: blocks depend on a tensor's shape only, never on the world size
-_BLOCK_ELEMENTS = 2**20
+#: elements per row block: blocks depend on a tensor's shape only, never on the world size. Small enough
+#: that a 1024 x 1024 projection splits into 16 blocks: a block straddling a shard edge is drawn whole by
+#: each rank holding part of it, so with 2**20 a projection of that size was drawn whole by every rank.
+_BLOCK_ELEMENTS = 2**16
 #: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
 _REPLAYABLE = {
     "aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::erfinv_", "aten::mul_", "aten::add_",
@@ -278,6 +280,36 @@ def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
         run()
     replayable = state["replayable"] and all(any(_overwrites(op) for op in seq) for seq in ops.values())
     return _Recorded(ops=ops, replayable=replayable)
+
+
+#: the attribute names every ``nn.Module`` has (hook dicts, slot dicts, ``training``): not part of an init's inputs
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _value_signature(value: Any) -> Any:
+    """A hashable stand-in for an attribute an init may read: scalars (and tuples of them) by value, anything else by identity."""
+    if isinstance(value, _SCALARS):
+        return (type(value), value)
+    if isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value):
+        return (tuple, value)
+    return ("id", id(value))
+
+
+def _init_signature(module: nn.Module) -> Hashable:
+    """What a recorded init can depend on: the module's class, its slots' shapes and dtypes, its own attributes, its children's.
+
+    Two modules with the same signature get the same recording (a model's layers share a few), which
+    is why recording costs per distinct module kind, not per module. An attribute that is not a plain
+    value (a config object, a tensor) counts by identity: the same object, the same recording.
+    """
+    attributes = tuple(sorted((k, _value_signature(v)) for k, v in vars(module).items() if k not in _MODULE_INTERNALS))
+    parameters = tuple(
+        (n, None if p is None else (tuple(p.shape), p.dtype, p.requires_grad, type(p))) for n, p in own_parameters(module).items()
+    )
+    buffers = tuple((n, None if b is None else (tuple(b.shape), b.dtype)) for n, b in own_buffers(module).items())
+    children = tuple((n, None if c is None else _init_signature(c)) for n, c in own_children(module).items())
+    return (type(module), attributes, parameters, buffers, children)
 
 
 def _overwrites(op: _Op) -> bool:
@@ -377,14 +409,20 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
     owners = _owner_models(model)
     done: set[int] = set()
     count = 0
+    # Recordings per (owner, module signature): the layers of a model repeat a few module kinds, and
+    # recording (a meta twin traced op by op) is the fixed cost per module that does not shrink with the world size.
+    recordings: dict[tuple[int, Hashable], _Recorded] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         direct = [(n, p) for n, p in own_parameters(module).items() if p is not None and id(p) not in done]
         if not direct:
             continue
         init_fn = init_weights_hook(owners[name])
         seed_of_module = module_seed(seed, canonical_name(name))
-        meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
-        recorded = _record_init(meta, lambda: _run_init(meta, init_fn))
+        key = (id(owners[name]), _init_signature(module))
+        recorded = recordings.get(key)
+        if recorded is None:
+            meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
+            recorded = recordings[key] = _record_init(meta, lambda: _run_init(meta, init_fn))
         if recorded.replayable:
             for n, p in direct:
                 _replay_into(p, recorded.ops[n], module_seed(seed_of_module, n))

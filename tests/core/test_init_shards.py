@@ -18,6 +18,34 @@ from lightning_automodel.core.init import init_weights_by_module
 def test_each_rank_draws_its_rows_and_matches_one_process():
     proc = run_torchrun("core_init_shards.py", nproc=2, timeout=300)
     assert proc.stderr.count("BIGGEST rank") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("DRAWN rank") == 2, proc.stderr[-3000:]
+
+
+class _Scaled(nn.Linear):
+    """A linear whose init reads a plain attribute: same class and shape, different init."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(64, 32, bias=False)
+        self.scale = scale
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=getattr(self, "scale", 1.0))  # nn.Linear.__init__ calls it before scale is set
+
+
+def test_an_init_is_recorded_once_per_module_kind(monkeypatch):
+    """Recording (a meta twin traced op by op) runs once per distinct module kind, not once per module,
+    and a plain attribute the init reads (``scale``) makes another kind."""
+    import lightning_automodel.core.init as init_module
+
+    calls = []
+    record = init_module._record_init
+    monkeypatch.setattr(init_module, "_record_init", lambda *a, **k: calls.append(1) or record(*a, **k))
+    model = nn.Sequential(*[_Scaled(0.01) for _ in range(6)], *[_Scaled(1.0) for _ in range(6)])
+    init_weights_by_module(model, seed=4)
+    assert len(calls) == 2
+    small, large = model[0].weight.std().item(), model[6].weight.std().item()
+    assert 0.008 < small < 0.012 and 0.8 < large < 1.2, (small, large)
+    assert not torch.equal(model[0].weight, model[1].weight)  # same recording, each module its own seed
 
 
 class _Owner(nn.Module):

@@ -32,9 +32,38 @@ class Biggest(TorchDispatchMode):
         return out
 
 
+class Drawn(TorchDispatchMode):
+    """Counts the elements random ops fill (``uniform_``/``normal_`` on real tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("uniform_", "normal_") and not args[0].is_meta:
+            self.elements += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def check_default_blocks_split_a_projection(mesh) -> None:
+    """With the default block size, a 1024 x 1024 projection on 2 ranks costs each rank about half of its numbers.
+
+    Before, one block held 2**20 elements: the whole projection was one block, drawn whole by both ranks.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False)), mesh=mesh)
+    with Drawn() as drawn:
+        init_weights_by_module(model, seed=3)
+    share = drawn.elements / (1024 * 1024)
+    print(f"DRAWN rank {dist.get_rank()} share {share:.3f}", file=sys.stderr)
+    assert share <= 0.6, share
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    check_default_blocks_split_a_projection(mesh)
     init_module._BLOCK_ELEMENTS = 7 * 64 + 5  # 7 rows of the embedding per block: blocks straddle the shard edge
     config = AutoConfig.for_model("llama", vocab_size=600, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=3)
