@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_automodel._compat.lightning import LightningCLIHooks, union_member_error
+from lightning_automodel._compat.lightning import LightningCLIHooks, import_path_policy_preserved, union_member_error
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
@@ -492,7 +492,7 @@ def parse_fit_config(argv: list[str], add_arguments: Callable[[Any], None] | Non
     the classes' defaults and type checks, "did you mean" and ``--print_config``: all of it is
     ``fit``'s own parser (:func:`job_cli`). ``add_arguments`` adds a command's own options to it.
     """
-    check_command_line(argv)
+    check_command_line(argv)  # restricts import paths for the rest of the command (main puts the policy back)
     with warnings.catch_warnings():
         # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -667,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a != "--debug"]
         from_command_line = False  # LightningCLI parses our stripped list (sys.argv keeps it for relaunches)
     try:
-        return _run(argv, from_command_line, marker)
+        with import_path_policy_preserved():  # the config's import allow-list ends with the command
+            return _run(argv, from_command_line, marker)
     except (Exception, _checkpoint_exception_type()) as exc:  # noqa: BLE001 - re-raised unless it is an input error
         if debug or not _is_input_error(exc, marker.started):
             raise

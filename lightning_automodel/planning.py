@@ -34,6 +34,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_automodel import callbacks as _callbacks_pkg
+from lightning_automodel._compat.lightning import import_path_policy_preserved
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, SurgeryStep, WeightsDtypeCast, surgery_schedule
 from lightning_automodel.callbacks.cast_mixed_dtype import CastMixedDtypeToBF16
 from lightning_automodel.callbacks.freeze_dead_parameters import FreezeDeadParameters
@@ -501,8 +502,9 @@ def main(argv: Sequence[str]) -> int:
               f"[--optimizer_state_dtype DTYPE]\n\n{__doc__}\nfit's options: lightning-automodel fit --help.")
         return 0
     try:
-        options, config = parse_args(argv)
-        plan = make_plan(config, world_size=options.world_size, optimizer_state_dtype=options.optimizer_state_dtype)
+        with import_path_policy_preserved():  # the config's import allow-list ends with the command
+            options, config = parse_args(argv)
+            plan = make_plan(config, world_size=options.world_size, optimizer_state_dtype=options.optimizer_state_dtype)
         plan.node_host_bytes = options.node_host_memory
         report = format_plan(plan)
     except SystemExit as exc:  # --print_config

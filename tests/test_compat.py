@@ -240,6 +240,25 @@ def test_union_member_error_finds_the_class_error_in_jsonargparse_text():
     assert compat_lightning.union_member_error("Parser key \"x\": something else") is None
 
 
+
+def test_import_path_policy_is_put_back():
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    def parses_linear() -> bool:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--layer", type=nn.Module)
+        try:
+            parser.parse_args(["--layer", '{"class_path": "torch.nn.Identity"}'])
+        except Exception:  # noqa: BLE001 - refused by the policy
+            return False
+        return True
+
+    assert parses_linear()
+    with compat_lightning.import_path_policy_preserved():
+        set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=["lightning_automodel"])
+        assert not parses_linear(), _changed("jsonargparse", "set_parsing_settings(import_path_denylist=...)", "no longer refuses")
+    assert parses_linear(), _changed("jsonargparse", "parsing_settings['import_path_verdicts']", "restoring it does not restore the policy")
+
 def test_set_process_group_backend_is_what_the_strategy_uses():
     from lightning.pytorch.strategies import ModelParallelStrategy
 

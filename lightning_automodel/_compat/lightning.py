@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
+from collections.abc import Iterator
 from typing import Any
 
 # jsonargparse's text for a value no member of ``Optional[X]`` accepts: the class's own error sits between
@@ -52,3 +55,25 @@ def callback_state_key(callback: Any, **identity: Any) -> str:
     the state of checkpoints saved before still loads; built here, so a Lightning change cannot orphan it.
     """
     return f"{type(callback).__qualname__}{identity!r}"
+
+
+_IMPORT_POLICY_KEYS = ("import_path_verdicts", "import_paths_enforced")
+
+
+@contextlib.contextmanager
+def import_path_policy_preserved() -> Iterator[None]:
+    """Put jsonargparse's process-wide import-path policy back as it was when the block ends.
+
+    The command restricts the import paths a config may name (``set_parsing_settings``, public) for
+    its own parse; a fit run in-process (tests, notebooks, a user's own launcher) must not leave that
+    restriction on the user's later parsers. Why private: ``set_parsing_settings`` has no getter, so
+    the previous policy is read from (and restored into) ``jsonargparse._common.parsing_settings``.
+    Checked on jsonargparse 4.53.0.
+    """
+    from jsonargparse import _common
+
+    saved = {key: copy.deepcopy(_common.parsing_settings[key]) for key in _IMPORT_POLICY_KEYS}
+    try:
+        yield
+    finally:
+        _common.parsing_settings.update(saved)
