@@ -36,6 +36,11 @@ METHODS = {  # label -> (worker method, source kind)
     "dcp_to_torch_save + save_pretrained (DCP)": ("dcp_to_torch_save", "dcp"),
 }
 PREVIOUS_COMMIT = "5fb7031"
+#: Imports of the snapshot whose modules moved since (issue 20): same functions, new places.
+SNAPSHOT_IMPORTS = {
+    "from lightning_automodel.models.building import build_on_meta":
+        "from lightning_automodel.core.model_build import build_meta_model as build_on_meta",
+}
 
 
 def write_training_checkpoints(hf_dir: str, out_dir: str) -> None:
@@ -74,11 +79,11 @@ def sources(smoke: bool) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         run_probe("case_export", "write", str(hf), str(root), timeout=3600)
-    previous = WORK / "previous_export.py"
-    if not previous.exists():
-        text = subprocess.run(["git", "show", f"{PREVIOUS_COMMIT}:lightning_automodel/export.py"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout
-        previous.write_text(text)
+    text = subprocess.run(["git", "show", f"{PREVIOUS_COMMIT}:lightning_automodel/export.py"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+    for old_import, new_import in SNAPSHOT_IMPORTS.items():  # the snapshot runs against today's package
+        text = text.replace(old_import, new_import)
+    (WORK / "previous_export.py").write_text(text)
     return root
 
 
