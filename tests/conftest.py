@@ -27,6 +27,16 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "
 
 
 @pytest.fixture(autouse=True)
+def _own_import_path_policy():
+    """Tests that call the command's parser directly (``parse_fit_config``, ``check_command_line``) set
+    jsonargparse's process-wide import-path policy without ``main`` putting it back; no test sees another's."""
+    from lightning_automodel._compat.lightning import import_path_policy_preserved
+
+    with import_path_policy_preserved():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_distributed_state():
     """In-process ModelParallelStrategy runs leave a process group and MASTER_PORT & co. behind.
 

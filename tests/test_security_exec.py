@@ -241,15 +241,20 @@ def test_allow_list_is_extended_explicitly(tmp_path, capsys, marker_module, monk
 @pytest.mark.parametrize("command", ["fit", "plan"])
 def test_the_allow_list_ends_with_the_command(tmp_path, capsys, command):
     """The restriction is the command's, not the process's: a fit or plan run in-process (a notebook, a
-    launcher, a test) leaves jsonargparse parsing the user's own class paths afterwards."""
-    from jsonargparse import ArgumentParser
+    launcher, a test) leaves jsonargparse's import policy as it found it, so the user's parsers work after."""
+    import copy
 
+    from jsonargparse import ArgumentParser, _common
+
+    keys = ("import_path_verdicts", "import_paths_enforced")
+    _common.parsing_settings.update(import_path_verdicts={}, import_paths_enforced=False)  # a permissive policy
+    before = copy.deepcopy({key: _common.parsing_settings[key] for key in keys})
     assert main([command, "--config", str(user_config(tmp_path)), "--trainer.max_steps=1"]) == 0
+    assert {key: _common.parsing_settings[key] for key in keys} == before
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--layer", type=torch.nn.Module)
     parsed = parser.parse_args(["--layer", '{"class_path": "torch.nn.Identity"}'])
     assert parsed.layer.class_path == "torch.nn.Identity"
-
 
 # ---- 5. HuggingFaceCheckpoint never replaces the directory the run loads from -------------------------
 
