@@ -120,6 +120,7 @@ def hf_config_from(model_args: Mapping[str, Any]) -> Any:
     root = Path(str(path))
     if not (root / "config.json").is_file():
         building.check_local_model_dir(str(path))  # raises the job's message: missing (a hub name?), a file, no config.json
+    building.check_config_json(root / "config.json")  # bounded size and depth, as fit checks it (no weights needed here)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))

@@ -267,6 +267,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "plan_layers_1e6": (lambda tmp_path: ["plan", "--config", TINY, "--model.config.num_hidden_layers=1000000"], r"num_hidden_layers=1,000,000 is above"),
     "plan_heads_zero": (lambda tmp_path: ["plan", "--config", TINY, "--model.config.num_attention_heads=0"], r"num_attention_heads must be a positive integer"),
     "plan_config_fifo": (lambda tmp_path: ["plan", *config_fifo(tmp_path)[1:]], r"config\.fifo.* not a regular file"),
+    "plan_deep_config_json": (lambda tmp_path: ["plan", *deep_config_json(tmp_path)[1:]], r"config\.json.*nested too deeply"),
     "truncated_ckpt_resume": (truncated_ckpt_resume, r"cut\.ckpt"),
     "full_disk_during_save": (full_disk_during_save, r"No space left on device .*trainer\.default_root_dir"),
 }
