@@ -50,7 +50,7 @@ def test_dcp_metadata_private_globals_exist_and_cover_a_real_save(tmp_path):
     private = {(m, n) for m, n in globals_used if n.startswith("_")}
     allowed = {(m, n) for m, names in compat_torch.DCP_METADATA_PRIVATE_GLOBALS.items() for n in names}
     assert private <= allowed, _changed("torch", "DCP .metadata pickling", f"it now references private globals {sorted(private - allowed)}")
-    from lightning_automodel.trained_checkpoint import SafeFileSystemReader
+    from lightning_automodel.core.training_checkpoint_reader import SafeFileSystemReader
 
     assert "w" in SafeFileSystemReader(tmp_path).read_metadata().state_dict_metadata
 
