@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_automodel.core.atomic_files import fsync_path
 from lightning_automodel.core.distributed import all_reduce_sum_, local_tensor
+from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES
 from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, HubTensor, is_renaming, plan_hub_layout
 from lightning_automodel.core.hub_writer import FILE_MODE, GroupTransform, assemble_shard, save_shard, shard_file_names, write_index
 from lightning_automodel.core.lora_merge import LoraMerge
@@ -261,11 +262,8 @@ def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch
     return received[:rows].cpu()
 
 
-#: safetensors' names of the dtypes a hub file holds
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+#: safetensors' names of the dtypes a hub file holds (the reader's one table, reversed)
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def _rows_in_place(layout_model: nn.Module, group: ConversionGroup, state: dict[str, torch.Tensor]) -> bool:
