@@ -28,7 +28,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from benchmarks.harness import CaseResult, Row, alternate, reset_peak_rss, rss_kib
-from lightning_automodel.core.dead_params import freeze_dead_parameters, freeze_unused_kv_sharing_params
+from lightning_automodel.core.dead_params import freeze_dead_parameters
+from lightning_automodel.model_utils import freeze_unused_kv_sharing_params
 from lightning_automodel.core.freezing import apply_parameter_freezing
 from lightning_automodel.core.parameters import count_parameters, module_breakdown
 from lightning_automodel.core.model_build import build_meta_model

@@ -1,8 +1,7 @@
 """Drop-in for ``nemo_automodel.components.checkpoint.utils``: same names, parameters and results.
 
-Thin façade over :mod:`lightning_automodel.core`. ``_get_checkpoint_tensor_dtypes`` reads local
-safetensors headers only (no tensor bytes, no private transformers API) and fails at once, offline,
-for a name that is not on local disk.
+``_get_checkpoint_tensor_dtypes`` reads local headers only (no tensor bytes, no private transformers
+API) and fails at once, offline, for a name that is not on local disk.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_automodel.core.hf_weight_files import (
     checkpoint_tensor_dtypes,
@@ -21,13 +21,12 @@ from lightning_automodel.core.hf_weight_files import (
     get_safetensors_index_total_size,
 )
 from lightning_automodel.core.distributed import get_rank_safe, get_world_size_safe, is_rank_0
-from lightning_automodel.core.naming import canonical_name as _normalize_param_name  # one rule for wrapper names
+from lightning_automodel.core.naming import canonical_name as _normalize_param_name, get_module_by_canonical_name
 from lightning_automodel.core.tied_head import (
     ensure_tied_lm_head,
     fill_missing_tied_lm_head as materialize_missing_tied_lm_head,  # the reference name; "materialize" here means "fill in"
     get_input_embeddings_weight_and_name,
     get_lm_head_weight_and_name,
-    get_module_by_normalized_name as _get_module_by_normalized_name,
     get_tied_lm_head_source_names,
     has_local_tied_lm_head,
     is_tied_word_embeddings,
@@ -50,3 +49,8 @@ def _get_checkpoint_tensor_dtypes(
 ) -> dict[str, torch.dtype]:
     """Tensor name -> dtype of a local checkpoint, from headers only. ``hf_config`` is accepted for compatibility."""
     return checkpoint_tensor_dtypes(pretrained_model_name_or_path, load_kwargs)
+
+
+def _get_module_by_normalized_name(model: nn.Module, normalized_module_name: str) -> nn.Module | None:
+    """The first (outermost) module whose canonical name is ``normalized_module_name``, as the reference."""
+    return get_module_by_canonical_name(model, normalized_module_name, outermost=True)

@@ -1,13 +1,10 @@
-"""Parameter freezing by configuration.
+"""Parameter freezing by configuration (the reference's 0.7.0 freeze config).
 
-Semantics follow the reference's newest freeze config (NeMo AutoModel 0.7.0): four legacy modality
-flags, then ``freeze_modules`` selectors, then ``unfreeze_modules`` selectors (unfreeze wins on
-overlap). Two things differ on purpose:
-
-* Legacy flags match dotted path *components* by prefix, case-insensitively: ``visual_extra`` is a
-  vision module, ``context_proj`` is not a text module (the reference's substring match froze it).
-* Freezing is planned first and applied second, so a bad selector leaves the model untouched, and
-  the result says which rule froze each parameter.
+Four legacy modality flags, then ``freeze_modules`` selectors, then ``unfreeze_modules`` (unfreeze wins
+on overlap). Two deliberate differences: legacy flags match dotted path *components* by prefix,
+case-insensitively (``context_proj`` is not a text module; the reference's substring match froze it),
+and freezing is planned before it is applied, so a bad selector leaves the model untouched and the
+result says which rule froze each parameter.
 """
 
 from __future__ import annotations
@@ -42,15 +39,20 @@ _LEGACY_RULES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
+class FreezeConfigError(TypeError, ValueError):
+    """A freeze option of the wrong type: a TypeError for a FreezeConfig built in Python, a ValueError from YAML."""
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+
+
 @dataclass(frozen=True)
 class ModuleSelector:
-    """Selects modules (with their whole subtree) or parameters by canonical name.
+    """Exactly one of ``path`` (exact) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots), case-sensitive.
 
-    Exactly one of ``path`` (exact match) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots)
-    is set. Both are tested against every canonical module path (wrapper components stripped,
-    relative to the model) and every canonical parameter name, so ``{path: model.vision_tower}``
-    selects a tower, ``{path: model.norm.weight}`` one tensor and ``{glob: '*.bias'}`` every bias.
-    Matching is case-sensitive, as in the reference.
+    Tested against every canonical module path and parameter name relative to the model:
+    ``{path: model.vision_tower}`` selects a tower, ``{path: model.norm.weight}`` one tensor, ``{glob: '*.bias'}`` every bias.
     """
 
     path: str | None = None
@@ -66,11 +68,8 @@ class ModuleSelector:
         if not isinstance(value, str) or not value:
             raise ValueError(f"A module selector value must be a non-empty string; got {value!r}.")
 
-    def matches(self, canonical_path: str) -> bool:
-        """Whether this selector matches one canonical module path or parameter name."""
-        if self.path is not None:
-            return canonical_path == self.path
-        return fnmatch.fnmatchcase(canonical_path, self.glob)  # type: ignore[arg-type]
+    def matches(self, name: str) -> bool:
+        return name == self.path if self.path is not None else fnmatch.fnmatchcase(name, self.glob)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """The selector as written in YAML (``path: X`` / ``glob: X``), for messages and rule labels."""
@@ -79,11 +78,10 @@ class ModuleSelector:
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    """Typed freeze configuration.
+    """Typed freeze configuration, validated when built (from YAML through :func:`parse_freeze_config`, or in Python).
 
-    ``freeze_vision_tower=None`` means True only when neither selector list is declared (a config
-    that uses selectors states trainability explicitly and gets no implicit vision freeze).
-    ``None`` for a selector field means "not declared"; an empty tuple is declared but empty.
+    ``freeze_vision_tower=None`` is True only when neither selector list is declared; a selector field of
+    ``None`` is not declared, an empty tuple is declared but empty.
     """
 
     freeze_vision_tower: bool | None = None
@@ -94,28 +92,21 @@ class FreezeConfig:
     unfreeze_modules: tuple[ModuleSelector, ...] | None = None
 
     def __post_init__(self) -> None:
-        # Built directly from Python (not through parse_freeze_config): lists become tuples so the
-        # config stays hashable and immutable, and wrong types fail here rather than mid-freeze.
         for key in SELECTOR_FIELDS:
             value = getattr(self, key)
             if value is None:
                 continue
-            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-                raise TypeError(f"FreezeConfig.{key} must be a sequence of ModuleSelector; got {value!r}.")
-            selectors = tuple(value)
-            bad = [entry for entry in selectors if not isinstance(entry, ModuleSelector)]
-            if bad:
+            selectors = tuple(value) if _is_list(value) else None  # lists become tuples: hashable, immutable
+            if selectors is None or not all(isinstance(entry, ModuleSelector) for entry in selectors):
                 raise TypeError(
-                    f"FreezeConfig.{key} entries must be ModuleSelector instances; got {bad!r}. "
+                    f"FreezeConfig.{key} must be a sequence of ModuleSelector; got {value!r}. "
                     "Use parse_freeze_config to build one from {path: ...} / {glob: ...} mappings."
                 )
             object.__setattr__(self, key, selectors)
         for key in LEGACY_FLAGS:
             value = getattr(self, key)
-            if value is None and key == "freeze_vision_tower":
-                continue
-            if not isinstance(value, bool):
-                raise TypeError(f"FreezeConfig.{key} must be a bool; got {value!r}.")
+            if not isinstance(value, bool) and not (value is None and key == "freeze_vision_tower"):
+                raise FreezeConfigError(f"freeze_config.{key} must be true or false; got {value!r}.")
 
     def effective_flags(self) -> dict[str, bool]:
         """The four legacy flags with ``freeze_vision_tower=None`` resolved (declared selectors turn it off)."""
@@ -127,18 +118,13 @@ class FreezeConfig:
 
 @dataclass
 class FreezePlan:
-    """Target ``requires_grad`` per canonical parameter name, with the rule that decided it."""
+    """Target ``requires_grad`` and the deciding rule per canonical parameter name, and the parameters themselves."""
 
     requires_grad: dict[str, bool] = field(default_factory=dict)
     rule: dict[str, str] = field(default_factory=dict)
-    #: the planned parameters by name, so applying needs no second traversal of the model
     params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     #: what the user may not expect: a flag that reached nothing, a freeze that also freezes a tied alias
     notes: list[str] = field(default_factory=list)
-
-    def set(self, name: str, value: bool, rule: str) -> None:
-        self.requires_grad[name] = value
-        self.rule[name] = rule
 
 
 @dataclass
@@ -168,14 +154,11 @@ def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
 
 
 def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig:
-    """Validate a raw freeze configuration (YAML mapping) into a :class:`FreezeConfig`.
-
-    ``None`` gives the default config (which freezes the vision tower, as the reference's ``{}``).
+    """Validate a raw freeze configuration (YAML mapping); ``None`` gives the default (which freezes the vision tower).
 
     Raises:
         TypeError: ``config`` is not a mapping.
-        ValueError: unknown keys (the message lists the valid ones), non-boolean flags, malformed
-            selectors.
+        ValueError: unknown keys (the message lists the valid ones), non-boolean flags, malformed selectors.
     """
     if config is None:
         return FreezeConfig()
@@ -188,39 +171,28 @@ def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> Free
         raise ValueError(
             f"freeze_config has unsupported option(s) {unknown}; valid options are {sorted(FREEZE_CONFIG_KEYS)}."
         )
-    flags: dict[str, bool] = {}
-    for key in LEGACY_FLAGS:
-        value = config.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, bool):
-            raise ValueError(f"freeze_config.{key} must be true or false; got {value!r}.")
-        flags[key] = value
-    selectors: dict[str, tuple[ModuleSelector, ...]] = {}
+    values: dict[str, Any] = {key: config[key] for key in LEGACY_FLAGS if config.get(key) is not None}
     for key in SELECTOR_FIELDS:
-        if key not in config or config[key] is None:
+        entries = config.get(key)
+        if entries is None:
             continue
-        entries = config[key]
-        if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
+        if not _is_list(entries):
             raise ValueError(f"freeze_config.{key} must be a list of {{path: ...}} / {{glob: ...}} selectors; got {entries!r}.")
-        selectors[key] = tuple(_parse_selector(entry, key) for entry in entries)
-    return FreezeConfig(**flags, **selectors)
+        values[key] = tuple(_parse_selector(entry, key) for entry in entries)
+    return FreezeConfig(**values)
 
 
 def matches_component_prefix(module_path: str, pattern: str) -> bool:
-    """Whether a dotted path has components matching ``pattern`` (its last component by prefix).
+    """Whether consecutive components of a dotted path match ``pattern``, its last component by prefix, case-insensitively.
 
-    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra``... but ``text`` does not match
-    ``model.context_proj``. A dotted pattern (``patch_generator.video_embedder``) must match
-    consecutive components. Case-insensitive.
+    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra`` but ``text`` not ``model.context_proj``.
     """
     lowered, wanted_text = module_path.lower(), pattern.lower()
     if wanted_text not in lowered:
         return False  # cheap rejection for the vast majority of paths
     components = lowered.split(".")
-    wanted = wanted_text.split(".")
-    head, last = wanted[:-1], wanted[-1]
-    span = len(wanted)
+    *head, last = wanted_text.split(".")
+    span = len(head) + 1
     for start in range(len(components) - span + 1):
         if components[start : start + span - 1] == head and components[start + span - 1].startswith(last):
             return True
@@ -228,39 +200,25 @@ def matches_component_prefix(module_path: str, pattern: str) -> bool:
 
 
 class _ParameterIndex:
-    """Canonical parameter names, deduplicated by identity (tied weights once), and the module paths above them.
-
-    Module paths are derived from parameter names, so matching needs no module traversal: a module
-    selected by path selects every parameter name under that path (through any alias of a tied weight).
-    """
+    """Canonical parameter names, tied weights once, and the module paths above them (no module traversal)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.first_name: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.aliases: list[tuple[str, str]] = []  # (canonical alias name, canonical first name)
-        first_name, params, aliases = self.first_name, self.params, self.aliases
+        self.module_paths: set[str] = set()  # every module path with a parameter under it
         for name, param in model.named_parameters(remove_duplicate=False):
             alias = canonical_name(name)
-            first = first_name.setdefault(id(param), alias)
-            params.setdefault(first, param)
-            aliases.append((alias, first))
-        self._module_paths: set[str] | None = None
-
-    @property
-    def module_paths(self) -> set[str]:
-        """Every module path that has a parameter under it."""
-        if self._module_paths is None:
-            paths: set[str] = set()
-            for alias, _ in self.aliases:
-                cut = alias.rfind(".")
-                while cut > 0 and alias[:cut] not in paths:
-                    paths.add(alias[:cut])
-                    cut = alias.rfind(".", 0, cut)
-            self._module_paths = paths
-        return self._module_paths
+            first = self.first_name.setdefault(id(param), alias)
+            self.params.setdefault(first, param)
+            self.aliases.append((alias, first))
+            cut = alias.rfind(".")
+            while cut > 0 and alias[:cut] not in self.module_paths:
+                self.module_paths.add(alias[:cut])
+                cut = alias.rfind(".", 0, cut)
 
     def names_under(self, matched_paths: set[str]) -> list[str]:
-        """First names of every parameter that sits under one of ``matched_paths``."""
+        """First names of every parameter (through any alias) under one of ``matched_paths``."""
         names = []
         for alias, first in self.aliases if matched_paths else ():
             cut = alias.rfind(".")  # walk the name's ancestors: cost per name is its depth, not len(matched_paths)
@@ -274,7 +232,6 @@ class _ParameterIndex:
 
 def _tower_targets(model: nn.Module, index: _ParameterIndex, attribute: str | None, patterns: Iterable[str]) -> list[str]:
     """Parameters of the module at ``attribute`` (if it is one) plus those under paths matching a pattern."""
-    patterns = tuple(patterns)
     tower = getattr(model, attribute, None) if attribute else None
     names = [index.first_name[id(p)] for p in tower.parameters()] if isinstance(tower, nn.Module) else []
     matched = {path for path in index.module_paths if any(matches_component_prefix(path, p) for p in patterns)}
@@ -282,25 +239,19 @@ def _tower_targets(model: nn.Module, index: _ParameterIndex, attribute: str | No
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
-    """Parameters a selector reaches: under every matched module path, plus parameters it names."""
-    if selector.path is not None:
-        names = index.names_under({selector.path})  # empty when no module has that path
-    else:
-        names = index.names_under({path for path in index.module_paths if selector.matches(path)})
-    # A selector may also name parameters by their full canonical name: `path: model.norm.weight`, a
-    # bare nn.Parameter such as attention sinks, or `glob: '*.bias'` (BitFit). The reference matches
-    # module paths only, so those selectors matched nothing there.
-    if selector.path is not None:
-        names.extend(first for alias, first in index.aliases if alias == selector.path)
-    else:
-        names.extend(first for alias, first in index.aliases if selector.matches(alias))
-    return names
+    """Parameters under every module path the selector matches, plus those it names in full.
+
+    Naming a parameter (``path: model.norm.weight``, an attention-sink ``nn.Parameter``, BitFit's
+    ``glob: '*.bias'``) is ours: the reference matches module paths only, so those selected nothing there.
+    """
+    paths = {selector.path} if selector.path is not None else {p for p in index.module_paths if selector.matches(p)}
+    return index.names_under(paths) + [first for alias, first in index.aliases if selector.matches(alias)]
 
 
 def plan_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezePlan:
-    """Work out the ``requires_grad`` changes a freeze config makes, without touching the model.
+    """The ``requires_grad`` changes a freeze config makes, without touching the model.
 
     Raises:
         ValueError: with ``strict``, when a selector matches no parameter (the selector is named).
@@ -308,14 +259,14 @@ def plan_parameter_freezing(
     cfg = parse_freeze_config(config)
     index = _ParameterIndex(model)
     plan = FreezePlan(params=index.params)
+    changes: list[tuple[list[str], bool, str]] = []
     for flag, enabled in cfg.effective_flags().items():
         if enabled:
             targets = _tower_targets(model, index, *_LEGACY_RULES[flag])
             # the implicit vision freeze (None) says nothing when the model has no vision part
             if not targets and getattr(cfg, flag) is True:
                 plan.notes.append(f"{flag} matched no parameters: this model has no such part, so it froze nothing.")
-            for name in targets:
-                plan.set(name, False, flag)
+            changes.append((targets, False, flag))
     for field_name, value in (("freeze_modules", False), ("unfreeze_modules", True)):
         for i, selector in enumerate(getattr(cfg, field_name) or ()):
             names = _selector_targets(index, selector)
@@ -325,30 +276,22 @@ def plan_parameter_freezing(
                     "Selectors match full canonical module paths relative to the Hugging Face model "
                     "(e.g. `model.vision_tower`, glob `model.layers.*.mlp`); pass strict=False to allow this."
                 )
-            for name in names:
-                plan.set(name, value, f"{field_name}[{selector.describe()}]")
-    plan.notes.extend(_tied_alias_notes(index, plan))
-    return plan
-
-
-def _tied_alias_notes(index: _ParameterIndex, plan: FreezePlan) -> list[str]:
-    """One note per tensor a rule changed that another module shares (a tied LM head and its embedding)."""
-    notes = []
-    for alias, first in index.aliases:
+            changes.append((names, value, f"{field_name}[{selector.describe()}]"))
+    for names, value, rule in changes:
+        for name in names:
+            plan.requires_grad[name] = value
+            plan.rule[name] = rule
+    for alias, first in index.aliases:  # a tensor a rule changed that another module shares (a tied head)
         if alias != first and first in plan.requires_grad:
             state = "trainable" if plan.requires_grad[first] else "frozen"
-            notes.append(f"{plan.rule[first]} made {first} {state}; {alias} is the same tensor (tied), so it is {state} too.")
-    return notes
+            plan.notes.append(f"{plan.rule[first]} made {first} {state}; {alias} is the same tensor (tied), so it is {state} too.")
+    return plan
 
 
 def apply_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
-    """Freeze (and unfreeze) parameters by config; all or nothing.
-
-    Returns:
-        A :class:`FreezeReport` naming every parameter the config froze or unfroze and the rule.
-    """
+    """Freeze (and unfreeze) parameters by config, all or nothing; the report names each parameter's rule."""
     plan = plan_parameter_freezing(model, config, strict=strict)
     report = FreezeReport(notes=list(plan.notes))
     for name, value in plan.requires_grad.items():
@@ -362,13 +305,10 @@ def apply_parameter_freezing(
 def freeze_module_by_attribute_and_patterns(
     model: nn.Module, attribute_name: str | None, name_patterns: Iterable[str]
 ) -> list[str]:
-    """Freeze the module at ``attribute_name`` and every module whose path matches a pattern.
-
-    Patterns match dotted path components by prefix (see :func:`matches_component_prefix`). An
-    attribute that is missing or ``None`` is skipped. Returns the canonical names frozen.
-    """
+    """Freeze the module at ``attribute_name`` (skipped when missing or None) and every module whose path
+    matches a pattern by component prefix; returns the canonical names frozen."""
     index = _ParameterIndex(model)
-    wanted = set(_tower_targets(model, index, attribute_name, name_patterns))
+    wanted = set(_tower_targets(model, index, attribute_name, tuple(name_patterns)))
     for name in wanted:
         index.params[name].requires_grad_(False)
     return sorted(wanted)

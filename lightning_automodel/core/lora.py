@@ -29,9 +29,8 @@ from torch import nn
 
 from lightning_automodel._compat.peft import create_adapter, layer_settings, layer_variant
 from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
-from lightning_automodel.core.adapter_names import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.naming import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, canonical_name, is_adapter_name
 from lightning_automodel.core.distributed import module_seed
-from lightning_automodel.core.naming import canonical_name
 
 log = logging.getLogger(__name__)
 

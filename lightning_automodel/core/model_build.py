@@ -406,7 +406,7 @@ def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str
     Parameter objects are kept, so ties survive. Used only when the user asks for bf16 weights; tensors
     the checkpoint stores in fp32 (router gates, norms of some models) and LoRA adapters stay fp32.
     """
-    from lightning_automodel.core.adapter_names import base_checkpoint_name, is_adapter_name
+    from lightning_automodel.core.naming import base_checkpoint_name, is_adapter_name
 
     changed = []
     for name, param in unique_named_parameters(model):

@@ -1,9 +1,8 @@
-"""Canonical parameter and module names.
+"""Canonical parameter and module names, and how peft names LoRA adapters.
 
 Activation checkpointing, ``torch.compile`` and FSDP1 insert wrapper components into dotted names
-(``layers.0._checkpoint_wrapped_module.self_attn``). Everything a user configures or reads
-(selectors, state_dict names, messages) uses names with those components removed, so a YAML keeps
-matching whatever wrapping the run applies.
+(``layers.0._checkpoint_wrapped_module.self_attn``). Everything a user configures or reads uses names
+without them, so a YAML keeps matching whatever wrapping the run applies.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ from torch import nn
 
 WRAPPER_PREFIXES: tuple[str, ...] = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 WRAPPER_COMPONENTS: frozenset[str] = frozenset(prefix[:-1] for prefix in WRAPPER_PREFIXES)
+# peft keeps an adapted nn.Linear as ``base_layer`` and adds ``lora_A.<adapter>`` / ``lora_B.<adapter>``.
+ADAPTER_NAME = "default"
+BASE_LAYER = "base_layer"
 
 
 def canonical_name(name: str) -> str:
-    """Strip every wrapper component (see ``WRAPPER_PREFIXES``) anywhere in a dotted name.
-
-    Only whole components go: ``layers.0._orig_mod.mlp`` -> ``layers.0.mlp``, but a module that
-    merely ends in the same letters (``foo_orig_mod``) keeps its name.
-    """
+    """Strip every whole wrapper component: ``layers.0._orig_mod.mlp`` -> ``layers.0.mlp``; ``foo_orig_mod`` stays."""
     if "._" not in name and not name.startswith("_"):
         return name  # every wrapper component starts with "_": the common case costs one scan
     parts = name.split(".")
@@ -32,25 +30,31 @@ def canonical_name(name: str) -> str:
 def canonical_named_parameters(
     model: nn.Module, *, remove_duplicate: bool = True
 ) -> Iterator[tuple[str, nn.Parameter]]:
-    """``named_parameters`` with canonical names."""
     for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
         yield canonical_name(name), param
 
 
 def canonical_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` with canonical names; wrapper modules collapse onto the module they wrap."""
+    """``named_modules`` with canonical names; a wrapper and the module it wraps share one name."""
     for name, module in model.named_modules(remove_duplicate=False):
         yield canonical_name(name), module
 
 
 def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
-    """Canonical name -> module in one traversal (the innermost when wrappers share a name): for many lookups."""
+    """Canonical name -> the innermost module of that name, in one traversal (for many lookups)."""
     return dict(canonical_named_modules(model))
 
 
-def get_module_by_canonical_name(model: nn.Module, name: str) -> nn.Module | None:
-    """The module whose canonical name is ``name`` (the innermost one when wrappers share it)."""
-    return modules_by_canonical_name(model).get(name)
+def get_module_by_canonical_name(model: nn.Module, name: str, *, outermost: bool = False) -> nn.Module | None:
+    """The module whose canonical name is ``name``: the innermost when wrappers share it, or the outermost
+    (the reference's ``_get_module_by_normalized_name``)."""
+    found = None
+    for module_name, module in canonical_named_modules(model):
+        if module_name == name:
+            if outermost:
+                return module
+            found = module
+    return found
 
 
 def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -62,3 +66,14 @@ def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             seen.add(id(param))
             out.append((canonical_name(name), param))
     return out
+
+
+def is_adapter_name(name: str) -> bool:
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def base_checkpoint_name(name: str) -> str:
+    """The un-adapted checkpoint's name for ``name`` (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    if f".{BASE_LAYER}." not in f".{name}.":
+        return name
+    return ".".join(part for part in name.split(".") if part != BASE_LAYER)

@@ -1,10 +1,9 @@
 """Logical parameter counts and norms that are right for quantized, sharded and meta models.
 
-* A bitsandbytes ``Params4bit`` stores two 4-bit values per byte in a flat uint8 tensor; its logical
-  size is ``quant_state.shape`` (reference issue #1290: an 8B QLoRA model reported 2.8B).
-* A DTensor's ``numel()`` is already global; its L2 norm is not: each rank holds a shard, so the
-  squared norms are summed across ranks (the reference's norm was per shard).
-* Meta tensors are counted without touching storage.
+* A bitsandbytes ``Params4bit`` packs two 4-bit values per byte; its logical size is
+  ``quant_state.shape`` (reference issue #1290: an 8B QLoRA model reported 2.8B).
+* A DTensor's ``numel()`` is global but each rank holds a shard, so squared norms are summed across
+  ranks (the reference's norm was per shard). Meta tensors are counted without touching storage.
 """
 
 from __future__ import annotations
@@ -22,25 +21,25 @@ from lightning_automodel.core.distributed import all_reduce_sum_, get_world_size
 from lightning_automodel.core.naming import unique_named_parameters
 
 
-def logical_numel(t: torch.Tensor) -> int:
-    """Number of logical elements: ``quant_state.shape`` for a quantized ``Params4bit``, else ``numel()``."""
+def logical_numel(param: torch.Tensor) -> int:
+    """``quant_state.shape``'s size for a quantized ``Params4bit``, else ``numel()``."""
     bnb = sys.modules.get("bitsandbytes")  # only a model that imported bitsandbytes can hold its tensors
-    if bnb is not None and isinstance(t, bnb.nn.Params4bit) and getattr(t, "quant_state", None) is not None:
-        return math.prod(t.quant_state.shape)
-    return t.numel()
+    if bnb is not None and isinstance(param, bnb.nn.Params4bit) and getattr(param, "quant_state", None) is not None:
+        return math.prod(param.quant_state.shape)
+    return param.numel()
 
 
 class ParameterCounts(NamedTuple):
-    """Logical element counts; a tuple in the reference's ``(trainable, total)`` order so it unpacks the same."""
+    """Logical element counts, in the reference's ``(trainable, total)`` order so it unpacks the same."""
 
     trainable: int
     total: int
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
-    """``(trainable, total)`` logical element counts; safe on meta models; shared parameters once."""
+    """``(trainable, total)`` logical element counts; safe on meta models; tied weights once."""
     trainable = total = 0
-    for _, p in unique_named_parameters(model):  # deduplicated by identity: tied weights count once
+    for _, p in unique_named_parameters(model):
         n = logical_numel(p)
         total += n
         if p.requires_grad:
@@ -61,37 +60,29 @@ def _replication_factor(p: torch.Tensor, world_size: int) -> int:
     """How many ranks hold each element of ``p`` (to count a replicated value once in a global sum)."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    if isinstance(p, DTensor):
-        mesh = p.device_mesh
-        factor = max(world_size // max(mesh.size(), 1), 1)
-        for dim, placement in enumerate(p.placements):
-            if isinstance(placement, Replicate):
-                factor *= mesh.size(dim)
-        return factor
-    return world_size
+    if not isinstance(p, DTensor):
+        return world_size
+    mesh = p.device_mesh
+    factor = max(world_size // max(mesh.size(), 1), 1)
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Replicate):
+            factor *= mesh.size(dim)
+    return factor
 
 
 @torch.no_grad()
 def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
-    """Sum of squares of all floating-point parameters across every rank (a collective: all ranks call it).
+    """Sum of squares of all floating-point parameters over every rank (a collective: all ranks call it).
 
-    Each rank sums the squares of what it holds locally (a DTensor's local shard), divides
-    replicated copies by how many ranks hold them, and one all-reduce over the default group adds
-    the ranks up: one collective for the whole model, whatever the number of parameters or meshes.
-    This assumes every rank holds the same parameters up to sharding and replication (FSDP2, HSDP,
-    TP, DDP); pipeline stages that hold different parameters are not supported.
-
-    Args:
-        device: where the all-reduce runs (a callback passes its strategy's root device); default:
-            what the process group's backend needs (CUDA for NCCL, also for CPU-offloaded shards).
-
-    Returns:
-        The squared norm, or ``nan`` for a model with meta parameters (nothing to measure).
+    Each rank sums its local shards, divides replicated copies by how many ranks hold them, and one
+    all-reduce (on ``device``; default: what the backend needs) adds the ranks up. Assumes every rank
+    holds the same parameters up to sharding and replication (FSDP2, HSDP, TP, DDP; not pipeline
+    stages). ``nan`` for a model with meta parameters.
     """
     world = get_world_size_safe() if is_distributed() else 1
     local_device = None
     total = None
-    for p in model.parameters():  # each parameter once: tied weights are counted once
+    for p in model.parameters():  # tied weights once
         if not (p.is_floating_point() or p.is_complex()):
             continue  # packed quantized bytes: a norm of those is meaningless
         local = local_tensor(p)
@@ -110,15 +101,11 @@ def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = No
     return max(total.item(), 0.0)
 
 
-def global_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
-    """L2 norm of all floating-point parameters across every rank (collective; see :func:`global_squared_l2_norm`)."""
-    return math.sqrt(global_squared_l2_norm(model, device=device))
-
-
 def parameter_stats(model: nn.Module, *, norm: bool = True, device: torch.device | None = None) -> ParameterStats:
     """Total and trainable logical counts and (optionally) the global L2 norm (all-reduced on ``device``)."""
     counts = count_parameters(model)
-    return ParameterStats(counts.total, counts.trainable, global_l2_norm(model, device=device) if norm else float("nan"))
+    l2_norm = math.sqrt(global_squared_l2_norm(model, device=device)) if norm else float("nan")
+    return ParameterStats(counts.total, counts.trainable, l2_norm)
 
 
 @dataclass
@@ -138,10 +125,10 @@ class ModuleRow:
 def module_breakdown(
     model: nn.Module, *, depth: int = 2, frozen_by: Mapping[str, str] | None = None
 ) -> list[ModuleRow]:
-    """Group parameters by their first ``depth`` name components (``model.layers``, ``lm_head``).
+    """Parameters grouped by their first ``depth`` name components (``model.layers``, ``lm_head``).
 
-    ``frozen_by`` maps canonical parameter names to the rule that froze them; frozen parameters not
-    in it are attributed to ``"already frozen"``.
+    ``frozen_by`` maps canonical parameter names to the rule that froze them; other frozen
+    parameters count as ``"already frozen"``.
     """
     rows: dict[str, ModuleRow] = {}
     for name, p in unique_named_parameters(model):

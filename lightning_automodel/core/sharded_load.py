@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat.torch import local_shape_and_offset, non_persistent_buffer_names
-from lightning_automodel.core.adapter_names import base_checkpoint_name, is_adapter_name
+from lightning_automodel.core.naming import base_checkpoint_name, is_adapter_name
 from lightning_automodel.core.distributed import local_tensor
 from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES, open_regular, read_safetensors_layout, resolve_checkpoint_files
 from lightning_automodel.core.naming import canonical_name

@@ -1,18 +1,13 @@
 """Tied LM heads: detect, repair and checkpoint them correctly.
 
-A tied head (``lm_head.weight is embed_tokens.weight``) breaks silently when a model is built on the
-meta device and materialized, or when sharding replaces parameters. Two rules follow (reference PRs
-#1904, #2511):
-
-* "tied" is a storage fact, not a config fact: the config may say tied while the tensors are
-  separate (and have diverged). Only a real alias may be dropped from a checkpoint.
-* A checkpoint without ``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its
-  embedding source when loading.
+A tied head (``lm_head.weight is embed_tokens.weight``) breaks silently when a meta build is
+materialized or sharding replaces parameters. So (reference PRs #1904, #2511) "tied" is a storage
+fact, not a config fact: only a real alias may be dropped from a checkpoint, and a checkpoint without
+``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its embedding source when loading.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import Enum
@@ -22,9 +17,7 @@ from torch import nn
 
 from lightning_automodel._compat.transformers import declared_tied_weights
 from lightning_automodel.core.distributed import local_tensor
-from lightning_automodel.core.naming import canonical_name
-
-logger = logging.getLogger(__name__)
+from lightning_automodel.core.naming import canonical_name, get_module_by_canonical_name
 
 _EMBEDDING_FALLBACK_NAMES: tuple[str, ...] = (
     "model.language_model.embed_tokens.weight",
@@ -42,15 +35,7 @@ class TieSupport(Enum):
     UNTIED_ONLY = "untied_only"
 
 
-def get_module_by_normalized_name(model: nn.Module, normalized_module_name: str) -> nn.Module | None:
-    """The module whose wrapper-free name is ``normalized_module_name`` (``""``: the model itself)."""
-    for module_name, module in model.named_modules():
-        if canonical_name(module_name) == normalized_module_name:
-            return module
-    return None
-
-
-def controlling_tie_word_embeddings(config: object) -> bool:
+def _controlling_tie_word_embeddings(config: object) -> bool:
     """The flag Hugging Face ties by: top-level first, then an Omni ``thinker_config``, then the text config."""
     if hasattr(config, "tie_word_embeddings"):
         return bool(config.tie_word_embeddings)
@@ -67,7 +52,7 @@ def is_tied_word_embeddings(model: nn.Module) -> bool:
     support = getattr(type(model), "tie_word_embeddings_support", None)
     if support is TieSupport.TIED_ONLY:
         return True
-    return support is not TieSupport.UNTIED_ONLY and controlling_tie_word_embeddings(getattr(model, "config", None))
+    return support is not TieSupport.UNTIED_ONLY and _controlling_tie_word_embeddings(getattr(model, "config", None))
 
 
 def get_lm_head_module(model: nn.Module) -> nn.Module | None:
@@ -88,43 +73,40 @@ def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
     head = get_lm_head_module(model)
     weight = getattr(head, "weight", None) if head is not None else None
     if weight is None:
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if "lm_head" in name and name.endswith(".weight"):
-                weight = param
-                break
+        weight = next(
+            (p for name, p in model.named_parameters(remove_duplicate=False) if "lm_head" in name and name.endswith(".weight")),
+            None,
+        )
     if weight is None:
         raise ValueError("lm_head.weight not found in model")
     return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def get_lm_head_weight_and_name(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
-    """The local LM-head parameter (a DTensor stays a DTensor) and its normalized name."""
+    """The local LM-head parameter (a DTensor stays a DTensor) and its canonical name."""
     for name, param in model.named_parameters(remove_duplicate=False):
-        normalized = canonical_name(name)
-        if "lm_head" in normalized and normalized.endswith(".weight"):
-            return param, normalized
+        name = canonical_name(name)
+        if "lm_head" in name and name.endswith(".weight"):
+            return param, name
     return None, None
 
 
 def get_input_embeddings_weight_and_name(model: nn.Module) -> tuple[torch.Tensor | None, str | None]:
-    """The input-embedding parameter and its normalized name (``get_input_embeddings()`` first)."""
+    """The input-embedding parameter and its canonical name (``get_input_embeddings()`` first)."""
     weight = None
     get_input = getattr(model, "get_input_embeddings", None)
     if callable(get_input):
         try:
-            embeddings = get_input()
+            weight = getattr(get_input(), "weight", None)
         except Exception:  # noqa: BLE001 - models without embeddings raise NotImplementedError and others
-            embeddings = None
-        weight = getattr(embeddings, "weight", None)
-    named = list(model.named_parameters(remove_duplicate=False))
-    if weight is not None:
-        for name, param in named:
-            if param is weight:
-                return param, canonical_name(name)
+            weight = None
+    named = [(canonical_name(name), param) for name, param in model.named_parameters(remove_duplicate=False)]
     for name, param in named:
-        normalized = canonical_name(name)
-        if normalized.endswith("embed_tokens.weight"):
-            return param, normalized
+        if weight is not None and param is weight:
+            return param, name
+    for name, param in named:
+        if name.endswith("embed_tokens.weight"):
+            return param, name
     return None, None
 
 
@@ -162,8 +144,7 @@ class TieStatus:
 
 def diagnose_tie(model: nn.Module) -> TieStatus:
     """Explain the tie state: configured tied? aliased here? if not, why not."""
-    config_tied = is_tied_word_embeddings(model)
-    if not config_tied:
+    if not is_tied_word_embeddings(model):
         return TieStatus(False, False, "the config does not tie word embeddings (tie_word_embeddings is false)")
     head, head_name = get_lm_head_weight_and_name(model)
     embed, embed_name = get_input_embeddings_weight_and_name(model)
@@ -186,9 +167,8 @@ def diagnose_tie(model: nn.Module) -> TieStatus:
 def ensure_tied_lm_head(model: nn.Module) -> bool:
     """Re-alias the head to the input embedding when the config says tied; returns whether tied afterwards.
 
-    Tries ``model.tie_weights()`` first (it knows model-specific layouts), then assigns the embedding
-    parameter to the head module. Never raises for the usual failures; callers read the result (and
-    :func:`diagnose_tie` for the reason).
+    ``model.tie_weights()`` first (it knows model-specific layouts), then the embedding parameter is
+    assigned to the head module. Never raises for the usual failures: :func:`diagnose_tie` says why.
     """
     status = diagnose_tie(model)
     if status.locally_tied or not status.config_tied:
@@ -205,8 +185,8 @@ def ensure_tied_lm_head(model: nn.Module) -> bool:
             pass
         if has_local_tied_lm_head(model):
             return True
-    module_name = head_name.rsplit(".", 1)[0] if head_name and "." in head_name else head_name
-    head_module = get_module_by_normalized_name(model, module_name) if module_name else None
+    module_name = head_name.rsplit(".", 1)[0] if "." in head_name else head_name
+    head_module = get_module_by_canonical_name(model, module_name, outermost=True) if module_name else None
     if head_module is None:
         return False
     try:
@@ -234,14 +214,11 @@ def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | No
 
 
 def fill_missing_tied_lm_head(
-    state_dict: MutableMapping[str, object],
-    model: nn.Module,
-    *,
-    allow_current_lm_head_fallback: bool = False,
+    state_dict: MutableMapping[str, object], model: nn.Module, *, allow_current_lm_head_fallback: bool = False
 ) -> bool:
-    """Add ``lm_head.weight`` to a state dict that omits it, from its embedding source (an alias, not a copy).
+    """Add a missing ``lm_head.weight`` to ``state_dict`` in place, from its embedding source (an alias, not a copy).
 
-    Returns True when the key was added. Mutates ``state_dict`` in place.
+    Returns True when the key was added.
     """
     if not is_tied_word_embeddings(model):
         return False

@@ -9,7 +9,6 @@ from core.pg import single_rank_group
 from lightning_automodel.core.memory import estimate_training_memory
 from lightning_automodel.core.parameters import (
     count_parameters,
-    global_l2_norm,
     logical_numel,
     module_breakdown,
     parameter_stats,
@@ -45,7 +44,7 @@ def test_meta_model_counts():
     with torch.device("meta"):
         model = tm.build(tm.tiny_config("llama"))
     assert count_parameters(model) == manual_counts(tm.tiny_llama())
-    assert math.isnan(global_l2_norm(model))
+    assert math.isnan(parameter_stats(model).l2_norm)
 
 
 def test_params4bit_logical_numel():
@@ -79,7 +78,7 @@ def test_dtensor_counts_and_norm_on_one_rank():
 
     model = tm.tiny_llama()
     expected_counts = count_parameters(model)
-    expected_norm = global_l2_norm(model)
+    expected_norm = parameter_stats(model).l2_norm
     with single_rank_group():
         fully_shard(model)
         stats = parameter_stats(model)
@@ -136,7 +135,7 @@ def test_quantized_params4bit_counts_and_norm_skip_packed_bytes():
     counts = count_parameters(holder)
     assert counts == (64 * 3 + 3, 32 * 64 + 64 * 3 + 3)
     expected = math.sqrt(sum(p.detach().double().pow(2).sum().item() for p in holder.head.parameters()))
-    assert global_l2_norm(holder) == pytest.approx(expected, rel=1e-9)  # packed uint8 bytes are not a norm
+    assert parameter_stats(holder).l2_norm == pytest.approx(expected, rel=1e-9)  # packed uint8 bytes are not a norm
 
 
 def test_params4bit_without_quant_state_uses_plain_numel():
@@ -148,7 +147,7 @@ def test_params4bit_without_quant_state_uses_plain_numel():
 def test_complex_parameters_count_their_magnitude():
     holder = nn.Module()
     holder.z = nn.Parameter(torch.tensor([3 + 4j, 0 + 1j]))
-    assert global_l2_norm(holder) == pytest.approx(math.sqrt(25 + 1))
+    assert parameter_stats(holder).l2_norm == pytest.approx(math.sqrt(25 + 1))
 
 
 def test_breakdown_depth_and_tied_weights():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lightning_automodel.core.distributed import digest_names, first_mismatch_across_ranks, get_rank_safe, get_world_size_safe, is_rank_0
-from lightning_automodel.core.trust import resolve_trust_remote_code
+from lightning_automodel.model_utils import resolve_trust_remote_code
 
 
 @pytest.mark.parametrize(
