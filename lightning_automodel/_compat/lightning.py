@@ -15,7 +15,7 @@ _UNION_ERRORS = re.compile(r"Does not validate against any of the Union subtypes
 
 def union_member_error(message: str) -> str | None:
     """The first member's own error inside jsonargparse's "Does not validate against any of the Union
-    subtypes" message (one line), or None when ``message`` is not one.
+    subtypes" message, or None when ``message`` is not one.
 
     Why text: LightningCLI's subclass-mode ``data``/``model`` keys are ``Optional[...]`` unions and
     jsonargparse raises a plain ``ArgumentError`` whose only structure is this text.
@@ -27,15 +27,15 @@ def union_member_error(message: str) -> str | None:
 def set_process_group_backend(strategy: Any, backend: str | None) -> None:
     """Choose the backend ``ModelParallelStrategy``/``FSDPStrategy`` create the process group with.
 
-    Why private: the public ``process_group_backend`` property has no setter and the constructor
-    argument is fixed before the root device is known; ``setup_environment`` reads ``_process_group_backend``.
+    Why private: ``process_group_backend`` has no setter and the constructor argument is fixed before the
+    root device is known; ``setup_environment`` reads ``_process_group_backend``.
     """
     strategy._process_group_backend = backend
 
 
 class LightningCLIHooks:
-    """Mixin for a ``LightningCLI`` subclass: routes Lightning's private ``_parse_ckpt_path`` step
-    (right after parsing, before anything is built) to the public :meth:`check_ckpt_path_config`.
+    """``LightningCLI`` mixin: routes the private ``_parse_ckpt_path`` step (right after parsing, before anything
+    is built) to :meth:`check_ckpt_path_config`.
 
     Why private: LightningCLI's own step merges the checkpoint's hyper-parameters over the user's
     configuration; no public switch turns it off and no public hook runs at that point.
@@ -49,10 +49,10 @@ class LightningCLIHooks:
 
 
 def callback_state_key(callback: Any, **identity: Any) -> str:
-    """A callback's ``state_key`` that tells apart two instances with different ``identity`` arguments.
+    """A callback's ``state_key`` that tells apart instances with different ``identity`` arguments.
 
-    Same text as Lightning's private ``Callback._generate_state_key`` (``ClassQualname{kwargs!r}``), so
-    the state of checkpoints saved before still loads; built here, so a Lightning change cannot orphan it.
+    Same text as Lightning's private ``Callback._generate_state_key``, so older checkpoints' state still
+    loads; built here, so a Lightning change cannot orphan it.
     """
     return f"{type(callback).__qualname__}{identity!r}"
 
@@ -64,11 +64,9 @@ _IMPORT_POLICY_KEYS = ("import_path_verdicts", "import_paths_enforced")
 def import_path_policy_preserved() -> Iterator[None]:
     """Put jsonargparse's process-wide import-path policy back as it was when the block ends.
 
-    The command restricts the import paths a config may name (``set_parsing_settings``, public) for
-    its own parse; a fit run in-process (tests, notebooks, a user's own launcher) must not leave that
-    restriction on the user's later parsers. Why private: ``set_parsing_settings`` has no getter, so
-    the previous policy is read from (and restored into) ``jsonargparse._common.parsing_settings``.
-    Checked on jsonargparse 4.53.0.
+    The command restricts the import paths a config may name (``set_parsing_settings``) for its own parse;
+    an in-process fit must not leave that on the user's later parsers. Why private: ``set_parsing_settings``
+    has no getter, so the policy is read from and restored into ``jsonargparse._common.parsing_settings``.
     """
     from jsonargparse import _common
 

@@ -1,8 +1,8 @@
-"""peft's LoRA layer internals the package needs (checked on peft 0.21.2).
+"""peft's LoRA layer internals (checked on peft 0.21.2).
 
-peft's public surface is the ``PeftModel``/``inject_adapter_in_model`` level; initializing one layer's
-adapter on a private copy (a meta-device build, FSDP2 shards) needs the per-layer bookkeeping and
-``update_layer``, which peft documents nowhere and has changed between releases.
+peft's public surface adapts a whole model (``inject_adapter_in_model``); initializing one layer's adapter
+on a private copy (meta build, FSDP2 shards) needs the per-layer bookkeeping and ``update_layer``, which
+peft documents nowhere and has changed between releases.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from typing import Any
 
 from torch import nn
 
-#: The per-adapter settings a ``LoraLayer`` records at injection (dicts keyed by adapter name), by the
-#: ``LoraConfig`` field each one came from.
+# The per-adapter settings a ``LoraLayer`` records at injection, by the ``LoraConfig`` field each came from.
 LAYER_SETTINGS = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias")
 
 
 def layer_settings(layer: nn.Module, adapter: str) -> dict[str, Any]:
-    """The ``LoraConfig`` fields ``layer`` recorded for ``adapter`` at injection, plus ``fan_in_fan_out``.
+    """The ``LoraConfig`` fields ``layer`` recorded for ``adapter``, plus ``fan_in_fan_out``.
 
     Why internal: ``LoraLayer`` keeps them as per-adapter dicts (``layer.r["default"]``); no public getter.
     """
@@ -36,9 +35,9 @@ def layer_variant(layer: nn.Module, adapter: str) -> Any:
 
 
 def create_adapter(layer: nn.Module, adapter: str, config: Any) -> None:
-    """Create and initialize ``adapter`` on ``layer`` from ``config`` (peft's own init code).
+    """Create and initialize ``adapter`` on ``layer`` with peft's own init code.
 
-    Why internal: ``LoraLayer.update_layer(adapter_name, r, lora_alpha, config)`` is what
-    ``inject_adapter_in_model`` runs per layer; the public entry points adapt a whole model at once.
+    Why internal: ``LoraLayer.update_layer`` is what ``inject_adapter_in_model`` runs per layer; the public
+    entry points adapt a whole model at once.
     """
     layer.update_layer(adapter, config.r, lora_alpha=config.lora_alpha, config=config)

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-#: DCP metadata globals that torch's own ``.metadata`` pickle references, by module. The restricted
-#: unpickler of a checkpoint's metadata must allow them by name, and three are private to torch:
-#: ``_StorageInfo`` (a file's byte range), ``_MEM_FORMAT_ENCODING`` (tensor memory format) and
-#: ``torch.serialization._get_layout`` (``torch.strided`` by name). No public loader of DCP metadata
-#: refuses arbitrary globals (``FileSystemReader.read_metadata`` unpickles everything).
+# DCP metadata globals torch's own ``.metadata`` pickle references, by module: the restricted unpickler
+# must allow them by name, and these three are private (a file's byte range, tensor memory format,
+# ``torch.strided`` by name). No public loader of DCP metadata refuses arbitrary globals.
 DCP_METADATA_PRIVATE_GLOBALS: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({"_MEM_FORMAT_ENCODING"}),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
@@ -25,42 +23,34 @@ DCP_METADATA_PRIVATE_GLOBALS: dict[str, frozenset[str]] = {
 
 
 def apply_to_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """``module._apply(fn)``: replace every parameter, gradient and buffer of the module tree by ``fn`` of it.
+    """``module._apply(fn)``: replace every parameter, gradient and buffer of the tree by ``fn`` of it.
 
-    Why private: ``Module.to``/``half``/``float`` are the public faces of ``_apply`` but cast every
-    floating tensor; a cast of some tensors only (by dtype, keeping ``Parameter`` objects and gradients,
-    one tensor at a time, with FSDP2's ``reset_sharded_param`` after it) has no public entry point.
+    Why private: ``Module.to``/``half`` cast every floating tensor; casting some tensors only, keeping
+    ``Parameter`` objects, with FSDP2's ``reset_sharded_param`` after it, has no public entry point.
     """
     module._apply(fn)
 
 
 def own_parameters(module: nn.Module) -> dict[str, nn.Parameter | None]:
-    """The module's own parameter slots, ``None`` entries included (``bias=None``), in registration order.
+    """A copy of the module's own parameter slots, ``None`` entries included (``bias=None``).
 
-    Why private: ``named_parameters(recurse=False)`` drops ``None`` slots, which a copy of the module
-    must keep (``module.bias`` is ``None``, not missing). Returns a new dict.
+    Why private: ``named_parameters(recurse=False)`` drops ``None`` slots, which a copy of the module must keep.
     """
     return dict(module._parameters)
 
 
 def own_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
-    """The module's own buffer slots, ``None`` entries included (see :func:`own_parameters`). A new dict."""
+    """A copy of the module's own buffer slots, ``None`` entries included (why: as :func:`own_parameters`)."""
     return dict(module._buffers)
 
 
 def own_children(module: nn.Module) -> dict[str, nn.Module | None]:
-    """The module's child slots, ``None`` entries and a child registered under two names included.
-
-    Why private: ``named_children`` drops both (it de-duplicates by identity). A new dict.
-    """
+    """A copy of the module's child slots. Why private: ``named_children`` drops ``None`` and de-duplicates by identity."""
     return dict(module._modules)
 
 
 def non_persistent_buffer_names(module: nn.Module) -> set[str]:
-    """Names of the module's own buffers registered with ``persistent=False`` (not in its state dict).
-
-    Why private: torch has no public query; ``state_dict`` tells only after building one for the whole subtree.
-    """
+    """The module's own ``persistent=False`` buffers. Why private: torch has no public query but a whole ``state_dict``."""
     return set(module._non_persistent_buffers_set)
 
 
@@ -71,11 +61,10 @@ def set_own_slots(
     buffers: dict[str, torch.Tensor | None] | None = None,
     children: dict[str, nn.Module | None] | None = None,
 ) -> None:
-    """Give ``module`` new parameter / buffer / child dicts (each one given), replacing the dict objects.
+    """Give ``module`` new parameter / buffer / child dicts (each one given).
 
-    Why private: a shallow copy of a module shares these dicts with the original; ``register_*`` and
-    ``setattr`` would write into the shared dict (changing the original). Replacing the dicts is the
-    only way to give the copy its own slots without running the module's constructor.
+    Why private: a shallow copy of a module shares these dicts with the original, and ``register_*`` or
+    ``setattr`` would write into them; replacing the dicts is the only way without running the constructor.
     """
     if parameters is not None:
         module._parameters = parameters
@@ -90,12 +79,11 @@ def patched_registration(
     on_parameter: Callable[[nn.Module, str, nn.Parameter], nn.Parameter] | None = None,
     on_buffer: Callable[[nn.Module, str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """While active, every ``Module.register_parameter`` / ``register_buffer`` (the ones ``setattr`` goes
-    through) stores ``on_parameter(module, name, param)`` / ``on_buffer(...)`` instead of what it was given.
+    """While active, ``Module.register_parameter`` / ``register_buffer`` store ``on_parameter(module, name, param)``
+    / ``on_buffer(...)`` instead of what they were given. Not thread-safe; restored on exit and on exceptions.
 
-    Why a class-level patch: a module's constructor creates and registers its tensors before any hook
-    could see them; ``with torch.device("meta")`` moves every tensor (including the ones a model keeps
-    on purpose, and loses the identity of a tied weight). Not thread-safe; restored on exit and on exceptions.
+    Why a class-level patch: a constructor registers its tensors before any hook could see them, and
+    ``with torch.device("meta")`` moves every tensor (including ones a model keeps on purpose) and loses tied identity.
     """
     original_parameter = nn.Module.register_parameter
     original_buffer = nn.Module.register_buffer
@@ -122,20 +110,15 @@ def patched_registration(
 
 
 def op_schema(func: Any) -> Any:
-    """The ``torch.FunctionSchema`` of an aten ``OpOverload`` (``func._schema``): name, mutability, arguments.
-
-    Why private: a ``__torch_dispatch__`` handler receives ``OpOverload`` objects whose schema is only
-    exposed as ``_schema`` (``torch.ops`` documents no public accessor).
-    """
+    """An aten ``OpOverload``'s ``torch.FunctionSchema``. Why private: exposed only as ``func._schema``."""
     return func._schema
 
 
 def torch_dispatch_mode() -> type:
-    """``torch.utils._python_dispatch.TorchDispatchMode``: the base class of an aten-level tracing mode.
+    """``TorchDispatchMode``, the base of an aten-level tracing mode.
 
-    Why private: torch documents ``__torch_dispatch__`` modes ("Extending PyTorch") but exports the base
-    class only from this private module; ``torch.overrides.TorchFunctionMode`` sees Python calls, not
-    the aten ops an init decomposes into.
+    Why private: documented ("Extending PyTorch") but exported only from ``torch.utils._python_dispatch``;
+    ``TorchFunctionMode`` sees Python calls, not the aten ops an init decomposes into.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -143,10 +126,10 @@ def torch_dispatch_mode() -> type:
 
 
 def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A DTensor's local shard shape and its offset in the global tensor, on this rank.
+    """A DTensor's local shard shape and offset in the global tensor, on this rank.
 
-    Why private: ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``; DTensor has
-    no public "where is my shard" query (transformers' shard-on-read uses the same function).
+    Why private: ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``; DTensor has no
+    public "where is my shard" query (transformers' shard-on-read uses the same function).
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -155,12 +138,10 @@ def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def checkpoint_wrapper() -> Callable[..., nn.Module]:
-    """``torch.distributed.algorithms._checkpoint.checkpoint_wrapper.checkpoint_wrapper``.
+    """torch's activation-checkpoint module wrapper (what FSDP2 and torchtitan wrap decoder layers with).
 
-    Why private: the module wrapper that runs a layer under ``torch.utils.checkpoint`` and that FSDP2
-    and torchtitan wrap decoder layers with; torch ships it only from this private package
-    (``torch.utils.checkpoint`` is the function, not a module wrapper whose names ``_checkpoint_wrapped_module`` the
-    package's naming rules strip).
+    Why private: shipped only from ``torch.distributed.algorithms._checkpoint``; ``torch.utils.checkpoint``
+    is a function, not a module wrapper.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrapper
 

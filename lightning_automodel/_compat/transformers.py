@@ -10,29 +10,27 @@ from typing import Any
 
 from torch import nn
 
-#: The attribute transformers sets on a parameter its init has handled (``param._is_hf_initialized``);
-#: a parameter rebuilt on another device must carry it over, or transformers re-initializes it.
-#: Why private: set and read only by transformers' loading code; no public accessor.
+# Set by transformers' init on a parameter it handled; a parameter rebuilt on another device must carry it
+# over or transformers re-initializes it. Why private: set and read only by transformers' loading code.
 HF_INITIALIZED_FLAG = "_is_hf_initialized"
 
 _MISSING = object()
 
 
 def declared_tied_weights(model: nn.Module) -> Any:
-    """The model class's ``_tied_weights_keys`` as declared (``{"lm_head.weight": "model.embed_tokens.weight"}``), or None.
+    """The class's ``_tied_weights_keys`` as declared (``{"lm_head.weight": "model.embed_tokens.weight"}``), or None.
 
-    Why private: the public ``get_expanded_tied_weights_keys`` answers ``{}`` when the config does not
-    tie the embeddings, but a head is rebuilt from the declared source even then (a checkpoint saved
-    tied). Checked: a class attribute of ``PreTrainedModel`` subclasses, a dict in 5.x.
+    Why private: the public ``get_expanded_tied_weights_keys`` answers ``{}`` when the config does not tie,
+    but a head is rebuilt from the declared source even then (a checkpoint saved tied).
     """
     return getattr(model, "_tied_weights_keys", None)
 
 
 def init_weights_hook(model: nn.Module) -> Any:
-    """The model's per-module init, ``model._init_weights(module)``, or None for a non-transformers module.
+    """``model._init_weights`` (per-module init), or None for a non-transformers module.
 
-    Why private: transformers' public ``init_weights``/``initialize_weights`` run it on every module of
-    the model at once at full size; initializing one (sharded) module at a time needs the hook itself.
+    Why private: the public ``init_weights`` runs it on the whole model at full size; one (sharded) module
+    at a time needs the hook itself.
     """
     return getattr(model, "_init_weights", None)
 
@@ -48,9 +46,9 @@ def _init_module() -> ModuleType:
 def init_weights_flag_off() -> Iterator[None]:
     """Set transformers' module flag ``_init_weights`` to False, restoring exactly what was there.
 
-    Why private: the flag is the transformers 4.x switch behind ``no_init_weights`` (the public context
-    manager also replaces every ``torch.nn.init`` function, which a drop-in ``skip_random_init`` must
-    not do). transformers 5.25 no longer reads it; the flag is kept for the nemo-compatible contract.
+    Why private: the transformers 4.x switch behind ``no_init_weights`` (which also replaces every
+    ``torch.nn.init`` function, which a drop-in ``skip_random_init`` must not do). 5.25 no longer reads
+    it; kept for the nemo-compatible contract.
     """
     module = _init_module()
     previous = module.__dict__.get("_init_weights", _MISSING)
@@ -65,11 +63,8 @@ def init_weights_flag_off() -> Iterator[None]:
 
 
 def loaded_weight_conversions(model: nn.Module) -> Any:
-    """The conversions a model was loaded with (``model._weight_conversions``), or None.
-
-    Why private: ``revert_weight_conversion`` (used by ``save_pretrained``) reads this attribute first;
-    no public getter exposes what ``from_pretrained`` recorded.
-    """
+    """``model._weight_conversions`` (what ``from_pretrained`` recorded), or None. Why private: no public
+    getter; ``revert_weight_conversion`` (used by ``save_pretrained``) reads this attribute first."""
     return getattr(model, "_weight_conversions", None)
 
 
@@ -92,11 +87,9 @@ def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]
             del model.__dict__["_weight_conversions"]
 
 
-#: transformers' weight-conversion protocol (``transformers.core_model_loading`` and
-#: ``transformers.conversion_mapping``), re-exported lazily by name. Why here: the module is not
-#: underscore-named but is transformers' internal loading machinery (new in 5.0, undocumented, its
-#: classes' attributes ``source_patterns``/``target_patterns``/``operations``/``reverse_transform`` are
-#: what the package's save and load plans match on); ``tests/test_compat.py`` checks that protocol.
+# transformers' weight-conversion protocol, re-exported lazily by name. Why here: not underscore-named but
+# transformers' undocumented internal loading machinery (new in 5.0); the save and load plans match on its
+# classes' ``source_patterns``/``target_patterns``/``operations``/``reverse_transform``.
 _CONVERSION_PROTOCOL = {
     "MergeModulelist": "transformers.core_model_loading",
     "PrefixChange": "transformers.core_model_loading",
