@@ -1,20 +1,14 @@
-"""Casting floating-point parameters to one dtype so FSDP2 accepts the model.
+"""Dtype names, and casting floating-point tensors to one dtype so FSDP2 accepts the model.
 
-FSDP2 requires a uniform original dtype among the trainable parameters of a group and fails lazily,
-at the first forward, with ``FSDP expects uniform original parameter dtype``. Models with internal
-fp32 adapters (Phi-4-multimodal) need a cast. The cast here:
-
-* goes tensor by tensor, so peak extra memory stays near one tensor (``model.to`` is the same, but
-  copies buffers too and cannot be told which dtypes to touch);
-* keeps every ``Parameter`` object (optimizers and tied aliases keep pointing at it);
-* works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with
-  ``reset_sharded_param`` so its sharded views stay consistent.
+FSDP2 needs one original dtype per group of trainable parameters and fails lazily at the first forward
+(``FSDP expects uniform original parameter dtype``); models with fp32 adapters (Phi-4-multimodal) need a
+cast. This one goes tensor by tensor (peak extra memory near one tensor; ``model.to`` cannot be told which
+dtypes to touch), keeps every ``Parameter`` object (optimizers and tied aliases keep pointing at it) and
+works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with ``reset_sharded_param``.
 """
-
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -51,33 +45,6 @@ def export_dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else _DTYPE_NAMES[name]
 
 
-def _unique(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    seen: set[int] = set()
-    out = []
-    for name, t in named:
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        out.append((canonical_name(name), t))
-    return out
-
-
-def plan_cast(
-    model: nn.Module,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    source_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-    cast_buffers: bool = False,
-) -> list[str]:
-    """Canonical names of the tensors :func:`cast_floating_point` would cast."""
-    if not dtype.is_floating_point:
-        raise ValueError(f"Can only cast to a floating-point dtype; got {dtype}.")
-    named = list(model.named_parameters(remove_duplicate=False))
-    if cast_buffers:
-        named += list(model.named_buffers(remove_duplicate=False))
-    return [name for name, t in _unique(named) if t.dtype in source_dtypes and t.dtype != dtype]
-
-
 def cast_floating_point(
     model: nn.Module,
     dtype: torch.dtype = torch.bfloat16,
@@ -85,25 +52,22 @@ def cast_floating_point(
     source_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
     cast_buffers: bool = False,
 ) -> list[str]:
-    """Cast parameters (and optionally buffers) whose dtype is in ``source_dtypes`` to ``dtype``, in place.
-
-    Buffers stay as they are by default: RoPE ``inv_freq`` and similar buffers lose precision in bf16
-    and are not FSDP-managed. Existing gradients are cast along with their parameter.
-
-    Returns:
-        Canonical names of the tensors that were cast.
+    """Cast parameters (and optionally buffers) whose dtype is in ``source_dtypes`` to ``dtype`` in place; returns
+    their canonical names. A gradient is cast with its parameter. Buffers stay by default: RoPE ``inv_freq``
+    loses precision in bf16 and is not FSDP-managed.
     """
-    targets = plan_cast(model, dtype, source_dtypes=source_dtypes, cast_buffers=cast_buffers)
+    if not dtype.is_floating_point:
+        raise ValueError(f"Can only cast to a floating-point dtype; got {dtype}.")
+    named = list(model.named_parameters(remove_duplicate=False))
+    if cast_buffers:
+        named += list(model.named_buffers(remove_duplicate=False))
+    targets: dict[int, str] = {}  # id -> canonical name, each tensor once (tied weights under their first name)
+    for name, t in named:
+        if t is not None and t.dtype in source_dtypes and t.dtype != dtype:
+            targets.setdefault(id(t), canonical_name(name))
     if not targets:
         return []
-    target_ids: set[int] = set()
-    for p in model.parameters():
-        if p.dtype in source_dtypes:
-            target_ids.add(id(p))
-            if p.grad is not None:
-                target_ids.add(id(p.grad))
-    if cast_buffers:
-        target_ids.update(id(b) for b in model.buffers() if b.dtype in source_dtypes)
+    target_ids = set(targets) | {id(p.grad) for p in model.parameters() if id(p) in targets and p.grad is not None}
     converted: dict[int, torch.Tensor] = {}
 
     def convert(t: torch.Tensor) -> torch.Tensor:
@@ -117,4 +81,4 @@ def cast_floating_point(
     with torch.no_grad():  # one tensor at a time, Parameter objects kept (see the module docstring)
         apply_to_tensors(model, convert)
     logger.debug("Cast %d tensors to %s.", len(targets), dtype)  # the callback says it, once per job
-    return targets
+    return list(targets.values())

@@ -1,24 +1,14 @@
 """LoRA adapters on a Hugging Face model, in place, through peft; built on meta, sharded with their layer.
 
-peft's ``inject_adapter_in_model`` replaces each targeted ``nn.Linear`` by a LoRA layer that keeps the
-original as ``base_layer`` and adds ``lora_A.<adapter>`` / ``lora_B.<adapter>``; the model keeps its
-class and its names (no ``base_model.model.`` prefix as with ``get_peft_model``). Everything here
-works on a meta model, before FSDP2 shards it, so the adapters are sharded with their decoder layer:
-
-* :func:`inject_lora` checks every ``target_modules`` name first (the model is untouched on error);
-* checkpoints of the un-adapted model load unchanged: :func:`base_checkpoint_name` drops the
-  ``base_layer`` component, which is what the loader maps checkpoint keys to;
-* :func:`initialize_adapters` runs peft's own init (every ``init_lora_weights`` that needs no base,
-  embedding adapters, DoRA's magnitude from the loaded base) on a CPU twin per layer seeded by
-  (seed, name): the same numbers at every world size, each rank copying its shard;
-* export: :func:`peft_adapter_files` (what ``PeftModel.from_pretrained`` reads); merging is
-  ``core.lora_merge`` (peft's own per-layer merge).
+peft's ``inject_adapter_in_model`` keeps the model's class and names (no ``base_model.model.`` prefix as
+with ``get_peft_model``), so checkpoints of the un-adapted model load unchanged through
+:func:`~lightning_automodel.core.naming.base_checkpoint_name`. :func:`initialize_adapters` runs peft's own
+init on a CPU twin per layer seeded by (seed, name): the same numbers at every world size.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import warnings
 from collections.abc import Mapping
@@ -31,8 +21,6 @@ from lightning_automodel._compat.peft import create_adapter, layer_settings, lay
 from lightning_automodel._compat.torch import own_children, own_parameters, set_own_slots
 from lightning_automodel.core.naming import ADAPTER_NAME, BASE_LAYER, base_checkpoint_name, canonical_name, is_adapter_name
 from lightning_automodel.core.distributed import module_seed
-
-log = logging.getLogger(__name__)
 
 BASE_RULE = "LoRA (base weights frozen)"
 
@@ -49,7 +37,7 @@ def lora_config(
     exclude_modules: str | list[str] | None = None,
     **extra: Any,
 ) -> Any:
-    """A ``peft.LoraConfig`` (any other ``LoraConfig`` field passes through ``extra``)."""
+    """A ``peft.LoraConfig``; any other ``LoraConfig`` field passes through ``extra``."""
     try:
         from peft import LoraConfig
     except ImportError:
@@ -73,7 +61,7 @@ def lora_config(
 
 
 def config_to_json(config: Any) -> str:
-    """The ``LoraConfig`` as JSON (sets become sorted lists), for checkpoints and ``adapter_config.json``."""
+    """The ``LoraConfig`` as JSON (sets become sorted lists)."""
     data = config.to_dict()
     return json.dumps(data, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v), sort_keys=True)
 
@@ -86,9 +74,10 @@ def config_from_json(text: str) -> Any:
     return LoraConfig(**{k: v for k, v in data.items() if k in fields and k not in ("peft_type", "task_type")})
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct last components of the model's ``nn.Linear`` modules (``q_proj``, ``gate_proj``, ...)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+def _linear_layers(model: nn.Module) -> str:
+    """Up to 8 distinct last components of the model's ``nn.Linear`` modules (``q_proj``, ...), for messages."""
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+    return ", ".join(names[:8]) or "none"
 
 
 def _check_targets(model: nn.Module, config: Any) -> None:
@@ -98,12 +87,13 @@ def _check_targets(model: nn.Module, config: Any) -> None:
     names = [name for name, _ in model.named_modules()]
     for target in sorted(targets):
         if not any(name == target or name.endswith(f".{target}") for name in names):
-            some = ", ".join(linear_module_names(model)[:8]) or "none"
-            raise LoraConfigError(f"LoRA target_modules entry {target!r} matches no module of the model; its linear layers are: {some}.")
+            raise LoraConfigError(
+                f"LoRA target_modules entry {target!r} matches no module of the model; its linear layers are: {_linear_layers(model)}."
+            )
 
 
 def inject_lora(model: nn.Module, config: Any) -> list[str]:
-    """Inject adapters in place and return the adapted module names (the model is untouched on error)."""
+    """Inject adapters in place and return the adapted module names; every target is checked first."""
     from peft import inject_adapter_in_model
 
     if any(is_adapter_name(name) for name, _ in model.named_parameters()):
@@ -114,8 +104,8 @@ def inject_lora(model: nn.Module, config: Any) -> list[str]:
             warnings.simplefilter("always")
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
-        some = ", ".join(linear_module_names(model)[:8]) or "none"
-        raise LoraConfigError(f"LoRA could not be applied: {' '.join(str(exc).split())} (linear layers: {some}).") from None
+        reason = " ".join(str(exc).split())
+        raise LoraConfigError(f"LoRA could not be applied: {reason} (linear layers: {_linear_layers(model)}).") from None
     for warning in caught:
         if not _is_fused_expert_pattern_warning(warning, config):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -126,11 +116,8 @@ _PATTERN_WARNING = re.compile(r"The following (rank|alpha)_pattern keys did not 
 
 
 def _is_fused_expert_pattern_warning(warning: warnings.WarningMessage, config: Any) -> bool:
-    """peft's "rank_pattern keys did not match any targeted module" about its own fused-expert patterns.
-
-    For a MoE model peft adds ``.*\\.gate_up_proj`` to ``rank_pattern`` and applies it to that *parameter*
-    target, then warns (checking module names only) that it was ignored; it was not. Others are kept.
-    """
+    """peft's "rank_pattern keys did not match" about its own fused-expert patterns: for a MoE model peft
+    adds ``.*\\.gate_up_proj`` for that *parameter* target, then warns (checking module names) it was ignored; it was not."""
     match = _PATTERN_WARNING.search(str(warning.message))
     if match is None or not issubclass(warning.category, RuntimeWarning):
         return False
@@ -146,11 +133,8 @@ def adapted_modules(model: nn.Module) -> list[str]:
 
 
 def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> dict[str, str]:
-    """Freeze every parameter that is not an adapter; returns canonical name -> rule for those LoRA froze.
-
-    peft's injection already freezes the base, so ``trainable_before`` (checkpoint names of what was
-    trainable before the injection) tells which frozen parameters are LoRA's doing.
-    """
+    """Freeze every non-adapter parameter; returns canonical name -> rule for those LoRA froze (peft's injection
+    already froze the base, so ``trainable_before``, from :func:`trainable_names`, tells which are LoRA's doing)."""
     frozen = {}
     for name, param in model.named_parameters():
         if is_adapter_name(name):
@@ -163,7 +147,7 @@ def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> d
 
 
 def trainable_names(model: nn.Module) -> set[str]:
-    """Checkpoint names of the trainable parameters (what :func:`freeze_base` compares against)."""
+    """Checkpoint names of the trainable non-adapter parameters."""
     return {base_checkpoint_name(canonical_name(n)) for n, p in model.named_parameters() if p.requires_grad and not is_adapter_name(n)}
 
 
@@ -174,11 +158,8 @@ _SUPPORTED_VARIANTS = ("DoraLinearVariant", "DoraEmbeddingVariant")
 
 
 def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
-    """What peft's init sees as ``base_layer``: a copy holding the full loaded weights, or a stand-in.
-
-    Only DoRA reads the base's values (the magnitude is its column-wise weight norm); every other init
-    reads the base's dtype at most, so a 0-element stand-in in fp32 (the adapters' dtype) avoids gathering it.
-    """
+    """What peft's init sees as ``base_layer``: a copy with the full loaded weights (DoRA's magnitude is their
+    column norm), or for every other init (which reads the dtype at most) a 0-element fp32 stand-in: no gather."""
     from torch.distributed.tensor import DTensor
 
     from lightning_automodel.core.init import plain_copy
@@ -205,7 +186,7 @@ def _base_twin(layer: nn.Module, with_values: bool) -> nn.Module:
 
 
 def _layer_config(layer: nn.Module, init: bool | str) -> Any:
-    """The ``LoraConfig`` peft's ``update_layer`` needs, rebuilt from what the layer recorded at injection."""
+    """The ``LoraConfig`` peft's ``update_layer`` needs, from what the layer recorded at injection."""
     from peft import LoraConfig
 
     variant = layer_variant(layer, ADAPTER_NAME)
@@ -217,11 +198,8 @@ def _layer_config(layer: nn.Module, init: bool | str) -> Any:
 
 
 def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
-    """A private copy of a LoRA layer with empty adapter containers and ``base`` as its base layer.
-
-    peft's ``update_layer`` on it creates and initializes the adapter from scratch (at full size, on
-    the CPU) without touching the real layer: its bookkeeping dicts are copies and its containers new.
-    """
+    """A copy of a LoRA layer with copied bookkeeping dicts, new empty containers and ``base`` as its base layer:
+    peft's ``update_layer`` on it builds the adapter at full size, on the CPU, without touching the real layer."""
     from lightning_automodel.core.init import plain_copy
 
     twin = plain_copy(layer)
@@ -242,15 +220,11 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True) -> int:
-    """peft's own adapter init on every LoRA layer, identical at every world size; returns the tensors set.
+    """peft's own adapter init on every LoRA layer, after the base weights are loaded; returns the tensors set.
 
-    Runs after the base weights are loaded (or initialized): for each LoRA layer, peft's
-    ``update_layer`` builds and initializes the adapter on a private CPU twin of the layer, at full size
-    and from a generator seeded by (seed, layer name), and this rank's part of every adapter tensor is
-    copied out. So every ``init_lora_weights`` peft computes without the base (true: ``lora_A``
-    Kaiming-uniform and ``lora_B`` zero; ``gaussian``; ``orthogonal``; false: peft's "random B"),
-    embedding adapters (``lora_embedding_A`` zero, ``lora_embedding_B`` normal) and DoRA's magnitude
-    (the column-wise norm of the loaded base weight) get exactly peft's values.
+    Each layer's adapter is built on a CPU twin from a generator seeded by (seed, layer name) and this rank's
+    part copied out, so every ``init_lora_weights`` peft computes without the base, embedding adapters and
+    DoRA's magnitude get exactly peft's values, identical at every world size.
     """
     from peft.tuners.lora import LoraLayer
 
