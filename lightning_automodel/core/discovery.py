@@ -1,7 +1,7 @@
-"""Find the Hugging Face model that callbacks and tools act on.
+"""Find the Hugging Face model that callbacks and tools act on, and its text decoder's layers.
 
-A LightningModule usually holds one ``PreTrainedModel`` (``self.model``); names shown to users are
-relative to it, so that a YAML selector reads like the Hugging Face checkpoint (``model.layers.0``).
+Names shown to users are relative to the ``PreTrainedModel`` a LightningModule holds, so a YAML selector
+reads like the Hugging Face checkpoint (``model.layers.0``).
 """
 
 from __future__ import annotations
@@ -16,34 +16,20 @@ _NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "spee
 
 
 def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
-    """Return ``(prefix, model)``: the outermost ``PreTrainedModel`` in ``root`` and its attribute prefix.
+    """``(prefix, model)``: the outermost ``PreTrainedModel`` in ``root`` and its canonical prefix (``"model."``).
 
-    Outermost means the shallowest (fewest dotted components); among equally shallow ones, the first
-    registered. A ``PreTrainedModel`` nested inside another (a LLaVA vision tower) is never chosen
-    over its parent. The prefix is the dotted path of the model inside ``root`` with a trailing dot (``"model."``), or
-    ``""`` when ``root`` itself is the model or holds no Hugging Face model (then ``root`` is
-    returned). Wrapper components are stripped from the prefix.
+    Outermost is the shallowest, then the first registered: never a model nested in another (a LLaVA vision
+    tower) nor a deeper one registered first (a teacher inside a helper). ``("", root)`` when ``root`` is
+    the model or holds none.
     """
     if isinstance(root, PreTrainedModel):
         return "", root
-    # Breadth-first, so a shallow model wins over a deeper one that a depth-first walk meets first
-    # (e.g. a teacher nested in a helper module registered before ``self.model``).
-    frontier: list[tuple[str, nn.Module]] = [("", root)]
-    seen: set[int] = {id(root)}
-    while frontier:
-        next_frontier: list[tuple[str, nn.Module]] = []
-        for prefix, module in frontier:
-            for child_name, child in module.named_children():
-                if id(child) in seen:
-                    continue
-                seen.add(id(child))
-                name = f"{prefix}{child_name}"
-                if isinstance(child, PreTrainedModel):
-                    path = canonical_name(name)  # "" when only wrappers sit above the model
-                    return (f"{path}." if path else ""), child
-                next_frontier.append((name + ".", child))
-        frontier = next_frontier
-    return "", root
+    found = [(name.count("."), name, m) for name, m in root.named_modules() if isinstance(m, PreTrainedModel)]
+    if not found:
+        return "", root
+    _, name, model = min(found, key=lambda item: item[0])  # the first of the shallowest
+    path = canonical_name(name)  # "" when only wrappers sit above the model
+    return (f"{path}." if path else ""), model
 
 
 def _module_path(model: nn.Module, target: nn.Module) -> str | None:
@@ -55,11 +41,8 @@ def _module_path(model: nn.Module, target: nn.Module) -> str | None:
 
 
 def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) -> str | None:
-    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``).
-
-    Found through ``get_decoder()`` when the model has it (cheap: the decoder sits near the root), else
-    the first ``layers`` list (of ``num_layers`` entries when given) outside vision/audio towers.
-    """
+    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``):
+    through ``get_decoder()``, else the first ``layers`` list (of ``num_layers`` entries) outside vision/audio towers."""
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:

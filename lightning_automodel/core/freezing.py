@@ -117,22 +117,12 @@ class FreezeConfig:
 
 
 @dataclass
-class FreezePlan:
-    """Target ``requires_grad`` and the deciding rule per canonical parameter name, and the parameters themselves."""
-
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-    rule: dict[str, str] = field(default_factory=dict)
-    params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
-    #: what the user may not expect: a flag that reached nothing, a freeze that also freezes a tied alias
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class FreezeReport:
-    """What freezing did: canonical parameter name -> rule label."""
+    """What freezing did (or would do): canonical parameter name -> rule label."""
 
     frozen: dict[str, str] = field(default_factory=dict)
     unfrozen: dict[str, str] = field(default_factory=dict)
+    #: what the user may not expect: a flag that reached nothing, a freeze that also freezes a tied alias
     notes: list[str] = field(default_factory=list)
 
 
@@ -248,24 +238,19 @@ def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[
     return index.names_under(paths) + [first for alias, first in index.aliases if selector.matches(alias)]
 
 
-def plan_parameter_freezing(
-    model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
-) -> FreezePlan:
-    """The ``requires_grad`` changes a freeze config makes, without touching the model.
-
-    Raises:
-        ValueError: with ``strict``, when a selector matches no parameter (the selector is named).
-    """
+def _plan(
+    model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, strict: bool
+) -> tuple[FreezeReport, dict[str, nn.Parameter]]:
     cfg = parse_freeze_config(config)
     index = _ParameterIndex(model)
-    plan = FreezePlan(params=index.params)
+    report = FreezeReport()
     changes: list[tuple[list[str], bool, str]] = []
     for flag, enabled in cfg.effective_flags().items():
         if enabled:
             targets = _tower_targets(model, index, *_LEGACY_RULES[flag])
             # the implicit vision freeze (None) says nothing when the model has no vision part
             if not targets and getattr(cfg, flag) is True:
-                plan.notes.append(f"{flag} matched no parameters: this model has no such part, so it froze nothing.")
+                report.notes.append(f"{flag} matched no parameters: this model has no such part, so it froze nothing.")
             changes.append((targets, False, flag))
     for field_name, value in (("freeze_modules", False), ("unfreeze_modules", True)):
         for i, selector in enumerate(getattr(cfg, field_name) or ()):
@@ -277,26 +262,39 @@ def plan_parameter_freezing(
                     "(e.g. `model.vision_tower`, glob `model.layers.*.mlp`); pass strict=False to allow this."
                 )
             changes.append((names, value, f"{field_name}[{selector.describe()}]"))
+    decided: dict[str, tuple[bool, str]] = {}  # later rules win; the order is the first decision's
     for names, value, rule in changes:
         for name in names:
-            plan.requires_grad[name] = value
-            plan.rule[name] = rule
+            decided[name] = (value, rule)
+    for name, (value, rule) in decided.items():
+        (report.unfrozen if value else report.frozen)[name] = rule
     for alias, first in index.aliases:  # a tensor a rule changed that another module shares (a tied head)
-        if alias != first and first in plan.requires_grad:
-            state = "trainable" if plan.requires_grad[first] else "frozen"
-            plan.notes.append(f"{plan.rule[first]} made {first} {state}; {alias} is the same tensor (tied), so it is {state} too.")
-    return plan
+        if alias != first and first in decided:
+            value, rule = decided[first]
+            state = "trainable" if value else "frozen"
+            report.notes.append(f"{rule} made {first} {state}; {alias} is the same tensor (tied), so it is {state} too.")
+    return report, index.params
+
+
+def plan_parameter_freezing(
+    model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
+) -> FreezeReport:
+    """What :func:`apply_parameter_freezing` would do, without touching the model.
+
+    Raises:
+        ValueError: with ``strict``, when a selector matches no parameter (the selector is named).
+    """
+    return _plan(model, config, strict)[0]
 
 
 def apply_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
     """Freeze (and unfreeze) parameters by config, all or nothing; the report names each parameter's rule."""
-    plan = plan_parameter_freezing(model, config, strict=strict)
-    report = FreezeReport(notes=list(plan.notes))
-    for name, value in plan.requires_grad.items():
-        plan.params[name].requires_grad_(value)
-        (report.unfrozen if value else report.frozen)[name] = plan.rule[name]
+    report, params = _plan(model, config, strict)
+    for names, value in ((report.frozen, False), (report.unfrozen, True)):
+        for name in names:
+            params[name].requires_grad_(value)
     if report.frozen:
         logger.debug("Froze %d parameter tensors by freeze config.", len(report.frozen))  # the callback says it, once per job
     return report

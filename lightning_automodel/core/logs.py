@@ -1,11 +1,8 @@
 """How the package's lines reach the user: once per job, and without any logging configuration.
 
-* Every rank runs the same surgery and the same data preparation; their INFO lines are one line per
-  job, from global rank 0 (:class:`RankZeroInfo` on the emitting module's logger). Warnings stay on
-  every rank: a rank that differs must be seen.
-* A user who configured nothing still sees the package's INFO lines (as Lightning's), and a user who
-  called ``logging.basicConfig`` sees each of them once, in their own format:
-  :class:`FallbackHandler` writes a record only when no other handler would.
+Every rank runs the same surgery and data preparation, so INFO lines come from global rank 0 only
+(warnings stay on every rank: a rank that differs must be seen). A user who configured nothing still sees
+them (as Lightning's), and one who called ``logging.basicConfig`` sees each once, in their own format.
 """
 
 from __future__ import annotations
@@ -18,11 +15,8 @@ PACKAGE_LOGGER = "lightning_automodel"
 
 
 def process_rank() -> int:
-    """Global rank: the process group's, else the launcher's ``RANK``, else ``LOCAL_RANK``.
-
-    Lightning's launcher sets only ``LOCAL_RANK`` in the processes it starts on one node, and the data
-    module is built before the process group exists.
-    """
+    """Global rank: the process group's, else ``RANK``, else ``LOCAL_RANK`` (all Lightning's launcher sets
+    on one node; the data module is built before the process group exists)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -50,12 +44,8 @@ def rank_zero_logger(name: str) -> logging.Logger:
 
 
 class FallbackHandler(logging.StreamHandler):
-    """Writes a record to stderr only when no other handler on its way to the root would.
-
-    ``logging.lastResort`` does the same for warnings; this one also shows the package's INFO lines
-    (a summary, a freeze count) to a user who configured nothing, and stays silent under
-    ``logging.basicConfig`` or any handler the application installed.
-    """
+    """Writes a record to stderr only when no other handler on its way to the root would (``logging.lastResort``
+    for INFO lines too): silent under ``logging.basicConfig`` or any handler the application installed."""
 
     def emit(self, record: logging.LogRecord) -> None:
         logger: logging.Logger | None = logging.getLogger(record.name)

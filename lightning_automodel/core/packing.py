@@ -1,9 +1,8 @@
 """Packing variable-length sequences into one THD row, on the host.
 
-Everything a THD kernel needs is computed here with Python ints, so the training loop never syncs
-with the device for it: ``max_seqlen`` is an int, boundary vectors are ready. ``cu_seqlens_padded``
-rounds each sequence up to ``pad_to_multiple_of`` (Transformer Engine with context parallelism wants
-that) and both boundary vectors are filled to a fixed length with the sentinel so batches stack.
+Everything a THD kernel needs is computed with Python ints, so the training loop never syncs with the
+device for it. ``cu_seqlens_padded`` rounds each sequence up to ``pad_to_multiple_of`` (TE with context
+parallelism wants that); both boundary vectors are filled with the sentinel to a fixed length so batches stack.
 """
 
 from __future__ import annotations
@@ -24,18 +23,11 @@ def pack_thd(
     pad_token_id: int = 0,
     labels: Sequence[Sequence[int]] | None = None,
 ) -> dict:
-    """Pack token sequences into ``[1, T]`` tensors plus THD metadata.
+    """Pack non-empty token sequences into ``[1, T]`` tensors plus THD metadata.
 
-    Labels are the input ids with ``label_ignore_index`` at every sequence start (the shifted loss must
-    not predict a sequence's first token from the previous sequence) and on padding.
-
-    Args:
-        sequences: token id lists, each non-empty.
-        pad_to_multiple_of: each sequence's padded length is a multiple of this.
-        seqlens_padding_value: sentinel that fills the boundary vectors up to ``max_sequences + 1``.
-        max_sequences: fixed number of sequences the boundary vectors have room for (default: this batch's).
-        labels: per-sequence labels (an SFT loss mask, ``label_ignore_index`` on prompts); default: the ids.
-            Either way each sequence's first label is ignored.
+    Labels (``labels`` per sequence, e.g. an SFT loss mask, else the ids) get ``label_ignore_index`` at every
+    sequence start (the shifted loss must not predict a sequence's first token from the previous one) and on
+    padding. ``max_sequences``: room in the boundary vectors (default: this batch's count).
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("pack_thd needs at least one sequence and no empty sequence.")
@@ -63,8 +55,7 @@ def pack_thd(
         cu.append(cu[-1] + n)
         cu_padded.append(cu_padded[-1] + padded)
     fill = [seqlens_padding_value] * (room - len(sequences))
-    # Without padding the packed row is contiguous in cu_seqlens; with it, cu_seqlens marks real tokens of
-    # a row laid out by cu_seqlens_padded (what TE expects with pad_between_seqs).
+    # With padding, cu_seqlens marks the real tokens of a row laid out by cu_seqlens_padded (TE's pad_between_seqs).
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([out_labels], dtype=torch.long),

@@ -1,10 +1,9 @@
 """THD (packed, token-major) inputs for Transformer Engine style attention.
 
-A packed batch is one row ``[1, T]`` with ``cu_seqlens`` boundary vectors filled with a sentinel (so a
-collator can stack them). TE wants 1-D ``[T]`` tensors, boundaries without sentinels and an int
-``max_seqlen``. Finding sentinels in a device tensor syncs with the device, so with ``num_sequences``
-in the batch (a host int, as ``core.packing.pack_thd`` gives) the boundaries are just sliced; without
-it device tensors are masked, with one warning.
+A packed batch is one ``[1, T]`` row whose ``cu_seqlens`` are filled with a sentinel (so batches stack);
+TE wants 1-D ``[T]`` tensors, boundaries without sentinels and an int ``max_seqlen``. Finding sentinels
+in a device tensor syncs with the device, so with ``num_sequences`` in the batch (a host int, as
+``core.packing.pack_thd`` gives) the boundaries are sliced instead; without it, one warning.
 """
 
 from __future__ import annotations
@@ -28,26 +27,25 @@ def _validate(position_ids: Any, attn_kwargs: MutableMapping[str, Any]) -> None:
             "squeeze_input_for_thd needs position_ids (got None): THD attention derives positions from it. "
             "Pass the packed position_ids [1, T] that the collator produced."
         )
+    count = attn_kwargs.get(NUM_SEQUENCES_KEY)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"{NUM_SEQUENCES_KEY} must be a positive Python int (the packed row's sequence count); got {count!r}."
+        )
     for key in SEQLEN_KEYS:
         value = attn_kwargs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] != 1:
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() > 1 and value.shape[0] != 1:
             raise ValueError(
                 f"THD expects one packed row; got {key} of shape {list(value.shape)}. "
                 "Pack the whole micro-batch into one row (batch size 1) before squeezing."
             )
-    count = attn_kwargs.get(NUM_SEQUENCES_KEY)
-    if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if count is not None and value.shape[-1] < count + 1:
             raise ValueError(
-                f"{NUM_SEQUENCES_KEY} must be a positive Python int (the packed row's sequence count); got {count!r}."
+                f"{key} has {value.shape[-1]} entries, too few for {NUM_SEQUENCES_KEY}={count} "
+                f"(it needs {count + 1}): the batch's metadata disagree; pack it with pack_thd."
             )
-        for key in SEQLEN_KEYS:
-            value = attn_kwargs.get(key)
-            if isinstance(value, torch.Tensor) and value.shape[-1] < count + 1:
-                raise ValueError(
-                    f"{key} has {value.shape[-1]} entries, too few for {NUM_SEQUENCES_KEY}={count} "
-                    f"(it needs {count + 1}): the batch's metadata disagree; pack it with pack_thd."
-                )
     max_seqlen = attn_kwargs.get("max_seqlen")
     if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() != 1:
         raise ValueError(
@@ -68,7 +66,7 @@ def _warn_device_sync(key: str) -> None:
 
 
 def _strip_sentinels(value: torch.Tensor, count: int | None, key: str, sentinel: int) -> torch.Tensor:
-    """``value`` (1-D) without its sentinel entries; a view of the first ``count + 1`` when the count is known."""
+    """``value`` (1-D) without its sentinel entries: the first ``count + 1`` when the count is known."""
     if count is not None:
         return value[: count + 1].contiguous()  # the sentinels are a suffix: slicing needs no data
     if value.device.type != "cpu":
@@ -89,11 +87,10 @@ def squeeze_input_for_thd(
     attn_kwargs: MutableMapping[str, Any],
     seqlens_padding_value: int = -1000,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, MutableMapping[str, Any]]:
-    """Squeeze a packed ``[1, T]`` batch to THD form.
+    """Squeeze a packed ``[1, T]`` batch to THD form, updating ``attn_kwargs`` in place (and returning it).
 
-    ``attn_kwargs`` is updated in place and returned: tensors lose dim 0, ``cu_seqlens`` /
-    ``cu_seqlens_padded`` lose their sentinels (dtype kept), a tensor ``max_seqlen`` becomes an int.
-    Everything is validated first (``ValueError``), so an error leaves ``attn_kwargs`` as it was.
+    Tensors lose dim 0, ``cu_seqlens`` / ``cu_seqlens_padded`` lose their sentinels (dtype kept), a tensor
+    ``max_seqlen`` becomes an int. Everything is validated first: a ``ValueError`` leaves ``attn_kwargs`` as it was.
     """
     _validate(position_ids, attn_kwargs)
     if input_ids is not None:

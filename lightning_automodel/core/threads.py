@@ -11,16 +11,16 @@ log = logging.getLogger(__name__)
 
 
 def host_cpus() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one, so containers count right)."""
+    """CPUs this process may run on (the affinity mask where there is one: containers count right)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
 
 
 def set_rank_threads(local_world_size: int) -> int | None:
-    """Give each of ``local_world_size`` ranks on this host ``cpus // local_world_size`` torch threads
-    (exported as ``OMP_NUM_THREADS`` for ranks launched later), unless ``OMP_NUM_THREADS`` is set; returns
-    the count set or None. Without it 2 ranks on 2 cores oversubscribe and a LoRA step is 8-10x slower."""
+    """``cpus // local_world_size`` torch threads per rank (exported as ``OMP_NUM_THREADS`` for ranks launched
+    later) unless ``OMP_NUM_THREADS`` is set; returns the count set or None. Without it 2 ranks on 2 cores
+    oversubscribe and a LoRA step is 8-10x slower."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     threads = max(1, host_cpus() // max(1, local_world_size))
