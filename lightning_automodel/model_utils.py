@@ -1,14 +1,9 @@
 """Drop-in for ``nemo_automodel.components.utils.model_utils``: same names, parameters and results.
 
-A thin façade over :mod:`lightning_automodel.core`. Deliberate differences, each documented in its core module:
-
-* legacy freeze flags match dotted path components by prefix (``context_proj`` is not "text");
-  a freeze config that fails validation or a strict selector leaves the model untouched;
-* the KV-sharing dead-parameter rule only touches the text decoder's layers, never a vision encoder's;
-* ``_get_model_param_stats``'s squared L2 norm is summed over every rank for sharded (DTensor)
-  parameters, so it is a collective;
-* ``print_trainable_parameters`` logs once, on rank 0, through this module's logger;
-* ``resolve_trust_remote_code`` rejects path tricks (``nvidia/../x``) the reference trusts.
+A thin façade over :mod:`lightning_automodel.core`, with deliberate differences: legacy freeze flags match
+path components by prefix (``context_proj`` is not "text") and a failing freeze config leaves the model
+untouched; the KV-sharing rule only touches the text decoder; the L2 norm is summed over ranks (a
+collective); the summary logs once, on rank 0; ``resolve_trust_remote_code`` rejects path tricks.
 """
 
 from __future__ import annotations
@@ -68,17 +63,13 @@ _HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<name>[A-Za-z0-9
 
 
 def _get_model_param_stats(model: nn.Module) -> tuple[int, int, float]:
-    """``(total, trainable, squared L2 norm)`` in the reference's order and units; the norm is the whole
-    model's, summed over ranks for DTensor parameters (a collective: every rank calls it); ``nan`` on meta."""
+    """``(total, trainable, squared L2 norm)`` as the reference, the norm over every rank (a collective)."""
     counts = count_model_parameters(model)
     return counts.total, counts.trainable, global_squared_l2_norm(model)
 
 
 def print_trainable_parameters(model: nn.Module, name: str = "Model") -> tuple[int, int]:
-    """Log the reference's 7-line summary once, on rank 0, through this module's logger; return ``(trainable, total)``.
-
-    Every rank must call it for a sharded model: the norm is a collective.
-    """
+    """Log the reference's 7-line summary on rank 0 through this module's logger; every rank calls it (the norm)."""
     total, trainable, sq_norm = _get_model_param_stats(model)
     if is_rank_0():
         pct = 100.0 * trainable / total if total > 0 else 0.0
@@ -102,12 +93,7 @@ def _freeze_module_by_attribute_and_patterns(
 
 
 def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig | None:
-    """Validate a raw ``freeze_config`` mapping; ``None`` stays ``None``, as in the reference.
-
-    Raises:
-        TypeError: ``config`` is not a mapping.
-        ValueError: unknown options (the message lists the valid ones), non-boolean flags or malformed selectors.
-    """
+    """Validate a raw ``freeze_config`` mapping (TypeError, ValueError); ``None`` stays ``None``, as in the reference."""
     return None if config is None else _parse_freeze_config(config)
 
 
@@ -116,13 +102,8 @@ def apply_parameter_freezing(
 ) -> FreezeReport:
     """Freeze by config with the reference 0.7.0 semantics, all or nothing; returns which rule froze what.
 
-    ``None`` is a no-op; ``{}`` freezes the vision tower. Kept from the reference: for ``model_type ==
-    "phi4mm"`` it casts fp32 parameters and buffers to bf16 and sets ``config.use_cache = False``
-    (Phi-4-MM's remote code has fp32 adapters FSDP2 rejects and a KV cache transformers v5 removed).
-
-    Raises:
-        TypeError, ValueError: see :func:`parse_freeze_config`, or a strict selector matching no
-            parameter (named). The model is unchanged then.
+    ``None`` is a no-op; ``{}`` freezes the vision tower. Kept from the reference: ``phi4mm`` also gets a bf16
+    cast and ``config.use_cache = False`` (fp32 adapters FSDP2 rejects, a KV cache transformers v5 removed).
     """
     if freeze_config is None:
         return FreezeReport()
@@ -135,11 +116,7 @@ def apply_parameter_freezing(
 
 
 def freeze_unused_kv_sharing_params(model: nn.Module) -> None:
-    """Freeze ``k_proj``/``v_proj``/``k_norm``/``v_norm`` of the last ``num_kv_shared_layers`` text-decoder layers.
-
-    They reuse K/V from earlier layers, never get a gradient nor optimizer state, and a DCP resume would
-    fail on the missing ``optim.state...step`` keys. A vision encoder's layers are left alone.
-    """
+    """Freeze K/V projections and norms of the last ``num_kv_shared_layers`` text-decoder layers (dead: see core.dead_params)."""
     frozen = freeze_dead_parameters(model, ("kv_sharing",))
     if frozen:
         total, shared = kv_sharing_layers(model)  # type: ignore[misc]
@@ -164,17 +141,13 @@ def freeze_minimax_m3_indexer_params(model: nn.Module) -> None:
 
 
 def cast_mixed_dtype_params_to_bf16(model: nn.Module) -> None:
-    """Cast every fp32 parameter *and buffer* (as the reference, RoPE ``inv_freq`` included) to bf16 in place,
-    keeping each ``Parameter`` object; before or after FSDP2 ``fully_shard``."""
+    """Cast every fp32 parameter *and buffer* (RoPE ``inv_freq`` too, as the reference) to bf16 in place."""
     cast_floating_point(model, torch.bfloat16, cast_buffers=True)
 
 
 def enable_radio_vit_fused_attn(model: nn.Module) -> None:
-    """Route RADIO ViT attention through SDPA (``attn.fused_attn = True``); no-op without a RADIO tower.
-
-    timm's default ``fused_attn=False`` materializes a (B, H, seq, seq) tensor of several GiB per block
-    at RADIO's patch counts.
-    """
+    """Route RADIO ViT attention through SDPA: timm's default ``fused_attn=False`` materializes a (B, H, seq, seq)
+    tensor of several GiB per block at RADIO's patch counts. No-op without a RADIO tower."""
     vision = getattr(model, "vision_model", None) or getattr(getattr(model, "model", None), "vision_model", None)
     blocks = getattr(getattr(getattr(vision, "radio_model", None), "model", None), "blocks", None)
     attns = [block.attn for block in blocks or () if getattr(block, "attn", None) is not None]
@@ -187,9 +160,8 @@ def enable_radio_vit_fused_attn(model: nn.Module) -> None:
 def resolve_trust_remote_code(
     pretrained_model_name_or_path: str | os.PathLike[str] | None, *, trusted_orgs: Iterable[str] = DEFAULT_TRUSTED_ORGS
 ) -> bool:
-    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive; a plain
-    string is one org). Local directories never are, and path tricks (``nvidia/../x``, ``./nvidia/x``,
-    ``nvidia//x``, ``/nvidia/x``) are not hub names."""
+    """True only for a hub name ``<org>/<name>`` whose org is in ``trusted_orgs`` (case-sensitive; a string is one org);
+    never a local directory or a path trick (``nvidia/../x``, ``./nvidia/x``, ``nvidia//x``)."""
     orgs = {trusted_orgs} if isinstance(trusted_orgs, str) else set(trusted_orgs)
     text = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path else ""
     if not isinstance(text, str) or not text or os.path.isdir(text):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,22 +22,16 @@ from lightning_automodel.core.naming import canonical_name
 
 logger = logging.getLogger(__name__)
 
-LEGACY_FLAGS: tuple[str, ...] = (
-    "freeze_vision_tower",
-    "freeze_audio_tower",
-    "freeze_language_model",
-    "freeze_video_embedder",
-)
-SELECTOR_FIELDS: tuple[str, ...] = ("freeze_modules", "unfreeze_modules")
-FREEZE_CONFIG_KEYS: tuple[str, ...] = (*SELECTOR_FIELDS, *LEGACY_FLAGS)
-
-# flag -> (attribute that holds the tower, dotted name patterns matched by component prefix)
+# legacy flag -> (attribute that holds the tower, dotted name patterns matched by component prefix)
 _LEGACY_RULES: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "freeze_vision_tower": ("vision_tower", ("vision", "visual", "image_encoder")),
     "freeze_audio_tower": ("audio_tower", ("audio", "audio_encoder", "speech", "sound")),
     "freeze_language_model": ("language_model", ("language", "text", "llm")),
     "freeze_video_embedder": (None, ("patch_generator.video_embedder",)),
 }
+LEGACY_FLAGS: tuple[str, ...] = tuple(_LEGACY_RULES)
+SELECTOR_FIELDS: tuple[str, ...] = ("freeze_modules", "unfreeze_modules")
+FREEZE_CONFIG_KEYS: tuple[str, ...] = (*SELECTOR_FIELDS, *LEGACY_FLAGS)
 
 
 class FreezeConfigError(TypeError, ValueError):
@@ -49,11 +44,8 @@ def _is_list(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModuleSelector:
-    """Exactly one of ``path`` (exact) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots), case-sensitive.
-
-    Tested against every canonical module path and parameter name relative to the model:
-    ``{path: model.vision_tower}`` selects a tower, ``{path: model.norm.weight}`` one tensor, ``{glob: '*.bias'}`` every bias.
-    """
+    """``path`` (exact) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots) over canonical module paths and
+    parameter names: ``{path: model.vision_tower}`` a tower, ``{glob: '*.bias'}`` every bias."""
 
     path: str | None = None
     glob: str | None = None
@@ -78,11 +70,8 @@ class ModuleSelector:
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    """Typed freeze configuration, validated when built (from YAML through :func:`parse_freeze_config`, or in Python).
-
-    ``freeze_vision_tower=None`` is True only when neither selector list is declared; a selector field of
-    ``None`` is not declared, an empty tuple is declared but empty.
-    """
+    """Typed freeze configuration, validated when built. ``freeze_vision_tower=None`` is True only when neither
+    selector list is declared (``None``: not declared; ``()``: declared but empty)."""
 
     freeze_vision_tower: bool | None = None
     freeze_audio_tower: bool = False
@@ -144,11 +133,10 @@ def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
 
 
 def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig:
-    """Validate a raw freeze configuration (YAML mapping); ``None`` gives the default (which freezes the vision tower).
+    """Validate a raw freeze configuration; ``None`` gives the default (which freezes the vision tower).
 
-    Raises:
-        TypeError: ``config`` is not a mapping.
-        ValueError: unknown keys (the message lists the valid ones), non-boolean flags, malformed selectors.
+    Raises TypeError for a non-mapping, ValueError for unknown keys (listing the valid ones), non-boolean
+    flags and malformed selectors.
     """
     if config is None:
         return FreezeConfig()
@@ -173,20 +161,9 @@ def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> Free
 
 
 def matches_component_prefix(module_path: str, pattern: str) -> bool:
-    """Whether consecutive components of a dotted path match ``pattern``, its last component by prefix, case-insensitively.
-
-    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra`` but ``text`` not ``model.context_proj``.
-    """
-    lowered, wanted_text = module_path.lower(), pattern.lower()
-    if wanted_text not in lowered:
-        return False  # cheap rejection for the vast majority of paths
-    components = lowered.split(".")
-    *head, last = wanted_text.split(".")
-    span = len(head) + 1
-    for start in range(len(components) - span + 1):
-        if components[start : start + span - 1] == head and components[start + span - 1].startswith(last):
-            return True
-    return False
+    """Whether whole components of a dotted path match ``pattern``, its last component by prefix, case-insensitively:
+    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra`` but ``text`` not ``model.context_proj``."""
+    return re.search(rf"(?:^|\.){re.escape(pattern)}[^.]*(?:\.|$)", module_path, re.IGNORECASE) is not None
 
 
 class _ParameterIndex:
@@ -229,11 +206,8 @@ def _tower_targets(model: nn.Module, index: _ParameterIndex, attribute: str | No
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
-    """Parameters under every module path the selector matches, plus those it names in full.
-
-    Naming a parameter (``path: model.norm.weight``, an attention-sink ``nn.Parameter``, BitFit's
-    ``glob: '*.bias'``) is ours: the reference matches module paths only, so those selected nothing there.
-    """
+    """Parameters under every module path the selector matches, plus those it names in full (``model.norm.weight``,
+    BitFit's ``*.bias``: the reference matches module paths only, so those selected nothing there)."""
     paths = {selector.path} if selector.path is not None else {p for p in index.module_paths if selector.matches(p)}
     return index.names_under(paths) + [first for alias, first in index.aliases if selector.matches(alias)]
 
@@ -279,11 +253,8 @@ def _plan(
 def plan_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
-    """What :func:`apply_parameter_freezing` would do, without touching the model.
-
-    Raises:
-        ValueError: with ``strict``, when a selector matches no parameter (the selector is named).
-    """
+    """What :func:`apply_parameter_freezing` would do, without touching the model; with ``strict``, a
+    selector that matches no parameter is a ValueError naming it."""
     return _plan(model, config, strict)[0]
 
 

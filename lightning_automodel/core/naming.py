@@ -27,13 +27,6 @@ def canonical_name(name: str) -> str:
     return name if len(kept) == len(parts) else ".".join(kept)
 
 
-def canonical_named_parameters(
-    model: nn.Module, *, remove_duplicate: bool = True
-) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
-        yield canonical_name(name), param
-
-
 def canonical_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` with canonical names; a wrapper and the module it wraps share one name."""
     for name, module in model.named_modules(remove_duplicate=False):
