@@ -1,8 +1,7 @@
 """Drop-in for ``nemo_automodel.components.checkpoint.utils``: same names, parameters and results.
 
 ``_get_checkpoint_tensor_dtypes`` reads local headers only (no tensor bytes, no private transformers
-API) and fails at once, offline, for a name that is not on local disk.
-"""
+API) and fails at once, offline, for a name that is not on local disk."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 A thin façade over :mod:`lightning_automodel.core`, with deliberate differences: legacy freeze flags match
 path components by prefix (``context_proj`` is not "text") and a failing freeze config leaves the model
 untouched; the KV-sharing rule only touches the text decoder; the L2 norm is summed over ranks (a
-collective); the summary logs once, on rank 0; ``resolve_trust_remote_code`` rejects path tricks.
-"""
+collective); the summary logs once, on rank 0; ``resolve_trust_remote_code`` rejects path tricks."""
 
 from __future__ import annotations
 
@@ -101,10 +100,8 @@ def apply_parameter_freezing(
     model: nn.Module, freeze_config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
     """Freeze by config with the reference 0.7.0 semantics, all or nothing; returns which rule froze what.
-
     ``None`` is a no-op; ``{}`` freezes the vision tower. Kept from the reference: ``phi4mm`` also gets a bf16
-    cast and ``config.use_cache = False`` (fp32 adapters FSDP2 rejects, a KV cache transformers v5 removed).
-    """
+    cast and ``config.use_cache = False`` (fp32 adapters FSDP2 rejects, a KV cache transformers v5 removed)."""
     if freeze_config is None:
         return FreezeReport()
     report = _apply_parameter_freezing(model, freeze_config, strict=strict)

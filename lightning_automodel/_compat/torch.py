@@ -1,7 +1,6 @@
 """Private torch names the package needs (checked on torch 2.13.0).
 
-Nothing here imports torch.distributed eagerly: a CPU-only build without it still imports the package.
-"""
+Nothing here imports torch.distributed eagerly: a CPU-only build without it still imports the package."""
 
 from __future__ import annotations
 
@@ -24,18 +23,14 @@ DCP_METADATA_PRIVATE_GLOBALS: dict[str, frozenset[str]] = {
 
 def apply_to_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """``module._apply(fn)``: replace every parameter, gradient and buffer of the tree by ``fn`` of it.
-
     Why private: ``Module.to``/``half`` cast every floating tensor; casting some tensors only, keeping
-    ``Parameter`` objects, with FSDP2's ``reset_sharded_param`` after it, has no public entry point.
-    """
+    ``Parameter`` objects, with FSDP2's ``reset_sharded_param`` after it, has no public entry point."""
     module._apply(fn)
 
 
 def own_parameters(module: nn.Module) -> dict[str, nn.Parameter | None]:
     """A copy of the module's own parameter slots, ``None`` entries included (``bias=None``).
-
-    Why private: ``named_parameters(recurse=False)`` drops ``None`` slots, which a copy of the module must keep.
-    """
+    Why private: ``named_parameters(recurse=False)`` drops ``None`` slots, which a copy of the module must keep."""
     return dict(module._parameters)
 
 
@@ -62,10 +57,8 @@ def set_own_slots(
     children: dict[str, nn.Module | None] | None = None,
 ) -> None:
     """Give ``module`` new parameter / buffer / child dicts (each one given).
-
     Why private: a shallow copy of a module shares these dicts with the original, and ``register_*`` or
-    ``setattr`` would write into them; replacing the dicts is the only way without running the constructor.
-    """
+    ``setattr`` would write into them; replacing the dicts is the only way without running the constructor."""
     if parameters is not None:
         module._parameters = parameters
     if buffers is not None:
@@ -81,7 +74,6 @@ def patched_registration(
 ) -> Iterator[None]:
     """While active, ``Module.register_parameter`` / ``register_buffer`` store ``on_parameter(module, name, param)``
     / ``on_buffer(...)`` instead of what they were given. Not thread-safe; restored on exit and on exceptions.
-
     Why a class-level patch: a constructor registers its tensors before any hook could see them, and
     ``with torch.device("meta")`` moves every tensor (including ones a model keeps on purpose) and loses tied identity.
     """
@@ -116,10 +108,8 @@ def op_schema(func: Any) -> Any:
 
 def torch_dispatch_mode() -> type:
     """``TorchDispatchMode``, the base of an aten-level tracing mode.
-
     Why private: documented ("Extending PyTorch") but exported only from ``torch.utils._python_dispatch``;
-    ``TorchFunctionMode`` sees Python calls, not the aten ops an init decomposes into.
-    """
+    ``TorchFunctionMode`` sees Python calls, not the aten ops an init decomposes into."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     return TorchDispatchMode
@@ -127,10 +117,8 @@ def torch_dispatch_mode() -> type:
 
 def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A DTensor's local shard shape and offset in the global tensor, on this rank.
-
     Why private: ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``; DTensor has no
-    public "where is my shard" query (transformers' shard-on-read uses the same function).
-    """
+    public "where is my shard" query (transformers' shard-on-read uses the same function)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
@@ -139,10 +127,8 @@ def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...
 
 def checkpoint_wrapper() -> Callable[..., nn.Module]:
     """torch's activation-checkpoint module wrapper (what FSDP2 and torchtitan wrap decoder layers with).
-
     Why private: shipped only from ``torch.distributed.algorithms._checkpoint``; ``torch.utils.checkpoint``
-    is a function, not a module wrapper.
-    """
+    is a function, not a module wrapper."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrapper
 
     return wrapper

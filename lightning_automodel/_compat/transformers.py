@@ -19,19 +19,15 @@ _MISSING = object()
 
 def declared_tied_weights(model: nn.Module) -> Any:
     """The class's ``_tied_weights_keys`` as declared (``{"lm_head.weight": "model.embed_tokens.weight"}``), or None.
-
     Why private: the public ``get_expanded_tied_weights_keys`` answers ``{}`` when the config does not tie,
-    but a head is rebuilt from the declared source even then (a checkpoint saved tied).
-    """
+    but a head is rebuilt from the declared source even then (a checkpoint saved tied)."""
     return getattr(model, "_tied_weights_keys", None)
 
 
 def init_weights_hook(model: nn.Module) -> Any:
     """``model._init_weights`` (per-module init), or None for a non-transformers module.
-
     Why private: the public ``init_weights`` runs it on the whole model at full size; one (sharded) module
-    at a time needs the hook itself.
-    """
+    at a time needs the hook itself."""
     return getattr(model, "_init_weights", None)
 
 
@@ -45,11 +41,9 @@ def _init_module() -> ModuleType:
 @contextlib.contextmanager
 def init_weights_flag_off() -> Iterator[None]:
     """Set transformers' module flag ``_init_weights`` to False, restoring exactly what was there.
-
     Why private: the transformers 4.x switch behind ``no_init_weights`` (which also replaces every
     ``torch.nn.init`` function, which a drop-in ``skip_random_init`` must not do). 5.25 no longer reads
-    it; kept for the nemo-compatible contract.
-    """
+    it; kept for the nemo-compatible contract."""
     module = _init_module()
     previous = module.__dict__.get("_init_weights", _MISSING)
     module._init_weights = False  # type: ignore[attr-defined]
@@ -71,10 +65,8 @@ def loaded_weight_conversions(model: nn.Module) -> Any:
 @contextlib.contextmanager
 def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]:
     """``model._weight_conversions = conversions`` for the block, then exactly what was there before.
-
     Why private: the only way to hand ``revert_weight_conversion`` conversions computed once, instead of
-    it walking the whole model again for every tensor group.
-    """
+    it walking the whole model again for every tensor group."""
     had_own = "_weight_conversions" in model.__dict__
     previous = model.__dict__.get("_weight_conversions")
     model.__dict__["_weight_conversions"] = conversions

@@ -1,8 +1,7 @@
 """Find the Hugging Face model that callbacks and tools act on, and its text decoder's layers.
 
 Names shown to users are relative to the ``PreTrainedModel`` a LightningModule holds, so a YAML selector
-reads like the Hugging Face checkpoint (``model.layers.0``).
-"""
+reads like the Hugging Face checkpoint (``model.layers.0``)."""
 
 from __future__ import annotations
 
@@ -17,11 +16,9 @@ _NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "spee
 
 def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
     """``(prefix, model)``: the outermost ``PreTrainedModel`` in ``root`` and its canonical prefix (``"model."``).
-
     Outermost is the shallowest, then the first registered: never a model nested in another (a LLaVA vision
     tower) nor a deeper one registered first (a teacher inside a helper). ``("", root)`` when ``root`` is
-    the model or holds none.
-    """
+    the model or holds none."""
     if isinstance(root, PreTrainedModel):
         return "", root
     found = [(name.count("."), name, m) for name, m in root.named_modules() if isinstance(m, PreTrainedModel)]

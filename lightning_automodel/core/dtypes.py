@@ -4,8 +4,7 @@ FSDP2 needs one original dtype per group of trainable parameters and fails lazil
 (``FSDP expects uniform original parameter dtype``); models with fp32 adapters (Phi-4-multimodal) need a
 cast. This one goes tensor by tensor (peak extra memory near one tensor; ``model.to`` cannot be told which
 dtypes to touch), keeps every ``Parameter`` object (optimizers and tied aliases keep pointing at it) and
-works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with ``reset_sharded_param``.
-"""
+works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with ``reset_sharded_param``."""
 from __future__ import annotations
 
 import logging
@@ -54,8 +53,7 @@ def cast_floating_point(
 ) -> list[str]:
     """Cast parameters (and optionally buffers) whose dtype is in ``source_dtypes`` to ``dtype`` in place; returns
     their canonical names. A gradient is cast with its parameter. Buffers stay by default: RoPE ``inv_freq``
-    loses precision in bf16 and is not FSDP-managed.
-    """
+    loses precision in bf16 and is not FSDP-managed."""
     if not dtype.is_floating_point:
         raise ValueError(f"Can only cast to a floating-point dtype; got {dtype}.")
     named = list(model.named_parameters(remove_duplicate=False))

@@ -1,8 +1,7 @@
 """What a model's ``forward`` accepts, cached without pinning models in memory.
 
 The cache is keyed on the class's ``forward`` *function*, never a module or bound method, so it cannot keep
-a model or its GPU memory alive; instance-patched forwards, callable objects and partials are read every time.
-"""
+a model or its GPU memory alive; instance-patched forwards, callable objects and partials are read every time."""
 
 from __future__ import annotations
 

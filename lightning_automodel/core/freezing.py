@@ -4,8 +4,7 @@ Four legacy modality flags, then ``freeze_modules`` selectors, then ``unfreeze_m
 on overlap). Two deliberate differences: legacy flags match dotted path *components* by prefix,
 case-insensitively (``context_proj`` is not a text module; the reference's substring match froze it),
 and freezing is planned before it is applied, so a bad selector leaves the model untouched and the
-result says which rule froze each parameter.
-"""
+result says which rule froze each parameter."""
 
 from __future__ import annotations
 
@@ -134,10 +133,8 @@ def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
 
 def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig:
     """Validate a raw freeze configuration; ``None`` gives the default (which freezes the vision tower).
-
     Raises TypeError for a non-mapping, ValueError for unknown keys (listing the valid ones), non-boolean
-    flags and malformed selectors.
-    """
+    flags and malformed selectors."""
     if config is None:
         return FreezeConfig()
     if isinstance(config, FreezeConfig):

@@ -2,8 +2,7 @@
 
 Every rank runs the same surgery and data preparation, so INFO lines come from global rank 0 only
 (warnings stay on every rank: a rank that differs must be seen). A user who configured nothing still sees
-them (as Lightning's), and one who called ``logging.basicConfig`` sees each once, in their own format.
-"""
+them (as Lightning's), and one who called ``logging.basicConfig`` sees each once, in their own format."""
 
 from __future__ import annotations
 
@@ -28,18 +27,16 @@ def process_rank() -> int:
     return 0
 
 
-class RankZeroInfo(logging.Filter):
-    """Keeps INFO and lower records on global rank 0 only; warnings and errors pass on every rank."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or process_rank() == 0
+def _rank_zero_info(record: logging.LogRecord) -> bool:
+    """A logging filter: INFO and lower on global rank 0 only; warnings and errors on every rank."""
+    return record.levelno >= logging.WARNING or process_rank() == 0
 
 
 def rank_zero_logger(name: str) -> logging.Logger:
     """The module logger ``name``, whose INFO lines only rank 0 emits."""
     logger = logging.getLogger(name)
-    if not any(isinstance(f, RankZeroInfo) for f in logger.filters):
-        logger.addFilter(RankZeroInfo())
+    if _rank_zero_info not in logger.filters:
+        logger.addFilter(_rank_zero_info)
     return logger
 
 

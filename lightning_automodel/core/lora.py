@@ -3,8 +3,7 @@
 peft's ``inject_adapter_in_model`` keeps the model's class and names (no ``base_model.model.`` prefix as
 with ``get_peft_model``), so checkpoints of the un-adapted model load unchanged through
 :func:`~lightning_automodel.core.naming.base_checkpoint_name`. :func:`initialize_adapters` runs peft's own
-init on a CPU twin per layer seeded by (seed, name): the same numbers at every world size.
-"""
+init on a CPU twin per layer seeded by (seed, name): the same numbers at every world size."""
 
 from __future__ import annotations
 
@@ -221,11 +220,9 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True) -> int:
     """peft's own adapter init on every LoRA layer, after the base weights are loaded; returns the tensors set.
-
     Each layer's adapter is built on a CPU twin from a generator seeded by (seed, layer name) and this rank's
     part copied out, so every ``init_lora_weights`` peft computes without the base, embedding adapters and
-    DoRA's magnitude get exactly peft's values, identical at every world size.
-    """
+    DoRA's magnitude get exactly peft's values, identical at every world size."""
     from peft.tuners.lora import LoraLayer
 
     from lightning_automodel.core.sharded_load import copy_local_part

@@ -2,8 +2,7 @@
 
 Activation checkpointing, ``torch.compile`` and FSDP1 insert wrapper components into dotted names
 (``layers.0._checkpoint_wrapped_module.self_attn``). Everything a user configures or reads uses names
-without them, so a YAML keeps matching whatever wrapping the run applies.
-"""
+without them, so a YAML keeps matching whatever wrapping the run applies."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Everything a THD kernel needs is computed with Python ints, so the training loop never syncs with the
 device for it. ``cu_seqlens_padded`` rounds each sequence up to ``pad_to_multiple_of`` (TE with context
-parallelism wants that); both boundary vectors are filled with the sentinel to a fixed length so batches stack.
-"""
+parallelism wants that); both boundary vectors are filled with the sentinel to a fixed length so batches stack."""
 
 from __future__ import annotations
 
@@ -24,11 +23,9 @@ def pack_thd(
     labels: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Pack non-empty token sequences into ``[1, T]`` tensors plus THD metadata.
-
     Labels (``labels`` per sequence, e.g. an SFT loss mask, else the ids) get ``label_ignore_index`` at every
     sequence start (the shifted loss must not predict a sequence's first token from the previous one) and on
-    padding. ``max_sequences``: room in the boundary vectors (default: this batch's count).
-    """
+    padding. ``max_sequences``: room in the boundary vectors (default: this batch's count)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("pack_thd needs at least one sequence and no empty sequence.")
     if labels is not None and [len(x) for x in labels] != [len(x) for x in sequences]:

@@ -3,8 +3,7 @@
 * A bitsandbytes ``Params4bit`` packs two 4-bit values per byte; its logical size is
   ``quant_state.shape`` (reference issue #1290: an 8B QLoRA model reported 2.8B).
 * A DTensor's ``numel()`` is global but each rank holds a shard, so squared norms are summed across
-  ranks (the reference's norm was per shard). Meta tensors are counted without touching storage.
-"""
+  ranks (the reference's norm was per shard). Meta tensors are counted without touching storage."""
 
 from __future__ import annotations
 
@@ -72,13 +71,10 @@ def _replication_factor(p: torch.Tensor, world_size: int) -> int:
 
 @torch.no_grad()
 def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
-    """Sum of squares of all floating-point parameters over every rank (a collective: all ranks call it).
-
-    Each rank sums its local shards, divides replicated copies by how many ranks hold them, and one
-    all-reduce (on ``device``; default: what the backend needs) adds the ranks up. Assumes every rank
-    holds the same parameters up to sharding and replication (FSDP2, HSDP, TP, DDP; not pipeline
-    stages). ``nan`` for a model with meta parameters.
-    """
+    """Sum of squares of all floating-point parameters over every rank (a collective), ``nan`` with meta parameters.
+    Each rank sums its local shards, divided by how many ranks hold each replicated copy; one all-reduce
+    (on ``device``; default: what the backend needs) adds the ranks up. Assumes every rank holds the same
+    parameters up to sharding and replication (FSDP2, HSDP, TP, DDP; not pipeline stages)."""
     world = get_world_size_safe() if is_distributed() else 1
     local_device = None
     total = None
@@ -125,11 +121,8 @@ class ModuleRow:
 def module_breakdown(
     model: nn.Module, *, depth: int = 2, frozen_by: Mapping[str, str] | None = None
 ) -> list[ModuleRow]:
-    """Parameters grouped by their first ``depth`` name components (``model.layers``, ``lm_head``).
-
-    ``frozen_by`` maps canonical parameter names to the rule that froze them; other frozen
-    parameters count as ``"already frozen"``.
-    """
+    """Parameters grouped by their first ``depth`` name components (``model.layers``, ``lm_head``); frozen ones by
+    the rule ``frozen_by`` names for them, else ``"already frozen"``."""
     rows: dict[str, ModuleRow] = {}
     for name, p in unique_named_parameters(model):
         parts = name.split(".", depth)  # at most depth + 1 pieces: the key, then the rest

@@ -3,8 +3,7 @@
 A tied head (``lm_head.weight is embed_tokens.weight``) breaks silently when a meta build is
 materialized or sharding replaces parameters. So (reference PRs #1904, #2511) "tied" is a storage
 fact, not a config fact: only a real alias may be dropped from a checkpoint, and a checkpoint without
-``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its embedding source when loading.
-"""
+``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its embedding source when loading."""
 
 from __future__ import annotations
 
@@ -165,11 +164,8 @@ def diagnose_tie(model: nn.Module) -> TieStatus:
 
 
 def ensure_tied_lm_head(model: nn.Module) -> bool:
-    """Re-alias the head to the input embedding when the config says tied; returns whether tied afterwards.
-
-    ``model.tie_weights()`` first (it knows model-specific layouts), then the embedding parameter is
-    assigned to the head module. Never raises for the usual failures: :func:`diagnose_tie` says why.
-    """
+    """Re-alias the head to the input embedding when the config says tied (``model.tie_weights()`` first, then
+    by assignment); returns whether tied afterwards. Never raises for the usual failures: :func:`diagnose_tie` says why."""
     status = diagnose_tie(model)
     if status.locally_tied or not status.config_tied:
         return status.locally_tied
@@ -216,10 +212,8 @@ def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | No
 def fill_missing_tied_lm_head(
     state_dict: MutableMapping[str, object], model: nn.Module, *, allow_current_lm_head_fallback: bool = False
 ) -> bool:
-    """Add a missing ``lm_head.weight`` to ``state_dict`` in place, from its embedding source (an alias, not a copy).
-
-    Returns True when the key was added.
-    """
+    """Add a missing ``lm_head.weight`` to ``state_dict`` in place from its embedding source (an alias, not a
+    copy); returns True when added."""
     if not is_tied_word_embeddings(model):
         return False
     head, head_name = get_lm_head_weight_and_name(model)
