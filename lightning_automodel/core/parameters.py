@@ -113,10 +113,6 @@ class ModuleRow:
     trainable: int = 0
     frozen_by: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def frozen(self) -> int:
-        return self.total - self.trainable
-
 
 def module_breakdown(
     model: nn.Module, *, depth: int = 2, frozen_by: Mapping[str, str] | None = None

@@ -53,30 +53,15 @@ def _validate(position_ids: Any, attn_kwargs: MutableMapping[str, Any]) -> None:
         )
 
 
-def _warn_device_sync(key: str) -> None:
+def _warn_if_on_device(value: torch.Tensor, key: str) -> None:
     global _warned_sync
-    if not _warned_sync:
+    if value.device.type != "cpu" and not _warned_sync:
         _warned_sync = True
         log.warning(
             "THD squeeze: %s is a device tensor and the batch has no %s, so reading it syncs with the device "
             "every step. Add %s (the packed row's sequence count, a Python int) to the batch and make max_seqlen "
             "an int, as PackedSequenceCollator / pack_thd do.", key, NUM_SEQUENCES_KEY, NUM_SEQUENCES_KEY,
         )
-
-
-def _strip_sentinels(value: torch.Tensor, count: int | None, key: str, sentinel: int) -> torch.Tensor:
-    """``value`` (1-D) without its sentinel entries: the first ``count + 1`` when the count is known."""
-    if count is not None:
-        return value[: count + 1].contiguous()  # the sentinels are a suffix: slicing needs no data
-    if value.device.type != "cpu":
-        _warn_device_sync(key)
-    return value[value != sentinel].contiguous()
-
-
-def _host_int(value: torch.Tensor, key: str) -> int:
-    if value.device.type != "cpu":
-        _warn_device_sync(key)
-    return int(value.item())
 
 
 def squeeze_input_for_thd(
@@ -100,10 +85,14 @@ def squeeze_input_for_thd(
     for key, value in attn_kwargs.items():
         if not isinstance(value, torch.Tensor):
             continue
-        if key in SEQLEN_KEYS:
-            updated[key] = _strip_sentinels(value.reshape(-1), count, key, seqlens_padding_value)
+        if key in SEQLEN_KEYS and count is not None:
+            updated[key] = value.reshape(-1)[: count + 1].contiguous()  # the sentinels are a suffix: no data read
+        elif key in SEQLEN_KEYS:
+            _warn_if_on_device(value, key)
+            updated[key] = value[value != seqlens_padding_value].contiguous()  # 1-D, dtype kept
         elif key == "max_seqlen":
-            updated[key] = _host_int(value, key)
+            _warn_if_on_device(value, key)
+            updated[key] = int(value.item())
         else:
             updated[key] = value.squeeze(0)
     attn_kwargs.update(updated)

@@ -72,10 +72,7 @@ def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
     head = get_lm_head_module(model)
     weight = getattr(head, "weight", None) if head is not None else None
     if weight is None:
-        weight = next(
-            (p for name, p in model.named_parameters(remove_duplicate=False) if "lm_head" in name and name.endswith(".weight")),
-            None,
-        )
+        weight = get_lm_head_weight_and_name(model)[0]
     if weight is None:
         raise ValueError("lm_head.weight not found in model")
     return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
