@@ -163,13 +163,14 @@ def diagnose_tie(model: nn.Module) -> TieStatus:
 def ensure_tied_lm_head(model: nn.Module) -> bool:
     """Re-alias the head to the input embedding when the config says tied (``model.tie_weights()`` first, then
     by assignment); returns whether tied afterwards. Never raises for the usual failures: :func:`diagnose_tie` says why."""
-    status = diagnose_tie(model)
-    if status.locally_tied or not status.config_tied:
-        return status.locally_tied
+    if not is_tied_word_embeddings(model):
+        return False
     head, head_name = get_lm_head_weight_and_name(model)
     embed, _ = get_input_embeddings_weight_and_name(model)
     if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):
         return False
+    if same_tensor_storage(head, embed):
+        return True
     tie_weights = getattr(model, "tie_weights", None)
     if callable(tie_weights):
         try:
