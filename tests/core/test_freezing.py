@@ -222,6 +222,8 @@ def test_freeze_config_built_directly_is_normalized_and_validated():
         FreezeConfig(freeze_modules=[{"path": "lm_head"}])
     with pytest.raises(TypeError, match="freeze_audio_tower"):
         FreezeConfig(freeze_audio_tower="yes")
+    with pytest.raises(ValueError, match="freeze_config.freeze_audio_tower must be true or false"):
+        FreezeConfig(freeze_audio_tower="yes")  # one validator: the same line as from YAML
     with pytest.raises(TypeError, match="freeze_modules"):
         FreezeConfig(freeze_modules="lm_head")
 

@@ -76,6 +76,20 @@ def test_get_module_by_canonical_name_returns_the_innermost_module():
     assert names.count("model.layers.1") == 2  # the wrapper and the wrapped module share the name
 
 
+def test_the_reference_facade_returns_the_outermost_module_from_the_same_rule():
+    from lightning_automodel.checkpoint_utils import _get_module_by_normalized_name
+
+    model = _wrapped_llama()
+    wrapper = model.model.layers[1]
+    assert _get_module_by_normalized_name(model, "model.layers.1") is wrapper
+    assert get_module_by_canonical_name(model, "model.layers.1", outermost=True) is wrapper
+    assert get_module_by_canonical_name(model, "model.layers.1") is wrapper._checkpoint_wrapped_module
+    assert _get_module_by_normalized_name(model, "") is model
+    assert _get_module_by_normalized_name(model, "model.nope") is None
+    ref = pytest.importorskip("nemo_automodel.shared.tied_weights")
+    assert ref._get_module_by_normalized_name(model, "model.layers.1") is wrapper
+
+
 def test_unique_named_parameters_lists_a_tied_weight_once_under_its_first_name():
     model = tm.tiny_gemma3()
     assert model.lm_head.weight is model.model.embed_tokens.weight
