@@ -255,7 +255,7 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
     """
     from peft.tuners.lora import LoraLayer
 
-    from lightning_automodel.core.sharded_load import copy_local_part
+    from lightning_automodel.core.distributed import copy_local_part
 
     if init not in INIT_WITHOUT_BASE:
         raise LoraConfigError(f"init_lora_weights={init!r} cannot be computed on a meta-device build; use one of {INIT_WITHOUT_BASE}.")
