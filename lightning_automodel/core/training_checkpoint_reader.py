@@ -1,19 +1,11 @@
-"""Read a Lightning training checkpoint tensor by tensor, without running any pickle from it.
+"""Read a Lightning training checkpoint's model tensors a few at a time, without running any pickle from it.
 
-A training checkpoint holds the model, the optimizer state (twice the model with AdamW) and
-metadata. Export needs the model only, a few tensors at a time:
-
-* a single ``.ckpt`` file (a torch zip archive) is opened with ``torch.load(mmap=True,
-  weights_only=True)``: that unpickles the structure and maps the file without reading tensor
-  bytes. Reading through the mapping would leave every touched page resident (the whole model in
-  RSS by the end), so each requested tensor is read with ``os.pread`` from its byte range instead;
-  the range comes from the zip directory (see :meth:`SingleFileCheckpoint._record_offsets`).
-  Per read: the requested tensors, nothing else.
-* a sharded (DCP) directory is read with ``torch.distributed.checkpoint.load`` on a state dict
-  holding only the requested keys (DCP reads only their byte ranges). DCP unpickles its
-  ``.metadata`` with plain ``pickle``; :class:`SafeFileSystemReader` replaces that with an
-  allow-list of DCP's own metadata types. Lightning's ``meta.pt`` (epoch, hyper-parameters,
-  callback state) is read with ``weights_only=True`` and a short allow-list.
+* a ``.ckpt`` file is opened with ``torch.load(mmap=True, weights_only=True)`` (structure only); each
+  requested tensor is then read with ``os.pread`` from its byte range in the zip, since reading through
+  the mapping would leave every touched page resident (the whole model in RSS by the end);
+* a sharded (DCP) directory is read with ``torch.distributed.checkpoint.load`` on the requested keys
+  only; its ``.metadata`` is unpickled through an allow-list (:class:`SafeFileSystemReader`), Lightning's
+  ``meta.pt`` with ``weights_only=True`` and a short allow-list.
 """
 
 from __future__ import annotations
@@ -63,8 +55,6 @@ def safe_torch_load(path: Path, **kwargs: Any) -> Any:
         ) from None
 
 
-# ---- DCP metadata without arbitrary unpickling -------------------------------------------------
-
 _DCP_METADATA_PUBLIC_TYPES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -90,11 +80,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` that unpickles ``.metadata`` through an allow-list, once.
-
-    DCP's own reader calls ``pickle.load`` on ``.metadata``: a crafted file runs code. The types a
-    DCP checkpoint's metadata holds are few and fixed (DCP's dataclasses, ``torch.Size``, dtypes).
-    """
+    """DCP's ``FileSystemReader`` unpickling ``.metadata`` once, through an allow-list of DCP's own few types
+    (DCP's reader calls ``pickle.load`` on it: a crafted file would run code)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
@@ -132,12 +119,10 @@ _TENSOR_ENTRIES = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data: nothing is imported or run.
+    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data (nothing imported or run).
 
-    For a sharded directory DCP's ``.metadata`` is unpickled through :class:`SafeFileSystemReader`'s
-    allow-list as well, so a caller that hands the directory to code reading it with plain
-    ``pickle`` (Lightning's resume through DCP) has checked it first. Raises
-    :class:`CheckpointReadError` (one line) for anything else.
+    A sharded directory's ``.metadata`` is checked through the allow-list too, before code that reads it with
+    plain ``pickle`` (Lightning's resume) sees it. :class:`CheckpointReadError` (one line) otherwise.
     """
     path = Path(path)
     if _is_single_file(path):
@@ -159,8 +144,6 @@ def _is_single_file(path: Path) -> bool:
         raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
     raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
 
-
-# ---- the two checkpoint kinds -----------------------------------------------------------------
 
 
 class TrainedCheckpoint:
@@ -204,12 +187,10 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self._fd = os.open(path, os.O_RDONLY)
 
     def _record_offsets(self) -> dict[int, int] | None:
-        """File offset of each mapped storage, keyed by its address; ``None`` when it cannot be proven.
+        """File offset of each mapped storage, keyed by its address; None (copy through the mapping) when unproven.
 
-        ``torch.load(mmap=True)`` maps the whole file once and places every storage at its zip record.
-        The records ``*/data/<key>`` sorted by offset and the distinct storages sorted by address are
-        then the same sequence, and address - offset is one constant. If any of that does not hold
-        (another torch layout), reads fall back to copying through the mapping.
+        ``torch.load(mmap=True)`` maps the file once, every storage at its zip record: address - offset is
+        one constant over the ``*/data/<key>`` records.
         """
         storages = {}
         for t in self._tensors.values():
@@ -285,7 +266,7 @@ class ShardedCheckpoint(TrainedCheckpoint):
         self.metadata = read_meta_pt(path)
 
     def _check_files(self, metadata: Any) -> None:
-        """Every byte range the metadata points to exists: a truncated or partly copied directory fails here."""
+        """Every byte range the metadata points to exists (a truncated or partly copied directory fails here)."""
         needed: dict[str, int] = {}
         for info in (metadata.storage_data or {}).values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
