@@ -77,25 +77,6 @@ def open_regular(path: str | os.PathLike[str], buffering: int = -1):
         raise
 
 
-def _check_header_entry(path: Path, key: str, entry: object) -> None:
-    """A header value has the flat shape of the format, or the header is refused naming the key."""
-    if key == "__metadata__":
-        ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
-        expected = "an object of strings"
-    else:
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
-            and isinstance(entry.get("data_offsets"), list)
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
-        )
-        expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
-    if not ok:
-        raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {_short_repr(entry)}, expected {expected}.")
-
-
 @dataclass(frozen=True)
 class SafetensorsLayout:
     """A safetensors file's header and where its tensor data starts (``data_offsets`` count from there)."""
@@ -130,9 +111,7 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
         raise ValueError(f"{path}: corrupt safetensors header (JSON nested too deeply; a header is flat).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
-    for key, entry in header.items():
-        _check_header_entry(path, key, entry)
-    _check_data_ranges(path, header, file_size - 8 - length)
+    _check_header(path, header, file_size - 8 - length)
     return SafetensorsLayout(header, 8 + length)
 
 
@@ -146,14 +125,32 @@ def _refuse_duplicate_keys(path: Path, items: list[tuple[str, Any]]) -> dict[str
     return out
 
 
-def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """Sorted by start, the ranges tile the data area exactly with ``numel * itemsize`` bytes each.
+def _check_header(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """Flat entries whose byte ranges, sorted by start, tile the data area with ``numel * itemsize`` bytes each.
 
     Overlaps (two names reading the same bytes), gaps and data past the end would train on wrong values.
     """
-    ranges = sorted((entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__")
+    ranges = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            expected = "an object of strings"
+        else:
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list)
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
+            )
+            expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
+        if not ok:
+            raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {_short_repr(entry)}, expected {expected}.")
+        if key != "__metadata__":
+            ranges.append((entry["data_offsets"], key))
     end, last = 0, None
-    for offsets, key in ranges:
+    for offsets, key in sorted(ranges):
         if len(offsets) != 2 or offsets[0] > offsets[1]:
             raise ValueError(f"{path}: corrupt safetensors header: {key!r} has data_offsets {offsets}; expected [begin, end] with begin <= end.")
         if offsets[0] != end:
@@ -163,7 +160,7 @@ def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -
         shape = header[key]["shape"]
         if dtype is not None and (min(shape, default=0) < 0 or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
             raise ValueError(
-                f"{path}: corrupt safetensors header: {key!r} has shape {header[key]['shape']} {header[key]['dtype']} "
+                f"{path}: corrupt safetensors header: {key!r} has shape {shape} {header[key]['dtype']} "
                 f"but data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)."
             )
         end, last = offsets[1], key

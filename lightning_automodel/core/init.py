@@ -184,15 +184,10 @@ def _is_unset(buffer: torch.Tensor) -> bool:
 #: that a 1024 x 1024 projection splits into 16 blocks: a block straddling a shard edge is drawn whole by
 #: each rank holding part of it, so with 2**20 a projection of that size was drawn whole by every rank.
 _BLOCK_ELEMENTS = 2**16
-#: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
-_REPLAYABLE = {
-    "aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::erfinv_", "aten::mul_", "aten::add_",
-    "aten::sub_", "aten::div_", "aten::clamp_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_",
-}
-#: ops among them that overwrite every element without reading it (earlier ops on the tensor do not matter)
+#: in-place ops that overwrite every element without reading it (earlier ops on the tensor do not matter)
 _OVERWRITING = {"aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_"}
-
-
+#: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
+_REPLAYABLE = _OVERWRITING | {"aten::erfinv_", "aten::mul_", "aten::add_", "aten::sub_", "aten::div_", "aten::clamp_"}
 #: one recorded op: (aten op, its non-tensor arguments, keyword arguments, the row it applies to or None for all)
 _Op = tuple[Any, tuple[Any, ...], dict[str, Any], int | None]
 

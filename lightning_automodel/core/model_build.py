@@ -202,14 +202,6 @@ def build_meta_model(
     return model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    path = text_decoder_layers_path(model)
-    layers = get_module_by_canonical_name(model, path) if path else None
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"Could not find the decoder layers of {type(model).__name__} to shard.")
-    return layers
-
-
 def tensor_parallel_refusal(tensor_parallel_size: int) -> str:
     """Why ``tensor_parallel_size > 1`` is refused (one line, shared by ``fit`` and ``plan``)."""
     return (
@@ -267,7 +259,7 @@ def apply_fsdp2(
         from lightning_automodel._compat.torch import checkpoint_wrapper as wrapper_class
 
         checkpoint_wrapper = wrapper_class()
-        layers = decoder_layers(model)
+        layers = get_module_by_canonical_name(model, text_decoder_layers_path(model))  # fsdp2_units found it
         wrapped = {}
         for i, layer in enumerate(layers):
             layers[i] = wrapped[id(layer)] = checkpoint_wrapper(layer)
