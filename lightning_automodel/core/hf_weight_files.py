@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -77,18 +77,14 @@ def open_regular(path: str | os.PathLike[str], buffering: int = -1):
         raise
 
 
-@dataclass(frozen=True)
-class SafetensorsLayout:
-    """A safetensors file's header and where its tensor data starts (``data_offsets`` count from there)."""
-
+class SafetensorsLayout(NamedTuple):
     header: dict[str, Any]
-    data_start: int
+    data_start: int  # where the tensor data starts: ``data_offsets`` count from there
 
 
 def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
-    """A safetensors file's header, reading only the header, refused in one line naming the file (and key)
-    for what ``safe_open`` refuses: truncation, a header over 100 MB, not JSON, nested, duplicate keys,
-    entries of another shape, byte ranges that do not tile the data."""
+    """A safetensors file's header and where its data starts, reading only the header. Refused in one line naming the file (and key) for what ``safe_open`` refuses: truncation, a
+    header over 100 MB, not JSON, nested, duplicate keys, entries of another shape, ranges not tiling the data."""
     path = Path(path)
     with open_regular(path) as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -203,12 +199,12 @@ def _file_tensors(file: Path) -> Iterator[SourceTensor]:
             if isinstance(tensor, torch.Tensor):
                 yield SourceTensor(key, file, tuple(tensor.shape), tensor.dtype)
         return
-    layout = read_safetensors_layout(file)
-    for key, entry in layout.header.items():
+    header, data_start = read_safetensors_layout(file)
+    for key, entry in header.items():
         if key != "__metadata__":
             if entry["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {key!r} has unknown safetensors dtype {entry['dtype']!r}.")
-            offset = layout.data_start + entry["data_offsets"][0]
+            offset = data_start + entry["data_offsets"][0]
             yield SourceTensor(key, file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], offset)
 
 

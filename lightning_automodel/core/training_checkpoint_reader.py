@@ -126,12 +126,16 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if _is_single_file(path):
-        checkpoint = safe_torch_load(path, mmap=True)
-        if not isinstance(checkpoint, dict):
-            raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
-        return {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
+        return {k: v for k, v in _load_ckpt(path).items() if k not in _TENSOR_ENTRIES}
     SafeFileSystemReader(path).read_metadata()
     return read_meta_pt(path)
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    checkpoint = safe_torch_load(path, mmap=True)  # maps the file: tensor bytes are not read
+    if not isinstance(checkpoint, dict):
+        raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
+    return checkpoint
 
 
 def _is_single_file(path: Path) -> bool:
@@ -143,7 +147,6 @@ def _is_single_file(path: Path) -> bool:
     if not path.exists():
         raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
     raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
-
 
 
 class TrainedCheckpoint:
@@ -177,8 +180,8 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self.path = path
         if not zipfile.is_zipfile(path):
             raise CheckpointReadError(f"{path} is not a readable Lightning checkpoint (not a torch archive: truncated, or another kind of file).")
-        checkpoint = safe_torch_load(path, mmap=True)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = _load_ckpt(path)
+        if not isinstance(checkpoint.get("state_dict"), Mapping):
             raise CheckpointReadError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
         self._tensors = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
         self.metadata = {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
