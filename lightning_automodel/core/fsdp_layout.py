@@ -74,7 +74,9 @@ def _group_paths(model: nn.Module, by_name: dict[str, nn.Module], path_of: dict[
     groups = [(f"{layers_path}.{i}", [f"{layers_path}.{i}"]) for i in range(len(layers))]
     seen_towers: set[int] = set()
     for owner in (model, getattr(model, "model", None)):
-        for attr in TOWER_ATTRIBUTES if isinstance(owner, nn.Module) else ():
+        if not isinstance(owner, nn.Module):
+            continue
+        for attr in TOWER_ATTRIBUTES:
             tower = getattr(owner, attr, None)
             if isinstance(tower, nn.Module) and id(tower) not in seen_towers and _has_params(tower) and id(tower) in path_of:
                 seen_towers.add(id(tower))
@@ -85,8 +87,11 @@ def _group_paths(model: nn.Module, by_name: dict[str, nn.Module], path_of: dict[
     head_path = path_of.get(id(head)) if _has_params(head) else None
     parent_path = layers_path.rpartition(".")[0]
     parent = by_name.get(parent_path) if parent_path else model
-    norm_attr = next((a for a in FINAL_NORM_ATTRIBUTES if isinstance(getattr(parent, a, None), nn.Module)), None)
-    norm_path = (f"{parent_path}.{norm_attr}" if parent_path else norm_attr) if norm_attr else None
+    norm_path = None
+    for attr in FINAL_NORM_ATTRIBUTES:
+        if isinstance(getattr(parent, attr, None), nn.Module):
+            norm_path = f"{parent_path}.{attr}" if parent_path else attr
+            break
     if norm_path is not None and not _has_params(by_name.get(norm_path)):
         norm_path = None
     tail = [p for p in (norm_path, head_path) if p is not None]

@@ -322,8 +322,7 @@ def _check_plan(plan: LoadPlan, tensors: dict[str, torch.Tensor], reader: Checkp
 
 def _check_conversion(group: TargetGroup, tensors: dict[str, torch.Tensor], reader: CheckpointReader, model: nn.Module) -> None:
     """Run the converter on meta tensors: the output names and shapes must be the model's."""
-    keys = [k for k, _ in group.sources]
-    named = f"{keys[:4]} (in {', '.join(sorted({reader.tensors[k].file.name for k in keys}))})"
+    named = _named(reader, [k for k, _ in group.sources])
     try:
         outputs = _convert(group, model, lambda key: torch.empty(reader.tensors[key].shape, dtype=reader.tensors[key].dtype, device="meta"))
     except Exception as exc:  # noqa: BLE001 - surfaced with the tensor and file named
