@@ -1,15 +1,9 @@
-"""The FSDP2 layout of a Hugging Face model (torchtitan's): which parameters are all-gathered together.
+"""The FSDP2 layout of a Hugging Face model (torchtitan's), one definition for the sharding code and the planner.
 
-One function decides it, so the sharding code and the memory planner cannot disagree:
-
-- each text decoder layer is its own group (``model.layers.3``), each vision/audio tower too;
-- the input embedding is a group (``embedding``); the final norm and the LM head are one (``norm+head``),
-  kept unsharded between forward and backward (backward needs it first);
-- with tied embeddings, embedding, final norm and head are one group (``embedding+norm+head``): FSDP2
-  rejects a parameter managed by two groups;
-- the root group (``root``, ``fully_shard(model)``) gets whatever is left; FSDP2 keeps it unsharded after forward.
-
-Only shapes and identities are read, so it works on meta models.
+Each text decoder layer and each vision/audio tower is a group; the input embedding is one (``embedding``); the
+final norm and the LM head are one (``norm+head``, kept unsharded from forward to backward, which needs it
+first); tied, those three are one (``embedding+norm+head``: FSDP2 rejects a parameter in two groups); ``root``
+(``fully_shard(model)``, unsharded after forward) gets the rest. Shapes and identities only: works on meta.
 """
 
 from __future__ import annotations

@@ -59,11 +59,8 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
 
 
 def open_regular(path: str | os.PathLike[str], buffering: int = -1):
-    """Open ``path`` for binary reading, refusing anything but a regular file.
-
-    Non-blocking open (a FIFO would wait for a writer forever), checked on the descriptor (a file
-    swapped after a check cannot slip through).
-    """
+    """Open ``path`` for binary reading, refusing anything but a regular file: opened non-blocking (a FIFO would
+    wait for a writer forever) and checked on the descriptor (a file swapped after a check cannot slip through)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -122,10 +119,8 @@ def _refuse_duplicate_keys(path: Path, items: list[tuple[str, Any]]) -> dict[str
 
 
 def _check_header(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """Flat entries whose byte ranges, sorted by start, tile the data area with ``numel * itemsize`` bytes each.
-
-    Overlaps (two names reading the same bytes), gaps and data past the end would train on wrong values.
-    """
+    """Flat entries whose byte ranges, sorted by start, tile the data area with ``numel * itemsize`` bytes each
+    (overlaps, gaps and data past the end would train on wrong values)."""
     ranges = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -237,10 +232,8 @@ def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) 
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    """``weight_map`` of an index; each value a plain file name in the checkpoint's own directory.
-
-    An index is data from a download: ``../../etc/passwd`` or a nested path must not open files elsewhere.
-    """
+    """``weight_map`` of an index; each value a plain file name in the checkpoint's own directory (an index is
+    data from a download: ``../../etc/passwd`` must not open files elsewhere)."""
     index = read_bounded_json(index_path, "checkpoint index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
@@ -266,12 +259,9 @@ def with_variant(file_name: str, variant: str | None) -> str:
 def resolve_checkpoint_files(
     path: str | os.PathLike[str], subfolder: str = "", *, variant: str | None = None, use_safetensors: bool | None = None
 ) -> list[Path]:
-    """Local weight files of a checkpoint (a file, or a directory with an index or a single file).
-
-    Chosen as ``from_pretrained`` does: ``variant`` selects ``model.<variant>.safetensors`` and its index
-    (or the ``.bin`` equivalents); ``use_safetensors`` False: ``.bin`` only, True: safetensors only,
-    None: safetensors when present. Raises :class:`OfflineCheckpointError` for a hub name, and
-    ``FileNotFoundError`` for no weights or a missing shard.
+    """Local weight files of a checkpoint (a file, or a directory with an index or a single file), chosen as
+    ``from_pretrained`` does with ``variant`` and ``use_safetensors`` (None: safetensors when present).
+    :class:`OfflineCheckpointError` for a hub name, ``FileNotFoundError`` for no weights or a missing shard.
     """
     root = Path(path) / subfolder if subfolder else Path(path)
     if not root.is_dir() and is_regular_file(root):  # anything but a file or directory is refused by name
@@ -304,11 +294,8 @@ def resolve_checkpoint_files(
 def checkpoint_tensor_dtypes(
     path: str | os.PathLike[str], load_kwargs: Mapping[str, Any] | None = None
 ) -> dict[str, torch.dtype]:
-    """Tensor name -> dtype of a local checkpoint, reading headers only (``.bin`` files load on meta).
-
-    ``load_kwargs["state_dict"]`` short-circuits to its tensors' dtypes; a ``gguf_file`` gives ``{}`` (GGUF
-    dtypes are quantization formats); ``subfolder``, ``variant`` and ``use_safetensors`` pick the files.
-    """
+    """Tensor name -> dtype of a local checkpoint, from headers (``.bin`` files load on meta). ``load_kwargs``:
+    a ``state_dict`` short-circuits; a ``gguf_file`` gives ``{}``; ``subfolder``, ``variant``, ``use_safetensors``."""
     kwargs = dict(load_kwargs or {})
     state_dict = kwargs.get("state_dict")
     if isinstance(state_dict, Mapping):

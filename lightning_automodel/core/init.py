@@ -47,11 +47,8 @@ def _meta_parameter(param: nn.Parameter) -> nn.Parameter:
 
 @contextlib.contextmanager
 def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
-    """Create every parameter (and with ``include_buffers`` every buffer) on the meta device.
-
-    Parameter subclasses are rebuilt with their attributes; ``_is_hf_initialized`` is carried over only
-    where it was set.
-    """
+    """Create every parameter (and with ``include_buffers`` every buffer) on the meta device; parameter subclasses
+    are rebuilt with their attributes, ``_is_hf_initialized`` carried over only where it was set."""
 
     def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
         # A parameter already on meta keeps its identity: tied weights (lm_head = embedding) stay tied.
@@ -102,11 +99,8 @@ def plain_copy(module: nn.Module) -> nn.Module:
 
 
 def _twin(module: nn.Module, device: str = "meta") -> nn.Module:
-    """A copy of ``module`` with its own empty parameters on ``device``; children are always meta twins.
-
-    Meta children make an init that reaches into them (CLIP's embeddings init their patch embedding) a
-    no-op instead of touching real shards. A meta twin's buffers are meta; a CPU twin's are copies.
-    """
+    """A copy of ``module`` with its own empty parameters on ``device`` and meta children (an init that reaches
+    into a child, CLIP's embeddings, then touches no real shard); a CPU twin's buffers are copies."""
     twin = plain_copy(module)
     set_own_slots(
         twin,
@@ -130,13 +124,9 @@ def _twin_buffer(buffer: torch.Tensor | None, device: str) -> torch.Tensor | Non
 
 @torch.no_grad()
 def recompute_buffers(model: nn.Module) -> int:
-    """Compute every buffer of a freshly materialized model with the model's own ``_init_weights``.
-
-    The meta build leaves buffers without values, as ``from_pretrained`` does; both compute them afterwards
-    the same way (a RotaryEmbedding's ``inv_freq``, an ``embed_scale``, ``position_ids``), on a twin of
-    each module whose parameters and children are meta and whose buffers are the real ones. A buffer the
-    init leaves unset is an error naming it. Returns the number of buffers computed.
-    """
+    """Compute every buffer of a freshly materialized model (RoPE ``inv_freq``, ``embed_scale``) with the model's
+    ``_init_weights``, as ``from_pretrained`` does, on twins whose only real tensors are the buffers. A buffer
+    left unset is an error naming it. Returns the number of buffers."""
     owners = _owner_models(model)
     buffers: dict[int, tuple[str, torch.Tensor]] = {}  # a buffer registered in two modules is one tensor
     for name, buffer in model.named_buffers(remove_duplicate=False):
@@ -286,11 +276,8 @@ def _overwrites(op: _Op) -> bool:
 
 
 def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
-    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it.
-
-    Block ``b`` (a fixed number of rows, from the shape alone) draws from a generator seeded by ``seed``
-    and ``b``: a row's values do not depend on which rank holds it or how many ranks there are.
-    """
+    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it; block ``b`` (rows
+    fixed by the shape) draws from a generator seeded by ``seed`` and ``b``, whatever the rank or world size."""
     local = local_tensor(param)
     if not local.numel():
         return
@@ -336,13 +323,10 @@ def _run_init(twin: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> N
 def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
     """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time, each rank its own rows.
 
-    Per module, the model's own ``_init_weights`` (the nearest ``PreTrainedModel``'s) runs on a meta twin
-    and is recorded (:func:`_record_init`). In-place elementwise ops on whole parameters (what LLM inits
-    are) are replayed by each rank on the row blocks of its shard, each block seeded from ``seed``, the
-    module's name, the parameter and the block: identical on every rank and at every world size. Any other
-    init runs on a full-size CPU twin of that module, seeded from ``seed`` and the name, and each rank
-    copies its part out. Every module initializes its own parameters (a parent's init that re-inits a
-    child's keeps the child's own). Returns the number of parameters initialized.
+    The nearest ``PreTrainedModel``'s ``_init_weights`` runs on a meta twin and is recorded; elementwise ops on
+    whole parameters (what LLM inits are) are replayed on the row blocks of each rank's shard, seeded from
+    ``seed``, the names and the block: the same at every world size. Any other init runs on a full-size CPU
+    twin of that module and each rank copies its part out. Returns the number of parameters initialized.
     """
     from lightning_automodel.core.naming import canonical_name
 

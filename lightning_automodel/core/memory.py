@@ -117,14 +117,12 @@ def estimate_fsdp2_peak(
     optimizer_state_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
 ) -> FSDP2MemoryEstimate:
-    """Per-rank peak memory of FSDP2 training in the layout ``groups`` (default :func:`fsdp2_groups`).
+    """Per-rank peak memory of FSDP2 training in the layout ``groups`` (default :func:`fsdp2_groups`; parameters
+    no group names go to the root).
 
-    The sharded state is :func:`estimate_training_memory`'s. A group's all-gather materializes every rank's
-    padded shard, in ``compute_dtype`` (bf16 mixed precision) for floating-point parameters or in the
-    stored dtype; gradients are reduced in ``reduce_dtype`` (default: the compute dtype). The two largest
-    resharded groups are counted, not the largest twice: with an untied 128k vocabulary the embedding is
-    much larger than a decoder layer. Parameters no group names go to the root group. ValueError for a
-    group naming an unknown parameter.
+    A group's all-gather materializes every rank's padded shard, in ``compute_dtype`` for floating-point
+    parameters (else stored), gradients reduced in ``reduce_dtype`` (default: compute). The two largest
+    resharded groups count, not the largest twice: an untied 128k-vocabulary embedding dwarfs a layer.
     """
     state = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=optimizer_state_dtype)
     params = dict(unique_named_parameters(model))

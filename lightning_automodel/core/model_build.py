@@ -82,11 +82,8 @@ MAX_PARAMETERS = 10**13
 
 
 def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
-    """Refuse, in one line naming the field, a config that cannot make a working model (per sub-config).
-
-    Also on a mapping before transformers sees it: its constructors divide by the heads, and
-    ``num_hidden_layers: -1`` builds and trains a 0-layer model.
-    """
+    """Refuse, in one line naming the field, a config (or a mapping, before transformers' constructors divide by
+    the heads) that cannot make a working model: ``num_hidden_layers: -1`` would train a 0-layer model."""
     for where, sub in _sub_configs(config):
         for field_name in _POSITIVE_SIZES:
             value = _field(sub, field_name)
@@ -183,11 +180,8 @@ def build_meta_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The whole model, parameters and buffers, on the meta device, as ``from_pretrained`` builds it.
-
-    ``dtype`` is explicit: a hub config's ``dtype: bfloat16`` would otherwise decide the training precision
-    (bf16 master weights and AdamW state round small updates away).
-    """
+    """The whole model on the meta device, as ``from_pretrained`` builds it. ``dtype`` is explicit: a hub config's
+    ``dtype: bfloat16`` would otherwise make bf16 master weights, whose AdamW updates round away."""
     from transformers.initialization import meta_device_safe_creation_ops, no_init_weights
 
     validate_model_config(config)
@@ -280,12 +274,8 @@ def apply_fsdp2(
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a (sharded) meta model on ``device`` (each rank its shards) and compute its buffers.
-
-    Parameter values are undefined until a checkpoint or an init fills them. Shards that cannot fit in
-    the device are refused first, naming the largest tensor (``vocab_size: 10000000000`` would otherwise
-    be an allocator error).
-    """
+    """Allocate a (sharded) meta model on ``device``, each rank its shards (values undefined until a load or an
+    init), and compute its buffers. Shards that cannot fit are refused first, naming the largest tensor."""
     check_fits_on_device(model, device)
     places: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer's (module, name) places
     for module in model.modules():
@@ -328,11 +318,8 @@ FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
 
 @torch.no_grad()
 def fill_uninitialized(model: nn.Module) -> None:
-    """Test switch: with ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan``, mark fresh parameters unset (NaN).
-
-    ``to_empty`` leaves what the allocator returns, on CPU often zeros, which hides a tensor no load or
-    init writes (the test suite turns this on). Buffers are always marked, by ``recompute_buffers``.
-    """
+    """Test switch: ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan`` marks fresh parameters unset (NaN), since the
+    allocator's zeros would hide a tensor no load or init writes. ``recompute_buffers`` always marks buffers."""
     value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
     if value and value != "nan":
         raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")

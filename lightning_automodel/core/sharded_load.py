@@ -84,11 +84,8 @@ class CheckpointReader:
         return tensor
 
     def read_into(self, key: str, index: tuple[slice, ...] | None, out: torch.Tensor) -> None:
-        """Copy the ``index`` slice of ``key`` into ``out`` (same shape), with no full-size temporary.
-
-        Rows land in ``out`` directly when it is a contiguous host tensor of the file's dtype; otherwise
-        (a cast, a GPU destination) through a reused buffer of at most ``CHUNK_BYTES``.
-        """
+        """Copy the ``index`` slice of ``key`` into ``out``: straight into a contiguous host tensor of the file's
+        dtype, else (a cast, a GPU) through a reused buffer of at most ``CHUNK_BYTES``; no full-size temporary."""
         source = self.tensors[key]
         rows = _row_range(source.shape, index) if source.offset is not None else None
         if rows is None or not source.shape:
@@ -189,10 +186,7 @@ class LoadReport:
 
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Checkpoint name -> parameter or persistent buffer; plus names that alias an earlier tensor (ties).
-
-    A LoRA layer's ``base_layer`` component is dropped: a model with adapters loads the un-adapted checkpoint.
-    """
+    """Checkpoint name (without LoRA's ``base_layer``) -> parameter or persistent buffer; names aliasing one (ties)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: set[str] = set()
     seen: dict[int, str] = {}
@@ -216,11 +210,10 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]
 
 
 def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys: Sequence[str] = ()) -> LoadPlan:
-    """Map every checkpoint tensor to the model tensor it makes, the way ``from_pretrained`` does, and check it.
+    """Map every checkpoint tensor to the model tensor it makes, as ``from_pretrained`` does, checked on the meta model.
 
-    Runs on the meta model. Raises :class:`CheckpointLayoutError` naming the tensor and the file for a
-    missing tensor, a shape or dtype mismatch, or checkpoint keys no rule maps to the model unless each
-    matches one of the ``ignore_keys`` regular expressions (``re.fullmatch``).
+    :class:`CheckpointLayoutError` names the tensor and the file for a missing tensor, a shape or dtype mismatch,
+    or unused checkpoint keys that no ``ignore_keys`` regular expression fully matches.
     """
     from lightning_automodel._compat.transformers import (
         WeightConverter,
@@ -261,10 +254,8 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys
 
 
 def _check_unused(unused: list[str], reader: CheckpointReader, ignore_keys: Sequence[str]) -> None:
-    """Checkpoint tensors the model does not take are an error unless named in ``ignore_checkpoint_keys``.
-
-    A two-layer checkpoint loaded into a one-layer config trains another model; ``from_pretrained`` only warns.
-    """
+    """Unused checkpoint tensors are an error unless named (``from_pretrained`` only warns: a two-layer
+    checkpoint loaded into a one-layer config trains another model)."""
     try:
         patterns = [re.compile(p) for p in ignore_keys]
     except re.error as exc:
@@ -351,10 +342,8 @@ def _convert(group: TargetGroup, model: nn.Module, read: object, keep: Iterable[
 
 
 def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) -> bool:
-    """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone.
-
-    Then a dim-0 slice of the output is the same op on the sources it covers: a rank reads only its experts.
-    """
+    """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone: a dim-0
+    slice of the output is then the same op on the sources it covers (a rank reads only its experts)."""
     from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
@@ -372,10 +361,8 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
 
 @torch.no_grad()
 def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadPlan | None = None) -> LoadReport:
-    """Copy each rank's part of the checkpoint into the model's materialized (sharded) tensors, cast on copy.
-
-    Parameters keep their identity (ties stay, FSDP2 keeps its storage). No collective: every rank works alone.
-    """
+    """Copy each rank's part of the checkpoint into the model's materialized (sharded) tensors, cast on copy;
+    parameters keep their identity (ties stay, FSDP2 keeps its storage). No collective."""
     start = time.perf_counter()
     before = reader.bytes_read
     plan = plan if plan is not None else plan_checkpoint_load(model, reader)

@@ -119,11 +119,8 @@ _TENSOR_ENTRIES = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data (nothing imported or run).
-
-    A sharded directory's ``.metadata`` is checked through the allow-list too, before code that reads it with
-    plain ``pickle`` (Lightning's resume) sees it. :class:`CheckpointReadError` (one line) otherwise.
-    """
+    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data; a directory's
+    ``.metadata`` is checked too, before Lightning's resume reads it with plain ``pickle``."""
     path = Path(path)
     if _is_single_file(path):
         return {k: v for k, v in _load_ckpt(path).items() if k not in _TENSOR_ENTRIES}
@@ -190,11 +187,8 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self._fd = os.open(path, os.O_RDONLY)
 
     def _record_offsets(self) -> dict[int, int] | None:
-        """File offset of each mapped storage, keyed by its address; None (copy through the mapping) when unproven.
-
-        ``torch.load(mmap=True)`` maps the file once, every storage at its zip record: address - offset is
-        one constant over the ``*/data/<key>`` records.
-        """
+        """File offset of each mapped storage by address (``torch.load(mmap=True)`` maps every storage at its zip
+        record: address - offset is one constant); None (copy through the mapping) when that cannot be proven."""
         storages = {}
         for t in self._tensors.values():
             storage = t.untyped_storage()
