@@ -185,10 +185,10 @@ class LoadReport:
     seconds: float
 
 
-def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, None]]:
     """Checkpoint name (without LoRA's ``base_layer``) -> parameter or persistent buffer; names aliasing one (ties)."""
     tensors: dict[str, torch.Tensor] = {}
-    aliases: set[str] = set()
+    aliases: dict[str, None] = {}  # ordered: every rank must plan alike
     seen: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if is_adapter_name(name):
@@ -196,7 +196,7 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]
         key = base_checkpoint_name(canonical_name(name))
         if id(param) in seen:
             if seen[id(param)] != key:
-                aliases.add(key)
+                aliases[key] = None
             continue
         seen[id(param)] = key
         tensors[key] = param

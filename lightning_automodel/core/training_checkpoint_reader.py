@@ -64,15 +64,11 @@ _DCP_METADATA_PUBLIC_TYPES = {
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
 }
-_DCP_METADATA_TYPES = {
-    module: _DCP_METADATA_PUBLIC_TYPES.get(module, set()) | DCP_METADATA_PRIVATE_GLOBALS.get(module, set())
-    for module in {*_DCP_METADATA_PUBLIC_TYPES, *DCP_METADATA_PRIVATE_GLOBALS}
-}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_METADATA_TYPES.get(module, ()):
+        if name in _DCP_METADATA_PUBLIC_TYPES.get(module, ()) or name in DCP_METADATA_PRIVATE_GLOBALS.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
