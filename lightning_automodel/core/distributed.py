@@ -1,4 +1,4 @@
-"""Rank helpers that work with or without an initialized process group."""
+"""Rank helpers that work with or without an initialized process group, and this rank's piece of a DTensor."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_automodel._compat.torch import local_shape_and_offset
+
 
 def _env_int(variable: str, default: str) -> int:
-    """An integer environment variable, with an error that names it and the fix when it is not one."""
     raw = os.environ.get(variable, default)
     try:
         return int(raw)
@@ -23,22 +24,17 @@ def _env_int(variable: str, default: str) -> int:
 
 
 def is_distributed() -> bool:
-    """Whether a default process group exists (collectives are possible)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank_safe() -> int:
     """Global rank: from the process group when there is one, else ``RANK`` (default 0)."""
-    if is_distributed():
-        return dist.get_rank()
-    return _env_int("RANK", "0")
+    return dist.get_rank() if is_distributed() else _env_int("RANK", "0")
 
 
 def get_world_size_safe() -> int:
     """World size: from the process group when there is one, else ``WORLD_SIZE`` (default 1)."""
-    if is_distributed():
-        return dist.get_world_size()
-    return _env_int("WORLD_SIZE", "1")
+    return dist.get_world_size() if is_distributed() else _env_int("WORLD_SIZE", "1")
 
 
 def is_rank_0() -> bool:
@@ -56,17 +52,14 @@ def digest_names(names: Iterable[str]) -> str:
 
 
 def first_mismatch_across_ranks(names: Sequence[str]) -> tuple[int, str] | None:
-    """Compare a set of names across ranks: ``(rank, first differing name)`` or None when all agree.
+    """A collective: ``(rank, first name differing from rank 0's)`` or None when all ranks hold the same set.
 
-    Every rank must call this (it is a collective). Only a digest travels unless the digests differ,
-    so the common case costs one tiny all-gather. Without a process group it returns None. Under NCCL,
-    ``all_gather_object`` uses the current CUDA device, which Lightning sets for each rank.
+    Only a digest travels unless the digests differ. Without a process group it returns None.
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return None
-    mine = digest_names(names)
     digests: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, mine)
+    dist.all_gather_object(digests, digest_names(names))
     if len(set(digests)) == 1:
         return None
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
@@ -80,12 +73,7 @@ def first_mismatch_across_ranks(names: Sequence[str]) -> tuple[int, str] | None:
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device whose tensors the collectives of ``group`` (default: the world) accept.
-
-    NCCL has no CPU path: a CPU tensor handed to it fails, on GPU machines only (gloo hides it). So
-    every collective in the package moves its (tiny) tensor here first. Callbacks that have a
-    strategy pass ``trainer.strategy.root_device`` instead, which is the same device.
-    """
+    """The device whose tensors the collectives of ``group`` accept: NCCL has no CPU path (gloo hides that)."""
     if not is_distributed():
         return torch.device("cpu")
     backend = str(dist.get_backend(group)).lower()
@@ -97,13 +85,12 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
 
 
 def _local_cuda_index() -> int:
-    """This process's GPU: the one the process group was bound to, else ``LOCAL_RANK``'s, else the current one.
+    """The GPU the process group was bound to, else ``LOCAL_RANK``'s, else the current one.
 
-    A core-API user under torchrun who never called ``torch.cuda.set_device`` has every rank on
-    GPU 0 as the "current" device; NCCL then hangs or fails. Lightning sets the device, so for its
-    jobs all three agree.
+    A core-API user under torchrun who never called ``torch.cuda.set_device`` has every rank on GPU 0
+    as the "current" device; NCCL then hangs or fails.
     """
-    bound = getattr(dist.group.WORLD, "bound_device_id", None)  # the default group (public ``group.WORLD``)
+    bound = getattr(dist.group.WORLD, "bound_device_id", None)
     if bound is not None and bound.index is not None:
         return bound.index
     local_rank = os.environ.get("LOCAL_RANK")
@@ -113,11 +100,7 @@ def _local_cuda_index() -> int:
 
 
 def all_reduce_sum_(tensor: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place, on ``device`` (default: :func:`collective_device`).
-
-    A no-op without a process group. The tensor is copied to the collective's device and back only
-    when it lives elsewhere (a CPU scalar under NCCL, CPU-offloaded shards' statistics).
-    """
+    """Sum ``tensor`` over all ranks in place, on ``device`` (default :func:`collective_device`); no-op alone."""
     if not is_distributed():
         return tensor
     target = device if device is not None else collective_device()
@@ -133,7 +116,26 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """The global index of this rank's piece of ``tensor`` (everything for a plain tensor).
+
+    Guarded by the 2-rank bit-exactness tests (``tests/scripts/load_layouts.py``): DTensor has no public
+    "where is my shard" query, so this goes through ``_compat.torch``.
+    """
+    if not hasattr(tensor, "device_mesh"):
+        return tuple(slice(0, size) for size in tensor.shape)
+    shape, offset = local_shape_and_offset(tensor)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def copy_local_part(dest: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full-size ``full`` into ``dest`` (a DTensor's local shard, or all of it)."""
+    local = local_tensor(dest)
+    if local.numel():
+        local.copy_(full[local_index(dest)])
+
+
 def module_seed(seed: int, name: str) -> int:
-    """A seed for one named module or parameter from the run's seed: the same on every rank and at every world size."""
+    """A seed for one named module or parameter: the same on every rank and at every world size."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -1,52 +1,33 @@
-"""Reading what a checkpoint holds without loading it.
+"""What a local Hugging Face checkpoint holds, from its index and headers, offline.
 
-A safetensors file starts with an 8-byte little-endian header length and a JSON header listing
-every tensor's dtype, shape and offsets, so the dtypes of a 100 GB checkpoint cost a few kilobytes
-of reads. The reference went through a private transformers API and a meta-device load; this needs
-neither and never touches the network: a hub name with no local copy is an error.
+A safetensors file starts with an 8-byte header length and a JSON header with every tensor's dtype,
+shape and offsets, so indexing a 100 GB checkpoint costs kilobytes of reads. Every file is checked to
+be a regular file before it is opened (a FIFO would block, a device never ends).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import pickle
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E8M0": torch.float8_e8m0fnu,
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -67,12 +48,7 @@ def _short_repr(value: object, limit: int = 120) -> str:
 
 
 def is_regular_file(path: str | os.PathLike[str]) -> bool:
-    """True for a regular file (symlinks followed), False when nothing is there.
-
-    Raises:
-        ValueError: something else has the name (a FIFO, socket, device or directory): opening a FIFO
-            blocks until a writer appears, a device never ends, so a checkpoint file must be regular.
-    """
+    """True for a regular file (symlinks followed), False when nothing is there, ValueError for anything else."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -83,11 +59,8 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
 
 
 def open_regular(path: str | os.PathLike[str], buffering: int = -1):
-    """Open ``path`` for binary reading, refusing at once anything but a regular file.
-
-    The open is non-blocking (a FIFO would otherwise wait for a writer forever) and the check is made
-    on the opened descriptor, so a file swapped after a check cannot slip through.
-    """
+    """Open ``path`` for binary reading, refusing anything but a regular file: opened non-blocking (a FIFO would
+    wait for a writer forever) and checked on the descriptor (a file swapped after a check cannot slip through)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -101,47 +74,14 @@ def open_regular(path: str | os.PathLike[str], buffering: int = -1):
         raise
 
 
-def _check_header_entry(path: Path, key: str, entry: object) -> None:
-    """A header value has the flat shape of the format, or the header is refused naming the key."""
-    if key == "__metadata__":
-        ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
-        expected = "an object of strings"
-    else:
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
-            and isinstance(entry.get("data_offsets"), list)
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
-        )
-        expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
-    if not ok:
-        raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {_short_repr(entry)}, expected {expected}.")
-
-
-@dataclass(frozen=True)
-class SafetensorsLayout:
-    """A safetensors file's header and where its tensor data starts (``data_offsets`` count from there)."""
-
+class SafetensorsLayout(NamedTuple):
     header: dict[str, Any]
-    data_start: int
-    file_size: int
-
-
-def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor entries plus ``__metadata__``), reading only the header.
-
-    Raises:
-        ValueError: the file is not a regular file, is truncated, its header length is over 100 MB, the
-            header is not valid JSON, is nested (a valid header is flat: ``{name: {dtype, shape,
-            data_offsets}}``) or has a value of another shape; the message names the file (and the key).
-    """
-    return read_safetensors_layout(path).header
+    data_start: int  # where the tensor data starts: ``data_offsets`` count from there
 
 
 def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
-    """:func:`read_safetensors_header` plus the data's start offset and the file size, in one open."""
+    """A safetensors file's header and where its data starts, reading only the header. Refused in one line naming the file (and key) for what ``safe_open`` refuses: truncation, a
+    header over 100 MB, not JSON, nested, duplicate keys, entries of another shape, ranges not tiling the data."""
     path = Path(path)
     with open_regular(path) as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -157,44 +97,51 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
     if len(raw) != length:
         raise ValueError(f"{path}: truncated safetensors header ({len(raw)} of {length} bytes); re-save or re-download the file.")
     try:
-        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys(path))
+        header = json.loads(raw, object_pairs_hook=lambda items: _refuse_duplicate_keys(path, items))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: corrupt safetensors header (not JSON: {exc}).") from None
     except RecursionError:
         raise ValueError(f"{path}: corrupt safetensors header (JSON nested too deeply; a header is flat).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object).")
+    _check_header(path, header, file_size - 8 - length)
+    return SafetensorsLayout(header, 8 + length)
+
+
+def _refuse_duplicate_keys(path: Path, items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is an error (plain JSON keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key in out:
+            raise ValueError(f"{path}: corrupt safetensors header: {key!r} is listed twice; safetensors refuses such a file.")
+        out[key] = value
+    return out
+
+
+def _check_header(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """Flat entries whose byte ranges, sorted by start, tile the data area with ``numel * itemsize`` bytes each
+    (overlaps, gaps and data past the end would train on wrong values)."""
+    ranges = []
     for key, entry in header.items():
-        _check_header_entry(path, key, entry)
-    _check_data_ranges(path, header, file_size - 8 - length)
-    return SafetensorsLayout(header, 8 + length, file_size)
-
-
-def _refuse_duplicate_keys(path: Path):
-    """A ``json.loads`` hook: a key given twice is an error (plain JSON keeps the last one silently)."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in items:
-            if key in out:
-                raise ValueError(f"{path}: corrupt safetensors header: {key!r} is listed twice; safetensors refuses such a file.")
-            out[key] = value
-        return out
-
-    return pairs
-
-
-def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """The tensors' byte ranges tile the data area exactly, as ``safe_open`` requires.
-
-    Sorted by start, each range begins where the previous one ended, none is reversed, each holds
-    ``numel * itemsize`` bytes of its dtype, and the last ends at the end of the file. Overlapping
-    ranges (two names reading the same bytes), gaps and data past the end are refused: ``from_pretrained``
-    refuses them too, and loading them would train on wrong values.
-    """
-    ranges = sorted((entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__")
+        if key == "__metadata__":
+            ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            expected = "an object of strings"
+        else:
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list)
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
+            )
+            expected = "{dtype: str, shape: [int], data_offsets: [int, int]}"
+        if not ok:
+            raise ValueError(f"{path}: corrupt safetensors header: {key!r} is {_short_repr(entry)}, expected {expected}.")
+        if key != "__metadata__":
+            ranges.append((entry["data_offsets"], key))
     end, last = 0, None
-    for offsets, key in ranges:
+    for offsets, key in sorted(ranges):
         if len(offsets) != 2 or offsets[0] > offsets[1]:
             raise ValueError(f"{path}: corrupt safetensors header: {key!r} has data_offsets {offsets}; expected [begin, end] with begin <= end.")
         if offsets[0] != end:
@@ -204,7 +151,7 @@ def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -
         shape = header[key]["shape"]
         if dtype is not None and (min(shape, default=0) < 0 or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize):
             raise ValueError(
-                f"{path}: corrupt safetensors header: {key!r} has shape {header[key]['shape']} {header[key]['dtype']} "
+                f"{path}: corrupt safetensors header: {key!r} has shape {shape} {header[key]['dtype']} "
                 f"but data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)."
             )
         end, last = offsets[1], key
@@ -216,15 +163,55 @@ def _check_data_ranges(path: Path, header: Mapping[str, Any], data_bytes: int) -
         raise ValueError(f"{path}: {data_bytes - end} bytes after the last tensor's data; the file is corrupt (safetensors refuses it).")
 
 
-def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
-    """Tensor name -> dtype from one safetensors file's header."""
-    dtypes = {}
-    for name, entry in read_safetensors_header(path).items():  # entries are checked flat there
-        if name != "__metadata__":
+def load_bin(file: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, ``weights_only``: on meta (shapes only), or memory-mapped (a slice touches its pages only)."""
+    is_regular_file(file)
+    try:
+        state = torch.load(file, map_location="cpu" if mmap else "meta", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
+        raise ValueError(f"{file}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors.") from None
+    except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
+        raise ValueError(f"{file}: cannot memory-map this .bin file ({exc}); re-save it with torch.save or convert it to safetensors.") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a state dict, found {type(state).__name__}.")
+    return state
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a checkpoint, known from its file's header; ``offset``: its data's byte offset (None for ``.bin``)."""
+
+    key: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int | None = None
+
+
+def _file_tensors(file: Path) -> Iterator[SourceTensor]:
+    if file.suffix != ".safetensors":
+        for key, tensor in load_bin(file).items():
+            if isinstance(tensor, torch.Tensor):
+                yield SourceTensor(key, file, tuple(tensor.shape), tensor.dtype)
+        return
+    header, data_start = read_safetensors_layout(file)
+    for key, entry in header.items():
+        if key != "__metadata__":
             if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unknown safetensors dtype {entry['dtype']!r}.")
-            dtypes[name] = SAFETENSORS_DTYPES[entry["dtype"]]
-    return dtypes
+                raise ValueError(f"{file}: tensor {key!r} has unknown safetensors dtype {entry['dtype']!r}.")
+            offset = data_start + entry["data_offsets"][0]
+            yield SourceTensor(key, file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], offset)
+
+
+def checkpoint_tensors(files: Iterable[Path]) -> dict[str, SourceTensor]:
+    """Every tensor of a checkpoint's weight files, from headers only; a tensor stored twice is an error."""
+    tensors: dict[str, SourceTensor] = {}
+    for file in files:
+        for source in _file_tensors(file):
+            if source.key in tensors:
+                raise ValueError(f"Tensor {source.key!r} is stored twice: in {tensors[source.key].file.name} and {file.name}.")
+            tensors[source.key] = source
+    return tensors
 
 
 def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) -> Any:
@@ -245,37 +232,19 @@ def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) 
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    """``weight_map`` of an index: a JSON object of tensor name -> shard file name, nothing else."""
+    """``weight_map`` of an index; each value a plain file name in the checkpoint's own directory (an index is
+    data from a download: ``../../etc/passwd`` must not open files elsewhere)."""
     index = read_bounded_json(index_path, "checkpoint index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: the checkpoint index has no 'weight_map' object.")
     for key, value in weight_map.items():
-        _shard_name(index_path, value, key)
+        if not isinstance(value, str) or not value or value != Path(value).name or value in (".", "..") or "\x00" in value:
+            raise ValueError(
+                f"{index_path}: weight_map entry {_short_repr(value)} (key {key!r}) is not a file name in the checkpoint's "
+                "directory; the index is corrupt."
+            )
     return weight_map
-
-
-def _shard_name(index_path: Path, value: object, key: str | None = None) -> str:
-    """A shard file name from an index: a plain name in the checkpoint's own directory, nothing else.
-
-    An index is data from a download; ``../../etc/passwd`` or a nested path must not make a loader
-    open files outside the checkpoint.
-    """
-    if not isinstance(value, str) or not value or value != Path(value).name or value in (".", "..") or "\x00" in value:
-        where = f" (key {key!r})" if key is not None else ""
-        raise ValueError(
-            f"{index_path}: weight_map entry {_short_repr(value)}{where} is not a file name in the checkpoint's directory; the index is corrupt."
-        )
-    return value
-
-
-def _bin_dtypes(path: Path, weights_only: bool) -> dict[str, torch.dtype]:
-    is_regular_file(path)
-    try:
-        state = torch.load(path, map_location="meta", weights_only=weights_only)
-    except pickle.UnpicklingError:  # weights_only refused an object: never suggest weights_only=False here
-        raise ValueError(f"{path}: holds pickled objects besides tensors; refusing to unpickle it. Convert the weights to safetensors.") from None
-    return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def with_variant(file_name: str, variant: str | None) -> str:
@@ -290,15 +259,9 @@ def with_variant(file_name: str, variant: str | None) -> str:
 def resolve_checkpoint_files(
     path: str | os.PathLike[str], subfolder: str = "", *, variant: str | None = None, use_safetensors: bool | None = None
 ) -> list[Path]:
-    """Local weight files of a checkpoint (a file, or a directory with an index or a single file).
-
-    As ``from_pretrained`` chooses them: ``variant`` selects ``model.<variant>.safetensors`` and its
-    index (or the ``.bin`` equivalents); ``use_safetensors=False`` reads ``.bin`` files only, ``True``
-    safetensors only, ``None`` safetensors when present, else ``.bin``.
-
-    Raises:
-        OfflineCheckpointError: ``path`` is not a local file or directory (e.g. a hub name).
-        FileNotFoundError: a directory holds no weight files of the asked kind, or an index names a missing shard.
+    """Local weight files of a checkpoint (a file, or a directory with an index or a single file), chosen as
+    ``from_pretrained`` does with ``variant`` and ``use_safetensors`` (None: safetensors when present).
+    :class:`OfflineCheckpointError` for a hub name, ``FileNotFoundError`` for no weights or a missing shard.
     """
     root = Path(path) / subfolder if subfolder else Path(path)
     if not root.is_dir() and is_regular_file(root):  # anything but a file or directory is refused by name
@@ -308,13 +271,12 @@ def resolve_checkpoint_files(
             f"{os.fspath(path)!r} is not a local file or directory. lightning-automodel runs offline and never downloads: "
             "download the model once (e.g. `hf download <name> --local-dir DIR`) and pass the local DIR."
         )
-    candidates = [(SAFETENSORS_INDEX, SAFETENSORS_SINGLE)] if use_safetensors is not False else []
-    candidates += [(BIN_INDEX, BIN_SINGLE)] if use_safetensors is not True else []
+    candidates = [(SAFETENSORS_INDEX, "model.safetensors")] if use_safetensors is not False else []
+    candidates += [("pytorch_model.bin.index.json", "pytorch_model.bin")] if use_safetensors is not True else []
     for index_name, single_name in candidates:
         index_path = root / with_variant(index_name, variant)
         if is_regular_file(index_path):
-            shards = sorted(set(_read_index(index_path).values()))
-            files = [root / shard for shard in shards]
+            files = [root / shard for shard in sorted(set(_read_index(index_path).values()))]
             missing = [str(f) for f in files if not is_regular_file(f)]
             if missing:
                 raise FileNotFoundError(f"{index_path} names shard(s) that are missing: {missing}. The download is incomplete.")
@@ -332,25 +294,18 @@ def resolve_checkpoint_files(
 def checkpoint_tensor_dtypes(
     path: str | os.PathLike[str], load_kwargs: Mapping[str, Any] | None = None
 ) -> dict[str, torch.dtype]:
-    """Tensor name -> dtype of a local checkpoint, reading headers only (``.bin`` files load on meta).
-
-    ``load_kwargs["state_dict"]`` (a mapping) short-circuits to its tensors' dtypes; a ``gguf_file``
-    gives ``{}`` (GGUF dtypes are quantization formats, not torch dtypes); ``variant`` and
-    ``use_safetensors`` pick the files as ``from_pretrained`` does (:func:`resolve_checkpoint_files`).
-    """
+    """Tensor name -> dtype of a local checkpoint, from headers (``.bin`` files load on meta). ``load_kwargs``:
+    a ``state_dict`` short-circuits; a ``gguf_file`` gives ``{}``; ``subfolder``, ``variant``, ``use_safetensors``."""
     kwargs = dict(load_kwargs or {})
     state_dict = kwargs.get("state_dict")
     if isinstance(state_dict, Mapping):
         return {k: v.dtype for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if kwargs.get("gguf_file"):
         return {}
-    dtypes: dict[str, torch.dtype] = {}
     files = resolve_checkpoint_files(
         path, kwargs.get("subfolder") or "", variant=kwargs.get("variant"), use_safetensors=kwargs.get("use_safetensors")
     )
-    for file in files:
-        dtypes.update(safetensors_dtypes(file) if file.suffix == ".safetensors" else _bin_dtypes(file, kwargs.get("weights_only", True)))
-    return dtypes
+    return {key: source.dtype for key, source in checkpoint_tensors(files).items()}
 
 
 def get_safetensors_index_total_size(index_path: str | os.PathLike[str] | None) -> int | None:
@@ -358,13 +313,10 @@ def get_safetensors_index_total_size(index_path: str | os.PathLike[str] | None) 
     if index_path is None:
         return None
     path = Path(index_path)
-    if path.is_dir():
-        path = path / SAFETENSORS_INDEX
+    path = path / SAFETENSORS_INDEX if path.is_dir() else path
     try:
-        if not is_regular_file(path):
-            return None
-        index = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        index = read_bounded_json(path, "checkpoint index") if is_regular_file(path) else None
+    except (OSError, ValueError):
         return None
     metadata = index.get("metadata") if isinstance(index, dict) else None
     total = metadata.get("total_size") if isinstance(metadata, dict) else None

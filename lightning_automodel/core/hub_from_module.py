@@ -324,7 +324,7 @@ def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: di
 
     from torch.distributed.tensor import DTensor
 
-    from lightning_automodel.core.sharded_load import local_index
+    from lightning_automodel.core.distributed import local_index
 
     _, offsets = _in_place_offsets(shard)
     fd = os.open(path, os.O_WRONLY)

@@ -1,7 +1,6 @@
-"""Building models without allocating or initializing weights.
+"""Meta builds without allocation or init, buffers computed after materializing, and random init per module.
 
-Both context managers change process-global state (a class method, a transformers module flag), so
-both restore exactly what they found, on exceptions too. Neither is thread-safe.
+The context managers change process-global state and restore exactly what they found (not thread-safe).
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,17 +24,13 @@ from lightning_automodel._compat.torch import (
     torch_dispatch_mode,
 )
 from lightning_automodel._compat.transformers import HF_INITIALIZED_FLAG, init_weights_flag_off, init_weights_hook
-from lightning_automodel.core.distributed import local_tensor, module_seed
+from lightning_automodel.core.distributed import copy_local_part, local_index, local_tensor, module_seed
 
 log = logging.getLogger(__name__)
 
 _MISSING = object()
 # torchao float8 weight wrappers keep their constructor arguments under private names.
-_SUBCLASS_ATTRIBUTE_MAP = {
-    "_linear_mm_config": "linear_mm_config",
-    "_dtype": "dtype",
-    "_precomputed_scale": "precomputed_scale",
-}
+_SUBCLASS_ATTRIBUTE_MAP = {"_linear_mm_config": "linear_mm_config", "_dtype": "dtype", "_precomputed_scale": "precomputed_scale"}
 
 
 def _meta_parameter(param: nn.Parameter) -> nn.Parameter:
@@ -53,16 +47,11 @@ def _meta_parameter(param: nn.Parameter) -> nn.Parameter:
 
 @contextlib.contextmanager
 def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
-    """Create every parameter (and with ``include_buffers`` every buffer) on the meta device.
-
-    Parameter subclasses are rebuilt with their attributes; ``_is_hf_initialized`` is carried over
-    only where it was set. A parameter that is already on meta is registered as it is, so assigning
-    one module's parameter to another (weight tying) keeps one tensor.
-    """
+    """Create every parameter (and with ``include_buffers`` every buffer) on the meta device; parameter subclasses
+    are rebuilt with their attributes, ``_is_hf_initialized`` carried over only where it was set."""
 
     def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
-        # A parameter already on meta keeps its identity: that is how tied weights (lm_head = embedding)
-        # stay tied when a model ties them after construction.
+        # A parameter already on meta keeps its identity: tied weights (lm_head = embedding) stay tied.
         if param.device.type == "meta":
             return param
         flag = param.__dict__.get(HF_INITIALIZED_FLAG, _MISSING)
@@ -78,23 +67,13 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def skip_random_init() -> Iterator[None]:
-    """Skip transformers' random weight init (weights come from a checkpoint right after).
-
-    Restores the previous flag exactly: if the module had no ``_init_weights`` attribute before, it
-    has none afterwards (the reference left one set to True).
-    """
-    with init_weights_flag_off():
-        yield
+#: Skip transformers' random weight init, restoring the previous flag exactly (no leftover attribute).
+skip_random_init = init_weights_flag_off
 
 
 def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name -> the nearest ``PreTrainedModel`` at or above it (whose ``_init_weights`` applies).
-
-    transformers' ``initialize_weights`` dispatches the same way: a vision tower inside a VLM is
-    initialized by the tower's own class.
-    """
+    """Module name -> the nearest ``PreTrainedModel`` at or above it (whose ``_init_weights`` applies, as in
+    transformers' ``initialize_weights``: a VLM's vision tower is initialized by the tower's class)."""
     from transformers import PreTrainedModel
 
     owners: dict[str, nn.Module] = {}
@@ -102,64 +81,64 @@ def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, PreTrainedModel):
             owners[name] = module
         else:
-            parent = name.rpartition(".")[0] if "." in name else ""
-            owners[name] = owners.get(parent, model)
+            owners[name] = owners.get(name.rpartition(".")[0], model)
     return owners
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` as an instance of its own class (FSDP2 swaps in a subclass whose
     ``__new__`` cannot be called without constructor arguments)."""
+    from torch.distributed.fsdp import FSDPModule
+
     cls = type(module)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        FSDPModule = ()  # noqa: N806
-    if FSDPModule and issubclass(cls, FSDPModule):
+    if issubclass(cls, FSDPModule):
         cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
     twin = object.__new__(cls)
     twin.__dict__.update(module.__dict__)
     return twin
 
 
-def _meta_shadow(module: nn.Module) -> nn.Module:
-    shadow = plain_copy(module)
+def _twin(module: nn.Module, device: str = "meta") -> nn.Module:
+    """A copy of ``module`` with its own empty parameters on ``device`` and meta children (an init that reaches
+    into a child, CLIP's embeddings, then touches no real shard); a CPU twin's buffers are copies."""
+    twin = plain_copy(module)
     set_own_slots(
-        shadow,
+        twin,
         parameters={
-            n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad) if p is not None else None)
+            n: None if p is None else nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device=device), requires_grad=p.requires_grad)
             for n, p in own_parameters(module).items()
         },
-        buffers={n: (torch.empty(tuple(b.shape), dtype=b.dtype, device="meta") if b is not None else None) for n, b in own_buffers(module).items()},
-        children={n: _meta_shadow(c) if c is not None else None for n, c in own_children(module).items()},
+        buffers={n: _twin_buffer(b, device) for n, b in own_buffers(module).items()},
+        children={n: None if c is None else _twin(c) for n, c in own_children(module).items()},
     )
-    return shadow
+    return twin
+
+
+def _twin_buffer(buffer: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    if buffer is None:
+        return None
+    if device == "meta":
+        return torch.empty(tuple(buffer.shape), dtype=buffer.dtype, device="meta")
+    return buffer if buffer.is_meta else buffer.clone()
 
 
 @torch.no_grad()
 def recompute_buffers(model: nn.Module) -> int:
-    """Compute every buffer of a freshly materialized model with the model's own ``_init_weights``.
-
-    The meta build (``core.model_build.build_meta_model``) leaves buffers without values, as transformers'
-    ``from_pretrained`` does; both compute them afterwards the same way: the ``_init_weights`` of the
-    nearest ``PreTrainedModel`` fills a RotaryEmbedding's ``inv_freq`` from the config, a scaled
-    embedding's ``embed_scale``, a vision tower's ``position_ids``. It runs on a shadow of each module
-    whose parameters and children are meta, so no parameter (sharded, loaded or not) is touched, and
-    whose buffers are the real ones. A buffer that the init leaves unset is an error naming it (its
-    values would otherwise be whatever the allocator returned). Returns the number of buffers computed.
-    """
+    """Compute every buffer of a freshly materialized model (RoPE ``inv_freq``, ``embed_scale``) with the model's
+    ``_init_weights``, as ``from_pretrained`` does, on twins whose only real tensors are the buffers. A buffer
+    left unset is an error naming it. Returns the number of buffers."""
     owners = _owner_models(model)
     buffers: dict[int, tuple[str, torch.Tensor]] = {}  # a buffer registered in two modules is one tensor
     for name, buffer in model.named_buffers(remove_duplicate=False):
         buffers.setdefault(id(buffer), (name, buffer))
     for _, buffer in buffers.values():
-        _mark_unset(buffer)
+        mark_unset(buffer)
     for name, module in model.named_modules():
         own = {n: b for n, b in own_buffers(module).items() if b is not None}
         init_fn = init_weights_hook(owners[name])
         if not own or not callable(init_fn):
             continue
-        shadow = _meta_shadow(module)
+        shadow = _twin(module)
         set_own_slots(shadow, buffers=dict(own))
         init_fn(shadow)
         for n, value in own_buffers(shadow).items():
@@ -175,12 +154,12 @@ def recompute_buffers(model: nn.Module) -> int:
     return len(buffers)
 
 
-def _mark_unset(buffer: torch.Tensor) -> None:
-    """A value no init computes: NaN, or the smallest integer (boolean buffers cannot be marked)."""
-    if buffer.is_floating_point() or buffer.is_complex():
-        buffer.fill_(float("nan"))
-    elif buffer.dtype != torch.bool:
-        buffer.fill_(torch.iinfo(buffer.dtype).min)
+def mark_unset(tensor: torch.Tensor) -> None:
+    """Fill with a value no init computes: NaN, or the smallest integer (booleans cannot be marked)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        tensor.fill_(float("nan"))
+    elif tensor.dtype != torch.bool:
+        tensor.fill_(torch.iinfo(tensor.dtype).min)
 
 
 def _is_unset(buffer: torch.Tensor) -> bool:
@@ -195,36 +174,21 @@ def _is_unset(buffer: torch.Tensor) -> bool:
 #: that a 1024 x 1024 projection splits into 16 blocks: a block straddling a shard edge is drawn whole by
 #: each rank holding part of it, so with 2**20 a projection of that size was drawn whole by every rank.
 _BLOCK_ELEMENTS = 2**16
-#: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
-_REPLAYABLE = {
-    "aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::erfinv_", "aten::mul_", "aten::add_",
-    "aten::sub_", "aten::div_", "aten::clamp_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_",
-}
-#: ops among them that overwrite every element without reading it (earlier ops on the tensor do not matter)
+#: in-place ops that overwrite every element without reading it (earlier ops on the tensor do not matter)
 _OVERWRITING = {"aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_"}
-
-
+#: elementwise in-place ops an init may apply to a whole parameter; replayed on row blocks
+_REPLAYABLE = _OVERWRITING | {"aten::erfinv_", "aten::mul_", "aten::add_", "aten::sub_", "aten::div_", "aten::clamp_"}
 #: one recorded op: (aten op, its non-tensor arguments, keyword arguments, the row it applies to or None for all)
 _Op = tuple[Any, tuple[Any, ...], dict[str, Any], int | None]
 
 
-@dataclass
-class _Recorded:
-    """What an init did to each parameter of a full-size meta twin: in-place elementwise ops, in order."""
+def _record_init(twin: nn.Module, run: Callable[[], None]) -> dict[str, list[_Op]] | None:
+    """Run ``run`` (an init of ``twin``, whose parameters are full-size meta tensors): its ops per parameter.
 
-    ops: dict[str, list[_Op]]
-    replayable: bool
-
-
-def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
-    """Run ``run`` (an init of ``twin``, whose parameters are full-size meta tensors) and record its ops per parameter.
-
-    The ops carry the scalars the init computed from the full shape (a kaiming bound, a std), so
-    replaying them on a block of rows gives what the full-size init would, elementwise. Anything
-    else makes the module not replayable (it then gets a full-size twin, as before): an op on a
-    part of a parameter other than one row (an embedding's padding row is fine), a tensor copied in, an op that is not
+    The ops carry the scalars the init computed from the full shape (a kaiming bound, a std), so replaying
+    them on a block of rows gives what the full-size init would. None (not replayable: a full-size twin
+    then) for an op on a part of a parameter other than one row, a tensor copied in, an op that is not
     elementwise, or a question about the device (``trunc_normal_`` skips meta tensors).
-    Uses ``TorchDispatchMode`` (torch's own tracing hook; not part of the stable API), here only.
     """
     import inspect
 
@@ -279,7 +243,7 @@ def _record_init(twin: nn.Module, run: Callable[[], None]) -> _Recorded:
     with DeviceQueries(), Ops():
         run()
     replayable = state["replayable"] and all(any(_overwrites(op) for op in seq) for seq in ops.values())
-    return _Recorded(ops=ops, replayable=replayable)
+    return ops if replayable else None
 
 
 #: the attribute names every ``nn.Module`` has (hook dicts, slot dicts, ``training``): not part of an init's inputs
@@ -297,12 +261,7 @@ def _value_signature(value: Any) -> Any:
 
 
 def _init_signature(module: nn.Module) -> Hashable:
-    """What a recorded init can depend on: the module's class, its slots' shapes and dtypes, its own attributes, its children's.
-
-    Two modules with the same signature get the same recording (a model's layers share a few), which
-    is why recording costs per distinct module kind, not per module. An attribute that is not a plain
-    value (a config object, a tensor) counts by identity: the same object, the same recording.
-    """
+    """What a recorded init can depend on: class, slots' shapes and dtypes, own attributes, children's (recursively)."""
     attributes = tuple(sorted((k, _value_signature(v)) for k, v in vars(module).items() if k not in _MODULE_INTERNALS))
     parameters = tuple(
         (n, None if p is None else (tuple(p.shape), p.dtype, p.requires_grad, type(p))) for n, p in own_parameters(module).items()
@@ -317,13 +276,8 @@ def _overwrites(op: _Op) -> bool:
 
 
 def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
-    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it.
-
-    Block ``b`` (a fixed number of rows, from the shape alone) is drawn from a generator seeded by
-    ``seed`` and ``b``, so a row's values do not depend on which rank holds it or how many ranks there are.
-    """
-    from lightning_automodel.core.sharded_load import local_index
-
+    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it; block ``b`` (rows
+    fixed by the shape) draws from a generator seeded by ``seed`` and ``b``, whatever the rank or world size."""
     local = local_tensor(param)
     if not local.numel():
         return
@@ -334,18 +288,16 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
     if not shape:
         shape, index = (1,), (slice(0, 1),)
         local = local.reshape(1)
-    row_numel = max(1, math.prod(shape[1:]))
-    rows = max(1, _BLOCK_ELEMENTS // row_numel)
-    start, stop = index[0].start or 0, index[0].stop if index[0].stop is not None else shape[0]
-    whole_rows = all(s.start in (None, 0) and s.stop in (None, n) for s, n in zip(index[1:], shape[1:]))
+    rows = max(1, _BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    start, stop = index[0].start, index[0].stop
+    whole_rows = all((s.start, s.stop) == (0, n) for s, n in zip(index[1:], shape[1:]))
     in_place = whole_rows and local.device.type == "cpu" and local.is_contiguous()
     for block in range(start // rows, -(-stop // rows)):
         lo, hi = block * rows, min(shape[0], (block + 1) * rows)
         inside = in_place and start <= lo and hi <= stop
         # A block inside the local rows is drawn straight into them (no copy); an edge block is drawn whole.
         values = local[lo - start : hi - start] if inside else torch.empty((hi - lo, *shape[1:]), dtype=param.dtype)
-        # A private CPU generator per block (no global RNG state to fork and restore).
-        generator = torch.Generator().manual_seed(module_seed(seed, str(block)))
+        generator = torch.Generator().manual_seed(module_seed(seed, str(block)))  # no global RNG state to fork
         for func, args, kwargs, row in ops:
             if any(argument.name == "generator" for argument in op_schema(func).arguments):
                 kwargs = {**kwargs, "generator": generator}
@@ -356,23 +308,6 @@ def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
         if not inside:
             a, b = max(lo, start), min(hi, stop)
             local[a - start : b - start].copy_(values[(slice(a - lo, b - lo), *index[1:])])
-
-
-def _full_twin(module: nn.Module) -> nn.Module:
-    """A CPU twin of ``module`` with full-size parameters (for inits that cannot be replayed on row blocks)."""
-    twin = plain_copy(module)
-    # Children get their own twins; here they are meta shadows, so an init that reaches into them
-    # (CLIP's embeddings init their patch embedding) is a no-op instead of touching real shards.
-    set_own_slots(
-        twin,
-        children={n: _meta_shadow(c) if c is not None else None for n, c in own_children(module).items()},
-        buffers={n: (b.clone() if b is not None and not b.is_meta else b) for n, b in own_buffers(module).items()},
-        parameters={
-            n: (nn.Parameter(torch.empty(tuple(p.shape), dtype=p.dtype, device="cpu"), requires_grad=p.requires_grad) if p is not None else None)
-            for n, p in own_parameters(module).items()
-        },
-    )
-    return twin
 
 
 def _run_init(twin: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> None:
@@ -388,30 +323,17 @@ def _run_init(twin: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> N
 def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
     """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time, each rank its own rows.
 
-    For each module that holds parameters directly, the model's own ``_init_weights`` (the nearest
-    ``PreTrainedModel``'s, as ``initialize_weights`` dispatches) runs on a twin whose parameters are
-    full-size meta tensors, and what it does is recorded (:func:`_record_init`). When it is in-place
-    elementwise ops on whole parameters (``normal_(0, std)``, a kaiming ``uniform_``, ``ones_``:
-    what LLM inits are), each rank replays them on the row blocks of its local shard only, each
-    block seeded from ``seed``, the module's name, the parameter and the block index: the result is
-    identical on every rank and at every world size, and each rank draws about its shard's numbers.
-    Any other init (a padding row zeroed, a computed tensor copied in) gets a full-size CPU twin of
-    that module, initialized by the same code, its generator seeded from ``seed`` and the name, and
-    each rank copies its part out (peak extra memory: that module's parameters).
-
-    Every module initializes its own parameters: where a model's ``_init_weights`` of a parent also
-    re-inits a child's parameters (CLIP's embeddings), the child keeps its own type's init, still a
-    proper one. Returns the number of parameters initialized.
+    The nearest ``PreTrainedModel``'s ``_init_weights`` runs on a meta twin and is recorded; elementwise ops on
+    whole parameters (what LLM inits are) are replayed on the row blocks of each rank's shard, seeded from
+    ``seed``, the names and the block: the same at every world size. Any other init runs on a full-size CPU
+    twin of that module and each rank copies its part out. Returns the number of parameters initialized.
     """
     from lightning_automodel.core.naming import canonical_name
-    from lightning_automodel.core.sharded_load import copy_local_part
 
     owners = _owner_models(model)
     done: set[int] = set()
-    count = 0
-    # Recordings per (owner, module signature): the layers of a model repeat a few module kinds, and
-    # recording (a meta twin traced op by op) is the fixed cost per module that does not shrink with the world size.
-    recordings: dict[tuple[int, Hashable], _Recorded] = {}
+    # Recordings per (owner, module signature): a model's layers repeat a few module kinds.
+    recordings: dict[tuple[int, Hashable], dict[str, list[_Op]] | None] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         direct = [(n, p) for n, p in own_parameters(module).items() if p is not None and id(p) not in done]
         if not direct:
@@ -419,22 +341,20 @@ def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
         init_fn = init_weights_hook(owners[name])
         seed_of_module = module_seed(seed, canonical_name(name))
         key = (id(owners[name]), _init_signature(module))
-        recorded = recordings.get(key)
-        if recorded is None:
-            meta = _meta_shadow(module)  # full-size meta parameters, meta children and buffers
-            recorded = recordings[key] = _record_init(meta, lambda: _run_init(meta, init_fn))
-        if recorded.replayable:
+        if key not in recordings:
+            meta = _twin(module)
+            recordings[key] = _record_init(meta, lambda: _run_init(meta, init_fn))
+        recorded = recordings[key]
+        if recorded is not None:
             for n, p in direct:
-                _replay_into(p, recorded.ops[n], module_seed(seed_of_module, n))
+                _replay_into(p, recorded[n], module_seed(seed_of_module, n))
         else:
             log.debug("Initializing %s on a full-size twin: its init is not elementwise on whole parameters.", name or type(module).__name__)
-            twin = _full_twin(module)
+            twin = _twin(module, "cpu")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed_of_module)
                 _run_init(twin, init_fn)
             for n, p in direct:
                 copy_local_part(p, own_parameters(twin)[n])
-        for _, p in direct:
-            done.add(id(p))
-            count += 1
-    return count
+        done.update(id(p) for _, p in direct)
+    return len(done)

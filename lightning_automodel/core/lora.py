@@ -225,7 +225,7 @@ def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True
     DoRA's magnitude get exactly peft's values, identical at every world size."""
     from peft.tuners.lora import LoraLayer
 
-    from lightning_automodel.core.sharded_load import copy_local_part
+    from lightning_automodel.core.distributed import copy_local_part
 
     if init not in INIT_WITHOUT_BASE:
         raise LoraConfigError(f"init_lora_weights={init!r} cannot be computed on a meta-device build; use one of {INIT_WITHOUT_BASE}.")

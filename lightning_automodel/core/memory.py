@@ -1,20 +1,14 @@
-"""Bytes per rank for parameters, gradients and optimizer state under FSDP2.
+"""Bytes per rank for parameters, gradients and optimizer state under FSDP2 (meta-safe: shapes and dtypes only).
 
-Meta-safe: it reads shapes and dtypes only, so a 70B plan costs no memory. FSDP2 shards each
-parameter on dim 0 with padding, so a rank holds ``ceil(dim0 / world) * rest`` elements. Gradients
-and optimizer state exist only for trainable parameters (that is what freezing saves).
-
-:func:`estimate_training_memory` counts the resident sharded state only. :func:`estimate_fsdp2_peak`
-adds what FSDP2 holds unsharded while it runs (all-gathered groups, gradients being reduced), per
-group of :func:`~lightning_automodel.core.fsdp_layout.fsdp2_groups`, and splits device from host
-memory under CPU offload. Activations are never included (they depend on batch, sequence length and
-activation checkpointing, not on the layout).
+FSDP2 shards each parameter on dim 0 with padding: a rank holds ``ceil(dim0 / world) * rest`` elements.
+Gradients and AdamW state (two tensors) exist for trainable parameters only. Activations are never
+included (they depend on batch, sequence length and checkpointing, not on the layout).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,18 +18,13 @@ from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GRO
 from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import logical_numel
 
+#: AdamW's state tensors per trainable parameter (``exp_avg``, ``exp_avg_sq``).
+ADAMW_STATES = 2
+
 
 @dataclass(frozen=True)
 class TrainingMemoryEstimate:
-    """Bytes one rank holds for training state (all fields per rank).
-
-    Attributes:
-        world_size: ranks the state is sharded over.
-        param_bytes: resident parameter shards.
-        grad_bytes: gradient shards (trainable parameters only).
-        optimizer_bytes: optimizer state (trainable parameters only).
-        total_bytes: the sum of the three (a field, so ``dataclasses.asdict`` includes it).
-    """
+    """Bytes one rank holds for the resident training state; ``total_bytes`` is a field (``asdict`` has it)."""
 
     world_size: int
     param_bytes: int
@@ -48,88 +37,48 @@ class TrainingMemoryEstimate:
 
 
 def _local_numel(p: torch.Tensor, world_size: int, sharded: bool) -> int:
-    """Elements of ``p`` on one rank: FSDP2 shards dim 0 and pads it to a multiple of the world size.
-
-    A ``DTensor``'s shape is already global, so an already-sharded model is estimated like the
-    unsharded one. Packed 4-bit tensors are flat, so their logical elements are split evenly.
-    """
+    """Elements of ``p`` on one rank (a DTensor's shape is global; packed 4-bit tensors split evenly)."""
     numel = logical_numel(p)
     if not sharded or world_size <= 1:
         return numel
-    shape = tuple(p.shape)
-    if numel != p.numel() or not shape:
+    if numel != p.numel() or not p.shape:
         return math.ceil(numel / world_size)
-    return math.ceil(shape[0] / world_size) * math.prod(shape[1:])
+    return math.ceil(p.shape[0] / world_size) * math.prod(p.shape[1:])
 
 
-def _physical_bytes_per_element(p: torch.Tensor) -> float:
-    # Params4bit: physical bytes over logical elements (0.5 for nf4).
-    logical = logical_numel(p)
+def _bytes_per_element(p: torch.Tensor) -> float:
+    logical = logical_numel(p)  # Params4bit: physical bytes over logical elements (0.5 for nf4)
     return (p.numel() * p.element_size()) / logical if logical else float(p.element_size())
 
 
 def estimate_training_memory(
-    model: nn.Module,
-    *,
-    world_size: int = 1,
-    param_dtype: torch.dtype | None = None,
-    grad_dtype: torch.dtype | None = None,
-    optimizer_state_dtype: torch.dtype | None = torch.float32,
-    optimizer_states_per_param: int = 2,
-    sharded: bool = True,
+    model: nn.Module, *, world_size: int = 1, optimizer_state_dtype: torch.dtype | None = torch.float32, sharded: bool = True
 ) -> TrainingMemoryEstimate:
-    """Estimate per-rank bytes for a training run.
-
-    Args:
-        world_size: ranks the parameters are sharded over (FSDP2 data-parallel size).
-        param_dtype: storage dtype of the parameters; ``None`` keeps each parameter's own dtype.
-        grad_dtype: gradient dtype; ``None`` means the parameter's storage dtype.
-        optimizer_state_dtype: dtype of each optimizer state tensor; ``None`` means the parameter's
-            storage dtype (what ``torch.optim.AdamW`` allocates: ``zeros_like(param)``).
-        optimizer_states_per_param: state tensors per trainable parameter (AdamW: 2).
-        sharded: False for DDP (everything replicated).
-    """
+    """Per-rank bytes of parameters, gradients (parameter dtype) and AdamW state (``optimizer_state_dtype``;
+    None: the parameter's dtype, as AdamW's ``zeros_like``); ``sharded=False`` for DDP (all replicated)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1; got {world_size}.")
-    if optimizer_states_per_param < 0:
-        raise ValueError(f"optimizer_states_per_param must be >= 0 (AdamW: 2, SGD: 0); got {optimizer_states_per_param}.")
     param_bytes = grad_bytes = optimizer_bytes = 0.0
-    for _, p in unique_named_parameters(model):  # each parameter once: tied weights are stored once
+    for _, p in unique_named_parameters(model):  # tied weights are stored once
         local = _local_numel(p, world_size, sharded)
-        per_elem = param_dtype.itemsize if param_dtype is not None else _physical_bytes_per_element(p)
+        per_elem = _bytes_per_element(p)
         param_bytes += local * per_elem
         if p.requires_grad:
-            grad_size = grad_dtype.itemsize if grad_dtype is not None else per_elem
-            grad_bytes += local * grad_size
+            grad_bytes += local * per_elem
             state_size = optimizer_state_dtype.itemsize if optimizer_state_dtype is not None else per_elem
-            optimizer_bytes += local * state_size * optimizer_states_per_param
+            optimizer_bytes += local * state_size * ADAMW_STATES
     return TrainingMemoryEstimate(world_size, int(param_bytes), int(grad_bytes), int(optimizer_bytes))
 
 
 @dataclass(frozen=True)
 class FSDP2MemoryEstimate:
-    """Peak bytes one rank holds under FSDP2 in a given layout (all fields per rank, activations excluded).
+    """Peak bytes one rank holds under FSDP2 in a given layout (activations excluded).
 
-    With ``cpu_offload`` the sharded state lives in host memory and the device holds only what is in flight.
-
-    Attributes:
-        world_size: data-parallel ranks the state is sharded over.
-        cpu_offload: whether the sharded state lives in host memory (FSDP2 ``CPUOffloadPolicy``).
-        param_bytes: sharded parameters.
-        grad_bytes: sharded gradients (trainable parameters only; FSDP2 keeps them in the parameter dtype).
-        optimizer_bytes: sharded optimizer state (trainable parameters only).
-        gather_bytes: all-gathered parameters in flight at the peak: the two largest resharded groups
-            (FSDP2 prefetches the next while one computes) plus every group kept unsharded.
-        reduce_bytes: the largest trainable group's unsharded gradients (compute dtype) plus its
-            reduce-scatter buffer (reduce dtype).
-        prefetched_groups: the (at most two) largest resharded groups counted in ``gather_bytes``.
-        kept_groups: the non-empty groups kept unsharded, counted in ``gather_bytes``.
-        reduced_group: the trainable group counted in ``reduce_bytes`` (None when nothing trains).
-        sharded_bytes: ``param_bytes + grad_bytes + optimizer_bytes``.
-        in_flight_bytes: ``gather_bytes + reduce_bytes``.
-        total_bytes: ``sharded_bytes + in_flight_bytes`` (device plus host).
-        device_bytes: accelerator memory at the peak.
-        host_bytes: host memory for the offloaded state (0 without offload).
+    ``gather_bytes``: all-gathered parameters in flight, the two largest resharded groups (FSDP2 prefetches
+    the next while one computes, ``prefetched_groups``) plus every group kept unsharded (``kept_groups``).
+    ``reduce_bytes``: the largest trainable group's unsharded gradients plus its reduce-scatter buffer
+    (``reduced_group``). With ``cpu_offload`` the sharded state is host memory and the device holds only
+    what is in flight.
     """
 
     world_size: int
@@ -166,51 +115,20 @@ def estimate_fsdp2_peak(
     compute_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
     optimizer_state_dtype: torch.dtype | None = None,
-    optimizer_states_per_param: int = 2,
     cpu_offload: bool = False,
-    keep_unsharded: Collection[str] = KEPT_UNSHARDED_GROUPS,
 ) -> FSDP2MemoryEstimate:
-    """Per-rank peak memory of FSDP2 training in the layout ``groups`` (meta-safe: shapes and dtypes only).
+    """Per-rank peak memory of FSDP2 training in the layout ``groups`` (default :func:`fsdp2_groups`; parameters
+    no group names go to the root).
 
-    Sharded state is counted like :func:`estimate_training_memory` (dim 0 padded to a multiple of the
-    world size). The all-gather of a group materializes every rank's padded shard, so a group's
-    unsharded size is ``ceil(dim0 / world) * world * rest`` elements per parameter, in
-    ``compute_dtype`` for floating-point parameters (the ``MixedPrecisionPolicy`` param dtype) or in
-    the stored dtype. The two largest resharded groups are counted rather than the largest twice: the
-    prefetched group is a different group, and with an untied 128k vocabulary the embedding is much
-    larger than a decoder layer, so doubling it would overstate the peak.
-
-    Args:
-        world_size: data-parallel ranks (the FSDP2 shard dimension).
-        groups: ``(group name, canonical parameter names)`` as returned by
-            :func:`~lightning_automodel.core.fsdp_layout.fsdp2_groups` (the default). Parameters no
-            group names go to the root group, as ``fully_shard(model)`` would take them.
-        compute_dtype: dtype of the all-gathered copies (bf16 mixed precision); ``None``: each
-            parameter's own dtype.
-        reduce_dtype: dtype gradients are reduce-scattered in; ``None``: the compute dtype.
-        optimizer_state_dtype: ``None`` follows each parameter's dtype, as AdamW's ``zeros_like`` does.
-        optimizer_states_per_param: AdamW 2, SGD with momentum 1.
-        cpu_offload: sharded state in host memory (FSDP2 ``CPUOffloadPolicy``).
-        keep_unsharded: group names kept unsharded between forward and backward
-            (``reshard_after_forward=False``): the norm+head group and the root.
-
-    Raises:
-        ValueError: ``world_size < 1``, a negative state count, or a group naming an unknown parameter.
+    A group's all-gather materializes every rank's padded shard, in ``compute_dtype`` for floating-point
+    parameters (else stored), gradients reduced in ``reduce_dtype`` (default: compute). The two largest
+    resharded groups count, not the largest twice: an untied 128k-vocabulary embedding dwarfs a layer.
     """
-    # The resident sharded state is exactly the plain estimate's (same padding, same dtypes; it also
-    # validates world_size and the state count); only the in-flight part depends on the groups.
-    state = estimate_training_memory(
-        model,
-        world_size=world_size,
-        optimizer_state_dtype=optimizer_state_dtype,
-        optimizer_states_per_param=optimizer_states_per_param,
-        sharded=True,
-    )
+    state = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=optimizer_state_dtype)
     params = dict(unique_named_parameters(model))
-    groups = fsdp2_groups(model) if groups is None else groups
     owner: dict[str, str] = {}
-    order: dict[str, None] = {}  # groups in first-seen order; a list's `in` made this quadratic in the layers
-    for group, names in groups:
+    order: dict[str, None] = {}  # groups in first-seen order (a list's `in` was quadratic in the layers)
+    for group, names in fsdp2_groups(model) if groups is None else groups:
         order.setdefault(group)
         for name in names:
             if name not in params:
@@ -220,17 +138,14 @@ def estimate_fsdp2_peak(
     gathers = dict.fromkeys(order, 0.0)
     reduces = dict.fromkeys(order, 0.0)
     for name, p in params.items():
-        local = _local_numel(p, world_size, True)
-        gathered = compute_dtype.itemsize if compute_dtype is not None and p.is_floating_point() else _physical_bytes_per_element(p)
+        unsharded = _local_numel(p, world_size, True) * world_size
+        gathered = compute_dtype.itemsize if compute_dtype is not None and p.is_floating_point() else _bytes_per_element(p)
         group = owner.get(name, ROOT_GROUP)
-        gathers[group] += local * world_size * gathered
+        gathers[group] += unsharded * gathered
         if p.requires_grad:
-            reduce_size = reduce_dtype.itemsize if reduce_dtype is not None else gathered
-            reduces[group] += local * world_size * (gathered + reduce_size)
-    kept = [g for g in order if g in keep_unsharded and gathers[g] > 0]
-    resharded = sorted((g for g in order if g not in keep_unsharded and gathers[g] > 0), key=lambda g: -gathers[g])
-    prefetched = resharded[:2]
-    gather = sum(gathers[g] for g in prefetched) + sum(gathers[g] for g in kept)
+            reduces[group] += unsharded * (gathered + (reduce_dtype.itemsize if reduce_dtype is not None else gathered))
+    kept = [g for g in order if g in KEPT_UNSHARDED_GROUPS and gathers[g] > 0]
+    prefetched = sorted((g for g in order if g not in KEPT_UNSHARDED_GROUPS and gathers[g] > 0), key=lambda g: -gathers[g])[:2]
     reduced = max((g for g in order if reduces[g] > 0), key=reduces.__getitem__, default=None)
     return FSDP2MemoryEstimate(
         world_size=world_size,
@@ -238,7 +153,7 @@ def estimate_fsdp2_peak(
         param_bytes=state.param_bytes,
         grad_bytes=state.grad_bytes,
         optimizer_bytes=state.optimizer_bytes,
-        gather_bytes=int(gather),
+        gather_bytes=int(sum(gathers[g] for g in (*prefetched, *kept))),
         reduce_bytes=int(reduces[reduced]) if reduced is not None else 0,
         prefetched_groups=tuple(prefetched),
         kept_groups=tuple(kept),
@@ -247,11 +162,8 @@ def estimate_fsdp2_peak(
 
 
 def four_bit_weight_bytes(numel: int, *, blocksize: int = 64, double_quant: bool = False) -> int:
-    """Bytes bitsandbytes holds for one 4-bit (nf4/fp4) weight of ``numel`` elements.
-
-    Two values per byte, plus one absmax per ``blocksize`` block: fp32, or with double quantization one
-    byte each plus an fp32 absmax per 256 blocks and one offset.
-    """
+    """Bytes bitsandbytes holds for one 4-bit (nf4/fp4) weight: two values per byte plus one absmax per
+    block (fp32, or with double quantization one byte each plus an fp32 absmax per 256 blocks and an offset)."""
     blocks = -(-numel // blocksize)
     absmax = blocks + (-(-blocks // 256)) * 4 + 4 if double_quant else blocks * 4
     return (numel + 1) // 2 + absmax

@@ -1,10 +1,8 @@
-"""Building Hugging Face models from a local directory or an inline config, offline, the FSDP2 way.
+"""Building Hugging Face models offline, the FSDP2 way: no rank ever holds the full model.
 
-No Lightning here: the LightningModule calls these. A model is built on the meta device, parameters
-and buffers (:func:`build_meta_model`, the one build of ``fit``, ``plan`` and ``export``), sharded (:func:`apply_fsdp2`), materialized
-(:func:`materialize`: each rank allocates its shards only and computes the buffers), and then filled: from a checkpoint by
-``core.sharded_load`` (each rank reads its own bytes) or by ``core.init.init_weights_by_module`` (each
-rank initializes one module at a time and keeps its shard). No rank ever holds the full model.
+Built on meta (:func:`build_meta_model`, the one build of ``fit``, ``plan`` and ``export``), sharded
+(:func:`apply_fsdp2`), materialized (:func:`materialize`: each rank allocates its shards and computes the
+buffers), then filled by ``core.sharded_load`` (each rank reads its bytes) or ``core.init.init_weights_by_module``.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lightning_automodel.core.hf_weight_files import OfflineCheckpointError, read_bounded_json, resolve_checkpoint_files
 from lightning_automodel.core.discovery import text_decoder_layers_path
 from lightning_automodel.core.distributed import local_tensor
-from lightning_automodel.core.fsdp_layout import KEPT_UNSHARDED_GROUPS, ROOT_GROUP, fsdp2_group_modules
+from lightning_automodel.core.fsdp_layout import ShardingUnit, fsdp2_units
 from lightning_automodel.core.hub_layout import ExportError, HubModelInfo
-from lightning_automodel.core.init import recompute_buffers
-from lightning_automodel.core.naming import get_module_by_canonical_name, modules_by_canonical_name, unique_named_parameters
+from lightning_automodel.core.init import mark_unset, recompute_buffers
+from lightning_automodel.core.naming import get_module_by_canonical_name, unique_named_parameters
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 
 log = logging.getLogger(__name__)
@@ -60,11 +57,8 @@ MAX_CONFIG_JSON_BYTES = 10 * 2**20
 
 
 def check_config_json(path: Path) -> None:
-    """``path`` is a JSON object of bounded size and depth, or one line naming it.
-
-    transformers parses it with ``json.loads``: a 100,000-deep ``[[[...]]]`` raises RecursionError from
-    inside ``from_pretrained`` and a multi-gigabyte file is read whole.
-    """
+    """``path`` is a JSON object of bounded size and depth (transformers' ``json.loads`` would raise
+    RecursionError on a 100,000-deep ``[[[...]]]``, and read a huge file whole), or one line naming it."""
     value = read_bounded_json(path, "model config", MAX_CONFIG_JSON_BYTES)
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object (the model config); found {type(value).__name__}.")
@@ -88,12 +82,8 @@ MAX_PARAMETERS = 10**13
 
 
 def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
-    """Refuse, in one line naming the field, a config that cannot make a working model.
-
-    Checked before any build, also on a mapping before transformers sees it (its constructors divide
-    by the heads; ``num_hidden_layers: -1`` builds and trains a 0-layer model): positive sizes, heads
-    that divide, at most ``MAX_LAYERS`` layers and ``MAX_PARAMETERS`` parameters, per sub-config.
-    """
+    """Refuse, in one line naming the field, a config (or a mapping, before transformers' constructors divide by
+    the heads) that cannot make a working model: ``num_hidden_layers: -1`` would train a 0-layer model."""
     for where, sub in _sub_configs(config):
         for field_name in _POSITIVE_SIZES:
             value = _field(sub, field_name)
@@ -190,14 +180,8 @@ def build_meta_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The whole model, parameters and buffers, on the meta device: no storage is ever allocated.
-
-    The one build of ``fit``, ``plan`` and ``export``, as transformers' own ``from_pretrained`` builds:
-    under ``torch.device("meta")`` with initialization off, so a 256000 x 32768 embedding costs nothing.
-    Buffers (RoPE ``inv_freq``, scales) are computed again after :func:`materialize`, by the model's own
-    ``_init_weights``. ``dtype`` is explicit because a hub config's ``dtype: bfloat16`` would otherwise
-    decide the training precision: bf16 master weights and bf16 AdamW state round small updates away.
-    """
+    """The whole model on the meta device, as ``from_pretrained`` builds it. ``dtype`` is explicit: a hub config's
+    ``dtype: bfloat16`` would otherwise make bf16 master weights, whose AdamW updates round away."""
     from transformers.initialization import meta_device_safe_creation_ops, no_init_weights
 
     validate_model_config(config)
@@ -212,14 +196,6 @@ def build_meta_model(
     return model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    path = text_decoder_layers_path(model)
-    layers = get_module_by_canonical_name(model, path) if path else None
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"Could not find the decoder layers of {type(model).__name__} to shard.")
-    return layers
-
-
 def tensor_parallel_refusal(tensor_parallel_size: int) -> str:
     """Why ``tensor_parallel_size > 1`` is refused (one line, shared by ``fit`` and ``plan``)."""
     return (
@@ -229,39 +205,9 @@ def tensor_parallel_refusal(tensor_parallel_size: int) -> str:
     )
 
 
-@dataclass(frozen=True)
-class ShardingUnit:
-    """Modules that FSDP2 all-gathers together (one ``fully_shard`` call)."""
-
-    name: str
-    modules: tuple[nn.Module, ...]
-    reshard_after_forward: bool = True
-
-
-def fsdp2_units(model: PreTrainedModel) -> list[ShardingUnit]:
-    """The FSDP2 layout of ``core.fsdp_layout`` (torchtitan's) as modules, root excluded.
-
-    One definition serves the job and ``plan``'s memory estimate, so they cannot disagree. The final
-    norm + head unit stays gathered between forward and backward (backward needs it first).
-    """
-    units = []
-    by_name = modules_by_canonical_name(model)
-    for group, paths in fsdp2_group_modules(model):
-        if group == ROOT_GROUP:
-            continue
-        modules = tuple(m for m in (by_name.get(path) for path in paths) if m is not None)
-        if modules:
-            units.append(ShardingUnit(group, modules, reshard_after_forward=group not in KEPT_UNSHARDED_GROUPS))
-    return units
-
-
 def _minority_dtype_modules(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
-    """Submodules whose trainable parameters differ in dtype from the rest of their unit.
-
-    FSDP2 requires one dtype among the trainable parameters of a group (it fails at the first forward
-    otherwise); a checkpoint's fp32 tensors kept in fp32 under bf16 weights get their own groups, as
-    transformers' own FSDP plan does for ``_keep_in_fp32_modules``.
-    """
+    """Submodules whose trainable parameters differ in dtype from the rest of their unit: FSDP2 needs one
+    dtype per group (fp32 tensors kept under bf16 weights get their own, as for ``_keep_in_fp32_modules``)."""
     counts: dict[torch.dtype, int] = {}
     for module in modules:
         for p in module.parameters():
@@ -292,12 +238,10 @@ def apply_fsdp2(
     activation_checkpointing: bool = False,
     cpu_offload: bool = False,
 ) -> list[ShardingUnit]:
-    """Shard ``model`` with FSDP2 in the :func:`fsdp2_units` layout; returns the units.
+    """Shard ``model`` with FSDP2 in the ``core.fsdp_layout`` layout; returns the units.
 
-    ``mixed_precision``: all-gather and compute in bf16, reduce gradients in fp32 (the parameters
-    and the optimizer state keep their own dtype, fp32 by default). ``cpu_offload``: sharded
-    parameters, gradients and optimizer state live in host memory (for models whose state does not
-    fit on the devices); FSDP2 copies each unit to the device when it runs.
+    ``mixed_precision``: all-gather and compute in bf16, reduce in fp32 (parameters and optimizer state keep
+    their dtype). ``cpu_offload``: sharded state in host memory; FSDP2 copies each unit to the device to run it.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -309,7 +253,7 @@ def apply_fsdp2(
         from lightning_automodel._compat.torch import checkpoint_wrapper as wrapper_class
 
         checkpoint_wrapper = wrapper_class()
-        layers = decoder_layers(model)
+        layers = get_module_by_canonical_name(model, text_decoder_layers_path(model))  # fsdp2_units found it
         wrapped = {}
         for i, layer in enumerate(layers):
             layers[i] = wrapped[id(layer)] = checkpoint_wrapper(layer)
@@ -330,13 +274,8 @@ def apply_fsdp2(
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a (sharded) meta model on ``device`` and compute its buffers (RoPE tables, scales).
-
-    Each rank allocates only its shards. Parameter values are undefined until a checkpoint or an init
-    fills them; a checkpoint's persistent buffers overwrite the computed ones when it is loaded.
-    A rank whose shards cannot fit in the device's memory is refused first, in one line naming the
-    largest tensor (a typo such as ``vocab_size: 10000000000`` would otherwise be an allocator error).
-    """
+    """Allocate a (sharded) meta model on ``device``, each rank its shards (values undefined until a load or an
+    init), and compute its buffers. Shards that cannot fit are refused first, naming the largest tensor."""
     check_fits_on_device(model, device)
     places: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer's (module, name) places
     for module in model.modules():
@@ -354,8 +293,12 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def check_fits_on_device(model: nn.Module, device: torch.device) -> None:
     """ValueError when this rank's parameters and buffers (local shards) exceed ``device``'s total memory."""
-    capacity = _device_memory(torch.device(device))
-    if capacity is None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
         return
     tensors = [*model.named_parameters(), *model.named_buffers()]
     sizes = {name: local_tensor(t).numel() * t.element_size() for name, t in tensors}
@@ -370,41 +313,25 @@ def check_fits_on_device(model: nn.Module, device: torch.device) -> None:
         )
 
 
-def _device_memory(device: torch.device) -> int | None:
-    """Total memory of ``device`` in bytes (host memory for the CPU), or None when unknown."""
-    if device.type == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, OSError, ValueError):
-            return None
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return None
-
-
 FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
 
 
 @torch.no_grad()
 def fill_uninitialized(model: nn.Module) -> None:
-    """Test switch: with ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan``, fill freshly materialized memory with NaN.
-
-    ``to_empty`` leaves whatever the allocator returns; on CPU often zeros, which hides a tensor no load
-    or init writes. NaN makes it fail loudly (the test suite turns this on).
-    """
+    """Test switch: ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan`` marks fresh parameters unset (NaN), since the
+    allocator's zeros would hide a tensor no load or init writes. ``recompute_buffers`` always marks buffers."""
     value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
     if value and value != "nan":
         raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")
-    for tensor in [*model.parameters(), *model.buffers()] if value else []:
+    for tensor in model.parameters() if value else []:
         if tensor.is_floating_point() or tensor.is_complex():
-            tensor.fill_(float("nan"))
+            mark_unset(tensor)
 
 
 def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
-    """Store floating-point parameters in ``dtype`` (on meta: free), except the names in ``keep_fp32``.
+    """Store floating-point parameters in ``dtype`` (on meta: free), keeping the Parameter objects (ties survive).
 
-    Parameter objects are kept, so ties survive. Used only when the user asks for bf16 weights; tensors
-    the checkpoint stores in fp32 (router gates, norms of some models) and LoRA adapters stay fp32.
+    Names in ``keep_fp32`` (tensors the checkpoint stores in fp32, e.g. router gates) and LoRA adapters stay.
     """
     from lightning_automodel.core.naming import base_checkpoint_name, is_adapter_name
 

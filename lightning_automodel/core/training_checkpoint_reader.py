@@ -1,19 +1,11 @@
-"""Read a Lightning training checkpoint tensor by tensor, without running any pickle from it.
+"""Read a Lightning training checkpoint's model tensors a few at a time, without running any pickle from it.
 
-A training checkpoint holds the model, the optimizer state (twice the model with AdamW) and
-metadata. Export needs the model only, a few tensors at a time:
-
-* a single ``.ckpt`` file (a torch zip archive) is opened with ``torch.load(mmap=True,
-  weights_only=True)``: that unpickles the structure and maps the file without reading tensor
-  bytes. Reading through the mapping would leave every touched page resident (the whole model in
-  RSS by the end), so each requested tensor is read with ``os.pread`` from its byte range instead;
-  the range comes from the zip directory (see :meth:`SingleFileCheckpoint._record_offsets`).
-  Per read: the requested tensors, nothing else.
-* a sharded (DCP) directory is read with ``torch.distributed.checkpoint.load`` on a state dict
-  holding only the requested keys (DCP reads only their byte ranges). DCP unpickles its
-  ``.metadata`` with plain ``pickle``; :class:`SafeFileSystemReader` replaces that with an
-  allow-list of DCP's own metadata types. Lightning's ``meta.pt`` (epoch, hyper-parameters,
-  callback state) is read with ``weights_only=True`` and a short allow-list.
+* a ``.ckpt`` file is opened with ``torch.load(mmap=True, weights_only=True)`` (structure only); each
+  requested tensor is then read with ``os.pread`` from its byte range in the zip, since reading through
+  the mapping would leave every touched page resident (the whole model in RSS by the end);
+* a sharded (DCP) directory is read with ``torch.distributed.checkpoint.load`` on the requested keys
+  only; its ``.metadata`` is unpickled through an allow-list (:class:`SafeFileSystemReader`), Lightning's
+  ``meta.pt`` with ``weights_only=True`` and a short allow-list.
 """
 
 from __future__ import annotations
@@ -63,8 +55,6 @@ def safe_torch_load(path: Path, **kwargs: Any) -> Any:
         ) from None
 
 
-# ---- DCP metadata without arbitrary unpickling -------------------------------------------------
-
 _DCP_METADATA_PUBLIC_TYPES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -74,15 +64,11 @@ _DCP_METADATA_PUBLIC_TYPES = {
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
 }
-_DCP_METADATA_TYPES = {
-    module: _DCP_METADATA_PUBLIC_TYPES.get(module, set()) | DCP_METADATA_PRIVATE_GLOBALS.get(module, set())
-    for module in {*_DCP_METADATA_PUBLIC_TYPES, *DCP_METADATA_PRIVATE_GLOBALS}
-}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_METADATA_TYPES.get(module, ()):
+        if name in _DCP_METADATA_PUBLIC_TYPES.get(module, ()) or name in DCP_METADATA_PRIVATE_GLOBALS.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -90,11 +76,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` that unpickles ``.metadata`` through an allow-list, once.
-
-    DCP's own reader calls ``pickle.load`` on ``.metadata``: a crafted file runs code. The types a
-    DCP checkpoint's metadata holds are few and fixed (DCP's dataclasses, ``torch.Size``, dtypes).
-    """
+    """DCP's ``FileSystemReader`` unpickling ``.metadata`` once, through an allow-list of DCP's own few types
+    (DCP's reader calls ``pickle.load`` on it: a crafted file would run code)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
@@ -132,21 +115,20 @@ _TENSOR_ENTRIES = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data: nothing is imported or run.
-
-    For a sharded directory DCP's ``.metadata`` is unpickled through :class:`SafeFileSystemReader`'s
-    allow-list as well, so a caller that hands the directory to code reading it with plain
-    ``pickle`` (Lightning's resume through DCP) has checked it first. Raises
-    :class:`CheckpointReadError` (one line) for anything else.
-    """
+    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data; a directory's
+    ``.metadata`` is checked too, before Lightning's resume reads it with plain ``pickle``."""
     path = Path(path)
     if _is_single_file(path):
-        checkpoint = safe_torch_load(path, mmap=True)
-        if not isinstance(checkpoint, dict):
-            raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
-        return {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
+        return {k: v for k, v in _load_ckpt(path).items() if k not in _TENSOR_ENTRIES}
     SafeFileSystemReader(path).read_metadata()
     return read_meta_pt(path)
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    checkpoint = safe_torch_load(path, mmap=True)  # maps the file: tensor bytes are not read
+    if not isinstance(checkpoint, dict):
+        raise CheckpointReadError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict).")
+    return checkpoint
 
 
 def _is_single_file(path: Path) -> bool:
@@ -158,9 +140,6 @@ def _is_single_file(path: Path) -> bool:
     if not path.exists():
         raise CheckpointReadError(f"Checkpoint {str(path)!r} does not exist.")
     raise CheckpointReadError(f"{path} is neither a Lightning .ckpt file nor a sharded checkpoint directory (with .metadata).")
-
-
-# ---- the two checkpoint kinds -----------------------------------------------------------------
 
 
 class TrainedCheckpoint:
@@ -194,8 +173,8 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self.path = path
         if not zipfile.is_zipfile(path):
             raise CheckpointReadError(f"{path} is not a readable Lightning checkpoint (not a torch archive: truncated, or another kind of file).")
-        checkpoint = safe_torch_load(path, mmap=True)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = _load_ckpt(path)
+        if not isinstance(checkpoint.get("state_dict"), Mapping):
             raise CheckpointReadError(f"{path} has no 'state_dict': not a Lightning checkpoint.")
         self._tensors = {k: v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
         self.metadata = {k: v for k, v in checkpoint.items() if k not in _TENSOR_ENTRIES}
@@ -204,13 +183,8 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self._fd = os.open(path, os.O_RDONLY)
 
     def _record_offsets(self) -> dict[int, int] | None:
-        """File offset of each mapped storage, keyed by its address; ``None`` when it cannot be proven.
-
-        ``torch.load(mmap=True)`` maps the whole file once and places every storage at its zip record.
-        The records ``*/data/<key>`` sorted by offset and the distinct storages sorted by address are
-        then the same sequence, and address - offset is one constant. If any of that does not hold
-        (another torch layout), reads fall back to copying through the mapping.
-        """
+        """File offset of each mapped storage by address (``torch.load(mmap=True)`` maps every storage at its zip
+        record: address - offset is one constant); None (copy through the mapping) when that cannot be proven."""
         storages = {}
         for t in self._tensors.values():
             storage = t.untyped_storage()
@@ -285,7 +259,7 @@ class ShardedCheckpoint(TrainedCheckpoint):
         self.metadata = read_meta_pt(path)
 
     def _check_files(self, metadata: Any) -> None:
-        """Every byte range the metadata points to exists: a truncated or partly copied directory fails here."""
+        """Every byte range the metadata points to exists (a truncated or partly copied directory fails here)."""
         needed: dict[str, int] = {}
         for info in (metadata.storage_data or {}).values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -13,7 +13,7 @@ from lightning_automodel.core.hf_weight_files import (
     format_bytes,
     format_output_file_count,
     get_safetensors_index_total_size,
-    read_safetensors_header,
+    read_safetensors_layout,
 )
 
 
@@ -101,7 +101,7 @@ def test_corrupt_headers_name_the_file(tmp_path, content, match):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=match) as err:
-        read_safetensors_header(path)
+        read_safetensors_layout(path)
     assert str(path) in str(err.value)
 
 
@@ -195,7 +195,7 @@ def test_fifo_named_model_safetensors_is_refused_at_once(tmp_path, reader):
 def test_fifo_header_read_is_refused_at_once(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")
     with no_hang(), pytest.raises(ValueError, match="is a FIFO"):
-        read_safetensors_header(tmp_path / "model.safetensors")
+        read_safetensors_layout(tmp_path / "model.safetensors")
     with no_hang(), pytest.raises(ValueError, match="is a FIFO"):
         resolve_checkpoint_files(tmp_path / "model.safetensors")
 
@@ -269,7 +269,7 @@ def write_header(path, header: bytes):
 )
 def test_nested_or_malformed_headers_name_the_file_and_key(tmp_path, header, match):
     write_header(tmp_path / "model.safetensors", header)
-    for reader in (read_safetensors_header, lambda p: CheckpointReader(p.parent), lambda p: checkpoint_tensor_dtypes(p.parent)):
+    for reader in (read_safetensors_layout, lambda p: CheckpointReader(p.parent), lambda p: checkpoint_tensor_dtypes(p.parent)):
         with pytest.raises(ValueError, match=match) as err:
             reader(tmp_path / "model.safetensors")
         assert "model.safetensors" in str(err.value) and "\n" not in str(err.value)

@@ -106,7 +106,7 @@ def test_memory_estimate_by_hand():
     assert est.grad_bytes == 20 * 4
     assert est.optimizer_bytes == 20 * 4 * 2
     assert est.total_bytes == est.param_bytes + est.grad_bytes + est.optimizer_bytes
-    bf16 = estimate_training_memory(model, world_size=1, param_dtype=torch.bfloat16, sharded=False)
+    bf16 = estimate_training_memory(model.to(torch.bfloat16), world_size=1, sharded=False)
     assert bf16.param_bytes == (70 + 21) * 2 and bf16.grad_bytes == 70 * 2 and bf16.optimizer_bytes == 70 * 8
     with pytest.raises(ValueError):
         estimate_training_memory(model, world_size=0)

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 import lightning_automodel.core.init as init_module
 from lightning_automodel.core.init import init_weights_by_module
-from lightning_automodel.core.sharded_load import local_index
+from lightning_automodel.core.distributed import local_index
 from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 from distributed import end_rank_cleanly
 

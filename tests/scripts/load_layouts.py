@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig
 
-from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, load_checkpoint_into, local_index, plan_checkpoint_load
+from lightning_automodel.core.distributed import local_index
+from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize, model_class_for
 from distributed import end_rank_cleanly
 
@@ -43,7 +44,7 @@ def check_layout(path: Path, mesh) -> dict:
     if tied:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     total = sum(s.numel() * s.dtype.itemsize for s in (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in reader.tensors.values()))
-    converted = any(not g.is_rename for g in plan.groups)
+    converted = any(g.transform is not None for g in plan.groups)
     return {"bytes_read": report.bytes_read, "checkpoint_bytes": total, "converted": converted}
 
 
