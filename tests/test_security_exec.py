@@ -154,7 +154,7 @@ def test_strategy_load_checks_metadata_before_dcp(tmp_path, where):
 
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_callback_state_read_is_data_only(tmp_path, kind):
-    from lightning_automodel.callbacks._resume import read_callback_states
+    from lightning_automodel.callbacks._lifecycle import read_callback_states
 
     marker = tmp_path / "MARKER"
     if kind == "file":

@@ -4,19 +4,19 @@ Lightning has no callback hook between ``configure_model`` and ``configure_optim
 ``Callback.setup`` runs before the module's own ``setup`` and ``configure_model``. So for one Trainer
 run the first surgery callback patches, on the instances, the module's ``setup`` (surgery before FSDP2
 ``fully_shard``, which the bf16 cast needs) and, when overridden, ``configure_model`` (surgery on the
-built or sharded model, which the tie repair needs); both precede ``configure_optimizers``, so frozen
-parameters never reach the optimizer. It also patches the strategy's ``load_checkpoint``: sharded
-strategies load the optimizer state in it, before any callback hook. The patches hold no Trainer (each
-call serves the Trainer attached *now*) and are removed at ``teardown`` and ``on_exception`` (Lightning
-skips ``teardown`` after an exception): after any fit the module pickles, deep-copies and runs under
-``ddp_spawn`` untouched. Per-run state lives on the callbacks and is reset in their ``setup``.
+built or sharded model, which the tie repair needs): both precede ``configure_optimizers``. It also
+patches the strategy's ``load_checkpoint``, in which sharded strategies load the optimizer state before
+any callback hook. The patches serve the Trainer attached *now* and are removed at ``teardown`` and
+``on_exception`` (Lightning skips ``teardown`` after an exception): after any fit the module pickles,
+deep-copies and runs under ``ddp_spawn`` untouched.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as pl
@@ -29,11 +29,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_automodel.callbacks._export_info import record_export_info
-from lightning_automodel.callbacks._resume import preview
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
 from lightning_automodel.core.logs import rank_zero_logger
-from lightning_automodel.core.naming import unique_named_parameters
+from lightning_automodel.core.naming import canonical_named_parameters, unique_named_parameters
+from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
@@ -53,6 +53,85 @@ FROZEN_IN_OPTIMIZER_WARNING = (
     "ParameterFreezing prevents that by re-applying the checkpoint's frozen set; to rule it out altogether, build "
     "the optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
 )
+
+
+def preview(names: Iterable[str]) -> str:
+    """At most ten names, sorted, and how many more."""
+    names = sorted(names)
+    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
+
+
+def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:
+    """The state a callback saved under ``state_key``, or under an older ``state_key{...}`` key (earlier
+    versions put the configuration into the key; read when unambiguous)."""
+    if state_key in callback_states:
+        return callback_states[state_key]
+    legacy = [k for k in callback_states if isinstance(k, str) and k.startswith(state_key + "{")]
+    return callback_states[legacy[0]] if len(legacy) == 1 else None
+
+
+def read_callback_states(checkpoint_path: Any) -> Mapping[str, Any] | None:
+    """Only the ``callbacks`` entry of a checkpoint, read as data (never plain pickle); None when unreadable.
+
+    This runs before the strategy's own load, which reports an unreadable file in its own words.
+    """
+    path = Path(checkpoint_path)
+    if not path.exists():
+        return None
+    try:
+        callbacks = read_checkpoint_metadata(path).get("callbacks")
+    except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
+        log.debug("Could not read the callback state of %s early: %s", path, exc)
+        return None
+    return callbacks if isinstance(callbacks, Mapping) else None
+
+
+@dataclass(frozen=True)
+class FrozenSetDiff:
+    """How the model's frozen set differs from a checkpoint's (canonical names, sorted)."""
+
+    #: the checkpoint froze them, this run would train them
+    to_freeze: list[str]
+    #: the checkpoint trained them, this run would freeze them
+    to_unfreeze: list[str]
+    #: the checkpoint froze them, the model has no such parameter
+    missing: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.to_freeze or self.to_unfreeze)
+
+    def describe(self) -> str:
+        parts = []
+        if self.to_freeze:
+            parts.append(f"the checkpoint froze {len(self.to_freeze)} that this run would train: [{preview(self.to_freeze)}]")
+        if self.to_unfreeze:
+            parts.append(
+                f"the checkpoint trained {len(self.to_unfreeze)} that this run would freeze: [{preview(self.to_unfreeze)}]"
+            )
+        return "; ".join(parts)
+
+
+def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[str] | None = None) -> FrozenSetDiff:
+    """Compare the model's frozen parameters with ``frozen`` (within ``scope``, default all parameters)."""
+    frozen = set(frozen)
+    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    names = set(params) if scope is None else set(scope) & set(params)
+    current = {n for n in names if not params[n].requires_grad}
+    return FrozenSetDiff(
+        to_freeze=sorted((frozen & names) - current),
+        to_unfreeze=sorted(current - frozen),
+        missing=sorted(frozen - set(params)),
+    )
+
+
+def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
+    """Make the model's frozen set the checkpoint's: freeze ``to_freeze``, unfreeze ``to_unfreeze``."""
+    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    for name in diff.to_freeze:
+        params[name].requires_grad_(False)
+    for name in diff.to_unfreeze:
+        params[name].requires_grad_(True)
 
 
 def frozen_names(model: nn.Module) -> list[str]:
@@ -102,12 +181,10 @@ def attached_trainer(pl_module: pl.LightningModule | None) -> pl.Trainer | None:
 def prepare_before_sharding(
     pl_module: pl.LightningModule, model: nn.Module | None = None, *, weights_cast: Callable[[nn.Module], object] | None = None
 ) -> None:
-    """Run the surgery that must happen before FSDP2 shards the model, in :func:`surgery_schedule` order.
+    """Run the surgery that must precede FSDP2 sharding (LoRA injection, then ``weights_cast`` when given).
 
-    That is LoRA injection, then ``weights_cast`` (``HFCausalLM``'s ``weights_dtype``) when given.
-    ``HFCausalLM.configure_model`` calls it right after building the model on meta. A LightningModule
-    that builds and shards its own model in ``configure_model`` calls it once, between the build and
-    ``fully_shard``: ``prepare_before_sharding(self, self.model)``. Without a Trainer only the cast runs.
+    A LightningModule that builds and shards its own model in ``configure_model`` calls it once, between
+    the build and ``fully_shard``: ``prepare_before_sharding(self, self.model)`` (``HFCausalLM`` does).
     """
     trainer = attached_trainer(pl_module)
     model = model if model is not None else find_hf_model(pl_module)[1]
@@ -142,10 +219,10 @@ def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 class MethodPatch:
-    """``owner.<name>`` replaced, on the instance and for one Trainer run, by ``around(owner, previous, *args)``.
+    """``owner.<name>`` replaced on the instance by ``around(owner, previous, *args)``, for one Trainer run.
 
-    An object, not a closure: a patched owner stays picklable and a deep copy's patch acts on the copy.
-    ``previous`` is the instance attribute it replaced (None: the class's method, looked up at each call).
+    Not a closure: the owner stays picklable and a deep copy's patch acts on the copy. ``previous`` is
+    the instance attribute it replaced (None: the class's method, looked up at each call).
     """
 
     def __init__(self, owner: Any, name: str, around: Callable[..., Any]) -> None:
@@ -193,11 +270,11 @@ def _load_through_callbacks(strategy: pl.strategies.Strategy, load: Callable[...
 
 
 class ModelSurgeryCallback(Callback):
-    """Base class: subclasses set ``surgery_order`` and override :meth:`apply_surgery` (idempotent).
+    """Base class: subclasses set ``surgery_order`` and override the hooks below they need.
 
-    They may also override ``apply_before_sharding`` and ``around_checkpoint_load``, keep per-run state
-    reset in :meth:`reset_run_state` (called from ``setup``: a callback reused by a second Trainer, or
-    after a failed fit, starts clean), and record what they froze in ``frozen`` (for the summary).
+    Per-run state is reset in :meth:`reset_run_state` (from ``setup``: a callback reused by a second
+    Trainer, or after a failed fit, starts clean). ``state_key`` is the class name, whatever the
+    arguments: a resume with changed arguments still finds the saved state.
     """
 
     surgery_order: ClassVar[int] = 100
@@ -224,7 +301,7 @@ class ModelSurgeryCallback(Callback):
         return load()
 
     def log_first(self, message: str) -> None:
-        """Log ``ClassName: message`` during the first surgery pass of a run only."""
+        """``ClassName: message``, in the first surgery pass of a run only."""
         if self.surgery_runs == 0:
             log.info(f"{type(self).__name__}: {message}")
 
@@ -276,12 +353,9 @@ class ModelSurgeryCallback(Callback):
 
 
 def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """One warning when a single-device or DDP resume left trainable parameters without optimizer state.
-
-    torch's ``Optimizer.load_state_dict`` restores state by position and leaves a parameter that had none
-    (it never got a gradient, e.g. a vision tower trained on text) without any: it starts fresh, silently.
-    Sharded strategies restore after setup; ``AtomicModelParallelStrategy`` reports those itself.
-    """
+    """One warning when a single-device or DDP resume left trainable parameters without optimizer state:
+    torch restores it by position, and a parameter that had none (it never got a gradient, e.g. a vision
+    tower trained on text) silently starts fresh. ``AtomicModelParallelStrategy`` reports sharded ones."""
     if not trainer.ckpt_path or trainer.strategy.restore_checkpoint_after_setup or trainer.global_step == 0:
         return
     names = {id(p): name for name, p in pl_module.named_parameters()}

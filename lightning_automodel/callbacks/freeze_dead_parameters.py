@@ -13,8 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
-from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_diff, optimizer_state_key, preview, saved_state
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, apply_frozen_set, frozen_set_diff, preview, saved_state
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import digest_names
@@ -91,7 +90,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
             f"FreezeDeadParameters: {len(self.unused)} trainable parameter tensors received no gradient on any rank in the "
             f"first {self.detect_steps} backward passes: {', '.join(shown)}"
             f"{' ...' if len(self.unused) > len(shown) else ''}. A checkpoint has no optimizer state for them "
-            f"(`Missing key in checkpoint state_dict: {optimizer_state_key(find_hf_model(trainer.lightning_module)[0], shown[0])}` "
+            f"(`Missing key in checkpoint state_dict: optimizer_0.state.{find_hf_model(trainer.lightning_module)[0]}{shown[0]}.step` "
             "from a plain ModelParallelStrategy resume; AtomicModelParallelStrategy starts them fresh with a warning). "
             f"If they are dead, freeze them (a resume keeps them frozen):\n  ParameterFreezing:\n    freeze_modules:\n{selectors}"
         )

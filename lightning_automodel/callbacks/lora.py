@@ -11,8 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
-from lightning_automodel.callbacks._resume import read_callback_states, saved_state
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, read_callback_states, saved_state
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.lora import (

@@ -2,10 +2,8 @@
 
 If a resumed run trained a different set than the checkpoint's, the optimizer load would fail with a raw
 torch error or, worse, silently resume a different run. So the saved frozen set is compared with the
-model's before that load and either re-applied (a warning naming the parameters) or refused (an error):
-in ``on_load_checkpoint`` on one device and DDP (before ``configure_optimizers``), and around the
-strategy's ``load_checkpoint`` on sharded strategies (which load the optimizer state in it), rebuilding
-the still stateless optimizers when what trains changed.
+model's around the strategy's ``load_checkpoint``, before any optimizer state loads, and either re-applied
+(a warning naming the parameters) or refused (an error).
 """
 
 from __future__ import annotations
@@ -19,12 +17,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_names
-from lightning_automodel.callbacks._resume import (
+from lightning_automodel.callbacks._lifecycle import (
     FrozenSetDiff,
+    ModelSurgeryCallback,
     apply_frozen_set,
+    frozen_names,
     frozen_set_diff,
-    names_with_optimizer_state,
     preview,
     read_callback_states,
     saved_state,
@@ -34,6 +32,7 @@ from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.freezing import FreezeConfig, apply_parameter_freezing, parse_freeze_config
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.strategies import names_with_optimizer_state
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
@@ -200,20 +199,43 @@ class ParameterFreezing(ModelSurgeryCallback):
 
     @override
     def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        # Sharded strategies load the optimizer state in `load`: reconcile first, and rebuild the (still
-        # stateless) optimizers when what trains changed. One device and DDP reconcile in on_load_checkpoint.
-        if trainer.state.fn == "fit" and trainer.strategy.restore_checkpoint_after_setup:
+        if trainer.state.fn != "fit":
+            return load()  # validate/test load weights only: what trains does not matter
+        prefix, model = find_hf_model(trainer.lightning_module)
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # Sharded strategies load the optimizer state in `load`: reconcile first, and rebuild the (still
+            # stateless) optimizers when what trains changed.
             state = saved_state(read_callback_states(checkpoint_path) or {}, self.state_key)
             if state is not None:
-                prefix, model = find_hf_model(trainer.lightning_module)
                 diff = frozen_set_diff(model, state.get("frozen", []))
                 with_state = names_with_optimizer_state(checkpoint_path, prefix) if diff.to_unfreeze else None
                 if self._resolve(model, self._keep_stateless_frozen(diff, with_state), checkpoint_path) and trainer.strategy.optimizers:
                     trainer.strategy.setup_optimizers(trainer)
                     log.info("Rebuilt the optimizers for the checkpoint's frozen set before loading their state.")
-        return load()
+            return load()
+        # One device and DDP: `load` only reads the file; the weights, then the optimizer built later, load from it.
+        checkpoint = load()
+        state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
+        if state is None:
+            return checkpoint
+        saved_frozen = set(state.get("frozen", []))
+        diff = frozen_set_diff(model, saved_frozen)
+        names = _saved_optimizer_names(checkpoint, model, saved_frozen) if diff.to_unfreeze else None
+        with_state = None if names is None else {
+            by_position[i] for state, by_position in zip(checkpoint["optimizer_states"], names) for i in state.get("state", {}) if i in by_position
+        }
+        kept = self._keep_stateless_frozen(diff, with_state)
+        # What stays frozen leaves the saved groups (in place): the optimizer built next holds the rest, in order.
+        drop = set(diff.to_unfreeze) - set(kept.to_unfreeze)
+        for state, by_position in zip(checkpoint["optimizer_states"], names) if drop else ():
+            for group in state.get("param_groups", []):
+                group["params"] = [i for i in group["params"] if by_position.get(i) not in drop]
+            for i in [i for i in state.get("state", {}) if by_position.get(i) in drop]:
+                del state["state"][i]
+        self._resolve(model, kept, checkpoint_path)
+        return checkpoint
 
-    def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None, *, report: bool = True) -> FrozenSetDiff:
+    def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None) -> FrozenSetDiff:
         """Parameters this run freezes that the checkpoint trained without ever stepping them stay frozen.
 
         The checkpoint has no optimizer state for them (they got no gradient: FreezeDeadParameters'
@@ -222,11 +244,10 @@ class ParameterFreezing(ModelSurgeryCallback):
         stateless = [name for name in diff.to_unfreeze if with_state is not None and name not in with_state]
         if not stateless:
             return diff
-        if report:
-            log.info(
-                f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
-                f"stepped (it has no optimizer state for them): {preview(stateless)}."
-            )
+        log.info(
+            f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
+            f"stepped (it has no optimizer state for them): {preview(stateless)}."
+        )
         return FrozenSetDiff(to_freeze=diff.to_freeze, to_unfreeze=[n for n in diff.to_unfreeze if n not in stateless], missing=diff.missing)
 
     def _resolve(self, model: nn.Module, diff: FrozenSetDiff, checkpoint_path: Any) -> bool:
@@ -252,39 +273,3 @@ class ParameterFreezing(ModelSurgeryCallback):
             "the checkpoint's weights (no ckpt_path)."
         )
         return True
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.state.fn != "fit":
-            return  # validate/test load weights only: what trains does not matter
-        state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
-        if state is None:
-            return
-        prefix, model = find_hf_model(pl_module)
-        saved_frozen = set(state.get("frozen", []))
-        diff = frozen_set_diff(model, saved_frozen)
-        if trainer.strategy.restore_checkpoint_after_setup:
-            with_state = names_with_optimizer_state(trainer.ckpt_path, prefix) if diff.to_unfreeze else None
-            # Reconciled around the strategy's load; a difference now means it could not (the strategy's
-            # load_checkpoint was replaced): the optimizer state may not fit.
-            diff = self._keep_stateless_frozen(diff, with_state, report=False)
-            if diff:
-                raise MisconfigurationException(
-                    f"ParameterFreezing: the model's frozen set differs from the checkpoint {trainer.ckpt_path} after "
-                    f"the optimizer state was loaded: {diff.describe()}. Resume with the checkpoint's freeze configuration."
-                )
-            return
-        # Single device and DDP restore before configure_optimizers: reconciling here is in time.
-        names = _saved_optimizer_names(checkpoint, model, saved_frozen) if diff.to_unfreeze else None
-        with_state = None if names is None else {
-            by_position[i] for state, by_position in zip(checkpoint["optimizer_states"], names) for i in state.get("state", {}) if i in by_position
-        }
-        kept = self._keep_stateless_frozen(diff, with_state)
-        # What stays frozen leaves the saved groups (in place): the optimizer built next holds the rest, in order.
-        drop = set(diff.to_unfreeze) - set(kept.to_unfreeze)
-        for state, by_position in zip(checkpoint["optimizer_states"], names) if drop else ():
-            for group in state.get("param_groups", []):
-                group["params"] = [i for i in group["params"] if by_position.get(i) not in drop]
-            for i in [i for i in state.get("state", {}) if by_position.get(i) in drop]:
-                del state["state"][i]
-        self._resolve(model, kept, trainer.ckpt_path)

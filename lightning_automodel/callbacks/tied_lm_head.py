@@ -23,7 +23,6 @@ from typing_extensions import override
 
 from lightning_automodel._compat.lightning import callback_state_key
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
-from lightning_automodel.callbacks._resume import dcp_stored_keys
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.tied_head import (
@@ -35,6 +34,7 @@ from lightning_automodel.core.tied_head import (
     is_tied_word_embeddings,
 )
 from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, safe_torch_load
+from lightning_automodel.strategies import dcp_stored_keys
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
