@@ -72,10 +72,8 @@ def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[s
 
 
 def read_callback_states(checkpoint_path: Any) -> Mapping[str, Any] | None:
-    """Only the ``callbacks`` entry of a checkpoint, read as data (never plain pickle); None when unreadable.
-
-    This runs before the strategy's own load, which reports an unreadable file in its own words.
-    """
+    """Only the ``callbacks`` entry of a checkpoint, read as data (never plain pickle); None when unreadable
+    (this runs before the strategy's own load, which reports that in its own words)."""
     path = Path(checkpoint_path)
     if not path.exists():
         return None
@@ -140,8 +138,6 @@ def frozen_names(model: nn.Module) -> list[str]:
 
 
 class SurgeryStep(Protocol):
-    """A step of :func:`surgery_schedule`: a surgery callback, or the job's weights dtype cast."""
-
     surgery_order: int
 
 
@@ -166,7 +162,7 @@ def surgery_schedule(
 
 
 def surgery_callbacks(trainer: pl.Trainer | None) -> list[ModelSurgeryCallback]:
-    """The Trainer's surgery callbacks in ``surgery_order`` (stable for equal orders); none without a Trainer."""
+    """The Trainer's surgery callbacks in ``surgery_order``; none without a Trainer."""
     return [step for step in surgery_schedule(trainer.callbacks if trainer else []) if isinstance(step, ModelSurgeryCallback)]
 
 
@@ -285,10 +281,8 @@ class ModelSurgeryCallback(Callback):
 
     def reset_run_state(self) -> None:
         """Forget everything from a previous run (override and call ``super()``)."""
-        #: canonical parameter name -> the rule that froze it, in this run
-        self.frozen: dict[str, str] = {}
-        #: completed surgery passes in this run (0 during the first: log only then)
-        self.surgery_runs = 0
+        self.frozen: dict[str, str] = {}  # canonical parameter name -> the rule that froze it, in this run
+        self.surgery_runs = 0  # completed surgery passes in this run (0 during the first: log only then)
 
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         """Change the model after it is built (and after ``configure_model``); the base changes nothing."""

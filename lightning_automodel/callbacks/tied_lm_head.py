@@ -1,11 +1,4 @@
-"""Keep a tied LM head tied: after building or sharding, and across loads of checkpoints that omit it.
-
-Some checkpoints have no tied ``lm_head.weight`` (HF tied checkpoints, some exporters). On one device or
-DDP the weights load from the dict the strategy's ``load_checkpoint`` returns: the key is added there,
-from the embedding. ``ModelParallelStrategy`` loads the module inside ``load_checkpoint`` and fails on
-the missing key: when head and embedding are one Parameter and the checkpoint has the embedding, the
-head is unregistered for the load and the same Parameter put back. Any other missing key still fails.
-"""
+"""Keep a tied LM head tied: after building or sharding, and across loads of checkpoints that omit it."""
 
 from __future__ import annotations
 
@@ -85,9 +78,8 @@ class TiedLMHead(ModelSurgeryCallback):
 
     * After the model is built or sharded (before the optimizer exists), a broken alias (meta init plus
       ``to_empty``, parameter replacement) is repaired, so the optimizer holds one tensor for both.
-    * A checkpoint that omits ``lm_head.weight`` loads, a full ``.ckpt`` or a sharded DCP directory, on
-      any strategy (``ModelParallelStrategy`` otherwise fails on the missing key before any hook runs).
-    * After loading, the tie is verified.
+    * A checkpoint that omits ``lm_head.weight`` (HF tied checkpoints, some exporters) loads, a full
+      ``.ckpt`` or a sharded DCP directory, on any strategy. After loading, the tie is verified.
 
     Args:
         strict: raise (instead of warning) when the config says tied but the storage cannot be aliased,
@@ -123,6 +115,7 @@ class TiedLMHead(ModelSurgeryCallback):
     def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         prefix, model = find_hf_model(trainer.lightning_module)
         if not isinstance(trainer.strategy, ModelParallelStrategy):
+            # The weights load later from the dict `load` returns: add the missing head to it, from the embedding.
             checkpoint = load()
             state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
             if isinstance(state_dict, dict):
@@ -131,6 +124,8 @@ class TiedLMHead(ModelSurgeryCallback):
                     state_dict.update({prefix + k: v for k, v in view.items() if prefix + k not in state_dict})
                     log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
             return checkpoint
+        # ModelParallelStrategy loads the module in `load` and fails on the missing key: when head and embedding
+        # are one Parameter, the head is unregistered for the load. Any other missing key still fails.
         stored = _stored_names(Path(checkpoint_path), prefix)
         missing = _missing_tied_head(stored, model) if stored is not None else None
         if missing is None:
