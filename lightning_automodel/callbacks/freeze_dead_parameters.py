@@ -24,11 +24,10 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
     A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
-    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``
-    (``AtomicModelParallelStrategy`` starts them fresh with a warning). Known cases are frozen by rule,
-    after ``ParameterFreezing`` (so no unfreeze selector revives them). Otherwise the first
-    ``detect_steps`` backward passes are watched (by name: FSDP2 swaps the parameter objects): a
-    trainable parameter with no gradient on any rank is named on rank 0, with the selector that freezes it.
+    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``.
+    Known cases are frozen by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them).
+    Otherwise, a trainable parameter with no gradient on any rank in the first ``detect_steps`` backward
+    passes is named on rank 0, with the selector that freezes it.
 
     Args:
         detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
@@ -97,15 +96,10 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     def _selector_paths(self, unused: list[str]) -> list[str]:
         """For each unused parameter, the outermost module whose watched parameters are all unused (else the parameter)."""
-        unused_set = set(unused)
         watched = Counter(m for name in self._watched for m in _module_prefixes(name))
-        dead = Counter(m for name in self._watched if name in unused_set for m in _module_prefixes(name))
-        paths: list[str] = []
-        for name in unused:
-            path = next((m for m in _module_prefixes(name) if m in watched and dead[m] == watched[m]), name)
-            if path not in paths:
-                paths.append(path)
-        return paths
+        dead = Counter(m for name in unused for m in _module_prefixes(name))
+        paths = (next((m for m in _module_prefixes(name) if dead[m] == watched[m]), name) for name in unused)
+        return list(dict.fromkeys(paths))
 
     @override
     def state_dict(self) -> dict[str, Any]:

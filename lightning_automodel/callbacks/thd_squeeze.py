@@ -55,17 +55,9 @@ class THDSqueeze(Callback):
         return callback_state_key(self, seqlens_padding_value=self.seqlens_padding_value)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        squeeze_thd_batch(batch, self.seqlens_padding_value)
-
-    @override
-    def on_validation_batch_start(
+    def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         squeeze_thd_batch(batch, self.seqlens_padding_value)
 
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        squeeze_thd_batch(batch, self.seqlens_padding_value)
+    on_validation_batch_start = on_test_batch_start = on_train_batch_start
