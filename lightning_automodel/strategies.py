@@ -125,11 +125,8 @@ def load_present_optimizer_state(
 
 
 def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> tuple[Any, ...]:
-    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard.
-
-    Equal fingerprints mean the same state: the optimizer state changes only with a step, and an edit
-    of the weights at the same step changes a sum. One scalar per tensor, one sync per device.
-    """
+    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard: equal fingerprints mean
+    the same state (the optimizer state changes only with a step, an edit of the weights changes a sum)."""
     from torch.distributed.tensor import DTensor
 
     # One stack (and one sync) per device: with CPU offload the shards are on the CPU and the
@@ -202,8 +199,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 setattr(module, name, buffer.to(self.root_device))  # stays a buffer, persistent or not
 
     def _on_rank_0_then_agree(self, step: Callable[[], object], what: str) -> None:
-        """Run a filesystem ``step`` on rank 0, then agree on its outcome (a collective): a failure on rank 0
-        alone (a full disk) raises there and, within one all-reduce, as one line on every other rank."""
+        """A filesystem ``step`` on rank 0, then agreement (a collective): its failure (a full disk) raises there
+        and, as one line, on every other rank."""
         error: Exception | None = None
         if self.global_rank == 0:
             try:

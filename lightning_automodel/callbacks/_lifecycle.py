@@ -37,15 +37,11 @@ from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
-#: Where the job's ``weights_dtype`` cast runs among the callbacks' ``surgery_order`` values: after LoRA
-#: injection (5), so peft creates the adapters on fp32 base weights (fp32 adapters, which the cast keeps),
-#: and before the freeze rules (10), which see the final dtypes.
+#: The job's ``weights_dtype`` cast: after LoRA injection (5), so peft creates fp32 adapters on fp32 base
+#: weights (the cast keeps them), and before the freeze rules (10), which see the final dtypes.
 WEIGHTS_DTYPE_ORDER = 7
 
-#: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py): frozen parameters in the optimizer get
-#: no gradient and no state, and a resume with the same frozen set works on one device and on FSDP2. A sharded
-#: (DCP) resume fails only when some of them are trainable again: the new run's optimizer asks DCP for their
-#: state. One device then resumes (the missing state is created at the next step).
+#: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py); one device resumes in that case too.
 FROZEN_IN_OPTIMIZER_WARNING = (
     "The optimizer holds frozen parameters. They get no gradient and no optimizer state: training works, and so "
     "does a resume with the same frozen set. One case fails: a sharded (DCP) resume in which some of them are trainable again (the new optimizer asks "
@@ -63,8 +59,7 @@ def preview(names: Iterable[str]) -> str:
 
 
 def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:
-    """The state a callback saved under ``state_key``, or under an older ``state_key{...}`` key (earlier
-    versions put the configuration into the key; read when unambiguous)."""
+    """The state saved under ``state_key``, or under an older ``state_key{...}`` key when unambiguous."""
     if state_key in callback_states:
         return callback_states[state_key]
     legacy = [k for k in callback_states if isinstance(k, str) and k.startswith(state_key + "{")]
@@ -89,12 +84,9 @@ def read_callback_states(checkpoint_path: Any) -> Mapping[str, Any] | None:
 class FrozenSetDiff:
     """How the model's frozen set differs from a checkpoint's (canonical names, sorted)."""
 
-    #: the checkpoint froze them, this run would train them
-    to_freeze: list[str]
-    #: the checkpoint trained them, this run would freeze them
-    to_unfreeze: list[str]
-    #: the checkpoint froze them, the model has no such parameter
-    missing: list[str]
+    to_freeze: list[str]  # the checkpoint froze them, this run would train them
+    to_unfreeze: list[str]  # the checkpoint trained them, this run would freeze them
+    missing: list[str]  # the checkpoint froze them, the model has no such parameter
 
     def __bool__(self) -> bool:
         return bool(self.to_freeze or self.to_unfreeze)
@@ -268,9 +260,8 @@ def _load_through_callbacks(strategy: pl.strategies.Strategy, load: Callable[...
 class ModelSurgeryCallback(Callback):
     """Base class: subclasses set ``surgery_order`` and override the hooks below they need.
 
-    Per-run state is reset in :meth:`reset_run_state` (from ``setup``: a callback reused by a second
-    Trainer, or after a failed fit, starts clean). ``state_key`` is the class name, whatever the
-    arguments: a resume with changed arguments still finds the saved state.
+    Per-run state is reset in :meth:`reset_run_state`, from ``setup``. ``state_key`` is the class name
+    whatever the arguments: a resume with changed arguments still finds the saved state.
     """
 
     surgery_order: ClassVar[int] = 100
