@@ -130,17 +130,12 @@ class LoRA(ModelSurgeryCallback):
                 self._check_saved_config(state, checkpoint_path)
         return load()
 
-    def _check_saved_config(self, state: Mapping[str, Any], checkpoint_path: Any = None) -> None:
+    def _check_saved_config(self, state: Mapping[str, Any], checkpoint_path: Any) -> None:
         saved = state.get("config")
         if saved is None or saved == config_to_json(self.config):
             return
         differences = config_differences(saved, config_to_json(self.config)) or ["(the stored configuration cannot be compared)"]
-        where = f" {checkpoint_path}" if checkpoint_path is not None else ""
         raise MisconfigurationException(
-            f"LoRA: the checkpoint{where} was trained with another LoRA configuration: {'; '.join(differences)}. Resume with "
-            "the checkpoint's values, or start a new fit from its weights (no ckpt_path) to train a new adapter."
+            f"LoRA: the checkpoint {checkpoint_path} was trained with another LoRA configuration: {'; '.join(differences)}. "
+            "Resume with the checkpoint's values, or start a new fit from its weights (no ckpt_path) to train a new adapter."
         )
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_saved_config(state_dict)
