@@ -24,7 +24,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_automodel._compat.lightning import set_process_group_backend
-from lightning_automodel.callbacks._lifecycle import preview
 from lightning_automodel.checkpoint_io import CheckpointResumeError
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.core.model_build import CPU_OFFLOAD_ATTR
@@ -36,6 +35,13 @@ _META_PT = "meta.pt"  # Lightning's name for the non-tensor part of a sharded ch
 
 MissingOptimizerStatePolicy = Literal["warn", "error"]
 DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
+
+
+def preview(names: Iterable[str]) -> str:
+    """At most ten names, sorted, and how many more."""
+    names = sorted(names)
+    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
 
 
 def dcp_stored_keys(path: Path) -> set[str]:

@@ -34,6 +34,7 @@ from lightning_automodel.core.distributed import first_mismatch_across_ranks
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.naming import canonical_named_parameters, unique_named_parameters
 from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
+from lightning_automodel.strategies import preview
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
@@ -49,13 +50,6 @@ FROZEN_IN_OPTIMIZER_WARNING = (
     "ParameterFreezing prevents that by re-applying the checkpoint's frozen set; to rule it out altogether, build "
     "the optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
 )
-
-
-def preview(names: Iterable[str]) -> str:
-    """At most ten names, sorted, and how many more."""
-    names = sorted(names)
-    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
-    return ", ".join(names[:10]) + more
 
 
 def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:

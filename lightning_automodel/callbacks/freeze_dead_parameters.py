@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, apply_frozen_set, frozen_set_diff, preview, saved_state
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, apply_frozen_set, frozen_set_diff, saved_state
+from lightning_automodel.strategies import preview
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import digest_names

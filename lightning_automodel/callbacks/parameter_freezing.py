@@ -23,7 +23,6 @@ from lightning_automodel.callbacks._lifecycle import (
     apply_frozen_set,
     frozen_names,
     frozen_set_diff,
-    preview,
     read_callback_states,
     saved_state,
 )
@@ -32,7 +31,7 @@ from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.freezing import FreezeConfig, apply_parameter_freezing, parse_freeze_config
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.naming import canonical_name
-from lightning_automodel.strategies import names_with_optimizer_state
+from lightning_automodel.strategies import names_with_optimizer_state, preview
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
