@@ -1,9 +1,7 @@
 """Freeze parameters by configuration, before the optimizer ever sees them; a resume keeps the checkpoint's set.
 
-If a resumed run trained a different set than the checkpoint's, the optimizer load would fail with a raw
-torch error or, worse, silently resume a different run. So the saved frozen set is compared with the
-model's around the strategy's ``load_checkpoint``, before any optimizer state loads, and either re-applied
-(a warning naming the parameters) or refused (an error).
+A resume that trains another set than the checkpoint's would fail in the optimizer load with a raw torch
+error or, worse, silently resume a different run: so the sets are compared before any optimizer state loads.
 """
 
 from __future__ import annotations
@@ -47,11 +45,8 @@ def _parse(raw: Mapping[str, Any]) -> FreezeConfig:
 
 
 def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: set[str]) -> list[dict[int, str]] | None:
-    """Per saved optimizer of a full checkpoint (one device, DDP): parameter position -> name.
-
-    The saved optimizer held the model's parameters minus the saved frozen set, in module order; None
-    when it holds another count (another optimizer layout: cannot be told).
-    """
+    """Per saved optimizer of a full checkpoint: parameter position -> name (it held the model's parameters
+    minus the saved frozen set, in module order); None for another count (another layout: cannot be told)."""
     states = checkpoint.get("optimizer_states")
     if not isinstance(states, list) or not states:
         return None
@@ -235,11 +230,8 @@ class ParameterFreezing(ModelSurgeryCallback):
         return checkpoint
 
     def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None) -> FrozenSetDiff:
-        """Parameters this run freezes that the checkpoint trained without ever stepping them stay frozen.
-
-        The checkpoint has no optimizer state for them (they got no gradient: FreezeDeadParameters'
-        advice names them), so the run it saved never changed them and freezing them now resumes it exactly.
-        """
+        """Parameters this run freezes that the checkpoint trained but never stepped (no optimizer state: they got
+        no gradient, FreezeDeadParameters' advice) stay frozen: the saved run never changed them."""
         stateless = [name for name in diff.to_unfreeze if with_state is not None and name not in with_state]
         if not stateless:
             return diff
