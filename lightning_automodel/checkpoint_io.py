@@ -2,11 +2,8 @@
 
 Lightning's ``TorchCheckpointIO`` writes through ``fsspec``'s transaction, whose temporary file may live
 on another filesystem (``TMPDIR``): the final step is then a copy, and a kill during it leaves a
-truncated ``last.ckpt``. ``AtomicTorchCheckpointIO`` writes a temporary file beside the target, fsyncs
-it, renames it (``os.replace``) and fsyncs the directory: a kill leaves the previous or the new complete
-file (plus at worst a stale ``.<name>.lightning-automodel-<host>-<pid>-*.tmp``, removed by the next save
-into that directory; a user's own ``.tmp`` files are never touched). The CLI adds it unless a
-``CheckpointIO`` is configured; sharded (DCP) saves are made atomic by ``strategies``.
+truncated ``last.ckpt``. The CLI adds ``AtomicTorchCheckpointIO`` unless a ``CheckpointIO`` is
+configured; sharded (DCP) saves are made atomic by ``strategies``.
 """
 
 from __future__ import annotations
@@ -14,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -47,18 +44,18 @@ def _is_local(path: PathLike) -> bool:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, then a rename."""
+    """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, a rename, and an
+    fsync of the directory: a kill leaves the previous or the new complete file, plus at worst a stale
+    temporary file that the next save into that directory removes (a user's own ``.tmp`` files never)."""
     target = Path(str(path).removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.{_TMP_TAG}-{socket.gethostname()}-{os.getpid()}-"
     if target.parent.resolve() not in _swept:  # once per directory and process: saves killed by earlier runs
         remove_stale_tmp_files(target.parent)
         _swept.add(target.parent.resolve())
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=_TMP_SUFFIX)
-    tmp = Path(tmp_name)
+    tmp = target.parent / f".{target.name}.{_TMP_TAG}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}{_TMP_SUFFIX}"
+    # 0o666 less the umask: a checkpoint gets the mode of any file the user creates (what DCP's files get)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        # mkstemp creates 0600; a checkpoint gets the mode of any file the user creates (what DCP's files get)
-        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -68,19 +65,6 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable read)
-    os.umask(mask)
-    return mask
 
 
 def remove_stale_tmp_files(directory: Path) -> list[Path]:
@@ -170,10 +154,9 @@ def newest_complete_checkpoint(directory: PathLike, exclude: PathLike | None = N
 
 def check_resumable(ckpt_path: PathLike | None) -> None:
     """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
-    checkpoint, naming the newest complete checkpoint in the same directory. A sharded checkpoint that a
-    killed save left parked beside its name is put back first, by local rank 0 while the node's other
-    processes wait (this runs on every rank before a process group exists). Anything else passes through
-    (``last``/``best`` keywords, sharded directories, remote paths, missing files: Lightning reports those)."""
+    checkpoint, naming the newest complete one beside it; first put back a sharded checkpoint a killed save
+    left parked (by local rank 0: this runs on every rank before a process group exists). Anything else
+    passes (``last``/``best``, sharded directories, remote or missing paths: Lightning reports those)."""
     if ckpt_path is None or not _is_local(ckpt_path):
         return
     path = Path(str(ckpt_path).removeprefix("file://"))

@@ -2,18 +2,9 @@
 CPU-offloaded shards in host memory.
 
 Lightning writes a sharded (DCP) checkpoint into its final directory file by file; a kill in the middle
-leaves new shards next to old metadata. Here:
-
-* every rank writes into a staging sibling (``.last.ckpt.tmp``), fsynced, and rank 0 publishes it with
-  ``core.atomic_files.replace_directory`` (an atomic exchange where the filesystem supports it; elsewhere
-  two renames, the previous directory parked at ``.last.ckpt.old``, moved back by the next save or load);
-* a resume whose checkpoint lacks optimizer state for some parameters this run trains (no gradient
-  before the save, e.g. a vision tower on text, or frozen then) starts those fresh with one warning
-  (``on_missing_optimizer_state="warn"``) or stops with one line (``"error"``); Lightning's own load dies
-  on ``Missing key in checkpoint state_dict``;
-* a second save of the same training state (``save_last`` right after the top-k file) hard-links that
-  save's data files and writes only ``meta.pt``; "same" is checked on every rank
-  (:func:`training_state_fingerprint`). ``link_same_step_saves=False`` always writes.
+leaves new shards next to old metadata. Here every rank writes into a staging sibling (``.last.ckpt.tmp``),
+fsynced, and rank 0 publishes it with ``core.atomic_files.replace_directory`` (the previous directory, if
+parked at ``.last.ckpt.old`` by a killed publish, is moved back by the next save or load).
 """
 
 from __future__ import annotations
@@ -22,8 +13,8 @@ import inspect
 import logging
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,15 +24,54 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_automodel._compat.lightning import set_process_group_backend
-from lightning_automodel.callbacks._resume import DCP_METADATA_FILE, dcp_stored_keys, preview, state_fqns
+from lightning_automodel.checkpoint_io import CheckpointResumeError
 from lightning_automodel.core.atomic_files import fsync_tree, recover_replaced_directory, replace_directory, sibling
 from lightning_automodel.core.model_build import CPU_OFFLOAD_ATTR
+from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, SafeFileSystemReader, read_checkpoint_metadata
 
 log = logging.getLogger(__name__)
 
-_METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+_META_PT = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 MissingOptimizerStatePolicy = Literal["warn", "error"]
+DCP_METADATA_FILE = ".metadata"  # what makes a directory a DCP checkpoint
+
+
+def preview(names: Iterable[str]) -> str:
+    """At most ten names, sorted, and how many more."""
+    names = sorted(names)
+    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
+
+
+def dcp_stored_keys(path: Path) -> set[str]:
+    """The keys a DCP checkpoint directory holds (its metadata only, through the allow-list reader)."""
+    return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str]:
+    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``), only
+    ``optimizer_key``'s when given."""
+    fqns = set()
+    for key in keys:
+        optimizer, _, rest = key.partition(".state.")
+        if rest and (optimizer == optimizer_key if optimizer_key else optimizer.startswith("optimizer_")):
+            fqns.add(rest.rsplit(".", 1)[0])
+    return fqns
+
+
+def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
+    """Parameter names (relative to the model at ``module_prefix``, ``"model."``) a sharded checkpoint has optimizer
+    state for; None when that cannot be told (not a DCP directory, unreadable metadata)."""
+    path = Path(checkpoint_path)
+    if not (path / DCP_METADATA_FILE).is_file():
+        return None
+    try:
+        keys = dcp_stored_keys(path)
+    except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
+        log.debug("Could not read the DCP metadata of %s: %s", path, exc)
+        return None
+    return {fqn.removeprefix(module_prefix) for fqn in state_fqns(keys) if fqn.startswith(module_prefix)}
 
 
 def missing_optimizer_state_message(path: Any, missing: list[str], unused: list[str], *, error: bool) -> str:
@@ -63,11 +93,6 @@ def missing_optimizer_state_message(path: Any, missing: list[str], unused: list[
     return f"{head}. Resuming: the former start with fresh optimizer state, the latter's is left out (on_missing_optimizer_state='error' stops instead)."
 
 
-def unused_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
-    """FQNs the checkpoint holds ``key`` optimizer state for that ``current`` does not train."""
-    return sorted(state_fqns(stored, key) - set(current["state"]))
-
-
 def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[str]:
     """FQNs in ``current`` (a ``get_optimizer_state_dict``) with any state key the checkpoint lacks."""
     return sorted(fqn for fqn, values in current["state"].items() if any(f"{key}.state.{fqn}.{name}" not in stored for name in values))
@@ -83,8 +108,6 @@ def load_present_optimizer_state(
     with no state at all (a fresh optimizer's, not the zero step's ``step = 1``).
     """
     from torch.distributed.checkpoint import load
-
-    from lightning_automodel.core.training_checkpoint_reader import SafeFileSystemReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     missing = set(missing_state(current, key, stored))
@@ -107,77 +130,40 @@ def load_present_optimizer_state(
         optimizer.state.pop(by_fqn[fqn], None)
 
 
-def offloads_to_cpu(module: torch.nn.Module) -> bool:
-    """Whether ``core.model_build.apply_fsdp2(..., cpu_offload=True)`` sharded some part of ``module``."""
-    return any(getattr(m, CPU_OFFLOAD_ATTR, False) for m in module.modules())
-
-
 def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> tuple[Any, ...]:
-    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard.
-
-    Equal fingerprints mean the same state: the optimizer state changes only with a step, and an edit
-    of the weights at the same step changes a sum. One scalar per tensor, one sync per device.
-    """
+    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard: equal fingerprints mean
+    the same state (the optimizer state changes only with a step, an edit of the weights changes a sum)."""
     from torch.distributed.tensor import DTensor
 
     # One stack (and one sync) per device: with CPU offload the shards are on the CPU and the
     # buffers on the GPU, and one stack across both fails.
-    sums: list[torch.Tensor] = []
-    for tensor in module.state_dict(keep_vars=True).values():
-        if isinstance(tensor, torch.Tensor):
-            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-            sums.append(local.detach().sum(dtype=torch.float64) if local.is_floating_point() else local.detach().double().sum())
-    by_device: dict[torch.device, list[int]] = {}
-    for position, value in enumerate(sums):
-        by_device.setdefault(value.device, []).append(position)
-    values: list[float] = [0.0] * len(sums)
-    for positions in by_device.values():
-        for position, value in zip(positions, torch.stack([sums[p] for p in positions]).cpu().tolist()):
-            values[position] = value
-    return (checkpoint.get("epoch"), checkpoint.get("global_step"), tuple(values))
-
-
-def backend_with_cpu_path(requested: str | None, device: torch.device) -> str | None:
-    """The process-group backend for ``device``: on CUDA, NCCL plus gloo for CPU tensors unless one was chosen.
-
-    With FSDP2 CPU offload, gradient clipping all-reduces CPU DTensors and an NCCL-only group fails
-    (pytorch#148532); gloo beside NCCL costs no device memory and serves every CPU collective.
-    """
-    if requested is not None or device.type != "cuda":
-        return requested
-    return "cpu:gloo,cuda:nccl"
-
-
-def check_checkpoint_is_data(path: Path) -> None:
-    """Refuse (one line) a checkpoint whose metadata would import or run anything when unpickled.
-
-    DCP unpickles ``.metadata`` with plain ``pickle`` on every rank: each rank first reads it (and
-    ``meta.pt``) through export's restricted readers, so a crafted file fails here.
-    """
-    from lightning_automodel.checkpoint_io import CheckpointResumeError
-    from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
-
-    if not path.exists():
-        return  # Lightning's load reports a missing path in its own words
-    try:
-        read_checkpoint_metadata(path)
-    except CheckpointReadError as exc:
-        raise CheckpointResumeError(f"cannot resume from {path}: {exc}") from None
+    sums = [
+        (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().sum(dtype=torch.float64)
+        for tensor in module.state_dict(keep_vars=True).values()
+        if isinstance(tensor, torch.Tensor)
+    ]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for value in sums:
+        by_device.setdefault(value.device, []).append(value)
+    read = {device: iter(torch.stack(group).cpu().tolist()) for device, group in by_device.items()}
+    return (checkpoint.get("epoch"), checkpoint.get("global_step"), tuple(next(read[value.device]) for value in sums))
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus two).
 
     With FSDP2 CPU offload only buffers go to the device (``model.to(device)`` would copy the shards
-    that did not fit to the GPU). On CUDA the default process group is ``cpu:gloo,cuda:nccl``
-    (:func:`backend_with_cpu_path`), so clipping CPU-offloaded gradients works.
+    that did not fit to the GPU). On CUDA the default process group is ``cpu:gloo,cuda:nccl``, so
+    clipping CPU-offloaded gradients works.
 
     Args:
-        link_same_step_saves: a save of exactly the state of the previous save of this run hard-links
-            that save's data files (no second full copy for ``save_last``).
+        link_same_step_saves: a save of exactly the state of the previous save of this run (every rank
+            checks :func:`training_state_fingerprint`; ``save_last`` right after the top-k file) hard-links
+            that save's data files and writes only ``meta.pt``.
         on_missing_optimizer_state: a resume from a sharded checkpoint without optimizer state for some
-            trained parameters: ``"warn"`` starts them fresh with one warning naming them, ``"error"``
-            stops with one line naming them.
+            trained parameters (no gradient before the save, e.g. a vision tower on text, or frozen then):
+            ``"warn"`` starts them fresh with one warning naming them, ``"error"`` stops with one line
+            naming them (Lightning's own load dies on ``Missing key in checkpoint state_dict``).
         *args, **kwargs: ``ModelParallelStrategy``'s.
     """
 
@@ -203,28 +189,24 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        # Lightning creates the process group in setup_environment; this is the last point to choose its
-        # backend (the root device is known here).
-        set_process_group_backend(self, backend_with_cpu_path(self.process_group_backend, self.root_device))
+        # Lightning creates the process group here: the last point to choose its backend. With FSDP2 CPU
+        # offload, gradient clipping all-reduces CPU DTensors and an NCCL-only group fails (pytorch#148532);
+        # gloo beside NCCL costs no device memory and serves every CPU collective.
+        if self.process_group_backend is None and self.root_device.type == "cuda":
+            set_process_group_backend(self, "cpu:gloo,cuda:nccl")
         super().setup_environment()
 
     @override
     def model_to_device(self) -> None:
-        if self.model is None or not offloads_to_cpu(self.model):
+        if self.model is None or not any(getattr(m, CPU_OFFLOAD_ATTR, False) for m in self.model.modules()):
             return super().model_to_device()
         for module in self.model.modules():
             for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
                 setattr(module, name, buffer.to(self.root_device))  # stays a buffer, persistent or not
 
-    def _linkable_previous(self, state_id: tuple[Any, ...]) -> Path | None:
-        if not self.link_same_step_saves or self._previous_save is None:
-            return None
-        path, previous_id = self._previous_save
-        return path if previous_id == state_id and (path / DCP_METADATA_FILE).is_file() else None
-
     def _on_rank_0_then_agree(self, step: Callable[[], object], what: str) -> None:
-        """Run a filesystem ``step`` on rank 0, then agree on its outcome (a collective): a failure on rank 0
-        alone (a full disk) raises there and, within one all-reduce, as one line on every other rank."""
+        """A filesystem ``step`` on rank 0, then agreement (a collective): its failure (a full disk) raises there
+        and, as one line, on every other rank."""
         error: Exception | None = None
         if self.global_rank == 0:
             try:
@@ -244,7 +226,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         final = Path(self.broadcast(str(filepath)))
         staging = sibling(final, "tmp")
         state_id = training_state_fingerprint(self.lightning_module, checkpoint)
-        source = self._linkable_previous(state_id)
+        previous, previous_id = self._previous_save if self.link_same_step_saves and self._previous_save else (None, None)
+        source = previous if previous_id == state_id and (previous / DCP_METADATA_FILE).is_file() else None
 
         def prepare() -> None:
             recover_replaced_directory(final)
@@ -262,10 +245,10 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             def link() -> None:
                 staging.mkdir(parents=True)
                 for file in linked.iterdir():
-                    if file.is_file() and file.name != _METADATA_FILE:
+                    if file.is_file() and file.name != _META_PT:
                         os.link(file, staging / file.name)
                 metadata = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-                torch.save(metadata, staging / _METADATA_FILE)
+                torch.save(metadata, staging / _META_PT)
 
             self._on_rank_0_then_agree(link, f"linking the data files of {source} into {staging}")
         self.barrier("atomic_checkpoint_written")
@@ -280,13 +263,16 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.local_rank == 0:  # one per node (node-local copies too); racing nodes on a shared filesystem are fine
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
-        check_checkpoint_is_data(path)
+        # DCP unpickles .metadata with plain pickle on every rank: each rank reads it (and meta.pt) through
+        # the restricted readers first, so a crafted file fails here with one line.
+        if path.exists():
+            try:
+                read_checkpoint_metadata(path)
+            except CheckpointReadError as exc:
+                raise CheckpointResumeError(f"cannot resume from {path}: {exc}") from None
         weights_only = True if weights_only is None else weights_only
         if not self.optimizers or not (path / DCP_METADATA_FILE).is_file():
             return super().load_checkpoint(checkpoint_path, weights_only)
-        return self._load_sharded_with_partial_optimizer_state(path, weights_only)
-
-    def _load_sharded_with_partial_optimizer_state(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         stored = dcp_stored_keys(path)
@@ -300,7 +286,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             self.optimizers = optimizers
         currents = [get_optimizer_state_dict(self.model, optimizer) for optimizer in optimizers]
         missing = sorted({fqn for i, current in enumerate(currents) for fqn in missing_state(current, f"optimizer_{i}", stored)})
-        unused = sorted({fqn for i, current in enumerate(currents) for fqn in unused_state(current, f"optimizer_{i}", stored)})
+        unused = sorted({fqn for i, current in enumerate(currents) for fqn in state_fqns(stored, f"optimizer_{i}") - set(current["state"])})
         if (missing or unused) and self.on_missing_optimizer_state == "error":
             raise MisconfigurationException(missing_optimizer_state_message(path, missing, unused, error=True))
         for i, (optimizer, current) in enumerate(zip(optimizers, currents)):

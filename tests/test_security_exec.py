@@ -153,8 +153,8 @@ def test_strategy_load_checks_metadata_before_dcp(tmp_path, where):
 
 
 @pytest.mark.parametrize("kind", ["file", "sharded"])
-def test_callback_state_read_is_weights_only_whatever_is_asked(tmp_path, kind):
-    from lightning_automodel.callbacks._resume import read_callback_states
+def test_callback_state_read_is_data_only(tmp_path, kind):
+    from lightning_automodel.callbacks._lifecycle import read_callback_states
 
     marker = tmp_path / "MARKER"
     if kind == "file":
@@ -162,7 +162,7 @@ def test_callback_state_read_is_weights_only_whatever_is_asked(tmp_path, kind):
         torch.save({"state_dict": {}, "callbacks": {"x": Payload(marker)}}, path)
     else:
         path = sharded_checkpoint_with_payload(tmp_path, marker, "meta_pt")
-    assert read_callback_states(path, weights_only=False) is None
+    assert read_callback_states(path) is None
     assert not marker.exists()
 
 

@@ -1,26 +1,22 @@
 """When model surgery runs, whatever the user's LightningModule looks like.
 
 Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``, and
-``Callback.setup`` runs before ``configure_model``. So two LightningModule methods are patched on the
-instance for one Trainer run: ``setup`` (surgery before FSDP2 ``fully_shard``, which the bf16 cast
-needs) and, when overridden, ``configure_model`` (surgery again on the built or sharded model, which the
-tie repair needs). Surgeries are idempotent; both moments precede ``configure_optimizers``, so frozen
-parameters never reach the optimizer.
-
-The patches (:class:`MethodPatch`) are picklable objects that hold no Trainer: each call runs the
-surgery callbacks of the Trainer the module is attached to *now*, in :func:`surgery_schedule` order.
-Every surgery callback removes all patches at ``teardown`` and at ``on_exception`` (Lightning skips
-``teardown`` after an exception), so after a fit the module pickles, deep-copies and runs under
-``ddp_spawn`` untouched. Per-run state lives on the callbacks and is reset in their ``setup``.
-A surgery callback may define ``apply_before_sharding(trainer, pl_module, model)`` for changes that
-must happen on the unsharded (meta) model: see :func:`prepare_before_sharding`.
+``Callback.setup`` runs before the module's own ``setup`` and ``configure_model``. So for one Trainer
+run the first surgery callback patches, on the instances, the module's ``setup`` (surgery before FSDP2
+``fully_shard``, which the bf16 cast needs) and, when overridden, ``configure_model`` (surgery on the
+built or sharded model, which the tie repair needs): both precede ``configure_optimizers``. It also
+patches the strategy's ``load_checkpoint``, in which sharded strategies load the optimizer state before
+any callback hook. The patches serve the Trainer attached *now* and are removed at ``teardown`` and
+``on_exception`` (Lightning skips ``teardown`` after an exception): after any fit the module pickles,
+deep-copies and runs under ``ddp_spawn`` untouched.
 """
 
 from __future__ import annotations
 
-import logging
-import weakref
+import functools
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as pl
@@ -35,19 +31,91 @@ from typing_extensions import override
 from lightning_automodel.callbacks._export_info import record_export_info
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
-from lightning_automodel.core.naming import unique_named_parameters
+from lightning_automodel.core.logs import rank_zero_logger
+from lightning_automodel.core.naming import canonical_named_parameters, unique_named_parameters
+from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
+from lightning_automodel.strategies import preview
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
-#: Where the job's ``weights_dtype`` cast runs among the callbacks' ``surgery_order`` values: after LoRA
-#: injection (5), so peft creates the adapters on fp32 base weights (fp32 adapters, which the cast keeps),
-#: and before the freeze rules (10), which see the final dtypes.
+#: The job's ``weights_dtype`` cast: after LoRA injection (5), so peft creates fp32 adapters on fp32 base
+#: weights (the cast keeps them), and before the freeze rules (10), which see the final dtypes.
 WEIGHTS_DTYPE_ORDER = 7
 
+#: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py); one device resumes in that case too.
+FROZEN_IN_OPTIMIZER_WARNING = (
+    "The optimizer holds frozen parameters. They get no gradient and no optimizer state: training works, and so "
+    "does a resume with the same frozen set. One case fails: a sharded (DCP) resume in which some of them are trainable again (the new optimizer asks "
+    "for state the checkpoint does not have: `Missing key in checkpoint state_dict: optimizer_0.state...`). "
+    "ParameterFreezing prevents that by re-applying the checkpoint's frozen set; to rule it out altogether, build "
+    "the optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
+)
 
-def target_model(pl_module: nn.Module) -> tuple[str, nn.Module]:
-    """``(prefix, model)``: the Hugging Face model inside the LightningModule, or the module itself."""
-    return find_hf_model(pl_module)
+
+def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[str, Any] | None:
+    """The state saved under ``state_key``, or under an older ``state_key{...}`` key when unambiguous."""
+    if state_key in callback_states:
+        return callback_states[state_key]
+    legacy = [k for k in callback_states if isinstance(k, str) and k.startswith(state_key + "{")]
+    return callback_states[legacy[0]] if len(legacy) == 1 else None
+
+
+def read_callback_states(checkpoint_path: Any) -> Mapping[str, Any] | None:
+    """Only the ``callbacks`` entry of a checkpoint, read as data (never plain pickle); None when unreadable
+    (this runs before the strategy's own load, which reports that in its own words)."""
+    path = Path(checkpoint_path)
+    if not path.exists():
+        return None
+    try:
+        callbacks = read_checkpoint_metadata(path).get("callbacks")
+    except Exception as exc:  # noqa: BLE001 - the strategy's own load reports it
+        log.debug("Could not read the callback state of %s early: %s", path, exc)
+        return None
+    return callbacks if isinstance(callbacks, Mapping) else None
+
+
+@dataclass(frozen=True)
+class FrozenSetDiff:
+    """How the model's frozen set differs from a checkpoint's (canonical names, sorted)."""
+
+    to_freeze: list[str]  # the checkpoint froze them, this run would train them
+    to_unfreeze: list[str]  # the checkpoint trained them, this run would freeze them
+    missing: list[str]  # the checkpoint froze them, the model has no such parameter
+
+    def __bool__(self) -> bool:
+        return bool(self.to_freeze or self.to_unfreeze)
+
+    def describe(self) -> str:
+        parts = []
+        if self.to_freeze:
+            parts.append(f"the checkpoint froze {len(self.to_freeze)} that this run would train: [{preview(self.to_freeze)}]")
+        if self.to_unfreeze:
+            parts.append(
+                f"the checkpoint trained {len(self.to_unfreeze)} that this run would freeze: [{preview(self.to_unfreeze)}]"
+            )
+        return "; ".join(parts)
+
+
+def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[str] | None = None) -> FrozenSetDiff:
+    """Compare the model's frozen parameters with ``frozen`` (within ``scope``, default all parameters)."""
+    frozen = set(frozen)
+    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    names = set(params) if scope is None else set(scope) & set(params)
+    current = {n for n in names if not params[n].requires_grad}
+    return FrozenSetDiff(
+        to_freeze=sorted((frozen & names) - current),
+        to_unfreeze=sorted(current - frozen),
+        missing=sorted(frozen - set(params)),
+    )
+
+
+def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
+    """Make the model's frozen set the checkpoint's: freeze ``to_freeze``, unfreeze ``to_unfreeze``."""
+    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    for name in diff.to_freeze:
+        params[name].requires_grad_(False)
+    for name in diff.to_unfreeze:
+        params[name].requires_grad_(True)
 
 
 def frozen_names(model: nn.Module) -> list[str]:
@@ -56,8 +124,6 @@ def frozen_names(model: nn.Module) -> list[str]:
 
 
 class SurgeryStep(Protocol):
-    """A step of :func:`surgery_schedule`: a surgery callback, or the job's weights dtype cast."""
-
     surgery_order: int
 
 
@@ -67,10 +133,7 @@ class WeightsDtypeCast:
     surgery_order: int = WEIGHTS_DTYPE_ORDER
 
     def __init__(self, cast: Callable[[nn.Module], object]) -> None:
-        self.cast = cast
-
-    def apply_to_model(self, model: nn.Module) -> None:
-        self.cast(model)
+        self.apply_to_model = cast
 
 
 def surgery_schedule(
@@ -84,23 +147,15 @@ def surgery_schedule(
     return sorted(steps, key=lambda step: step.surgery_order)
 
 
-def surgery_callbacks(trainer: pl.Trainer) -> list[ModelSurgeryCallback]:
-    """The running Trainer's surgery callbacks in ``surgery_order`` (stable for equal orders)."""
-    return [step for step in surgery_schedule(trainer.callbacks) if isinstance(step, ModelSurgeryCallback)]
+def surgery_callbacks(trainer: pl.Trainer | None) -> list[ModelSurgeryCallback]:
+    """The Trainer's surgery callbacks in ``surgery_order``; none without a Trainer."""
+    return [step for step in surgery_schedule(trainer.callbacks if trainer else []) if isinstance(step, ModelSurgeryCallback)]
 
 
-def frozen_by(trainer: pl.Trainer) -> dict[str, str]:
-    """Canonical parameter name -> the rule that froze it, over the Trainer's surgery callbacks."""
-    rules: dict[str, str] = {}
-    for callback in surgery_callbacks(trainer):
-        rules.update(callback.frozen_parameters())
-    return rules
-
-
-def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
+def attached_trainer(pl_module: pl.LightningModule | None) -> pl.Trainer | None:
     """The Trainer the module is attached to right now, or None (called outside a Trainer run)."""
     try:
-        return pl_module.trainer
+        return pl_module.trainer if pl_module is not None else None
     except RuntimeError:  # "... is not attached to a `Trainer`"
         return None
 
@@ -108,34 +163,26 @@ def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
 def prepare_before_sharding(
     pl_module: pl.LightningModule, model: nn.Module | None = None, *, weights_cast: Callable[[nn.Module], object] | None = None
 ) -> None:
-    """Run the surgery that must happen before FSDP2 shards the model, in :func:`surgery_schedule` order.
+    """Run the surgery that must precede FSDP2 sharding (LoRA injection, then ``weights_cast`` when given).
 
-    That is LoRA injection, then ``weights_cast`` (``HFCausalLM``'s ``weights_dtype``) when given.
-    ``HFCausalLM.configure_model`` calls it right after building the model on meta. A LightningModule
-    that builds and shards its own model in ``configure_model`` calls it once, between the build and
-    ``fully_shard``: ``prepare_before_sharding(self, self.model)``. Without a Trainer only the cast runs.
+    A LightningModule that builds and shards its own model in ``configure_model`` calls it once, between
+    the build and ``fully_shard``: ``prepare_before_sharding(self, self.model)`` (``HFCausalLM`` does).
     """
     trainer = attached_trainer(pl_module)
-    if model is None:
-        _, model = target_model(pl_module)
-    callbacks = trainer.callbacks if trainer is not None else []
-    for step in surgery_schedule(callbacks, weights_cast):
+    model = model if model is not None else find_hf_model(pl_module)[1]
+    for step in surgery_schedule(trainer.callbacks if trainer else [], weights_cast):
         if isinstance(step, WeightsDtypeCast):
             step.apply_to_model(model)
-            continue
-        before = getattr(step, "apply_before_sharding", None)
-        if callable(before):
-            before(trainer, pl_module, model)
+        else:
+            step.apply_before_sharding(trainer, pl_module, model)
 
 
 def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Run the Trainer's surgery callbacks on the target model, then check ranks agree and something trains."""
     callbacks = surgery_callbacks(trainer)
-    if not callbacks:
-        return
-    _, model = target_model(pl_module)
-    if not any(True for _ in model.parameters()):
-        return  # built later, in configure_model
+    _, model = find_hf_model(pl_module)
+    if not callbacks or not any(True for _ in model.parameters()):
+        return  # nothing to do, or built later, in configure_model
     for callback in callbacks:
         callback.apply_surgery(trainer, pl_module, model)
     for callback in callbacks:
@@ -153,131 +200,89 @@ def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         )
 
 
-class _Absent:
-    """``MethodPatch.previous`` when the owner had no instance attribute (its class's method applies)."""
-
-    def __reduce__(self) -> str:
-        return "_ABSENT"  # pickling and deepcopy keep the singleton, so identity checks hold in a copy
-
-
-_ABSENT = _Absent()
-
-
 class MethodPatch:
-    """``owner.<name>`` replaced on the instance by ``around(owner, call_previous, *args, **kwargs)``.
+    """``owner.<name>`` replaced on the instance by ``around(owner, previous, *args)``, for one Trainer run.
 
-    Not a closure, so a patched owner stays picklable and a deep copy's patch calls the copy.
-    ``previous`` is the instance attribute before (``_ABSENT``: the class's method, looked up at each
-    call). An inactive patch only calls through (left when something patched on top of it).
+    Not a closure: the owner stays picklable and a deep copy's patch acts on the copy. ``previous`` is
+    the instance attribute it replaced (None: the class's method, looked up at each call).
     """
 
-    def __init__(self, owner: object, name: str, around: Callable[..., Any], previous: Any = _ABSENT) -> None:
-        self.owner = owner
-        self.name = name
-        self.around = around
-        self.previous = previous
+    def __init__(self, owner: Any, name: str, around: Callable[..., Any]) -> None:
+        self.owner, self.name, self.around = owner, name, around
+        self.previous = vars(owner).get(name)
         self.active = True
-
-    def call_previous(self, *args: Any, **kwargs: Any) -> Any:
-        return self._previous()(*args, **kwargs)
-
-    def _previous(self) -> Callable[..., Any]:
-        if self.previous is not _ABSENT:
-            return self.previous
-        # The class attribute through the descriptor protocol: a function, staticmethod or classmethod binds as usual.
-        return getattr(type(self.owner), self.name).__get__(self.owner, type(self.owner))
+        setattr(owner, name, self)
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
         # Lightning's is_overridden unwraps __wrapped__: a patched configure_model still counts as overridden.
-        return self._previous()
+        return self.previous or getattr(type(self.owner), self.name).__get__(self.owner)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
-            return self.call_previous(*args, **kwargs)
-        return self.around(self.owner, self.call_previous, *args, **kwargs)
+        if not self.active:  # removed, but something that wrapped it after us still calls it: call through
+            return self.__wrapped__(*args, **kwargs)
+        return self.around(self.owner, self.__wrapped__, *args, **kwargs)
+
+    def remove(self) -> None:
+        """Put back what was there; if something wrapped us meanwhile, stay as an inactive pass-through."""
+        self.active = False
+        if vars(self.owner).get(self.name) is self:
+            if self.previous is None:
+                delattr(self.owner, self.name)
+            else:
+                setattr(self.owner, self.name, self.previous)
 
 
-#: Patches not removed yet (weak: a patch lives as long as its owner's attribute or a wrapper holds it).
-_LIVE_PATCHES: weakref.WeakSet[MethodPatch] = weakref.WeakSet()
-
-
-def _patch_chain(owner: object, name: str) -> list[MethodPatch]:
-    """Our patches of ``owner.<name>``, outermost first (stops at anything that is not a MethodPatch)."""
-    chain = []
-    current = vars(owner).get(name, _ABSENT) if hasattr(owner, "__dict__") else _ABSENT
-    while isinstance(current, MethodPatch):
-        chain.append(current)
-        current = current.previous
-    return chain
-
-
-def patch_method(owner: object, name: str, around: Callable[..., Any]) -> None:
-    """Patch ``owner.<name>`` with ``around`` unless an active patch with the same ``around`` is already there."""
-    if any(patch.around is around and patch.active for patch in _patch_chain(owner, name)):
-        return
-    patch = MethodPatch(owner, name, around, vars(owner).get(name, _ABSENT))
-    _LIVE_PATCHES.add(patch)
-    setattr(owner, name, patch)
-
-
-def remove_patches(owner: object | None) -> None:
-    """Remove every :class:`MethodPatch` from ``owner``, restoring what was there before; one that something
-    else wrapped is deactivated instead (it then only calls through), so nothing of ours acts after the run."""
-    if owner is None or not hasattr(owner, "__dict__"):
-        return
-    for patch in [patch for patch in _LIVE_PATCHES if patch.owner is owner]:
-        patch.active = False  # also those wrapped by someone else, which stay reachable through their wrapper
-        _LIVE_PATCHES.discard(patch)
-    for name, value in list(vars(owner).items()):
-        if not isinstance(value, MethodPatch):
-            continue
-        chain = _patch_chain(owner, name)
-        for patch in chain:
-            patch.active = False
-        restored = chain[-1].previous
-        if restored is _ABSENT:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, restored)
-
-
-def _surgery_after(pl_module: pl.LightningModule, call_previous: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _surgery_after(pl_module: pl.LightningModule, previous: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The ``setup`` / ``configure_model`` patch: the module's own method, then the attached Trainer's surgery."""
-    result = call_previous(*args, **kwargs)
+    result = previous(*args, **kwargs)
     trainer = attached_trainer(pl_module)
     if trainer is not None:
         run_surgery(trainer, pl_module)
     return result
 
 
-def remove_run_patches(trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
-    """Undo every patch a surgery callback made for this run: on the module and on the Trainer's strategy."""
-    remove_patches(pl_module)
-    remove_patches(trainer.strategy)
+def _load_through_callbacks(strategy: pl.strategies.Strategy, load: Callable[..., Any], checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+    """The ``strategy.load_checkpoint`` patch: each surgery callback's ``around_checkpoint_load``, in surgery order."""
+    trainer = attached_trainer(strategy.lightning_module)
+    run = functools.partial(load, checkpoint_path, *args, **kwargs)
+    for callback in reversed(surgery_callbacks(trainer)):
+        run = functools.partial(callback.around_checkpoint_load, trainer, checkpoint_path, run)
+    return run()
 
 
 class ModelSurgeryCallback(Callback):
-    """Base class: subclasses implement :meth:`apply_surgery` and set ``surgery_order``.
+    """Base class: subclasses set ``surgery_order`` and override the hooks below they need.
 
-    Subclasses keep per-run state on themselves and reset it in :meth:`reset_run_state` (called from
-    ``setup``), so a callback reused by a second Trainer, or after a failed fit, starts clean.
+    Per-run state is reset in :meth:`reset_run_state`, from ``setup``. ``state_key`` is the class name
+    whatever the arguments: a resume with changed arguments still finds the saved state.
     """
 
     surgery_order: ClassVar[int] = 100
-    #: completed surgery passes in the current run (0 during the first: log only then)
-    surgery_runs: int = 0
 
-    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
-        raise NotImplementedError
-
-    def frozen_parameters(self) -> Mapping[str, str]:
-        """Canonical names this callback froze in the current run -> the rule (for the summary)."""
-        return {}
+    def __init__(self) -> None:
+        self.reset_run_state()
+        self._patches: list[MethodPatch] = []
 
     def reset_run_state(self) -> None:
         """Forget everything from a previous run (override and call ``super()``)."""
-        self.surgery_runs = 0
+        self.frozen: dict[str, str] = {}  # canonical parameter name -> the rule that froze it, in this run
+        self.surgery_runs = 0  # completed surgery passes in this run (0 during the first: log only then)
+
+    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """Change the model after it is built (and after ``configure_model``); the base changes nothing."""
+
+    def apply_before_sharding(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """Change the unsharded (meta) model before FSDP2 shards it; the base changes nothing."""
+
+    def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Wrap the strategy's ``load_checkpoint`` (which loads a sharded optimizer's state); the base just loads."""
+        return load()
+
+    def log_first(self, message: str) -> None:
+        """``ClassName: message``, in the first surgery pass of a run only."""
+        if self.surgery_runs == 0:
+            log.info(f"{type(self).__name__}: {message}")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -287,10 +292,12 @@ class ModelSurgeryCallback(Callback):
                 "ModelParallelStrategy (FSDP2), FSDPStrategy, DDP or a single device."
             )
         self.reset_run_state()
-        # Which Trainer and which callbacks is decided at each call, not here.
-        patch_method(pl_module, "setup", _surgery_after)
+        if surgery_callbacks(trainer)[0] is not self:
+            return  # the first surgery callback patches, once per run
+        self.teardown(trainer, pl_module, stage)  # nothing left from a run that ended without teardown
+        self._patches = [MethodPatch(pl_module, "setup", _surgery_after), MethodPatch(trainer.strategy, "load_checkpoint", _load_through_callbacks)]
         if is_overridden("configure_model", pl_module):
-            patch_method(pl_module, "configure_model", _surgery_after)
+            self._patches.append(MethodPatch(pl_module, "configure_model", _surgery_after))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -299,12 +306,13 @@ class ModelSurgeryCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_run_patches(trainer, pl_module)
+        for patch in reversed(self._patches):
+            patch.remove()
+        self._patches = []
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning skips teardown after an exception: a failed fit must not leave patches behind either.
-        remove_run_patches(trainer, pl_module)
+        self.teardown(trainer, pl_module, "exception")  # Lightning skips teardown after an exception
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,39 +332,22 @@ class ModelSurgeryCallback(Callback):
 
 
 def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """One warning when a single-device or DDP resume left trainable parameters without optimizer state.
-
-    torch's ``Optimizer.load_state_dict`` restores state by position and leaves a parameter that had none
-    (it never got a gradient, e.g. a vision tower trained on text) without any: it starts fresh, silently.
-    Sharded strategies restore after setup; ``AtomicModelParallelStrategy`` reports those itself.
-    """
+    """One warning when a single-device or DDP resume left trainable parameters without optimizer state:
+    torch restores it by position, and a parameter that had none (it never got a gradient, e.g. a vision
+    tower trained on text) silently starts fresh. ``AtomicModelParallelStrategy`` reports sharded ones."""
     if not trainer.ckpt_path or trainer.strategy.restore_checkpoint_after_setup or trainer.global_step == 0:
         return
     names = {id(p): name for name, p in pl_module.named_parameters()}
-    missing = sorted(
+    missing = [
         names.get(id(p), "?")
         for optimizer in trainer.optimizers
         for group in optimizer.param_groups
         for p in group["params"]
         if p.requires_grad and not optimizer.state.get(p)
-    )
+    ]
     if missing:
-        more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
         rank_zero_warn(
             f"Resumed from {trainer.ckpt_path}: {len(missing)} trainable parameters have no optimizer state in it "
             f"(they never got a gradient in the run that saved it) and start with fresh AdamW state: "
-            f"{', '.join(missing[:10])}{more}. Freeze them (ParameterFreezing) if they should not train."
+            f"{preview(missing)}. Freeze them (ParameterFreezing) if they should not train."
         )
-
-
-#: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py): frozen parameters in the optimizer get
-#: no gradient and no state, and a resume with the same frozen set works on one device and on FSDP2. A sharded
-#: (DCP) resume fails only when some of them are trainable again: the new run's optimizer asks DCP for their
-#: state. One device then resumes (the missing state is created at the next step).
-FROZEN_IN_OPTIMIZER_WARNING = (
-    "The optimizer holds frozen parameters. They get no gradient and no optimizer state: training works, and so "
-    "does a resume with the same frozen set. One case fails: a sharded (DCP) resume in which some of them are trainable again (the new optimizer asks "
-    "for state the checkpoint does not have: `Missing key in checkpoint state_dict: optimizer_0.state...`). "
-    "ParameterFreezing prevents that by re-applying the checkpoint's frozen set; to rule it out altogether, build "
-    "the optimizer from trainable parameters only: `[p for p in self.parameters() if p.requires_grad]`."
-)

@@ -12,9 +12,6 @@ from typing_extensions import override
 
 from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
 from lightning_automodel.core.dtypes import cast_floating_point
-from lightning_automodel.core.logs import rank_zero_logger
-
-log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 class CastMixedDtypeToBF16(ModelSurgeryCallback):
@@ -31,20 +28,13 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
     surgery_order: ClassVar[int] = 30
 
     def __init__(self, cast_buffers: bool = False) -> None:
+        super().__init__()
         self.cast_buffers = cast_buffers
-        self.cast: list[str] = []
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # One key whatever the arguments: changing them on resume is allowed and must not make
-        # Lightning ask for "the callbacks used to create the checkpoint".
-        return "CastMixedDtypeToBF16"
 
     @override
     def reset_run_state(self) -> None:
         super().reset_run_state()
-        self.cast = []
+        self.cast: list[str] = []
 
     @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
@@ -58,8 +48,7 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
         cast = cast_floating_point(model, torch.bfloat16, cast_buffers=self.cast_buffers)
         if cast:
             self.cast = sorted(set(self.cast) | set(cast))
-            if self.surgery_runs == 0:
-                log.info(f"CastMixedDtypeToBF16: cast {len(cast)} tensors to bfloat16.")
+            self.log_first(f"cast {len(cast)} tensors to bfloat16.")
 
     @override
     def state_dict(self) -> dict[str, Any]:

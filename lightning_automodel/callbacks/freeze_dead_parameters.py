@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -14,25 +13,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, target_model
-from lightning_automodel.callbacks._resume import apply_frozen_set, frozen_set_diff, optimizer_state_key, preview, saved_state
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, apply_frozen_set, frozen_set_diff, saved_state
+from lightning_automodel.strategies import preview
 from lightning_automodel.core.dead_params import freeze_dead_parameters
+from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.naming import unique_named_parameters
-from lightning_automodel.core.logs import rank_zero_logger
-
-log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
     A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
-    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``
-    (``AtomicModelParallelStrategy`` starts them fresh with a warning). Known cases are frozen by rule,
-    after ``ParameterFreezing`` (so no unfreeze selector revives them). Otherwise the first
-    ``detect_steps`` backward passes are watched (by name: FSDP2 swaps the parameter objects): a
-    trainable parameter with no gradient on any rank is named on rank 0, with the selector that freezes it.
+    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``.
+    Known cases are frozen by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them).
+    Otherwise, a trainable parameter with no gradient on any rank in the first ``detect_steps`` backward
+    passes is named on rank 0, with the selector that freezes it.
 
     Args:
         detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
@@ -44,53 +40,35 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     def __init__(self, detect_steps: int = 3) -> None:
         if detect_steps < 0:
             raise ValueError(f"detect_steps must be >= 0; got {detect_steps}.")
+        super().__init__()
         self.detect_steps = detect_steps
-        self.frozen: dict[str, str] = {}
-        self.unused: list[str] = []
-        self._seen_backward = 0
-        self._alive: set[str] = set()
-        self._watched: list[str] = []
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # Stable: a resume with another detect_steps still finds the saved dead set.
-        return type(self).__qualname__
 
     @override
     def reset_run_state(self) -> None:
         super().reset_run_state()
-        self.frozen = {}
-        self.unused = []
-        self._seen_backward = 0
-        self._alive = set()
-        self._watched = []
+        self.unused: list[str] = []
+        self._watched: list[str] = []  # names, watched from train start: the objects change under FSDP2
 
     @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self.frozen = freeze_dead_parameters(model)
-        if self.frozen and self.surgery_runs == 0:
-            log.info(f"FreezeDeadParameters: froze {len(self.frozen)} dead parameter tensors.")
-
-    @override
-    def frozen_parameters(self) -> Mapping[str, str]:
-        return self.frozen
+        if self.frozen:
+            self.log_first(f"froze {len(self.frozen)} dead parameter tensors.")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._seen_backward = 0
-        self._alive = set()
-        _, model = target_model(pl_module)
-        # Names only: the objects behind them change under FSDP2.
+        self._alive: set[str] = set()
+        _, model = find_hf_model(pl_module)
         self._watched = [name for name, p in unique_named_parameters(model) if p.requires_grad]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._seen_backward >= self.detect_steps or not self._watched:
+        if not self._watched or self._seen_backward >= self.detect_steps:
             return
         self._seen_backward += 1
-        _, model = target_model(pl_module)
+        _, model = find_hf_model(pl_module)
         with_grad = {name for name, p in unique_named_parameters(model) if p.grad is not None}
         self._alive.update(name for name in self._watched if name in with_grad)
         if self._seen_backward == self.detect_steps:
@@ -112,22 +90,17 @@ class FreezeDeadParameters(ModelSurgeryCallback):
             f"FreezeDeadParameters: {len(self.unused)} trainable parameter tensors received no gradient on any rank in the "
             f"first {self.detect_steps} backward passes: {', '.join(shown)}"
             f"{' ...' if len(self.unused) > len(shown) else ''}. A checkpoint has no optimizer state for them "
-            f"(`Missing key in checkpoint state_dict: {optimizer_state_key(target_model(trainer.lightning_module)[0], shown[0])}` "
+            f"(`Missing key in checkpoint state_dict: optimizer_0.state.{find_hf_model(trainer.lightning_module)[0]}{shown[0]}.step` "
             "from a plain ModelParallelStrategy resume; AtomicModelParallelStrategy starts them fresh with a warning). "
             f"If they are dead, freeze them (a resume keeps them frozen):\n  ParameterFreezing:\n    freeze_modules:\n{selectors}"
         )
 
     def _selector_paths(self, unused: list[str]) -> list[str]:
         """For each unused parameter, the outermost module whose watched parameters are all unused (else the parameter)."""
-        unused_set = set(unused)
         watched = Counter(m for name in self._watched for m in _module_prefixes(name))
-        dead = Counter(m for name in self._watched if name in unused_set for m in _module_prefixes(name))
-        paths: list[str] = []
-        for name in unused:
-            path = next((m for m in _module_prefixes(name) if m in watched and dead[m] == watched[m]), name)
-            if path not in paths:
-                paths.append(path)
-        return paths
+        dead = Counter(m for name in unused for m in _module_prefixes(name))
+        paths = (next((m for m in _module_prefixes(name) if dead[m] == watched[m]), name) for name in unused)
+        return list(dict.fromkeys(paths))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -142,7 +115,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         if state is None or trainer.state.fn != "fit":
             return
         saved = set(state.get("frozen", []))
-        model = target_model(pl_module)[1]
+        model = find_hf_model(pl_module)[1]
         diff = frozen_set_diff(model, saved, scope=saved | set(self.frozen))
         if not diff:
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -11,8 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
-from lightning_automodel.callbacks._resume import install_resume_check, saved_state
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, read_callback_states, saved_state
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.lora import (
@@ -76,15 +75,9 @@ class LoRA(ModelSurgeryCallback):
         exclude_modules: str | list[str] | None = None,
         **lora_kwargs: Any,
     ) -> None:
+        super().__init__()
         self.config = lora_config(r, lora_alpha, lora_dropout, target_modules, exclude_modules, **lora_kwargs)
-        self._frozen: dict[str, str] = {}
-        self._trainable_before: set[str] | None = None
         self.adapted: list[str] = []
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return "LoRA"
 
     def inject(self, model: nn.Module) -> dict[str, str]:
         """Inject (once) and freeze the base; returns what it froze -> rule (``plan`` calls this on meta)."""
@@ -97,9 +90,10 @@ class LoRA(ModelSurgeryCallback):
         else:
             self.adapted = adapted_modules(model)
         frozen = freeze_base(model, self._trainable_before)
-        self._frozen.update(frozen)
+        self.frozen.update(frozen)
         return frozen
 
+    @override
     def apply_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self.inject(model)
 
@@ -117,14 +111,9 @@ class LoRA(ModelSurgeryCallback):
         self.inject(model)
 
     @override
-    def frozen_parameters(self) -> dict[str, str]:
-        return dict(self._frozen)
-
-    @override
     def reset_run_state(self) -> None:
         super().reset_run_state()
-        self._frozen = {}
-        self._trainable_before = None
+        self._trainable_before: set[str] | None = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -132,33 +121,21 @@ class LoRA(ModelSurgeryCallback):
         return {"config": config_to_json(self.config), "adapted_digest": digest_names(self.adapted), "adapted": len(self.adapted)}
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            # Every strategy loads the weights before any callback state (a changed r is then torch's
-            # size-mismatch traceback): the configuration is compared as the checkpoint is read.
-            install_resume_check(trainer.strategy)
+    def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        # Every strategy loads the weights before any callback state (a changed r is then torch's size-mismatch
+        # traceback): a resume compares the configuration before any tensor of the checkpoint loads.
+        if trainer.state.fn == "fit":
+            state = saved_state(read_callback_states(checkpoint_path) or {}, self.state_key)
+            if state is not None:
+                self._check_saved_config(state, checkpoint_path)
+        return load()
 
-    def reconcile_with_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback_states: Mapping[str, Any], checkpoint_path: Any
-    ) -> bool:
-        """Before any tensor of the checkpoint loads: refuse another LoRA configuration (changes nothing)."""
-        state = saved_state(callback_states, self.state_key)
-        if state is not None:
-            self._check_saved_config(state, checkpoint_path)
-        return False
-
-    def _check_saved_config(self, state: Mapping[str, Any], checkpoint_path: Any = None) -> None:
+    def _check_saved_config(self, state: Mapping[str, Any], checkpoint_path: Any) -> None:
         saved = state.get("config")
         if saved is None or saved == config_to_json(self.config):
             return
         differences = config_differences(saved, config_to_json(self.config)) or ["(the stored configuration cannot be compared)"]
-        where = f" {checkpoint_path}" if checkpoint_path is not None else ""
         raise MisconfigurationException(
-            f"LoRA: the checkpoint{where} was trained with another LoRA configuration: {'; '.join(differences)}. Resume with "
-            "the checkpoint's values, or start a new fit from its weights (no ckpt_path) to train a new adapter."
+            f"LoRA: the checkpoint {checkpoint_path} was trained with another LoRA configuration: {'; '.join(differences)}. "
+            "Resume with the checkpoint's values, or start a new fit from its weights (no ckpt_path) to train a new adapter."
         )
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_saved_config(state_dict)

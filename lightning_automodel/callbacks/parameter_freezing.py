@@ -1,8 +1,12 @@
-"""Freeze parameters by configuration, before the optimizer ever sees them."""
+"""Freeze parameters by configuration, before the optimizer ever sees them; a resume keeps the checkpoint's set.
+
+A resume that trains another set than the checkpoint's would fail in the optimizer load with a raw torch
+error or, worse, silently resume a different run: so the sets are compared before any optimizer state loads.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -11,21 +15,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_names, target_model
-from lightning_automodel.callbacks._resume import (
+from lightning_automodel.callbacks._lifecycle import (
     FrozenSetDiff,
+    ModelSurgeryCallback,
     apply_frozen_set,
-    drop_from_saved_optimizers,
+    frozen_names,
     frozen_set_diff,
-    install_resume_check,
-    names_with_optimizer_state,
-    names_with_saved_optimizer_state,
-    preview,
+    read_callback_states,
     saved_state,
 )
+from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import digest_names
 from lightning_automodel.core.freezing import FreezeConfig, apply_parameter_freezing, parse_freeze_config
 from lightning_automodel.core.logs import rank_zero_logger
+from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.strategies import names_with_optimizer_state, preview
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
@@ -38,6 +42,23 @@ def _parse(raw: Mapping[str, Any]) -> FreezeConfig:
         return parse_freeze_config(raw)
     except (TypeError, ValueError) as exc:
         raise MisconfigurationException(f"ParameterFreezing: {exc}") from exc
+
+
+def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: set[str]) -> list[dict[int, str]] | None:
+    """Per saved optimizer of a full checkpoint: parameter position -> name (it held the model's parameters
+    minus the saved frozen set, in module order); None for another count (another layout: cannot be told)."""
+    states = checkpoint.get("optimizer_states")
+    if not isinstance(states, list) or not states:
+        return None
+    trained = [name for name in (canonical_name(n) for n, _ in model.named_parameters()) if name not in saved_frozen]
+    positions = [[i for group in state.get("param_groups", []) for i in group.get("params", [])] for state in states]
+    if sum(len(p) for p in positions) != len(trained):
+        return None
+    names, offset = [], 0
+    for saved in positions:
+        names.append({position: trained[offset + k] for k, position in enumerate(saved)})
+        offset += len(saved)
+    return names
 
 
 class ParameterFreezing(ModelSurgeryCallback):
@@ -87,6 +108,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         strict: bool = True,
         on_resume_mismatch: ResumeMismatchPolicy = "restore",
     ) -> None:
+        super().__init__()
         if on_resume_mismatch not in ("restore", "error"):
             raise MisconfigurationException(
                 f"ParameterFreezing: on_resume_mismatch must be 'restore' or 'error'; got {on_resume_mismatch!r}."
@@ -106,8 +128,6 @@ class ParameterFreezing(ModelSurgeryCallback):
         self.config: FreezeConfig = _parse(raw)
         self.strict = strict
         self.on_resume_mismatch = on_resume_mismatch
-        self.frozen: dict[str, str] = {}
-        self._model: nn.Module | None = None
         self._count_pending = False
 
     @classmethod
@@ -116,22 +136,12 @@ class ParameterFreezing(ModelSurgeryCallback):
     ) -> ParameterFreezing:
         """Build from a reference-style ``freeze_config`` mapping (validated, unknown keys rejected)."""
         config = _parse(freeze_config)
-        return cls(
-            freeze_vision_tower=config.freeze_vision_tower,
-            freeze_audio_tower=config.freeze_audio_tower,
-            freeze_language_model=config.freeze_language_model,
-            freeze_video_embedder=config.freeze_video_embedder,
-            freeze_modules=[{"path": s.path} if s.path else {"glob": s.glob} for s in config.freeze_modules or ()],
-            unfreeze_modules=[{"path": s.path} if s.path else {"glob": s.glob} for s in config.unfreeze_modules or ()],
-            strict=strict,
-            on_resume_mismatch=on_resume_mismatch,
-        )
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # Stable on purpose: a resume with a changed configuration must still find the saved frozen set.
-        return type(self).__qualname__
+        selectors = {
+            key: [{"path": s.path} if s.path else {"glob": s.glob} for s in getattr(config, key) or ()]
+            for key in ("freeze_modules", "unfreeze_modules")
+        }
+        flags = {key: getattr(config, key) for key in ("freeze_vision_tower", "freeze_audio_tower", "freeze_language_model", "freeze_video_embedder")}
+        return cls(**flags, **selectors, strict=strict, on_resume_mismatch=on_resume_mismatch)
 
     def freeze(self, model: nn.Module) -> dict[str, str]:
         """Apply the configured freeze to a model (also used by ``lightning-automodel plan``)."""
@@ -147,14 +157,7 @@ class ParameterFreezing(ModelSurgeryCallback):
     @override
     def reset_run_state(self) -> None:
         super().reset_run_state()
-        self.frozen = {}
-        self._model = None
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.strategy.restore_checkpoint_after_setup:
-            install_resume_check(trainer.strategy)
+        self._model: nn.Module | None = None
 
     @override
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
@@ -164,8 +167,8 @@ class ParameterFreezing(ModelSurgeryCallback):
         # set after this (sharded strategies: after on_fit_start): the count that trains is said once every
         # restore is done, at train start (or at fit end when no step runs)
         self._count_pending = trainer.state.fn == "fit"
-        if self.surgery_runs == 0 and not self._count_pending:
-            log.info(f"ParameterFreezing: froze {len(self.frozen)} parameter tensors.")
+        if not self._count_pending:
+            self.log_first(f"froze {len(self.frozen)} parameter tensors.")
 
     def _say_count(self, trainer: pl.Trainer) -> None:
         if self._count_pending:
@@ -183,46 +186,59 @@ class ParameterFreezing(ModelSurgeryCallback):
         self._say_count(trainer)
 
     @override
-    def frozen_parameters(self) -> Mapping[str, str]:
-        return self.frozen
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         # The model's whole frozen set at save time, whatever froze it: that is what a resume must reproduce.
         names = frozen_names(self._model) if self._model is not None else sorted(self.frozen)
         return {"frozen": names, "digest": digest_names(names)}
 
-    def reconcile_with_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback_states: Mapping[str, Any], checkpoint_path: Any
-    ) -> bool:
-        """Before the optimizer state loads: compare with the checkpoint's frozen set and apply the policy;
-        True when the model's frozen set changed (the optimizers must be rebuilt)."""
-        if not trainer.strategy.restore_checkpoint_after_setup:
-            return False  # restored before configure_optimizers: on_load_checkpoint is in time
-        state = saved_state(callback_states, self.state_key)
+    @override
+    def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if trainer.state.fn != "fit":
+            return load()  # validate/test load weights only: what trains does not matter
+        prefix, model = find_hf_model(trainer.lightning_module)
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # Sharded strategies load the optimizer state in `load`: reconcile first, and rebuild the (still
+            # stateless) optimizers when what trains changed.
+            state = saved_state(read_callback_states(checkpoint_path) or {}, self.state_key)
+            if state is not None:
+                diff = frozen_set_diff(model, state.get("frozen", []))
+                with_state = names_with_optimizer_state(checkpoint_path, prefix) if diff.to_unfreeze else None
+                if self._resolve(model, self._keep_stateless_frozen(diff, with_state), checkpoint_path) and trainer.strategy.optimizers:
+                    trainer.strategy.setup_optimizers(trainer)
+                    log.info("Rebuilt the optimizers for the checkpoint's frozen set before loading their state.")
+            return load()
+        # One device and DDP: `load` only reads the file; the weights, then the optimizer built later, load from it.
+        checkpoint = load()
+        state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
         if state is None:
-            return False
-        prefix, model = target_model(pl_module)
-        diff = frozen_set_diff(model, state.get("frozen", []))
-        diff = self._keep_stateless_frozen(diff, names_with_optimizer_state(checkpoint_path, prefix) if diff.to_unfreeze else None)
-        return self._resolve(model, diff, checkpoint_path)
+            return checkpoint
+        saved_frozen = set(state.get("frozen", []))
+        diff = frozen_set_diff(model, saved_frozen)
+        names = _saved_optimizer_names(checkpoint, model, saved_frozen) if diff.to_unfreeze else None
+        with_state = None if names is None else {
+            by_position[i] for state, by_position in zip(checkpoint["optimizer_states"], names) for i in state.get("state", {}) if i in by_position
+        }
+        kept = self._keep_stateless_frozen(diff, with_state)
+        # What stays frozen leaves the saved groups (in place): the optimizer built next holds the rest, in order.
+        drop = set(diff.to_unfreeze) - set(kept.to_unfreeze)
+        for state, by_position in zip(checkpoint["optimizer_states"], names) if drop else ():
+            for group in state.get("param_groups", []):
+                group["params"] = [i for i in group["params"] if by_position.get(i) not in drop]
+            for i in [i for i in state.get("state", {}) if by_position.get(i) in drop]:
+                del state["state"][i]
+        self._resolve(model, kept, checkpoint_path)
+        return checkpoint
 
-    def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None, *, report: bool = True) -> FrozenSetDiff:
-        """Parameters this run freezes that the checkpoint trained without ever stepping them stay frozen.
-
-        The checkpoint has no optimizer state for them (they got no gradient: FreezeDeadParameters'
-        advice names them), so the run it saved never changed them and freezing them now resumes it exactly.
-        """
-        if not diff.to_unfreeze or with_state is None:
-            return diff
-        stateless = [name for name in diff.to_unfreeze if name not in with_state]
+    def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None) -> FrozenSetDiff:
+        """Parameters this run freezes that the checkpoint trained but never stepped (no optimizer state: they got
+        no gradient, FreezeDeadParameters' advice) stay frozen: the saved run never changed them."""
+        stateless = [name for name in diff.to_unfreeze if with_state is not None and name not in with_state]
         if not stateless:
             return diff
-        if report:
-            log.info(
-                f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
-                f"stepped (it has no optimizer state for them): {preview(stateless)}."
-            )
+        log.info(
+            f"ParameterFreezing: keeping {len(stateless)} parameters frozen that the checkpoint trained but never "
+            f"stepped (it has no optimizer state for them): {preview(stateless)}."
+        )
         return FrozenSetDiff(to_freeze=diff.to_freeze, to_unfreeze=[n for n in diff.to_unfreeze if n not in stateless], missing=diff.missing)
 
     def _resolve(self, model: nn.Module, diff: FrozenSetDiff, checkpoint_path: Any) -> bool:
@@ -248,31 +264,3 @@ class ParameterFreezing(ModelSurgeryCallback):
             "the checkpoint's weights (no ckpt_path)."
         )
         return True
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.state.fn != "fit":
-            return  # validate/test load weights only: what trains does not matter
-        state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
-        if state is None:
-            return
-        prefix, model = target_model(pl_module)
-        diff = frozen_set_diff(model, state.get("frozen", []))
-        if trainer.strategy.restore_checkpoint_after_setup:
-            with_state = names_with_optimizer_state(trainer.ckpt_path, prefix) if diff.to_unfreeze else None
-            diff = self._keep_stateless_frozen(diff, with_state, report=False)
-            # The strategy wrapper reconciled before the optimizer state loaded; a difference now means it
-            # could not (the strategy's load_checkpoint was replaced): the optimizer state may not fit.
-            if diff:
-                raise MisconfigurationException(
-                    f"ParameterFreezing: the model's frozen set differs from the checkpoint {trainer.ckpt_path} after "
-                    f"the optimizer state was loaded: {diff.describe()}. Resume with the checkpoint's freeze configuration."
-                )
-            return
-        # Single device and DDP restore before configure_optimizers: reconciling here is in time.
-        saved_frozen = state.get("frozen", [])
-        with_state = names_with_saved_optimizer_state(checkpoint, model, saved_frozen) if diff.to_unfreeze else None
-        kept = self._keep_stateless_frozen(diff, with_state)
-        # what stays frozen leaves the saved groups: the optimizer built next holds the rest, in order
-        drop_from_saved_optimizers(checkpoint, model, saved_frozen, set(diff.to_unfreeze) - set(kept.to_unfreeze))
-        self._resolve(model, kept, trainer.ckpt_path)

@@ -8,11 +8,12 @@ import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, frozen_by, target_model
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, surgery_callbacks
+from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.hf_weight_files import format_bytes_human
 from lightning_automodel.core.logs import rank_zero_logger
-from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_training_memory
-from lightning_automodel.core.parameters import ModuleRow, module_breakdown, parameter_stats
+from lightning_automodel.core.memory import estimate_training_memory
+from lightning_automodel.core.parameters import module_breakdown, parameter_stats
 
 log = rank_zero_logger(__name__)  # one summary per job: rank 0's
 
@@ -45,28 +46,6 @@ def memory_scope(strategy: str, world_size: int) -> str:
     return "Per device (one process)"
 
 
-def format_summary(
-    name: str, total: int, trainable: int, norm: float, rows: list[ModuleRow], memory: TrainingMemoryEstimate,
-    scope: str | None = None,
-) -> str:
-    pct = 100.0 * trainable / total if total else 0.0
-    table_rows = [
-        [r.name, _count(r.total), _count(r.trainable), ", ".join(f"{rule} ({_count(n)})" for rule, n in sorted(r.frozen_by.items())) or "-"]
-        for r in rows
-    ]
-    return "\n".join(
-        [
-            f"{name} summary:",
-            render_table(["Module", "Params", "Trainable", "Frozen by"], table_rows),
-            f"Trainable parameters: {trainable:,} of {total:,} ({pct:.2f}%)",
-            f"Param L2 norm (global): {norm:.4f}",
-            f"{scope or memory_scope('sharded' if memory.world_size > 1 else 'replica', memory.world_size)}: params {format_bytes_human(memory.param_bytes)}, "
-            f"grads {format_bytes_human(memory.grad_bytes)}, optimizer state {format_bytes_human(memory.optimizer_bytes)}, "
-            f"total {format_bytes_human(memory.total_bytes)}",
-        ]
-    )
-
-
 class ParameterSummary(ModelSurgeryCallback):
     """Log, once per fit and on rank 0, what trains and what it costs.
 
@@ -83,23 +62,14 @@ class ParameterSummary(ModelSurgeryCallback):
     surgery_order: ClassVar[int] = 50
 
     def __init__(self, name: str = "Model", depth: int = 2) -> None:
+        super().__init__()
         self.name = name
         self.depth = depth
-        self.text: str | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return "ParameterSummary"  # not the arguments: a renamed summary still resumes silently
 
     @override
     def reset_run_state(self) -> None:
         super().reset_run_state()
-        self.text = None
-
-    @override
-    def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
-        """Nothing to change; the summary is taken when training starts."""
+        self.text: str | None = None
 
     def summarize(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, model: nn.Module, world_size: int, scope: str | None = None
@@ -107,11 +77,25 @@ class ParameterSummary(ModelSurgeryCallback):
         # A collective for sharded models (every rank calls it), on the strategy's device: NCCL has no CPU path.
         device = trainer.strategy.root_device if trainer is not None else None
         stats = parameter_stats(model, device=device)
-        rules = frozen_by(trainer) if isinstance(trainer, pl.Trainer) else {}
-        rows = module_breakdown(model, depth=self.depth, frozen_by=rules)
+        rules = {name: rule for cb in surgery_callbacks(trainer) for name, rule in cb.frozen.items()} if isinstance(trainer, pl.Trainer) else {}
+        rows = [
+            [r.name, _count(r.total), _count(r.trainable), ", ".join(f"{rule} ({_count(n)})" for rule, n in sorted(r.frozen_by.items())) or "-"]
+            for r in module_breakdown(model, depth=self.depth, frozen_by=rules)
+        ]
         # Each parameter's own dtype, as it is now: AdamW keeps its state in it (zeros_like(param)).
         memory = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=None, sharded=world_size > 1)
-        return format_summary(self.name, stats.total, stats.trainable, stats.l2_norm, rows, memory, scope)
+        scope = scope or memory_scope("sharded" if world_size > 1 else "replica", world_size)
+        pct = 100.0 * stats.trainable / stats.total if stats.total else 0.0
+        return "\n".join(
+            [
+                f"{self.name} summary:",
+                render_table(["Module", "Params", "Trainable", "Frozen by"], rows),
+                f"Trainable parameters: {stats.trainable:,} of {stats.total:,} ({pct:.2f}%)",
+                f"Param L2 norm (global): {stats.l2_norm:.4f}",
+                f"{scope}: params {format_bytes_human(memory.param_bytes)}, grads {format_bytes_human(memory.grad_bytes)}, "
+                f"optimizer state {format_bytes_human(memory.optimizer_bytes)}, total {format_bytes_human(memory.total_bytes)}",
+            ]
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,7 +111,7 @@ class ParameterSummary(ModelSurgeryCallback):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        _, model = target_model(pl_module)
+        _, model = find_hf_model(pl_module)
         scope = memory_scope("sharded" if sharded else "replica", trainer.world_size)
         self.text = self.summarize(trainer, pl_module, model, trainer.world_size if sharded else 1, scope)
         log.info(self.text)

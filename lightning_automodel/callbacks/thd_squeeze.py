@@ -15,12 +15,11 @@ from lightning_automodel.core.thd import NUM_SEQUENCES_KEY, SEQLEN_KEYS, squeeze
 _ATTN_KEYS = (*SEQLEN_KEYS, "max_seqlen", NUM_SEQUENCES_KEY)
 
 
-def is_thd_batch(batch: Any) -> bool:
-    return isinstance(batch, dict) and (batch.get("qkv_format") == "thd" or "cu_seqlens" in batch)
-
-
-def squeeze_thd_batch(batch: dict[str, Any], seqlens_padding_value: int = -1000) -> None:
-    """Squeeze a ``PackedSequenceCollator`` batch (``[1, T]`` tensors plus ``cu_seqlens``) to THD, in place."""
+def squeeze_thd_batch(batch: Any, seqlens_padding_value: int = -1000) -> None:
+    """Squeeze a ``PackedSequenceCollator`` batch (``[1, T]`` tensors plus ``cu_seqlens``) to THD, in place;
+    anything without THD metadata passes untouched."""
+    if not isinstance(batch, dict) or (batch.get("qkv_format") != "thd" and "cu_seqlens" not in batch):
+        return
     attn = {k: batch[k] for k in _ATTN_KEYS if k in batch}
     input_ids, position_ids, padding_mask, attn = squeeze_input_for_thd(
         batch.get("input_ids"), batch.get("position_ids"), batch.get("padding_mask"), attn, seqlens_padding_value
@@ -55,22 +54,10 @@ class THDSqueeze(Callback):
     def state_key(self) -> str:
         return callback_state_key(self, seqlens_padding_value=self.seqlens_padding_value)
 
-    def _squeeze(self, batch: Any) -> None:
-        if is_thd_batch(batch):
-            squeeze_thd_batch(batch, self.seqlens_padding_value)
-
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._squeeze(batch)
-
-    @override
-    def on_validation_batch_start(
+    def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._squeeze(batch)
+        squeeze_thd_batch(batch, self.seqlens_padding_value)
 
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._squeeze(batch)
+    on_validation_batch_start = on_test_batch_start = on_train_batch_start

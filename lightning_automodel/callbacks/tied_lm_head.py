@@ -1,47 +1,76 @@
-"""Keep a tied LM head tied: after building or sharding, and across checkpoint loads."""
+"""Keep a tied LM head tied: after building or sharding, and across loads of checkpoints that omit it."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_automodel._compat.lightning import callback_state_key
-from lightning_automodel.callbacks._tied_head_keys import checkpoint_keys, fill_missing_tied_head_prefixed, missing_tied_head_keys, tied_head_detached
-from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback, patch_method, target_model
-from lightning_automodel.core.tied_head import diagnose_tie, ensure_tied_lm_head
+from lightning_automodel.callbacks._lifecycle import ModelSurgeryCallback
+from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.logs import rank_zero_logger
+from lightning_automodel.core.tied_head import (
+    diagnose_tie,
+    ensure_tied_lm_head,
+    fill_missing_tied_lm_head,
+    get_lm_head_weight_and_name,
+    get_tied_lm_head_source_names,
+    is_tied_word_embeddings,
+)
+from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, safe_torch_load
+from lightning_automodel.strategies import dcp_stored_keys
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
-def _head_from_embedding_in_state_dict(pl_module: pl.LightningModule, call_previous: Any, checkpoint: dict[str, Any]) -> Any:
-    """``LightningModule.on_load_checkpoint`` patch: a full checkpoint without ``lm_head.weight`` gets it from the embedding."""
-    state_dict = checkpoint.get("state_dict")
-    if isinstance(state_dict, dict):
-        prefix, model = target_model(pl_module)
-        if fill_missing_tied_head_prefixed(state_dict, model, prefix):
-            log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
-    return call_previous(checkpoint)
+def _stored_names(path: Path, prefix: str) -> set[str] | None:
+    """The module names a checkpoint stores under ``state_dict.<prefix>``, without loading a tensor; None when unreadable."""
+    try:
+        if path.is_dir():
+            keys = {k.removeprefix("state_dict.") for k in dcp_stored_keys(path) if k.startswith("state_dict.")}
+        elif path.is_file():
+            checkpoint = safe_torch_load(path, mmap=True)
+            state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+            keys = set(state) if isinstance(state, dict) else set()
+        else:
+            return None
+    except CheckpointReadError:
+        return None  # Lightning's own load reports it
+    return {k.removeprefix(prefix) for k in keys if k.startswith(prefix)}
 
 
-def _load_with_head_detached(strategy: Any, call_previous: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``ModelParallelStrategy.load_checkpoint`` patch: a sharded checkpoint without the head loads it from the embedding."""
-    prefix, model = target_model(strategy.lightning_module)
-    keys = checkpoint_keys(Path(checkpoint_path))
-    missing = missing_tied_head_keys(keys, model, prefix) if keys is not None else None
-    if missing is None:
-        return call_previous(checkpoint_path, *args, **kwargs)
-    head, source = (key[len(f"state_dict.{prefix}"):] for key in missing)
-    with tied_head_detached(model, head, source) as detached:
-        if detached:
-            log.info(f"TiedLMHead: {missing[0]} is not in the checkpoint; loading it from {missing[1]}.")
-        return call_previous(checkpoint_path, *args, **kwargs)
+def _missing_tied_head(stored: set[str], model: nn.Module) -> tuple[str, str] | None:
+    """``(head, source)`` names when the checkpoint lacks the configured-tied head but has a source for it."""
+    _, head = get_lm_head_weight_and_name(model)
+    if not is_tied_word_embeddings(model) or head is None or head in stored:
+        return None
+    return next(((head, source) for source in get_tied_lm_head_source_names(model, head) if source in stored), None)
+
+
+@contextlib.contextmanager
+def _head_detached(model: nn.Module, head_name: str, source_name: str) -> Iterator[bool]:
+    """Within the block, ``model`` has no ``head_name`` parameter if it is the same object as ``source_name``'s;
+    yields whether it detached it (distinct tensors: the head must be loaded, a missing key is the right error)."""
+    head = model.get_parameter(head_name)
+    if head is not model.get_parameter(source_name):
+        yield False
+        return
+    owner_name, _, attr = head_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    delattr(owner, attr)
+    try:
+        yield True
+    finally:
+        owner.register_parameter(attr, head)
 
 
 class TiedLMHead(ModelSurgeryCallback):
@@ -49,9 +78,8 @@ class TiedLMHead(ModelSurgeryCallback):
 
     * After the model is built or sharded (before the optimizer exists), a broken alias (meta init plus
       ``to_empty``, parameter replacement) is repaired, so the optimizer holds one tensor for both.
-    * A checkpoint that omits ``lm_head.weight`` loads, a full ``.ckpt`` or a sharded DCP directory, on
-      any strategy (``ModelParallelStrategy`` otherwise fails on the missing key before any hook runs).
-    * After loading, the tie is verified.
+    * A checkpoint that omits ``lm_head.weight`` (HF tied checkpoints, some exporters) loads, a full
+      ``.ckpt`` or a sharded DCP directory, on any strategy. After loading, the tie is verified.
 
     Args:
         strict: raise (instead of warning) when the config says tied but the storage cannot be aliased,
@@ -61,6 +89,7 @@ class TiedLMHead(ModelSurgeryCallback):
     surgery_order: ClassVar[int] = 40
 
     def __init__(self, strict: bool = False) -> None:
+        super().__init__()
         self.strict = strict
         self.tied = False
 
@@ -83,24 +112,37 @@ class TiedLMHead(ModelSurgeryCallback):
         self._tie(model, "after build")
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        super().setup(trainer, pl_module, stage)
-        # Both patches are removed at teardown and on exception (ModelSurgeryCallback); see _lifecycle.
-        patch_method(pl_module, "on_load_checkpoint", _head_from_embedding_in_state_dict)
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            patch_method(trainer.strategy, "load_checkpoint", _load_with_head_detached)
+    def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        prefix, model = find_hf_model(trainer.lightning_module)
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            # The weights load later from the dict `load` returns: add the missing head to it, from the embedding.
+            checkpoint = load()
+            state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+            if isinstance(state_dict, dict):
+                view = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+                if fill_missing_tied_lm_head(view, model):
+                    state_dict.update({prefix + k: v for k, v in view.items() if prefix + k not in state_dict})
+                    log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
+            return checkpoint
+        # ModelParallelStrategy loads the module in `load` and fails on the missing key: when head and embedding
+        # are one Parameter, the head is unregistered for the load. Any other missing key still fails.
+        stored = _stored_names(Path(checkpoint_path), prefix)
+        missing = _missing_tied_head(stored, model) if stored is not None else None
+        if missing is None:
+            return load()
+        with _head_detached(model, *missing) as detached:
+            if detached:
+                log.info(f"TiedLMHead: state_dict.{prefix}{missing[0]} is not in the checkpoint; loading it from state_dict.{prefix}{missing[1]}.")
+            return load()
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._tie(target_model(pl_module)[1], "after checkpoint load")
+        self._tie(find_hf_model(pl_module)[1], "after checkpoint load")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        _, model = target_model(pl_module)
-        status = diagnose_tie(model)
+        status = diagnose_tie(find_hf_model(pl_module)[1])
         if status.config_tied and not status.locally_tied:
             rank_zero_warn(f"TiedLMHead: the LM head is not tied at train start: {status.reason}.")
 

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 import tiny_models as tm
@@ -90,36 +91,30 @@ def test_ddp_spawn_fit_after_a_first_fit():
     assert proc.returncode == 0 and "OK spawn_after_fit" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-6000:]
 
 
-class Owner:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
+def test_a_copy_taken_during_the_fit_pickles_and_its_patches_call_the_copy():
+    seen = {}
 
-    def hook(self, x: int) -> int:
-        self.calls.append("hook")
-        return x + 1
+    class Copier(Callback):
+        def on_train_start(self, trainer, pl_module):
+            before = pl_module.configure_calls
+            clone, copied = pickle.loads(pickle.dumps(pl_module)), copy.deepcopy(pl_module)
+            clone.configure_model()
+            copied.configure_model()
+            seen.update(original=pl_module.configure_calls - before, clone=clone.configure_calls, copied=copied.configure_calls)
+
+    trainer(max_steps=1, callbacks=[*suite(), Copier()]).fit(ShardedLM(tied_llama), loader())
+    assert seen == {"original": 0, "clone": 2, "copied": 2}
 
 
-def _record_around(owner, call_previous, x):
-    owner.calls.append("around")
-    return call_previous(x) * 10
+def test_a_patch_someone_else_wrapped_stops_acting_after_the_fit():
+    class Wrapper(Callback):
+        def setup(self, trainer, pl_module, stage):
+            inner = pl_module.configure_model
+            pl_module.configure_model = lambda: inner()  # wraps our patch of this run, and outlives it
 
-
-def test_method_patch_is_picklable_copies_with_its_owner_and_is_removed():
-    from lightning_automodel.callbacks._lifecycle import patch_method, remove_patches
-
-    owner = Owner()
-    patch_method(owner, "hook", _record_around)
-    patch_method(owner, "hook", _record_around)  # once
-    assert owner.hook(1) == 20 and owner.calls == ["around", "hook"]
-    clone = pickle.loads(pickle.dumps(owner))
-    assert clone.hook(2) == 30 and clone.calls == ["around", "hook", "around", "hook"]
-    copied = copy.deepcopy(owner)
-    copied.hook(0)
-    assert copied.calls[-2:] == ["around", "hook"] and len(owner.calls) == 2  # the copy's patch calls the copy
-    foreign = owner.hook  # someone else wraps on top of ours: ours must stop acting anyway
-    owner.hook = lambda x: foreign(x)
-    remove_patches(owner)
-    assert owner.hook(1) == 2 and owner.calls[-1] == "hook" and owner.calls.count("around") == 1
-    del owner.hook
-    remove_patches(clone)
-    assert "hook" not in vars(clone) and clone.hook(1) == 2
+    module = ShardedLM(tm.tiny_llama)
+    trainer(max_steps=1, callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.0.mlp"}]), Wrapper()]).fit(module, loader())
+    module.trainer = trainer(callbacks=[ParameterFreezing(freeze_modules=[{"path": "model.layers.1.mlp"}])])
+    module.configure_model()  # reaches the finished run's patch through the wrapper: it must only call through
+    assert module.configure_calls == 2
+    assert module.model.model.layers[1].mlp.up_proj.weight.requires_grad
