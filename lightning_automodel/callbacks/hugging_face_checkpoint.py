@@ -66,18 +66,13 @@ def is_last_step(trainer: pl.Trainer) -> bool:
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
-    At the end of ``fit`` it writes ``dirpath/final``, and every ``every_n_train_steps`` steps (when
-    set) ``dirpath/step-<N>``, except on the fit's last step, which ``final`` holds. The layout is ``save_pretrained``'s (see
-    ``lightning-automodel export``): hub tensor names, the tied head omitted only when truly tied,
-    safetensors shards with an index, config, generation config and the tokenizer of the source
-    directory; directories 0755, files 0644.
-
-    Every rank writes its own rows of the output files in place (converted groups such as fused MoE
-    experts are gathered to the file's owner only): per rank memory is at most one output shard plus
-    one group, never the model. Files go to a staging directory that rank 0 publishes with one rename
-    after every rank fsynced, so a crash leaves the previous directory or the new one, never a mix.
-    ``dirpath`` must be on a filesystem every node sees. It also records in every Lightning checkpoint
-    what ``lightning-automodel export`` needs, so a checkpoint of any LightningModule exports.
+    At the end of ``fit`` it writes ``dirpath/final`` and, every ``every_n_train_steps`` steps when set,
+    ``dirpath/step-<N>`` (not on the fit's last step: ``final`` holds it), in ``save_pretrained``'s layout
+    (``core.hub_writer``, shared with ``lightning-automodel export``). Every rank writes its rows of the files
+    in place, converted groups are gathered to the file's owner only: per rank at most one output shard plus
+    one group. Rank 0 publishes the staging directory with one rename after every rank fsynced: a crash leaves
+    the previous directory or the new one. ``dirpath`` must be on a filesystem every node sees. Every Lightning
+    checkpoint also records what ``export`` needs, so a checkpoint of any LightningModule exports.
 
     Args:
         dirpath: where the directories go (default: ``<trainer.default_root_dir>/hf``).

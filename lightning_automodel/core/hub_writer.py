@@ -91,20 +91,14 @@ def _output_dtype(dtype: torch.dtype, out: torch.dtype | None) -> torch.dtype:
 
 
 def plan_hub_write(
-    meta_model: nn.Module,
-    config: Any,
-    specs: Specs,
-    *,
-    dtype: torch.dtype | None,
-    heads_equal: Callable[[str, str], bool],
+    meta_model: nn.Module, config: Any, specs: Specs, *, dtype: torch.dtype | None, heads_equal: Callable[[str, str], bool],
     merge: LoraMerge | None = None,
 ) -> HubLayout:
-    """The hub layout of a state with ``specs`` (state name -> (shape, dtype)) written in ``dtype``; ``config`` made to match.
+    """The hub layout of a state with ``specs`` (state name -> (shape, dtype)) written in ``dtype``, and ``config`` to match.
 
-    With ``merge`` it is the merged model's layout (each adapted base fetched with its adapters). The
-    head is left out only when truly tied: configured tied, and absent or ``heads_equal(head, embed)``
-    (state names; never when the merge changes either); otherwise ``config`` is untied. ``config.dtype``
-    becomes the most common float dtype written.
+    With ``merge``, the merged model's layout. The head is left out only when truly tied: configured tied,
+    and absent or ``heads_equal(head, embed)`` (state names; never when merged); else ``config`` is untied.
+    ``config.dtype`` becomes the most common float dtype written.
     """
     names = merge.names() if merge is not None else {n: n for n in specs}
     planned = {n: (tuple(specs[s][0]), _output_dtype(specs[s][1], dtype)) for n, s in names.items()}
@@ -145,11 +139,8 @@ def heads_equal_on_all_ranks(state: Mapping[str, torch.Tensor], head: str, embed
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; a collective for a DTensor (every rank must call it).
-
-    A CPU-offloaded FSDP2 shard is a DTensor on the CPU while its mesh is on the GPU: NCCL would be
-    handed a CPU tensor. So the local shard goes to the mesh's device first.
-    """
+    """The whole tensor on the CPU; a collective for a DTensor. A CPU-offloaded FSDP2 shard goes to its mesh's
+    device first: NCCL would be handed a CPU tensor."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
@@ -162,36 +153,32 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def write_hub_files(
-    staging: Path,
-    layout_model: nn.Module,
-    layout: HubLayout,
-    config: Any,
-    *,
-    max_shard_bytes: int,
-    dtype: torch.dtype | None,
-    tokenizer_dir: Path | None = None,
-    state: Mapping[str, torch.Tensor] | None = None,
-    read: Callable[[list[str]], Mapping[str, torch.Tensor]] | None = None,
-    merge: LoraMerge | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | None = None,
+    staging: Path, layout_model: nn.Module, layout: HubLayout, config: Any, *, max_shard_bytes: int, dtype: torch.dtype | None,
+    tokenizer_dir: Path | None = None, state: Mapping[str, torch.Tensor] | None = None,
+    read: Callable[[list[str]], Mapping[str, torch.Tensor]] | None = None, merge: LoraMerge | None = None,
+    rank: int = 0, world_size: int = 1, device: torch.device | None = None,
 ) -> list[str]:
     """Write ``layout``'s safetensors files, then (rank 0) the index and config files; returns this rank's files.
 
-    Tensors come from ``read`` (names -> tensors: a checkpoint, one process) or from ``state`` (a live,
-    possibly sharded model: a collective, every rank walks every file's groups in the same order). An
-    owner hands each assembled file to a writer thread and waits for it before assembling its next one.
-    A failure on any rank is an error on every rank once the walk is done (one all-reduce on ``device``).
+    Tensors come from ``read`` (names -> tensors: a checkpoint, one process) or ``state`` (a live, maybe sharded
+    model: a collective). An owner hands each file to a writer thread and waits for it before assembling its
+    next one. A failure on any rank is an error on every rank once the walk is done (one all-reduce on ``device``).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     def fetch(groups: Sequence[ConversionGroup], owner: int) -> Mapping[str, torch.Tensor]:
+        """The groups' fetched tensors on the CPU of ``owner`` (an empty dict elsewhere)."""
         if read is not None:
             return read(list(dict.fromkeys(name for group in groups for name in group.fetch_names)))
-        return fetch_groups(groups, state, owner=owner, rank=rank, dtype=dtype)
+        out = {}
+        for group in groups:
+            for name in group.fetch_names:
+                # a LoRA group travels in its own dtypes: the merge runs on what trained, its result is cast afterwards
+                tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=None if group.inputs else dtype)
+                if tensor is not None:
+                    out[name] = tensor
+        return out
 
-    transform = (lambda group, tensors: merge.merge(group.sources, tensors)) if merge is not None else None
     shards = layout.shards(max_shard_bytes)
     names = shard_file_names(len(shards))
     direct = [state is not None and all(_rows_in_place(layout_model, g, state) for g in shard) for shard in shards]
@@ -241,7 +228,7 @@ def write_hub_files(
             try:
                 if error is not None:
                     raise error  # only take part in the gathers from now on
-                outputs = assemble_shard(shard, layout_model, fetch_owned, dtype=dtype, transform=transform)
+                outputs = assemble_shard(shard, layout_model, fetch_owned, dtype=dtype, merge=merge)
                 pending = writer.submit(save_shard, staging / names[index], outputs)
                 del outputs
                 written.append(names[index])
@@ -275,22 +262,6 @@ def _agree_on_success(error: BaseException | None, rank: int, world_size: int, d
     ranks = [r for r, flag in enumerate(failed.tolist()) if flag]
     if ranks:
         raise RuntimeError(f"HuggingFaceCheckpoint: rank(s) {ranks} failed writing their files; their logs have the error.")
-
-
-def fetch_groups(
-    groups: Sequence[ConversionGroup], state: Mapping[str, torch.Tensor], *, owner: int, rank: int, dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """The full fetched tensors of ``groups`` on the CPU of ``owner`` (an empty dict elsewhere); a collective."""
-    out: dict[str, torch.Tensor] = {}
-    for group in groups:
-        # A transformed group (LoRA base + adapters, merged on the owner) travels in its own dtypes:
-        # the merge runs on what trained; the merged result is cast for output afterwards.
-        travel_dtype = dtype if not group.inputs else None
-        for name in group.fetch_names:
-            tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=travel_dtype)
-            if tensor is not None:
-                out[name] = tensor
-    return out
 
 
 def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -397,15 +368,10 @@ def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: Ma
 
 
 def assemble_shard(
-    groups: Sequence[ConversionGroup],
-    model: nn.Module,
-    fetch: Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]],
-    *,
-    dtype: torch.dtype | None,
-    group_batch_bytes: int = 256 * 2**20,
-    transform: Callable[[ConversionGroup, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+    groups: Sequence[ConversionGroup], model: nn.Module, fetch: Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]], *,
+    dtype: torch.dtype | None, merge: LoraMerge | None = None, group_batch_bytes: int = 256 * 2**20,
 ) -> dict[str, torch.Tensor]:
-    """The hub tensors of one output file: its groups fetched a few at a time, (transformed,) reverted and cast."""
+    """The hub tensors of one output file: its groups fetched a few at a time, (merged,) reverted and cast."""
     outputs: dict[str, torch.Tensor] = {}
     batch: list[ConversionGroup] = []
     batch_bytes = 0
@@ -416,8 +382,8 @@ def assemble_shard(
             return
         sources = fetch(batch)
         for group in batch:
-            if transform is not None:
-                tensors = dict(transform(group, {name: sources[name] for name in group.fetch_names}))
+            if merge is not None:
+                tensors = merge.merge(group.sources, {name: sources[name] for name in group.fetch_names})
             else:
                 tensors = {name: sources[name] for name in group.sources}
             for name, tensor in iter_outputs(model, group, tensors):
@@ -463,11 +429,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def regular_file_inside(directory: Path, name: str) -> Path | None:
-    """``directory/name`` when it is a regular file that is not a symlink and resolves inside ``directory``; else ``None``.
-
-    Files copied into an output come from directories a checkpoint may name: a symlink (or a ``..``
-    name) there must not make a save copy a file from anywhere else on the machine.
-    """
+    """``directory/name`` when a regular file, not a symlink, inside ``directory``; else ``None``: a directory a checkpoint
+    names must not make a save copy a file from anywhere else on the machine."""
     path = directory / name
     try:
         info = os.lstat(path)
@@ -615,9 +578,7 @@ def write_marker(out: Path, source: str) -> None:
     write_text(out / EXPORT_MARKER, json.dumps({"source": source, "time": time.time(), "files": files}) + "\n")
 
 
-def write_published(
-    out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True
-) -> None:
+def write_published(out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True) -> None:
     """``write`` into ``staging`` (default: a fresh one beside ``out``); the ``owner`` then writes the marker and
     publishes it, and removes it on any failure: nothing half-written is left under ``out`` or beside it."""
     staging = staging if staging is not None else staging_directory(out)
