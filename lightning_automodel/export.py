@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from lightning_automodel.core.hub_writer import (
     write_hub_files,
     write_published,
 )
-from lightning_automodel.core.lora import LoraConfigError, config_from_json, is_adapter_name
+from lightning_automodel.core.lora import config_from_json, is_adapter_name
 from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError
 from lightning_automodel.core.model_build import build_meta_model, build_meta_model_for
 from lightning_automodel.core.naming import canonical_name
@@ -86,20 +87,11 @@ def lora_config_of(checkpoint: TrainedCheckpoint) -> Any | None:
 
 
 def export_checkpoint(
-    ckpt_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    max_shard_size: str = "5GB",
-    overwrite: bool = False,
-    tokenizer_path: str | None = None,
-    dtype: str = "auto",
-    adapter_only: bool = False,
+    ckpt_path: str | os.PathLike[str], out: str | os.PathLike[str], *, max_shard_size: str = "5GB", overwrite: bool = False,
+    tokenizer_path: str | None = None, dtype: str = "auto", adapter_only: bool = False,
 ) -> Path:
-    """Export and return the output directory (see the module docstring).
-
-    A checkpoint trained with the LoRA callback exports the merged model; ``adapter_only`` writes the
-    PEFT adapter directory instead.
-    """
+    """Export and return the output directory (see the module docstring). A checkpoint trained with the LoRA
+    callback exports the merged model; ``adapter_only`` writes the PEFT adapter directory instead."""
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
@@ -121,65 +113,52 @@ def export_checkpoint(
         if not keys:
             raise ExportError(f"{checkpoint.path} holds no tensors under {info.prefix!r}.")
         lora = lora_config_of(checkpoint)
-        if adapter_only:
-            adapters = [n for n in keys if is_adapter_name(n)]
-            if lora is None or not adapters:
-                raise ExportError(f"{src} holds no LoRA adapters (trained with the LoRA callback?); --adapter_only needs them.")
-            tensors = checkpoint.read([keys[n] for n in adapters])
-
-            def write_adapter(staging: Path) -> None:
-                write_adapter_directory(staging, lora, {n: tensors[keys[n]] for n in adapters}, info.source)
-
-            _publish(src, out, overwrite, write_adapter)
-            return out
-        if (checkpoint.metadata.get("hyper_parameters") or {}).get("quantization"):
-            raise ExportError(
-                f"{src} is a QLoRA checkpoint: it holds the adapters, not the 4-bit base. Export them with --adapter_only "
-                "and load with PeftModel.from_pretrained(base, DIR)."
-            )
 
         def read(names: Sequence[str]) -> dict[str, torch.Tensor]:
             tensors = checkpoint.read([keys[n] for n in names])
             return {n: tensors[keys[n]] for n in names}
 
-        def heads_equal(head: str, embed: str) -> bool:
-            pair = read([head, embed])
-            return pair[head].shape == pair[embed].shape and torch.equal(pair[head], pair[embed])
+        if adapter_only:
+            adapters = [n for n in keys if is_adapter_name(n)]
+            if lora is None or not adapters:
+                raise ExportError(f"{src} holds no LoRA adapters (trained with the LoRA callback?); --adapter_only needs them.")
+            write = partial(write_adapter_directory, config=lora, adapters=read(adapters), base_model=info.source)
+        else:
+            if (checkpoint.metadata.get("hyper_parameters") or {}).get("quantization"):
+                raise ExportError(
+                    f"{src} is a QLoRA checkpoint: it holds the adapters, not the 4-bit base. Export them with --adapter_only "
+                    "and load with PeftModel.from_pretrained(base, DIR)."
+                )
+            adapted = any(is_adapter_name(n) for n in keys)
+            if adapted and lora is None:
+                raise ExportError(f"{src} holds LoRA adapters but no LoRA configuration (the LoRA callback's state); cannot merge them.")
 
-        merge = None
+            def heads_equal(head: str, embed: str) -> bool:
+                pair = read([head, embed])
+                return pair[head].shape == pair[embed].shape and torch.equal(pair[head], pair[embed])
+
+            try:
+                merge = LoraMerge(model, lora, keys) if adapted else None
+                specs = {n: checkpoint.specs[key] for n, key in keys.items()}
+                layout = plan_hub_write(model, model.config, specs, dtype=out_dtype, merge=merge, heads_equal=heads_equal)
+            except ValueError as exc:  # LoraMergeError, LoraConfigError, a state the config does not describe
+                raise ExportError(f"{src}: {exc}") from None
+            tokenizer_dir = Path(tokenizer_path) if tokenizer_path else recorded_source_dir(info.source)
+            write = partial(write_hub_files, layout_model=model, layout=layout, config=model.config, max_shard_bytes=max_bytes,
+                            dtype=out_dtype, tokenizer_dir=tokenizer_dir, read=read, merge=merge)
         try:
-            if any(is_adapter_name(n) for n in keys):
-                if lora is None:
-                    raise ExportError(f"{src} holds LoRA adapters but no LoRA configuration (the LoRA callback's state); cannot merge them.")
-                merge = LoraMerge.for_config(model, lora, keys)
-            specs = {n: checkpoint.specs[key] for n, key in keys.items()}
-            layout = plan_hub_write(model, model.config, specs, dtype=out_dtype, merge=merge, heads_equal=heads_equal)
-        except (ValueError, LoraConfigError) as exc:
+            write_published(out, write, marker=str(src.resolve()), replace=overwrite)
+        except PublishRefused as exc:
+            raise ExportError(str(exc)) from None
+        except LoraMergeError as exc:
             raise ExportError(f"{src}: {exc}") from None
-        tokenizer_dir = Path(tokenizer_path) if tokenizer_path else recorded_source_dir(info.source)
-        files: list[str] = []
-
-        def write(staging: Path) -> None:
-            files.extend(write_hub_files(staging, model, layout, model.config, max_shard_bytes=max_bytes, dtype=out_dtype,
-                                         tokenizer_dir=tokenizer_dir, read=read, merge=merge))
-
-        _publish(src, out, overwrite, write)
-    log.info("Exported %d tensors in %d file(s) to %s.", sum(len(g.outputs) for g in layout.groups), len(files), out)
+        except (OSError, SafetensorError) as exc:
+            # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+            raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
+    if not adapter_only:
+        log.info("Exported %d tensors in %d file(s) to %s.", sum(len(g.outputs) for g in layout.groups), len(layout.shards(max_bytes)), out)
     return out
-
-
-def _publish(src: Path, out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """``core.hub_writer.write_published``, its failures as one line."""
-    try:
-        write_published(out, write, marker=str(src.resolve()), replace=overwrite)
-    except PublishRefused as exc:
-        raise ExportError(str(exc)) from None
-    except LoraMergeError as exc:
-        raise ExportError(f"{src}: {exc}") from None
-    except (OSError, SafetensorError) as exc:
-        # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
-        raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
 
 
 def recorded_source_dir(source: str | None) -> Path | None:

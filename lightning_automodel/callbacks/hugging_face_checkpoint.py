@@ -221,7 +221,7 @@ class HuggingFaceCheckpoint(Callback):
                 )
             try:
                 refuse_quantized_base(model)
-                self._merge = LoraMerge.for_config(self._layout_model, config, state)
+                self._merge = LoraMerge(self._layout_model, config, state)
             except LoraMergeError as exc:
                 raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         return self._merge

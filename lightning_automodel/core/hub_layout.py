@@ -109,6 +109,7 @@ class ConversionGroup:
     sources: tuple[str, ...]
     outputs: tuple[HubTensor, ...]
     inputs: tuple[str, ...] = ()
+    renamed: bool = False  # one source no converter matches: its data is the hub tensor's
 
     @property
     def fetch_names(self) -> tuple[str, ...]:
@@ -160,34 +161,18 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
     return conversions
 
 
-def _reverse_converters(model: nn.Module) -> list[Any]:
-    from lightning_automodel._compat.transformers import WeightConverter
+def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
+    """Split ``names`` as ``revert_weight_conversion`` matches them: a name a converter matches joins the group of its
+    converted name; any other name is a group alone, a rename (``True``: the same data under its hub name)."""
+    from lightning_automodel._compat.transformers import WeightConverter, apply_converters, dot_natural_key
 
     reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]
-    return [c for c in reverse if isinstance(c, WeightConverter)]
-
-
-def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...]]:
-    """Split ``names`` as ``revert_weight_conversion`` matches them: a name a converter matches joins the group
-    of its converted name; any other name is a group alone (renamings are one-to-one)."""
-    from lightning_automodel._compat.transformers import apply_converters, dot_natural_key
-
-    converters = _reverse_converters(model)
+    converters = [c for c in reverse if isinstance(c, WeightConverter)]
     groups: dict[str, list[str]] = {}
     for name in sorted(names, key=dot_natural_key):
-        renamed, pattern = apply_converters(name, converters) if converters else (name, None)
-        groups.setdefault(renamed if pattern is not None else f"\0{name}", []).append(name)
-    return [tuple(members) for members in groups.values()]
-
-
-def is_renaming(model: nn.Module, group: ConversionGroup) -> bool:
-    """Whether ``group`` is one module tensor that no converter matches (a rename: the same shape and data)."""
-    from lightning_automodel._compat.transformers import apply_converters
-
-    if len(group.sources) != 1 or len(group.outputs) != 1:
-        return False
-    converters = _reverse_converters(model)
-    return not converters or apply_converters(group.sources[0], converters)[1] is None
+        target, pattern = apply_converters(name, converters) if converters else (name, None)
+        groups.setdefault(target if pattern is not None else f"\0{name}", []).append(name)
+    return [(tuple(members), key.startswith("\0")) for key, members in groups.items()]
 
 
 def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -249,7 +234,7 @@ def plan_hub_layout(
     names = [n for n in module_tensors if n not in omit]
     groups = []
     seen: set[str] = set()
-    for members in conversion_groups(meta_model, names):
+    for members, renamed in conversion_groups(meta_model, names):
         fake = {n: torch.empty(module_tensors[n][0], dtype=module_tensors[n][1], device="meta") for n in members}
         outputs = tuple(HubTensor(n, tuple(t.shape), t.dtype) for n, t in revert_group(meta_model, fake).items())
         clash = seen.intersection(t.name for t in outputs)
@@ -257,7 +242,7 @@ def plan_hub_layout(
             raise ValueError(f"two tensor groups revert to the same hub name {sorted(clash)[0]!r}; transformers' conversion rules changed?")
         seen.update(t.name for t in outputs)
         fetched = inputs(members) if inputs is not None else ()
-        groups.append(ConversionGroup(sources=members, outputs=outputs, inputs=fetched if fetched != members else ()))
+        groups.append(ConversionGroup(members, outputs, inputs=fetched if fetched != members else (), renamed=renamed and len(outputs) == 1))
     return HubLayout(groups=groups)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from lightning_automodel.core.atomic_files import fsync_path, rename_no_replace, replace_directory
 from lightning_automodel.core.distributed import all_reduce_sum_, local_tensor
 from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES
-from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, is_renaming, iter_outputs, plan_hub_layout
+from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, iter_outputs, plan_hub_layout
 from lightning_automodel.core.lora_merge import LoraMerge
 from lightning_automodel.core.naming import canonical_name
 from lightning_automodel.core.tied_head import (
@@ -181,7 +181,7 @@ def write_hub_files(
 
     shards = layout.shards(max_shard_bytes)
     names = shard_file_names(len(shards))
-    direct = [state is not None and all(_rows_in_place(layout_model, g, state) for g in shard) for shard in shards]
+    direct = [state is not None and all(_rows_in_place(g, state) for g in shard) for shard in shards]
     written: list[str] = []
     error: BaseException | None = None
     # Files of renamed tensors only: the owner lays each out (header, full size), then every rank
@@ -297,12 +297,12 @@ def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch
     return received[:rows].cpu()
 
 
-def _rows_in_place(layout_model: nn.Module, group: ConversionGroup, state: Mapping[str, torch.Tensor]) -> bool:
+def _rows_in_place(group: ConversionGroup, state: Mapping[str, torch.Tensor]) -> bool:
     """Whether each rank can write its rows of ``group``'s one output straight into the file: a renamed tensor, whole
     on every rank or an FSDP2 dim-0 shard over one mesh dimension (a rank's rows are one contiguous byte range)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    if group.inputs or group.outputs[0].dtype not in _SAFETENSORS_DTYPES or not is_renaming(layout_model, group):
+    if group.inputs or not group.renamed or group.outputs[0].dtype not in _SAFETENSORS_DTYPES:
         return False  # a transformed group (a LoRA merge) is computed on the owner, never written in place
     tensor = state[group.sources[0]]
     if tuple(tensor.shape) != group.outputs[0].shape:

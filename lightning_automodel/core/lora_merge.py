@@ -41,25 +41,22 @@ def refuse_quantized_base(model: nn.Module) -> None:
             )
 
 
-def _outermost_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapted modules not inside another adapted module (a ``ParamWrapper`` chain counts once)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and not any(name.startswith(f"{outer}.") for outer in layers):
-            layers[name] = module
-    return layers
-
-
 class LoraMerge:
-    """Which state tensors each merged tensor needs, and the merge itself, for ``adapted_model`` (a meta model
-    adapted with the training ``LoraConfig``) and the names of the state being written (adapters included)."""
+    """Which state tensors each merged tensor needs, and the merge itself, for the LoRA ``config`` and the names of the
+    state being written (adapters included); ``meta_model`` (the plain model) is left as it is: it plans the hub layout."""
 
-    def __init__(self, adapted_model: nn.Module, state_names: Iterable[str]) -> None:
+    def __init__(self, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        adapted = copy.deepcopy(meta_model)
+        inject_lora(adapted, config)
+        # the outermost adapted modules (a ``ParamWrapper`` chain counts once)
+        self._layers: dict[str, nn.Module] = {}
+        for name, module in adapted.named_modules():
+            if isinstance(module, LoraLayer) and not any(name.startswith(f"{outer}.") for outer in self._layers):
+                self._layers[name] = module
         state = list(state_names)
         present = set(state)
-        self._layers = _outermost_lora_layers(adapted_model)
         self._inputs: dict[str, tuple[str, ...]] = {}  # merged name -> state names of its module
         self._module_of: dict[str, str] = {}  # merged name -> adapted module
         self._spec_of: dict[str, str] = {}  # merged name -> state name with its shape and dtype
@@ -87,13 +84,6 @@ class LoraMerge:
             if name not in owned:
                 self._spec_of[base_checkpoint_name(name)] = name
         log.debug("LoRA merge: %d adapted modules, %d merged tensors.", len(self._layers), len(self._module_of))
-
-    @classmethod
-    def for_config(cls, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> LoraMerge:
-        """For a copy of ``meta_model`` (the plain model, left as it is: it still plans the hub layout) adapted with ``config``."""
-        adapted = copy.deepcopy(meta_model)
-        inject_lora(adapted, config)
-        return cls(adapted, state_names)
 
     def names(self) -> dict[str, str]:
         """Merged name -> the state tensor that has its shape and dtype."""
