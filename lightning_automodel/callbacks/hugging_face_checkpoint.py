@@ -129,7 +129,7 @@ class HuggingFaceCheckpoint(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._merge = None  # another fit may adapt another model
+        self._layout_model = self._merge = None  # another fit may train (and adapt) another model
         if stage != "fit":
             return
         root = self._root(trainer)

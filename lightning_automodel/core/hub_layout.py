@@ -34,11 +34,8 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class HubModelInfo:
-    """What rebuilding the Hugging Face model needs, stored in a training checkpoint.
-
-    ``prefix``: the model's attribute path in the LightningModule (``"model."`` for ``HFCausalLM``);
-    ``config``: ``config.to_dict()``; ``source``: the local directory the weights came from, if any.
-    """
+    """What rebuilding the Hugging Face model needs, stored in a training checkpoint: its attribute ``prefix`` in the
+    LightningModule (``"model."`` for ``HFCausalLM``), ``config.to_dict()``, the local ``source`` directory if any."""
 
     prefix: str
     model_class: str
@@ -224,12 +221,8 @@ def plan_hub_layout(
     omit: set[str] = frozenset(),  # type: ignore[assignment]
     inputs: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> HubLayout:
-    """Plan the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)), on meta.
-
-    ``meta_model``: the Hugging Face model (only its class and config are used); ``omit``: module tensors
-    left out (a tied head); ``inputs``: the state tensors a group's sources are computed from, when they
-    differ (``LoraMerge.inputs``).
-    """
+    """Plan, on meta, the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)) without ``omit`` (a tied
+    head); ``inputs``: the state tensors a group's sources are computed from, when they differ (``LoraMerge.inputs``)."""
     check_state(meta_model, module_tensors, omit)
     names = [n for n in module_tensors if n not in omit]
     groups = []

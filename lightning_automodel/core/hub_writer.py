@@ -1,14 +1,10 @@
 """Write a Hugging Face directory in the hub layout, from a training checkpoint or a live model on every rank.
 
-One path serves ``export`` and ``HuggingFaceCheckpoint``: a meta model gives the hub names
-(:func:`plan_hub_write`), :func:`write_hub_files` fetches one conversion group at a time (read from a
-checkpoint, or gathered from a possibly FSDP2-sharded model) and writes the files. With several ranks,
-file ``i`` belongs to rank ``i % world_size``, each tensor is gathered to its file's owner only (every rank
-takes part in every gather, in plan order), and a renamed tensor is written in place by every rank (its
-rows). Per rank memory: one output shard plus one group.
-
-Everything is written into a staging directory beside the target, fsynced, and published with one
-``rename`` (:func:`write_published`): a reader never sees a half-written model under the final name.
+One path serves ``export`` and ``HuggingFaceCheckpoint``: a meta model gives the hub names (:func:`plan_hub_write`);
+:func:`write_hub_files` fetches one conversion group at a time (read from a checkpoint, or gathered from a maybe
+FSDP2-sharded model: file ``i`` belongs to rank ``i % world_size``, each tensor is gathered to its file's owner
+only, a renamed tensor is written in place by every rank) and writes the files; :func:`write_published` stages
+them beside the target and publishes with one ``rename``. Per rank memory: one output shard plus one group.
 """
 
 from __future__ import annotations
@@ -51,9 +47,8 @@ _STAGING_INFIX = ".tmp-"
 DIR_MODE, FILE_MODE = 0o755, 0o644
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "processor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
 )
 #: safetensors' names of the dtypes a hub file holds (the reader's one table, reversed)
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -267,9 +262,8 @@ def _agree_on_success(error: BaseException | None, rank: int, world_size: int, d
 def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch.dtype | None) -> torch.Tensor | None:
     """The whole ``tensor`` in the output ``dtype`` on the CPU of global rank ``owner``; ``None`` on the others.
 
-    An FSDP2 shard (a DTensor split on dim 0 over one mesh dimension) is gathered to the owner only
-    (``dist.gather`` into one buffer), cast before it travels. Other DTensor layouts are all-gathered
-    (:func:`full_tensor`). A CPU-offloaded shard travels on the mesh's device (NCCL has no CPU path).
+    An FSDP2 dim-0 shard over one mesh dimension is ``dist.gather``-ed to the owner only, cast before it travels,
+    on the mesh's device (NCCL has no CPU path); other DTensor layouts are all-gathered (:func:`full_tensor`).
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
@@ -286,7 +280,7 @@ def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch
     rows = tensor.shape[0]
     chunk = -(-rows // size) if rows else 0
     local = tensor.to_local().detach()
-    device = torch.device(mesh.device_type) if mesh.device_type != "cpu" else torch.device("cpu")
+    device = torch.device(mesh.device_type)
     sent = torch.zeros((chunk, *tensor.shape[1:]), dtype=out_dtype, device=device)
     sent[: local.shape[0]].copy_(local)  # FSDP2's last shards are shorter (or empty): padded to one chunk
     if rank != owner:
@@ -546,13 +540,9 @@ def check_replaceable(out: Path) -> None:
 
 
 def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> None:
-    """Move ``staging`` to ``out`` in one step; never a silent replacement.
-
-    Without ``replace``, an ``out`` that exists at this moment (another export or save got there first)
-    is refused (``renameat2(RENAME_NOREPLACE)``), except an empty directory (removed first: nothing is
-    lost). With ``replace``, an existing ``out`` must pass :func:`check_replaceable` right here and is
-    swapped atomically where the filesystem can (``core.atomic_files``).
-    """
+    """Move ``staging`` to ``out`` in one step, never a silent replacement: without ``replace`` an ``out`` that exists now
+    (another export got there first) is refused, except an empty directory; with it, ``out`` must pass
+    :func:`check_replaceable` here and is swapped atomically where the filesystem can (``core.atomic_files``)."""
     fsync_path(staging)
     if replace and (out.exists() or out.is_symlink()):
         check_replaceable(out)
