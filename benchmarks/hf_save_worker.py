@@ -2,7 +2,7 @@
 
 Every rank builds the llama from ``HF_DIR`` on meta, shards it with FSDP2, loads its shards, and
 then measures, each from a reset high-water mark: (a) ``dcp.save`` of the model state dict and
-(b) the hub-layout save of ``HuggingFaceCheckpoint`` (``write_shards_from_all_ranks`` + publish).
+(b) the hub-layout save of ``HuggingFaceCheckpoint`` (``write_hub_files`` inside ``write_published``).
 Rank 0 writes ``{label: [every rank's record]}`` to ``TMP/records.json``.
 
 Both saves start from the same state: each writes a fresh directory, and every earlier output is
