@@ -157,7 +157,8 @@ def export_checkpoint(
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
             raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
     if not adapter_only:
-        log.info("Exported %d tensors in %d file(s) to %s.", sum(len(g.outputs) for g in layout.groups), len(layout.shards(max_bytes)), out)
+        tensors = sum(len(g.outputs) for g in layout.groups)
+        log.info("Exported %d tensors in %d file(s) to %s.", tensors, len(layout.shards(max_bytes)), out)
     return out
 
 

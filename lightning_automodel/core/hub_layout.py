@@ -234,8 +234,9 @@ def plan_hub_layout(
         if clash:
             raise ValueError(f"two tensor groups revert to the same hub name {sorted(clash)[0]!r}; transformers' conversion rules changed?")
         seen.update(t.name for t in outputs)
-        fetched = inputs(members) if inputs is not None else ()
-        groups.append(ConversionGroup(members, outputs, inputs=fetched if fetched != members else (), renamed=renamed and len(outputs) == 1))
+        fetched = inputs(members) if inputs is not None else members
+        renamed = renamed and len(outputs) == 1
+        groups.append(ConversionGroup(members, outputs, inputs=() if fetched == members else fetched, renamed=renamed))
     return HubLayout(groups=groups)
 
 

@@ -215,7 +215,7 @@ def write_hub_files(
                 pending = None
             fetched: set[int] = set()
 
-            def fetch_owned(groups: Sequence[ConversionGroup], owner: int = owner, fetched: set[int] = fetched) -> Mapping[str, torch.Tensor]:
+            def fetch_owned(groups: Sequence[ConversionGroup], owner: int = owner, fetched: set[int] = fetched) -> Mapping:
                 tensors = fetch(groups, owner)
                 fetched.update(id(g) for g in groups)
                 return tensors
@@ -248,14 +248,14 @@ def write_hub_files(
 
 def _agree_on_success(error: BaseException | None, rank: int, world_size: int, device: torch.device | None) -> None:
     """Raise on every rank when any rank failed (the failing rank re-raises its own error)."""
-    failed = torch.zeros(world_size, dtype=torch.float32)
-    failed[rank] = 1.0 if error is not None else 0.0
+    failed = torch.zeros(world_size)
+    failed[rank] = float(error is not None)
     if world_size > 1:
         all_reduce_sum_(failed, device=device)
     if error is not None:
         raise error
-    ranks = [r for r, flag in enumerate(failed.tolist()) if flag]
-    if ranks:
+    if failed.any():
+        ranks = failed.nonzero().flatten().tolist()
         raise RuntimeError(f"HuggingFaceCheckpoint: rank(s) {ranks} failed writing their files; their logs have the error.")
 
 
@@ -411,7 +411,8 @@ def write_index(out: Path, shards: Sequence[Sequence[ConversionGroup]]) -> None:
     names = shard_file_names(len(shards))
     weight_map = {t.name: names[i] for i, shard in enumerate(shards) for g in shard for t in g.outputs}
     total = sum(g.nbytes for shard in shards for g in shard)
-    write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -498,7 +499,7 @@ def _is_stale_staging(entry: Path) -> bool:
     except ProcessLookupError:
         return True
     except OSError:
-        return False
+        pass  # alive, another user's process
     return False
 
 
@@ -568,7 +569,9 @@ def write_marker(out: Path, source: str) -> None:
     write_text(out / EXPORT_MARKER, json.dumps({"source": source, "time": time.time(), "files": files}) + "\n")
 
 
-def write_published(out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True) -> None:
+def write_published(
+    out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True
+) -> None:
     """``write`` into ``staging`` (default: a fresh one beside ``out``); the ``owner`` then writes the marker and
     publishes it, and removes it on any failure: nothing half-written is left under ``out`` or beside it."""
     staging = staging if staging is not None else staging_directory(out)

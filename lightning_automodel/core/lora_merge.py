@@ -128,8 +128,4 @@ class LoraMerge:
                     module.merge(adapter_names=[ADAPTER_NAME])
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             raise LoraMergeError(f"peft cannot merge the adapters of {prefix} ({type(layer).__name__}): {' '.join(str(exc).split())}") from None
-        return {
-            base_checkpoint_name(f"{prefix}.{key}"): t.detach()
-            for key, t in layer.state_dict().items()
-            if not is_adapter_name(key)
-        }
+        return {base_checkpoint_name(f"{prefix}.{key}"): t.detach() for key, t in layer.state_dict().items() if not is_adapter_name(key)}
