@@ -2,7 +2,7 @@
 
 Every rank builds the llama from ``HF_DIR`` on meta, shards it with FSDP2, loads its shards, and
 then measures, each from a reset high-water mark: (a) ``dcp.save`` of the model state dict and
-(b) the hub-layout save of ``HuggingFaceCheckpoint`` (``write_shards_from_all_ranks`` + publish).
+(b) the hub-layout save of ``HuggingFaceCheckpoint`` (``write_hub_files`` inside ``write_published``).
 Rank 0 writes ``{label: [every rank's record]}`` to ``TMP/records.json``.
 
 Both saves start from the same state: each writes a fresh directory, and every earlier output is
@@ -28,9 +28,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig
 
 from benchmarks.harness import reset_peak_rss, rss_kib
-from lightning_automodel.core.hub_from_module import module_state, plan_module_layout, tied_head_to_omit, write_shards_from_all_ranks
 from lightning_automodel.core.hub_layout import hub_model_info
-from lightning_automodel.core.hub_writer import publish_directory, staging_directory, write_config_files, write_marker
+from lightning_automodel.core.hub_writer import (
+    heads_equal_on_all_ranks,
+    module_state,
+    plan_hub_write,
+    staging_directory,
+    write_hub_files,
+    write_published,
+)
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.export import build_meta_model_for, parse_size
 from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
@@ -81,17 +87,18 @@ def main(hf_dir: str, tmp: str, shard: str, order: str = "dcp-first") -> None:
 
     def hub() -> None:
         state = module_state(model)
-        omit = tied_head_to_omit(model, state)
-        layout = plan_module_layout(model, layout_model, state, omit=omit, dtype=None)
+        specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+        layout = plan_hub_write(layout_model, layout_model.config, specs, dtype=None,
+                                heads_equal=lambda head, embed: heads_equal_on_all_ranks(state, head, embed))
         staging = [str(staging_directory(out / "hf")) if rank == 0 else None]
         dist.broadcast_object_list(staging, src=0)
-        write_shards_from_all_ranks(layout_model, state, layout, Path(staging[0]), rank=rank, world_size=world,
-                                    max_shard_bytes=parse_size(shard), dtype=None)
-        dist.barrier()
-        if rank == 0:
-            write_config_files(Path(staging[0]), layout_model.config, tokenizer_dir=None)
-            write_marker(Path(staging[0]), "benchmark")  # as the callback does: the next round may replace it
-            publish_directory(Path(staging[0]), out / f"hf-{next(rounds)}")
+
+        def write(directory: Path) -> None:
+            write_hub_files(directory, layout_model, layout, layout_model.config, state=state, rank=rank, world_size=world,
+                            max_shard_bytes=parse_size(shard), dtype=None)
+
+        # as the callback does: marker (the next round may replace it), then rank 0 publishes
+        write_published(out / f"hf-{next(rounds)}", write, marker="benchmark", replace=False, staging=Path(staging[0]), owner=rank == 0)
 
     plain()  # warm-up of both paths on this exact model (first-call set-up is not measured)
     hub()

@@ -378,11 +378,12 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_concurrent_export_to_one_out_one_wins_the_other_fails(tmp_path, tiny_ckpt, monkeypatch):
+    import lightning_automodel.core.hub_writer as hub_writer
     import lightning_automodel.export as export
     from lightning_automodel.core.hub_writer import EXPORT_MARKER
 
     out = tmp_path / "hf"
-    real_write_marker = export.write_marker
+    real_write_marker = hub_writer.write_marker
     inner: list[Path] = []
     started = []
 
@@ -393,7 +394,7 @@ def test_concurrent_export_to_one_out_one_wins_the_other_fails(tmp_path, tiny_ck
             inner.append(export.export_checkpoint(tiny_ckpt, out))
         real_write_marker(staging, source)
 
-    monkeypatch.setattr(export, "write_marker", other_export_finishes_first)
+    monkeypatch.setattr(hub_writer, "write_marker", other_export_finishes_first)
     with pytest.raises(export.ExportError, match="appeared while it was being written"):
         export.export_checkpoint(tiny_ckpt, out)
     winner = json.loads((out / EXPORT_MARKER).read_text())

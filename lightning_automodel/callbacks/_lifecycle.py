@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_automodel.callbacks._export_info import record_export_info
+from lightning_automodel.core.hub_layout import record_export_info
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
 from lightning_automodel.core.logs import rank_zero_logger

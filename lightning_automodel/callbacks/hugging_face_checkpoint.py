@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,32 +11,25 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_automodel.callbacks._export_info import record_export_info, source_directory
 from lightning_automodel.core.discovery import find_hf_model
-from lightning_automodel.core.hub_from_module import (
-    full_tensor,
-    merge_transform,
-    module_state,
-    plan_module_layout,
-    tied_head_to_omit,
-    write_shards_from_all_ranks,
-)
-from lightning_automodel.core.hub_layout import HubModelInfo, hub_model_info
+from lightning_automodel.core.hub_layout import hub_model_info, record_export_info, source_directory
 from lightning_automodel.core.hub_writer import (
     PublishRefused,
     check_replaceable,
+    full_tensor,
+    heads_equal_on_all_ranks,
+    module_state,
     parse_size,
-    publish_directory,
+    plan_hub_write,
     remove_stale_staging,
     staging_directory,
     write_adapter_directory,
-    write_config_files,
-    write_marker,
+    write_hub_files,
+    write_published,
 )
-from lightning_automodel.core.lora import ADAPTER_NAME, base_checkpoint_name, is_adapter_name
-from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
-from lightning_automodel.core.tied_head import get_input_embeddings_weight_and_name
 from lightning_automodel.core.logs import rank_zero_logger
+from lightning_automodel.core.lora import ADAPTER_NAME, is_adapter_name
+from lightning_automodel.core.lora_merge import LoraMerge, LoraMergeError, refuse_quantized_base
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
@@ -73,18 +66,13 @@ def is_last_step(trainer: pl.Trainer) -> bool:
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
-    At the end of ``fit`` it writes ``dirpath/final``, and every ``every_n_train_steps`` steps (when
-    set) ``dirpath/step-<N>``, except on the fit's last step, which ``final`` holds. The layout is ``save_pretrained``'s (see
-    ``lightning-automodel export``): hub tensor names, the tied head omitted only when truly tied,
-    safetensors shards with an index, config, generation config and the tokenizer of the source
-    directory; directories 0755, files 0644.
-
-    Every rank writes its own rows of the output files in place (converted groups such as fused MoE
-    experts are gathered to the file's owner only): per rank memory is at most one output shard plus
-    one group, never the model. Files go to a staging directory that rank 0 publishes with one rename
-    after every rank fsynced, so a crash leaves the previous directory or the new one, never a mix.
-    ``dirpath`` must be on a filesystem every node sees. It also records in every Lightning checkpoint
-    what ``lightning-automodel export`` needs, so a checkpoint of any LightningModule exports.
+    At the end of ``fit`` it writes ``dirpath/final`` and, every ``every_n_train_steps`` steps when set,
+    ``dirpath/step-<N>`` (not on the fit's last step: ``final`` holds it), in ``save_pretrained``'s layout
+    (``core.hub_writer``, shared with ``lightning-automodel export``). Every rank writes its rows of the files
+    in place, converted groups are gathered to the file's owner only: per rank at most one output shard plus
+    one group. Rank 0 publishes the staging directory with one rename after every rank fsynced: a crash leaves
+    the previous directory or the new one. ``dirpath`` must be on a filesystem every node sees. Every Lightning
+    checkpoint also records what ``export`` needs, so a checkpoint of any LightningModule exports.
 
     Args:
         dirpath: where the directories go (default: ``<trainer.default_root_dir>/hf``).
@@ -141,7 +129,7 @@ class HuggingFaceCheckpoint(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._merge = None  # another fit may adapt another model
+        self._layout_model = self._merge = None  # another fit may train (and adapt) another model
         if stage != "fit":
             return
         root = self._root(trainer)
@@ -178,50 +166,42 @@ class HuggingFaceCheckpoint(Callback):
         prefix, model = find_hf_model(pl_module)
         if not hasattr(model, "config"):
             raise MisconfigurationException("HuggingFaceCheckpoint needs a Hugging Face model (a transformers PreTrainedModel) in the LightningModule.")
-        info = hub_model_info(prefix, model, source_directory(pl_module))
+        source = source_directory(pl_module)
+        info = hub_model_info(prefix, model, source)
         if self._layout_model is None:
             self._layout_model = build_meta_model_for(info, Path("<the LightningModule>"))
-        source = source_directory(pl_module)
         if source is not None:
             check_target_is_not_source(out, Path(source), what="HuggingFaceCheckpoint")
         _check_replaceable(out, MisconfigurationException, "HuggingFaceCheckpoint")
         state = module_state(model)
         lora = any(is_adapter_name(name) for name in state)
+        marker = f"HuggingFaceCheckpoint step {trainer.global_step}"
         if self.adapter_only:
             if not lora:
                 raise MisconfigurationException("HuggingFaceCheckpoint(adapter_only=True) needs LoRA adapters: add the LoRA callback, or drop adapter_only.")
-            self._save_adapter(trainer, model, state, info.source, out)
+            adapters = {name: full_tensor(t) for name, t in state.items() if is_adapter_name(name)}  # collectives: every rank
+            if trainer.is_global_zero:
+                write_published(out, partial(write_adapter_directory, config=model.peft_config[ADAPTER_NAME], adapters=adapters,
+                                             base_model=info.source), marker=marker, replace=True)
+                log.info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
             return self._saved(trainer, out)
-        omit = tied_head_to_omit(model, state, device=strategy.root_device)
-        merge = self._lora_merge(model, info, state) if lora else None
-        if omit is not None and merge is not None and merge.is_merged(base_checkpoint_name(get_input_embeddings_weight_and_name(model)[1] or "")):
-            omit = None  # an adapted embedding merges into the embedding only: the head keeps the base weight
+        merge = self._lora_merge(model, state) if lora else None
         config = self._layout_model.config.__class__.from_dict(model.config.to_dict())
-        if omit is None and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False  # the head diverged (or was never tied): say so
+        specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
         try:
-            layout = plan_module_layout(model, self._layout_model, state, omit=omit, dtype=self.dtype, merge=merge)
+            layout = plan_hub_write(self._layout_model, config, specs, dtype=self.dtype, merge=merge,
+                                    heads_equal=partial(heads_equal_on_all_ranks, state, device=strategy.root_device))
         except ValueError as exc:
             raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
-        floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
-        if floats:
-            config.dtype = max(set(floats), key=floats.count)
-
+        tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else (Path(info.source) if info.source else None)
         staging = Path(strategy.broadcast(str(staging_directory(out)) if trainer.is_global_zero else None))
-        strategy.barrier("hf_checkpoint_staged")
-        write_shards_from_all_ranks(
-            self._layout_model, state, layout, staging,
-            rank=trainer.global_rank, world_size=trainer.world_size, max_shard_bytes=self._max_shard_bytes, dtype=self.dtype,
-            device=strategy.root_device,
-            transform=merge_transform(merge) if merge is not None else None,
+        write = partial(
+            write_hub_files, layout_model=self._layout_model, layout=layout, config=config, max_shard_bytes=self._max_shard_bytes,
+            dtype=self.dtype, tokenizer_dir=tokenizer, state=state, merge=merge, rank=trainer.global_rank,
+            world_size=trainer.world_size, device=strategy.root_device,
         )
-        strategy.barrier("hf_checkpoint_written")
-        if trainer.is_global_zero:
-            tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else (Path(info.source) if info.source else None)
-            write_config_files(staging, config, tokenizer_dir=tokenizer)
-            write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
-            publish_directory(staging, out, replace=True)
-            log.info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
+        write_published(out, write, marker=marker, replace=True, staging=staging, owner=trainer.is_global_zero)
+        log.info(f"Hugging Face model saved at {out} (step {trainer.global_step}).")
         return self._saved(trainer, out)
 
     def _saved(self, trainer: pl.Trainer, out: Path) -> Path:
@@ -230,10 +210,8 @@ class HuggingFaceCheckpoint(Callback):
         self.last_saved = out
         return out
 
-    def _lora_merge(self, model: Any, info: HubModelInfo, state: dict[str, Any]) -> LoraMerge:
+    def _lora_merge(self, model: Any, state: dict[str, Any]) -> LoraMerge:
         """How this LoRA model's adapters merge (built once: the adapted names do not change during fit)."""
-        from lightning_automodel.core.model_build import build_meta_model_for
-
         if self._merge is None:
             config = (getattr(model, "peft_config", None) or {}).get(ADAPTER_NAME)
             if config is None:
@@ -243,24 +221,10 @@ class HuggingFaceCheckpoint(Callback):
                 )
             try:
                 refuse_quantized_base(model)
-                self._merge = LoraMerge.for_config(build_meta_model_for(info, Path("<the LightningModule>")), config, state)
+                self._merge = LoraMerge(self._layout_model, config, state)
             except LoraMergeError as exc:
                 raise MisconfigurationException(f"HuggingFaceCheckpoint: {exc}") from None
         return self._merge
-
-    def _save_adapter(self, trainer: pl.Trainer, model: Any, state: dict[str, Any], source: str | None, out: Path) -> None:
-        """peft's adapter directory: every rank gathers the (small) adapters, rank 0 writes and publishes."""
-        adapters = {name: full_tensor(t) for name, t in state.items() if is_adapter_name(name)}  # collectives: every rank
-        if trainer.is_global_zero:
-            staging = staging_directory(out)
-            try:
-                write_adapter_directory(staging, model.peft_config[ADAPTER_NAME], adapters, source)
-                write_marker(staging, f"HuggingFaceCheckpoint step {trainer.global_step}")
-                publish_directory(staging, out, replace=True)  # an existing `out` passed check_replaceable in save()
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            log.info(f"LoRA adapter saved at {out} (step {trainer.global_step}; PeftModel.from_pretrained(base, DIR) loads it).")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,20 +1,11 @@
 """Publishing a directory under its final name with no moment at which that name is missing.
 
-A checkpoint or export directory is written beside its target and then moved into place. When the
-target already exists, POSIX ``rename`` cannot replace a non-empty directory, so the usual dance is
-two renames (old aside, new in), and a crash between them leaves no directory under the name at
-all. Linux has an atomic swap of two paths (``renameat2(..., RENAME_EXCHANGE)``, ext4, xfs, btrfs,
-tmpfs); :func:`replace_directory` uses it when the filesystem supports it, and otherwise falls back
-to the two renames with the old directory parked at a fixed sibling name that
-:func:`recover_replaced_directory` moves back at the next start.
-
-At that start no process group exists yet, and every rank of a job checks the same path. The
-recovery is therefore done by one process per node (:func:`recover_replaced_directory_per_node`:
-local rank 0, while the node's other processes wait for the outcome), and tolerates losing the
-rename to another node's local rank 0 on a shared filesystem (NFS, Lustre).
-
-``renameat2`` is not in Python's ``os`` module; it is reached through ``ctypes`` here and nowhere
-else (tested in ``tests/core/test_atomic_files.py``).
+POSIX ``rename`` cannot replace a non-empty directory: two renames (old aside, new in) leave no directory
+under the name if a crash falls between them. :func:`replace_directory` uses Linux's atomic swap
+(``renameat2(RENAME_EXCHANGE)``, ext4, xfs, btrfs, tmpfs) where it can, else the two renames with the old
+directory parked at a fixed sibling that :func:`recover_replaced_directory` moves back at the next start:
+once per node (:func:`recover_replaced_directory_per_node`, before any process group exists), tolerating
+another node winning the rename on a shared filesystem. ``renameat2`` is reached through ``ctypes`` here only.
 """
 
 from __future__ import annotations
@@ -25,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,7 +31,7 @@ def sibling(path: Path, tag: str) -> Path:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk (best effort where a directory cannot be opened)."""
+    """Flush a file's data, or a directory's entries, to the disk (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -65,60 +55,45 @@ def fsync_tree(root: Path) -> None:
         fsync_path(directory)
 
 
-def _renameat2() -> Callable[..., int] | None:
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
+    """``renameat2(a, b, flag)``; ``False`` when the system or the filesystem lacks the call or the flag."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.renameat2
+        function = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
-        return None
+        return False
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
-    return function
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flag) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST and flag == _RENAME_NOREPLACE:
+        raise FileExistsError(code, os.strerror(code), str(b))
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # fall back: two renames for an exchange, lstat + rename for no-replace
+    raise OSError(code, f"renameat2 of {a} and {b}: {os.strerror(code)}")
 
 
 def exchange_paths(a: Path, b: Path) -> bool:
     """Atomically swap the entries ``a`` and ``b`` (both must exist); ``False`` when the system cannot."""
-    function = _renameat2()
-    if function is None:
-        return False
-    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-        return False  # no such call, or a filesystem that cannot exchange: fall back to two renames
-    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a} and {b}: {os.strerror(code)}")
+    return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def rename_no_replace(source: Path, target: Path) -> None:
     """Rename ``source`` to ``target``, raising ``FileExistsError`` when ``target`` exists (even an empty directory).
 
-    ``renameat2(RENAME_NOREPLACE)`` checks and renames in one step, so of two writers racing for one
-    name exactly one wins and the other is told. Where the call or the filesystem lacks the flag, the
-    check is a separate ``lstat`` just before ``rename``: the window is tiny but not zero there.
+    ``renameat2(RENAME_NOREPLACE)`` checks and renames in one step: of two racing writers exactly one wins.
+    Without it, the check is an ``lstat`` just before ``rename`` (a tiny window).
     """
-    function = _renameat2()
-    if function is not None:
-        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
-            fsync_path(target.parent)
-            return
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            raise FileExistsError(code, os.strerror(code), str(target))
-        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise OSError(code, f"renameat2(RENAME_NOREPLACE) of {source} to {target}: {os.strerror(code)}")
-    if target.exists() or target.is_symlink():
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-    os.rename(source, target)
+    if not _renameat2(source, target, _RENAME_NOREPLACE):
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+        os.rename(source, target)
     fsync_path(target.parent)
 
 
 def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True) -> None:
-    """Move ``staging`` to ``final``, replacing an existing ``final``; no moment without ``final`` if possible.
-
-    With the atomic exchange, ``final`` always names a complete directory (old, then new). Without
-    it, the old directory is parked at ``sibling(final, "old")`` between two renames; a crash there
-    is repaired by :func:`recover_replaced_directory`. Parent directory entries are fsynced.
-    """
+    """Move ``staging`` to ``final``, replacing an existing ``final`` (atomically where the filesystem can; else the old
+    one is parked at ``sibling(final, "old")`` between two renames, for :func:`recover_replaced_directory`)."""
     parked = sibling(final, "old")
     if not final.exists() and not final.is_symlink():
         os.replace(staging, final)
@@ -144,11 +119,8 @@ def _awaits_recovery(final: Path) -> bool:
 
 
 def recover_replaced_directory(final: Path) -> bool:
-    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did.
-
-    Another process doing the same recovery at the same moment (another node on a shared filesystem)
-    is not an error: whoever renames first wins, the other finds ``final`` in place and returns ``False``.
-    """
+    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did (a process that loses
+    the rename to another node's recovery finds ``final`` in place and returns ``False``)."""
     parked = sibling(final, "old")
     if not _awaits_recovery(final):
         return False
@@ -166,10 +138,7 @@ def recover_replaced_directory(final: Path) -> bool:
 
 
 def local_rank_before_group() -> int:
-    """This process's rank on its node from the launcher's environment (no process group needed).
-
-    ``LOCAL_RANK`` (torchrun, Lightning's launchers), else ``SLURM_LOCALID`` (srun), else 0: a lone process.
-    """
+    """This process's rank on its node: ``LOCAL_RANK`` (torchrun, Lightning), else ``SLURM_LOCALID`` (srun), else 0."""
     for variable in ("LOCAL_RANK", "SLURM_LOCALID"):
         raw = os.environ.get(variable)
         if raw is None:
@@ -187,14 +156,8 @@ def local_rank_before_group() -> int:
 def recover_replaced_directory_per_node(
     final: Path, *, local_rank: int | None = None, timeout: float = 120.0, poll: float = 0.05
 ) -> bool:
-    """:func:`recover_replaced_directory` by local rank 0 only; the node's other processes wait for it.
-
-    For the start of a job, before a process group exists: every rank checking and renaming the same
-    path would race (the losers' renames fail). ``True`` where this process put the directory back.
-
-    Raises:
-        TimeoutError: local rank 0 did not put ``final`` back within ``timeout`` seconds (its log says why).
-    """
+    """:func:`recover_replaced_directory` by local rank 0 only, the node's other processes waiting for it (every rank
+    renaming the same path would race); ``TimeoutError`` when ``final`` is not back within ``timeout`` seconds."""
     if (local_rank_before_group() if local_rank is None else local_rank) == 0:
         return recover_replaced_directory(final)
     deadline = time.monotonic() + timeout

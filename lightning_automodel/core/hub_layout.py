@@ -1,32 +1,28 @@
 """The Hugging Face hub layout of a model's weights, planned on shapes so it can be written tensor by tensor.
 
-``save_pretrained`` writes the hub layout, not the module's names: fused MoE experts become one
-tensor per expert, VLMs get their legacy keys back, a tied head is left out. It does so with
-transformers' ``revert_weight_conversion`` on the *whole* state dict, which needs every tensor in
-memory at once (80 GB for 8B in fp32). The reversion is a set of independent groups (one fused
-expert tensor and the per-expert tensors it becomes, or one renamed tensor), so here the state is
-split into those groups with transformers' own matching rules, each group is reverted on meta
-tensors to learn its output names and shapes, and a writer later reverts one group of real
-tensors at a time. The result is the same names and shapes as ``save_pretrained`` (tested per
-layout), with one group in memory.
+``save_pretrained`` reverts transformers' load-time conversions (fused MoE experts -> one tensor per expert,
+VLM legacy keys) with ``revert_weight_conversion`` on the whole state dict, all tensors in memory at once.
+The reversion is a set of independent groups (one fused tensor and what it becomes, or one renamed tensor):
+here the state is split into those groups with transformers' own matching rules and each group is reverted
+on meta to learn its outputs; the writer reverts one group of real tensors at a time. Same names and shapes
+as ``save_pretrained`` (tested per layout), one group in memory.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_automodel._compat.transformers import loaded_weight_conversions, weight_conversions_set
-
-log = logging.getLogger(__name__)
+from lightning_automodel.core.discovery import find_hf_model
 
 #: where a checkpoint records what export needs (written by the callbacks, read by ``export``)
 EXPORT_INFO_KEY = "lightning_automodel_hf_model"
@@ -38,12 +34,8 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class HubModelInfo:
-    """What rebuilding the Hugging Face model needs, stored in a training checkpoint.
-
-    ``prefix`` is the attribute path of the Hugging Face model inside the LightningModule
-    (``"model."`` for ``HFCausalLM``), ``config`` the model's ``config.to_dict()``, ``source`` the
-    local directory the weights came from (for the tokenizer), if any.
-    """
+    """What rebuilding the Hugging Face model needs, stored in a training checkpoint: its attribute ``prefix`` in the
+    LightningModule (``"model."`` for ``HFCausalLM``), ``config.to_dict()``, the local ``source`` directory if any."""
 
     prefix: str
     model_class: str
@@ -78,6 +70,23 @@ def hub_model_info(prefix: str, model: nn.Module, source: str | None = None) -> 
     return HubModelInfo(prefix=prefix, model_class=model_class, config=model.config.to_dict(), source=source)
 
 
+def source_directory(root: nn.Module) -> str | None:
+    """The local directory the weights came from (for the tokenizer), when the module's hparams or config say so."""
+    hparams = getattr(root, "hparams", None) or {}
+    candidate = hparams.get("pretrained_path") if hasattr(hparams, "get") else None
+    if candidate is None:
+        _, model = find_hf_model(root)
+        candidate = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return str(Path(candidate).resolve()) if candidate and Path(candidate).is_dir() else None
+
+
+def record_export_info(root: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Store what ``export`` needs in ``checkpoint``, so any LightningModule's checkpoint exports (no-op without a HF model)."""
+    prefix, model = find_hf_model(root)
+    if hasattr(getattr(model, "config", None), "to_dict"):
+        checkpoint[EXPORT_INFO_KEY] = hub_model_info(prefix, model, source_directory(root)).to_dict()
+
+
 @dataclass(frozen=True)
 class HubTensor:
     name: str
@@ -91,15 +100,13 @@ class HubTensor:
 
 @dataclass(frozen=True)
 class ConversionGroup:
-    """Module tensors that are reverted together and the hub tensors they become.
-
-    ``inputs`` are the state tensors to fetch when they differ from ``sources`` (LoRA: each adapted
-    base with its adapters, merged into ``sources`` by a transform before the reversion).
-    """
+    """Module tensors reverted together and the hub tensors they become; ``inputs``: the state tensors to
+    fetch when they differ from ``sources`` (LoRA: each adapted base with its adapters, merged before the reversion)."""
 
     sources: tuple[str, ...]
     outputs: tuple[HubTensor, ...]
     inputs: tuple[str, ...] = ()
+    renamed: bool = False  # one source no converter matches: its data is the hub tensor's
 
     @property
     def fetch_names(self) -> tuple[str, ...]:
@@ -115,20 +122,9 @@ class HubLayout:
     """Every hub tensor of a model, grouped by the module tensors that produce it."""
 
     groups: list[ConversionGroup]
-    omitted: tuple[str, ...] = field(default=())
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
-
-    def names(self) -> list[str]:
-        return [t.name for g in self.groups for t in g.outputs]
 
     def shards(self, max_shard_bytes: int) -> list[list[ConversionGroup]]:
-        """Groups packed in order into shards of at most ``max_shard_bytes`` (a larger group gets a shard alone).
-
-        A group never spans two files, so each file is written from whole groups (one read each).
-        """
+        """Whole groups packed in order into files of at most ``max_shard_bytes`` (a larger group gets a file alone)."""
         shards: list[list[ConversionGroup]] = [[]]
         size = 0
         for group in self.groups:
@@ -146,11 +142,10 @@ _CONVERSIONS: weakref.WeakKeyDictionary[nn.Module, list[Any] | None] = weakref.W
 def _weight_conversions(model: nn.Module) -> list[Any] | None:
     """The conversions ``revert_weight_conversion`` applies to ``model``, computed once per model.
 
-    transformers finds them by walking every module (``get_model_conversion_mapping``); doing that
-    for every group made planning quadratic in depth (160 layers: 29 s). The rules depend on the
-    model's classes and config only, so one walk per model serves every group of every save.
-    Same selection as transformers: the model's own ``_weight_conversions`` when it was loaded with
-    them, else the default mapping without legacy renames and without ``PrefixChange``.
+    transformers finds them by walking every module (``get_model_conversion_mapping``); doing that for
+    every group made planning quadratic in depth (160 layers: 29 s). Same selection as transformers: the
+    model's own ``_weight_conversions`` when loaded with them, else the default mapping without legacy
+    renames and without ``PrefixChange``.
     """
     if model in _CONVERSIONS:
         return _CONVERSIONS[model]
@@ -163,49 +158,23 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
     return conversions
 
 
-def _reverse_converters(model: nn.Module) -> list[Any]:
-    """The reversed ``WeightConverter`` list ``revert_weight_conversion`` uses for ``model``."""
-    from lightning_automodel._compat.transformers import WeightConverter
+def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
+    """Split ``names`` as ``revert_weight_conversion`` matches them: a name a converter matches joins the group of its
+    converted name; any other name is a group alone, a rename (``True``: the same data under its hub name)."""
+    from lightning_automodel._compat.transformers import WeightConverter, apply_converters, dot_natural_key
 
     reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]
-    return [c for c in reverse if isinstance(c, WeightConverter)]
-
-
-def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[str, ...]]:
-    """Split ``names`` into the groups transformers' reversion converts together.
-
-    Mirrors the matching in ``revert_weight_conversion``: a name matched by a converter joins the
-    group of its converted name; any other name is a group alone (renamings are one-to-one).
-    """
-    from lightning_automodel._compat.transformers import apply_converters, dot_natural_key
-
-    converters = _reverse_converters(model)
+    converters = [c for c in reverse if isinstance(c, WeightConverter)]
     groups: dict[str, list[str]] = {}
     for name in sorted(names, key=dot_natural_key):
-        renamed, pattern = apply_converters(name, converters) if converters else (name, None)
-        groups.setdefault(renamed if pattern is not None else f"\0{name}", []).append(name)
-    return [tuple(members) for members in groups.values()]
-
-
-def is_renaming(model: nn.Module, group: ConversionGroup) -> bool:
-    """Whether ``group`` is one module tensor that reverts to one hub tensor of the same shape and data (a rename).
-
-    No converter matches its name (converters stack, split, transpose); renamings move no data.
-    """
-    from lightning_automodel._compat.transformers import apply_converters
-
-    if len(group.sources) != 1 or len(group.outputs) != 1:
-        return False
-    converters = _reverse_converters(model)
-    return not converters or apply_converters(group.sources[0], converters)[1] is None
+        target, pattern = apply_converters(name, converters) if converters else (name, None)
+        groups.setdefault(target if pattern is not None else f"\0{name}", []).append(name)
+    return [(tuple(members), key.startswith("\0")) for key, members in groups.items()]
 
 
 def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' reversion of one conversion group (module names -> hub names).
-
-    ``revert_weight_conversion`` is handed the conversions computed once (:func:`_weight_conversions`)
-    through the attribute it reads first, set for the call only, so it does not walk the model again.
-    """
+    """transformers' reversion of one conversion group (module names -> hub names), handed the conversions
+    computed once through the attribute it reads first, so it does not walk the model again."""
     from lightning_automodel._compat.transformers import revert_weight_conversion
 
     conversions = _weight_conversions(model)
@@ -216,14 +185,15 @@ def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
     return {name: (value[0] if isinstance(value, list) else value) for name, value in reverted.items()}
 
 
-def check_known_names(meta_model: nn.Module, names: Iterable[str]) -> None:
-    """Every name is one of the model's tensors; else one line, before anything is written.
+def check_state(meta_model: nn.Module, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], omit: set[str]) -> None:
+    """The state is exactly the model's tensors (names, shapes, int/float); else one line, before anything is written.
 
-    A name the model does not have would be written, and ``from_pretrained`` would ignore it and
-    initialize the tensor it stands for randomly (peft's ``base_layer`` names did exactly that).
+    An unknown name would be written and ignored by ``from_pretrained``, which initializes the tensor it
+    stands for randomly (peft's ``base_layer`` names did exactly that); a missing or misshapen tensor
+    would fail only in whoever loads the directory.
     """
-    expected = set(meta_model.state_dict())
-    unknown = [n for n in names if n not in expected]
+    expected = meta_model.state_dict()
+    unknown = [n for n in specs if n not in expected and n not in omit]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         hint = " LoRA names: merge the adapters (or write the adapter directory)." if any(".base_layer." in n or ".lora_" in n for n in unknown) else ""
@@ -231,6 +201,17 @@ def check_known_names(meta_model: nn.Module, names: Iterable[str]) -> None:
             f"{unknown[0]}{more} is not a tensor of {type(meta_model).__name__}: from_pretrained would ignore it "
             f"and initialize that weight randomly, so nothing was written.{hint}"
         )
+    missing = [k for k in expected if k not in specs and k not in omit]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"the weights have no tensor for {', '.join(missing[:3])}{more}, which the model's config needs.")
+    for name, (shape, dtype) in specs.items():
+        want = expected[name]
+        if tuple(shape) != tuple(want.shape) or dtype.is_floating_point != want.is_floating_point():
+            raise ValueError(
+                f"tensor {name} is {dtype} {list(shape)}; the model's config needs "
+                f"{'a floating-point' if want.is_floating_point() else 'an integer'} tensor of shape {list(want.shape)}."
+            )
 
 
 def plan_hub_layout(
@@ -240,27 +221,23 @@ def plan_hub_layout(
     omit: set[str] = frozenset(),  # type: ignore[assignment]
     inputs: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> HubLayout:
-    """Plan the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)), on meta.
-
-    ``meta_model`` is the Hugging Face model (any device; only its class and config are used by the
-    conversion rules); every name must be one of its tensors. ``omit`` names module tensors left out
-    (a tied head). ``inputs`` gives the state tensors a group's sources are computed from, when they
-    differ (``LoraMerge.inputs``).
-    """
+    """Plan, on meta, the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)) without ``omit`` (a tied
+    head); ``inputs``: the state tensors a group's sources are computed from, when they differ (``LoraMerge.inputs``)."""
+    check_state(meta_model, module_tensors, omit)
     names = [n for n in module_tensors if n not in omit]
-    check_known_names(meta_model, names)
     groups = []
     seen: set[str] = set()
-    for members in conversion_groups(meta_model, names):
+    for members, renamed in conversion_groups(meta_model, names):
         fake = {n: torch.empty(module_tensors[n][0], dtype=module_tensors[n][1], device="meta") for n in members}
         outputs = tuple(HubTensor(n, tuple(t.shape), t.dtype) for n, t in revert_group(meta_model, fake).items())
         clash = seen.intersection(t.name for t in outputs)
         if clash:
             raise ValueError(f"two tensor groups revert to the same hub name {sorted(clash)[0]!r}; transformers' conversion rules changed?")
         seen.update(t.name for t in outputs)
-        fetched = inputs(members) if inputs is not None else ()
-        groups.append(ConversionGroup(sources=members, outputs=outputs, inputs=fetched if fetched != members else ()))
-    return HubLayout(groups=groups, omitted=tuple(sorted(omit)))
+        fetched = inputs(members) if inputs is not None else members
+        renamed = renamed and len(outputs) == 1
+        groups.append(ConversionGroup(members, outputs, inputs=() if fetched == members else fetched, renamed=renamed))
+    return HubLayout(groups=groups)
 
 
 def iter_outputs(model: nn.Module, group: ConversionGroup, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,11 +1,10 @@
-"""Write a Hugging Face directory from a :class:`~lightning_automodel.core.hub_layout.HubLayout`, shard by shard.
+"""Write a Hugging Face directory in the hub layout, from a training checkpoint or a live model on every rank.
 
-Per process memory: the output shard being assembled plus one conversion group in flight (the
-group's source tensors and, when ``dtype`` casts, its cast copy). ``safetensors.save_file`` writes
-from the tensors' own memory (no second copy of the shard).
-
-Files are written into a staging directory, fsynced, and published with :func:`publish_directory`
-(one ``rename``), so a reader never sees a half-written model under the final name.
+One path serves ``export`` and ``HuggingFaceCheckpoint``: a meta model gives the hub names (:func:`plan_hub_write`);
+:func:`write_hub_files` fetches one conversion group at a time (read from a checkpoint, or gathered from a maybe
+FSDP2-sharded model: file ``i`` belongs to rank ``i % world_size``, each tensor is gathered to its file's owner
+only, a renamed tensor is written in place by every rank) and writes the files; :func:`write_published` stages
+them beside the target and publishes with one ``rename``. Per rank memory: one output shard plus one group.
 """
 
 from __future__ import annotations
@@ -14,7 +13,10 @@ import json
 import logging
 import os
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,17 @@ import torch
 from torch import nn
 
 from lightning_automodel.core.atomic_files import fsync_path, rename_no_replace, replace_directory
-from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, iter_outputs
+from lightning_automodel.core.distributed import all_reduce_sum_, local_tensor
+from lightning_automodel.core.hf_weight_files import SAFETENSORS_DTYPES
+from lightning_automodel.core.hub_layout import ConversionGroup, HubLayout, iter_outputs, plan_hub_layout
+from lightning_automodel.core.lora_merge import LoraMerge
+from lightning_automodel.core.naming import canonical_name
+from lightning_automodel.core.tied_head import (
+    get_input_embeddings_weight_and_name,
+    get_lm_head_weight_and_name,
+    is_tied_word_embeddings,
+    same_tensor_storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +44,20 @@ EXPORT_MARKER = ".lightning-automodel-export.json"
 #: inside every staging directory while it is written: who made it (host, pid); removed when published
 STAGING_MARKER = ".lightning-automodel-staging.json"
 _STAGING_INFIX = ".tmp-"
+DIR_MODE, FILE_MODE = 0o755, 0o644
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+#: safetensors' names of the dtypes a hub file holds (the reader's one table, reversed)
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class PublishRefused(ValueError):
     """Publishing would replace or delete something this run did not write; the message names it."""
-DIR_MODE, FILE_MODE = 0o755, 0o644
-INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "processor_config.json",
-)
-
-FetchGroups = Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]]
-#: the fetched tensors of one group (``group.fetch_names``) -> its ``sources`` (e.g. LoRA merged into the base)
-GroupTransform = Callable[[ConversionGroup, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 def parse_size(text: str) -> int:
@@ -70,39 +81,291 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def cast_for_output(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    return tensor.detach().contiguous()
+def _output_dtype(dtype: torch.dtype, out: torch.dtype | None) -> torch.dtype:
+    return out if (out is not None and dtype.is_floating_point) else dtype
 
 
-def write_shard(
-    path: Path,
-    groups: Sequence[ConversionGroup],
-    model: nn.Module,
-    fetch: FetchGroups,
-    *,
-    dtype: torch.dtype | None,
-    group_batch_bytes: int = 256 * 2**20,
-    transform: GroupTransform | None = None,
-) -> None:
-    """Revert and write the groups of one output file, reading a few groups at a time.
+def plan_hub_write(
+    meta_model: nn.Module, config: Any, specs: Specs, *, dtype: torch.dtype | None, heads_equal: Callable[[str, str], bool],
+    merge: LoraMerge | None = None,
+) -> HubLayout:
+    """The hub layout of a state with ``specs`` (state name -> (shape, dtype)) written in ``dtype``, and ``config`` to match.
 
-    ``fetch`` returns the groups' ``fetch_names``; ``transform`` turns one group's into its ``sources``.
+    With ``merge``, the merged model's layout. The head is left out only when truly tied: configured tied,
+    and absent or ``heads_equal(head, embed)`` (state names; never when merged); else ``config`` is untied.
+    ``config.dtype`` becomes the most common float dtype written.
     """
-    save_shard(path, assemble_shard(groups, model, fetch, dtype=dtype, group_batch_bytes=group_batch_bytes, transform=transform))
+    names = merge.names() if merge is not None else {n: n for n in specs}
+    planned = {n: (tuple(specs[s][0]), _output_dtype(specs[s][1], dtype)) for n, s in names.items()}
+    _, head = get_lm_head_weight_and_name(meta_model)
+    _, embed = get_input_embeddings_weight_and_name(meta_model)
+    omit: set[str] = set()
+    if head is not None and embed is not None and is_tied_word_embeddings(meta_model):
+        merged = merge is not None and (merge.is_merged(head) or merge.is_merged(embed))
+        if head not in planned or (embed in planned and not merged and heads_equal(names[head], names[embed])):
+            omit = {head}
+        else:
+            log.warning("%s differs from the embedding: writing it and an untied config.", head)
+    if not omit:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for part in (config, text_config):
+            if getattr(part, "tie_word_embeddings", False):
+                part.tie_word_embeddings = False
+    layout = plan_hub_layout(meta_model, planned, omit=omit, inputs=merge.inputs if merge is not None else None)
+    floats = [t.dtype for g in layout.groups for t in g.outputs if t.dtype.is_floating_point]
+    if floats:
+        config.dtype = max(set(floats), key=floats.count)
+    return layout
+
+
+def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under canonical names (activation-checkpoint wrappers stripped)."""
+    return {canonical_name(name): tensor for name, tensor in model.state_dict().items()}
+
+
+def heads_equal_on_all_ranks(state: Mapping[str, torch.Tensor], head: str, embed: str, *, device: torch.device | None = None) -> bool:
+    """Whether two live tensors are one alias or equal on every rank (a collective unless aliased)."""
+    a, b = state[head], state[embed]
+    if same_tensor_storage(a, b):
+        return True
+    differs = torch.tensor([0.0 if (a.shape == b.shape and torch.equal(local_tensor(a), local_tensor(b))) else 1.0])
+    all_reduce_sum_(differs, device=device)
+    return differs.item() == 0
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU; a collective for a DTensor. A CPU-offloaded FSDP2 shard goes to its mesh's
+    device first: NCCL would be handed a CPU tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor.detach().cpu()
+    mesh_device = torch.device(tensor.device_mesh.device_type)
+    if tensor.device.type != mesh_device.type:
+        local = tensor.to_local().to(mesh_device.type)
+        tensor = DTensor.from_local(local, tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride())
+    return tensor.full_tensor().detach().cpu()
+
+
+def write_hub_files(
+    staging: Path, layout_model: nn.Module, layout: HubLayout, config: Any, *, max_shard_bytes: int, dtype: torch.dtype | None,
+    tokenizer_dir: Path | None = None, state: Mapping[str, torch.Tensor] | None = None,
+    read: Callable[[list[str]], Mapping[str, torch.Tensor]] | None = None, merge: LoraMerge | None = None,
+    rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+) -> list[str]:
+    """Write ``layout``'s safetensors files, then (rank 0) the index and config files; returns this rank's files.
+
+    Tensors come from ``read`` (names -> tensors: a checkpoint, one process) or ``state`` (a live, maybe sharded
+    model: a collective). An owner hands each file to a writer thread and waits for it before assembling its
+    next one. A failure on any rank is an error on every rank once the walk is done (one all-reduce on ``device``).
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def fetch(groups: Sequence[ConversionGroup], owner: int) -> Mapping[str, torch.Tensor]:
+        """The groups' fetched tensors on the CPU of ``owner`` (an empty dict elsewhere)."""
+        if read is not None:
+            return read(list(dict.fromkeys(name for group in groups for name in group.fetch_names)))
+        out = {}
+        for group in groups:
+            for name in group.fetch_names:
+                # a LoRA group travels in its own dtypes: the merge runs on what trained, its result is cast afterwards
+                tensor = gather_to_owner(state[name], owner=owner, rank=rank, dtype=None if group.inputs else dtype)
+                if tensor is not None:
+                    out[name] = tensor
+        return out
+
+    shards = layout.shards(max_shard_bytes)
+    names = shard_file_names(len(shards))
+    direct = [state is not None and all(_rows_in_place(g, state) for g in shard) for shard in shards]
+    written: list[str] = []
+    error: BaseException | None = None
+    # Files of renamed tensors only: the owner lays each out (header, full size), then every rank
+    # writes its own rows in place. No tensor crosses the network.
+    for index, shard in enumerate(shards):
+        if direct[index] and index % world_size == rank:
+            try:
+                _create_in_place(staging / names[index], shard)
+                written.append(names[index])
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                error = error or exc
+    _agree_on_success(error, rank, world_size, device)
+    pending: Future[None] | None = None
+    flushes: list[Future[None]] = []
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-shard-writer") as writer,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-shard-fsync") as flusher):
+
+        def write_then_flush(index: int) -> None:
+            # This rank's rows of one file, then its fsync in the other thread: the disk writes back this
+            # file while the next one is filled (each rank flushes its own writes: NFS needs that).
+            _write_rows_in_place(staging / names[index], shards[index], state, owner=index % world_size, rank=rank)
+            flushes.append(flusher.submit(fsync_path, staging / names[index]))
+
+        # Each rank starts at another file: two processes writing one file at a time contend for it (2.5x slower here).
+        order = sorted((i for i in range(len(shards)) if direct[i]), key=lambda i: (i - rank) % len(shards))
+        in_place = [writer.submit(write_then_flush, i) for i in order]
+        for index, shard in enumerate(shards):
+            owner = index % world_size
+            if direct[index]:
+                continue
+            if owner != rank:
+                fetch(shard, owner)  # take part in the gathers; receive nothing
+                continue
+            if pending is not None:  # one shard in memory: the previous one is on disk first
+                error = error or pending.exception()
+                pending = None
+            fetched: set[int] = set()
+
+            def fetch_owned(groups: Sequence[ConversionGroup], owner: int = owner, fetched: set[int] = fetched) -> Mapping:
+                tensors = fetch(groups, owner)
+                fetched.update(id(g) for g in groups)
+                return tensors
+
+            try:
+                if error is not None:
+                    raise error  # only take part in the gathers from now on
+                outputs = assemble_shard(shard, layout_model, fetch_owned, dtype=dtype, merge=merge)
+                pending = writer.submit(save_shard, staging / names[index], outputs)
+                del outputs
+                written.append(names[index])
+            except Exception as exc:  # noqa: BLE001 - reported on every rank after the walk
+                error = error or exc
+                if world_size > 1:
+                    fetch([g for g in shard if id(g) not in fetched], owner)
+        for job in [*in_place, *([pending] if pending is not None else [])]:
+            error = error or job.exception()
+        for job in flushes:  # complete: every write job (which submits its flush) is done
+            error = error or job.exception()
+    if rank == 0 and error is None:
+        try:
+            if len(shards) > 1:
+                write_index(staging, shards)
+            write_config_files(staging, config, tokenizer_dir=tokenizer_dir)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = exc
+    _agree_on_success(error, rank, world_size, device)
+    return written
+
+
+def _agree_on_success(error: BaseException | None, rank: int, world_size: int, device: torch.device | None) -> None:
+    """Raise on every rank when any rank failed (the failing rank re-raises its own error)."""
+    failed = torch.zeros(world_size)
+    failed[rank] = float(error is not None)
+    if world_size > 1:
+        all_reduce_sum_(failed, device=device)
+    if error is not None:
+        raise error
+    if failed.any():
+        ranks = failed.nonzero().flatten().tolist()
+        raise RuntimeError(f"HuggingFaceCheckpoint: rank(s) {ranks} failed writing their files; their logs have the error.")
+
+
+def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The whole ``tensor`` in the output ``dtype`` on the CPU of global rank ``owner``; ``None`` on the others.
+
+    An FSDP2 dim-0 shard over one mesh dimension is ``dist.gather``-ed to the owner only, cast before it travels,
+    on the mesh's device (NCCL has no CPU path); other DTensor layouts are all-gathered (:func:`full_tensor`).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    out_dtype = _output_dtype(tensor.dtype, dtype)
+    if not isinstance(tensor, DTensor):
+        return tensor.detach().to("cpu", out_dtype) if rank == owner else None
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or owner not in mesh.mesh.flatten().tolist():
+        full = full_tensor(tensor)
+        return full.to(out_dtype) if rank == owner else None
+    group = mesh.get_group()
+    size = dist.get_world_size(group)
+    rows = tensor.shape[0]
+    chunk = -(-rows // size) if rows else 0
+    local = tensor.to_local().detach()
+    device = torch.device(mesh.device_type)
+    sent = torch.zeros((chunk, *tensor.shape[1:]), dtype=out_dtype, device=device)
+    sent[: local.shape[0]].copy_(local)  # FSDP2's last shards are shorter (or empty): padded to one chunk
+    if rank != owner:
+        dist.gather(sent, None, dst=owner, group=group)
+        return None
+    received = torch.empty((chunk * size, *tensor.shape[1:]), dtype=out_dtype, device=device)
+    dist.gather(sent, list(received.chunk(size)) if chunk else [received[:0]] * size, dst=owner, group=group)
+    return received[:rows].cpu()
+
+
+def _rows_in_place(group: ConversionGroup, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether each rank can write its rows of ``group``'s one output straight into the file: a renamed tensor, whole
+    on every rank or an FSDP2 dim-0 shard over one mesh dimension (a rank's rows are one contiguous byte range)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if group.inputs or not group.renamed or group.outputs[0].dtype not in _SAFETENSORS_DTYPES:
+        return False  # a transformed group (a LoRA merge) is computed on the owner, never written in place
+    tensor = state[group.sources[0]]
+    if tuple(tensor.shape) != group.outputs[0].shape:
+        return False
+    return not isinstance(tensor, DTensor) or (tensor.device_mesh.ndim == 1 and tuple(tensor.placements) == (Shard(0),))
+
+
+def _in_place_offsets(shard: Sequence[ConversionGroup]) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header of ``shard``'s file and each source's byte offset in the file (the same on every rank)."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets = {}
+    begin = 0
+    for group in shard:
+        out = group.outputs[0]
+        entries[out.name] = {"dtype": _SAFETENSORS_DTYPES[out.dtype], "shape": list(out.shape), "data_offsets": [begin, begin + out.nbytes]}
+        offsets[group.sources[0]] = begin
+        begin += out.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    prefix = len(header).to_bytes(8, "little") + header
+    return prefix, {name: len(prefix) + offset for name, offset in offsets.items()}
+
+
+def _create_in_place(path: Path, shard: Sequence[ConversionGroup]) -> None:
+    """Write the header of ``shard``'s file and size it; the ranks fill the data (:func:`_write_rows_in_place`)."""
+    prefix, _ = _in_place_offsets(shard)
+    with open(path, "wb") as f:
+        f.write(prefix)
+        f.truncate(len(prefix) + sum(g.outputs[0].nbytes for g in shard))
+    os.chmod(path, FILE_MODE)
+
+
+def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: Mapping[str, torch.Tensor], *, owner: int, rank: int) -> None:
+    """Write this rank's rows of every tensor of ``shard`` at their offsets in ``path``, cast to the file's dtypes
+    (not fsynced yet). A tensor every rank holds whole is written by the file's owner only."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_automodel.core.distributed import local_index
+
+    _, offsets = _in_place_offsets(shard)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for group in shard:
+            name, out = group.sources[0], group.outputs[0]
+            tensor = state[name]
+            if isinstance(tensor, DTensor):
+                local, first_row = tensor.to_local(), local_index(tensor)[0].start or 0
+            elif rank == owner:
+                local, first_row = tensor, 0
+            else:
+                continue
+            if not local.numel():
+                continue
+            row_bytes = out.nbytes // out.shape[0] if out.shape else out.nbytes
+            data = local.detach().to("cpu", out.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+            position = offsets[name] + first_row * row_bytes
+            view = memoryview(data)
+            while view:  # pwrite may write less than asked
+                done = os.pwrite(fd, view, position)
+                view, position = view[done:], position + done
+    finally:
+        os.close(fd)
 
 
 def assemble_shard(
-    groups: Sequence[ConversionGroup],
-    model: nn.Module,
-    fetch: FetchGroups,
-    *,
-    dtype: torch.dtype | None,
-    group_batch_bytes: int = 256 * 2**20,
-    transform: GroupTransform | None = None,
+    groups: Sequence[ConversionGroup], model: nn.Module, fetch: Callable[[Sequence[ConversionGroup]], Mapping[str, torch.Tensor]], *,
+    dtype: torch.dtype | None, merge: LoraMerge | None = None, group_batch_bytes: int = 256 * 2**20,
 ) -> dict[str, torch.Tensor]:
-    """The hub tensors of one output file: its groups fetched a few at a time, (transformed,) reverted and cast."""
+    """The hub tensors of one output file: its groups fetched a few at a time, (merged,) reverted and cast."""
     outputs: dict[str, torch.Tensor] = {}
     batch: list[ConversionGroup] = []
     batch_bytes = 0
@@ -113,14 +376,15 @@ def assemble_shard(
             return
         sources = fetch(batch)
         for group in batch:
-            if transform is not None:
-                tensors = dict(transform(group, {name: sources[name] for name in group.fetch_names}))
+            if merge is not None:
+                tensors = merge.merge(group.sources, {name: sources[name] for name in group.fetch_names})
             else:
                 tensors = {name: sources[name] for name in group.sources}
             for name, tensor in iter_outputs(model, group, tensors):
-                # clone when the reversion returned a view that shares storage with another output
-                # (e.g. unbound experts): safetensors refuses shared storage.
-                tensor = cast_for_output(tensor, dtype)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensor = tensor.detach().contiguous()
+                # clone a view sharing storage with another output (e.g. unbound experts): safetensors refuses shared storage
                 outputs[name] = tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
         batch, batch_bytes = [], 0
 
@@ -142,11 +406,11 @@ def save_shard(path: Path, outputs: Mapping[str, torch.Tensor]) -> None:
     fsync_path(path)
 
 
-def write_index(out: Path, layout: HubLayout, shards: Sequence[Sequence[ConversionGroup]]) -> None:
-    """``model.safetensors.index.json`` (``save_pretrained``'s format); the layout's dtypes are the written ones."""
+def write_index(out: Path, shards: Sequence[Sequence[ConversionGroup]]) -> None:
+    """``model.safetensors.index.json`` (``save_pretrained``'s format) for the written dtypes."""
     names = shard_file_names(len(shards))
     weight_map = {t.name: names[i] for i, shard in enumerate(shards) for g in shard for t in g.outputs}
-    total = layout.total_bytes
+    total = sum(g.nbytes for shard in shards for g in shard)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
@@ -160,13 +424,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def regular_file_inside(directory: Path, name: str) -> Path | None:
-    """``directory/name`` when it is a regular file that is not a symlink and resolves inside ``directory``; else ``None``.
-
-    Files copied into an output come from directories a checkpoint may name: a symlink (or a
-    ``..`` name) there must not make a save copy a file from anywhere else on the machine.
-    """
-    import stat
-
+    """``directory/name`` when a regular file, not a symlink, inside ``directory``; else ``None``: a directory a checkpoint
+    names must not make a save copy a file from anywhere else on the machine."""
     path = directory / name
     try:
         info = os.lstat(path)
@@ -180,10 +439,7 @@ def regular_file_inside(directory: Path, name: str) -> Path | None:
 
 
 def write_config_files(out: Path, config: Any, *, tokenizer_dir: Path | None) -> None:
-    """``config.json``, ``generation_config.json`` and the tokenizer files, all 0644.
-
-    From ``tokenizer_dir`` only regular, non-symlink files inside it are copied (:func:`regular_file_inside`).
-    """
+    """``config.json``, ``generation_config.json`` and the tokenizer files (:func:`regular_file_inside` of ``tokenizer_dir``), 0644."""
     from transformers import GenerationConfig
 
     config.save_pretrained(out)
@@ -195,25 +451,28 @@ def write_config_files(out: Path, config: Any, *, tokenizer_dir: Path | None) ->
         generation = GenerationConfig.from_model_config(config)
         if generation.to_diff_dict():  # save_pretrained writes one only when it holds something
             generation.save_pretrained(out)
-    if source_dir is not None:
-        for name in TOKENIZER_FILES:
-            source = regular_file_inside(source_dir, name)
-            if source is not None:
-                shutil.copyfile(source, out / name, follow_symlinks=False)
+    for name in TOKENIZER_FILES if source_dir is not None else ():
+        source = regular_file_inside(source_dir, name)
+        if source is not None:
+            shutil.copyfile(source, out / name, follow_symlinks=False)
     for file in out.iterdir():
         if file.is_file():
             os.chmod(file, FILE_MODE)
             fsync_path(file)
 
 
+def write_adapter_directory(out: Path, config: Any, adapters: Mapping[str, torch.Tensor], base_model: str | None) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, DIR)`` loads."""
+    from lightning_automodel.core.lora import peft_adapter_files
+
+    data, tensors = peft_adapter_files(config, adapters, base_model)
+    write_text(out / "adapter_config.json", json.dumps(data, indent=2) + "\n")
+    save_shard(out / "adapter_model.safetensors", tensors)
+
+
 def staging_directory(out: Path) -> Path:
-    """A fresh directory beside ``out`` (same filesystem, so publishing is one rename), mode 0755.
-
-    Its name is unique (``mkdtemp``) and it holds :data:`STAGING_MARKER` (this host and process), so
-    :func:`remove_stale_staging` can tell a staging directory a killed save left from anything else.
-    """
-    import socket
-
+    """A fresh directory beside ``out`` (same filesystem: publishing is one rename), 0755, holding
+    :data:`STAGING_MARKER` (this host and process) so :func:`remove_stale_staging` knows it from anything else."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}", dir=out.parent))
     os.chmod(staging, DIR_MODE)
@@ -222,48 +481,34 @@ def staging_directory(out: Path) -> Path:
     return staging
 
 
-def _staging_signature(entry: Path) -> dict[str, Any] | None:
-    """The signature inside a staging directory this package made, else ``None`` (never follows a symlink)."""
-    if entry.is_symlink() or not entry.is_dir() or _STAGING_INFIX not in entry.name:
-        return None
+def _is_stale_staging(entry: Path) -> bool:
+    """A staging directory this package made (never through a symlink) whose process is gone from this host."""
     marker = entry / STAGING_MARKER
-    if marker.is_symlink() or not marker.is_file():
-        return None
+    if entry.is_symlink() or not entry.is_dir() or _STAGING_INFIX not in entry.name or marker.is_symlink() or not marker.is_file():
+        return False
     try:
         data = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("tool") != "lightning-automodel" or not isinstance(data.get("pid"), int):
-        return None
-    return data if entry.name.startswith(f".{data.get('target')}{_STAGING_INFIX}") else None
-
-
-def _alive_here(signature: Mapping[str, Any]) -> bool:
-    """Whether the process that made a staging directory still runs on this host (another host: assumed alive)."""
-    import socket
-
-    if signature.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(signature["pid"], 0)
-    except ProcessLookupError:
         return False
-    except OSError:
+    if not isinstance(data, dict) or data.get("tool") != "lightning-automodel" or not isinstance(data.get("pid"), int):
+        return False
+    if not entry.name.startswith(f".{data.get('target')}{_STAGING_INFIX}") or data.get("host") != socket.gethostname():
+        return False  # another target's name, or another host's process (assumed alive)
+    try:
+        os.kill(data["pid"], 0)
+    except ProcessLookupError:
         return True
-    return True
+    except OSError:
+        pass  # alive, another user's process
+    return False
 
 
 def remove_stale_staging(directory: Path) -> list[Path]:
-    """Remove the staging directories of killed saves in ``directory``: only those holding our signature
-    whose process is gone. Anything else (a user's ``.x.tmp-y``, another live run's staging) stays."""
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for entry in directory.iterdir():
-        signature = _staging_signature(entry)
-        if signature is not None and not _alive_here(signature):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    """Remove the staging directories of killed saves in ``directory``; anything else (a user's ``.x.tmp-y``,
+    another live run's staging) stays."""
+    removed = [entry for entry in (directory.iterdir() if directory.is_dir() else ()) if _is_stale_staging(entry)]
+    for entry in removed:
+        shutil.rmtree(entry, ignore_errors=True)
     if removed:
         log.info("Removed %d staging director(y/ies) left by killed saves in %s.", len(removed), directory)
     return removed
@@ -278,11 +523,8 @@ def _files_under(root: Path) -> set[str]:
 
 
 def check_replaceable(out: Path) -> None:
-    """Refuse (:class:`PublishRefused`) to replace ``out`` unless it is a previous export holding only files it wrote.
-
-    The export marker lists the files the export wrote; a file the user added since (notes, an
-    evaluation) would be deleted by the replacement, so it is named and nothing happens.
-    """
+    """Refuse (:class:`PublishRefused`) to replace ``out`` unless it is a previous export holding only the files its
+    marker lists: a file the user added since (notes, an evaluation) would be deleted, so it is named instead."""
     marker = out / EXPORT_MARKER
     if out.is_symlink() or not out.is_dir() or marker.is_symlink() or not marker.is_file():
         raise PublishRefused(f"{out} is not a previous export (no {EXPORT_MARKER}); move it or choose another directory.")
@@ -299,14 +541,9 @@ def check_replaceable(out: Path) -> None:
 
 
 def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> None:
-    """Move ``staging`` to ``out`` in one step; never a silent replacement.
-
-    Without ``replace``, an ``out`` that exists at this moment (another export or save got there
-    first) is refused (``renameat2(RENAME_NOREPLACE)``); an empty directory is the one exception
-    (removed first: nothing is lost). With ``replace``, an existing ``out`` must pass
-    :func:`check_replaceable` right here and is swapped atomically where the filesystem can (see
-    ``core.atomic_files``): a reader sees the old directory or the new one under the name, never neither.
-    """
+    """Move ``staging`` to ``out`` in one step, never a silent replacement: without ``replace`` an ``out`` that exists now
+    (another export got there first) is refused, except an empty directory; with it, ``out`` must pass
+    :func:`check_replaceable` here and is swapped atomically where the filesystem can (``core.atomic_files``)."""
     fsync_path(staging)
     if replace and (out.exists() or out.is_symlink()):
         check_replaceable(out)
@@ -326,22 +563,24 @@ def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> Non
     (out / STAGING_MARKER).unlink(missing_ok=True)
 
 
-def write_adapter_directory(out: Path, config: Any, adapters: Mapping[str, torch.Tensor], base_model: str | None) -> None:
-    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, DIR)`` loads."""
-    from safetensors.torch import save_file
-
-    from lightning_automodel.core.lora import peft_adapter_files
-
-    data, tensors = peft_adapter_files(config, adapters, base_model)
-    write_text(out / "adapter_config.json", json.dumps(data, indent=2) + "\n")
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "adapter_model.safetensors", FILE_MODE)
-    fsync_path(out / "adapter_model.safetensors")
-
-
 def write_marker(out: Path, source: str) -> None:
     """The export marker, listing every file written so far (write it last, before publishing)."""
-    import time
-
     files = sorted(_files_under(out) - {STAGING_MARKER, EXPORT_MARKER})
     write_text(out / EXPORT_MARKER, json.dumps({"source": source, "time": time.time(), "files": files}) + "\n")
+
+
+def write_published(
+    out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True
+) -> None:
+    """``write`` into ``staging`` (default: a fresh one beside ``out``); the ``owner`` then writes the marker and
+    publishes it, and removes it on any failure: nothing half-written is left under ``out`` or beside it."""
+    staging = staging if staging is not None else staging_directory(out)
+    try:
+        write(staging)
+        if owner:
+            write_marker(staging, marker)
+            publish_directory(staging, out, replace=replace)
+    except BaseException:
+        if owner:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise

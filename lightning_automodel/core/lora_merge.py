@@ -1,14 +1,11 @@
 """Merge LoRA adapters into their base weights with peft's own per-layer code, one adapted module at a time.
 
-A LoRA state (peft's ``inject_adapter_in_model``) names a base weight ``q_proj.base_layer.weight`` and
-its adapters ``q_proj.lora_A.default.weight`` ...; fused MoE experts adapted through
-``target_parameters`` are nested ``ParamWrapper``s (``experts.base_layer.base_layer.gate_up_proj`` with
-``experts.base_layer.lora_A...`` and ``experts.lora_A...``); embeddings have ``lora_embedding_A``;
-DoRA a ``lora_magnitude_vector``. Rather than matching those names and re-deriving the math (rank and
-alpha patterns, rsLoRA, DoRA's norm, the expert reshapes), :class:`LoraMerge` keeps a meta model
-adapted with the same ``LoraConfig``: for each outermost adapted module it copies the meta layer,
-assigns the streamed tensors to it (CPU, one module in memory) and calls peft's ``merge``. The merged
-tensors come back under the un-adapted model's names, so the hub reversion sees a plain model.
+Rather than matching peft's names (``q_proj.base_layer.weight``, nested ``ParamWrapper``s of fused experts,
+``lora_embedding_A``, DoRA's ``lora_magnitude_vector``) and re-deriving the math (rank and alpha patterns,
+rsLoRA, DoRA's norm, expert reshapes), :class:`LoraMerge` keeps a meta model adapted with the training
+``LoraConfig``: for each outermost adapted module it copies the meta layer, assigns the streamed tensors
+(CPU, one module in memory) and calls peft's ``merge``. The merged tensors come back under the un-adapted
+model's names, so the hub reversion sees a plain model.
 """
 
 from __future__ import annotations
@@ -44,30 +41,22 @@ def refuse_quantized_base(model: nn.Module) -> None:
             )
 
 
-def _outermost_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapted modules not inside another adapted module (a ``ParamWrapper`` chain counts once)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and not any(name.startswith(f"{outer}.") for outer in layers):
-            layers[name] = module
-    return layers
-
-
 class LoraMerge:
-    """Which state tensors each merged tensor needs, and the merge itself.
+    """Which state tensors each merged tensor needs, and the merge itself, for the LoRA ``config`` and the names of the
+    state being written (adapters included); ``meta_model`` (the plain model) is left as it is: it plans the hub layout."""
 
-    Built from ``adapted_model`` (a meta model adapted with the training ``LoraConfig``) and the names of
-    the state being written (module names, adapters included). ``names()`` maps every merged tensor
-    (the un-adapted model's name) to the state tensor with its shape and dtype; ``inputs(name)`` is what
-    to fetch for it (an adapted module: its base and all its adapter tensors).
-    """
+    def __init__(self, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> None:
+        from peft.tuners.lora import LoraLayer
 
-    def __init__(self, adapted_model: nn.Module, state_names: Iterable[str]) -> None:
+        adapted = copy.deepcopy(meta_model)
+        inject_lora(adapted, config)
+        # the outermost adapted modules (a ``ParamWrapper`` chain counts once)
+        self._layers: dict[str, nn.Module] = {}
+        for name, module in adapted.named_modules():
+            if isinstance(module, LoraLayer) and not any(name.startswith(f"{outer}.") for outer in self._layers):
+                self._layers[name] = module
         state = list(state_names)
         present = set(state)
-        self._layers = _outermost_lora_layers(adapted_model)
         self._inputs: dict[str, tuple[str, ...]] = {}  # merged name -> state names of its module
         self._module_of: dict[str, str] = {}  # merged name -> adapted module
         self._spec_of: dict[str, str] = {}  # merged name -> state name with its shape and dtype
@@ -96,12 +85,6 @@ class LoraMerge:
                 self._spec_of[base_checkpoint_name(name)] = name
         log.debug("LoRA merge: %d adapted modules, %d merged tensors.", len(self._layers), len(self._module_of))
 
-    @classmethod
-    def for_config(cls, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> LoraMerge:
-        """Adapt ``meta_model`` (a fresh meta build of the model, changed in place) with ``config``."""
-        inject_lora(meta_model, config)
-        return cls(meta_model, state_names)
-
     def names(self) -> dict[str, str]:
         """Merged name -> the state tensor that has its shape and dtype."""
         return dict(self._spec_of)
@@ -111,7 +94,7 @@ class LoraMerge:
         return name in self._module_of
 
     def inputs(self, merged: Sequence[str]) -> tuple[str, ...]:
-        """The state tensors to fetch for the merged tensors ``merged`` (in order, once each)."""
+        """The state tensors to fetch for ``merged`` (an adapted module: its base and all its adapters; in order, once each)."""
         out: dict[str, None] = {}
         for name in merged:
             for source in self._inputs.get(name, (self._spec_of[name],)):
@@ -145,8 +128,4 @@ class LoraMerge:
                     module.merge(adapter_names=[ADAPTER_NAME])
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             raise LoraMergeError(f"peft cannot merge the adapters of {prefix} ({type(layer).__name__}): {' '.join(str(exc).split())}") from None
-        return {
-            base_checkpoint_name(f"{prefix}.{key}"): t.detach()
-            for key, t in layer.state_dict().items()
-            if not is_adapter_name(key)
-        }
+        return {base_checkpoint_name(f"{prefix}.{key}"): t.detach() for key, t in layer.state_dict().items() if not is_adapter_name(key)}

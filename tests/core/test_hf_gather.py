@@ -18,8 +18,9 @@ def test_each_file_is_flushed_while_the_next_one_is_written(tmp_path, monkeypatc
     """A rank fsyncs a file as soon as its rows are in, while it fills the next one (the disk writes back
     the first meanwhile). Before, every fsync came after all the writes: the second write waited in vain."""
     import threading
+    from functools import partial
 
-    import lightning_automodel.core.hub_from_module as hub
+    import lightning_automodel.core.hub_writer as hub
     from core.pg import single_rank_group
     from tiny_models import tiny_llama
 
@@ -43,8 +44,9 @@ def test_each_file_is_flushed_while_the_next_one_is_written(tmp_path, monkeypatc
     monkeypatch.setattr(hub, "_write_rows_in_place", write)
     with single_rank_group():
         state = hub.module_state(model)
-        layout = hub.plan_module_layout(model, model, state, omit=None, dtype=None)
+        specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+        layout = hub.plan_hub_write(model, model.config, specs, dtype=None, heads_equal=partial(hub.heads_equal_on_all_ranks, state))
         total = sum(t.numel() * t.element_size() for t in state.values())
-        written = hub.write_shards_from_all_ranks(model, state, layout, tmp_path, rank=0, world_size=1,
-                                                  max_shard_bytes=total // 3 + 1, dtype=None)
+        written = hub.write_hub_files(tmp_path, model, layout, model.config, state=state, rank=0, world_size=1,
+                                      max_shard_bytes=total // 3 + 1, dtype=None)
     assert len(written) >= 2 and waited and all(waited), (written, waited)

@@ -8,6 +8,7 @@ another, and a failed write left the other rank waiting in the next gather.
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
-import lightning_automodel.core.hub_from_module as hub
+import lightning_automodel.core.hub_writer as hub
 from lightning_automodel.core.init import init_weights_by_module
 from lightning_automodel.core.model_build import apply_fsdp2, build_meta_model, materialize
 from distributed import end_rank_cleanly
@@ -41,11 +42,12 @@ class Largest(TorchDispatchMode):
 
 def save(model, layout_model, out: Path, *, shard_bytes: int, dtype=None) -> list[str]:
     state = hub.module_state(model)
-    layout = hub.plan_module_layout(model, layout_model, state, omit=None, dtype=dtype)
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+    layout = hub.plan_hub_write(layout_model, layout_model.config, specs, dtype=dtype, heads_equal=partial(hub.heads_equal_on_all_ranks, state))
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    return hub.write_shards_from_all_ranks(layout_model, state, layout, out, rank=dist.get_rank(), world_size=2,
-                                           max_shard_bytes=shard_bytes, dtype=dtype)
+    return hub.write_hub_files(out, layout_model, layout, layout_model.config, state=state, rank=dist.get_rank(), world_size=2,
+                               max_shard_bytes=shard_bytes, dtype=dtype)
 
 
 def build(config):

@@ -17,7 +17,7 @@ from distributed import end_rank_cleanly
 from lightning_automodel import HFCausalLM, TextDataModule
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from lightning_automodel.cli import AutoModelCLI
-from lightning_automodel.core.hub_from_module import full_tensor
+from lightning_automodel.core.hub_writer import full_tensor
 from lightning_automodel.core.lora import base_checkpoint_name, is_adapter_name
 
 
