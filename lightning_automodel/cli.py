@@ -94,31 +94,26 @@ def check_command_line(argv: list[str]) -> None:
     check_command_line_values(argv)
 
 
-def resume_command(argv: list[str], ckpt_path: str, global_step: int, max_steps: int) -> str:
-    """The command that continues this run from ``ckpt_path`` with the same options; a run that reached
-    ``max_steps`` would stop again at once, so it then asks for as many steps again."""
-    finished = 0 < max_steps <= global_step
+@rank_zero_only
+def _report_checkpoint(trainer: Any, argv: list[str]) -> None:
+    """Where the checkpoint is, the command that continues this run from it (the same options; a run that reached
+    ``max_steps`` would stop again at once, so it then asks for as many steps again) and the export command."""
+    callback = trainer.checkpoint_callback
+    path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+    if not path:
+        return
+    finished = 0 < trainer.max_steps <= trainer.global_step
     dropped = ("--ckpt_path", "--trainer.max_steps") if finished else ("--ckpt_path",)
     args = [
         arg for i, arg in enumerate(argv[1:], 1)
-        if not (arg in dropped or arg.startswith(tuple(f"{o}=" for o in dropped)) or (i > 1 and argv[i - 1] in dropped))
+        if not (arg in dropped or arg.startswith(tuple(f"{o}=" for o in dropped)) or argv[i - 1] in dropped)
     ]
-    args += ["--ckpt_path", ckpt_path, *(["--trainer.max_steps", str(global_step + max_steps)] if finished else [])]
-    return shlex.join([PROG, argv[0], *args])
-
-
-@rank_zero_only
-def _report_checkpoint(trainer: Any, argv: list[str]) -> None:
-    callback = trainer.checkpoint_callback
-    path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
-    if path:
-        finished = 0 < trainer.max_steps <= trainer.global_step
-        print(
-            f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: "
-            f"{resume_command(argv, path, trainer.global_step, trainer.max_steps)} "
-            f"| export to Hugging Face: {PROG} export --ckpt_path {path} --out {Path(path).parent.parent / 'exported'}",
-            flush=True,
-        )
+    args += ["--ckpt_path", path, *(["--trainer.max_steps", str(trainer.global_step + trainer.max_steps)] if finished else [])]
+    print(
+        f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: {shlex.join([PROG, argv[0], *args])} "
+        f"| export to Hugging Face: {PROG} export --ckpt_path {path} --out {Path(path).parent.parent / 'exported'}",
+        flush=True,
+    )
 
 
 def prefer_command_line_model_source(model: Any, argv: list[str]) -> None:
@@ -382,11 +377,9 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
 
 
 def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
-    """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
-
+    """The command's LightningCLI, configured in this one place (fit / validate / test run it, ``plan`` parses with it):
     ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
-    ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
-    """
+    ``class_path`` is given), no automatic optimizer arguments (the module configures its own)."""
     kwargs.setdefault("save_config_callback", NumberedConfigSave)
     return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                      parser_kwargs={"prog": PROG}, **kwargs)

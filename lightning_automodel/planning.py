@@ -70,11 +70,7 @@ class PlanOptions:
 
 
 class _Parsed(Exception):
-    """Ends a :class:`_PlanCLI` right after parsing, carrying the ``fit`` section of the config."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__("parsed")
-        self.config = config
+    """Ends a :class:`_PlanCLI` right after parsing; its one argument is the ``fit`` section of the config."""
 
 
 class _PlanCLI(AutoModelCLI):
@@ -118,7 +114,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
             job_cli(_PlanCLI, args=["fit", *argv], save_config_callback=None)
             raise AssertionError("_PlanCLI always stops after parsing")
         except _Parsed as parsed:
-            config = parsed.config.as_dict()
+            config = parsed.args[0].as_dict()
     world_size = config.pop("world_size", None)
     if world_size is not None and world_size < 1:
         raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
