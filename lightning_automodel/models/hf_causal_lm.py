@@ -203,8 +203,8 @@ class HFCausalLM(pl.LightningModule):
         mesh = self.device_mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise ValueError(tensor_parallel_refusal(mesh["tensor_parallel"].size()))
-        strategy = self.trainer.strategy
-        if self.hparams.cpu_offload and strategy.root_device.type != "cpu" and not isinstance(strategy, AtomicModelParallelStrategy):
+        strategy = self.trainer.strategy if self.hparams.cpu_offload else None
+        if strategy is not None and strategy.root_device.type != "cpu" and not isinstance(strategy, AtomicModelParallelStrategy):
             raise ValueError(
                 f"cpu_offload needs lightning_automodel.strategies.AtomicModelParallelStrategy (same arguments as "
                 f"{type(strategy).__name__}): Lightning's strategy would copy every offloaded shard to the device."
