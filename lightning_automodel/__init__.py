@@ -1,8 +1,6 @@
 """lightning-automodel: NeMo AutoModel's model utilities for PyTorch Lightning on FSDP2.
 
-Importing the package is cheap: the Lightning-facing names (callbacks, the LightningModule, the
-data module) are resolved lazily, so ``lightning_automodel.core`` and the reference façades
-(``model_utils``, ``checkpoint_utils``) never import Lightning.
+The Lightning-facing names are resolved lazily: ``lightning_automodel.core`` and the façades never import Lightning.
 """
 
 from __future__ import annotations

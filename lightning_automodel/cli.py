@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
+import importlib
 import logging
 import os
-import errno
 import re
+import shlex
 import sys
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
 
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: `except Exception` misses it
+
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
@@ -25,7 +28,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_automodel._compat.lightning import LightningCLIHooks, import_path_policy_preserved, union_member_error
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
-from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
+from lightning_automodel.config_loading import ConfigFileError, PlanError, check_command_line_values, check_config_file, config_paths, register_parser_mode
+from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
+from lightning_automodel.core.hub_layout import ExportError
+from lightning_automodel.core.hub_writer import TOKENIZER_FILES
+from lightning_automodel.core.sharded_load import CheckpointLayoutError
 from lightning_automodel.data.text_datamodule import DataError, TextDataModule
 from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
@@ -34,12 +41,7 @@ from lightning_automodel.core.logs import rank_zero_logger
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 PROG = "lightning-automodel"
-
-_USAGE_EXTRA = {
-    "plan": "lightning_automodel.planning",
-    "export": "lightning_automodel.export",
-}
-
+_OTHER_COMMANDS = {"plan": "lightning_automodel.planning", "export": "lightning_automodel.export"}
 SUBCOMMANDS = {
     "fit": "train (and validate) the model; --ckpt_path resumes",
     "validate": "run the validation split on a model or checkpoint",
@@ -47,7 +49,6 @@ SUBCOMMANDS = {
     "plan": "parameters, frozen set and per-rank memory of a config, without weights or GPUs",
     "export": "turn a Lightning checkpoint into a Hugging Face directory",
 }
-
 HELP = f"""usage: {PROG} {{{",".join(SUBCOMMANDS)}}} [--config CONFIG.yaml] [options]
 
 Fine-tune Hugging Face LLMs and VLMs with PyTorch Lightning on one CPU or FSDP2 across GPUs.
@@ -62,17 +63,19 @@ class ConfigError(ValueError):
     """A key or value of the configuration is not accepted (one line, with a suggestion when one is close)."""
 
 
-#: Module prefixes a ``class_path`` (or any import path value) of a fit / validate / test configuration
-#: may name. Everything else is refused by the parser *before* it is imported: importing a module runs
-#: its code, so a type check after the import is too late (``class_path: this.Zen`` printed the Zen of
-#: Python). ``plan`` never imports a class_path at all.
+#: Module prefixes a ``class_path`` (or any import path value) may name; the parser refuses anything else
+#: *before* importing it: importing runs the module's code (``class_path: this.Zen`` printed the Zen of Python).
 ALLOWED_IMPORT_PREFIXES: tuple[str, ...] = ("lightning.pytorch", "lightning.fabric", "lightning_automodel", "torch.optim")
 #: Comma-separated extra prefixes the user trusts, e.g. ``LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS=my_project.callbacks``.
 ALLOWED_IMPORTS_ENV = "LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS"
+_UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|Key \"?'?([\w.]+)'?\"? is not expected|unrecognized arguments: (\S+)")
+_DENIED_IMPORT = re.compile(r"Importing '([\w.]+)' is not allowed")
+_PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
+_SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def allowed_import_prefixes() -> list[str]:
-    """The built-in prefixes plus the ones the user added through ``ALLOWED_IMPORTS_ENV`` (checked, one line when malformed)."""
+    """The built-in prefixes plus the user's from ``ALLOWED_IMPORTS_ENV`` (one line when malformed)."""
     extra = [entry.strip() for entry in os.environ.get(ALLOWED_IMPORTS_ENV, "").split(",") if entry.strip()]
     for entry in extra:
         if not all(part.isidentifier() for part in entry.split(".")):
@@ -80,67 +83,42 @@ def allowed_import_prefixes() -> list[str]:
     return [*ALLOWED_IMPORT_PREFIXES, *extra]
 
 
-def restrict_import_paths() -> None:
-    """Make the configuration parser refuse, before importing it, any import path outside :func:`allowed_import_prefixes`.
-
-    jsonargparse's public import-path policy: ``*`` denies everything that the allow-list does not
-    name (the most specific entry decides). It is process-wide, like the parser's other settings.
-    """
+def check_command_line(argv: list[str]) -> None:
+    """Before any parser reads ``argv``: the import allow-list, config files that are regular and bounded, bounded values."""
     from jsonargparse import set_parsing_settings
 
+    # jsonargparse's public, process-wide policy: "*" denies all the allow-list does not name (main puts it back).
     set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=allowed_import_prefixes())
-
-
-_UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|Key \"?'?([\w.]+)'?\"? is not expected|unrecognized arguments: (\S+)")
-
-
-def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """``argv`` without ``--option value`` / ``--option=value`` for each of ``options``."""
-    kept: list[str] = []
-    for i, arg in enumerate(argv):
-        if not (arg in options or arg.startswith(tuple(f"{o}=" for o in options)) or (i and argv[i - 1] in options)):
-            kept.append(arg)
-    return kept
-
-
-def resume_command(argv: list[str], ckpt_path: str, global_step: int, max_steps: int) -> str:
-    """The command that continues this run from ``ckpt_path``, as typed (the same options).
-
-    A run that reached ``max_steps`` would stop again at once if resumed as it was, so the command
-    then asks for as many steps again: pasted as printed, it trains.
-    """
-    import shlex
-
-    dropped = ("--ckpt_path", "--trainer.max_steps") if max_steps > 0 and global_step >= max_steps else ("--ckpt_path",)
-    args = [*_without_options(argv[1:], dropped), "--ckpt_path", ckpt_path]
-    if "--trainer.max_steps" in dropped:
-        args += ["--trainer.max_steps", str(global_step + max_steps)]
-    return " ".join(shlex.quote(a) for a in [PROG, argv[0], *args])
+    for path in config_paths(argv):
+        check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
+    check_command_line_values(argv)
 
 
 @rank_zero_only
-def _report_checkpoint(cli: LightningCLI, argv: list[str]) -> None:
-    callback = cli.trainer.checkpoint_callback
+def _report_checkpoint(trainer: Any, argv: list[str]) -> None:
+    """Where the checkpoint is, the command that continues this run from it (the same options; a run that reached
+    ``max_steps`` would stop again at once, so it then asks for as many steps again) and the export command."""
+    callback = trainer.checkpoint_callback
     path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
     if not path:
         return
-    trainer = cli.trainer
-    finished = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-    resume = resume_command(argv, path, trainer.global_step, trainer.max_steps)
-    out = Path(path).parent.parent / "exported"
+    finished = 0 < trainer.max_steps <= trainer.global_step
+    dropped = ("--ckpt_path", "--trainer.max_steps") if finished else ("--ckpt_path",)
+    args = [
+        arg for i, arg in enumerate(argv[1:], 1)
+        if not (arg in dropped or arg.startswith(tuple(f"{o}=" for o in dropped)) or argv[i - 1] in dropped)
+    ]
+    args += ["--ckpt_path", path, *(["--trainer.max_steps", str(trainer.global_step + trainer.max_steps)] if finished else [])]
     print(
-        f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: {resume} "
-        f"| export to Hugging Face: {PROG} export --ckpt_path {path} --out {out}",
+        f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: {shlex.join([PROG, argv[0], *args])} "
+        f"| export to Hugging Face: {PROG} export --ckpt_path {path} --out {Path(path).parent.parent / 'exported'}",
         flush=True,
     )
 
 
 def prefer_command_line_model_source(model: Any, argv: list[str]) -> None:
-    """``--model.pretrained_path`` on the command line replaces the YAML's inline ``model.config``, and the reverse.
-
-    ``HFCausalLM`` takes exactly one of the two; a command-line override of one is meant to replace
-    whichever the YAML set, as any other override replaces its YAML value.
-    """
+    """``--model.pretrained_path`` on the command line replaces the YAML's ``model.config``, and the reverse
+    (HFCausalLM takes exactly one: an override replaces whichever the YAML set, as any other override)."""
     sources = ("pretrained_path", "config")
     given = [key for key in sources if any(a == f"--model.{key}" or a.startswith(f"--model.{key}=") for a in argv)]
     if model is None or len(given) != 1:
@@ -154,8 +132,7 @@ def prefer_command_line_model_source(model: Any, argv: list[str]) -> None:
 class _RunStarted(Callback):
     """Marks the moment the fit / validate / test loops begin (input checks are all done by then)."""
 
-    def __init__(self) -> None:
-        self.started = False
+    started = False
 
     def _mark(self, *args: Any) -> None:
         self.started = True
@@ -163,27 +140,9 @@ class _RunStarted(Callback):
     on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _mark
 
 
-def write_new_config_file(directory: Path, text: str, filename: str = "config.yaml") -> Path:
-    """Write ``text`` to ``directory/config.yaml``, or to the first free ``config-<n>.yaml``; never replaces a file.
-
-    Each name is created with ``O_EXCL``, so two runs sharing a directory (a resume, a second fit)
-    keep every earlier config: a resumed run's config sits beside the first run's.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    stem, suffix = os.path.splitext(filename)
-    for n in range(10_000):
-        path = directory / (filename if n == 0 else f"{stem}-{n}{suffix}")
-        try:
-            with open(path, "x", encoding="utf-8") as f:
-                f.write(text)
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"{directory} already holds 10000 {stem}-<n>{suffix} files; choose another trainer.default_root_dir.")
-
-
 class NumberedConfigSave(SaveConfigCallback):
-    """Saves the run's configuration beside the logs without ever overwriting one (see :func:`write_new_config_file`)."""
+    """Saves the run's config beside the logs as ``config.yaml``, or the first free ``config-<n>.yaml``: each name
+    is created with ``O_EXCL``, so a resume or a second fit in the same directory keeps every earlier config."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.already_saved:
@@ -192,8 +151,18 @@ class NumberedConfigSave(SaveConfigCallback):
         if "://" in str(log_dir):
             return super().setup(trainer, pl_module, stage)  # remote: Lightning's refusal of an existing file
         if trainer.is_global_zero:
-            text = self.parser.dump(self.config, skip_none=False)
-            path = write_new_config_file(Path(log_dir), text, self.config_filename)
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            stem, suffix = os.path.splitext(self.config_filename)
+            for n in range(10_000):
+                path = Path(log_dir) / (self.config_filename if n == 0 else f"{stem}-{n}{suffix}")
+                try:
+                    with open(path, "x", encoding="utf-8") as f:
+                        f.write(self.parser.dump(self.config, skip_none=False))
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise ConfigError(f"{log_dir} already holds 10000 {stem}-<n>{suffix} files; choose another trainer.default_root_dir.")
             log.info("Configuration saved at %s.", path)
             self.save_config(trainer, pl_module, stage)
         self.already_saved = trainer.strategy.broadcast(True)
@@ -204,24 +173,16 @@ def _as_list(items: Any) -> list[Any]:
     return list(items) if isinstance(items, (list, tuple)) else [] if items is None else [items]
 
 
-def check_ckpt_path(ckpt_path: Any) -> None:
-    """Fail in one line, before anything is built, when ``--ckpt_path`` cannot be resumed from.
-
-    A sharded checkpoint that a killed save left parked beside its name is put back first; a
-    missing path, a directory without DCP metadata and a truncated file are errors naming the
-    newest complete checkpoint in the same folder. ``last``/``best`` and remote paths pass through.
-    """
+def check_ckpt_path(ckpt_path: str) -> None:
+    """Fail in one line, before anything is built, unless ``--ckpt_path`` can be resumed from (a sharded checkpoint
+    a killed save parked beside its name is put back first); the error names the newest complete checkpoint."""
     from lightning_automodel.checkpoint_io import newest_complete_checkpoint
 
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
-        return
     check_resumable(ckpt_path)  # recovers a parked sharded checkpoint; refuses a truncated file
     path = Path(ckpt_path)
-    if path.is_file():
+    if path.is_file() or (path / ".metadata").is_file():
         return
     if path.is_dir():
-        if (path / ".metadata").is_file():
-            return
         problem = "is a directory without DCP metadata (.metadata): not a sharded checkpoint, or an incomplete copy"
     else:
         problem = "does not exist"
@@ -230,62 +191,35 @@ def check_ckpt_path(ckpt_path: Any) -> None:
     raise CheckpointResumeError(f"--ckpt_path {path} {problem}{hint}.")
 
 
-_DENIED_IMPORT = re.compile(r"Importing '([\w.]+)' is not allowed")
-_PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
-
-
-def _denied_import(message: str) -> str | None:
-    """One line for a refused import path (jsonargparse's own message lists every Union subtype)."""
-    found = _DENIED_IMPORT.search(message)
-    if not found:
-        return None
-    path = found.group(1)
-    key = _PARSER_KEY.search(message)
-    where = f"{key.group(1)}: " if key else ""
-    return (
-        f"{where}{path!r} is outside the modules a configuration may import ({', '.join(allowed_import_prefixes())}); "
-        f"nothing was imported. To trust it, set {ALLOWED_IMPORTS_ENV}={path.rpartition('.')[0]}."
-    )
-
-
-#: HFCausalLM arguments that decide which parameters the model has: a checkpoint recorded with other
-#: values is refused in one line. ``pretrained_path`` differing only warns (the directory may have
-#: moved; the weights come from the checkpoint and the strict state load checks every shape).
+#: HFCausalLM arguments that decide which parameters the model has: a checkpoint recorded with other values is
+#: refused. ``pretrained_path`` differing only warns (a moved directory; the strict state load checks every shape).
 _MODEL_DEFINING = ("config", "model_class", "quantization")
 
 
 def _differences(theirs: Any, ours: Any, key: str) -> list[str]:
     if isinstance(theirs, dict) and isinstance(ours, dict):
         return [d for k in sorted(set(theirs) | set(ours), key=str) for d in _differences(theirs.get(k), ours.get(k), f"{key}.{k}")]
-    return [] if theirs == ours else [f"{key} (checkpoint: {_short(theirs)}, your config: {_short(ours)})"]
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    short = [text if len(text) <= 80 else text[:77] + "..." for text in (repr(theirs), repr(ours))]
+    return [] if theirs == ours else [f"{key} (checkpoint: {short[0]}, your config: {short[1]})"]
 
 
 def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None:
     """Compare a checkpoint's recorded hyper-parameters with the user's model arguments; never apply them.
 
-    Lightning's CLI would merge them over the user's configuration: a checkpoint could switch on
+    LightningCLI would merge them over the user's configuration: a checkpoint could switch on
     ``trust_remote_code`` with a ``pretrained_path`` of its choosing, or silently train another model.
-    Here the checkpoint is read as data and the user's configuration wins: a difference in what defines
-    the model is one line naming the fields; other differences are the user's choice for this run.
     """
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
     try:
-        metadata = read_checkpoint_metadata(ckpt_path)
+        hparams = read_checkpoint_metadata(ckpt_path).get("hyper_parameters")
     except CheckpointReadError as exc:
         raise CheckpointResumeError(f"--ckpt_path: {exc}") from None
-    hparams = metadata.get("hyper_parameters")
     if not isinstance(hparams, dict):
         return
-    keys = [*_MODEL_DEFINING]
     theirs, ours = hparams.get("pretrained_path"), model_args.get("pretrained_path")
-    if (theirs is None) != (ours is None):
-        keys.insert(0, "pretrained_path")  # one side is an inline config: another model, not a moved directory
+    # one side an inline config: another model, not a moved directory
+    keys = ["pretrained_path", *_MODEL_DEFINING] if (theirs is None) != (ours is None) else _MODEL_DEFINING
     problems = [d for key in keys if key in hparams for d in _differences(hparams[key], model_args.get(key), f"model.{key}")]
     if problems:
         raise ConfigError(
@@ -296,33 +230,34 @@ def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None
         log.warning("--ckpt_path %s was trained from model.pretrained_path %s; this run uses %s.", ckpt_path, theirs, ours)
 
 
-def _suggestion(message: str, parsers: list[Any]) -> str:
-    """``message`` on one line, with "did you mean" when an unknown key is close to a valid one."""
+def _parser_error_line(message: str, parsers: list[Any]) -> str:
+    """jsonargparse's message on one line: a refused import path named with the fix, "did you mean" for a close key."""
     line = " ".join(message.split())
     line = union_member_error(line) or line  # a subclass-mode section (data: class_path ...): the class's own error
-    denied = _denied_import(line)
-    if denied is not None:
-        return denied
+    denied = _DENIED_IMPORT.search(line)
+    if denied:
+        key = _PARSER_KEY.search(line)
+        return (
+            f"{key.group(1) + ': ' if key else ''}{denied.group(1)!r} is outside the modules a configuration may import "
+            f"({', '.join(allowed_import_prefixes())}); nothing was imported. "
+            f"To trust it, set {ALLOWED_IMPORTS_ENV}={denied.group(1).rpartition('.')[0]}."
+        )
     found = _UNKNOWN_OPTION.search(line)
     if not found:
         return line
-    bad = next(g for g in found.groups() if g).lstrip("-")
     valid: set[str] = set()
     for parser in parsers:
         try:  # the option keys (``model.learning_rate``), from jsonargparse's public get_defaults
             valid.update(parser.get_defaults().keys())
         except Exception:  # noqa: BLE001 - only a "did you mean" hint depends on it
             pass
-    close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(next(g for g in found.groups() if g).lstrip("-"), sorted(valid), n=1, cutoff=0.75)
     return f"{line} (did you mean {close[0]!r}?)" if close else line
 
 
 class ResumingProgressBar(TQDMProgressBar):
-    """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run.
-
-    A resume at batch N of an epoch either skips ``on_train_epoch_start`` (the bar kept "Training: 41/?")
-    or gets a total of the steps left only; the epoch's first batch in this process sets both, from N.
-    """
+    """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run: a resume at batch N
+    skips ``on_train_epoch_start`` (the bar kept "Training: 41/?") or totals the steps left only."""
 
     _epoch_started = False
     _first_batch = True
@@ -349,16 +284,9 @@ class ResumingProgressBar(TQDMProgressBar):
 
 
 class AutoModelCLI(LightningCLIHooks, LightningCLI):
-    """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building
-    anything, saves single files atomically and shows a sane progress bar.
-
-    * A configuration the parser refuses raises :class:`ConfigError` (one line, "did you mean" when close).
-    * ``--ckpt_path`` is checked right after parsing (:func:`check_ckpt_path`), before the model is built.
-    * Unless the configuration sets a ``CheckpointIO``, the Trainer gets ``AtomicTorchCheckpointIO``
-      (single-file saves written beside the target, fsynced, renamed; sharded saves use the strategy's).
-    * Unless a progress bar is configured, the TQDM bar (Lightning's rich bar prints ``Epoch 1/-2`` when
-      ``max_steps`` bounds the run).
-    """
+    """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building anything,
+    gives the Trainer ``AtomicTorchCheckpointIO`` unless a ``CheckpointIO`` is configured, and the TQDM bar unless a
+    progress bar is (Lightning's rich bar prints ``Epoch 1/-2`` when ``max_steps`` bounds the run)."""
 
     def __init__(self, *args: Any, run_marker: _RunStarted | None = None, **kwargs: Any) -> None:
         self.run_marker = run_marker if run_marker is not None else _RunStarted()
@@ -381,26 +309,21 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as exc:
-            raise ConfigError(_suggestion(str(exc), self._parsers)) from None
-        subcommand = self.config.get("subcommand")
+            raise ConfigError(_parser_error_line(str(exc), self._parsers)) from None
         command_line = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
-        prefer_command_line_model_source((self.config[subcommand] if subcommand else self.config).get("model"), command_line)
-        self.after_parsing()
+        prefer_command_line_model_source(self._section().get("model"), command_line)
 
-    def after_parsing(self) -> None:
-        """Checks between parsing and building: ``--ckpt_path`` must be resumable before the model is built."""
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+    def _section(self) -> Any:
+        return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
     def check_ckpt_path_config(self) -> None:
-        # Runs in place of LightningCLI's own step, which merges the checkpoint's hyper-parameters over
-        # the user's configuration (see check_checkpoint_hparams and _compat.lightning.LightningCLIHooks).
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        # Runs right after parsing, in place of LightningCLI's own step, which merges the checkpoint's
+        # hyper-parameters over the user's configuration (see _compat.lightning.LightningCLIHooks).
+        ckpt_path = self._section().get("ckpt_path")
+        if not ckpt_path or ckpt_path in _SYMBOLIC_CKPT_PATHS or "://" in str(ckpt_path):
             return
-        model = self.config[subcommand].get("model")
+        check_ckpt_path(str(ckpt_path))
+        model = self._section().get("model")
         model_args = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
 
@@ -411,8 +334,24 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
             parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        default_tokenizer_to_model(config)
+        """``data.tokenizer_path`` defaults to ``model.pretrained_path``: a checkpoint trains on its own tokenizer."""
+        data, model = self._section().get("data"), self._section().get("model")
+        init_args = data.get("init_args") if data is not None else None
+        pretrained = model.get("pretrained_path") if model is not None else None
+        if init_args is None or "tokenizer_path" not in init_args:
+            return
+        if init_args.get("tokenizer_path") is None and pretrained:
+            names = [name for name in TOKENIZER_FILES if name.startswith(("tokenizer", "vocab"))]
+            if any((Path(pretrained) / name).is_file() for name in names):
+                init_args["tokenizer_path"] = pretrained
+            else:
+                log.warning(
+                    "model.pretrained_path %s has no tokenizer files: this run trains on the data module's default "
+                    "tokenizer. Set data.tokenizer_path to the tokenizer the model was trained with.", pretrained,
+                )
+        tokenizer = init_args.get("tokenizer_path")
+        source = " (model.pretrained_path)" if tokenizer and tokenizer == pretrained else ""
+        log.info("Tokenizer: %s", f"{tokenizer}{source}" if tokenizer else "the byte tokenizer (embedded demo)")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -421,7 +360,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
             log.info("Tokenizer vocabulary: %d ids (%s).", len(tokenizer), type(tokenizer).__name__)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init  # instantiated callbacks
         trainer_config = {**(config.get("trainer") or {}), **kwargs}
         callbacks = _as_list(trainer_config.get("callbacks"))
         extra: list[Callback] = [self.run_marker]
@@ -437,97 +376,13 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         return trainer
 
 
-class _Parsed(Exception):
-    """Ends a :class:`_ConfigOnlyCLI` right after parsing, carrying the ``fit`` section of the config."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__("parsed")
-        self.config = config
-
-
-class _ConfigOnlyCLI(AutoModelCLI):
-    """``fit``'s parser and nothing else: stops after parsing (LightningCLI parses in its constructor, then
-    seeds and builds), so no class is instantiated and ``--ckpt_path`` is not read."""
-
-    def __init__(self, *args: Any, add_arguments: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
-        self._add_arguments_fn = add_arguments
-        super().__init__(*args, **kwargs)
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": AutoModelCLI.subcommands()["fit"]}  # the other subcommands' parsers would be built for nothing
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        super().add_arguments_to_parser(parser)
-        if self._add_arguments_fn is not None:
-            self._add_arguments_fn(parser)
-
-    def after_parsing(self) -> None:
-        raise _Parsed(self.config["fit"])
-
-
 def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
-    """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
-
+    """The command's LightningCLI, configured in this one place (fit / validate / test run it, ``plan`` parses with it):
     ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
-    ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
-    """
+    ``class_path`` is given), no automatic optimizer arguments (the module configures its own)."""
     kwargs.setdefault("save_config_callback", NumberedConfigSave)
     return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                      parser_kwargs={"prog": PROG}, **kwargs)
-
-
-def check_command_line(argv: list[str]) -> None:
-    """Before any parser reads ``argv``: the import allow-list, config files that are regular and bounded, bounded values."""
-    restrict_import_paths()
-    for path in config_paths(argv):
-        check_config_file(path)  # jsonargparse would block on a FIFO before its loader sees the text
-    check_command_line_values(argv)
-
-
-def parse_fit_config(argv: list[str], add_arguments: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """``argv`` parsed as ``fit`` parses it, returned as data: nothing instantiated, seeded or resumed.
-
-    Every ``--config`` merged in order, ``--key value`` / ``--key=value`` / ``--key+=value`` overrides,
-    the classes' defaults and type checks, "did you mean" and ``--print_config``: all of it is
-    ``fit``'s own parser (:func:`job_cli`). ``add_arguments`` adds a command's own options to it.
-    """
-    check_command_line(argv)  # restricts import paths for the rest of the command (main puts the policy back)
-    with warnings.catch_warnings():
-        # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        try:
-            job_cli(_ConfigOnlyCLI, args=["fit", *argv], add_arguments=add_arguments, save_config_callback=None)
-        except _Parsed as parsed:
-            return parsed.config.as_dict()
-    raise AssertionError("_ConfigOnlyCLI always stops after parsing")
-
-
-def default_tokenizer_to_model(config: Any) -> None:
-    """``data.tokenizer_path`` defaults to ``model.pretrained_path``: a checkpoint trains on its own tokenizer."""
-    data, model = config.get("data"), config.get("model")
-    init_args = data.get("init_args") if data is not None else None
-    pretrained = model.get("pretrained_path") if model is not None else None
-    if init_args is None or "tokenizer_path" not in init_args:
-        return
-    if init_args.get("tokenizer_path") is None and pretrained:
-        if _has_tokenizer(pretrained):
-            init_args["tokenizer_path"] = pretrained
-        else:
-            log.warning(
-                "model.pretrained_path %s has no tokenizer files: this run trains on the data module's default "
-                "tokenizer. Set data.tokenizer_path to the tokenizer the model was trained with.", pretrained,
-            )
-    tokenizer = init_args.get("tokenizer_path")
-    source = " (model.pretrained_path)" if tokenizer and tokenizer == pretrained else ""
-    log.info("Tokenizer: %s", f"{tokenizer}{source}" if tokenizer else "the byte tokenizer (embedded demo)")
-
-
-def _has_tokenizer(directory: str) -> bool:
-    from lightning_automodel.core.hub_writer import TOKENIZER_FILES
-
-    root = Path(directory)
-    return any((root / name).is_file() for name in TOKENIZER_FILES if name.startswith(("tokenizer", "vocab")))
 
 
 class _CurrentStdout(logging.StreamHandler):
@@ -539,8 +394,7 @@ class _CurrentStdout(logging.StreamHandler):
 
 
 def _show_data_logs() -> None:
-    """The job says which tokenizer, format and packing it trains with: INFO lines of the data modules and of
-    the tokenizer choice go to stdout (the application configures logging; the library only logs)."""
+    """The job's tokenizer, format and packing lines (INFO of the data modules and of this module) go to stdout."""
     for name in ("lightning_automodel.data", __name__):
         logger = logging.getLogger(name)
         if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
@@ -550,35 +404,17 @@ def _show_data_logs() -> None:
             logger.setLevel(logging.INFO)
 
 
-def _input_error_types() -> tuple[type[BaseException], ...]:
-    """Raised on bad input wherever they happen: one line, exit code 2 (imported late: plan and export
-    are not loaded for fit)."""
-    from lightning_automodel.config_loading import ConfigFileError, PlanError
-    from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
-    from lightning_automodel.core.sharded_load import CheckpointLayoutError
-    from lightning_automodel.core.hub_layout import ExportError
-
-    return (
-        CheckpointResumeError, ConfigError, ConfigFileError, DataError, ExportError, PlanError, CheckpointLayoutError,
-        OfflineCheckpointError,
-        UnpicklingError,  # torch.load(weights_only=True) refusing a pickle: a bad or hostile file, not a bug
-    )
-
-
-#: OSErrors that describe the user's files or disk (a read-only or full disk, a file where a directory
-#: goes), at any point of a run: a save that fails at step 900 is still the disk's problem, not ours.
+#: OSErrors about the user's files or disk (a read-only or full disk, a file where a directory goes), at any
+#: point of a run: a save that fails at step 900 is still the disk's problem, not ours.
 _ENVIRONMENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 )
-
-
 #: A full or read-only disk, wherever it surfaces: torch.save reports ENOSPC as a RuntimeError
 #: ("unexpected pos ...") raised while handling the OSError.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _full_disk_cause(exc: BaseException) -> OSError | None:
-    """The full/read-only disk OSError this exception was raised from, if any (its cause or context chain)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -589,33 +425,15 @@ def _full_disk_cause(exc: BaseException) -> OSError | None:
     return None
 
 
-def _checkpoint_exception_type() -> type[BaseException]:
-    """DCP's CheckpointException: a BaseException, so ``except Exception`` does not see it."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return CheckpointException
-
-
-def _is_input_error(exc: BaseException, run_started: bool) -> bool:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    if isinstance(exc, _input_error_types()):
-        return True
-    if isinstance(exc, _checkpoint_exception_type()):
-        # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk) in a BaseException.
-        return all(_is_input_error(inner, False) for inner, _ in exc.failures.values())
-    if (isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS) or _full_disk_cause(exc) is not None:
-        return True
-    # Plain ValueError / FileNotFoundError / the Trainer's own refusals (devices 0, max_steps -5) and a
-    # file nested past the parser's recursion limit: bad input while parsing, building and setting up;
-    # a bug afterwards.
-    return isinstance(exc, (ValueError, FileNotFoundError, MisconfigurationException, RecursionError)) and not run_started
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, _checkpoint_exception_type()):
-        rank, (inner, _) = next(iter(exc.failures.items()))
-        return f"the sharded checkpoint could not be read or written (rank {rank}): {_one_line(inner)}"
+def error_line(exc: BaseException, run_started: bool = False) -> str | None:
+    """The one line bad input prints, or ``None`` for a bug (whose traceback must show)."""
+    if isinstance(exc, CheckpointException):
+        # DCP wraps each rank's failure (a truncated or missing .distcp, a full disk).
+        lines = {rank: error_line(inner) for rank, (inner, _) in exc.failures.items()}
+        if not lines or None in lines.values():
+            return None
+        rank, line = next(iter(lines.items()))
+        return f"the sharded checkpoint could not be read or written (rank {rank}): {line}"
     disk = _full_disk_cause(exc)
     if disk is not None:
         where = f" writing {disk.filename}" if disk.filename else " while writing a checkpoint or a log"
@@ -623,8 +441,6 @@ def _one_line(exc: BaseException) -> str:
             f"{disk.strerror or disk}{where}: free space, or point trainer.default_root_dir (and any ModelCheckpoint "
             "dirpath) at a disk with room."
         )
-    if isinstance(exc, RecursionError):
-        return "a file or value is nested too deeply (JSON/YAML recursion limit); it is corrupt or hostile."
     if isinstance(exc, UnpicklingError):
         # torch's message is a page ending in "re-run with weights_only=False": never advise that for a stranger's file.
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -632,18 +448,35 @@ def _one_line(exc: BaseException) -> str:
             f"a checkpoint file holds pickled objects besides tensors ({first}); refusing to unpickle it. "
             "Load only checkpoints you created, or convert the weights to safetensors."
         )
+    # Plain ValueError / OSError (a file the user named) / the Trainer's own refusals (devices 0, max_steps -5) and a
+    # file nested past the parser's recursion limit: bad input while parsing, building and setting up; a bug afterwards.
+    input_error = isinstance(
+        exc, (CheckpointResumeError, ConfigError, ConfigFileError, DataError, ExportError, PlanError, CheckpointLayoutError,
+              OfflineCheckpointError)
+    ) or (isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS)
+    if not input_error and (run_started or not isinstance(exc, (ValueError, OSError, MisconfigurationException, RecursionError))):
+        return None
+    if isinstance(exc, RecursionError):
+        return "a file or value is nested too deeply (JSON/YAML recursion limit); it is corrupt or hostile."
     line = " ".join(str(exc).split()) or type(exc).__name__
     return union_member_error(line) or line  # a subclass-mode data module's own error, not jsonargparse's listing
+
+
+def fail_in_one_line(prog: str, exc: BaseException, run_started: bool = False) -> int:
+    """Bad input: ``prog: error: <line>`` on stderr, exit code 2. Called in an ``except`` block: a bug is re-raised."""
+    line = error_line(exc, run_started)
+    if line is None:
+        raise exc
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return 0 if argv else 2
-    if argv[0] in _USAGE_EXTRA:
-        import importlib
-
-        return importlib.import_module(_USAGE_EXTRA[argv[0]]).main(argv[1:])
+    if argv[0] in _OTHER_COMMANDS:
+        return importlib.import_module(_OTHER_COMMANDS[argv[0]]).main(argv[1:])
     if argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -652,13 +485,13 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
     _show_data_logs()
     cli = job_cli(args=None if from_command_line else argv, run_marker=marker)
     if cli.subcommand == "fit":
-        _report_checkpoint(cli, argv)
+        _report_checkpoint(cli.trainer, argv)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI. Errors from bad input print ``lightning-automodel: error: ...`` and return 2 (the
-    traceback with ``--debug``); other exceptions (bugs) propagate with their traceback."""
+    """Run the CLI. Bad input prints ``lightning-automodel: error: ...`` and returns 2 (the traceback with
+    ``--debug``); other exceptions (bugs) propagate with their traceback."""
     marker = _RunStarted()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -669,11 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with import_path_policy_preserved():  # the config's import allow-list ends with the command
             return _run(argv, from_command_line, marker)
-    except (Exception, _checkpoint_exception_type()) as exc:  # noqa: BLE001 - re-raised unless it is an input error
-        if debug or not _is_input_error(exc, marker.started):
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - re-raised unless it is an input error
+        if debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+        return fail_in_one_line(PROG, exc, marker.started)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,9 @@
 """The one YAML loader of every command: regular files only, bounded size, bounded alias expansion.
 
-``fit``/``validate``/``test`` (LightningCLI, through jsonargparse) and ``plan`` read configs people
-were sent. Two things in such a file cost without limit unless refused before any object is built:
-
-* a name that is not a regular file: ``--config /dev/stdin`` or a FIFO blocks forever on open, a
-  device never ends;
-* aliases: an alias is one node in the text but a whole subtree in the result, so nine lines of nested
-  ``[*a, *a, ...]`` make 10^9 references ("billion laughs") that every later merge or walk visits.
-
+``fit``/``validate``/``test`` (LightningCLI, through jsonargparse) and ``plan`` read configs people were sent.
+Refused before any object is built: a name that is not a regular file (``--config /dev/stdin`` or a FIFO
+blocks forever on open), and aliases past a bound (an alias is one node in the text but a whole subtree in
+the result: nine lines of nested ``[*a, *a, ...]`` make 10^9 references, the "billion laughs").
 Nothing here imports Lightning: jsonargparse only gets a parser mode (:func:`register_parser_mode`).
 """
 
@@ -36,24 +32,14 @@ class PlanError(ValueError):
     """Bad input to ``plan``: one line, exit code 2 (here so that ``cli`` names it without importing ``planning``)."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that stops past ``MAX_YAML_NODES`` expanded nodes, counted on the composed graph (nothing built yet)."""
-
-    def compose_document(self):  # type: ignore[override]
-        node = super().compose_document()
-        if node is not None:
-            _count_nodes(node, self.name)
-        return node
-
-
-def _count_nodes(root: yaml.Node, name: str) -> None:
+def check_yaml_bounded(text: str, name: str = "<config>") -> None:
+    """Refuse ``text`` when its aliases expand past ``MAX_YAML_NODES`` nodes (composes the graph, builds nothing)."""
     sizes: dict[int, int] = {}  # id(node) -> expanded size: a shared subtree is walked once, counted per use
 
     def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        sizes[key] = 1  # a recursive alias (not possible in SafeLoader's output, but cheap to guard)
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias (not possible in SafeLoader's output, but cheap to guard)
         n = 1
         if isinstance(node, yaml.SequenceNode):
             n += sum(size(child) for child in node.value)
@@ -64,29 +50,23 @@ def _count_nodes(root: yaml.Node, name: str) -> None:
                 f"{name}: the YAML expands to more than {MAX_YAML_NODES:,} nodes through anchors/aliases; refusing it "
                 "(an alias bomb, or a config that should be written out)."
             )
-        sizes[key] = n
+        sizes[id(node)] = n
         return n
 
-    size(root)
-
-
-def check_yaml_bounded(text: str, name: str = "<config>") -> None:
-    """Refuse ``text`` when its aliases expand past ``MAX_YAML_NODES`` nodes (composes, builds nothing)."""
-    loader = _BoundedLoader(text)
-    loader.name = name
+    loader = yaml.SafeLoader(text)
     try:
-        loader.get_single_node()
+        node = loader.get_single_node()
+        if node is not None:
+            size(node)
     except RecursionError:
         raise ConfigFileError(f"{name}: the YAML is nested too deeply to be a config.") from None
     finally:
         loader.dispose()
 
 
-def read_config_text(path: str | os.PathLike[str]) -> str:
-    """The text of a config file: a regular file (checked on the opened descriptor), UTF-8, at most ``MAX_CONFIG_BYTES``.
-
-    Opened non-blocking, so a FIFO is refused at once instead of waiting for a writer forever.
-    """
+def check_config_file(path: str | os.PathLike[str]) -> None:
+    """Fail in one line unless ``path`` is a regular file (checked on the opened descriptor, opened non-blocking
+    so a FIFO is refused at once), UTF-8, at most ``MAX_CONFIG_BYTES``, within the alias bound."""
     name = os.fspath(path)
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -103,14 +83,10 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigFileError(f"config {name!r} is over {MAX_CONFIG_BYTES // 2**20} MiB; a config is a few kilobytes.")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigFileError(f"config {name!r} is not UTF-8 text ({exc}).") from None
-
-
-def check_config_file(path: str | os.PathLike[str]) -> None:
-    """Fail in one line unless ``path`` is a readable regular YAML file within every bound."""
-    check_yaml_bounded(read_config_text(path), os.fspath(path))
+    check_yaml_bounded(text, name)
 
 
 def jsonargparse_load(text: str, path: str | os.PathLike[str] = "") -> Any:
@@ -130,28 +106,18 @@ def register_parser_mode() -> str:
 
 
 def check_command_line_values(argv: list[str]) -> None:
-    """Refuse a command-line value whose aliases expand past the bound.
-
-    jsonargparse parses some values (a ``dict`` option, a union) with its own unbounded YAML load, not
-    through the parser mode, so each value is composed here first; text that is not YAML passes (it
-    stays a string).
-    """
+    """Refuse a command-line value whose aliases expand past the bound: jsonargparse parses some values (a ``dict``
+    option, a union) with its own unbounded YAML load; text that is not YAML passes (it stays a string)."""
     for arg in argv:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
-        if "*" not in value:
-            continue  # no alias, nothing to expand
-        try:
-            check_yaml_bounded(value, f"the command-line value {value[:40]!r}")
-        except yaml.YAMLError:
-            continue
+        if "*" in value:  # else no alias, nothing to expand
+            try:
+                check_yaml_bounded(value, f"the command-line value {value[:40]!r}")
+            except yaml.YAMLError:
+                pass
 
 
 def config_paths(argv: list[str]) -> list[Path]:
     """The ``--config``/``-c`` files of a LightningCLI command line (both ``--config X`` and ``--config=X``)."""
-    paths = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            paths.append(Path(argv[i + 1]))
-        elif arg.startswith("--config="):
-            paths.append(Path(arg.split("=", 1)[1]))
-    return paths
+    paths = [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    return paths + [Path(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--config=")]

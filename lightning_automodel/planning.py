@@ -1,32 +1,27 @@
 """``lightning-automodel plan``: what a config will train and what it costs per rank, without a weight.
 
-The model is built on the meta device from its config alone (a directory holding only ``config.json``
-is enough: no weights, no tokenizer), the configured surgery callbacks apply their core actions to it
-in the order ``fit`` applies them (:func:`~lightning_automodel.callbacks._lifecycle.surgery_schedule`),
-and the result is printed: each module with what froze it, totals, and the per-rank memory of the
-job's FSDP2 layout with and without CPU offload. No Trainer is created, so an 8-GPU config plans on a
-laptop.
+The model is built on the meta device from its config alone (a directory holding only ``config.json`` is
+enough), the configured surgery callbacks apply their core actions to it in the order ``fit`` applies them,
+and the result is printed: each module with what froze it, totals, and the per-rank memory of the job's
+FSDP2 layout with and without CPU offload. No Trainer is created, so an 8-GPU config plans on a laptop.
 
-The command line is ``fit``'s, parsed by ``fit``'s own parser (:func:`~lightning_automodel.cli.parse_fit_config`),
-plus ``--world_size``, ``--node_host_memory`` and ``--optimizer_state_dtype``. A config is data: only
-callbacks from ``lightning_automodel.callbacks`` are instantiated, and only class paths on the
-configuration import allow-list are ever imported (by the parser, to check them).
+The command line is ``fit``'s, parsed by ``fit``'s own parser, plus ``--world_size``, ``--node_host_memory``
+and ``--optimizer_state_dtype``. A config is data: only callbacks from ``lightning_automodel.callbacks`` are
+instantiated, and only class paths on the configuration import allow-list are ever imported (by the parser).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import inspect
 import logging
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,22 +37,19 @@ from lightning_automodel.callbacks.lora import LoRA
 from lightning_automodel.callbacks.parameter_freezing import ParameterFreezing
 from lightning_automodel.callbacks.parameter_summary import ParameterSummary, render_table
 from lightning_automodel.callbacks.tied_lm_head import TiedLMHead
-from lightning_automodel.core.hf_weight_files import format_bytes_human
+from lightning_automodel.cli import AutoModelCLI, check_command_line, fail_in_one_line, job_cli
+from lightning_automodel.config_loading import PlanError
 from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
+from lightning_automodel.core.hf_weight_files import format_bytes_human
 from lightning_automodel.core.lora import LoraConfigError, adapter_parameter_count
-from lightning_automodel.core.memory import (
-    FSDP2MemoryEstimate,
-    TrainingMemoryEstimate,
-    estimate_fsdp2_peak,
-    estimate_training_memory,
-)
+from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_fsdp2_peak, estimate_training_memory, four_bit_weight_bytes
+from lightning_automodel.core.model_build import build_meta_model, tensor_parallel_refusal
 from lightning_automodel.core.naming import unique_named_parameters
 from lightning_automodel.core.parameters import ParameterCounts, count_parameters, module_breakdown
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
-from lightning_automodel.config_loading import PlanError
-from lightning_automodel.core import model_build as building
+from lightning_automodel.models.hf_causal_lm import HFCausalLM, quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +69,29 @@ class PlanOptions:
     optimizer_state_dtype: str | None = None
 
 
-def _add_plan_arguments(parser: Any) -> None:
-    parser.add_argument("--world_size", type=int | None, default=None,
-                        help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)")
-    parser.add_argument("--node_host_memory", type=str, default="1TB",
-                        help="host memory of one node, e.g. 1TB (default), 2TiB, 768GB: the per-node check of cpu_offload's pinned state")
-    parser.add_argument("--optimizer_state_dtype", type=str | None, default=None,
-                        help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)")
+class _Parsed(Exception):
+    """Ends a :class:`_PlanCLI` right after parsing; its one argument is the ``fit`` section of the config."""
+
+
+class _PlanCLI(AutoModelCLI):
+    """``fit``'s parser plus plan's options and nothing else: LightningCLI parses in its constructor, then would
+    seed and build; this one stops right after parsing (nothing instantiated, ``--ckpt_path`` not read)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": AutoModelCLI.subcommands()["fit"]}  # the other subcommands' parsers would be built for nothing
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--world_size", type=int | None, default=None,
+                            help="data-parallel ranks to shard over (default: the strategy's data_parallel_size, else devices x num_nodes)")
+        parser.add_argument("--node_host_memory", type=str, default="1TB",
+                            help="host memory of one node, e.g. 1TB (default), 2TiB, 768GB: the per-node check of cpu_offload's pinned state")
+        parser.add_argument("--optimizer_state_dtype", type=str | None, default=None,
+                            help="dtype of the AdamW state (default: the parameter's dtype, which is what AdamW allocates)")
+
+    def check_ckpt_path_config(self) -> None:
+        raise _Parsed(self.config["fit"])
 
 
 def parse_size(text: str) -> int:
@@ -96,10 +104,17 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
-    """``plan``'s options and the config as ``fit`` would parse ``argv`` (merged, defaults filled, checked)."""
-    from lightning_automodel.cli import parse_fit_config
-
-    config = parse_fit_config(list(argv), add_arguments=_add_plan_arguments)
+    """``plan``'s options and the config as ``fit``'s parser reads ``argv`` (merged, defaults filled, checked),
+    as data: nothing instantiated, seeded or resumed."""
+    check_command_line(list(argv))  # restricts import paths for the rest of the command (main puts the policy back)
+    with warnings.catch_warnings():
+        # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            job_cli(_PlanCLI, args=["fit", *argv], save_config_callback=None)
+            raise AssertionError("_PlanCLI always stops after parsing")
+        except _Parsed as parsed:
+            config = parsed.args[0].as_dict()
     world_size = config.pop("world_size", None)
     if world_size is not None and world_size < 1:
         raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
@@ -107,54 +122,34 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
     return PlanOptions(world_size, node_memory, config.pop("optimizer_state_dtype", None)), config
 
 
-# ---- building the model without weights ------------------------------------------------------------
+# ---- the model and its surgery, without weights ---------------------------------------------------
 
 
-def hf_config_from(model_args: Mapping[str, Any]) -> Any:
-    """The Hugging Face config: ``config.json`` of a local directory (weights not needed) or the inline config."""
-    path, inline = model_args.get("pretrained_path"), model_args.get("config")
-    if (path is None) == (inline is None):
-        raise PlanError("model needs exactly one of `pretrained_path` (a local model directory) or `config` (inline).")
-    if path is None:
-        return building.inline_config(inline)  # a mapping: the parser checked model.config's type
-    root = Path(str(path))
-    if not (root / "config.json").is_file():
-        building.check_local_model_dir(str(path))  # raises the job's message: missing (a hub name?), a file, no config.json
-    building.check_config_json(root / "config.json")  # bounded size and depth, as fit checks it (no weights needed here)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=bool(model_args.get("trust_remote_code", False)))
+def job_module(model_args: Mapping[str, Any]) -> HFCausalLM:
+    """The job's LightningModule for ``model:`` (its checks and defaults), never built or loaded here."""
+    try:
+        return HFCausalLM(**model_args)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
-def build_meta(model_args: Mapping[str, Any]) -> nn.Module:
-    """The model on meta in fp32 (``weights_dtype`` is applied afterwards, as the job does)."""
-    config = hf_config_from(model_args)
+def build_meta(model_args: Mapping[str, Any] | HFCausalLM) -> nn.Module:
+    """The model on meta in fp32, from its config alone (``weights_dtype`` is applied afterwards, as the job does)."""
+    module = model_args if isinstance(model_args, HFCausalLM) else job_module(model_args)
+    config = module.build_hf_config(weights=False)
     layers = getattr(_text_config(config), "num_hidden_layers", 0) or 0
     if layers >= _MANY_LAYERS:
         # Every layer is constructed as in `fit` (no storage: on meta): about 0.5 ms per layer here.
         log.warning("plan: building %d layers on the meta device (about %d s)...", layers, max(1, layers // 2000))
-    return building.build_meta_model(
-        config,
-        model_args.get("model_class", "auto"),
-        trust_remote_code=bool(model_args.get("trust_remote_code", False)),
-    )
-
-
-# ---- callbacks: an allow-list, never an import of a name from the YAML -------------------------------
+    return build_meta_model(config, module.hparams.model_class, trust_remote_code=module.hparams.trust_remote_code)
 
 
 def _callback_class(class_path: str) -> type | None:
-    """The package's callback class that ``class_path`` names (short, package or module path); ``None`` otherwise.
-    Only modules of this package are ever imported here."""
-    classes = {getattr(_callbacks_pkg, name) for name in _callbacks_pkg.__all__}
+    """The package's callback class ``class_path`` names (short, package or module path); nothing is imported."""
     module, _, name = class_path.rpartition(".")
-    if module and module != "lightning_automodel" and not module.startswith("lightning_automodel."):
-        return None
-    try:
-        cls = getattr(importlib.import_module(module) if module else _callbacks_pkg, name, None)
-    except ImportError:
-        return None
-    return cls if isinstance(cls, type) and cls in classes else None
+    cls = getattr(_callbacks_pkg, name) if name in _callbacks_pkg.__all__ else None
+    accepted = ("", "lightning_automodel", _callbacks_pkg.__name__, getattr(cls, "__module__", None))
+    return cls if isinstance(cls, type) and module in accepted else None
 
 
 def _instantiate(cls: type, init_args: Mapping[str, Any]) -> Any:
@@ -168,11 +163,8 @@ def _instantiate(cls: type, init_args: Mapping[str, Any]) -> Any:
 
 
 def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCallback]:
-    """The configured surgery callbacks (and ParameterSummary), instantiated only from the allow-list.
-
-    Other class paths (Lightning's ``ModelCheckpoint``, a trusted project's callback) do no surgery:
-    they are skipped, never instantiated; an entry that is not from Lightning gets a one-line note.
-    """
+    """The configured surgery callbacks (and ParameterSummary) in ``surgery_order``, instantiated only from the
+    package; other class paths do no surgery and are never instantiated (a note unless they are Lightning's)."""
     specs = trainer_config.get("callbacks") or []
     out: list[ModelSurgeryCallback] = []
     for i, spec in enumerate([specs] if isinstance(specs, Mapping) else specs):
@@ -182,14 +174,33 @@ def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCal
             if not str(class_path).startswith("lightning.pytorch.callbacks."):
                 log.warning("plan: skipped trainer.callbacks[%d] %s: plan instantiates only lightning_automodel.callbacks.", i, class_path)
             continue
-        init_args = spec.get("init_args") if isinstance(spec, Mapping) else None
         try:
-            callback = _instantiate(cls, init_args or {})
+            callback = _instantiate(cls, (spec.get("init_args") if isinstance(spec, Mapping) else None) or {})
         except (TypeError, ValueError, MisconfigurationException, ArgumentError) as exc:
             raise PlanError(f"trainer.callbacks[{i}] {class_path}: {' '.join(str(exc).split())}") from None
         if isinstance(callback, ModelSurgeryCallback):
             out.append(callback)
     return sorted(out, key=lambda cb: cb.surgery_order)
+
+
+def _apply_on_meta(step: SurgeryStep, model: nn.Module) -> Mapping[str, str]:
+    """One surgery step's core action on the meta model, without a Trainer; returns what it froze -> rule."""
+    try:
+        if isinstance(step, WeightsDtypeCast):
+            step.apply_to_model(model)
+        elif isinstance(step, LoRA):
+            return step.inject(model)  # adapters on the meta model, base frozen, as in fit
+        elif isinstance(step, ParameterFreezing):
+            return step.freeze(model)
+        elif isinstance(step, FreezeDeadParameters):
+            return freeze_dead_parameters(model)
+        elif isinstance(step, CastMixedDtypeToBF16):
+            cast_floating_point(model, torch.bfloat16, cast_buffers=step.cast_buffers)
+        elif isinstance(step, TiedLMHead):
+            ensure_tied_lm_head(model)
+    except (LoraConfigError, MisconfigurationException) as exc:
+        raise PlanError(str(exc)) from None
+    return {}
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -203,11 +214,10 @@ class Plan:
     frozen_by: dict[str, str] = field(default_factory=dict)
     memory: TrainingMemoryEstimate | None = None
     model: nn.Module | None = None
-    fsdp2: FSDP2MemoryEstimate | None = None
-    fsdp2_offload: FSDP2MemoryEstimate | None = None
+    fsdp2: Any = None  # FSDP2MemoryEstimate
+    fsdp2_offload: Any = None  # the same bytes with cpu_offload: only the device/host split differs
     adapters: int = 0  # LoRA adapter elements (0 without the LoRA callback)
-    compute_dtype: torch.dtype | None = None
-    reduce_dtype: torch.dtype | None = None
+    mixed_bf16: bool = False  # model.mixed_precision: bf16 (FSDP2 computes in bf16, reduces in fp32)
     cpu_offload: bool = False
     nodes: int = 1  # trainer.num_nodes: the ranks are spread evenly over them
     node_host_bytes: int = 10**12  # --node_host_memory
@@ -215,22 +225,19 @@ class Plan:
 
 
 def world_size_from(trainer_config: Mapping[str, Any], note: bool = True) -> int:
-    """devices x num_nodes; ``devices: auto`` (the parser's default) or ``-1`` cannot be known here: 1, with a
-    note when the plan depends on it (``note``: sharded state; a replica's bytes do not depend on it)."""
+    """devices x num_nodes; ``devices: auto`` (the parser's default) or ``-1`` depend on the machine: 1, with a
+    note when the plan depends on it (``note``: sharded state; a replica's bytes do not)."""
     devices = trainer_config.get("devices", 1)
-    if isinstance(devices, bool):
-        devices = 1
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
     elif isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
-    elif isinstance(devices, str) and "," in devices:
-        devices = [d for d in devices.split(",") if d.strip()]
-    if isinstance(devices, list):
-        devices = len(devices)
-    if not isinstance(devices, int) or devices < 1:
+    count = len(devices) if isinstance(devices, list) else 1 if isinstance(devices, bool) else devices
+    if not isinstance(count, int) or count < 1:
         if note:
             log.warning("plan: trainer.devices is %r, which depends on the machine; planning 1 device per node (pass --world_size N).", devices)
-        devices = 1
-    return devices * int(trainer_config.get("num_nodes", 1) or 1)
+        count = 1
+    return count * int(trainer_config.get("num_nodes", 1) or 1)
 
 
 def _strategy(trainer_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -242,20 +249,10 @@ def _strategy(trainer_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def data_parallel_size(trainer_config: Mapping[str, Any]) -> int:
     """The ranks FSDP2 shards over: the strategy's ``data_parallel_size`` when it is a number, else every rank.
-
-    A data x tensor size that does not multiply to devices x num_nodes fails here, as it would at the
-    start of ``fit`` (``ModelParallelStrategy`` checks it), instead of after the job was queued.
-    """
+    A data x tensor size that is not devices x num_nodes fails here, as ``ModelParallelStrategy`` fails at start."""
     total = world_size_from(trainer_config)
     name, init_args = _strategy(trainer_config)
     dp, tp = init_args.get("data_parallel_size", "auto"), init_args.get("tensor_parallel_size", "auto")
-    if "ModelParallel" in name and not (isinstance(dp, int) and isinstance(tp, int)) and total > 1:
-        # Lightning's 'auto' is tensor_parallel_size = devices per node, which HFCausalLM rejects at start-up.
-        log.warning(
-            "plan: trainer.strategy leaves data_parallel_size or tensor_parallel_size on 'auto' (Lightning then does tensor "
-            "parallelism over a node's devices, which HFCausalLM rejects); set data_parallel_size: %d and "
-            "tensor_parallel_size: 1. Planning FSDP2 over %d ranks.", total, total,
-        )
     if isinstance(dp, int) and isinstance(tp, int):
         if dp * tp != total:
             raise PlanError(
@@ -263,11 +260,16 @@ def data_parallel_size(trainer_config: Mapping[str, Any]) -> int:
                 f"num_nodes = {total}; make them agree (or pass --world_size N to plan N ranks regardless)."
             )
         return dp
+    if "ModelParallel" in name and total > 1:
+        # Lightning's 'auto' is tensor_parallel_size = devices per node, which HFCausalLM rejects at start-up.
+        log.warning(
+            "plan: trainer.strategy leaves data_parallel_size or tensor_parallel_size on 'auto' (Lightning then does tensor "
+            "parallelism over a node's devices, which HFCausalLM rejects); set data_parallel_size: %d and "
+            "tensor_parallel_size: 1. Planning FSDP2 over %d ranks.", total, total,
+        )
     if isinstance(dp, int):
         return dp
-    if isinstance(tp, int) and tp >= 1:
-        return max(1, total // tp)
-    return total
+    return max(1, total // tp) if isinstance(tp, int) and tp >= 1 else total
 
 
 def _text_config(config: Any) -> Any:
@@ -292,141 +294,77 @@ def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
         )
 
 
-def _quantization_settings(settings: Any, sharded: bool) -> Any:
-    """The job's ``BitsAndBytesConfig`` for ``model.quantization``, refused in one line where the job refuses it."""
-    from lightning_automodel.models.hf_causal_lm import quantization_config
-
-    try:
-        config = quantization_config(settings)
-    except ValueError as exc:
-        raise PlanError(str(exc)) from None
-    if sharded:
-        raise PlanError("quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights; plan it with DDP.")
-    return config
-
-
-def _quantized_memory(model: nn.Module, memory: TrainingMemoryEstimate, config: Any) -> TrainingMemoryEstimate:
-    """QLoRA: the linear weights bitsandbytes quantizes (every ``nn.Linear`` but the output head) at their 4-bit size.
-
-    Counts stay logical (the meta model is not quantized); only the resident bytes change.
-    """
-    from lightning_automodel.core.memory import four_bit_weight_bytes
-
+def _quantized_bytes_saved(model: nn.Module, settings: dict[str, Any]) -> int:
+    """QLoRA: bytes saved by bitsandbytes' 4-bit linear weights (every ``nn.Linear`` but the output head);
+    the counts stay logical (the meta model is not quantized)."""
+    config = quantization_config(settings)
     if not config.load_in_4bit:
-        return memory
-    saved = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head") and weight is not None:
-            n = weight.numel()
-            saved += n * weight.element_size() - four_bit_weight_bytes(
-                n, blocksize=64, double_quant=bool(config.bnb_4bit_use_double_quant))
-    return dataclasses.replace(memory, param_bytes=memory.param_bytes - saved)
+        return 0
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
+    double_quant = bool(config.bnb_4bit_use_double_quant)
+    return sum(w.numel() * w.element_size() - four_bit_weight_bytes(w.numel(), blocksize=64, double_quant=double_quant) for w in weights)
 
 
 def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
-    """Build the configured model on meta, apply the configured surgery, estimate per-rank memory.
+    """Build the configured model on meta, apply the configured surgery in fit's order, estimate per-rank memory.
 
     ``config`` is a ``fit`` config as :func:`parse_args` returns it; ``world_size`` ``None`` reads the trainer
     and strategy; ``optimizer_state_dtype`` ``None`` follows each parameter's dtype (AdamW's ``zeros_like``).
     """
     if world_size is not None and world_size < 1:
         raise PlanError(f"world_size must be >= 1; got {world_size}.")
-    model_args = config.get("model") or {}
     trainer_config = config.get("trainer") or {}
-    mixed = str(model_args.get("mixed_precision", "none"))
-    weights_dtype = dtype_from_name(str(model_args.get("weights_dtype", "float32")))
     callbacks = surgery_callbacks(trainer_config)  # before the build: a bad callback fails fast
-    model = build_meta(model_args)
+    module = job_module(config.get("model") or {})
+    hp = module.hparams
+    model = build_meta(module)
     check_seq_length(model, config.get("data") or {})
-    # The job's weights cast (no checkpoint here, so no fp32-stored tensor to keep; on meta it is free).
-    weights_cast = functools.partial(building.apply_weights_dtype, dtype=weights_dtype) if weights_dtype != torch.float32 else None
     frozen_by: dict[str, str] = {}
-    for step in surgery_schedule(callbacks, weights_cast):  # the order fit uses: one function decides it
+    for step in surgery_schedule(callbacks, module.weights_cast()):  # the order fit uses: one function decides it
         frozen_by.update(_apply_on_meta(step, model))
     if str(trainer_config.get("precision", "")).startswith("bf16-true"):
         cast_floating_point(model, torch.bfloat16)  # Lightning converts the module to bf16
     strategy_name, strategy_args = _strategy(trainer_config)
     tp = strategy_args.get("tensor_parallel_size")
     if "ModelParallel" in strategy_name and isinstance(tp, int) and tp > 1:
-        raise PlanError(building.tensor_parallel_refusal(tp))
+        raise PlanError(tensor_parallel_refusal(tp))
     sharded = world_size is not None or "ModelParallel" in strategy_name or "fsdp" in strategy_name.lower()
-    size = world_size if world_size is not None else (data_parallel_size(trainer_config) if sharded else world_size_from(trainer_config, note=False))
     state_dtype = dtype_from_name(optimizer_state_dtype) if optimizer_state_dtype else None
-    plan = _estimate(model, model_args, callbacks, frozen_by, sharded=sharded, size=size, mixed=mixed, state_dtype=state_dtype)
-    plan.nodes = max(1, int(trainer_config.get("num_nodes", 1) or 1))
-    plan.summary = next((cb for cb in callbacks if isinstance(cb, ParameterSummary)), None)
-    return plan
-
-
-def _apply_on_meta(step: SurgeryStep, model: nn.Module) -> Mapping[str, str]:
-    """One surgery step's core action on the meta model, without a Trainer; returns what it froze -> rule."""
-    if isinstance(step, WeightsDtypeCast):
-        step.apply_to_model(model)
-    elif isinstance(step, LoRA):
-        try:
-            return step.inject(model)  # adapters on the meta model, base frozen, as in fit
-        except LoraConfigError as exc:
-            raise PlanError(str(exc)) from None
-    elif isinstance(step, ParameterFreezing):
-        try:
-            return step.freeze(model)
-        except MisconfigurationException as exc:
-            raise PlanError(str(exc)) from None
-    elif isinstance(step, FreezeDeadParameters):
-        return freeze_dead_parameters(model)
-    elif isinstance(step, CastMixedDtypeToBF16):
-        cast_floating_point(model, torch.bfloat16, cast_buffers=step.cast_buffers)
-    elif isinstance(step, TiedLMHead):
-        ensure_tied_lm_head(model)
-    return {}
-
-
-def _estimate(
-    model: nn.Module, model_args: Mapping[str, Any], callbacks: Sequence[ModelSurgeryCallback], frozen_by: dict[str, str],
-    *, sharded: bool, size: int, mixed: str, state_dtype: torch.dtype | None,
-) -> Plan:
-    quantization = model_args.get("quantization")
-    bnb_config = _quantization_settings(quantization, sharded) if quantization is not None else None
-    fsdp2 = None
-    if sharded:
-        compute = torch.bfloat16 if mixed == "bf16" else None
-        reduce = torch.float32 if mixed == "bf16" else None  # the job's MixedPrecisionPolicy reduces in fp32
-        groups = fsdp2_groups(model)
-        common = dict(world_size=size, groups=groups, compute_dtype=compute, reduce_dtype=reduce, optimizer_state_dtype=state_dtype)
-        fsdp2 = estimate_fsdp2_peak(model, cpu_offload=False, **common)
-        # The sharded state is estimate_training_memory's by construction: no second pass over the model.
-        memory = TrainingMemoryEstimate(size, fsdp2.param_bytes, fsdp2.grad_bytes, fsdp2.optimizer_bytes)
-    else:
-        memory = estimate_training_memory(model, world_size=size, optimizer_state_dtype=state_dtype, sharded=False)
-        if bnb_config is not None:
-            memory = _quantized_memory(model, memory, bnb_config)
-    plan = Plan(count_parameters(model), frozen_by, memory, model)
+    plan = Plan(count_parameters(model), frozen_by, model=model, mixed_bf16=hp.mixed_precision == "bf16",
+                nodes=max(1, int(trainer_config.get("num_nodes", 1) or 1)), cpu_offload=bool(hp.cpu_offload),
+                summary=next((cb for cb in callbacks if isinstance(cb, ParameterSummary)), None))
     if any(isinstance(callback, LoRA) for callback in callbacks):
         plan.adapters = adapter_parameter_count(model)
-    if fsdp2 is not None:
-        plan.fsdp2 = fsdp2
-        # Offload moves the same bytes to the host: only the derived device/host split differs.
-        plan.fsdp2_offload = dataclasses.replace(fsdp2, cpu_offload=True)
-        plan.compute_dtype, plan.reduce_dtype = compute, reduce
-        plan.cpu_offload = bool(model_args.get("cpu_offload", False))
+    if sharded:
+        if hp.quantization is not None:
+            raise PlanError("quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights; plan it with DDP.")
+        compute, reduce = (torch.bfloat16, torch.float32) if plan.mixed_bf16 else (None, None)
+        plan.fsdp2 = estimate_fsdp2_peak(
+            model, world_size=world_size or data_parallel_size(trainer_config), groups=fsdp2_groups(model),
+            compute_dtype=compute, reduce_dtype=reduce, optimizer_state_dtype=state_dtype, cpu_offload=False,
+        )
+        plan.fsdp2_offload = dataclasses.replace(plan.fsdp2, cpu_offload=True)
+        # The sharded state is estimate_training_memory's by construction: no second pass over the model.
+        plan.memory = TrainingMemoryEstimate(plan.fsdp2.world_size, plan.fsdp2.param_bytes, plan.fsdp2.grad_bytes, plan.fsdp2.optimizer_bytes)
+    else:
+        plan.memory = estimate_training_memory(model, world_size=world_size_from(trainer_config, note=False),
+                                               optimizer_state_dtype=state_dtype, sharded=False)
+        if hp.quantization is not None:
+            plan.memory = dataclasses.replace(plan.memory, param_bytes=plan.memory.param_bytes - _quantized_bytes_saved(model, hp.quantization))
     return plan
 
+
+# ---- the report -----------------------------------------------------------------------------------
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _dtype_label(dtypes: Sequence[torch.dtype]) -> str:
-    return "+".join(sorted({_SHORT_DTYPE.get(d, str(d).removeprefix("torch.")) for d in dtypes})) or "-"
-
-
 def format_fsdp2(plan: Plan) -> list[str]:
     """The FSDP2 memory lines: the layout's per-rank peak, then device and host with and without offload."""
-    est, off = plan.fsdp2, plan.fsdp2_offload
-    b = format_bytes_human
-    weights = _dtype_label([p.dtype for _, p in unique_named_parameters(plan.model) if p.is_floating_point()])
-    compute = _SHORT_DTYPE.get(plan.compute_dtype, weights) if plan.compute_dtype is not None else weights
-    reduce = _SHORT_DTYPE.get(plan.reduce_dtype, compute) if plan.reduce_dtype is not None else compute
+    est, off, b = plan.fsdp2, plan.fsdp2_offload, format_bytes_human
+    dtypes = {p.dtype for _, p in unique_named_parameters(plan.model) if p.is_floating_point()}
+    weights = "+".join(sorted(_SHORT_DTYPE.get(d, str(d).removeprefix("torch.")) for d in dtypes)) or "-"
+    compute, reduce = ("bf16", "fp32") if plan.mixed_bf16 else (weights, weights)
     kept = f" + kept unsharded [{', '.join(est.kept_groups)}]" if est.kept_groups else ""
     reduced = f" of {est.reduced_group}" if est.reduced_group else ""
     # Forward's gather peak and backward's reduce peak are added: an upper bound, not a simulation.
@@ -443,16 +381,9 @@ def format_fsdp2(plan: Plan) -> list[str]:
 
 
 def format_per_node(plan: Plan) -> list[str]:
-    """Host memory per node with ``cpu_offload`` (FSDP2 pins the offloaded state), and what makes it fit a node.
-
-    The ranks are spread evenly over ``trainer.num_nodes``. Pinned memory cannot be swapped or
-    shared, so the node's host memory must hold every rank's offloaded state (plus the OS, the data
-    loaders and the page cache: a node that only just fits does not).
-    """
-    off = plan.fsdp2_offload
-    if off is None:
-        return []
-    b = format_bytes_human
+    """Host memory per node with ``cpu_offload`` (FSDP2 pins the offloaded state: it cannot be swapped or shared,
+    so a node's host memory must hold every rank's), and what makes it fit a node."""
+    off, b = plan.fsdp2_offload, format_bytes_human
     ranks = -(-off.world_size // plan.nodes)
     pinned = off.host_bytes * ranks
     head = (f"Per node ({ranks} rank{'s' if ranks != 1 else ''} on each of {plan.nodes} node{'s' if plan.nodes != 1 else ''}) "
@@ -470,7 +401,7 @@ def format_per_node(plan: Plan) -> list[str]:
 
 
 def format_plan(plan: Plan) -> str:
-    counts, memory = plan.counts, plan.memory
+    counts, memory, b = plan.counts, plan.memory, format_bytes_human
     rows = module_breakdown(plan.model, depth=plan.summary.depth if plan.summary else 2, frozen_by=plan.frozen_by)
     table = render_table(
         ["Module", "Params", "Trainable", "Frozen by"],
@@ -485,13 +416,12 @@ def format_plan(plan: Plan) -> str:
         *([f"LoRA adapter parameters: {plan.adapters:,}"] if plan.adapters else []),
         "Frozen groups: " + (", ".join(f"{rule}: {n} tensors" for rule, n in sorted(rules.items())) or "none"),
     ]
-    if plan.fsdp2 is not None and plan.fsdp2_offload is not None:
+    if plan.fsdp2 is not None:
         lines += format_fsdp2(plan)
     elif memory is not None:
         lines.append(
-            f"Per rank at world size {memory.world_size}: params {format_bytes_human(memory.param_bytes)}, "
-            f"grads {format_bytes_human(memory.grad_bytes)}, optimizer state {format_bytes_human(memory.optimizer_bytes)}, "
-            f"total {format_bytes_human(memory.total_bytes)} (activations not included)"
+            f"Per rank at world size {memory.world_size}: params {b(memory.param_bytes)}, grads {b(memory.grad_bytes)}, "
+            f"optimizer state {b(memory.optimizer_bytes)}, total {b(memory.total_bytes)} (activations not included)"
         )
     return "\n".join(lines)
 
@@ -510,9 +440,7 @@ def main(argv: Sequence[str]) -> int:
         report = format_plan(plan)
     except SystemExit as exc:  # --print_config
         return int(exc.code or 0)
-    except (ValueError, OSError, MisconfigurationException) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an input error
+        return fail_in_one_line(PROG, exc)
     print(report)
     return 0

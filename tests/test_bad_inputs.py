@@ -329,3 +329,14 @@ def test_a_runtime_error_without_a_full_disk_behind_it_keeps_its_traceback(monke
     _raise_from_run(monkeypatch, RuntimeError("a bug in a kernel"))
     with pytest.raises(RuntimeError, match="a bug in a kernel"):
         main(["fit"])
+
+
+def test_an_os_error_before_the_run_is_one_line_as_in_plan(monkeypatch, capsys):
+    """fit and plan share one error -> line mapping: an OSError on a user's file before the loops start (here an
+    I/O error reading a model's config) is bad input in both, never a traceback."""
+    import errno
+
+    _raise_from_run(monkeypatch, OSError(errno.EIO, "Input/output error", "/models/tiny/config.json"))
+    assert main(["fit"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ERROR.match(lines[0]) and "config.json" in lines[0], lines

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,9 +29,11 @@ from lightning_automodel.core.model_build import (
     apply_fsdp2,
     apply_weights_dtype,
     build_meta_model,
+    check_config_json,
     check_local_model_dir,
     inline_config,
     materialize,
+    model_class_for,
     tensor_parallel_refusal,
 )
 
@@ -36,19 +41,6 @@ log = logging.getLogger(__name__)
 
 # Batch keys that describe packing for THD kernels; Hugging Face attention takes position_ids instead.
 _THD_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences", "qkv_format", "padding_mask")
-
-
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each decoder layer in backward: transformers 5.x's ``activation_checkpointing_enable``, or the
-    older releases' ``gradient_checkpointing_enable`` (deprecated later: a ``FutureWarning`` at every start)."""
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-
-
-def mixed_precision_unused_message(strategy_name: str) -> str:
-    return (
-        f"model.mixed_precision: bf16 is FSDP2's compute dtype and does nothing under {strategy_name}: use "
-        "ModelParallelStrategy, or set the Trainer's precision: bf16-mixed here (and drop mixed_precision)."
-    )
 
 
 def quantization_config(settings: dict[str, Any]) -> Any:
@@ -61,15 +53,11 @@ def quantization_config(settings: dict[str, Any]) -> Any:
 
     if not isinstance(settings, dict):
         raise ValueError(f"quantization must be a mapping of BitsAndBytesConfig arguments; got {settings!r}.")
-    import difflib
-    import inspect
-
     known = [name for name in inspect.signature(BitsAndBytesConfig.__init__).parameters if name not in ("self", "kwargs")]
     for key in settings:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"quantization: unknown BitsAndBytesConfig argument {key!r}{hint}.")
+            raise ValueError(f"quantization: unknown BitsAndBytesConfig argument {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}.")
     try:
         config = BitsAndBytesConfig(**settings)
     except (TypeError, ValueError) as exc:
@@ -93,17 +81,13 @@ def initialize_lora_adapters(pl_module: pl.LightningModule, model: nn.Module, se
 class HFCausalLM(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM the FSDP2 way.
 
-    The model is built in ``configure_model`` with its parameters on the meta device. The checkpoint's
-    layout is mapped and checked against it first (transformers' own conversion rules: fused MoE
-    experts, legacy VLM keys, a tied head left out of the file), so a bad checkpoint fails before
-    anything is allocated. Under ``ModelParallelStrategy`` the model is then sharded with FSDP2 (one
-    group per decoder layer and tower, the embedding alone, final norm with head; a tied embedding and
-    head in one group) and each rank allocates and reads only its shards. On one device or DDP the
-    same loader fills the whole model. Weights equal ``from_pretrained``'s bit for bit.
-
-    Parameters and AdamW state are fp32 unless ``weights_dtype: bfloat16`` says otherwise; a config's
-    own ``dtype`` never decides the training precision (bf16 master weights silently stall a fine-tune).
-    The optimizer sees trainable parameters only.
+    ``configure_model`` builds the model on meta and checks the checkpoint's layout against it first
+    (transformers' conversion rules: fused MoE experts, legacy VLM keys, a tied head left out), so a bad
+    checkpoint fails before anything is allocated. Under ``ModelParallelStrategy`` FSDP2 shards it (one
+    group per decoder layer and tower, the embedding alone, final norm with head) and each rank reads only
+    its shards; on one device or DDP the same loader fills the whole model, bit for bit ``from_pretrained``'s.
+    Parameters and AdamW state are fp32 unless ``weights_dtype`` says otherwise (a config's own ``dtype``
+    never decides it: bf16 master weights silently stall a fine-tune). The optimizer sees trainable parameters only.
 
     Args:
         pretrained_path: a local Hugging Face directory (config.json, safetensors, tokenizer).
@@ -113,24 +97,19 @@ class HFCausalLM(pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps (0: constant learning rate).
         betas: AdamW betas.
-        mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32; the parameters and the
-            optimizer state stay in ``weights_dtype`` (single device / DDP: use the Trainer's
-            ``precision: bf16-mixed``; ``bf16`` there does nothing and warns once).
-        weights_dtype: storage dtype of the parameters (and so of AdamW's state): ``float32`` (default)
-            or ``bfloat16`` (half the memory; small updates may round away). With ``bfloat16``, tensors
-            the checkpoint stores in fp32 stay fp32.
+        mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32; parameters and optimizer state
+            stay in ``weights_dtype`` (one device / DDP: use the Trainer's ``precision: bf16-mixed``).
+        weights_dtype: storage dtype of the parameters and AdamW state: ``float32`` (default) or ``bfloat16``
+            (half the memory; small updates may round away; tensors the checkpoint stores in fp32 stay fp32).
         activation_checkpointing: recompute each decoder layer in backward.
-        cpu_offload: FSDP2 keeps sharded parameters, gradients and optimizer state in host memory
-            (for models whose training state does not fit on the devices).
+        cpu_offload: FSDP2 keeps sharded parameters, gradients and optimizer state in host memory.
         trust_remote_code: allow model code from the model directory.
         seed: seed of the random init for inline configs (the same on every rank).
-        quantization: QLoRA: ``BitsAndBytesConfig`` arguments (``{load_in_4bit: true, bnb_4bit_quant_type: nf4,
-            bnb_4bit_compute_dtype: bfloat16}``); the base is loaded 4-bit by transformers on one device or per
-            DDP rank (FSDP2 cannot shard 4-bit weights: refused at setup). Needs ``pretrained_path`` and
-            bitsandbytes; train it with the ``LoRA`` callback.
-        ignore_checkpoint_keys: regular expressions (full match) of checkpoint tensors the model may leave
-            unused; any other unused tensor stops the run before anything is allocated (a config with
-            fewer layers than the checkpoint would otherwise train a different model).
+        quantization: QLoRA: ``BitsAndBytesConfig`` arguments (``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``);
+            transformers loads the base 4-bit on one device or per DDP rank (not under FSDP2). Needs
+            ``pretrained_path`` and bitsandbytes; train it with the ``LoRA`` callback.
+        ignore_checkpoint_keys: regular expressions (full match) of checkpoint tensors the model may leave unused;
+            any other unused tensor stops the run before anything is allocated.
     """
 
     def __init__(
@@ -165,26 +144,23 @@ class HFCausalLM(pl.LightningModule):
 
     # ---- building -----------------------------------------------------------------------------
 
-    def _root_device(self) -> torch.device:
-        """The Trainer's root device, or the CPU when no Trainer is attached."""
-        trainer = attached_trainer(self)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-
-    def build_hf_config(self) -> PretrainedConfig:
+    def build_hf_config(self, weights: bool = True) -> PretrainedConfig:
+        """The Hugging Face config; ``weights=False`` (``plan``) accepts a directory holding only ``config.json``."""
         hp = self.hparams
-        if hp.pretrained_path is not None:
-            from transformers import AutoConfig
+        if hp.pretrained_path is None:
+            return inline_config(hp.config)
+        from transformers import AutoConfig
 
-            root = check_local_model_dir(hp.pretrained_path)
-            return AutoConfig.from_pretrained(root, trust_remote_code=hp.trust_remote_code, local_files_only=True)
-        return inline_config(hp.config)
+        root = Path(hp.pretrained_path)
+        if weights or not (root / "config.json").is_file():
+            root = check_local_model_dir(root)  # missing (a hub name?), a file, no config.json, no weights
+        else:
+            check_config_json(root / "config.json")  # bounded size and depth, before transformers' json.loads
+        return AutoConfig.from_pretrained(root, trust_remote_code=hp.trust_remote_code, local_files_only=True)
 
-    def build_model(self, device: str | torch.device = "meta") -> PreTrainedModel:
-        """The Hugging Face model on meta, fp32, no weights, no sharding (``plan`` uses it)."""
-        if torch.device(device).type != "meta":
-            raise ValueError("build_model builds on meta only; configure_model materializes and loads.")
-        config = self.build_hf_config()
-        return build_meta_model(config, self.hparams.model_class, trust_remote_code=self.hparams.trust_remote_code)
+    def build_model(self) -> PreTrainedModel:
+        """The Hugging Face model on meta, fp32, no weights, no sharding."""
+        return build_meta_model(self.build_hf_config(), self.hparams.model_class, trust_remote_code=self.hparams.trust_remote_code)
 
     def weights_cast(self, plan: Any = None, reader: CheckpointReader | None = None) -> Callable[[nn.Module], object] | None:
         """The ``weights_dtype`` surgery step (None for float32); tensors the checkpoint stores in fp32 stay fp32."""
@@ -194,35 +170,19 @@ class HFCausalLM(pl.LightningModule):
         keep = plan.targets_stored_as(reader, torch.float32) if plan is not None and reader is not None else set()
         return functools.partial(apply_weights_dtype, dtype=weights_dtype, keep_fp32=keep)
 
-    def _check_mesh(self) -> None:
-        mesh = self.device_mesh
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(tensor_parallel_refusal(mesh["tensor_parallel"].size()))
-
-    def _check_offload(self) -> None:
-        from lightning_automodel.strategies import AtomicModelParallelStrategy
-
-        strategy = self.trainer.strategy
-        if strategy.root_device.type != "cpu" and not isinstance(strategy, AtomicModelParallelStrategy):
-            raise ValueError(
-                f"cpu_offload needs lightning_automodel.strategies.AtomicModelParallelStrategy (same arguments as "
-                f"{type(strategy).__name__}): Lightning's strategy would copy every offloaded shard to the device."
-            )
-
     def _configure_quantized(self) -> None:
         """QLoRA: transformers loads and quantizes the base (bitsandbytes), then LoRA adapts it in place."""
-        from lightning_automodel.core.model_build import model_class_for
-
         hp = self.hparams
         if self.device_mesh is not None:
             raise ValueError(
                 "quantization (QLoRA) cannot run under FSDP2: fully_shard cannot shard bitsandbytes 4-bit weights. Use "
                 "DDP (each GPU holds the 4-bit base) or LoRA on bf16 weights under FSDP2 (model.weights_dtype: bfloat16)."
             )
+        trainer = attached_trainer(self)
         model = model_class_for(self.build_hf_config(), hp.model_class).from_pretrained(
-            check_local_model_dir(hp.pretrained_path), quantization_config=quantization_config(hp.quantization), dtype=dtype_from_name(hp.weights_dtype),
-            device_map={"": self._root_device()}, local_files_only=True, trust_remote_code=hp.trust_remote_code,
+            check_local_model_dir(hp.pretrained_path), quantization_config=quantization_config(hp.quantization),
+            dtype=dtype_from_name(hp.weights_dtype), local_files_only=True, trust_remote_code=hp.trust_remote_code,
+            device_map={"": trainer.strategy.root_device if trainer is not None else torch.device("cpu")},
         )
         # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds: without this,
         # dropout is off while the adapters train (and Lightning warns about every module in eval mode)
@@ -232,6 +192,24 @@ class HFCausalLM(pl.LightningModule):
         self.model = model
         self.strict_loading = False  # the frozen 4-bit base is not in checkpoints; on_load_checkpoint checks the rest
 
+    def _check_sharding(self) -> None:
+        """Refuse what FSDP2 here does not do: tensor parallelism; cpu_offload without the strategy that keeps it."""
+        from lightning_automodel.strategies import AtomicModelParallelStrategy
+
+        if self.device_mesh is None:
+            if self.hparams.cpu_offload:
+                raise ValueError("cpu_offload is an FSDP2 option: use ModelParallelStrategy (AtomicModelParallelStrategy) or drop it.")
+            return
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(tensor_parallel_refusal(mesh["tensor_parallel"].size()))
+        strategy = self.trainer.strategy if self.hparams.cpu_offload else None
+        if strategy is not None and strategy.root_device.type != "cpu" and not isinstance(strategy, AtomicModelParallelStrategy):
+            raise ValueError(
+                f"cpu_offload needs lightning_automodel.strategies.AtomicModelParallelStrategy (same arguments as "
+                f"{type(strategy).__name__}): Lightning's strategy would copy every offloaded shard to the device."
+            )
+
     def configure_model(self) -> None:
         if self.model is not None:
             return  # idempotent: validate/test after fit call this again
@@ -239,16 +217,15 @@ class HFCausalLM(pl.LightningModule):
         if hp.mixed_precision == "bf16" and self.device_mesh is None:
             # Only apply_fsdp2 reads it: silently training in fp32 would cost the user 2x compute unnoticed.
             trainer = attached_trainer(self)  # None: core-API use
-            rank_zero_warn(mixed_precision_unused_message(type(trainer.strategy).__name__ if trainer is not None else "no strategy"))
+            rank_zero_warn(
+                f"model.mixed_precision: bf16 is FSDP2's compute dtype and does nothing under "
+                f"{type(trainer.strategy).__name__ if trainer is not None else 'no strategy'}: use "
+                "ModelParallelStrategy, or set the Trainer's precision: bf16-mixed here (and drop mixed_precision)."
+            )
         if hp.get("quantization") is not None:
             return self._configure_quantized()
-        if self.device_mesh is not None:
-            self._check_mesh()
-            if hp.cpu_offload:
-                self._check_offload()
-        elif hp.cpu_offload:
-            raise ValueError("cpu_offload is an FSDP2 option: use ModelParallelStrategy (AtomicModelParallelStrategy) or drop it.")
-        model = self.build_model("meta")
+        self._check_sharding()
+        model = self.build_model()
         reader = CheckpointReader(hp.pretrained_path) if hp.pretrained_path is not None else None
         try:
             # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
@@ -257,17 +234,11 @@ class HFCausalLM(pl.LightningModule):
             # dtype), in the order `plan` uses too (surgery_schedule), after the load plan: the checkpoint
             # maps onto the base weights; adapters are not in it.
             prepare_before_sharding(self, model, weights_cast=self.weights_cast(plan, reader))
+            device = torch.device("cpu")  # one device / DDP: the strategy moves the module to its device afterwards
             if self.device_mesh is not None:
-                apply_fsdp2(
-                    model,
-                    self.device_mesh["data_parallel"],
-                    mixed_precision=hp.mixed_precision == "bf16",
-                    activation_checkpointing=hp.activation_checkpointing,
-                    cpu_offload=hp.cpu_offload,
-                )
-                device = torch.device("cpu") if hp.cpu_offload else self.trainer.strategy.root_device
-            else:
-                device = torch.device("cpu")  # the strategy moves the module to its device afterwards
+                apply_fsdp2(model, self.device_mesh["data_parallel"], mixed_precision=hp.mixed_precision == "bf16",
+                            activation_checkpointing=hp.activation_checkpointing, cpu_offload=hp.cpu_offload)
+                device = device if hp.cpu_offload else self.trainer.strategy.root_device
             materialize(model, device)
             if reader is not None:
                 report = load_checkpoint_into(model, reader, plan)
@@ -284,7 +255,8 @@ class HFCausalLM(pl.LightningModule):
             # load may stay reachable from here.
             reader = plan = None
         if self.device_mesh is None and hp.activation_checkpointing:
-            enable_activation_checkpointing(model)
+            # transformers 5.x's name; older releases' gradient_checkpointing_enable warns (FutureWarning) at every start
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         ensure_tied_lm_head(model)
         self.model = model
 
@@ -317,35 +289,29 @@ class HFCausalLM(pl.LightningModule):
         inputs = {k: v for k, v in batch.items() if k not in _THD_KEYS}
         return self.model(**filter_forward_kwargs(self.model, inputs), use_cache=False)
 
-    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        out = self(**batch)
-        if out.loss is None:
+    def _logged_loss(self, batch: dict[str, Any], name: str, **log_options: Any) -> torch.Tensor:
+        loss = self(**batch).loss
+        if loss is None:
             raise ValueError("The model returned no loss: the batch needs `labels`.")
-        return out.loss
+        self.log(name, loss, batch_size=batch["input_ids"].shape[0], **log_options)
+        return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self._logged_loss(batch, "train_loss", prog_bar=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self._logged_loss(batch, "val_loss", prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("test_loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self._logged_loss(batch, "test_loss", sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
+        trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         if hp.warmup_steps <= 0:
             return optimizer
-        warmup = hp.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _text_config(self) -> PretrainedConfig:

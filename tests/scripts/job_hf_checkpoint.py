@@ -37,7 +37,7 @@ def main(out: Path, name: str) -> None:
     trainer.save_checkpoint(out / "sharded.ckpt")
     full = {k: v.full_tensor() for k, v in module.model.state_dict().items()}
     if trainer.global_rank == 0:
-        reference = module.build_model("meta")
+        reference = module.build_model()
         reference.to_empty(device="cpu")
         reference.load_state_dict(full, strict=True, assign=True)
         reference.tie_weights()
