@@ -85,6 +85,14 @@ def internal_edges(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
         for name in list(targets):
             if any(other.startswith(name + ".") and targets[other] == targets[name] for other in targets):
                 del targets[name]
+        # Importing ``pkg.sub`` runs ``pkg/__init__`` first: from outside ``pkg`` that is a dependency too
+        # (``strategies`` -> ``callbacks._lifecycle`` runs ``callbacks/__init__``, which imports every callback).
+        for name, line in list(targets.items()):
+            parts = name.split(".")
+            for depth in range(2, len(parts)):
+                package = ".".join(parts[:depth])
+                if package in modules and package != module and not module.startswith(package + "."):
+                    targets.setdefault(package, line)
         edges[module] = targets
     return edges
 
@@ -175,8 +183,17 @@ def test_the_checks_see_function_level_imports_and_circles(tmp_path: Path) -> No
     (pkg / "core" / "b.py").write_text("def f():\n    from lightning_automodel.core.a import x\n    import lightning.pytorch\n")
     (pkg / "export.py").write_text("")
     (pkg / "core" / "c.py").write_text("def g():\n    from lightning_automodel.export import main\n")
+    # A circle through a package's __init__: strategies -> callbacks.x runs callbacks/__init__, which imports y.
+    (pkg / "callbacks").mkdir()
+    (pkg / "callbacks" / "__init__.py").write_text("from lightning_automodel.callbacks.y import Y\n")
+    (pkg / "callbacks" / "x.py").write_text("")
+    (pkg / "callbacks" / "y.py").write_text("from lightning_automodel.callbacks import x\nfrom lightning_automodel import strategies\n")
+    (pkg / "strategies.py").write_text("from lightning_automodel.callbacks.x import X\n")
     modules = all_modules(pkg)
-    assert import_cycles(modules) == [[f"{PACKAGE}.core.a", f"{PACKAGE}.core.b"]]
+    assert import_cycles(modules) == [
+        [f"{PACKAGE}.callbacks", f"{PACKAGE}.callbacks.y", f"{PACKAGE}.strategies"],
+        [f"{PACKAGE}.core.a", f"{PACKAGE}.core.b"],
+    ]
     assert upward_imports(modules) == [f"{PACKAGE}.core.c:2: layer 1 imports {PACKAGE}.export (layer 4)"]
     assert lightning_in_core(modules) == [f"{PACKAGE}.core.b:3: imports lightning.pytorch"]
 
