@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import re
-import sys
 import warnings
 from argparse import ArgumentError
 from collections import Counter
@@ -43,6 +41,7 @@ from lightning_automodel.core.dead_params import freeze_dead_parameters
 from lightning_automodel.core.dtypes import cast_floating_point, dtype_from_name
 from lightning_automodel.core.fsdp_layout import fsdp2_groups
 from lightning_automodel.core.hf_weight_files import format_bytes_human
+from lightning_automodel.core.hub_writer import parse_size
 from lightning_automodel.core.lora import LoraConfigError, adapter_parameter_count
 from lightning_automodel.core.memory import TrainingMemoryEstimate, estimate_fsdp2_peak, estimate_training_memory, four_bit_weight_bytes
 from lightning_automodel.core.model_build import build_meta_model, tensor_parallel_refusal
@@ -56,9 +55,6 @@ log = logging.getLogger(__name__)
 PROG = "lightning-automodel plan"
 #: from this depth on, plan says that it is building (a progress line: every layer is constructed, as in fit)
 _MANY_LAYERS = 2000
-_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 # ---- the command line: fit's parser plus plan's own options -----------------------------------------
 
 
@@ -94,13 +90,11 @@ class _PlanCLI(AutoModelCLI):
         raise _Parsed(self.config["fit"])
 
 
-def parse_size(text: str) -> int:
-    """``1TB``, ``2TiB``, ``768GB`` -> bytes (a positive size, or a one-line PlanError)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    factor = _MEMORY_UNITS.get(match.group(2).upper()) if match else None
-    if match is None or factor is None or float(match.group(1)) <= 0:
-        raise PlanError(f"--node_host_memory: expected a positive size such as 1TB, 2TiB or 768GB; got {text!r}")
-    return int(float(match.group(1)) * factor)
+def _node_memory(text: str) -> int:
+    try:
+        return parse_size(text, "--node_host_memory")
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
@@ -118,7 +112,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
     world_size = config.pop("world_size", None)
     if world_size is not None and world_size < 1:
         raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
-    node_memory = parse_size(config.pop("node_host_memory", "1TB"))
+    node_memory = _node_memory(config.pop("node_host_memory", "1TB"))
     return PlanOptions(world_size, node_memory, config.pop("optimizer_state_dtype", None)), config
 
 

@@ -128,3 +128,23 @@ def test_export_refuses_a_state_the_config_does_not_describe(tmp_path, edit, mes
     with pytest.raises(ExportError, match=message):
         export_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "0.0GB", "5XB"])
+def test_bad_max_shard_size_is_one_line_naming_the_option(tmp_path, ckpt, size):
+    """The export, the callback and plan read sizes with one parser; a bad one names its option and an example."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_automodel.callbacks import HuggingFaceCheckpoint
+
+    proc = run_export(ckpt, tmp_path / "hf", tmp_path, "--max_shard_size", size)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--max_shard_size" in proc.stderr and "5GB" in proc.stderr and not (tmp_path / "hf").exists()
+    with pytest.raises(MisconfigurationException, match=r"max_shard_size.*such as 5GB"):
+        HuggingFaceCheckpoint(max_shard_size=size)
+
+
+def test_sizes_accept_decimal_binary_and_plain_bytes():
+    from lightning_automodel.core.hub_writer import parse_size
+
+    assert [parse_size(s) for s in ("100KB", "2TiB", "1.5 GB", "4096")] == [10**5, 2**41, 15 * 10**8, 4096]

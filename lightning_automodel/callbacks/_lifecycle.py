@@ -32,7 +32,7 @@ from lightning_automodel.core.hub_layout import record_export_info
 from lightning_automodel.core.discovery import find_hf_model
 from lightning_automodel.core.distributed import first_mismatch_across_ranks
 from lightning_automodel.core.logs import rank_zero_logger
-from lightning_automodel.core.naming import canonical_named_parameters, unique_named_parameters
+from lightning_automodel.core.naming import canonical_name, unique_named_parameters
 from lightning_automodel.core.training_checkpoint_reader import read_checkpoint_metadata
 from lightning_automodel.strategies import preview
 
@@ -99,7 +99,7 @@ class FrozenSetDiff:
 def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[str] | None = None) -> FrozenSetDiff:
     """Compare the model's frozen parameters with ``frozen`` (within ``scope``, default all parameters)."""
     frozen = set(frozen)
-    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     names = set(params) if scope is None else set(scope) & set(params)
     current = {n for n in names if not params[n].requires_grad}
     return FrozenSetDiff(
@@ -111,7 +111,7 @@ def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[
 
 def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
     """Make the model's frozen set the checkpoint's: freeze ``to_freeze``, unfreeze ``to_unfreeze``."""
-    params = dict(canonical_named_parameters(model, remove_duplicate=False))
+    params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     for name in diff.to_freeze:
         params[name].requires_grad_(False)
     for name in diff.to_unfreeze:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -60,18 +61,16 @@ class PublishRefused(ValueError):
     """Publishing would replace or delete something this run did not write; the message names it."""
 
 
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            value = int(float(upper[: -len(unit)]) * factor)
-            break
-    else:
-        value = int(upper)
-    if value <= 0:
-        raise ValueError(f"--max_shard_size must be positive; got {text!r}.")
-    return value
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, option: str = "--max_shard_size") -> int:
+    """``5GB``, ``2TiB``, ``768MiB``, ``1000`` -> bytes; anything else is a one-line ValueError naming ``option``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    factor = _SIZE_UNITS.get(match.group(2).upper()) if match else None
+    if match is None or factor is None or int(float(match.group(1)) * factor) <= 0:
+        raise ValueError(f"{option}: expected a positive size such as 5GB, 2TiB or 768MiB; got {text!r}")
+    return int(float(match.group(1)) * factor)
 
 
 def shard_file_names(count: int) -> list[str]:
