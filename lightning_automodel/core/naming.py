@@ -38,13 +38,14 @@ def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def get_module_by_canonical_name(model: nn.Module, name: str, *, outermost: bool = False) -> nn.Module | None:
-    """The module whose canonical name is ``name``: the innermost when wrappers share it, or the outermost
-    (the reference's ``_get_module_by_normalized_name``)."""
+    """The module whose canonical name is ``name``: the innermost when wrappers share it, or with ``outermost``
+    the first in ``named_modules()`` order, as the reference's ``_get_module_by_normalized_name`` (a module
+    registered twice is found under its first name only)."""
+    if outermost:
+        return next((module for module_name, module in model.named_modules() if canonical_name(module_name) == name), None)
     found = None
     for module_name, module in canonical_named_modules(model):
         if module_name == name:
-            if outermost:
-                return module
             found = module
     return found
 

@@ -90,6 +90,17 @@ def test_the_reference_facade_returns_the_outermost_module_from_the_same_rule():
     assert ref._get_module_by_normalized_name(model, "model.layers.1") is wrapper
 
 
+def test_the_reference_facade_finds_a_module_registered_twice_under_its_first_name_only():
+    from lightning_automodel.checkpoint_utils import _get_module_by_normalized_name
+
+    model = tm.tiny_llama()
+    model.alias = model.model.norm  # the same module under a second name
+    assert _get_module_by_normalized_name(model, "model.norm") is model.model.norm
+    assert _get_module_by_normalized_name(model, "alias") is None
+    ref = pytest.importorskip("nemo_automodel.shared.tied_weights")
+    assert ref._get_module_by_normalized_name(model, "alias") is None
+
+
 def test_unique_named_parameters_lists_a_tied_weight_once_under_its_first_name():
     model = tm.tiny_gemma3()
     assert model.lm_head.weight is model.model.embed_tokens.weight
