@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_automodel._compat.lightning import LightningCLIHooks, import_path_policy_preserved, union_member_error
 from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, CheckpointResumeError, check_resumable
 from lightning_automodel.config_loading import check_command_line_values, check_config_file, config_paths, register_parser_mode
-from lightning_automodel.data.text_datamodule import DataError, TextDataModule
+from lightning_automodel.data import DataError
 from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 from lightning_automodel.core.logs import rank_zero_logger
@@ -405,10 +405,10 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        # `data:` without a class_path configures the default TextDataModule (the embedded demo);
-        # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
+        # `data:` without a class_path configures SFTDataModule (no train_files: the embedded demo);
+        # `data: {class_path: ..., init_args: ...}` picks another module.
         if self.subclass_mode_data:
-            parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+            parser.set_defaults({"data": {"class_path": "lightning_automodel.data.SFTDataModule"}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -469,7 +469,7 @@ class _ConfigOnlyCLI(AutoModelCLI):
 def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
     """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
 
-    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
+    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``SFTDataModule`` when no
     ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
     """
     kwargs.setdefault("save_config_callback", NumberedConfigSave)

@@ -1,29 +1,93 @@
-"""SFT sample formats -> token ids and loss labels.
+"""Samples -> token ids and loss labels, for every format of the one data module.
 
-Three formats, chosen per dataset (``auto`` looks at the columns):
-
-* ``messages``: a list of ``{role, content}`` dicts (OpenAI style), rendered by the tokenizer's chat template;
-  the loss sees the assistant turns only (their content and the template's end-of-turn text).
+* ``messages``: ``{role, content}`` dicts rendered by the chat template; the loss sees the assistant turns only
+  (their content and the template's end-of-turn text).
 * ``prompt_completion``: two text columns; the loss sees the completion (and EOS) only.
-* ``text``: plain text; every token is a target, long documents are cut into ``seq_length`` windows.
+* ``text``: plain text (also ``.txt`` files, one document per paragraph); every token is a target, long
+  documents are cut into ``seq_length`` windows.
 
-Labels are ``-100`` wherever the loss must not look (``mask_prompt=False`` trains on every token).
-Truncation never drops a sample silently: each sample gets a status (kept, cut, dropped) that the data
-module counts and reports; a sample whose targets were all cut away is dropped, not trained on.
+Labels are ``-100`` wherever the loss must not look (``mask_prompt=False`` trains on every token). Truncation
+never drops a sample silently: each gets a status (kept, cut, dropped) that the data module counts and reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from lightning_automodel.data.text_datamodule import DataError
+from lightning_automodel.core.hf_weight_files import open_regular
 
 IGNORE = -100
 KEPT, CUT, DROPPED = 0, 1, 2
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 FormatName = Literal["auto", "messages", "prompt_completion", "text"]
+#: Bytes read from a ``.txt`` file at a time.
+READ_CHUNK_BYTES = 1 << 20
+#: Characters of one document handed on at a time: a longer paragraph (a 100 MB file on one line) is
+#: cut into pieces of this size, at a space where there is one, so no whole-file line is ever held.
+MAX_PIECE_CHARS = 1 << 18
+
+
+class DataError(ValueError):
+    """Bad training data or data settings (the CLI prints it as one line, exit code 2)."""
+
+
+# ---- .txt files, streamed ----------------------------------------------------------------------------
+
+
+def _decoded_chunks(path: Path) -> Iterator[str]:
+    """The file as UTF-8 text in chunks of about ``READ_CHUNK_BYTES``; a bad byte is a DataError with its offset and line."""
+    offset, lines, carry = 0, 0, b""
+    with open_regular(path) as f:
+        while True:
+            raw = f.read(READ_CHUNK_BYTES)
+            data, at_end = carry + raw, not raw
+            try:
+                text, carry = data.decode("utf-8"), b""
+            except UnicodeDecodeError as exc:
+                if not at_end and exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
+                    text, carry = data[: exc.start].decode("utf-8"), data[exc.start :]  # a character split by the chunk
+                else:
+                    line = lines + data.count(b"\n", 0, exc.start) + 1
+                    raise DataError(
+                        f"Data file {str(path)!r} is not valid UTF-8: byte offset {offset + exc.start} (line {line}): "
+                        f"{exc.reason} (byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
+                    ) from None
+            if text:
+                yield text
+            if at_end:
+                return
+            consumed = len(data) - len(carry)
+            offset += consumed
+            lines += data.count(b"\n", 0, consumed)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most ``MAX_PIECE_CHARS``, cut after a space where one is near the limit."""
+    while len(text) > MAX_PIECE_CHARS:
+        cut = text.rfind(" ", MAX_PIECE_CHARS // 2, MAX_PIECE_CHARS) + 1 or MAX_PIECE_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def read_paragraphs(path: Path) -> Iterator[str]:
+    """The non-empty paragraphs (separated by blank lines) of a ``.txt`` file, streamed, long ones in pieces."""
+    pending = ""
+    for chunk in _decoded_chunks(path):
+        pending += chunk
+        *complete, pending = pending.split("\n\n")
+        for paragraph in complete:
+            yield from (p.strip() for p in _pieces(paragraph) if p.strip())
+        if len(pending) > MAX_PIECE_CHARS:  # one paragraph longer than a piece: hand out all but the tail
+            *head, pending = list(_pieces(pending))
+            yield from (p.strip() for p in head if p.strip())
+    yield from (p.strip() for p in _pieces(pending) if p.strip())
+
+
+# ---- formats -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -82,13 +146,11 @@ def check_chat_template(tokenizer: Any, source: str) -> None:
         )
 
 
-def _special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    return ([bos] if bos is not None else []), ([eos] if eos is not None else [])
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def _with_specials(tokenizer: Any, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+    """``text``'s ids between the tokenizer's BOS and EOS (each only where it has one)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    first, last = tokenizer.bos_token_id if bos else None, tokenizer.eos_token_id if eos else None
+    return ([first] if first is not None else []) + ids + ([last] if last is not None else [])
 
 
 def _truncate(ids: list[int], labels: list[int], seq_length: int) -> tuple[list[int], list[int], int]:
@@ -104,8 +166,8 @@ def _truncate(ids: list[int], labels: list[int], seq_length: int) -> tuple[list[
 def tokenize_prompt_completion(
     tokenizer: Any, prompt: str, completion: str, seq_length: int, mask_prompt: bool = True
 ) -> tuple[list[int], list[int], int]:
-    bos, eos = _special_ids(tokenizer)
-    prompt_ids, completion_ids = bos + _encode(tokenizer, prompt), _encode(tokenizer, completion) + eos
+    prompt_ids = _with_specials(tokenizer, prompt, eos=False)
+    completion_ids = _with_specials(tokenizer, completion, bos=False)
     labels = (list(prompt_ids) if not mask_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
     return _truncate(prompt_ids + completion_ids, labels, seq_length)
 
@@ -160,13 +222,6 @@ def tokenize_messages(
     return _truncate(ids, labels, seq_length)
 
 
-def tokenize_text(tokenizer: Any, text: str, seq_length: int) -> list[list[int]]:
-    """Plain text: BOS + text + EOS cut into windows of ``seq_length`` (windows shorter than 2 tokens dropped)."""
-    bos, eos = _special_ids(tokenizer)
-    ids = bos + _encode(tokenizer, text) + eos
-    return [ids[i : i + seq_length] for i in range(0, len(ids), seq_length) if len(ids[i : i + seq_length]) >= 2]
-
-
 def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}; got {type(messages).__name__}.")
@@ -200,12 +255,13 @@ class SampleTokenizer:
     chat_template: str | None = None
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": []}
+        # Text trains on every token: no labels column (it would double the cache and the memory that reads it).
+        out: dict[str, list[Any]] = {"input_ids": [], "status": []} if self.fmt == "text" else {"input_ids": [], "labels": [], "status": []}
         for row, index in enumerate(indices):
-            if self.fmt == "text":
-                windows = tokenize_text(self.tokenizer, batch[self.columns.text][row] or "", self.seq_length)
+            if self.fmt == "text":  # BOS + text + EOS in windows of seq_length; a window of one id predicts nothing
+                ids = _with_specials(self.tokenizer, batch[self.columns.text][row] or "")
+                windows = [w for i in range(0, len(ids), self.seq_length) if len(w := ids[i : i + self.seq_length]) >= 2]
                 out["input_ids"] += windows
-                out["labels"] += windows
                 out["status"] += [KEPT] * len(windows)
                 continue
             if self.fmt == "messages":

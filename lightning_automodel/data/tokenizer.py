@@ -1,15 +1,32 @@
-"""A byte-level tokenizer: fully offline, no files, 256 byte ids after three special ids."""
+"""Tokenizers: the one loader, the offline byte tokenizer of the embedded demo, a tiny chat tokenizer for tests."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lightning_automodel.core.hub_writer import TOKENIZER_FILES
+from lightning_automodel.data.formats import DataError
+
+ROLE_TOKENS = ("<|system|>", "<|developer|>", "<|user|>", "<|assistant|>", "<|tool|>")
+END_OF_TURN = "<|end|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 class ByteTokenizer:
-    """UTF-8 bytes shifted by the special ids: ``pad=0``, ``bos=1``, ``eos=2``, byte ``b`` -> ``b + 3``."""
+    """UTF-8 bytes shifted by the special ids: ``pad=0``, ``bos=1``, ``eos=2``, byte ``b`` -> ``b + 3``. No files."""
 
     pad_token_id = 0
     bos_token_id = 1
     eos_token_id = 2
     offset = 3
+    chat_template = None
+    name_or_path = "byte tokenizer"
 
     @property
     def vocab_size(self) -> int:
@@ -24,3 +41,65 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+
+
+def has_tokenizer(directory: str) -> bool:
+    """Whether a checkpoint directory holds tokenizer files (a model saved alone has none)."""
+    return any((Path(directory) / n).is_file() for n in TOKENIZER_FILES if n.startswith(("tokenizer", "vocab")))
+
+
+def load_tokenizer(path: str | None, chat_template: str | None = None) -> Any:
+    """A local Hugging Face tokenizer directory (offline), or the byte tokenizer when ``path`` is None."""
+    if path is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise DataError(f"Tokenizer directory {path!r} does not exist (we run offline: pass a local directory).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Could not load a tokenizer from {path!r}: {' '.join(str(exc).split())}") from None
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss either way
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Everything of the tokenizer that changes token ids (a key of the tokenized cache)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = getattr(tokenizer, "get_vocab", dict)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+    return h.hexdigest()
+
+
+def build_tiny_tokenizer(out_dir: str | Path, texts: Iterable[str], chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """Train a word-level tokenizer on ``texts`` and save it (``tokenizer.json`` + config) to ``out_dir``.
+
+    Specials: ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2 (BOS), ``</s>`` 3 (EOS), then the role tokens and ``<|end|>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", *ROLE_TOKENS, END_OF_TURN]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=[*ROLE_TOKENS, END_OF_TURN],
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    out = Path(out_dir)
+    tokenizer.save_pretrained(out)
+    return out

@@ -13,8 +13,7 @@ import torch
 from lightning_automodel.core.packing import pack_thd, plan_rows
 from lightning_automodel.data import formats
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, KEPT, tokenize_messages, tokenize_prompt_completion
-from lightning_automodel.data.sft_datamodule import SFTCollator, SFTDataModule
-from lightning_automodel.data.text_datamodule import DataError
+from lightning_automodel.data import DataError, SFTCollator, SFTDataModule
 
 REPO = Path(__file__).resolve().parents[2]
 SFT = REPO / "lightning_automodel" / "data" / "corpus" / "sft"
@@ -41,6 +40,8 @@ def _module(tmp_path: Path, files, **kwargs) -> SFTDataModule:
     kwargs.setdefault("tokenizer_path", str(TOKENIZER))
     kwargs.setdefault("seq_length", 128)
     kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("val_fraction", 0.0)
+    kwargs.setdefault("packing", True)
     return SFTDataModule(train_files=files, cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
@@ -141,14 +142,14 @@ def test_bad_input_is_one_clear_error(tmp_path, rows, kwargs, match):
 def test_missing_and_mixed_sources_are_one_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"Data file '.*nope\.jsonl' does not exist"):
         _module(tmp_path, [str(tmp_path / "nope.jsonl")]).setup("fit")
-    with pytest.raises(DataError, match=r"unsupported type \.txt"):
-        _module(tmp_path, _write_jsonl(tmp_path / "d.txt", [{"text": "a"}])).setup("fit")
+    with pytest.raises(DataError, match=r"unsupported type \.xml"):
+        _module(tmp_path, _write_jsonl(tmp_path / "d.xml", [{"text": "a"}])).setup("fit")
     with pytest.raises(DataError, match="one saved dataset directory alone"):
         _module(tmp_path, [str(tmp_path), str(SFT / "sft_text.jsonl")]).setup("fit")
 
 
 def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
-    from lightning_automodel.data.tiny_tokenizer import build_tiny_tokenizer
+    from lightning_automodel.data.tokenizer import build_tiny_tokenizer
 
     plain = build_tiny_tokenizer(tmp_path / "plain", ["user assistant a b"], chat_template=None)
     dm = _module(tmp_path, str(SFT / "sft_chat.jsonl"), tokenizer_path=str(plain))
