@@ -11,7 +11,7 @@ __all__ = ["ByteTokenizer", "DataError", "PackedSequenceCollator", "PaddingColla
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TextDataModule":  # a config written before the merge: one line naming the replacement
+    if name in ("TextDataModule", "text_datamodule"):  # a config written before the merge: one line naming the replacement
         raise DataError(
             "lightning_automodel.data.TextDataModule was merged into SFTDataModule: write class_path: "
             "lightning_automodel.data.SFTDataModule (or drop class_path); .txt files and the demo corpus are its text format."

@@ -370,7 +370,7 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError(
                 f"{hp.train_files or 'The shipped corpus'}: the training data ({stats['samples'] - stats['dropped']} "
                 f"documents{held}, {stats['tokens']} tokens) gives {stats['rows']} windows of 2 to {hp.seq_length} "
-                f"tokens{ranks}, fewer than data.batch_size={hp.batch_size}: no full training batch. "
+                f"tokens{ranks}, fewer than batch_size={hp.batch_size}: no full training batch. "
                 f"Lower data.batch_size to at most {per_rank} or add data."
             )
 

@@ -170,3 +170,19 @@ def test_batch_size_larger_than_data_names_the_numbers(tmp_path):
                         cache_dir=str(tmp_path))
     ok.setup("fit")
     assert len(list(ok.train_dataloader())) == 1
+
+
+@pytest.mark.parametrize("class_path", ["lightning_automodel.data.TextDataModule", "lightning_automodel.data.text_datamodule.TextDataModule"])
+def test_a_config_naming_the_merged_text_module_is_one_line(tmp_path, capsys, class_path):
+    from lightning_automodel.cli import main
+
+    config = tmp_path / "old.yaml"
+    config.write_text(
+        "model: {config: {model_type: llama, vocab_size: 260, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
+        " num_attention_heads: 2, max_position_embeddings: 128}}\n"
+        f"data: {{class_path: {class_path}, init_args: {{seq_length: 32}}}}\n"
+    )
+    capsys.readouterr()
+    assert main(["plan", "--config", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "merged into SFTDataModule" in err[0] and "class_path: lightning_automodel.data.SFTDataModule" in err[0], err
