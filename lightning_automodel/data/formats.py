@@ -1,19 +1,13 @@
-"""Samples -> token ids and loss labels, for every format of the one data module.
-
-* ``messages``: ``{role, content}`` dicts rendered by the chat template; the loss sees the assistant turns only
-  (their content and the template's end-of-turn text).
-* ``prompt_completion``: two text columns; the loss sees the completion (and EOS) only.
-* ``text``: plain text (also ``.txt`` files, one document per paragraph); every token is a target, long
-  documents are cut into ``seq_length`` windows.
-
-Labels are ``-100`` wherever the loss must not look (``mask_prompt=False`` trains on every token). Truncation
-never drops a sample silently: each gets a status (kept, cut, dropped) that the data module counts and reports.
-"""
+"""Samples -> token ids and loss labels: ``messages`` (the loss sees the assistant turns: content and end-of-turn
+text), ``prompt_completion`` (the completion and EOS), ``text`` (every token; ``.txt`` files streamed, one document a
+paragraph; cut into ``seq_length`` windows). Truncation is never silent: each sample's status (kept, cut, dropped)
+is counted and reported by the data module."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,18 +17,14 @@ IGNORE = -100
 KEPT, CUT, DROPPED = 0, 1, 2
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 FormatName = Literal["auto", "messages", "prompt_completion", "text"]
-#: Bytes read from a ``.txt`` file at a time.
-READ_CHUNK_BYTES = 1 << 20
-#: Characters of one document handed on at a time: a longer paragraph (a 100 MB file on one line) is
-#: cut into pieces of this size, at a space where there is one, so no whole-file line is ever held.
+READ_CHUNK_BYTES = 1 << 20  # bytes read from a .txt file at a time
+# A longer paragraph (a 100 MB file on one line) is cut into pieces of this many characters, at a space where
+# there is one, so no whole-file line is ever held.
 MAX_PIECE_CHARS = 1 << 18
 
 
 class DataError(ValueError):
     """Bad training data or data settings (the CLI prints it as one line, exit code 2)."""
-
-
-# ---- .txt files, streamed ----------------------------------------------------------------------------
 
 
 def _decoded_chunks(path: Path) -> Iterator[str]:
@@ -76,18 +66,12 @@ def _pieces(text: str) -> Iterator[str]:
 def read_paragraphs(path: Path) -> Iterator[str]:
     """The non-empty paragraphs (separated by blank lines) of a ``.txt`` file, streamed, long ones in pieces."""
     pending = ""
-    for chunk in _decoded_chunks(path):
-        pending += chunk
-        *complete, pending = pending.split("\n\n")
-        for paragraph in complete:
-            yield from (p.strip() for p in _pieces(paragraph) if p.strip())
+    for chunk in chain(_decoded_chunks(path), ["\n\n"]):  # a last separator hands out the last paragraph
+        *complete, pending = (pending + chunk).split("\n\n")
         if len(pending) > MAX_PIECE_CHARS:  # one paragraph longer than a piece: hand out all but the tail
-            *head, pending = list(_pieces(pending))
-            yield from (p.strip() for p in head if p.strip())
-    yield from (p.strip() for p in _pieces(pending) if p.strip())
-
-
-# ---- formats -------------------------------------------------------------------------------------------
+            *head, pending = _pieces(pending)
+            complete += head
+        yield from (p.strip() for paragraph in complete for p in _pieces(paragraph) if p.strip())
 
 
 @dataclass(frozen=True)
@@ -137,15 +121,6 @@ def resolve_format(fmt: FormatName, column_names: Sequence[str], columns: Column
     return fmt
 
 
-def check_chat_template(tokenizer: Any, source: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{source} holds chat messages but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
-            "template. Use a chat/instruct checkpoint's tokenizer (data.tokenizer_path) or give data.chat_template "
-            "(a Jinja string)."
-        )
-
-
 def _with_specials(tokenizer: Any, text: str, bos: bool = True, eos: bool = True) -> list[int]:
     """``text``'s ids between the tokenizer's BOS and EOS (each only where it has one)."""
     ids = list(tokenizer.encode(text, add_special_tokens=False))
@@ -179,12 +154,8 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
 def assistant_char_spans(
     tokenizer: Any, messages: list[dict[str, Any]], template: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
-
-    A turn's span runs from the end of the conversation before it rendered with the generation prompt to
-    the end of the conversation through it: the turn's content and the template's end-of-turn text, not
-    the role header. Needs a template whose renders of shorter conversations are prefixes of longer ones.
-    """
+    """The rendered conversation and its assistant turns' character spans: from the end of the conversation before
+    the turn (with the generation prompt) to the end of the one through it. Needs incremental renders."""
     full = _render(tokenizer, messages, False, template)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -241,10 +212,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class SampleTokenizer:
-    """The ``datasets.map`` function (batched, ``with_indices``): rows -> ``input_ids``, ``labels``, ``status``.
-
-    A picklable object (not a closure) so ``num_proc`` workers get it and the fingerprint is stable.
-    """
+    """``datasets.map`` function (batched, with indices): rows -> ``input_ids``, ``labels``, ``status``; picklable."""
 
     tokenizer: Any
     fmt: str

@@ -1,10 +1,6 @@
-"""The one data module, on Hugging Face ``datasets``: memory-mapped Arrow, tokenized once, packed, resumable.
-
-Data lives in memory-mapped Arrow tables on disk (a rank's memory does not grow with the corpus).
-Tokenization and packing are ``datasets.map`` passes cached by fingerprint (source, tokenizer, settings),
-so a restart reads the cache. The training loader is a ``StatefulDataLoader`` over a seeded
-``DistributedSampler``: a mid-epoch resume continues with the next batch.
-"""
+"""The one data module, on Hugging Face ``datasets``: memory-mapped Arrow (a rank's memory does not grow with the
+corpus), tokenized and packed once by ``map`` passes cached by fingerprint (source, tokenizer, settings), and a
+``StatefulDataLoader`` over a seeded ``DistributedSampler`` (a mid-epoch resume continues with the next batch)."""
 
 from __future__ import annotations
 
@@ -24,7 +20,7 @@ from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.packing import plan_rows
 from lightning_automodel.data.collators import SFTCollator
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, MAX_PIECE_CHARS, Columns, DataError, FormatName
-from lightning_automodel.data.formats import SampleTokenizer, check_chat_template, read_paragraphs, resolve_format
+from lightning_automodel.data.formats import SampleTokenizer, read_paragraphs, resolve_format
 from lightning_automodel.data.tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
@@ -108,8 +104,8 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
 
 
 class PackRows:
-    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens
-    (``packing=False``: one document per row) with ``seq_lens``; each document's first label is ``-100``."""
+    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens (one document a
+    row without ``packing``) with ``seq_lens``; each document's first label is ``-100``, dropped samples are left out."""
 
     def __init__(self, row_length: int, packing: bool) -> None:
         self.row_length, self.packing = row_length, packing
@@ -117,7 +113,10 @@ class PackRows:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         lengths = [len(ids) for ids in batch["input_ids"]]
         sample_labels = batch["labels"] if "labels" in batch else batch["input_ids"]  # text: every token
-        rows = plan_rows(lengths, self.row_length) if self.packing else [[i] for i in range(len(lengths))]
+        kept = [i for i, n in enumerate(lengths) if n]  # a dropped sample is empty
+        rows = [[i] for i in kept]
+        if self.packing:
+            rows = [[kept[j] for j in row] for row in plan_rows([lengths[i] for i in kept], self.row_length)]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lens": []}
         for row in rows:
             ids: list[int] = []
@@ -136,10 +135,6 @@ def _token_features(fmt: str) -> datasets.Features:
     ids = datasets.List(datasets.Value("int32"))
     columns = {"input_ids": ids, "status": datasets.Value("int8")}
     return datasets.Features(columns if fmt == "text" else {**columns, "labels": ids})
-
-
-def _not_dropped(status: list[int]) -> list[bool]:
-    return [s != DROPPED for s in status]
 
 
 def _count(column: Any, value: int) -> int:
@@ -212,38 +207,34 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError(f"data.val_fraction must be in (0, 1), or 0 for no validation split; got {val_fraction}.")
         if not 0 <= test_fraction < 1 or not val_fraction + test_fraction < 1:
             raise DataError(
-                f"data.test_fraction must be in [0, 1) and val_fraction + test_fraction below 1 (the share held out "
-                f"for test; 0: none); got test_fraction={test_fraction}, val_fraction={val_fraction}."
+                f"data.test_fraction must be in [0, 1) and val_fraction + test_fraction below 1 (the share held out for "
+                f"test; 0: none); got test_fraction={test_fraction}, val_fraction={val_fraction}."
             )
         if layout not in ("rows", "thd"):
             raise DataError(f"data.layout must be rows or thd; got {layout!r}.")
         self.save_hyperparameters()
         self.columns = Columns.from_mapping(columns)
-        # Loaded now when named (the CLI names it), else at setup: the model's own, or the byte tokenizer.
-        self.tokenizer: Any = self._load_tokenizer(tokenizer_path) if tokenizer_path else None
+        self.tokenizer: Any = None
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.test_dataset: Any = None
         self.stats: dict[str, Any] = {}
-
-    # ---- tokenizer ------------------------------------------------------------------------------------
+        if tokenizer_path:  # loaded now when named (the CLI names it), else at setup: the model's own, or bytes
+            self.load_tokenizer()
 
     def _model(self) -> Any:
         return self.trainer.lightning_module if self.trainer is not None else None
 
-    def _load_tokenizer(self, path: str | None) -> Any:
-        tokenizer = load_tokenizer(path, self.hparams.chat_template)
-        log.info("Tokenizer: %s (%s, vocabulary %d)", path or "byte tokenizer", type(tokenizer).__name__, len(tokenizer))
-        return tokenizer
-
     def load_tokenizer(self) -> Any:
         """``data.tokenizer_path``, else the model's ``pretrained_path`` (its own tokenizer), else the byte tokenizer."""
-        if self.tokenizer is None:
-            pretrained = getattr(getattr(self._model(), "hparams", None), "get", lambda *_: None)("pretrained_path")
-            if pretrained and not has_tokenizer(str(pretrained)):
-                log.warning("model.pretrained_path %s has no tokenizer files: training on the byte tokenizer.", pretrained)
-                pretrained = None
-            self.tokenizer = self._load_tokenizer(str(pretrained) if pretrained else None)
+        if self.tokenizer is not None:
+            return self.tokenizer
+        path = self.hparams.tokenizer_path or getattr(self._model(), "hparams", {}).get("pretrained_path")
+        if path and not self.hparams.tokenizer_path and not has_tokenizer(str(path)):
+            log.warning("model.pretrained_path %s has no tokenizer files: training on the byte tokenizer.", path)
+            path = None
+        self.tokenizer = load_tokenizer(str(path) if path else None, self.hparams.chat_template)
+        log.info("Tokenizer: %s (%s, vocabulary %d)", path or "byte tokenizer", type(self.tokenizer).__name__, len(self.tokenizer))
         return self.tokenizer
 
     def check_model(self, vocab_size: int, max_positions: int) -> None:
@@ -261,15 +252,17 @@ class SFTDataModule(pl.LightningDataModule):
                 "lower data.seq_length."
             )
 
-    # ---- building -------------------------------------------------------------------------------------
-
     def _process(self, raw: Any, source: str) -> tuple[Any, dict[str, Any]]:
         """Tokenize (with loss masks), drop what truncation emptied, pack: cached ``map`` passes."""
         hp = self.hparams
         tokenizer = self.load_tokenizer()
         fmt = resolve_format(hp.format, raw.column_names, self.columns, source)
-        if fmt == "messages":
-            check_chat_template(tokenizer, source)
+        if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                f"{source} holds chat messages but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+                "template. Use a chat/instruct checkpoint's tokenizer (data.tokenizer_path) or give data.chat_template "
+                "(a Jinja string)."
+            )
         features = _token_features(fmt)  # in the key too: a cache written with another schema is not this one
         settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template, tokenizer_fingerprint(tokenizer)]
         settings.append(repr(features))
@@ -290,22 +283,19 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError(f"{source} is not valid UTF-8: {exc.reason} (byte 0x{exc.object[exc.start]:02x}). Re-encode it as UTF-8.") from None
         status = tokenized.data.column("status")
         counts = {"samples": len(raw), "cut": _count(status, CUT), "dropped": _count(status, DROPPED)}
-        kept = tokenized.filter(
-            _not_dropped, batched=True, input_columns="status", new_fingerprint=_fingerprint("filter", tokenized._fingerprint)
-        ).remove_columns("status")
-        if len(kept) == 0:
+        packed = tokenized.map(
+            PackRows(hp.seq_length, hp.packing),
+            batched=True,
+            batch_size=hp.packing_window,
+            remove_columns=tokenized.column_names,
+            new_fingerprint=_fingerprint("pack", tokenized._fingerprint, hp.seq_length, hp.packing, hp.packing_window),
+            desc="pack",
+        )
+        if len(packed) == 0:
             raise DataError(
                 f"{source}: no sample left after tokenizing ({counts['dropped']} of {counts['samples']} dropped because "
                 f"truncation to seq_length={hp.seq_length} cut away every target token). Raise data.seq_length."
             )
-        packed = kept.map(
-            PackRows(hp.seq_length, hp.packing),
-            batched=True,
-            batch_size=hp.packing_window,
-            remove_columns=kept.column_names,
-            new_fingerprint=_fingerprint("pack", kept._fingerprint, hp.seq_length, hp.packing, hp.packing_window),
-            desc="pack",
-        )
         tokens = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0)
         capacity = len(packed) * hp.seq_length if hp.packing else tokens  # unpacked rows are padded per batch
         counts.update(rows=len(packed), tokens=tokens, padding_waste=1 - tokens / capacity if capacity else 0.0)
@@ -374,8 +364,6 @@ class SFTDataModule(pl.LightningDataModule):
                 f"Lower data.batch_size to at most {per_rank} or add data."
             )
 
-    # ---- loaders --------------------------------------------------------------------------------------
-
     def collator(self) -> SFTCollator:
         hp = self.hparams
         pad = self.load_tokenizer().pad_token_id or 0
@@ -384,20 +372,14 @@ class SFTDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> Any:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        trainer = self.trainer
+        hp, trainer = self.hparams, self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Our own sampler, one shard per rank: Lightning leaves a DistributedSampler alone (no re-instantiation)
         # and calls its set_epoch; StatefulDataLoader records how far into it this epoch got.
-        sampler = DistributedSampler(
-            self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=True
-        )
+        sampler = DistributedSampler(self.train_dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
+        collate = self.collator()
         return StatefulDataLoader(
-            self.train_dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator(),
-            num_workers=self.hparams.num_workers,
-            drop_last=True,
+            self.train_dataset, hp.batch_size, sampler=sampler, collate_fn=collate, num_workers=hp.num_workers, drop_last=True
         )
 
     def _eval_loader(self, dataset: Any) -> DataLoader:

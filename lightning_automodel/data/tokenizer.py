@@ -1,21 +1,13 @@
-"""Tokenizers: the one loader, the offline byte tokenizer of the embedded demo, a tiny chat tokenizer for tests."""
+"""Tokenizers: the one loader and the offline byte tokenizer (the embedded demo's fallback)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lightning_automodel.core.hub_writer import TOKENIZER_FILES
 from lightning_automodel.data.formats import DataError
-
-ROLE_TOKENS = ("<|system|>", "<|developer|>", "<|user|>", "<|assistant|>", "<|tool|>")
-END_OF_TURN = "<|end|>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 class ByteTokenizer:
@@ -27,10 +19,7 @@ class ByteTokenizer:
     offset = 3
     chat_template = None
     name_or_path = "byte tokenizer"
-
-    @property
-    def vocab_size(self) -> int:
-        return 256 + self.offset
+    vocab_size = 256 + offset
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -76,30 +65,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
     return h.hexdigest()
-
-
-def build_tiny_tokenizer(out_dir: str | Path, texts: Iterable[str], chat_template: str | None = CHAT_TEMPLATE) -> Path:
-    """Train a word-level tokenizer on ``texts`` and save it (``tokenizer.json`` + config) to ``out_dir``.
-
-    Specials: ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2 (BOS), ``</s>`` 3 (EOS), then the role tokens and ``<|end|>``.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>", *ROLE_TOKENS, END_OF_TURN]
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=[*ROLE_TOKENS, END_OF_TURN],
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    out = Path(out_dir)
-    tokenizer.save_pretrained(out)
-    return out

@@ -149,7 +149,7 @@ def test_missing_and_mixed_sources_are_one_clear_error(tmp_path):
 
 
 def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
-    from lightning_automodel.data.tokenizer import build_tiny_tokenizer
+    from tiny_tokenizer import build_tiny_tokenizer
 
     plain = build_tiny_tokenizer(tmp_path / "plain", ["user assistant a b"], chat_template=None)
     dm = _module(tmp_path, str(SFT / "sft_chat.jsonl"), tokenizer_path=str(plain))
