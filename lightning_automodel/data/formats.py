@@ -5,6 +5,7 @@ is counted and reported by the data module."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -72,6 +73,37 @@ def read_paragraphs(path: Path) -> Iterator[str]:
             *head, pending = _pieces(pending)
             complete += head
         yield from (p.strip() for paragraph in complete for p in _pieces(paragraph) if p.strip())
+
+
+def _record(text: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+    except RecursionError:  # pyarrow's JSON reader would overflow the C stack (a segfault) on such a line
+        raise DataError(f"{path}:{lineno}: the JSON line is nested too deeply to be a record.") from None
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON Lines file, streamed (or of a ``.json`` file holding one array, read whole)."""
+    chunks = _decoded_chunks(path)
+    first = next(chunks, "")
+    if first.lstrip().startswith("["):
+        numbered: Iterator[tuple[int, Any]] = enumerate(_record(first + "".join(chunks), path, 1), start=1)
+    else:
+        numbered = ((n, _record(line, path, n)) for n, line in enumerate(_lines(chain([first], chunks)), start=1) if line.strip())
+    for lineno, record in numbered:
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: each JSON record must be an object of columns; got {type(record).__name__}.")
+        yield record
+
+
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    pending = ""
+    for chunk in chunks:
+        *complete, pending = (pending + chunk).split("\n")
+        yield from complete
+    yield pending
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lightning_automodel.core.logs import rank_zero_logger
 from lightning_automodel.core.packing import plan_rows
 from lightning_automodel.data.collators import SFTCollator
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, MAX_PIECE_CHARS, Columns, DataError, FormatName
-from lightning_automodel.data.formats import SampleTokenizer, read_paragraphs, resolve_format
+from lightning_automodel.data.formats import SampleTokenizer, read_paragraphs, read_records, resolve_format
 from lightning_automodel.data.tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
@@ -42,12 +42,15 @@ def _no_samples(role: str, files: Any) -> DataError:
     return DataError(f"The {role} files {files} contain no text or samples (empty files?); add data or drop them.")
 
 
-def _text_rows(files: list[str], role: str) -> Any:
+def _rows(files: list[str], role: str) -> Any:
+    """Records of .json/.jsonl files, or one ``{"text": paragraph}`` per paragraph of .txt files."""
     empty = True
     for name in files:
-        for paragraph in read_paragraphs(Path(name)):
+        path = Path(name)
+        rows = read_records(path) if path.suffix.lower() != ".txt" else ({"text": p} for p in read_paragraphs(path))
+        for row in rows:
             empty = False
-            yield {"text": paragraph}
+            yield row
     if empty:  # datasets refuses an empty generator with a line about its internals
         raise _no_samples(role, files)
 
@@ -78,15 +81,16 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         if all(p.is_file() for p in local):
             builder = _builder_for(names)
-            if builder != "txt":
+            if builder not in ("txt", "json"):
                 return datasets.load_dataset(builder, data_files=names, split="train", cache_dir=cache_dir)
-            # One document per paragraph, read by our streaming reader; the files' sizes and times key the cache.
+            # Text and JSON are read by our streaming readers (pyarrow's JSON reader overflows its stack on deeply
+            # nested lines); the files' sizes and times key the cache.
             stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in local]
-            features = datasets.Features({"text": datasets.Value("string")})
-            fingerprint = _fingerprint("txt", stamp, MAX_PIECE_CHARS)
+            text = datasets.Features({"text": datasets.Value("string")}) if builder == "txt" else None
             return datasets.Dataset.from_generator(
-                _text_rows, features, cache_dir, gen_kwargs={"files": names, "role": role}, fingerprint=fingerprint,
-                writer_batch_size=16,  # rows of up to MAX_PIECE_CHARS characters: a bounded buffer
+                _rows, text, cache_dir, gen_kwargs={"files": names, "role": role},
+                fingerprint=_fingerprint(builder, stamp, MAX_PIECE_CHARS),
+                writer_batch_size=16 if text else 1000,  # .txt rows hold up to MAX_PIECE_CHARS characters
             )
         missing = [n for n, p in zip(names, local) if not p.exists()]
         if len(names) == 1 and not Path(names[0]).suffix and "/" in names[0] and not names[0].startswith(("/", ".")):
@@ -267,20 +271,17 @@ class SFTDataModule(pl.LightningDataModule):
         settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template, tokenizer_fingerprint(tokenizer)]
         settings.append(repr(features))
         # _fingerprint is private API of datasets (derived from the files' paths, sizes and mtimes): read, never set.
-        try:
-            tokenized = raw.map(
-                SampleTokenizer(tokenizer, fmt, self.columns, hp.seq_length, hp.mask_prompt, source, hp.chat_template),
-                batched=True,
-                batch_size=4,  # .txt rows hold up to MAX_PIECE_CHARS characters each: keep the Python lists small
-                with_indices=True,
-                remove_columns=raw.column_names,
-                features=features,
-                num_proc=hp.num_proc,
-                new_fingerprint=_fingerprint("tokenize", raw._fingerprint, settings),
-                desc="tokenize",
-            )
-        except UnicodeDecodeError as exc:  # datasets' JSON reader stores bad bytes; they fail when read
-            raise DataError(f"{source} is not valid UTF-8: {exc.reason} (byte 0x{exc.object[exc.start]:02x}). Re-encode it as UTF-8.") from None
+        tokenized = raw.map(
+            SampleTokenizer(tokenizer, fmt, self.columns, hp.seq_length, hp.mask_prompt, source, hp.chat_template),
+            batched=True,
+            batch_size=4,  # .txt rows hold up to MAX_PIECE_CHARS characters each: keep the Python lists small
+            with_indices=True,
+            remove_columns=raw.column_names,
+            features=features,
+            num_proc=hp.num_proc,
+            new_fingerprint=_fingerprint("tokenize", raw._fingerprint, settings),
+            desc="tokenize",
+        )
         status = tokenized.data.column("status")
         counts = {"samples": len(raw), "cut": _count(status, CUT), "dropped": _count(status, DROPPED)}
         packed = tokenized.map(
