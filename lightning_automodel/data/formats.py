@@ -5,9 +5,11 @@ is counted and reported by the data module."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -30,29 +32,21 @@ class DataError(ValueError):
 
 def _decoded_chunks(path: Path) -> Iterator[str]:
     """The file as UTF-8 text in chunks of about ``READ_CHUNK_BYTES``; a bad byte is a DataError with its offset and line."""
-    offset, lines, carry = 0, 0, b""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 0  # bytes and newlines decoded so far
     with open_regular(path) as f:
-        while True:
-            raw = f.read(READ_CHUNK_BYTES)
-            data, at_end = carry + raw, not raw
+        for raw in chain(iter(partial(f.read, READ_CHUNK_BYTES), b""), [b""]):  # b"": the end (a cut character fails)
+            data = decoder.getstate()[0] + raw  # a character split by the last chunk, then this chunk
             try:
-                text, carry = data.decode("utf-8"), b""
+                text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
-                if not at_end and exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
-                    text, carry = data[: exc.start].decode("utf-8"), data[exc.start :]  # a character split by the chunk
-                else:
-                    line = lines + data.count(b"\n", 0, exc.start) + 1
-                    raise DataError(
-                        f"Data file {str(path)!r} is not valid UTF-8: byte offset {offset + exc.start} (line {line}): "
-                        f"{exc.reason} (byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
-                    ) from None
-            if text:
-                yield text
-            if at_end:
-                return
-            consumed = len(data) - len(carry)
-            offset += consumed
-            lines += data.count(b"\n", 0, consumed)
+                line = lines + data.count(b"\n", 0, exc.start) + 1
+                raise DataError(
+                    f"Data file {str(path)!r} is not valid UTF-8: byte offset {offset + exc.start} (line {line}): "
+                    f"{exc.reason} (byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
+                ) from None
+            consumed = len(data) - len(decoder.getstate()[0])
+            offset, lines = offset + consumed, lines + data.count(b"\n", 0, consumed)
+            yield text
 
 
 def _pieces(text: str) -> Iterator[str]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import datasets
 import lightning.pytorch as pl
 import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_automodel.core.logs import rank_zero_logger
@@ -21,7 +22,7 @@ from lightning_automodel.core.packing import plan_rows
 from lightning_automodel.data.collators import SFTCollator
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, MAX_PIECE_CHARS, Columns, DataError, FormatName
 from lightning_automodel.data.formats import SampleTokenizer, read_paragraphs, read_records, resolve_format
-from lightning_automodel.data.tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint
+from lightning_automodel.data.tokenizer import has_tokenizer, load_tokenizer
 
 log = rank_zero_logger(__name__)  # every rank prepares the same data: rank 0 says so
 
@@ -97,6 +98,9 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
             return datasets.load_dataset(names[0], split=split, cache_dir=cache_dir)  # a hub name
         if missing:
             raise DataError(f"Data file {missing[0]!r} does not exist.")
+        special = [n for n, p in zip(names, local) if not p.is_file() and not p.is_dir()]
+        if special:  # a FIFO or a device never ends (or blocks)
+            raise DataError(f"Data file {special[0]!r} is not a regular file; pass data files.")
         raise DataError(f"data.train_files {names}: give data files of one type, or one saved dataset directory alone.")
     except DataError:
         raise
@@ -141,18 +145,12 @@ def _token_features(fmt: str) -> datasets.Features:
     return datasets.Features(columns if fmt == "text" else {**columns, "labels": ids})
 
 
-def _count(column: Any, value: int) -> int:
-    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
-
-
 class SFTDataModule(pl.LightningDataModule):
     """Fine-tuning data of every format: chat messages, prompt/completion, plain text (also ``.txt`` files).
 
-    With no ``train_files`` it trains on the small corpus shipped with the package (the embedded demo).
-
     Args:
-        train_files: data files (``.txt`` (one document per paragraph), ``.jsonl``, ``.json``, ``.parquet``,
-            ``.csv``, ``.arrow``), a ``save_to_disk`` directory, or a hub dataset name (``org/name``, needs network).
+        train_files: ``.txt`` (a document a paragraph), ``.jsonl``, ``.json``, ``.parquet``, ``.csv`` or ``.arrow`` files,
+            a ``save_to_disk`` directory or a hub dataset name (``org/name``, online); none: the shipped demo corpus.
         val_files: validation data, same forms (default: ``val_fraction`` of the training samples).
         test_files: test data, same forms (default: ``test_fraction`` of the training samples).
         format: ``auto`` (from the columns), ``messages``, ``prompt_completion`` or ``text``.
@@ -162,8 +160,7 @@ class SFTDataModule(pl.LightningDataModule):
         seq_length: tokens per row (the truncation length of one sample; text is cut into windows of it).
         batch_size: rows per batch and rank.
         packing: pack samples into rows of ``seq_length`` (best-fit decreasing over ``packing_window`` samples).
-        layout: ``rows`` (``[B, L]`` with per-document position ids, for transformers attention) or
-            ``thd`` (one ``[1, T]`` row with ``cu_seqlens``, for Transformer Engine with ``THDSqueeze``).
+        layout: ``rows`` (``[B, L]``, per-document position ids) or ``thd`` (``[1, T]`` with ``cu_seqlens``, for TE).
         pad_to_multiple_of: with ``layout: thd``, pad each document to a multiple of this.
         mask_prompt: loss on assistant / completion tokens only (``false``: on every token).
         val_fraction: share of training samples held out for validation when ``val_files`` is not given (0: none).
@@ -268,9 +265,9 @@ class SFTDataModule(pl.LightningDataModule):
                 "(a Jinja string)."
             )
         features = _token_features(fmt)  # in the key too: a cache written with another schema is not this one
-        settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template, tokenizer_fingerprint(tokenizer)]
-        settings.append(repr(features))
+        settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template, Hasher.hash(tokenizer), repr(features)]
         # _fingerprint is private API of datasets (derived from the files' paths, sizes and mtimes): read, never set.
+        log.info("%s: tokenizing %d samples (format %s).", source, len(raw), fmt)
         tokenized = raw.map(
             SampleTokenizer(tokenizer, fmt, self.columns, hp.seq_length, hp.mask_prompt, source, hp.chat_template),
             batched=True,
@@ -283,7 +280,8 @@ class SFTDataModule(pl.LightningDataModule):
             desc="tokenize",
         )
         status = tokenized.data.column("status")
-        counts = {"samples": len(raw), "cut": _count(status, CUT), "dropped": _count(status, DROPPED)}
+        cut, dropped = (int(pc.sum(pc.equal(status, value)).as_py() or 0) for value in (CUT, DROPPED))
+        counts = {"samples": len(raw), "cut": cut, "dropped": dropped}
         packed = tokenized.map(
             PackRows(hp.seq_length, hp.packing),
             batched=True,
@@ -319,6 +317,16 @@ class SFTDataModule(pl.LightningDataModule):
         return raw
 
     def _build(self) -> None:
+        # datasets' progress bars would surround a bad input's one error line; our log lines report each pass.
+        enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            self._build_splits()
+        finally:
+            if enabled:
+                datasets.enable_progress_bars()
+
+    def _build_splits(self) -> None:
         hp = self.hparams
         source = str(hp.train_files or "the shipped demo corpus")
         raw = self._load(hp.train_files or shipped_corpus(), "training")
@@ -384,8 +392,7 @@ class SFTDataModule(pl.LightningDataModule):
         )
 
     def _eval_loader(self, dataset: Any) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, collate_fn=self.collator(), num_workers=hp.num_workers)
+        return DataLoader(dataset, self.hparams.batch_size, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> Any:
         return self._eval_loader(self.val_dataset) if self.val_dataset is not None else []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +53,3 @@ def load_tokenizer(path: str | None, chat_template: str | None = None) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss either way
     return tokenizer
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Everything of the tokenizer that changes token ids (a key of the tokenized cache)."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = getattr(tokenizer, "get_vocab", dict)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(vocab().items())).encode())
-    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
-    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
-    return h.hexdigest()
