@@ -15,12 +15,9 @@ IGNORE = -100
 class SFTCollator:
     """Rows of packed documents (``input_ids``, ``labels``, ``seq_lens``) -> a batch.
 
-    ``layout="rows"``: ``[B, L]`` with ``position_ids`` restarting at every document and no attention mask, so
-    transformers' SDPA / eager / flash attention keep attention inside each document (they derive the
-    documents from the position ids). Padding only trails a row and has label ``-100``; causal attention
-    never lets a real token see it. ``L`` is ``pad_to`` (fixed rows) or the batch's longest row.
-    ``layout="thd"``: the documents of the whole batch in one ``[1, T]`` row with ``cu_seqlens`` (see
-    :func:`core.packing.pack_thd`; :class:`~lightning_automodel.callbacks.THDSqueeze` makes it 1-D for TE).
+    ``rows``: ``[B, L]`` (``L``: ``pad_to`` or the longest row) with ``position_ids`` restarting at every document and no
+    attention mask: transformers' attention derives the documents from them. Padding only trails a row (label -100).
+    ``thd``: the batch's documents in one ``[1, T]`` row with ``cu_seqlens`` (:func:`core.packing.pack_thd`).
     """
 
     def __init__(
@@ -74,11 +71,7 @@ class PaddingCollator:
 
 
 class PackedSequenceCollator:
-    """Pack a batch of id lists into one ``[1, T]`` row with THD metadata, built on the host (see :func:`pack_thd`).
-
-    ``pad_to_multiple_of``: pad each sequence to a multiple of this (TE context parallelism wants 2 x cp size);
-    ``max_sequences``: fixed room in the boundary vectors; ``seqlens_padding_value``: the sentinel that fills them.
-    """
+    """Pack a batch of id lists into one ``[1, T]`` row with THD metadata, built on the host (see :func:`pack_thd`)."""
 
     def __init__(
         self, pad_to_multiple_of: int = 1, max_sequences: int | None = None, seqlens_padding_value: int = -1000, pad_token_id: int = 0

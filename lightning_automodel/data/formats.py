@@ -249,8 +249,9 @@ class SampleTokenizer:
     chat_template: str | None = None
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        # Text trains on every token: no labels column (it would double the cache and the memory that reads it).
-        out: dict[str, list[Any]] = {"input_ids": [], "status": []} if self.fmt == "text" else {"input_ids": [], "labels": [], "status": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "status": []}
+        if self.fmt != "text":  # text trains on every token: no labels column (it would double the cache and its reads)
+            out["labels"] = []
         for row, index in enumerate(indices):
             if self.fmt == "text":  # BOS + text + EOS in windows of seq_length; a window of one id predicts nothing
                 ids = _with_specials(self.tokenizer, batch[self.columns.text][row] or "")

@@ -182,7 +182,7 @@ class SFTDataModule(pl.LightningDataModule):
         columns: dict[str, str] | None = None,
         tokenizer_path: str | None = None,
         chat_template: str | None = None,
-        seq_length: int = 2048,
+        seq_length: int = 128,
         batch_size: int = 4,
         packing: bool = False,
         layout: Literal["rows", "thd"] = "rows",

@@ -148,6 +148,18 @@ def test_missing_and_mixed_sources_are_one_clear_error(tmp_path):
         _module(tmp_path, [str(tmp_path), str(SFT / "sft_text.jsonl")]).setup("fit")
 
 
+def test_json_that_would_crash_or_leak_a_traceback_is_one_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"  # pyarrow's JSON reader overflowed its C stack on this line (a segfault)
+    deep.write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:1: the JSON line is nested too deeply"):
+        _module(tmp_path, str(deep)).setup("fit")
+    bad = tmp_path / "bad.jsonl"  # datasets stored the bad bytes; a raw UnicodeDecodeError came out of map
+    good = b'{"prompt": "a", "completion": "b"}\n{"prompt": "'
+    bad.write_bytes(good + b'\xff", "completion": "b"}\n')
+    with pytest.raises(DataError, match=rf"bad\.jsonl' is not valid UTF-8: byte offset {len(good)} \(line 2\)"):
+        _module(tmp_path, str(bad)).setup("fit")
+
+
 def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
     from tiny_tokenizer import build_tiny_tokenizer
 
