@@ -4,8 +4,6 @@ corpus), tokenized and packed once by ``map`` passes cached by fingerprint (sour
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from importlib import resources
 from pathlib import Path
@@ -33,10 +31,6 @@ def shipped_corpus() -> list[str]:
     """Paths of the small corpus that ships with the package (the embedded demo trains on it)."""
     root = resources.files("lightning_automodel.data") / "corpus"
     return sorted(str(p) for p in root.iterdir() if p.name.endswith(".txt"))
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _no_samples(role: str, files: Any) -> DataError:
@@ -90,7 +84,7 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
             text = datasets.Features({"text": datasets.Value("string")}) if builder == "txt" else None
             return datasets.Dataset.from_generator(
                 _rows, text, cache_dir, gen_kwargs={"files": names, "role": role},
-                fingerprint=_fingerprint(builder, stamp, MAX_PIECE_CHARS),
+                fingerprint=Hasher.hash((builder, stamp, MAX_PIECE_CHARS)),
                 writer_batch_size=16 if text else 1000,  # .txt rows hold up to MAX_PIECE_CHARS characters
             )
         missing = [n for n, p in zip(names, local) if not p.exists()]
@@ -265,7 +259,8 @@ class SFTDataModule(pl.LightningDataModule):
                 "(a Jinja string)."
             )
         features = _token_features(fmt)  # in the key too: a cache written with another schema is not this one
-        settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template, Hasher.hash(tokenizer), repr(features)]
+        settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template]
+        settings += [Hasher.hash(tokenizer), repr(features)]
         # _fingerprint is private API of datasets (derived from the files' paths, sizes and mtimes): read, never set.
         log.info("%s: tokenizing %d samples (format %s).", source, len(raw), fmt)
         tokenized = raw.map(
@@ -276,7 +271,7 @@ class SFTDataModule(pl.LightningDataModule):
             remove_columns=raw.column_names,
             features=features,
             num_proc=hp.num_proc,
-            new_fingerprint=_fingerprint("tokenize", raw._fingerprint, settings),
+            new_fingerprint=Hasher.hash(("tokenize", raw._fingerprint, settings)),
             desc="tokenize",
         )
         status = tokenized.data.column("status")
@@ -287,7 +282,7 @@ class SFTDataModule(pl.LightningDataModule):
             batched=True,
             batch_size=hp.packing_window,
             remove_columns=tokenized.column_names,
-            new_fingerprint=_fingerprint("pack", tokenized._fingerprint, hp.seq_length, hp.packing, hp.packing_window),
+            new_fingerprint=Hasher.hash(("pack", tokenized._fingerprint, hp.packing, hp.packing_window)),
             desc="pack",
         )
         if len(packed) == 0:
