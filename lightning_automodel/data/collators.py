@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from lightning_automodel.core.packing import pack_thd
 
@@ -61,12 +62,8 @@ class PaddingCollator:
         self.label_ignore_index = label_ignore_index
 
     def __call__(self, samples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        length = max(len(s) for s in samples)
-        ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for i, s in enumerate(samples):
-            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, : len(s)] = 1
+        ids = pad_sequence([torch.as_tensor(list(s), dtype=torch.long) for s in samples], True, self.pad_token_id)
+        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in samples], batch_first=True)
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, self.label_ignore_index)}
 
 
