@@ -129,7 +129,8 @@ def probe(n_tokens: int, workdir: str) -> None:
     base = rss_kib()
     start = time.perf_counter()
     dm = SFTDataModule(train_files=str(Path(workdir) / "corpus.jsonl"), tokenizer_path=str(tokenizer), format="text",
-                       seq_length=ROW, batch_size=4, cache_dir=str(Path(workdir) / "cache"), num_proc=2)
+                       seq_length=ROW, batch_size=4, cache_dir=str(Path(workdir) / "cache"), num_proc=2, packing=True,
+                       val_fraction=0)
     dm.setup("fit")
     built = time.perf_counter() - start
     after_setup = rss_kib()

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import yaml
 
 from benchmarks.harness import REPO, CaseResult, Row
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks import FreezeDeadParameters, ParameterFreezing, ParameterSummary, THDSqueeze, TiedLMHead
 
 
@@ -58,7 +58,7 @@ def fit(variant: str, steps: int, warmup: int) -> float:
     callbacks = [timer, *suite(variant)]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks)
-    trainer.fit(HFCausalLM(**config["model"]), datamodule=TextDataModule(**config["data"]))
+    trainer.fit(HFCausalLM(**config["model"]), datamodule=SFTDataModule(**config["data"]))
     return timer.elapsed / (steps - warmup)
 
 

@@ -18,7 +18,7 @@ _CALLBACKS = ("ParameterFreezing", "FreezeDeadParameters", "CastMixedDtypeToBF16
 _LAZY = {
     **dict.fromkeys(_CALLBACKS, "lightning_automodel.callbacks"),
     "HFCausalLM": "lightning_automodel.models",
-    "TextDataModule": "lightning_automodel.data",
+    "SFTDataModule": "lightning_automodel.data",
     "PackedSequenceCollator": "lightning_automodel.data",
 }
 

@@ -31,9 +31,9 @@ from lightning_automodel.checkpoint_io import AtomicTorchCheckpointIO, Checkpoin
 from lightning_automodel.config_loading import ConfigFileError, PlanError, check_command_line_values, check_config_file, config_paths, register_parser_mode
 from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
 from lightning_automodel.core.hub_layout import ExportError
-from lightning_automodel.core.hub_writer import TOKENIZER_FILES
 from lightning_automodel.core.sharded_load import CheckpointLayoutError
-from lightning_automodel.data.text_datamodule import DataError, TextDataModule
+from lightning_automodel.data import DataError
+from lightning_automodel.data.tokenizer import has_tokenizer
 from lightning_automodel.core.threads import set_rank_threads
 from lightning_automodel.models.hf_causal_lm import HFCausalLM
 from lightning_automodel.core.logs import rank_zero_logger
@@ -328,10 +328,10 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        # `data:` without a class_path configures the default TextDataModule (the embedded demo);
-        # `data: {class_path: lightning_automodel.data.SFTDataModule, init_args: ...}` picks another module.
+        # `data:` without a class_path configures SFTDataModule (no train_files: the embedded demo);
+        # `data: {class_path: ..., init_args: ...}` picks another module.
         if self.subclass_mode_data:
-            parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+            parser.set_defaults({"data": {"class_path": "lightning_automodel.data.SFTDataModule"}})
 
     def before_instantiate_classes(self) -> None:
         """``data.tokenizer_path`` defaults to ``model.pretrained_path``: a checkpoint trains on its own tokenizer."""
@@ -341,8 +341,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         if init_args is None or "tokenizer_path" not in init_args:
             return
         if init_args.get("tokenizer_path") is None and pretrained:
-            names = [name for name in TOKENIZER_FILES if name.startswith(("tokenizer", "vocab"))]
-            if any((Path(pretrained) / name).is_file() for name in names):
+            if has_tokenizer(pretrained):
                 init_args["tokenizer_path"] = pretrained
             else:
                 log.warning(
@@ -377,9 +376,11 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
 
 
 def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
-    """The command's LightningCLI, configured in this one place (fit / validate / test run it, ``plan`` parses with it):
-    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``TextDataModule`` when no
-    ``class_path`` is given), no automatic optimizer arguments (the module configures its own)."""
+    """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
+
+    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``SFTDataModule`` when no
+    ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
+    """
     kwargs.setdefault("save_config_callback", NumberedConfigSave)
     return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                      parser_kwargs={"prog": PROG}, **kwargs)

@@ -13,7 +13,6 @@ instantiated, and only class paths on the configuration import allow-list are ev
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import warnings
 from argparse import ArgumentError
@@ -274,13 +273,12 @@ def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
     """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way.
 
     The parsed config names the data module (``class_path``) and all its arguments (``init_args``);
-    a bare ``data: {seq_length: ...}`` given to :func:`make_plan` is the default ``TextDataModule``.
+    a bare ``data: {seq_length: ...}`` given to :func:`make_plan` is the default ``SFTDataModule``.
     """
-    from lightning_automodel.data.text_datamodule import TextDataModule
+    from lightning_automodel.data.sft_datamodule import resolve_defaults
 
-    data_args = data_config.get("init_args") if "class_path" in data_config else data_config
-    default = inspect.signature(TextDataModule.__init__).parameters["seq_length"].default
-    seq_length = (data_args or {}).get("seq_length", default)
+    data_args = (data_config.get("init_args") if "class_path" in data_config else data_config) or {}
+    seq_length = resolve_defaults(data_args.get("train_files"), data_args.get("seq_length"), None, None)[0]
     max_positions = int(getattr(_text_config(model.config), "max_position_embeddings", 0) or 0)
     if isinstance(seq_length, int) and max_positions and seq_length > max_positions:
         raise PlanError(

@@ -161,10 +161,10 @@ def test_cli_resume_from_truncated_checkpoint_is_one_line(tmp_path, capsys):
 
 def trainer_io(*args):
     from lightning_automodel.cli import AutoModelCLI
-    from lightning_automodel.data.text_datamodule import TextDataModule
+    from lightning_automodel.data import SFTDataModule
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
-    cli = AutoModelCLI(HFCausalLM, TextDataModule, args=["--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), *args],
+    cli = AutoModelCLI(HFCausalLM, SFTDataModule, args=["--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), *args],
                        run=False, auto_configure_optimizers=False, save_config_callback=None)
     return cli.trainer.strategy.checkpoint_io
 

@@ -90,11 +90,11 @@ def test_progress_bar_is_tqdm_unless_configured():
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     from lightning_automodel.cli import AutoModelCLI, ResumingProgressBar
-    from lightning_automodel.data.text_datamodule import TextDataModule
+    from lightning_automodel.data import SFTDataModule
     from lightning_automodel.models.hf_causal_lm import HFCausalLM
 
     def bars(*args):
-        cli = AutoModelCLI(HFCausalLM, TextDataModule, args=["--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), *args],
+        cli = AutoModelCLI(HFCausalLM, SFTDataModule, args=["--config", str(REPO_ROOT / "configs/tiny-llama-cpu.yaml"), *args],
                            run=False, auto_configure_optimizers=False, save_config_callback=None)
         return [type(c) for c in cli.trainer.callbacks if isinstance(c, (RichProgressBar, TQDMProgressBar))]
 
@@ -178,13 +178,13 @@ def test_plan_command_70b_memory_bound(tmp_path):
 
 def tied_checkpoint(tmp_path, tie=True):
     from callbacks.lit_models import trainer
-    from lightning_automodel import HFCausalLM, TextDataModule
+    from lightning_automodel import HFCausalLM, SFTDataModule
 
     config = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie)
     module = HFCausalLM(config=config, learning_rate=1e-2)
     t = trainer(max_steps=3, limit_val_batches=0)
-    t.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    t.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     path = tmp_path / f"tie{tie}.ckpt"
     t.save_checkpoint(path)
     return module, path

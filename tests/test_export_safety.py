@@ -97,14 +97,14 @@ def _tiny_ckpt(tmp_path, edit):
     """A single-device HFCausalLM checkpoint (written by Lightning) whose model tensors ``edit`` changes."""
     import lightning.pytorch as pl
 
-    from lightning_automodel import HFCausalLM, TextDataModule
+    from lightning_automodel import HFCausalLM, SFTDataModule
 
     module = HFCausalLM(config=dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                     max_position_embeddings=64, tie_word_embeddings=False))
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path))
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     path = tmp_path / "edited.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)

@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-import lightning_automodel.data.text_datamodule as text_datamodule
+import lightning_automodel.data.formats as formats
 from lightning_automodel.cli import main
 from lightning_automodel.config_loading import ConfigFileError, jsonargparse_load
 from lightning_automodel.core.hf_weight_files import read_safetensors_layout
 from lightning_automodel.core.sharded_load import CheckpointLayoutError, CheckpointReader, plan_checkpoint_load
-from lightning_automodel.data.text_datamodule import DataError, TextDataModule, TokenWindows, read_documents
+from lightning_automodel.data import ByteTokenizer, DataError, SFTDataModule
 from lightning_automodel.core.model_build import build_meta_model, validate_model_config
 from tiny_models import build, tiny_config
 
@@ -134,29 +134,31 @@ def test_config_sizes_are_validated_by_name(overrides, field):
 # ---- data: streamed, compact ---------------------------------------------------------------------------
 
 
+def read_documents(files: list[str]) -> list[str]:
+    return [p for name in files for p in formats.read_paragraphs(Path(name))]
+
+
 def test_streamed_reading_equals_whole_file_reading(tmp_path, monkeypatch):
     text = "héllo wörld\n\nzweite Absätze 日本語\n\n\n\n" + "x" * 50 + "\n\nend"
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in ("é" * 9, "日本", "z")) + "\n")
     expected = [p.strip() for p in text.split("\n\n") if p.strip()]
     for chunk in (1, 2, 3, 5, 7, 1 << 20):  # multi-byte characters split across every kind of boundary
-        monkeypatch.setattr(text_datamodule, "READ_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(formats, "READ_CHUNK_BYTES", chunk)
         assert read_documents([str(tmp_path / "a.txt")]) == expected, chunk
-        assert read_documents([str(tmp_path / "a.jsonl")]) == ["é" * 9, "日本", "z"], chunk
 
 
 def test_a_bad_byte_in_a_later_chunk_names_its_offset_and_line(tmp_path, monkeypatch):
     good = ("line of text\n" * 5 + "\n") * 3
     (tmp_path / "bad.txt").write_bytes(good.encode() + b"ok \xff")
-    monkeypatch.setattr(text_datamodule, "READ_CHUNK_BYTES", 16)
+    monkeypatch.setattr(formats, "READ_CHUNK_BYTES", 16)
     offset, line = len(good.encode()) + 3, good.count("\n") + 1
     with pytest.raises(DataError, match=rf"bad\.txt' is not valid UTF-8: byte offset {offset} \(line {line}\)"):
         read_documents([str(tmp_path / "bad.txt")])
 
 
 def test_a_long_line_is_read_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_datamodule, "MAX_PIECE_CHARS", 100)
-    monkeypatch.setattr(text_datamodule, "READ_CHUNK_BYTES", 64)
+    monkeypatch.setattr(formats, "MAX_PIECE_CHARS", 100)
+    monkeypatch.setattr(formats, "READ_CHUNK_BYTES", 64)
     words = " ".join(f"w{i}" for i in range(600))
     (tmp_path / "long.txt").write_text(words)
     docs = read_documents([str(tmp_path / "long.txt")])
@@ -164,12 +166,12 @@ def test_a_long_line_is_read_in_pieces(tmp_path, monkeypatch):
     assert " ".join(docs).split() == words.split()
 
 
-def test_token_windows_are_those_of_the_lists():
-    docs = [list(range(10)), [5], [], list(range(300, 307)), [70000, 1, 2]]
-    windows = TokenWindows(iter(docs), seq_length=4)
+def test_text_windows_are_those_of_the_documents():
+    tokenizer, texts = ByteTokenizer(), ["abcdefghij", "", "x", "héllo wörld"]
+    docs = [tokenizer.encode(t) for t in texts]  # BOS + bytes + EOS
+    out = formats.SampleTokenizer(tokenizer, "text", formats.Columns(), 4, True, "t")({"text": texts}, list(range(len(texts))))
     expected = [d[i : i + 4] for d in docs for i in range(0, len(d), 4) if len(d[i : i + 4]) >= 2]
-    assert [windows[i] for i in range(len(windows))] == expected
-    assert windows.n_tokens == sum(map(len, docs))
+    assert out["input_ids"] == expected and "labels" not in out  # every token is a target
 
 
 def test_a_single_line_data_file_costs_a_few_times_its_size(tmp_path):
@@ -179,19 +181,19 @@ def test_a_single_line_data_file_costs_a_few_times_its_size(tmp_path):
         f.write("abcdefgh " * (20 * 2**20 // 9))
         f.write("".join(f"\n\nsmall document {i}" for i in range(40)))
     script = (
-        "import resource, sys; from lightning_automodel.data.text_datamodule import TextDataModule; "
+        "import resource, sys; from lightning_automodel.data import SFTDataModule; "
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "dm = TextDataModule(train_files=[sys.argv[1]], seq_length=128, batch_size=4); dm.setup('fit'); "
+        "dm = SFTDataModule(train_files=[sys.argv[1]], seq_length=128, batch_size=4, cache_dir=sys.argv[2]); dm.setup('fit'); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "cache")], capture_output=True, text=True, timeout=300, check=True)
     peak = int(out.stdout.strip().splitlines()[-1]) * 1024
     assert peak < 8 * path.stat().st_size, f"{peak / 2**20:.0f} MiB for a {path.stat().st_size / 2**20:.0f} MiB file"
 
 
 def test_named_empty_validation_files_are_an_error(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
-    dm = TextDataModule(val_files=[str(tmp_path / "empty.txt")], batch_size=1)
+    dm = SFTDataModule(val_files=[str(tmp_path / "empty.txt")], batch_size=1, seq_length=128, cache_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"validation files .*empty\.txt"):
         dm.setup("fit")
 

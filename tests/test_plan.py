@@ -453,3 +453,11 @@ def test_plan_qlora_bytes_match_a_real_4bit_load(tmp_path, double_quant):
     assert abs(plan.memory.param_bytes - actual) <= 0.01 * actual, (plan.memory.param_bytes, actual)
     with pytest.raises(PlanError, match="cannot run under FSDP2"):
         make_plan({"model": {"pretrained_path": str(tmp_path / "base"), "quantization": settings}}, world_size=8)
+
+
+def test_plan_checks_the_seq_length_default_of_the_data_named(tmp_path):
+    """A user's train_files default to 2048-token rows, as fit's data module does: above a 512-position model."""
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"config": TINY}})
+    with pytest.raises(PlanError, match="seq_length=2048 is above the model's max_position_embeddings=512"):
+        plan_from_argv(["--config", cfg, "--data.train_files", str(tmp_path / "d.jsonl")])
+    plan_from_argv(["--config", cfg])  # the demo corpus: 128

@@ -61,7 +61,7 @@ def test_print_config_shows_the_merged_config(tmp_path, capsys):
     assert main(["--config", a, "--config", b, "--model.mixed_precision=bf16", "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["devices"] == 8 and printed["model"]["mixed_precision"] == "bf16"
-    assert printed["model"]["config"]["hidden_size"] == 64 and printed["data"]["class_path"].endswith("TextDataModule")
+    assert printed["model"]["config"]["hidden_size"] == 64 and printed["data"]["class_path"].endswith("SFTDataModule")
 
 
 def test_bad_value_is_refused_with_fits_own_line(tmp_path, capsys):

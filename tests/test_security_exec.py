@@ -365,13 +365,13 @@ def test_hf_checkpoint_setup_removes_its_own_stale_staging_only(tmp_path):
 def tiny_ckpt(tmp_path_factory):
     import lightning.pytorch as pl
 
-    from lightning_automodel import HFCausalLM, TextDataModule
+    from lightning_automodel import HFCausalLM, SFTDataModule
 
     root = tmp_path_factory.mktemp("ckpt")
     module = HFCausalLM(config={**TINY, "tie_word_embeddings": False})
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          limit_val_batches=0, default_root_dir=str(root))
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     path = root / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path

@@ -1,51 +1,77 @@
-"""Batch collators: padding (``[B, L]`` with an attention mask) and THD packing (``[1, T]``)."""
+"""Batch collators: rows of packed documents (the data module's), plain padding, and THD packing of id lists."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from lightning_automodel.core.packing import pack_thd
 
+IGNORE = -100
+
+
+class SFTCollator:
+    """Rows of packed documents (``input_ids``, ``labels``, ``seq_lens``) -> a batch.
+
+    ``rows``: ``[B, L]`` (``L``: ``pad_to`` or the longest row) with ``position_ids`` restarting at every document and no
+    attention mask: transformers' attention derives the documents from them. Padding only trails a row (label -100).
+    ``thd``: the batch's documents in one ``[1, T]`` row with ``cu_seqlens`` (:func:`core.packing.pack_thd`).
+    """
+
+    def __init__(
+        self, pad_token_id: int, pad_to: int | None = None, layout: Literal["rows", "thd"] = "rows", pad_to_multiple_of: int = 1
+    ) -> None:
+        self.pad_token_id, self.pad_to, self.layout, self.pad_to_multiple_of = pad_token_id, pad_to, layout, pad_to_multiple_of
+
+    def __call__(self, rows: list[Mapping[str, list[int]]]) -> dict[str, Any]:
+        if self.layout == "thd":
+            docs, labels = [], []
+            for row in rows:
+                start = 0
+                for n in row["seq_lens"]:
+                    docs.append(row["input_ids"][start : start + n])
+                    labels.append(row["labels"][start : start + n])
+                    start += n
+            return pack_thd(docs, labels=labels, pad_to_multiple_of=self.pad_to_multiple_of, pad_token_id=self.pad_token_id)
+        length = self.pad_to or max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        positions = torch.arange(length, dtype=torch.long).repeat(len(rows), 1)
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[b, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+            start = 0
+            for seq in row["seq_lens"]:
+                positions[b, start : start + seq] = torch.arange(seq)
+                start += seq
+            # Padding continues the last document's positions: no new "document" appears, and its labels are -100.
+            last = row["seq_lens"][-1] if row["seq_lens"] else 0
+            positions[b, n:] = torch.arange(last, last + length - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
 
 class PaddingCollator:
-    """Right-pad to the longest sequence of the batch; labels are -100 on padding."""
+    """Right-pad id lists to the longest of the batch, with an attention mask; labels are -100 on padding."""
 
-    def __init__(self, pad_token_id: int = 0, label_ignore_index: int = -100) -> None:
+    def __init__(self, pad_token_id: int = 0, label_ignore_index: int = IGNORE) -> None:
         self.pad_token_id = pad_token_id
         self.label_ignore_index = label_ignore_index
 
     def __call__(self, samples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        length = max(len(s) for s in samples)
-        ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for i, s in enumerate(samples):
-            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, self.label_ignore_index)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids = pad_sequence([torch.as_tensor(list(s), dtype=torch.long) for s in samples], True, self.pad_token_id)
+        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in samples], batch_first=True)
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, self.label_ignore_index)}
 
 
 class PackedSequenceCollator:
-    """Pack a batch of samples into one ``[1, T]`` row with THD metadata (see :func:`core.packing.pack_thd`).
-
-    The metadata is built on the host with Python ints, so nothing in the step syncs with the device.
-    Hugging Face models use the per-sequence ``position_ids`` (attention never crosses sequences);
-    THD kernels use ``cu_seqlens`` after :class:`~lightning_automodel.callbacks.THDSqueeze`.
-
-    Args:
-        pad_to_multiple_of: pad each sequence to a multiple of this (TE context parallelism wants 2 x cp size).
-        max_sequences: fixed room in the boundary vectors (default: the batch's sequence count).
-        seqlens_padding_value: sentinel that fills the boundary vectors.
-    """
+    """Pack a batch of id lists into one ``[1, T]`` row with THD metadata, built on the host (see :func:`pack_thd`)."""
 
     def __init__(
-        self,
-        pad_to_multiple_of: int = 1,
-        max_sequences: int | None = None,
-        seqlens_padding_value: int = -1000,
-        pad_token_id: int = 0,
+        self, pad_to_multiple_of: int = 1, max_sequences: int | None = None, seqlens_padding_value: int = -1000, pad_token_id: int = 0
     ) -> None:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_sequences = max_sequences

@@ -1,29 +1,103 @@
-"""SFT sample formats -> token ids and loss labels.
-
-Three formats, chosen per dataset (``auto`` looks at the columns):
-
-* ``messages``: a list of ``{role, content}`` dicts (OpenAI style), rendered by the tokenizer's chat template;
-  the loss sees the assistant turns only (their content and the template's end-of-turn text).
-* ``prompt_completion``: two text columns; the loss sees the completion (and EOS) only.
-* ``text``: plain text; every token is a target, long documents are cut into ``seq_length`` windows.
-
-Labels are ``-100`` wherever the loss must not look (``mask_prompt=False`` trains on every token).
-Truncation never drops a sample silently: each sample gets a status (kept, cut, dropped) that the data
-module counts and reports; a sample whose targets were all cut away is dropped, not trained on.
-"""
+"""Samples -> token ids and loss labels: ``messages`` (the loss sees the assistant turns: content and end-of-turn
+text), ``prompt_completion`` (the completion and EOS), ``text`` (every token; ``.txt`` files streamed, one document a
+paragraph; cut into ``seq_length`` windows). Truncation is never silent: each sample's status (kept, cut, dropped)
+is counted and reported by the data module."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import codecs
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from pathlib import Path
 from typing import Any, Literal
 
-from lightning_automodel.data.text_datamodule import DataError
+from lightning_automodel.core.hf_weight_files import open_regular
 
 IGNORE = -100
 KEPT, CUT, DROPPED = 0, 1, 2
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 FormatName = Literal["auto", "messages", "prompt_completion", "text"]
+READ_CHUNK_BYTES = 1 << 20  # bytes read from a .txt file at a time
+# A longer paragraph (a 100 MB file on one line) is cut into pieces of this many characters, at a space where
+# there is one, so no whole-file line is ever held.
+MAX_PIECE_CHARS = 1 << 18
+
+
+class DataError(ValueError):
+    """Bad training data or data settings (the CLI prints it as one line, exit code 2)."""
+
+
+def _decoded_chunks(path: Path) -> Iterator[str]:
+    """The file as UTF-8 text in chunks of about ``READ_CHUNK_BYTES``; a bad byte is a DataError with its offset and line."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 0  # bytes and newlines decoded so far
+    with open_regular(path) as f:
+        for raw in chain(iter(partial(f.read, READ_CHUNK_BYTES), b""), [b""]):  # b"": the end (a cut character fails)
+            data = decoder.getstate()[0] + raw  # a character split by the last chunk, then this chunk
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                line = lines + data.count(b"\n", 0, exc.start) + 1
+                raise DataError(
+                    f"Data file {str(path)!r} is not valid UTF-8: byte offset {offset + exc.start} (line {line}): "
+                    f"{exc.reason} (byte 0x{data[exc.start]:02x}). Re-encode it as UTF-8."
+                ) from None
+            consumed = len(data) - len(decoder.getstate()[0])
+            offset, lines = offset + consumed, lines + data.count(b"\n", 0, consumed)
+            yield text
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most ``MAX_PIECE_CHARS``, cut after a space where one is near the limit."""
+    while len(text) > MAX_PIECE_CHARS:
+        cut = text.rfind(" ", MAX_PIECE_CHARS // 2, MAX_PIECE_CHARS) + 1 or MAX_PIECE_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def read_paragraphs(path: Path) -> Iterator[str]:
+    """The non-empty paragraphs (separated by blank lines) of a ``.txt`` file, streamed, long ones in pieces."""
+    pending = ""
+    for chunk in chain(_decoded_chunks(path), ["\n\n"]):  # a last separator hands out the last paragraph
+        *complete, pending = (pending + chunk).split("\n\n")
+        if len(pending) > MAX_PIECE_CHARS:  # one paragraph longer than a piece: hand out all but the tail
+            *head, pending = _pieces(pending)
+            complete += head
+        yield from (p.strip() for paragraph in complete for p in _pieces(paragraph) if p.strip())
+
+
+def _record(text: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not a JSON line ({exc}).") from None
+    except RecursionError:  # pyarrow's JSON reader would overflow the C stack (a segfault) on such a line
+        raise DataError(f"{path}:{lineno}: the JSON line is nested too deeply to be a record.") from None
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON Lines file, streamed (or of a ``.json`` file holding one array, read whole)."""
+    chunks = _decoded_chunks(path)
+    first = next(chunks, "")
+    if first.lstrip().startswith("["):
+        numbered: Iterator[tuple[int, Any]] = enumerate(_record(first + "".join(chunks), path, 1), start=1)
+    else:
+        numbered = ((n, _record(line, path, n)) for n, line in enumerate(_lines(chain([first], chunks)), start=1) if line.strip())
+    for lineno, record in numbered:
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: each JSON record must be an object of columns; got {type(record).__name__}.")
+        yield record
+
+
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    pending = ""
+    for chunk in chunks:
+        *complete, pending = (pending + chunk).split("\n")
+        yield from complete
+    yield pending
 
 
 @dataclass(frozen=True)
@@ -73,22 +147,11 @@ def resolve_format(fmt: FormatName, column_names: Sequence[str], columns: Column
     return fmt
 
 
-def check_chat_template(tokenizer: Any, source: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{source} holds chat messages but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
-            "template. Use a chat/instruct checkpoint's tokenizer (data.tokenizer_path) or give data.chat_template "
-            "(a Jinja string)."
-        )
-
-
-def _special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    return ([bos] if bos is not None else []), ([eos] if eos is not None else [])
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def _with_specials(tokenizer: Any, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+    """``text``'s ids between the tokenizer's BOS and EOS (each only where it has one)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    first, last = tokenizer.bos_token_id if bos else None, tokenizer.eos_token_id if eos else None
+    return ([first] if first is not None else []) + ids + ([last] if last is not None else [])
 
 
 def _truncate(ids: list[int], labels: list[int], seq_length: int) -> tuple[list[int], list[int], int]:
@@ -104,8 +167,8 @@ def _truncate(ids: list[int], labels: list[int], seq_length: int) -> tuple[list[
 def tokenize_prompt_completion(
     tokenizer: Any, prompt: str, completion: str, seq_length: int, mask_prompt: bool = True
 ) -> tuple[list[int], list[int], int]:
-    bos, eos = _special_ids(tokenizer)
-    prompt_ids, completion_ids = bos + _encode(tokenizer, prompt), _encode(tokenizer, completion) + eos
+    prompt_ids = _with_specials(tokenizer, prompt, eos=False)
+    completion_ids = _with_specials(tokenizer, completion, bos=False)
     labels = (list(prompt_ids) if not mask_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
     return _truncate(prompt_ids + completion_ids, labels, seq_length)
 
@@ -117,12 +180,8 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
 def assistant_char_spans(
     tokenizer: Any, messages: list[dict[str, Any]], template: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
-
-    A turn's span runs from the end of the conversation before it rendered with the generation prompt to
-    the end of the conversation through it: the turn's content and the template's end-of-turn text, not
-    the role header. Needs a template whose renders of shorter conversations are prefixes of longer ones.
-    """
+    """The rendered conversation and its assistant turns' character spans: from the end of the conversation before
+    the turn (with the generation prompt) to the end of the one through it. Needs incremental renders."""
     full = _render(tokenizer, messages, False, template)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -160,13 +219,6 @@ def tokenize_messages(
     return _truncate(ids, labels, seq_length)
 
 
-def tokenize_text(tokenizer: Any, text: str, seq_length: int) -> list[list[int]]:
-    """Plain text: BOS + text + EOS cut into windows of ``seq_length`` (windows shorter than 2 tokens dropped)."""
-    bos, eos = _special_ids(tokenizer)
-    ids = bos + _encode(tokenizer, text) + eos
-    return [ids[i : i + seq_length] for i in range(0, len(ids), seq_length) if len(ids[i : i + seq_length]) >= 2]
-
-
 def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}; got {type(messages).__name__}.")
@@ -186,10 +238,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class SampleTokenizer:
-    """The ``datasets.map`` function (batched, ``with_indices``): rows -> ``input_ids``, ``labels``, ``status``.
-
-    A picklable object (not a closure) so ``num_proc`` workers get it and the fingerprint is stable.
-    """
+    """``datasets.map`` function (batched, with indices): rows -> ``input_ids``, ``labels``, ``status``; picklable."""
 
     tokenizer: Any
     fmt: str
@@ -200,12 +249,14 @@ class SampleTokenizer:
     chat_template: str | None = None
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "status": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "status": []}
+        if self.fmt != "text":  # text trains on every token: no labels column (it would double the cache and its reads)
+            out["labels"] = []
         for row, index in enumerate(indices):
-            if self.fmt == "text":
-                windows = tokenize_text(self.tokenizer, batch[self.columns.text][row] or "", self.seq_length)
+            if self.fmt == "text":  # BOS + text + EOS in windows of seq_length; a window of one id predicts nothing
+                ids = _with_specials(self.tokenizer, batch[self.columns.text][row] or "")
+                windows = [w for i in range(0, len(ids), self.seq_length) if len(w := ids[i : i + self.seq_length]) >= 2]
                 out["input_ids"] += windows
-                out["labels"] += windows
                 out["status"] += [KEPT] * len(windows)
                 continue
             if self.fmt == "messages":

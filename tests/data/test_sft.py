@@ -13,8 +13,7 @@ import torch
 from lightning_automodel.core.packing import pack_thd, plan_rows
 from lightning_automodel.data import formats
 from lightning_automodel.data.formats import CUT, DROPPED, IGNORE, KEPT, tokenize_messages, tokenize_prompt_completion
-from lightning_automodel.data.sft_datamodule import SFTCollator, SFTDataModule
-from lightning_automodel.data.text_datamodule import DataError
+from lightning_automodel.data import DataError, SFTCollator, SFTDataModule
 
 REPO = Path(__file__).resolve().parents[2]
 SFT = REPO / "lightning_automodel" / "data" / "corpus" / "sft"
@@ -41,6 +40,8 @@ def _module(tmp_path: Path, files, **kwargs) -> SFTDataModule:
     kwargs.setdefault("tokenizer_path", str(TOKENIZER))
     kwargs.setdefault("seq_length", 128)
     kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("val_fraction", 0.0)
+    kwargs.setdefault("packing", True)
     return SFTDataModule(train_files=files, cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
@@ -141,14 +142,26 @@ def test_bad_input_is_one_clear_error(tmp_path, rows, kwargs, match):
 def test_missing_and_mixed_sources_are_one_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"Data file '.*nope\.jsonl' does not exist"):
         _module(tmp_path, [str(tmp_path / "nope.jsonl")]).setup("fit")
-    with pytest.raises(DataError, match=r"unsupported type \.txt"):
-        _module(tmp_path, _write_jsonl(tmp_path / "d.txt", [{"text": "a"}])).setup("fit")
+    with pytest.raises(DataError, match=r"unsupported type \.xml"):
+        _module(tmp_path, _write_jsonl(tmp_path / "d.xml", [{"text": "a"}])).setup("fit")
     with pytest.raises(DataError, match="one saved dataset directory alone"):
         _module(tmp_path, [str(tmp_path), str(SFT / "sft_text.jsonl")]).setup("fit")
 
 
+def test_json_that_would_crash_or_leak_a_traceback_is_one_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"  # pyarrow's JSON reader overflowed its C stack on this line (a segfault)
+    deep.write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:1: the JSON line is nested too deeply"):
+        _module(tmp_path, str(deep)).setup("fit")
+    bad = tmp_path / "bad.jsonl"  # datasets stored the bad bytes; a raw UnicodeDecodeError came out of map
+    good = b'{"prompt": "a", "completion": "b"}\n{"prompt": "'
+    bad.write_bytes(good + b'\xff", "completion": "b"}\n')
+    with pytest.raises(DataError, match=rf"bad\.jsonl' is not valid UTF-8: byte offset {len(good)} \(line 2\)"):
+        _module(tmp_path, str(bad)).setup("fit")
+
+
 def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
-    from lightning_automodel.data.tiny_tokenizer import build_tiny_tokenizer
+    from tiny_tokenizer import build_tiny_tokenizer
 
     plain = build_tiny_tokenizer(tmp_path / "plain", ["user assistant a b"], chat_template=None)
     dm = _module(tmp_path, str(SFT / "sft_chat.jsonl"), tokenizer_path=str(plain))
@@ -278,3 +291,15 @@ def test_mid_epoch_resume_on_two_ranks(tmp_path):
 
     proc = run_torchrun("data_sft_resume.py", str(tmp_path), timeout=600)
     assert proc.stdout.count("OK data_sft_resume rank") == 2, proc.stdout[-3000:]
+
+
+def test_a_users_data_keeps_the_sft_defaults_and_the_demo_its_own(tmp_path):
+    """One module, two sets of defaults: named train_files train as SFT did (2048-token packed rows, nothing held
+    out); the demo corpus (no train_files) is sized for tiny CPU models. Explicit values always win."""
+    files = _write_jsonl(tmp_path / "d.jsonl", _rows("sft_prompt_completion.jsonl", 4))
+    hp = SFTDataModule(train_files=files, tokenizer_path=str(TOKENIZER)).hparams
+    assert (hp.seq_length, hp.packing, hp.val_fraction) == (2048, True, 0.0)
+    hp = SFTDataModule().hparams
+    assert (hp.seq_length, hp.packing, hp.val_fraction) == (128, False, 0.1)
+    hp = SFTDataModule(train_files=files, tokenizer_path=str(TOKENIZER), seq_length=64, packing=False, val_fraction=0.2).hparams
+    assert (hp.seq_length, hp.packing, hp.val_fraction) == (64, False, 0.2)

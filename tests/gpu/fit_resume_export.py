@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks import FreezeDeadParameters, ParameterSummary, TiedLMHead
 from lightning_automodel.strategies import AtomicModelParallelStrategy
 
@@ -41,7 +41,7 @@ def check_collectives_ran(t: pl.Trainer) -> None:
 
 
 def main(checkpoint: Path, out: Path) -> None:
-    data = lambda: TextDataModule(seq_length=64, batch_size=2, packing=True)  # noqa: E731
+    data = lambda: SFTDataModule(seq_length=64, batch_size=2, packing=True, layout="thd")  # noqa: E731
     first = HFCausalLM(pretrained_path=str(checkpoint), mixed_precision="bf16", learning_rate=1e-3)
     t1 = trainer(out, 4)
     t1.fit(first, datamodule=data())

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from distributed import end_rank_cleanly
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks import LoRA
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from lightning_automodel.core.init import init_weights_by_module
@@ -64,7 +64,7 @@ class Node:
             enable_model_summary=False, limit_val_batches=0, default_root_dir=str(self.out / name),
             callbacks=list(callbacks), **kwargs,
         )
-        trainer.fit(module, datamodule=TextDataModule(seq_length=32, batch_size=2), ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=SFTDataModule(seq_length=32, batch_size=2), ckpt_path=ckpt_path)
         assert trainer.global_step == steps, (trainer.global_step, steps)
         assert not steps or trainer.callback_metrics["train_loss"].isfinite(), trainer.callback_metrics
         return trainer

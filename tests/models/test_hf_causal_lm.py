@@ -7,14 +7,14 @@ from callbacks.lit_models import trainer
 from lightning_automodel import HFCausalLM
 from lightning_automodel.callbacks import FreezeDeadParameters, ParameterFreezing, ParameterSummary, TiedLMHead
 from lightning_automodel.core.hf_weight_files import OfflineCheckpointError
-from lightning_automodel.data import PackedSequenceCollator, TextDataModule
+from lightning_automodel.data import PackedSequenceCollator, SFTDataModule
 
 TINY = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
 def data(**kw):
-    return TextDataModule(seq_length=32, batch_size=4, **kw)
+    return SFTDataModule(seq_length=32, batch_size=4, **kw)
 
 
 @pytest.mark.parametrize("with_callbacks", [False, True])
@@ -49,7 +49,7 @@ def test_fsdp2_one_rank_build_loads_the_same_weights(tmp_path):
     source.save_pretrained(tmp_path / "m")
     module = HFCausalLM(pretrained_path=str(tmp_path / "m"))
     t = trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), max_steps=1, limit_val_batches=0)
-    t.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    t.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     from torch.distributed.tensor import DTensor
 
     assert isinstance(module.model.model.embed_tokens.weight, DTensor)
@@ -57,7 +57,7 @@ def test_fsdp2_one_rank_build_loads_the_same_weights(tmp_path):
     # One optimizer step moved the weights; before it, the shards held exactly the checkpoint.
     fresh = HFCausalLM(pretrained_path=str(tmp_path / "m"))
     t0 = trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), max_steps=0, limit_val_batches=0)
-    t0.fit(fresh, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    t0.fit(fresh, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     for name, p in fresh.model.named_parameters():
         assert torch.equal(p.full_tensor(), source.state_dict()[name]), name
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks import FreezeDeadParameters
 from distributed import end_rank_cleanly
 
@@ -31,7 +31,7 @@ def main(tmp: Path, head: str) -> None:
     module = HFCausalLM(config={**CONFIG, "tie_word_embeddings": head == "tied"}, learning_rate=1e-2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(module, datamodule=TextDataModule(seq_length=32, batch_size=2, packing=True))
+        trainer.fit(module, datamodule=SFTDataModule(seq_length=32, batch_size=2, packing=True, layout="thd"))
     assert detector._seen_backward == 4, detector._seen_backward  # detection ran to the end (and all-reduced)
     assert detector.unused == [], detector.unused
     assert not [w for w in record if "FreezeDeadParameters" in str(w.message)], [str(w.message) for w in record]

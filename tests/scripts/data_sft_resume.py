@@ -50,7 +50,7 @@ def fit(out: Path, max_steps: int, devices: int, ckpt_path: str | None = None, s
         enable_checkpointing=bool(save_every),
     )
     dm = SFTDataModule(train_files=str(SFT / "sft_chat.jsonl"), tokenizer_path=str(SFT / "tiny-tokenizer"), seq_length=64,
-                       batch_size=2, cache_dir=str(out / "cache"))
+                       batch_size=2, packing=True, val_fraction=0, cache_dir=str(out / "cache"))
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return record, model, len(dm.train_dataloader())
 

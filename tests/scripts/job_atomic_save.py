@@ -8,7 +8,7 @@ import torch
 
 import lightning.fabric.strategies.model_parallel as fabric_mp
 import lightning.pytorch.strategies.model_parallel as pl_mp
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.strategies import AtomicModelParallelStrategy
 from distributed import end_rank_cleanly
 
@@ -27,7 +27,7 @@ def make_trainer(tmp: Path, steps: int) -> pl.Trainer:
 def main(tmp: Path) -> None:
     module = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     trainer = make_trainer(tmp, 2)
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     path = tmp / "last.ckpt"
     trainer.save_checkpoint(path)
     saved = {k: v.full_tensor().clone() for k, v in module.model.state_dict().items()}
@@ -54,7 +54,7 @@ def main(tmp: Path) -> None:
     # The final directory still holds the first, complete checkpoint.
     resumed = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     t2 = make_trainer(tmp, 2)
-    t2.fit(resumed, datamodule=TextDataModule(seq_length=16, batch_size=2), ckpt_path=path)
+    t2.fit(resumed, datamodule=SFTDataModule(seq_length=16, batch_size=2), ckpt_path=path)
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v.full_tensor(), saved[k]), k
     # And a save that completes replaces it.

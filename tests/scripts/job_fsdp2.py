@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks import FreezeDeadParameters, ParameterFreezing, ParameterSummary, TiedLMHead
 from distributed import end_rank_cleanly
 
@@ -52,7 +52,7 @@ def full_norm(module: HFCausalLM) -> float:
 
 
 def main(tmp: Path) -> None:
-    data = lambda: TextDataModule(seq_length=32, batch_size=2, packing=True)
+    data = lambda: SFTDataModule(seq_length=32, batch_size=2, packing=True, layout="thd")
     first = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     t1 = make_trainer(tmp, 3)
     with warnings.catch_warnings(record=True) as record:

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from distributed import end_rank_cleanly
 
@@ -33,7 +33,7 @@ def main(out: Path, name: str) -> None:
         max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
         default_root_dir=str(out), callbacks=[HuggingFaceCheckpoint(every_n_train_steps=2, max_shard_size="40KB")],
     )
-    trainer.fit(module, datamodule=TextDataModule(seq_length=32, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=32, batch_size=2))
     trainer.save_checkpoint(out / "sharded.ckpt")
     full = {k: v.full_tensor() for k, v in module.model.state_dict().items()}
     if trainer.global_rank == 0:

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning.pytorch.strategies.model_parallel as pl_mp
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.core import atomic_files
 from lightning_automodel.strategies import AtomicModelParallelStrategy
 from distributed import end_rank_cleanly
@@ -74,7 +74,7 @@ def arm(point: str, rank: int) -> None:
 def save(tmp: Path, point: str) -> None:
     module = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     trainer = make_trainer(tmp, 2)
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     path = tmp / "last.ckpt"
     trainer.save_checkpoint(path)
     a = full_state(module)
@@ -100,7 +100,7 @@ class Restored(Callback):
 def resume(tmp: Path) -> None:
     module = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     trainer = make_trainer(tmp, 3, callbacks=[Restored()])
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2), ckpt_path=tmp / "last.ckpt")
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2), ckpt_path=tmp / "last.ckpt")
     trainer.save_checkpoint(tmp / "last.ckpt")
     print("OK resumed", file=sys.stderr)
 
@@ -109,7 +109,7 @@ def link(tmp: Path) -> None:
     module = HFCausalLM(config=CONFIG, learning_rate=1e-2)
     checkpoint = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
     trainer = make_trainer(tmp, 4, callbacks=[checkpoint])
-    trainer.fit(module, datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=16, batch_size=2))
     final = full_state(module)
     if trainer.global_rank == 0:
         torch.save(final, tmp / "final.pt")

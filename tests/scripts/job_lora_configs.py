@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from distributed import end_rank_cleanly
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.callbacks.hugging_face_checkpoint import HuggingFaceCheckpoint
 from lightning_automodel.cli import AutoModelCLI
 from lightning_automodel.core.hub_writer import full_tensor
@@ -54,7 +54,7 @@ def main(out: Path, config: str) -> None:
 
     os.chdir(out)
     cli = AutoModelCLI(
-        HFCausalLM, TextDataModule, run=False, auto_configure_optimizers=False, save_config_callback=None,
+        HFCausalLM, SFTDataModule, run=False, auto_configure_optimizers=False, save_config_callback=None,
         args=["--config", config, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
               "--trainer.val_check_interval", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"],
     )

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from distributed import end_rank_cleanly
 
 
@@ -31,7 +31,7 @@ def fit(module: HFCausalLM, out: Path, steps: int = 3) -> pl.Trainer:
         max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
         limit_val_batches=0, default_root_dir=str(out),
     )
-    trainer.fit(module, datamodule=TextDataModule(seq_length=32, batch_size=2))
+    trainer.fit(module, datamodule=SFTDataModule(seq_length=32, batch_size=2))
     return trainer
 
 

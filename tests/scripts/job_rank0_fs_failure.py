@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 import lightning_automodel.strategies as strategies
-from lightning_automodel import HFCausalLM, TextDataModule
+from lightning_automodel import HFCausalLM, SFTDataModule
 from lightning_automodel.strategies import AtomicModelParallelStrategy
 from distributed import end_rank_cleanly
 
@@ -51,7 +51,7 @@ def main(tmp: Path) -> None:
         max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
         default_root_dir=str(tmp),
     )
-    trainer.fit(HFCausalLM(config=CONFIG, learning_rate=1e-2), datamodule=TextDataModule(seq_length=16, batch_size=2))
+    trainer.fit(HFCausalLM(config=CONFIG, learning_rate=1e-2), datamodule=SFTDataModule(seq_length=16, batch_size=2))
     publish = fails_on_rank_0(trainer, tmp / "a.ckpt", "replace_directory")
     trainer.save_checkpoint(tmp / "b.ckpt")  # a good save, so the next one of the same step links its files
     link = fails_on_rank_0(trainer, tmp / "c.ckpt", "os")

@@ -1,4 +1,4 @@
-"""A tiny word-level Hugging Face tokenizer with a chat template, built offline (tests, CPU examples)."""
+"""The tiny word-level tokenizer with a chat template of ``lightning_automodel/data/corpus/sft/tiny-tokenizer``, built offline."""
 
 from __future__ import annotations
 
