@@ -154,7 +154,10 @@ def export_checkpoint(
             raise ExportError(f"{src}: {exc}") from None
         except (OSError, SafetensorError) as exc:
             # a full disk surfaces as OSError from our writes and as SafetensorError from safetensors'
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+            if isinstance(exc, OSError) and exc.strerror:
+                detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+            else:
+                detail = str(exc).strip().splitlines()[-1]
             raise ExportError(f"writing {out} failed ({detail}); nothing was written under {out}.") from None
     if not adapter_only:
         tensors = sum(len(g.outputs) for g in layout.groups)

@@ -208,7 +208,6 @@ class SFTDataModule(pl.LightningDataModule):
         packing_window: int = 1000,
     ) -> None:
         super().__init__()
-        # resolved before save_hyperparameters, which records these locals: a checkpoint holds the values used
         seq_length, packing, val_fraction = resolve_defaults(train_files, seq_length, packing, val_fraction)
         if seq_length < 2:
             raise DataError(f"data.seq_length must be at least 2; got {seq_length}.")
@@ -226,6 +225,8 @@ class SFTDataModule(pl.LightningDataModule):
         if layout not in ("rows", "thd"):
             raise DataError(f"data.layout must be rows or thd; got {layout!r}.")
         self.save_hyperparameters()
+        # LightningCLI records the config's values (None for these): the checkpoint and the run use the resolved ones
+        self.hparams.update(seq_length=seq_length, packing=packing, val_fraction=val_fraction)
         self.columns = Columns.from_mapping(columns)
         self.tokenizer: Any = None
         self.train_dataset: Any = None

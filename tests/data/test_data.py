@@ -18,7 +18,7 @@ def read_documents(files: list[str]) -> list[str]:
 
 def demo(**kwargs) -> SFTDataModule:
     """The embedded demo's settings (formerly TextDataModule's defaults) of the one data module."""
-    return SFTDataModule(**{"seq_length": 128, "test_fraction": 0.05, **kwargs})
+    return SFTDataModule(**{"seq_length": 128, "packing": False, "val_fraction": 0.1, "test_fraction": 0.05, **kwargs})
 
 
 def texts(dataset) -> list[str]:
