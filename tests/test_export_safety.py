@@ -140,7 +140,7 @@ def test_bad_max_shard_size_is_one_line_naming_the_option(tmp_path, ckpt, size):
     proc = run_export(ckpt, tmp_path / "hf", tmp_path, "--max_shard_size", size)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--max_shard_size" in proc.stderr and "5GB" in proc.stderr and not (tmp_path / "hf").exists()
-    with pytest.raises(MisconfigurationException, match=r"max_shard_size.*such as 5GB"):
+    with pytest.raises(MisconfigurationException, match=r"^HuggingFaceCheckpoint\(max_shard_size=.*\): expected a positive size such as 1TB, 5GB"):
         HuggingFaceCheckpoint(max_shard_size=size)
 
 

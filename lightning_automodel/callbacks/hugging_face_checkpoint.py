@@ -105,9 +105,9 @@ class HuggingFaceCheckpoint(Callback):
         if dtype not in ("auto", "bf16", "fp32"):
             raise MisconfigurationException(f"HuggingFaceCheckpoint(dtype=...) must be auto, bf16 or fp32; got {dtype!r}.")
         try:
-            self._max_shard_bytes = parse_size(max_shard_size)
+            self._max_shard_bytes = parse_size(max_shard_size, f"HuggingFaceCheckpoint(max_shard_size={max_shard_size!r})")
         except ValueError as exc:
-            raise MisconfigurationException(f"HuggingFaceCheckpoint(max_shard_size={max_shard_size!r}): {exc}") from None
+            raise MisconfigurationException(str(exc)) from None
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.save_on_train_end = save_on_train_end

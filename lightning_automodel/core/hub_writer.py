@@ -69,7 +69,7 @@ def parse_size(text: str | int, option: str = "--max_shard_size") -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     factor = _SIZE_UNITS.get(match.group(2).upper()) if match else None
     if match is None or factor is None or int(float(match.group(1)) * factor) <= 0:
-        raise ValueError(f"{option}: expected a positive size such as 5GB, 2TiB or 768MiB; got {text!r}")
+        raise ValueError(f"{option}: expected a positive size such as 1TB, 5GB, 2TiB or 768MiB; got {text!r}")
     return int(float(match.group(1)) * factor)
 
 
