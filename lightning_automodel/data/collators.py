@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any, Literal
 
 import torch
@@ -14,12 +15,8 @@ IGNORE = -100
 
 
 class SFTCollator:
-    """Rows of packed documents (``input_ids``, ``labels``, ``seq_lens``) -> a batch.
-
-    ``rows``: ``[B, L]`` (``L``: ``pad_to`` or the longest row) with ``position_ids`` restarting at every document and no
-    attention mask: transformers' attention derives the documents from them. Padding only trails a row (label -100).
-    ``thd``: the batch's documents in one ``[1, T]`` row with ``cu_seqlens`` (:func:`core.packing.pack_thd`).
-    """
+    """Packed rows (``input_ids``, ``labels``, ``seq_lens``) -> ``rows``: ``[B, pad_to or longest]``, no mask but
+    per-document ``position_ids`` (transformers derives documents), trailing pads; ``thd``: ``[1, T]``, cu_seqlens."""
 
     def __init__(
         self, pad_token_id: int, pad_to: int | None = None, layout: Literal["rows", "thd"] = "rows", pad_to_multiple_of: int = 1
@@ -28,13 +25,9 @@ class SFTCollator:
 
     def __call__(self, rows: list[Mapping[str, list[int]]]) -> dict[str, Any]:
         if self.layout == "thd":
-            docs, labels = [], []
-            for row in rows:
-                start = 0
-                for n in row["seq_lens"]:
-                    docs.append(row["input_ids"][start : start + n])
-                    labels.append(row["labels"][start : start + n])
-                    start += n
+            spans = [(r, s, n) for r in rows for s, n in zip(accumulate(r["seq_lens"], initial=0), r["seq_lens"])]
+            docs = [row["input_ids"][s : s + n] for row, s, n in spans]
+            labels = [row["labels"][s : s + n] for row, s, n in spans]
             return pack_thd(docs, labels=labels, pad_to_multiple_of=self.pad_to_multiple_of, pad_token_id=self.pad_token_id)
         length = self.pad_to or max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -44,10 +37,8 @@ class SFTCollator:
             n = len(row["input_ids"])
             ids[b, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
             labels[b, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
-            start = 0
-            for seq in row["seq_lens"]:
+            for start, seq in zip(accumulate(row["seq_lens"], initial=0), row["seq_lens"]):
                 positions[b, start : start + seq] = torch.arange(seq)
-                start += seq
             # Padding continues the last document's positions: no new "document" appears, and its labels are -100.
             last = row["seq_lens"][-1] if row["seq_lens"] else 0
             positions[b, n:] = torch.arange(last, last + length - n)
@@ -58,8 +49,7 @@ class PaddingCollator:
     """Right-pad id lists to the longest of the batch, with an attention mask; labels are -100 on padding."""
 
     def __init__(self, pad_token_id: int = 0, label_ignore_index: int = IGNORE) -> None:
-        self.pad_token_id = pad_token_id
-        self.label_ignore_index = label_ignore_index
+        self.pad_token_id, self.label_ignore_index = pad_token_id, label_ignore_index
 
     def __call__(self, samples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         ids = pad_sequence([torch.as_tensor(list(s), dtype=torch.long) for s in samples], True, self.pad_token_id)
@@ -73,10 +63,8 @@ class PackedSequenceCollator:
     def __init__(
         self, pad_to_multiple_of: int = 1, max_sequences: int | None = None, seqlens_padding_value: int = -1000, pad_token_id: int = 0
     ) -> None:
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.max_sequences = max_sequences
-        self.seqlens_padding_value = seqlens_padding_value
-        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of, self.max_sequences = pad_to_multiple_of, max_sequences
+        self.seqlens_padding_value, self.pad_token_id = seqlens_padding_value, pad_token_id
 
     def __call__(self, samples: Sequence[Sequence[int]]) -> dict:
         return pack_thd(samples, **vars(self))  # every attribute is a pack_thd argument

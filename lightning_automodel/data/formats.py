@@ -1,7 +1,4 @@
-"""Samples -> token ids and loss labels: ``messages`` (the loss sees the assistant turns: content and end-of-turn
-text), ``prompt_completion`` (the completion and EOS), ``text`` (every token; ``.txt`` files streamed, one document a
-paragraph; cut into ``seq_length`` windows). Truncation is never silent: each sample's status (kept, cut, dropped)
-is counted and reported by the data module."""
+"""Samples -> token ids, loss labels and a truncation status (kept, cut, dropped: never silent); the file readers."""
 
 from __future__ import annotations
 
@@ -21,8 +18,7 @@ KEPT, CUT, DROPPED = 0, 1, 2
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 FormatName = Literal["auto", "messages", "prompt_completion", "text"]
 READ_CHUNK_BYTES = 1 << 20  # bytes read from a .txt file at a time
-# A longer paragraph (a 100 MB file on one line) is cut into pieces of this many characters, at a space where
-# there is one, so no whole-file line is ever held.
+# Longer paragraphs (a 100 MB file on one line) are cut at a space into pieces of this size: no whole-file line held.
 MAX_PIECE_CHARS = 1 << 18
 
 
@@ -111,14 +107,12 @@ class Columns:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, str] | None) -> Columns:
-        mapping = dict(mapping or {})
-        unknown = sorted(set(mapping) - set(cls.__dataclass_fields__))
-        if unknown:
+        if unknown := sorted(set(mapping or {}) - set(cls.__dataclass_fields__)):
             raise DataError(
                 f"data.columns: unknown field {unknown[0]!r}; the fields are {', '.join(cls.__dataclass_fields__)} "
                 "(map each to a column name of your dataset)."
             )
-        return cls(**mapping)
+        return cls(**(mapping or {}))
 
     def needed(self, fmt: str) -> list[str]:
         return {"messages": [self.messages], "prompt_completion": [self.prompt, self.completion], "text": [self.text]}[fmt]
@@ -138,8 +132,7 @@ def resolve_format(fmt: FormatName, column_names: Sequence[str], columns: Column
         )
     if fmt not in ("messages", "prompt_completion", "text"):
         raise DataError(f"data.format must be auto, messages, prompt_completion or text; got {fmt!r}.")
-    missing = [c for c in columns.needed(fmt) if c not in names]
-    if missing:
+    if missing := [c for c in columns.needed(fmt) if c not in names]:
         raise DataError(
             f"{source}: format {fmt!r} needs column(s) {missing} but the data has {sorted(names)}. "
             "Map them with data.columns (e.g. {" + f"{fmt.split('_')[0]}: your_column" + "}) or pick data.format."
@@ -180,8 +173,7 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
 def assistant_char_spans(
     tokenizer: Any, messages: list[dict[str, Any]], template: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and its assistant turns' character spans: from the end of the conversation before
-    the turn (with the generation prompt) to the end of the one through it. Needs incremental renders."""
+    """The rendered conversation and its assistant turns' character spans, located by incremental renders."""
     full = _render(tokenizer, messages, False, template)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -212,8 +204,7 @@ def tokenize_messages(
     ids = list(enc["input_ids"])
     if not mask_prompt:
         return _truncate(ids, list(ids), seq_length)
-    # A token is a target when it starts inside an assistant span (empty-offset tokens never are).
-    labels = [
+    labels = [  # a target: a token starting inside an assistant span (empty-offset tokens never are)
         i if start != end and any(s <= start < e for s, e in spans) else IGNORE for i, (start, end) in zip(ids, enc["offset_mapping"])
     ]
     return _truncate(ids, labels, seq_length)
@@ -249,9 +240,8 @@ class SampleTokenizer:
     chat_template: str | None = None
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "status": []}
-        if self.fmt != "text":  # text trains on every token: no labels column (it would double the cache and its reads)
-            out["labels"] = []
+        # text trains on every token: no labels column (it would double the cache and its reads)
+        out: dict[str, list[Any]] = {"input_ids": [], "status": []} | ({} if self.fmt == "text" else {"labels": []})
         for row, index in enumerate(indices):
             if self.fmt == "text":  # BOS + text + EOS in windows of seq_length; a window of one id predicts nothing
                 ids = _with_specials(self.tokenizer, batch[self.columns.text][row] or "")

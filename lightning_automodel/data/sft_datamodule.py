@@ -1,11 +1,10 @@
-"""The one data module, on Hugging Face ``datasets``: memory-mapped Arrow (a rank's memory does not grow with the
-corpus), tokenized and packed once by ``map`` passes cached by fingerprint (source, tokenizer, settings), and a
-``StatefulDataLoader`` over a seeded ``DistributedSampler`` (a mid-epoch resume continues with the next batch)."""
+"""The one data module: memory-mapped Arrow, fingerprint-cached tokenize/pack passes, mid-epoch resumable loading."""
 
 from __future__ import annotations
 
 import random
 from importlib import resources
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,8 +39,7 @@ def _no_samples(role: str, files: Any) -> DataError:
 def _rows(files: list[str], role: str) -> Any:
     """Records of .json/.jsonl files, or one ``{"text": paragraph}`` per paragraph of .txt files."""
     empty = True
-    for name in files:
-        path = Path(name)
+    for path in map(Path, files):
         rows = read_records(path) if path.suffix.lower() != ".txt" else ({"text": p} for p in read_paragraphs(path))
         for row in rows:
             empty = False
@@ -52,8 +50,7 @@ def _rows(files: list[str], role: str) -> Any:
 
 def _builder_for(files: list[str]) -> str:
     suffixes = {Path(name).suffix.lower() for name in files}
-    unknown = sorted(suffixes - set(_BUILDERS))
-    if unknown:
+    if unknown := sorted(suffixes - set(_BUILDERS)):
         raise DataError(
             f"Data files {files}: unsupported type {unknown[0] or '(none)'}; use .txt, .jsonl, .json, .parquet, .csv, "
             ".arrow or a directory written by Dataset.save_to_disk."
@@ -99,15 +96,13 @@ def load_raw_dataset(files: str | list[str], split: str = "train", cache_dir: st
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs one line naming the source
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, DataError):  # our .txt reader's line, wrapped by datasets' generator builder
+        if isinstance(cause := exc.__cause__ or exc.__context__, DataError):  # our reader's line, wrapped by datasets
             raise cause from None
         raise DataError(f"Could not load {names} with datasets: {' '.join(str(exc).split())}") from None
 
 
 class PackRows:
-    """``datasets.map`` function (batched): tokenized samples -> rows of at most ``row_length`` tokens (one document a
-    row without ``packing``) with ``seq_lens``; each document's first label is ``-100``, dropped samples are left out."""
+    """``datasets.map`` (batched): samples -> rows of <= ``row_length`` tokens with ``seq_lens``, first labels -100."""
 
     def __init__(self, row_length: int, packing: bool) -> None:
         self.row_length, self.packing = row_length, packing
@@ -121,26 +116,13 @@ class PackRows:
             rows = [[kept[j] for j in row] for row in plan_rows([lengths[i] for i in kept], self.row_length)]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lens": []}
         for row in rows:
-            ids: list[int] = []
-            labels: list[int] = []
-            for i in row:
-                ids.extend(batch["input_ids"][i])
-                labels.extend([IGNORE, *sample_labels[i][1:]])
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
+            out["input_ids"].append(list(chain.from_iterable(batch["input_ids"][i] for i in row)))
+            out["labels"].append(list(chain.from_iterable([IGNORE, *sample_labels[i][1:]] for i in row)))
             out["seq_lens"].append([lengths[i] for i in row])
         return out
 
 
-def _token_features(fmt: str) -> datasets.Features:
-    """int32 ids (half of int64's cache and of the memory that reads it); text has no labels column."""
-    ids = datasets.List(datasets.Value("int32"))
-    columns = {"input_ids": ids, "status": datasets.Value("int8")}
-    return datasets.Features(columns if fmt == "text" else {**columns, "labels": ids})
-
-
-# A user's data trains as SFT does (long packed rows, no hold-out unless asked); the shipped demo corpus, used
-# when no train_files are given, is sized for the tiny CPU models and holds out a validation share.
+# A user's data trains as SFT does (long packed rows, no hold-out); the demo corpus suits the tiny CPU models.
 DEFAULTS = {"seq_length": 2048, "packing": True, "val_fraction": 0.0}
 DEMO_DEFAULTS = {"seq_length": 128, "packing": False, "val_fraction": 0.1}
 
@@ -148,32 +130,28 @@ DEMO_DEFAULTS = {"seq_length": 128, "packing": False, "val_fraction": 0.1}
 def resolve_defaults(train_files: Any, seq_length: Any, packing: Any, val_fraction: Any) -> tuple[Any, Any, Any]:
     """``seq_length``, ``packing``, ``val_fraction`` as given, else the defaults for the data named."""
     defaults = DEMO_DEFAULTS if train_files is None else DEFAULTS
-    given = {"seq_length": seq_length, "packing": packing, "val_fraction": val_fraction}
-    return tuple(defaults[k] if v is None else v for k, v in given.items())
+    return tuple(defaults[k] if v is None else v for k, v in zip(DEFAULTS, (seq_length, packing, val_fraction)))
 
 
 class SFTDataModule(pl.LightningDataModule):
     """Fine-tuning data of every format: chat messages, prompt/completion, plain text (also ``.txt`` files).
 
     Args:
-        train_files: ``.txt`` (a document a paragraph), ``.jsonl``, ``.json``, ``.parquet``, ``.csv`` or ``.arrow`` files,
-            a ``save_to_disk`` directory or a hub dataset name (``org/name``, online); none: the shipped demo corpus.
+        train_files: .txt (a document a paragraph)/.jsonl/.json/.parquet/.csv/.arrow files, a ``save_to_disk`` directory
+            or a hub dataset name (``org/name``, online); none: the shipped demo corpus.
         val_files: validation data, same forms (default: ``val_fraction`` of the training samples).
         test_files: test data, same forms (default: ``test_fraction`` of the training samples).
         format: ``auto`` (from the columns), ``messages``, ``prompt_completion`` or ``text``.
         columns: column mapping, e.g. ``{prompt: question, completion: answer}`` or ``{messages: conversations}``.
         tokenizer_path: a local tokenizer directory (default: the model's ``pretrained_path``, else a byte tokenizer).
         chat_template: a Jinja chat template that replaces the tokenizer's.
-        seq_length: tokens per row (the truncation length of one sample; text is cut into windows of it).
-            Default 2048; 128 on the demo corpus (no ``train_files``), which is sized for tiny CPU models.
+        seq_length: tokens per row (a sample's truncation length; text windows). Default 2048; 128 on the demo corpus.
         batch_size: rows per batch and rank.
-        packing: pack samples into rows of ``seq_length`` (best-fit decreasing over ``packing_window`` samples).
-            Default on; off on the demo corpus.
+        packing: pack samples into ``seq_length`` rows (best fit over ``packing_window`` samples); default on, demo off.
         layout: ``rows`` (``[B, L]``, per-document position ids) or ``thd`` (``[1, T]`` with ``cu_seqlens``, for TE).
         pad_to_multiple_of: with ``layout: thd``, pad each document to a multiple of this.
         mask_prompt: loss on assistant / completion tokens only (``false``: on every token).
-        val_fraction: share of training samples held out for validation when ``val_files`` is not given (0: none).
-            Default 0; 0.1 on the demo corpus.
+        val_fraction: share of training samples held out for validation without ``val_files``. Default 0; 0.1 on demo.
         test_fraction: share held out for ``test`` when ``test_files`` is not given (0: none), after validation's.
         num_proc: processes of the tokenizing ``map`` (default: one).
         num_workers: DataLoader workers.
@@ -229,9 +207,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.hparams.update(seq_length=seq_length, packing=packing, val_fraction=val_fraction)
         self.columns = Columns.from_mapping(columns)
         self.tokenizer: Any = None
-        self.train_dataset: Any = None
-        self.val_dataset: Any = None
-        self.test_dataset: Any = None
+        self.train_dataset = self.val_dataset = self.test_dataset = None
         self.stats: dict[str, Any] = {}
         if tokenizer_path:  # loaded now when named (the CLI names it), else at setup: the model's own, or bytes
             self.load_tokenizer()
@@ -277,7 +253,9 @@ class SFTDataModule(pl.LightningDataModule):
                 "template. Use a chat/instruct checkpoint's tokenizer (data.tokenizer_path) or give data.chat_template "
                 "(a Jinja string)."
             )
-        features = _token_features(fmt)  # in the key too: a cache written with another schema is not this one
+        ids = datasets.List(datasets.Value("int32"))  # half of int64's cache and of the memory that reads it
+        schema = {"input_ids": ids, "status": datasets.Value("int8")} | ({} if fmt == "text" else {"labels": ids})
+        features = datasets.Features(schema)  # in the key too: a cache written with another schema is not this one
         settings = [fmt, self.columns.__dict__, hp.seq_length, hp.mask_prompt, hp.chat_template]
         settings += [Hasher.hash(tokenizer), repr(features)]
         # _fingerprint is private API of datasets (derived from the files' paths, sizes and mtimes): read, never set.
@@ -293,8 +271,7 @@ class SFTDataModule(pl.LightningDataModule):
             new_fingerprint=Hasher.hash(("tokenize", raw._fingerprint, settings)),
             desc="tokenize",
         )
-        status = tokenized.data.column("status")
-        cut, dropped = (int(pc.sum(pc.equal(status, value)).as_py() or 0) for value in (CUT, DROPPED))
+        cut, dropped = (int(pc.sum(pc.equal(tokenized.data.column("status"), v)).as_py() or 0) for v in (CUT, DROPPED))
         counts = {"samples": len(raw), "cut": cut, "dropped": dropped}
         packed = tokenized.map(
             PackRows(hp.seq_length, hp.packing),
@@ -330,21 +307,10 @@ class SFTDataModule(pl.LightningDataModule):
             raise _no_samples(split, files)
         return raw
 
-    def _build(self) -> None:
-        # datasets' progress bars would surround a bad input's one error line; our log lines report each pass.
-        enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            self._build_splits()
-        finally:
-            if enabled:
-                datasets.enable_progress_bars()
-
     def _build_splits(self) -> None:
         hp = self.hparams
         source = str(hp.train_files or "the shipped demo corpus")
         raw = self._load(hp.train_files or shipped_corpus(), "training")
-        # Whole samples held out by one seeded shuffle: validation first, then test.
         total = len(raw)
         n_val = 0 if hp.val_files or total < 2 or not hp.val_fraction else max(1, int(total * hp.val_fraction))
         n_test = 0 if hp.test_files or total - n_val < 2 or not hp.test_fraction else max(1, int(total * hp.test_fraction))
@@ -373,7 +339,14 @@ class SFTDataModule(pl.LightningDataModule):
         # Rank 0 tokenizes and writes the cache; the other ranks then find it by fingerprint.
         if rank != 0:
             trainer.strategy.barrier("sft_data")
-        self._build()
+        # datasets' progress bars would surround a bad input's one error line; our log lines report each pass.
+        enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            self._build_splits()
+        finally:
+            if enabled:
+                datasets.enable_progress_bars()
         if world > 1 and rank == 0:
             trainer.strategy.barrier("sft_data")
         per_rank, hp, stats = len(self.train_dataset) // world, self.hparams, self.stats
@@ -397,12 +370,11 @@ class SFTDataModule(pl.LightningDataModule):
 
         hp, trainer = self.hparams, self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        # Our own sampler, one shard per rank: Lightning leaves a DistributedSampler alone (no re-instantiation)
-        # and calls its set_epoch; StatefulDataLoader records how far into it this epoch got.
+        # Lightning keeps our DistributedSampler (calls set_epoch); StatefulDataLoader records how far this epoch got.
         sampler = DistributedSampler(self.train_dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
-        collate = self.collator()
         return StatefulDataLoader(
-            self.train_dataset, hp.batch_size, sampler=sampler, collate_fn=collate, num_workers=hp.num_workers, drop_last=True
+            self.train_dataset, hp.batch_size, sampler=sampler, collate_fn=self.collator(), num_workers=hp.num_workers,
+            drop_last=True,
         )
 
     def _eval_loader(self, dataset: Any) -> DataLoader:
