@@ -1,12 +1,5 @@
-"""Merge LoRA adapters into their base weights with peft's own per-layer code, one adapted module at a time.
-
-Rather than matching peft's names (``q_proj.base_layer.weight``, nested ``ParamWrapper``s of fused experts,
-``lora_embedding_A``, DoRA's ``lora_magnitude_vector``) and re-deriving the math (rank and alpha patterns,
-rsLoRA, DoRA's norm, expert reshapes), :class:`LoraMerge` keeps a meta model adapted with the training
-``LoraConfig``: for each outermost adapted module it copies the meta layer, assigns the streamed tensors
-(CPU, one module in memory) and calls peft's ``merge``. The merged tensors come back under the un-adapted
-model's names, so the hub reversion sees a plain model.
-"""
+"""Merge LoRA adapters into their base weights with peft's own per-layer code (no re-derived DoRA/rsLoRA math),
+one outermost adapted module of a meta model at a time."""
 
 from __future__ import annotations
 
