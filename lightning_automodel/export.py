@@ -156,8 +156,7 @@ def export_checkpoint(
 
 
 def recorded_source_dir(source: str | None) -> Path | None:
-    """The model directory the checkpoint records, as the source of the tokenizer and generation config: the checkpoint's
-    word, not the user's, so only an existing directory holding a ``config.json`` (``--tokenizer_path`` chooses another)."""
+    """The checkpoint's recorded model directory as the tokenizer's source: its word, so only one with a config.json."""
     if not source:
         return None
     directory = Path(source)

@@ -65,9 +65,8 @@ def is_last_step(trainer: pl.Trainer) -> bool:
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
-    Writes ``dirpath/final`` at the end of ``fit`` and ``dirpath/step-<N>`` every ``every_n_train_steps`` steps, in
-    ``save_pretrained``'s layout, from every rank (per rank at most one output shard plus one group), published with
-    one rename: a crash leaves the previous directory or the new one. ``dirpath`` must be seen by every node.
+    Writes ``dirpath/final`` at the end of ``fit`` and ``dirpath/step-<N>`` every ``every_n_train_steps`` steps from
+    every rank, published with one rename (a crash leaves the old or the new directory); all nodes must see ``dirpath``.
     Every Lightning checkpoint also records what ``export`` needs.
 
     Args:

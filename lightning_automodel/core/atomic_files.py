@@ -82,8 +82,7 @@ def rename_no_replace(source: Path, target: Path) -> None:
 
 
 def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True) -> None:
-    """Move ``staging`` to ``final``, replacing an existing ``final`` (atomically where the filesystem can; else the old
-    one is parked at ``sibling(final, "old")`` between two renames, for :func:`recover_replaced_directory`)."""
+    """Move ``staging`` to ``final``, replacing it (atomically if it can, else parked at ``sibling(final, "old")``)."""
     parked = sibling(final, "old")
     if not final.exists() and not final.is_symlink():
         os.replace(staging, final)
@@ -109,8 +108,7 @@ def _awaits_recovery(final: Path) -> bool:
 
 
 def recover_replaced_directory(final: Path) -> bool:
-    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did (a process that loses
-    the rename to another node's recovery finds ``final`` in place and returns ``False``)."""
+    """Put back a directory an interrupted :func:`replace_directory` parked; ``True`` if it did (not another node)."""
     parked = sibling(final, "old")
     if not _awaits_recovery(final):
         return False

@@ -26,8 +26,7 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class HubModelInfo:
-    """What rebuilding the Hugging Face model needs, stored in a training checkpoint: its attribute ``prefix`` in the
-    LightningModule (``"model."`` for ``HFCausalLM``), ``config.to_dict()``, the local ``source`` directory if any."""
+    """What rebuilding the Hugging Face model needs, stored in a checkpoint (``prefix``: e.g. ``"model."``)."""
 
     prefix: str
     model_class: str
@@ -35,8 +34,7 @@ class HubModelInfo:
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        # A JSON string: Lightning's metadata is unpickled with weights_only=True, which takes
-        # str/dict/list but not every value a config dict may hold (tuples of floats, nested configs).
+        # A JSON string: Lightning unpickles metadata with weights_only=True, which refuses some config values (tuples).
         return {"prefix": self.prefix, "model_class": self.model_class, "config_json": json.dumps(self.config), "source": self.source}
 
     @classmethod
@@ -146,8 +144,7 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
 
 
 def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
-    """Split ``names`` as ``revert_weight_conversion`` matches them: a name a converter matches joins the group of its
-    converted name; any other name is a group alone, a rename (``True``: the same data under its hub name)."""
+    """``names`` grouped as ``revert_weight_conversion`` matches them; ``True``: a group alone, renamed (same data)."""
     from lightning_automodel._compat.transformers import WeightConverter, apply_converters, dot_natural_key
 
     reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]

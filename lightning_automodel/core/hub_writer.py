@@ -353,10 +353,8 @@ def assemble_shard(
             return
         sources = fetch(batch)
         for group in batch:
-            if merge is not None:
-                tensors = merge.merge(group.sources, {name: sources[name] for name in group.fetch_names})
-            else:
-                tensors = {name: sources[name] for name in group.sources}
+            tensors = ({name: sources[name] for name in group.sources} if merge is None
+                       else merge.merge(group.sources, {name: sources[name] for name in group.fetch_names}))
             for name, tensor in iter_outputs(model, group, tensors):
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
@@ -401,8 +399,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def regular_file_inside(directory: Path, name: str) -> Path | None:
-    """``directory/name`` when a regular file, not a symlink, inside ``directory``; else ``None``: a directory a checkpoint
-    names must not make a save copy a file from anywhere else on the machine."""
+    """``directory/name`` if a regular file (no symlink) inside it, else ``None``: copy nothing from elsewhere."""
     path = directory / name
     try:
         info = os.lstat(path)
@@ -498,8 +495,7 @@ def _files_under(root: Path) -> set[str]:
 
 
 def check_replaceable(out: Path) -> None:
-    """Refuse (:class:`PublishRefused`) to replace ``out`` unless it is a previous export holding only the files its
-    marker lists: a file the user added since (notes, an evaluation) would be deleted, so it is named instead."""
+    """Refuse (:class:`PublishRefused`) to replace ``out`` unless a previous export holding only its marker's files."""
     marker = out / EXPORT_MARKER
     if out.is_symlink() or not out.is_dir() or marker.is_symlink() or not marker.is_file():
         raise PublishRefused(f"{out} is not a previous export (no {EXPORT_MARKER}); move it or choose another directory.")

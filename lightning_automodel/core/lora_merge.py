@@ -35,8 +35,7 @@ def refuse_quantized_base(model: nn.Module) -> None:
 
 
 class LoraMerge:
-    """Which state tensors each merged tensor needs, and the merge itself, for the LoRA ``config`` and the names of the
-    state being written (adapters included); ``meta_model`` (the plain model) is left as it is: it plans the hub layout."""
+    """The state tensors each merged tensor needs, and the merge, for a LoRA ``config`` (``meta_model`` unchanged)."""
 
     def __init__(self, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> None:
         from peft.tuners.lora import LoraLayer
@@ -88,11 +87,7 @@ class LoraMerge:
 
     def inputs(self, merged: Sequence[str]) -> tuple[str, ...]:
         """The state tensors to fetch for ``merged`` (an adapted module: its base and all its adapters; in order, once each)."""
-        out: dict[str, None] = {}
-        for name in merged:
-            for source in self._inputs.get(name, (self._spec_of[name],)):
-                out[source] = None
-        return tuple(out)
+        return tuple(dict.fromkeys(s for name in merged for s in self._inputs.get(name, (self._spec_of[name],))))
 
     @torch.no_grad()
     def merge(self, merged: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
