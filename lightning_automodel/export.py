@@ -1,17 +1,8 @@
 """``lightning-automodel export``: a Lightning checkpoint (single file or sharded DCP) -> a Hugging Face directory.
 
-The directory is what ``save_pretrained`` writes (``core.hub_writer``, the path ``HuggingFaceCheckpoint``
-also writes through): hub tensor names, safetensors shards with an index, ``config.json``,
-``generation_config.json`` and the tokenizer; ``lm_head.weight`` omitted only when truly tied. Memory: one
-output shard plus one conversion group; tensors are read one group at a time, the optimizer state never.
-
-The checkpoint says which model it holds (``core.hub_layout.HubModelInfo``, stored by the callbacks and
-``HFCausalLM``; older ``HFCausalLM`` checkpoints: their hyper-parameters). Nothing from it is executed:
-``weights_only=True`` unpickling with a short allow-list, DCP's ``.metadata`` through an allow-list, its
-``trust_remote_code`` ignored. The directory is built beside the target and renamed into place, so a failure
-(a full disk included) leaves nothing under the target name; an ``--out`` that appears meanwhile is refused,
-and ``--overwrite`` replaces only a previous export holding no file it did not write. The tokenizer comes from
-``--tokenizer_path`` or the recorded model directory (only regular, non-symlink files inside it).
+What ``save_pretrained`` writes, with the tokenizer, in one output shard plus one conversion group of memory. Nothing
+from the checkpoint is executed (allow-listed unpickling, its ``trust_remote_code`` ignored). The directory is built
+beside ``--out`` and renamed into place: a failure leaves nothing there.
 """
 
 from __future__ import annotations
@@ -90,8 +81,7 @@ def export_checkpoint(
     ckpt_path: str | os.PathLike[str], out: str | os.PathLike[str], *, max_shard_size: str = "5GB", overwrite: bool = False,
     tokenizer_path: str | None = None, dtype: str = "auto", adapter_only: bool = False,
 ) -> Path:
-    """Export and return the output directory (see the module docstring). A checkpoint trained with the LoRA
-    callback exports the merged model; ``adapter_only`` writes the PEFT adapter directory instead."""
+    """Export and return the output directory: a LoRA checkpoint merged, or with ``adapter_only`` its adapters."""
     src, out = Path(ckpt_path), Path(out)
     if not src.exists():
         raise ExportError(f"Checkpoint {str(src)!r} does not exist.")
@@ -166,8 +156,7 @@ def export_checkpoint(
 
 
 def recorded_source_dir(source: str | None) -> Path | None:
-    """The model directory the checkpoint records, as the source of the tokenizer and generation config: the checkpoint's
-    word, not the user's, so only an existing directory holding a ``config.json`` (``--tokenizer_path`` chooses another)."""
+    """The checkpoint's recorded model directory as the tokenizer's source: its word, so only one with a config.json."""
     if not source:
         return None
     directory = Path(source)

@@ -35,8 +35,7 @@ log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
 
 def check_target_is_not_source(target: Path, source: Path, *, what: str) -> None:
-    """Refuse (one line) a save target that is, contains or lies inside the directory the model is loaded from:
-    publishing replaces the target, which would delete the weights the run started from or write into them."""
+    """Refuse a save target that is, contains or lies inside the model's source directory: publishing replaces it."""
     t, s = target.resolve(), source.resolve()
     relation = "is" if t == s else "contains" if s.is_relative_to(t) else "is inside" if t.is_relative_to(s) else None
     if relation is not None:
@@ -66,13 +65,9 @@ def is_last_step(trainer: pl.Trainer) -> bool:
 class HuggingFaceCheckpoint(Callback):
     """Save the trained model as a Hugging Face directory (``from_pretrained`` loads it) during ``fit``.
 
-    At the end of ``fit`` it writes ``dirpath/final`` and, every ``every_n_train_steps`` steps when set,
-    ``dirpath/step-<N>`` (not on the fit's last step: ``final`` holds it), in ``save_pretrained``'s layout
-    (``core.hub_writer``, shared with ``lightning-automodel export``). Every rank writes its rows of the files
-    in place, converted groups are gathered to the file's owner only: per rank at most one output shard plus
-    one group. Rank 0 publishes the staging directory with one rename after every rank fsynced: a crash leaves
-    the previous directory or the new one. ``dirpath`` must be on a filesystem every node sees. Every Lightning
-    checkpoint also records what ``export`` needs, so a checkpoint of any LightningModule exports.
+    Writes ``dirpath/final`` at the end of ``fit`` and ``dirpath/step-<N>`` every ``every_n_train_steps`` steps from
+    every rank, published with one rename (a crash leaves the old or the new directory); all nodes must see ``dirpath``.
+    Every Lightning checkpoint also records what ``export`` needs.
 
     Args:
         dirpath: where the directories go (default: ``<trainer.default_root_dir>/hf``).
@@ -80,12 +75,9 @@ class HuggingFaceCheckpoint(Callback):
         save_on_train_end: write ``final`` when fit ends.
         max_shard_size: largest output file, e.g. ``"5GB"``.
         dtype: ``auto`` (the parameters' dtypes), ``bf16`` or ``fp32``.
-        tokenizer_path: copy the tokenizer from this local directory (default: the directory the
-            weights came from, when the module says so).
-        adapter_only: with LoRA, write peft's adapter directory (``adapter_config.json`` +
-            ``adapter_model.safetensors``, loaded by ``PeftModel.from_pretrained(base, DIR)``) instead of
-            the merged model. By default a LoRA model is written merged (peft's merge of every adapted
-            layer, one module at a time), under the plain model's names.
+        tokenizer_path: copy the tokenizer from this local directory (default: the weights' source directory).
+        adapter_only: with LoRA, write peft's adapter directory (``PeftModel.from_pretrained(base, DIR)`` loads it)
+            instead of the model with the adapters merged.
     """
 
     def __init__(

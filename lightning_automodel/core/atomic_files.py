@@ -1,12 +1,5 @@
-"""Publishing a directory under its final name with no moment at which that name is missing.
-
-POSIX ``rename`` cannot replace a non-empty directory: two renames (old aside, new in) leave no directory
-under the name if a crash falls between them. :func:`replace_directory` uses Linux's atomic swap
-(``renameat2(RENAME_EXCHANGE)``, ext4, xfs, btrfs, tmpfs) where it can, else the two renames with the old
-directory parked at a fixed sibling that :func:`recover_replaced_directory` moves back at the next start:
-once per node (:func:`recover_replaced_directory_per_node`, before any process group exists), tolerating
-another node winning the rename on a shared filesystem. ``renameat2`` is reached through ``ctypes`` here only.
-"""
+"""Publishing a directory under its final name with no moment at which that name is missing (``rename`` cannot
+replace a non-empty directory: ``renameat2(RENAME_EXCHANGE)``, else the old one parked, recovered at the next start)."""
 
 from __future__ import annotations
 
@@ -79,11 +72,8 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 def rename_no_replace(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``, raising ``FileExistsError`` when ``target`` exists (even an empty directory).
-
-    ``renameat2(RENAME_NOREPLACE)`` checks and renames in one step: of two racing writers exactly one wins.
-    Without it, the check is an ``lstat`` just before ``rename`` (a tiny window).
-    """
+    """Rename ``source`` to ``target``; ``FileExistsError`` when ``target`` exists (even an empty directory). With
+    ``renameat2(RENAME_NOREPLACE)`` exactly one of two racing writers wins (without it, a tiny ``lstat`` window)."""
     if not _renameat2(source, target, _RENAME_NOREPLACE):
         if target.exists() or target.is_symlink():
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
@@ -92,8 +82,7 @@ def rename_no_replace(source: Path, target: Path) -> None:
 
 
 def replace_directory(staging: Path, final: Path, *, allow_exchange: bool = True) -> None:
-    """Move ``staging`` to ``final``, replacing an existing ``final`` (atomically where the filesystem can; else the old
-    one is parked at ``sibling(final, "old")`` between two renames, for :func:`recover_replaced_directory`)."""
+    """Move ``staging`` to ``final``, replacing it (atomically if it can, else parked at ``sibling(final, "old")``)."""
     parked = sibling(final, "old")
     if not final.exists() and not final.is_symlink():
         os.replace(staging, final)
@@ -119,8 +108,7 @@ def _awaits_recovery(final: Path) -> bool:
 
 
 def recover_replaced_directory(final: Path) -> bool:
-    """Put back a directory parked by an interrupted :func:`replace_directory`; ``True`` if it did (a process that loses
-    the rename to another node's recovery finds ``final`` in place and returns ``False``)."""
+    """Put back a directory an interrupted :func:`replace_directory` parked; ``True`` if it did (not another node)."""
     parked = sibling(final, "old")
     if not _awaits_recovery(final):
         return False

@@ -1,12 +1,4 @@
-"""The Hugging Face hub layout of a model's weights, planned on shapes so it can be written tensor by tensor.
-
-``save_pretrained`` reverts transformers' load-time conversions (fused MoE experts -> one tensor per expert,
-VLM legacy keys) with ``revert_weight_conversion`` on the whole state dict, all tensors in memory at once.
-The reversion is a set of independent groups (one fused tensor and what it becomes, or one renamed tensor):
-here the state is split into those groups with transformers' own matching rules and each group is reverted
-on meta to learn its outputs; the writer reverts one group of real tensors at a time. Same names and shapes
-as ``save_pretrained`` (tested per layout), one group in memory.
-"""
+"""The hub layout of a model's weights, planned on meta per conversion group (``save_pretrained``: all at once)."""
 
 from __future__ import annotations
 
@@ -34,8 +26,7 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class HubModelInfo:
-    """What rebuilding the Hugging Face model needs, stored in a training checkpoint: its attribute ``prefix`` in the
-    LightningModule (``"model."`` for ``HFCausalLM``), ``config.to_dict()``, the local ``source`` directory if any."""
+    """What rebuilding the Hugging Face model needs, stored in a checkpoint (``prefix``: e.g. ``"model."``)."""
 
     prefix: str
     model_class: str
@@ -43,8 +34,7 @@ class HubModelInfo:
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        # A JSON string: Lightning's metadata is unpickled with weights_only=True, which takes
-        # str/dict/list but not every value a config dict may hold (tuples of floats, nested configs).
+        # A JSON string: Lightning unpickles metadata with weights_only=True, which refuses some config values (tuples).
         return {"prefix": self.prefix, "model_class": self.model_class, "config_json": json.dumps(self.config), "source": self.source}
 
     @classmethod
@@ -140,13 +130,8 @@ _CONVERSIONS: weakref.WeakKeyDictionary[nn.Module, list[Any] | None] = weakref.W
 
 
 def _weight_conversions(model: nn.Module) -> list[Any] | None:
-    """The conversions ``revert_weight_conversion`` applies to ``model``, computed once per model.
-
-    transformers finds them by walking every module (``get_model_conversion_mapping``); doing that for
-    every group made planning quadratic in depth (160 layers: 29 s). Same selection as transformers: the
-    model's own ``_weight_conversions`` when loaded with them, else the default mapping without legacy
-    renames and without ``PrefixChange``.
-    """
+    """The conversions ``revert_weight_conversion`` applies to ``model`` (transformers' selection), once per model:
+    transformers walks every module for them, which per group made planning quadratic in depth (160 layers: 29 s)."""
     if model in _CONVERSIONS:
         return _CONVERSIONS[model]
     conversions = loaded_weight_conversions(model)
@@ -159,8 +144,7 @@ def _weight_conversions(model: nn.Module) -> list[Any] | None:
 
 
 def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
-    """Split ``names`` as ``revert_weight_conversion`` matches them: a name a converter matches joins the group of its
-    converted name; any other name is a group alone, a rename (``True``: the same data under its hub name)."""
+    """``names`` grouped as ``revert_weight_conversion`` matches them; ``True``: a group alone, renamed (same data)."""
     from lightning_automodel._compat.transformers import WeightConverter, apply_converters, dot_natural_key
 
     reverse = [c.reverse_transform() for c in (_weight_conversions(model) or [])[::-1]]
@@ -173,8 +157,7 @@ def conversion_groups(model: nn.Module, names: list[str]) -> list[tuple[tuple[st
 
 
 def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' reversion of one conversion group (module names -> hub names), handed the conversions
-    computed once through the attribute it reads first, so it does not walk the model again."""
+    """transformers' reversion of one conversion group (module names -> hub names), not walking the model again."""
     from lightning_automodel._compat.transformers import revert_weight_conversion
 
     conversions = _weight_conversions(model)
@@ -186,12 +169,8 @@ def revert_group(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 
 def check_state(meta_model: nn.Module, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], omit: set[str]) -> None:
-    """The state is exactly the model's tensors (names, shapes, int/float); else one line, before anything is written.
-
-    An unknown name would be written and ignored by ``from_pretrained``, which initializes the tensor it
-    stands for randomly (peft's ``base_layer`` names did exactly that); a missing or misshapen tensor
-    would fail only in whoever loads the directory.
-    """
+    """The state is exactly the model's tensors (names, shapes, int/float); else one line, before anything is written:
+    ``from_pretrained`` ignores an unknown name, initializing its weight randomly (peft's ``base_layer`` names did)."""
     expected = meta_model.state_dict()
     unknown = [n for n in specs if n not in expected and n not in omit]
     if unknown:
@@ -215,14 +194,11 @@ def check_state(meta_model: nn.Module, specs: Mapping[str, tuple[tuple[int, ...]
 
 
 def plan_hub_layout(
-    meta_model: nn.Module,
-    module_tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    *,
+    meta_model: nn.Module, module_tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], *,
     omit: set[str] = frozenset(),  # type: ignore[assignment]
     inputs: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> HubLayout:
-    """Plan, on meta, the hub layout of a state with ``module_tensors`` (name -> (shape, dtype)) without ``omit`` (a tied
-    head); ``inputs``: the state tensors a group's sources are computed from, when they differ (``LoraMerge.inputs``)."""
+    """The hub layout of ``module_tensors`` (name -> (shape, dtype)) but ``omit``; ``inputs``: ``LoraMerge.inputs``."""
     check_state(meta_model, module_tensors, omit)
     names = [n for n in module_tensors if n not in omit]
     groups = []

@@ -1,11 +1,4 @@
-"""Write a Hugging Face directory in the hub layout, from a training checkpoint or a live model on every rank.
-
-One path serves ``export`` and ``HuggingFaceCheckpoint``: a meta model gives the hub names (:func:`plan_hub_write`);
-:func:`write_hub_files` fetches one conversion group at a time (read from a checkpoint, or gathered from a maybe
-FSDP2-sharded model: file ``i`` belongs to rank ``i % world_size``, each tensor is gathered to its file's owner
-only, a renamed tensor is written in place by every rank) and writes the files; :func:`write_published` stages
-them beside the target and publishes with one ``rename``. Per rank memory: one output shard plus one group.
-"""
+"""The Hugging Face directory of ``export`` and ``HuggingFaceCheckpoint``; per rank: one output shard plus one group."""
 
 from __future__ import annotations
 
@@ -88,12 +81,8 @@ def plan_hub_write(
     meta_model: nn.Module, config: Any, specs: Specs, *, dtype: torch.dtype | None, heads_equal: Callable[[str, str], bool],
     merge: LoraMerge | None = None,
 ) -> HubLayout:
-    """The hub layout of a state with ``specs`` (state name -> (shape, dtype)) written in ``dtype``, and ``config`` to match.
-
-    With ``merge``, the merged model's layout. The head is left out only when truly tied: configured tied,
-    and absent or ``heads_equal(head, embed)`` (state names; never when merged); else ``config`` is untied.
-    ``config.dtype`` becomes the most common float dtype written.
-    """
+    """The hub layout of ``specs`` (name -> (shape, dtype)) in ``dtype``, merged with ``merge``; ``config`` to match.
+    The head is omitted only when truly tied (configured tied, absent or equal, not merged), else config is untied."""
     names = merge.names() if merge is not None else {n: n for n in specs}
     planned = {n: (tuple(specs[s][0]), _output_dtype(specs[s][1], dtype)) for n, s in names.items()}
     _, head = get_lm_head_weight_and_name(meta_model)
@@ -133,8 +122,7 @@ def heads_equal_on_all_ranks(state: Mapping[str, torch.Tensor], head: str, embed
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; a collective for a DTensor. A CPU-offloaded FSDP2 shard goes to its mesh's
-    device first: NCCL would be handed a CPU tensor."""
+    """The whole tensor on the CPU (a collective for a DTensor); an offloaded shard goes to the mesh's device: NCCL."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
@@ -152,12 +140,8 @@ def write_hub_files(
     read: Callable[[list[str]], Mapping[str, torch.Tensor]] | None = None, merge: LoraMerge | None = None,
     rank: int = 0, world_size: int = 1, device: torch.device | None = None,
 ) -> list[str]:
-    """Write ``layout``'s safetensors files, then (rank 0) the index and config files; returns this rank's files.
-
-    Tensors come from ``read`` (names -> tensors: a checkpoint, one process) or ``state`` (a live, maybe sharded
-    model: a collective). An owner hands each file to a writer thread and waits for it before assembling its
-    next one. A failure on any rank is an error on every rank once the walk is done (one all-reduce on ``device``).
-    """
+    """Write ``layout``'s safetensors files, then (rank 0) the index and config; returns this rank's files. Tensors come
+    from ``read`` (a checkpoint) or ``state`` (a live model: a collective); a rank's failure is raised on every rank."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     def fetch(groups: Sequence[ConversionGroup], owner: int) -> Mapping[str, torch.Tensor]:
@@ -178,8 +162,7 @@ def write_hub_files(
     direct = [state is not None and all(_rows_in_place(g, state) for g in shard) for shard in shards]
     written: list[str] = []
     error: BaseException | None = None
-    # Files of renamed tensors only: the owner lays each out (header, full size), then every rank
-    # writes its own rows in place. No tensor crosses the network.
+    # Files of renamed tensors only: the owner lays each out, every rank writes its own rows (no tensor travels).
     for index, shard in enumerate(shards):
         if direct[index] and index % world_size == rank:
             try:
@@ -259,11 +242,8 @@ def _agree_on_success(error: BaseException | None, rank: int, world_size: int, d
 
 
 def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch.dtype | None) -> torch.Tensor | None:
-    """The whole ``tensor`` in the output ``dtype`` on the CPU of global rank ``owner``; ``None`` on the others.
-
-    An FSDP2 dim-0 shard over one mesh dimension is ``dist.gather``-ed to the owner only, cast before it travels,
-    on the mesh's device (NCCL has no CPU path); other DTensor layouts are all-gathered (:func:`full_tensor`).
-    """
+    """The whole ``tensor`` in the output ``dtype`` on the CPU of rank ``owner``, ``None`` elsewhere. A dim-0 shard is
+    gathered to the owner only, cast before it travels, on the mesh's device (NCCL has no CPU path)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
 
@@ -291,8 +271,7 @@ def gather_to_owner(tensor: torch.Tensor, *, owner: int, rank: int, dtype: torch
 
 
 def _rows_in_place(group: ConversionGroup, state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether each rank can write its rows of ``group``'s one output straight into the file: a renamed tensor, whole
-    on every rank or an FSDP2 dim-0 shard over one mesh dimension (a rank's rows are one contiguous byte range)."""
+    """Whether each rank can write its rows of ``group`` straight into the file (whole, or a 1-D mesh dim-0 shard)."""
     from torch.distributed.tensor import DTensor, Shard
 
     if group.inputs or not group.renamed or group.outputs[0].dtype not in _SAFETENSORS_DTYPES:
@@ -329,8 +308,7 @@ def _create_in_place(path: Path, shard: Sequence[ConversionGroup]) -> None:
 
 
 def _write_rows_in_place(path: Path, shard: Sequence[ConversionGroup], state: Mapping[str, torch.Tensor], *, owner: int, rank: int) -> None:
-    """Write this rank's rows of every tensor of ``shard`` at their offsets in ``path``, cast to the file's dtypes
-    (not fsynced yet). A tensor every rank holds whole is written by the file's owner only."""
+    """Write this rank's rows of ``shard``'s tensors at their offsets in ``path`` (a whole tensor: the owner only)."""
     from torch.distributed.tensor import DTensor
 
     from lightning_automodel.core.distributed import local_index
@@ -375,10 +353,8 @@ def assemble_shard(
             return
         sources = fetch(batch)
         for group in batch:
-            if merge is not None:
-                tensors = merge.merge(group.sources, {name: sources[name] for name in group.fetch_names})
-            else:
-                tensors = {name: sources[name] for name in group.sources}
+            tensors = ({name: sources[name] for name in group.sources} if merge is None
+                       else merge.merge(group.sources, {name: sources[name] for name in group.fetch_names}))
             for name, tensor in iter_outputs(model, group, tensors):
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
@@ -423,8 +399,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def regular_file_inside(directory: Path, name: str) -> Path | None:
-    """``directory/name`` when a regular file, not a symlink, inside ``directory``; else ``None``: a directory a checkpoint
-    names must not make a save copy a file from anywhere else on the machine."""
+    """``directory/name`` if a regular file (no symlink) inside it, else ``None``: copy nothing from elsewhere."""
     path = directory / name
     try:
         info = os.lstat(path)
@@ -470,8 +445,7 @@ def write_adapter_directory(out: Path, config: Any, adapters: Mapping[str, torch
 
 
 def staging_directory(out: Path) -> Path:
-    """A fresh directory beside ``out`` (same filesystem: publishing is one rename), 0755, holding
-    :data:`STAGING_MARKER` (this host and process) so :func:`remove_stale_staging` knows it from anything else."""
+    """A fresh directory beside ``out`` (publishing is one rename), 0755, holding :data:`STAGING_MARKER`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}", dir=out.parent))
     os.chmod(staging, DIR_MODE)
@@ -503,8 +477,7 @@ def _is_stale_staging(entry: Path) -> bool:
 
 
 def remove_stale_staging(directory: Path) -> list[Path]:
-    """Remove the staging directories of killed saves in ``directory``; anything else (a user's ``.x.tmp-y``,
-    another live run's staging) stays."""
+    """Remove the staging directories of killed saves in ``directory``; anything else stays."""
     removed = [entry for entry in (directory.iterdir() if directory.is_dir() else ()) if _is_stale_staging(entry)]
     for entry in removed:
         shutil.rmtree(entry, ignore_errors=True)
@@ -522,8 +495,7 @@ def _files_under(root: Path) -> set[str]:
 
 
 def check_replaceable(out: Path) -> None:
-    """Refuse (:class:`PublishRefused`) to replace ``out`` unless it is a previous export holding only the files its
-    marker lists: a file the user added since (notes, an evaluation) would be deleted, so it is named instead."""
+    """Refuse (:class:`PublishRefused`) to replace ``out`` unless a previous export holding only its marker's files."""
     marker = out / EXPORT_MARKER
     if out.is_symlink() or not out.is_dir() or marker.is_symlink() or not marker.is_file():
         raise PublishRefused(f"{out} is not a previous export (no {EXPORT_MARKER}); move it or choose another directory.")
@@ -540,9 +512,8 @@ def check_replaceable(out: Path) -> None:
 
 
 def publish_directory(staging: Path, out: Path, *, replace: bool = False) -> None:
-    """Move ``staging`` to ``out`` in one step, never a silent replacement: without ``replace`` an ``out`` that exists now
-    (another export got there first) is refused, except an empty directory; with it, ``out`` must pass
-    :func:`check_replaceable` here and is swapped atomically where the filesystem can (``core.atomic_files``)."""
+    """Move ``staging`` to ``out`` in one step, never a silent replacement: an existing ``out`` is refused (but an empty
+    directory) or, with ``replace``, must pass :func:`check_replaceable` (another export may have got there first)."""
     fsync_path(staging)
     if replace and (out.exists() or out.is_symlink()):
         check_replaceable(out)
@@ -571,8 +542,7 @@ def write_marker(out: Path, source: str) -> None:
 def write_published(
     out: Path, write: Callable[[Path], None], *, marker: str, replace: bool, staging: Path | None = None, owner: bool = True
 ) -> None:
-    """``write`` into ``staging`` (default: a fresh one beside ``out``); the ``owner`` then writes the marker and
-    publishes it, and removes it on any failure: nothing half-written is left under ``out`` or beside it."""
+    """``write`` into ``staging``; the ``owner`` publishes it, or removes it on any failure (nothing half-written)."""
     staging = staging if staging is not None else staging_directory(out)
     try:
         write(staging)

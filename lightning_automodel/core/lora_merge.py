@@ -1,12 +1,5 @@
-"""Merge LoRA adapters into their base weights with peft's own per-layer code, one adapted module at a time.
-
-Rather than matching peft's names (``q_proj.base_layer.weight``, nested ``ParamWrapper``s of fused experts,
-``lora_embedding_A``, DoRA's ``lora_magnitude_vector``) and re-deriving the math (rank and alpha patterns,
-rsLoRA, DoRA's norm, expert reshapes), :class:`LoraMerge` keeps a meta model adapted with the training
-``LoraConfig``: for each outermost adapted module it copies the meta layer, assigns the streamed tensors
-(CPU, one module in memory) and calls peft's ``merge``. The merged tensors come back under the un-adapted
-model's names, so the hub reversion sees a plain model.
-"""
+"""Merge LoRA adapters into their base weights with peft's own per-layer code (no re-derived DoRA/rsLoRA math),
+one outermost adapted module of a meta model at a time."""
 
 from __future__ import annotations
 
@@ -42,8 +35,7 @@ def refuse_quantized_base(model: nn.Module) -> None:
 
 
 class LoraMerge:
-    """Which state tensors each merged tensor needs, and the merge itself, for the LoRA ``config`` and the names of the
-    state being written (adapters included); ``meta_model`` (the plain model) is left as it is: it plans the hub layout."""
+    """The state tensors each merged tensor needs, and the merge, for a LoRA ``config`` (``meta_model`` unchanged)."""
 
     def __init__(self, meta_model: nn.Module, config: Any, state_names: Iterable[str]) -> None:
         from peft.tuners.lora import LoraLayer
@@ -95,11 +87,7 @@ class LoraMerge:
 
     def inputs(self, merged: Sequence[str]) -> tuple[str, ...]:
         """The state tensors to fetch for ``merged`` (an adapted module: its base and all its adapters; in order, once each)."""
-        out: dict[str, None] = {}
-        for name in merged:
-            for source in self._inputs.get(name, (self._spec_of[name],)):
-                out[source] = None
-        return tuple(out)
+        return tuple(dict.fromkeys(s for name in merged for s in self._inputs.get(name, (self._spec_of[name],))))
 
     @torch.no_grad()
     def merge(self, merged: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
