@@ -24,15 +24,13 @@ from lightning_automodel.core.naming import unique_named_parameters
 class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
-    A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
-    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``.
-    Known cases are frozen by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them).
-    Otherwise, a trainable parameter with no gradient on any rank in the first ``detect_steps`` backward
-    passes is named on rank 0, with the selector that freezes it.
+    A parameter that never gets a gradient has no optimizer state, and a sharded ``ModelParallelStrategy`` resume
+    fails with ``Missing key in checkpoint state_dict``. Known cases are frozen after ``ParameterFreezing``; others
+    (no gradient on any rank in the first ``detect_steps`` backward passes) are named with a freezing selector.
 
     Args:
         detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
-            0 disables detection. After them the callback costs nothing.
+            0 disables detection.
     """
 
     surgery_order: ClassVar[int] = 20
@@ -109,8 +107,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """The checkpoint's dead set, re-applied within the dead-parameter scope, for runs without
-        ``ParameterFreezing`` on strategies that restore before ``configure_optimizers``."""
+        """Re-apply the checkpoint's dead set (runs without ParameterFreezing, restoring before the optimizer)."""
         state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
         if state is None or trainer.state.fn != "fit":
             return

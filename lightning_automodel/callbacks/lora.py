@@ -42,17 +42,10 @@ def config_differences(saved: str, current: str) -> list[str]:
 class LoRA(ModelSurgeryCallback):
     """Train LoRA adapters (peft) instead of the whole model.
 
-    Adapters are injected in place (peft's ``inject_adapter_in_model``: the model keeps its class and
-    names; a targeted ``q_proj`` keeps its weight as ``q_proj.base_layer.weight`` and gains
-    ``q_proj.lora_A.default.weight`` / ``lora_B``), before the freeze rules and before FSDP2 shards the
-    model, so the adapters are sharded with their decoder layer. Every other parameter is frozen;
-    ``ParameterFreezing(unfreeze_modules=...)`` can still make e.g. the head trainable, and the
-    dead-parameter rules still win.
-
-    With ``HFCausalLM`` nothing else is needed. A LightningModule that builds its model in
-    ``configure_model`` and shards it itself calls
-    ``lightning_automodel.callbacks.prepare_before_sharding(self, model)`` between the build and
-    ``fully_shard``; a model that exists at ``setup`` (one device, DDP) is adapted then.
+    Adapters are injected in place by peft (the model keeps its class; ``q_proj.weight`` becomes
+    ``q_proj.base_layer.weight`` beside ``q_proj.lora_A.default.weight``) before FSDP2 shards the model; every
+    other parameter is frozen (``ParameterFreezing(unfreeze_modules=...)`` can still train e.g. the head).
+    A module that shards its own model in ``configure_model`` calls ``prepare_before_sharding(self, model)``.
 
     Args:
         r: adapter rank.
