@@ -1,6 +1,5 @@
 """Single-file ``.ckpt`` saves that are atomic on every filesystem layout, and a check for truncated ones.
-(Lightning's temporary file may live on another filesystem: its final copy, killed, truncates ``last.ckpt``.)
-"""
+(Lightning's temporary file may live on another filesystem: its final copy, killed, truncates ``last.ckpt``.)"""
 
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_d
 
 log = logging.getLogger(__name__)
 
-#: a local or remote path, as Lightning accepts one
 PathLike = str | os.PathLike[str]
 
 _TMP_SUFFIX = ".tmp"
@@ -63,8 +61,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
 
 def remove_stale_tmp_files(directory: Path) -> list[Path]:
-    """Remove the temporary files of saves killed before their rename; returns what was removed. Only
-    provably ours: a regular file named by :func:`atomic_torch_save` on this host, its writer gone."""
+    """Remove the temporary files of killed saves that are provably ours (this host, writer gone); returns them."""
     removed = []
     host = socket.gethostname()
     for entry in directory.iterdir() if directory.is_dir() else ():

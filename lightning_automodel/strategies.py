@@ -1,7 +1,6 @@
 """A ModelParallelStrategy (FSDP2) whose sharded checkpoints survive a kill at any moment (Lightning writes into
 the final directory: a kill leaves new shards beside old metadata), and which keeps CPU-offloaded shards on the host.
-Every rank writes into a fsynced staging sibling, which rank 0 publishes with ``replace_directory``.
-"""
+Every rank writes into a fsynced staging sibling, which rank 0 publishes with ``replace_directory``."""
 
 from __future__ import annotations
 
@@ -95,9 +94,8 @@ def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[s
 def load_present_optimizer_state(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, current: dict[str, Any], key: str, path: Path, stored: set[str]
 ) -> None:
-    """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has; the others start fresh.
-    A DCP load of an absent key fails, so only present keys are requested; a parameter missing any key ends
-    with no state at all (a fresh optimizer's, not the zero step's ``step = 1``)."""
+    """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has (a DCP load of an absent key
+    fails); a parameter missing any key ends with no state (a fresh optimizer's, not the zero step's ``step = 1``)."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -125,8 +123,7 @@ def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, An
     """Epoch, step, and an exact float64 sum of every local parameter and buffer shard: equal means the same state."""
     from torch.distributed.tensor import DTensor
 
-    # One stack (and one sync) per device: with CPU offload the shards are on the CPU and the
-    # buffers on the GPU, and one stack across both fails.
+    # One stack (and sync) per device: with CPU offload, shards (CPU) and buffers (GPU) cannot be stacked together.
     sums = [
         (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().sum(dtype=torch.float64)
         for tensor in module.state_dict(keep_vars=True).values()
@@ -173,8 +170,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        # The last point to choose the backend: with FSDP2 CPU offload, gradient clipping all-reduces CPU
-        # DTensors and an NCCL-only group fails (pytorch#148532); gloo beside NCCL costs no device memory.
+        # With FSDP2 CPU offload, clipping all-reduces CPU DTensors: an NCCL-only group fails (pytorch#148532).
         if self.process_group_backend is None and self.root_device.type == "cuda":
             set_process_group_backend(self, "cpu:gloo,cuda:nccl")
         super().setup_environment()
@@ -245,8 +241,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.local_rank == 0:  # one per node (node-local copies too); racing nodes on a shared filesystem are fine
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
-        # DCP unpickles .metadata with plain pickle on every rank: each rank reads it (and meta.pt) through
-        # the restricted readers first, so a crafted file fails here with one line.
+        # DCP unpickles .metadata with plain pickle on every rank: each reads it first through the restricted reader.
         if path.exists():
             try:
                 read_checkpoint_metadata(path)
@@ -258,8 +253,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         stored = dcp_stored_keys(path)
-        # Lightning's load for the module and the metadata, with the optimizers hidden (it would request
-        # every parameter's state); then each optimizer's present state, here.
+        # Lightning loads module and metadata with the optimizers hidden (it would request every parameter's state)
         optimizers = self.optimizers
         self.optimizers = []  # the public setter; restoring it below wraps the same optimizers again
         try:

@@ -2,8 +2,7 @@
 
 So, for one Trainer run, the first surgery callback patches the module's ``setup`` and ``configure_model`` and the
 strategy's ``load_checkpoint`` (sharded strategies load optimizer state there, before any callback hook) on the
-instances, and removes the patches at ``teardown``/``on_exception``: the module then pickles and deep-copies untouched.
-"""
+instances, removed at ``teardown``/``on_exception``: after any fit the module pickles and deep-copies untouched."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ from lightning_automodel.strategies import preview
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
-#: The job's ``weights_dtype`` cast: after LoRA injection (5), so peft creates fp32 adapters on fp32 base
-#: weights (the cast keeps them), and before the freeze rules (10), which see the final dtypes.
+#: The ``weights_dtype`` cast: after LoRA (5), so peft makes fp32 adapters on fp32 weights; before freezing (10).
 WEIGHTS_DTYPE_ORDER = 7
 
 #: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py); one device resumes in that case too.

@@ -29,8 +29,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
     (no gradient on any rank in the first ``detect_steps`` backward passes) are named with a freezing selector.
 
     Args:
-        detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
-            0 disables detection.
+        detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch); 0: no detection.
     """
 
     surgery_order: ClassVar[int] = 20
@@ -58,24 +57,21 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         super().on_train_start(trainer, pl_module)
         self._seen_backward = 0
         self._alive: set[str] = set()
-        _, model = find_hf_model(pl_module)
-        self._watched = [name for name, p in unique_named_parameters(model) if p.requires_grad]
+        self._watched = [name for name, p in unique_named_parameters(find_hf_model(pl_module)[1]) if p.requires_grad]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._watched or self._seen_backward >= self.detect_steps:
             return
         self._seen_backward += 1
-        _, model = find_hf_model(pl_module)
-        with_grad = {name for name, p in unique_named_parameters(model) if p.grad is not None}
+        with_grad = {name for name, p in unique_named_parameters(find_hf_model(pl_module)[1]) if p.grad is not None}
         self._alive.update(name for name in self._watched if name in with_grad)
         if self._seen_backward == self.detect_steps:
             self._report(trainer)
             self._watched = []
 
     def _report(self, trainer: pl.Trainer) -> None:
-        # On the strategy's device and through the strategy: NCCL has no CPU tensors. Every rank watches
-        # the same names in the same order; a parameter that got a gradient on any rank is alive.
+        # Through the strategy, on its device (NCCL has no CPU tensors); every rank watches the same names in order.
         flags = [1 if name in self._alive else 0 for name in self._watched]
         alive = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
         alive = trainer.strategy.reduce(alive, reduce_op=dist.ReduceOp.MAX)

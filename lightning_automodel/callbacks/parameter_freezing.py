@@ -74,16 +74,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         strict: a selector that matches no parameter is an error.
         on_resume_mismatch: a resume from a checkpoint trained with another frozen set: ``"restore"`` re-applies
             the checkpoint's set with a warning, ``"error"`` stops (both before any optimizer state loads).
-            To train a new set, start a new fit from the checkpoint's weights.
-
-    Example (YAML)::
-
-        trainer:
-          callbacks:
-            - class_path: lightning_automodel.callbacks.ParameterFreezing
-              init_args:
-                freeze_modules: [{glob: "model.vision_tower.*"}]
-                unfreeze_modules: [{path: "model.vision_tower.post_layernorm"}]
+            To train a new set, start a new fit from the checkpoint's weights. (YAML example: README.md.)
     """
 
     surgery_order: ClassVar[int] = 10
@@ -154,8 +145,7 @@ class ParameterFreezing(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self._model = model
         self.frozen = self.freeze(model)
-        # A fit's resume may re-apply the checkpoint's set later (sharded: after on_fit_start): the count is
-        # said once every restore is done, at train start (or fit end when no step runs)
+        # A resume may still change the set (sharded: after on_fit_start): the count is said at train start or fit end
         self._count_pending = trainer.state.fn == "fit"
         if not self._count_pending:
             self.log_first(f"froze {len(self.frozen)} parameter tensors.")

@@ -80,8 +80,7 @@ class TiedLMHead(ModelSurgeryCallback):
     ``lm_head.weight`` loads (``.ckpt`` or DCP, any strategy), and the tie is verified after loading.
 
     Args:
-        strict: raise (instead of warning) when the config says tied but the storage cannot be aliased,
-            e.g. because the head and the embedding differ in shape.
+        strict: raise (instead of warning) when the config says tied but the head cannot be (e.g. another shape).
     """
 
     surgery_order: ClassVar[int] = 40
@@ -122,8 +121,8 @@ class TiedLMHead(ModelSurgeryCallback):
                     state_dict.update({prefix + k: v for k, v in view.items() if prefix + k not in state_dict})
                     log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
             return checkpoint
-        # ModelParallelStrategy loads the module in `load` and fails on the missing key: when head and embedding
-        # are one Parameter, the head is unregistered for the load. Any other missing key still fails.
+        # ModelParallelStrategy loads in `load` and fails on the missing key: a head aliasing the embedding is
+        # unregistered for the load (any other missing key still fails).
         stored = _stored_names(Path(checkpoint_path), prefix)
         missing = _missing_tied_head(stored, model) if stored is not None else None
         if missing is None:
