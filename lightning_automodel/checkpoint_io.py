@@ -1,10 +1,5 @@
 """Single-file ``.ckpt`` saves that are atomic on every filesystem layout, and a check for truncated ones.
-
-Lightning's ``TorchCheckpointIO`` writes through ``fsspec``'s transaction, whose temporary file may live
-on another filesystem (``TMPDIR``): the final step is then a copy, and a kill during it leaves a
-truncated ``last.ckpt``. The CLI adds ``AtomicTorchCheckpointIO`` unless a ``CheckpointIO`` is
-configured; sharded (DCP) saves are made atomic by ``strategies``.
-"""
+(Lightning's temporary file may live on another filesystem: its final copy, killed, truncates ``last.ckpt``.)"""
 
 from __future__ import annotations
 
@@ -25,7 +20,6 @@ from lightning_automodel.core.atomic_files import fsync_path, recover_replaced_d
 
 log = logging.getLogger(__name__)
 
-#: a local or remote path, as Lightning accepts one
 PathLike = str | os.PathLike[str]
 
 _TMP_SUFFIX = ".tmp"
@@ -44,9 +38,8 @@ def _is_local(path: PathLike) -> bool:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` through a fsynced temporary file in ``path``'s directory, a rename, and an
-    fsync of the directory: a kill leaves the previous or the new complete file, plus at worst a stale
-    temporary file that the next save into that directory removes (a user's own ``.tmp`` files never)."""
+    """``torch.save`` through a fsynced temporary file beside ``path`` and a rename: a kill leaves the previous or
+    the new complete file, plus at worst a stale temporary file that the next save there removes."""
     target = Path(str(path).removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.parent.resolve() not in _swept:  # once per directory and process: saves killed by earlier runs
@@ -68,8 +61,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
 
 def remove_stale_tmp_files(directory: Path) -> list[Path]:
-    """Remove the temporary files of saves killed before their rename; returns what was removed. Only
-    provably ours: a regular file named by :func:`atomic_torch_save` on this host, its writer gone."""
+    """Remove the temporary files of killed saves that are provably ours (this host, writer gone); returns them."""
     removed = []
     host = socket.gethostname()
     for entry in directory.iterdir() if directory.is_dir() else ():
@@ -153,10 +145,8 @@ def newest_complete_checkpoint(directory: PathLike, exclude: PathLike | None = N
 
 
 def check_resumable(ckpt_path: PathLike | None) -> None:
-    """Raise ``CheckpointResumeError`` (one line) when ``ckpt_path`` is a local file that is not a complete
-    checkpoint, naming the newest complete one beside it; first put back a sharded checkpoint a killed save
-    left parked (by local rank 0: this runs on every rank before a process group exists). Anything else
-    passes (``last``/``best``, sharded directories, remote or missing paths: Lightning reports those)."""
+    """Raise ``CheckpointResumeError`` when local ``ckpt_path`` is an incomplete file, naming the newest complete one
+    beside it; first put back a sharded checkpoint a killed save left parked. Lightning reports anything else."""
     if ckpt_path is None or not _is_local(ckpt_path):
         return
     path = Path(str(ckpt_path).removeprefix("file://"))

@@ -1,11 +1,6 @@
-"""A ModelParallelStrategy (FSDP2) whose sharded checkpoints survive a kill at any moment, and which keeps
-CPU-offloaded shards in host memory.
-
-Lightning writes a sharded (DCP) checkpoint into its final directory file by file; a kill in the middle
-leaves new shards next to old metadata. Here every rank writes into a staging sibling (``.last.ckpt.tmp``),
-fsynced, and rank 0 publishes it with ``core.atomic_files.replace_directory`` (the previous directory, if
-parked at ``.last.ckpt.old`` by a killed publish, is moved back by the next save or load).
-"""
+"""A ModelParallelStrategy (FSDP2) whose sharded checkpoints survive a kill at any moment (Lightning writes into
+the final directory: a kill leaves new shards beside old metadata), and which keeps CPU-offloaded shards on the host.
+Every rank writes into a fsynced staging sibling, which rank 0 publishes with ``replace_directory``."""
 
 from __future__ import annotations
 
@@ -50,8 +45,7 @@ def dcp_stored_keys(path: Path) -> set[str]:
 
 
 def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str]:
-    """Module FQNs that DCP ``keys`` hold optimizer state for (``optimizer_0.state.<fqn>.<state>``), only
-    ``optimizer_key``'s when given."""
+    """Module FQNs that DCP ``keys`` hold optimizer state for (only ``optimizer_key``'s when given)."""
     fqns = set()
     for key in keys:
         optimizer, _, rest = key.partition(".state.")
@@ -61,8 +55,7 @@ def state_fqns(keys: Iterable[str], optimizer_key: str | None = None) -> set[str
 
 
 def names_with_optimizer_state(checkpoint_path: Any, module_prefix: str) -> set[str] | None:
-    """Parameter names (relative to the model at ``module_prefix``, ``"model."``) a sharded checkpoint has optimizer
-    state for; None when that cannot be told (not a DCP directory, unreadable metadata)."""
+    """Names (relative to ``module_prefix``) a DCP checkpoint has optimizer state for; None when it cannot be told."""
     path = Path(checkpoint_path)
     if not (path / DCP_METADATA_FILE).is_file():
         return None
@@ -101,12 +94,8 @@ def missing_state(current: dict[str, Any], key: str, stored: set[str]) -> list[s
 def load_present_optimizer_state(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, current: dict[str, Any], key: str, path: Path, stored: set[str]
 ) -> None:
-    """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has; the others start fresh.
-
-    ``current`` (``get_optimizer_state_dict``) has a state for every parameter, and a DCP load of a key
-    the checkpoint lacks fails: so only present keys are requested, and a parameter missing any key ends
-    with no state at all (a fresh optimizer's, not the zero step's ``step = 1``).
-    """
+    """Load ``optimizer``'s DCP state ``key`` for the parameters the checkpoint has (a DCP load of an absent key
+    fails); a parameter missing any key ends with no state (a fresh optimizer's, not the zero step's ``step = 1``)."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -131,12 +120,10 @@ def load_present_optimizer_state(
 
 
 def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> tuple[Any, ...]:
-    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard: equal fingerprints mean
-    the same state (the optimizer state changes only with a step, an edit of the weights changes a sum)."""
+    """Epoch, step, and an exact float64 sum of every local parameter and buffer shard: equal means the same state."""
     from torch.distributed.tensor import DTensor
 
-    # One stack (and one sync) per device: with CPU offload the shards are on the CPU and the
-    # buffers on the GPU, and one stack across both fails.
+    # One stack (and sync) per device: with CPU offload, shards (CPU) and buffers (GPU) cannot be stacked together.
     sums = [
         (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().sum(dtype=torch.float64)
         for tensor in module.state_dict(keep_vars=True).values()
@@ -150,20 +137,14 @@ def training_state_fingerprint(module: torch.nn.Module, checkpoint: dict[str, An
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus two).
-
-    With FSDP2 CPU offload only buffers go to the device (``model.to(device)`` would copy the shards
-    that did not fit to the GPU). On CUDA the default process group is ``cpu:gloo,cuda:nccl``, so
-    clipping CPU-offloaded gradients works.
+    """``ModelParallelStrategy`` with crash-safe sharded checkpoint saves (same arguments, plus two). With FSDP2 CPU
+    offload only buffers go to the device; on CUDA the process group is ``cpu:gloo,cuda:nccl``.
 
     Args:
-        link_same_step_saves: a save of exactly the state of the previous save of this run (every rank
-            checks :func:`training_state_fingerprint`; ``save_last`` right after the top-k file) hard-links
-            that save's data files and writes only ``meta.pt``.
-        on_missing_optimizer_state: a resume from a sharded checkpoint without optimizer state for some
-            trained parameters (no gradient before the save, e.g. a vision tower on text, or frozen then):
-            ``"warn"`` starts them fresh with one warning naming them, ``"error"`` stops with one line
-            naming them (Lightning's own load dies on ``Missing key in checkpoint state_dict``).
+        link_same_step_saves: a save of exactly the previous save's state (``save_last`` right after the top-k
+            file) hard-links that save's data files and writes only ``meta.pt``.
+        on_missing_optimizer_state: a resume from a sharded checkpoint without optimizer state for some trained
+            parameters: ``"warn"`` starts them fresh with one warning, ``"error"`` stops with one line naming them.
         *args, **kwargs: ``ModelParallelStrategy``'s.
     """
 
@@ -189,9 +170,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        # Lightning creates the process group here: the last point to choose its backend. With FSDP2 CPU
-        # offload, gradient clipping all-reduces CPU DTensors and an NCCL-only group fails (pytorch#148532);
-        # gloo beside NCCL costs no device memory and serves every CPU collective.
+        # With FSDP2 CPU offload, clipping all-reduces CPU DTensors: an NCCL-only group fails (pytorch#148532).
         if self.process_group_backend is None and self.root_device.type == "cuda":
             set_process_group_backend(self, "cpu:gloo,cuda:nccl")
         super().setup_environment()
@@ -205,8 +184,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 setattr(module, name, buffer.to(self.root_device))  # stays a buffer, persistent or not
 
     def _on_rank_0_then_agree(self, step: Callable[[], object], what: str) -> None:
-        """A filesystem ``step`` on rank 0, then agreement (a collective): its failure (a full disk) raises there
-        and, as one line, on every other rank."""
+        """A filesystem ``step`` on rank 0, then agreement: its failure (a full disk) raises on every rank."""
         error: Exception | None = None
         if self.global_rank == 0:
             try:
@@ -263,8 +241,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.local_rank == 0:  # one per node (node-local copies too); racing nodes on a shared filesystem are fine
             recover_replaced_directory(path)
         self.barrier("atomic_checkpoint_recover")
-        # DCP unpickles .metadata with plain pickle on every rank: each rank reads it (and meta.pt) through
-        # the restricted readers first, so a crafted file fails here with one line.
+        # DCP unpickles .metadata with plain pickle on every rank: each reads it first through the restricted reader.
         if path.exists():
             try:
                 read_checkpoint_metadata(path)
@@ -276,8 +253,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         stored = dcp_stored_keys(path)
-        # Lightning's load for the module and the metadata, with the optimizers hidden (it would request
-        # every parameter's state); then each optimizer's present state, here.
+        # Lightning loads module and metadata with the optimizers hidden (it would request every parameter's state)
         optimizers = self.optimizers
         self.optimizers = []  # the public setter; restoring it below wraps the same optimizers again
         try:

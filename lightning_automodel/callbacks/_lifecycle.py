@@ -1,15 +1,8 @@
-"""When model surgery runs, whatever the user's LightningModule looks like.
+"""When model surgery runs: Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``.
 
-Lightning has no callback hook between ``configure_model`` and ``configure_optimizers``, and
-``Callback.setup`` runs before the module's own ``setup`` and ``configure_model``. So for one Trainer
-run the first surgery callback patches, on the instances, the module's ``setup`` (surgery before FSDP2
-``fully_shard``, which the bf16 cast needs) and, when overridden, ``configure_model`` (surgery on the
-built or sharded model, which the tie repair needs): both precede ``configure_optimizers``. It also
-patches the strategy's ``load_checkpoint``, in which sharded strategies load the optimizer state before
-any callback hook. The patches serve the Trainer attached *now* and are removed at ``teardown`` and
-``on_exception`` (Lightning skips ``teardown`` after an exception): after any fit the module pickles,
-deep-copies and runs under ``ddp_spawn`` untouched.
-"""
+So, for one Trainer run, the first surgery callback patches the module's ``setup`` and ``configure_model`` and the
+strategy's ``load_checkpoint`` (sharded strategies load optimizer state there, before any callback hook) on the
+instances, removed at ``teardown``/``on_exception``: after any fit the module pickles and deep-copies untouched."""
 
 from __future__ import annotations
 
@@ -38,8 +31,7 @@ from lightning_automodel.strategies import preview
 
 log = rank_zero_logger(__name__)  # one line per job: rank 0's
 
-#: The job's ``weights_dtype`` cast: after LoRA injection (5), so peft creates fp32 adapters on fp32 base
-#: weights (the cast keeps them), and before the freeze rules (10), which see the final dtypes.
+#: The ``weights_dtype`` cast: after LoRA (5), so peft makes fp32 adapters on fp32 weights; before freezing (10).
 WEIGHTS_DTYPE_ORDER = 7
 
 #: Measured with torch 2.13 (tests/scripts/cb_frozen_in_optimizer.py); one device resumes in that case too.
@@ -61,8 +53,7 @@ def saved_state(callback_states: Mapping[str, Any], state_key: str) -> Mapping[s
 
 
 def read_callback_states(checkpoint_path: Any) -> Mapping[str, Any] | None:
-    """Only the ``callbacks`` entry of a checkpoint, read as data (never plain pickle); None when unreadable
-    (this runs before the strategy's own load, which reports that in its own words)."""
+    """A checkpoint's ``callbacks`` entry, read as data (never plain pickle); None when unreadable."""
     path = Path(checkpoint_path)
     if not path.exists():
         return None
@@ -110,7 +101,6 @@ def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[
 
 
 def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
-    """Make the model's frozen set the checkpoint's: freeze ``to_freeze``, unfreeze ``to_unfreeze``."""
     params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     for name in diff.to_freeze:
         params[name].requires_grad_(False)
@@ -163,11 +153,8 @@ def attached_trainer(pl_module: pl.LightningModule | None) -> pl.Trainer | None:
 def prepare_before_sharding(
     pl_module: pl.LightningModule, model: nn.Module | None = None, *, weights_cast: Callable[[nn.Module], object] | None = None
 ) -> None:
-    """Run the surgery that must precede FSDP2 sharding (LoRA injection, then ``weights_cast`` when given).
-
-    A LightningModule that builds and shards its own model in ``configure_model`` calls it once, between
-    the build and ``fully_shard``: ``prepare_before_sharding(self, self.model)`` (``HFCausalLM`` does).
-    """
+    """Run the surgery that must precede FSDP2 sharding (LoRA, then ``weights_cast``). A module that shards its own
+    model in ``configure_model`` calls ``prepare_before_sharding(self, self.model)`` before ``fully_shard``."""
     trainer = attached_trainer(pl_module)
     model = model if model is not None else find_hf_model(pl_module)[1]
     for step in surgery_schedule(trainer.callbacks if trainer else [], weights_cast):
@@ -202,10 +189,7 @@ def run_surgery(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 class MethodPatch:
     """``owner.<name>`` replaced on the instance by ``around(owner, previous, *args)``, for one Trainer run.
-
-    Not a closure: the owner stays picklable and a deep copy's patch acts on the copy. ``previous`` is
-    the instance attribute it replaced (None: the class's method, looked up at each call).
-    """
+    Not a closure: the owner stays picklable and a deep copy's patch acts on the copy."""
 
     def __init__(self, owner: Any, name: str, around: Callable[..., Any]) -> None:
         self.owner, self.name, self.around = owner, name, around
@@ -252,11 +236,8 @@ def _load_through_callbacks(strategy: pl.strategies.Strategy, load: Callable[...
 
 
 class ModelSurgeryCallback(Callback):
-    """Base class: subclasses set ``surgery_order`` and override the hooks below they need.
-
-    Per-run state is reset in :meth:`reset_run_state`, from ``setup``. ``state_key`` is the class name
-    whatever the arguments: a resume with changed arguments still finds the saved state.
-    """
+    """Base class: subclasses set ``surgery_order`` and override the hooks they need. ``state_key`` is the
+    class name whatever the arguments: a resume with changed arguments still finds the saved state."""
 
     surgery_order: ClassVar[int] = 100
 
@@ -316,13 +297,11 @@ class ModelSurgeryCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if surgery_callbacks(trainer)[0] is not self:
-            return  # one warning per fit, from the first surgery callback
-        # Only a sharded (DCP) resume can fail on it; on one device and DDP the warning would cry wolf
-        frozen_in_optimizer = any(
-            not p.requires_grad for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
-        )
-        if trainer.strategy.restore_checkpoint_after_setup and frozen_in_optimizer:
+        # One warning per fit, from the first surgery callback; only a sharded (DCP) resume can fail on it
+        if surgery_callbacks(trainer)[0] is not self or not trainer.strategy.restore_checkpoint_after_setup:
+            return
+        params = (p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"])
+        if any(not p.requires_grad for p in params):
             rank_zero_warn(FROZEN_IN_OPTIMIZER_WARNING)
 
     @override
@@ -332,9 +311,8 @@ class ModelSurgeryCallback(Callback):
 
 
 def warn_resumed_without_optimizer_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """One warning when a single-device or DDP resume left trainable parameters without optimizer state:
-    torch restores it by position, and a parameter that had none (it never got a gradient, e.g. a vision
-    tower trained on text) silently starts fresh. ``AtomicModelParallelStrategy`` reports sharded ones."""
+    """Warn when a single-device or DDP resume left trainable parameters without optimizer state: torch restores it
+    by position, and one that had none (never got a gradient) silently starts fresh."""
     if not trainer.ckpt_path or trainer.strategy.restore_checkpoint_after_setup or trainer.global_step == 0:
         return
     names = {id(p): name for name, p in pl_module.named_parameters()}

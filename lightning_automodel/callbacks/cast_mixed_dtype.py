@@ -18,8 +18,7 @@ class CastMixedDtypeToBF16(ModelSurgeryCallback):
     """Cast every fp32 parameter (and optionally buffer) of the model to bf16, in place.
 
     FSDP2 fails at the first forward with ``FSDP expects uniform original parameter dtype`` otherwise.
-    The cast runs before sharding when the model exists at ``setup``, else right after
-    ``configure_model`` (FSDP2 casts sharded parameters; FSDP1 flat parameters cannot be: an error).
+    Runs before sharding, or after ``configure_model`` (FSDP1 flat parameters cannot be cast: an error).
 
     Args:
         cast_buffers: cast fp32 buffers too (RoPE ``inv_freq`` loses precision in bf16; off by default).

@@ -24,15 +24,12 @@ from lightning_automodel.core.naming import unique_named_parameters
 class FreezeDeadParameters(ModelSurgeryCallback):
     """Freeze dead parameters (Gemma KV sharing, DeepSeek V4 and MiniMax M3 indexers), and detect others.
 
-    A trainable parameter that never gets a gradient gets no optimizer state, and a sharded resume with
-    Lightning's ``ModelParallelStrategy`` then fails with ``Missing key in checkpoint state_dict``.
-    Known cases are frozen by rule, after ``ParameterFreezing`` (so no unfreeze selector revives them).
-    Otherwise, a trainable parameter with no gradient on any rank in the first ``detect_steps`` backward
-    passes is named on rank 0, with the selector that freezes it.
+    A parameter that never gets a gradient has no optimizer state, and a sharded ``ModelParallelStrategy`` resume
+    fails with ``Missing key in checkpoint state_dict``. Known cases are frozen after ``ParameterFreezing``; others
+    (no gradient on any rank in the first ``detect_steps`` backward passes) are named with a freezing selector.
 
     Args:
-        detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch);
-            0 disables detection. After them the callback costs nothing.
+        detect_steps: backward passes to watch (a mixture-of-experts expert may miss one batch); 0: no detection.
     """
 
     surgery_order: ClassVar[int] = 20
@@ -60,24 +57,21 @@ class FreezeDeadParameters(ModelSurgeryCallback):
         super().on_train_start(trainer, pl_module)
         self._seen_backward = 0
         self._alive: set[str] = set()
-        _, model = find_hf_model(pl_module)
-        self._watched = [name for name, p in unique_named_parameters(model) if p.requires_grad]
+        self._watched = [name for name, p in unique_named_parameters(find_hf_model(pl_module)[1]) if p.requires_grad]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._watched or self._seen_backward >= self.detect_steps:
             return
         self._seen_backward += 1
-        _, model = find_hf_model(pl_module)
-        with_grad = {name for name, p in unique_named_parameters(model) if p.grad is not None}
+        with_grad = {name for name, p in unique_named_parameters(find_hf_model(pl_module)[1]) if p.grad is not None}
         self._alive.update(name for name in self._watched if name in with_grad)
         if self._seen_backward == self.detect_steps:
             self._report(trainer)
             self._watched = []
 
     def _report(self, trainer: pl.Trainer) -> None:
-        # On the strategy's device and through the strategy: NCCL has no CPU tensors. Every rank watches
-        # the same names in the same order; a parameter that got a gradient on any rank is alive.
+        # Through the strategy, on its device (NCCL has no CPU tensors); every rank watches the same names in order.
         flags = [1 if name in self._alive else 0 for name in self._watched]
         alive = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
         alive = trainer.strategy.reduce(alive, reduce_op=dist.ReduceOp.MAX)
@@ -109,8 +103,7 @@ class FreezeDeadParameters(ModelSurgeryCallback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """The checkpoint's dead set, re-applied within the dead-parameter scope, for runs without
-        ``ParameterFreezing`` on strategies that restore before ``configure_optimizers``."""
+        """Re-apply the checkpoint's dead set (runs without ParameterFreezing, restoring before the optimizer)."""
         state = saved_state(checkpoint.get("callbacks", {}), self.state_key)
         if state is None or trainer.state.fn != "fit":
             return

@@ -42,24 +42,15 @@ def config_differences(saved: str, current: str) -> list[str]:
 class LoRA(ModelSurgeryCallback):
     """Train LoRA adapters (peft) instead of the whole model.
 
-    Adapters are injected in place (peft's ``inject_adapter_in_model``: the model keeps its class and
-    names; a targeted ``q_proj`` keeps its weight as ``q_proj.base_layer.weight`` and gains
-    ``q_proj.lora_A.default.weight`` / ``lora_B``), before the freeze rules and before FSDP2 shards the
-    model, so the adapters are sharded with their decoder layer. Every other parameter is frozen;
-    ``ParameterFreezing(unfreeze_modules=...)`` can still make e.g. the head trainable, and the
-    dead-parameter rules still win.
-
-    With ``HFCausalLM`` nothing else is needed. A LightningModule that builds its model in
-    ``configure_model`` and shards it itself calls
-    ``lightning_automodel.callbacks.prepare_before_sharding(self, model)`` between the build and
-    ``fully_shard``; a model that exists at ``setup`` (one device, DDP) is adapted then.
+    Adapters are injected in place by peft (``q_proj.weight`` becomes ``q_proj.base_layer.weight`` beside
+    ``q_proj.lora_A.default.weight``) before FSDP2 shards the model; every other parameter is frozen (unless
+    ParameterFreezing unfreezes it). A module sharding its own model calls ``prepare_before_sharding(self, model)``.
 
     Args:
         r: adapter rank.
         lora_alpha: scaling numerator (the update is ``lora_alpha / r · B @ A``).
         lora_dropout: dropout on the adapter input.
-        target_modules: ``"all-linear"`` (every linear layer but the output head), a list of module
-            names (``[q_proj, v_proj]``) or a regex.
+        target_modules: ``"all-linear"`` (every linear layer but the output head), module names or a regex.
         exclude_modules: names or a regex left out.
         **lora_kwargs: any other ``peft.LoraConfig`` field (``use_rslora``, ``lora_bias``, ...).
     """
@@ -122,8 +113,7 @@ class LoRA(ModelSurgeryCallback):
 
     @override
     def around_checkpoint_load(self, trainer: pl.Trainer, checkpoint_path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        # Every strategy loads the weights before any callback state (a changed r is then torch's size-mismatch
-        # traceback): a resume compares the configuration before any tensor of the checkpoint loads.
+        # Compare before any tensor loads: weights load before callback state (a changed r: torch's size mismatch).
         if trainer.state.fn == "fit":
             state = saved_state(read_callback_states(checkpoint_path) or {}, self.state_key)
             if state is not None:

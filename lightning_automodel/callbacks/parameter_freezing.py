@@ -1,8 +1,5 @@
-"""Freeze parameters by configuration, before the optimizer ever sees them; a resume keeps the checkpoint's set.
-
-A resume that trains another set than the checkpoint's would fail in the optimizer load with a raw torch
-error or, worse, silently resume a different run: so the sets are compared before any optimizer state loads.
-"""
+"""Freeze parameters by configuration, before the optimizer sees them; a resume keeps the checkpoint's set
+(another set fails in the optimizer load or silently resumes a different run: compared before it loads)."""
 
 from __future__ import annotations
 
@@ -45,8 +42,8 @@ def _parse(raw: Mapping[str, Any]) -> FreezeConfig:
 
 
 def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, saved_frozen: set[str]) -> list[dict[int, str]] | None:
-    """Per saved optimizer of a full checkpoint: parameter position -> name (it held the model's parameters
-    minus the saved frozen set, in module order); None for another count (another layout: cannot be told)."""
+    """Per saved optimizer of a full checkpoint: position -> name (the model's parameters minus the saved frozen
+    set, in module order); None when the counts differ (another layout)."""
     states = checkpoint.get("optimizer_states")
     if not isinstance(states, list) or not states:
         return None
@@ -64,8 +61,8 @@ def _saved_optimizer_names(checkpoint: Mapping[str, Any], model: nn.Module, save
 class ParameterFreezing(ModelSurgeryCallback):
     """Freeze towers and modules of the Hugging Face model by config (NeMo AutoModel's freeze config).
 
-    Selectors are ``{path: ...}`` (exact) or ``{glob: ...}`` (``*`` crosses dots) over module paths
-    relative to the Hugging Face model (``model.vision_tower``, ``lm_head``).
+    Selectors are ``{path: ...}`` (exact) or ``{glob: ...}`` (``*`` crosses dots) over module paths of the
+    Hugging Face model (``model.vision_tower``, ``lm_head``). One per Trainer: a resume finds its saved set.
 
     Args:
         freeze_vision_tower: freeze vision modules (``None``: only when no selectors are given).
@@ -75,24 +72,9 @@ class ParameterFreezing(ModelSurgeryCallback):
         freeze_modules: selectors of modules to freeze.
         unfreeze_modules: selectors of modules to keep trainable (wins on overlap).
         strict: a selector that matches no parameter is an error.
-        on_resume_mismatch: what a resume (``ckpt_path``) does when the checkpoint was trained with a
-            different frozen set than this configuration gives. ``"restore"`` (default) re-applies the
-            checkpoint's set with a warning naming the parameters, so the run continues exactly as it
-            was; ``"error"`` stops with an error naming them. Either way this happens before any
-            optimizer state is loaded, on every strategy. To train a new set from a checkpoint, start a
-            new fit from its weights instead of resuming.
-
-    One ``ParameterFreezing`` per Trainer: its ``state_key`` does not depend on the configuration, so
-    a resume finds the checkpoint's frozen set whatever the configuration is now.
-
-    Example (YAML)::
-
-        trainer:
-          callbacks:
-            - class_path: lightning_automodel.callbacks.ParameterFreezing
-              init_args:
-                freeze_modules: [{glob: "model.vision_tower.*"}]
-                unfreeze_modules: [{path: "model.vision_tower.post_layernorm"}]
+        on_resume_mismatch: a resume from a checkpoint trained with another frozen set: ``"restore"`` re-applies
+            the checkpoint's set with a warning, ``"error"`` stops (both before any optimizer state loads).
+            To train a new set, start a new fit from the checkpoint's weights. (YAML example: README.md.)
     """
 
     surgery_order: ClassVar[int] = 10
@@ -163,9 +145,7 @@ class ParameterFreezing(ModelSurgeryCallback):
     def apply_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         self._model = model
         self.frozen = self.freeze(model)
-        # A fit may resume (the checkpoint path is known only later) and re-apply the checkpoint's frozen
-        # set after this (sharded strategies: after on_fit_start): the count that trains is said once every
-        # restore is done, at train start (or at fit end when no step runs)
+        # A resume may still change the set (sharded: after on_fit_start): the count is said at train start or fit end
         self._count_pending = trainer.state.fn == "fit"
         if not self._count_pending:
             self.log_first(f"froze {len(self.frozen)} parameter tensors.")
@@ -197,8 +177,7 @@ class ParameterFreezing(ModelSurgeryCallback):
             return load()  # validate/test load weights only: what trains does not matter
         prefix, model = find_hf_model(trainer.lightning_module)
         if trainer.strategy.restore_checkpoint_after_setup:
-            # Sharded strategies load the optimizer state in `load`: reconcile first, and rebuild the (still
-            # stateless) optimizers when what trains changed.
+            # Sharded strategies load the optimizer state in `load`: reconcile first, rebuild the stateless optimizers.
             state = saved_state(read_callback_states(checkpoint_path) or {}, self.state_key)
             if state is not None:
                 diff = frozen_set_diff(model, state.get("frozen", []))
@@ -230,8 +209,7 @@ class ParameterFreezing(ModelSurgeryCallback):
         return checkpoint
 
     def _keep_stateless_frozen(self, diff: FrozenSetDiff, with_state: set[str] | None) -> FrozenSetDiff:
-        """Parameters this run freezes that the checkpoint trained but never stepped (no optimizer state: they got
-        no gradient, FreezeDeadParameters' advice) stay frozen: the saved run never changed them."""
+        """What the checkpoint trained but never stepped (no optimizer state) stays frozen: it never changed."""
         stateless = [name for name in diff.to_unfreeze if with_state is not None and name not in with_state]
         if not stateless:
             return diff

@@ -49,10 +49,8 @@ def memory_scope(strategy: str, world_size: int) -> str:
 class ParameterSummary(ModelSurgeryCallback):
     """Log, once per fit and on rank 0, what trains and what it costs.
 
-    Trainable and total parameters (logical counts: 4-bit and sharded counted right), the global L2
-    norm, a table by module with the rule that froze each part, and the bytes per rank for parameters,
-    gradients and AdamW state. It runs at ``on_train_start``, after sharding, casts and a resume's
-    restore, so the norm and the dtypes are those of the weights that train.
+    Parameter counts, global L2 norm, a table by module with the rule that froze each part, and the bytes per
+    rank; at ``on_train_start``, after sharding, casts and a resume's restore (the weights that train).
 
     Args:
         name: the model's name in the summary.

@@ -16,8 +16,7 @@ _ATTN_KEYS = (*SEQLEN_KEYS, "max_seqlen", NUM_SEQUENCES_KEY)
 
 
 def squeeze_thd_batch(batch: Any, seqlens_padding_value: int = -1000) -> None:
-    """Squeeze a ``PackedSequenceCollator`` batch (``[1, T]`` tensors plus ``cu_seqlens``) to THD, in place;
-    anything without THD metadata passes untouched."""
+    """Squeeze a ``PackedSequenceCollator`` batch to THD, in place; anything without THD metadata passes."""
     if not isinstance(batch, dict) or (batch.get("qkv_format") != "thd" and "cu_seqlens" not in batch):
         return
     attn = {k: batch[k] for k in _ATTN_KEYS if k in batch}
@@ -38,9 +37,8 @@ def squeeze_thd_batch(batch: Any, seqlens_padding_value: int = -1000) -> None:
 class THDSqueeze(Callback):
     """Turn packed ``[1, T]`` batches into THD form before ``training_step`` / ``validation_step``.
 
-    For models whose attention takes THD inputs (Transformer Engine, custom MoE forwards): see
-    :func:`~lightning_automodel.core.thd.squeeze_input_for_thd`. Batches without THD metadata pass
-    untouched; Hugging Face models that take ``[1, T]`` packed batches with ``position_ids`` do not need it.
+    For models whose attention takes THD inputs (Transformer Engine, custom MoE forwards); Hugging Face
+    models that take ``[1, T]`` packed batches with ``position_ids`` do not need it.
 
     Args:
         seqlens_padding_value: the sentinel that pads ``cu_seqlens`` rows.

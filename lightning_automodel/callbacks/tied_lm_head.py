@@ -58,8 +58,8 @@ def _missing_tied_head(stored: set[str], model: nn.Module) -> tuple[str, str] | 
 
 @contextlib.contextmanager
 def _head_detached(model: nn.Module, head_name: str, source_name: str) -> Iterator[bool]:
-    """Within the block, ``model`` has no ``head_name`` parameter if it is the same object as ``source_name``'s;
-    yields whether it detached it (distinct tensors: the head must be loaded, a missing key is the right error)."""
+    """Unregister ``head_name`` within the block if it is ``source_name``'s Parameter; yields whether it did
+    (a distinct head must load: a missing key is then the right error)."""
     head = model.get_parameter(head_name)
     if head is not model.get_parameter(source_name):
         yield False
@@ -76,14 +76,11 @@ def _head_detached(model: nn.Module, head_name: str, source_name: str) -> Iterat
 class TiedLMHead(ModelSurgeryCallback):
     """Re-tie the LM head to the input embedding when the config says tied, and load checkpoints without it.
 
-    * After the model is built or sharded (before the optimizer exists), a broken alias (meta init plus
-      ``to_empty``, parameter replacement) is repaired, so the optimizer holds one tensor for both.
-    * A checkpoint that omits ``lm_head.weight`` (HF tied checkpoints, some exporters) loads, a full
-      ``.ckpt`` or a sharded DCP directory, on any strategy. After loading, the tie is verified.
+    A broken alias (meta init plus ``to_empty``) is repaired before the optimizer exists; a checkpoint that omits
+    ``lm_head.weight`` loads (``.ckpt`` or DCP, any strategy), and the tie is verified after loading.
 
     Args:
-        strict: raise (instead of warning) when the config says tied but the storage cannot be aliased,
-            e.g. because the head and the embedding differ in shape.
+        strict: raise (instead of warning) when the config says tied but the head cannot be (e.g. another shape).
     """
 
     surgery_order: ClassVar[int] = 40
@@ -124,8 +121,8 @@ class TiedLMHead(ModelSurgeryCallback):
                     state_dict.update({prefix + k: v for k, v in view.items() if prefix + k not in state_dict})
                     log.info("TiedLMHead: the checkpoint has no lm_head.weight; loaded it from the embedding.")
             return checkpoint
-        # ModelParallelStrategy loads the module in `load` and fails on the missing key: when head and embedding
-        # are one Parameter, the head is unregistered for the load. Any other missing key still fails.
+        # ModelParallelStrategy loads in `load` and fails on the missing key: a head aliasing the embedding is
+        # unregistered for the load (any other missing key still fails).
         stored = _stored_names(Path(checkpoint_path), prefix)
         missing = _missing_tied_head(stored, model) if stored is not None else None
         if missing is None:
