@@ -52,10 +52,7 @@ def digest_names(names: Iterable[str]) -> str:
 
 
 def first_mismatch_across_ranks(names: Sequence[str]) -> tuple[int, str] | None:
-    """A collective: ``(rank, first name differing from rank 0's)`` or None when all ranks hold the same set.
-
-    Only a digest travels unless the digests differ. Without a process group it returns None.
-    """
+    """A collective: ``(rank, first name differing from rank 0's)`` or None; only digests travel unless they differ."""
     if not is_distributed() or dist.get_world_size() == 1:
         return None
     digests: list[str | None] = [None] * dist.get_world_size()
@@ -85,11 +82,7 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
 
 
 def _local_cuda_index() -> int:
-    """The GPU the process group was bound to, else ``LOCAL_RANK``'s, else the current one.
-
-    A core-API user under torchrun who never called ``torch.cuda.set_device`` has every rank on GPU 0
-    as the "current" device; NCCL then hangs or fails.
-    """
+    """The bound GPU, else ``LOCAL_RANK``'s, else the current (without ``set_device`` all use GPU 0: NCCL hangs)."""
     bound = getattr(dist.group.WORLD, "bound_device_id", None)
     if bound is not None and bound.index is not None:
         return bound.index
@@ -117,11 +110,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_index(tensor: torch.Tensor) -> tuple[slice, ...]:
-    """The global index of this rank's piece of ``tensor`` (everything for a plain tensor).
-
-    Guarded by the 2-rank bit-exactness tests (``tests/scripts/load_layouts.py``): DTensor has no public
-    "where is my shard" query, so this goes through ``_compat.torch``.
-    """
+    """The global index of this rank's piece (no public DTensor query; guarded by ``tests/scripts/load_layouts.py``)."""
     if not hasattr(tensor, "device_mesh"):
         return tuple(slice(0, size) for size in tensor.shape)
     shape, offset = local_shape_and_offset(tensor)

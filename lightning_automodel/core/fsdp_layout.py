@@ -1,9 +1,7 @@
 """The FSDP2 layout of a Hugging Face model (torchtitan's), one definition for the sharding code and the planner.
 
-Each text decoder layer and each vision/audio tower is a group; the input embedding is one (``embedding``); the
-final norm and the LM head are one (``norm+head``, kept unsharded from forward to backward, which needs it
-first); tied, those three are one (``embedding+norm+head``: FSDP2 rejects a parameter in two groups); ``root``
-(``fully_shard(model)``, unsharded after forward) gets the rest. Shapes and identities only: works on meta.
+Groups: each decoder layer and tower, ``embedding``, ``norm+head`` (or, tied, ``embedding+norm+head``: FSDP2 rejects
+a parameter in two groups) and ``root`` for the rest. Shapes and identities only: works on meta.
 """
 
 from __future__ import annotations
@@ -99,11 +97,7 @@ def _group_paths(model: nn.Module, by_name: dict[str, nn.Module], path_of: dict[
 
 
 def fsdp2_group_modules(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """The layout as ``(group name, canonical module paths)``, in the order ``fully_shard`` is applied.
-
-    The root group has no paths (it is ``fully_shard(model)``). Raises ``ValueError`` when the text decoder
-    layers cannot be found: one root group would keep the whole model unsharded during forward.
-    """
+    """The layout as ``(group, module paths)`` in ``fully_shard`` order; ValueError without decoder layers."""
     return _group_paths(model, *_index(model))
 
 
@@ -119,12 +113,8 @@ def fsdp2_units(model: nn.Module) -> list[ShardingUnit]:
 
 
 def fsdp2_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """The layout as ``(group name, canonical parameter names)``, each parameter in exactly one group.
-
-    A parameter belongs to the first group whose modules hold it (as nested ``fully_shard`` calls), the
-    root gets the rest and is always listed; a tied weight appears once, under its first name. Not
-    modelled: the single-dtype sub-groups ``apply_fsdp2`` adds for mixed trainable dtypes.
-    """
+    """The layout as ``(group name, canonical parameter names)``: each parameter in the first group holding it (as
+    nested ``fully_shard``), the root always listed. Not modelled: ``apply_fsdp2``'s single-dtype sub-groups."""
     unique = unique_named_parameters(model)
     first_name = {id(p): name for name, p in unique}
     claimed: set[int] = set()

@@ -1,9 +1,4 @@
-"""What a local Hugging Face checkpoint holds, from its index and headers, offline.
-
-A safetensors file starts with an 8-byte header length and a JSON header with every tensor's dtype,
-shape and offsets, so indexing a 100 GB checkpoint costs kilobytes of reads. Every file is checked to
-be a regular file before it is opened (a FIFO would block, a device never ends).
-"""
+"""What a local Hugging Face checkpoint holds, from index and headers; only regular files are opened (a FIFO blocks)."""
 
 from __future__ import annotations
 
@@ -59,8 +54,7 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
 
 
 def open_regular(path: str | os.PathLike[str], buffering: int = -1):
-    """Open ``path`` for binary reading, refusing anything but a regular file: opened non-blocking (a FIFO would
-    wait for a writer forever) and checked on the descriptor (a file swapped after a check cannot slip through)."""
+    """Open a regular file for binary reading: non-blocking (a FIFO would wait forever), checked on the descriptor."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -80,8 +74,7 @@ class SafetensorsLayout(NamedTuple):
 
 
 def read_safetensors_layout(path: str | os.PathLike[str]) -> SafetensorsLayout:
-    """A safetensors file's header and where its data starts, reading only the header. Refused in one line naming the file (and key) for what ``safe_open`` refuses: truncation, a
-    header over 100 MB, not JSON, nested, duplicate keys, entries of another shape, ranges not tiling the data."""
+    """A safetensors header and where its data starts; one line naming the file for anything ``safe_open`` refuses."""
     path = Path(path)
     with open_regular(path) as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -119,8 +112,7 @@ def _refuse_duplicate_keys(path: Path, items: list[tuple[str, Any]]) -> dict[str
 
 
 def _check_header(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """Flat entries whose byte ranges, sorted by start, tile the data area with ``numel * itemsize`` bytes each
-    (overlaps, gaps and data past the end would train on wrong values)."""
+    """Flat entries whose byte ranges tile the data area exactly (overlaps or gaps would train on wrong values)."""
     ranges = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -215,8 +207,7 @@ def checkpoint_tensors(files: Iterable[Path]) -> dict[str, SourceTensor]:
 
 
 def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) -> Any:
-    """A small JSON file (an index, a config.json): regular, at most ``max_bytes``, UTF-8, not nested past
-    the interpreter's limit; otherwise one line naming ``path`` and ``what`` it should have been."""
+    """A small JSON file (an index, a config.json), bounded, UTF-8; else one line naming ``path`` and ``what``."""
     with open_regular(path) as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
@@ -232,8 +223,7 @@ def read_bounded_json(path: Path, what: str, max_bytes: int = MAX_HEADER_BYTES) 
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    """``weight_map`` of an index; each value a plain file name in the checkpoint's own directory (an index is
-    data from a download: ``../../etc/passwd`` must not open files elsewhere)."""
+    """``weight_map`` of an index, each value a plain file name (a downloaded ``../../etc/passwd`` must not open)."""
     index = read_bounded_json(index_path, "checkpoint index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
@@ -248,8 +238,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def with_variant(file_name: str, variant: str | None) -> str:
-    """transformers' naming of a weights variant: ``model.safetensors`` -> ``model.fp16.safetensors``,
-    ``model.safetensors.index.json`` -> ``model.safetensors.index.fp16.json``."""
+    """transformers' variant naming: ``model.safetensors`` -> ``model.fp16.safetensors``."""
     if not variant:
         return file_name
     stem, extension = file_name.rsplit(".", 1)
@@ -259,10 +248,8 @@ def with_variant(file_name: str, variant: str | None) -> str:
 def resolve_checkpoint_files(
     path: str | os.PathLike[str], subfolder: str = "", *, variant: str | None = None, use_safetensors: bool | None = None
 ) -> list[Path]:
-    """Local weight files of a checkpoint (a file, or a directory with an index or a single file), chosen as
-    ``from_pretrained`` does with ``variant`` and ``use_safetensors`` (None: safetensors when present).
-    :class:`OfflineCheckpointError` for a hub name, ``FileNotFoundError`` for no weights or a missing shard.
-    """
+    """Local weight files of a checkpoint, chosen as ``from_pretrained`` does with ``variant`` and ``use_safetensors``;
+    :class:`OfflineCheckpointError` for a hub name, ``FileNotFoundError`` for no weights or a missing shard."""
     root = Path(path) / subfolder if subfolder else Path(path)
     if not root.is_dir() and is_regular_file(root):  # anything but a file or directory is refused by name
         return [root]
@@ -294,8 +281,7 @@ def resolve_checkpoint_files(
 def checkpoint_tensor_dtypes(
     path: str | os.PathLike[str], load_kwargs: Mapping[str, Any] | None = None
 ) -> dict[str, torch.dtype]:
-    """Tensor name -> dtype of a local checkpoint, from headers (``.bin`` files load on meta). ``load_kwargs``:
-    a ``state_dict`` short-circuits; a ``gguf_file`` gives ``{}``; ``subfolder``, ``variant``, ``use_safetensors``."""
+    """Tensor name -> dtype from headers (``.bin`` on meta); ``from_pretrained``'s ``load_kwargs`` (gguf: ``{}``)."""
     kwargs = dict(load_kwargs or {})
     state_dict = kwargs.get("state_dict")
     if isinstance(state_dict, Mapping):

@@ -1,7 +1,4 @@
-"""Meta builds without allocation or init, buffers computed after materializing, and random init per module.
-
-The context managers change process-global state and restore exactly what they found (not thread-safe).
-"""
+"""Meta builds, buffers computed after materializing, random init per module; the contexts are not thread-safe."""
 
 from __future__ import annotations
 
@@ -15,13 +12,7 @@ import torch
 from torch import nn
 
 from lightning_automodel._compat.torch import (
-    op_schema,
-    own_buffers,
-    own_children,
-    own_parameters,
-    patched_registration,
-    set_own_slots,
-    torch_dispatch_mode,
+    op_schema, own_buffers, own_children, own_parameters, patched_registration, set_own_slots, torch_dispatch_mode,
 )
 from lightning_automodel._compat.transformers import HF_INITIALIZED_FLAG, init_weights_flag_off, init_weights_hook
 from lightning_automodel.core.distributed import copy_local_part, local_index, local_tensor, module_seed
@@ -47,8 +38,7 @@ def _meta_parameter(param: nn.Parameter) -> nn.Parameter:
 
 @contextlib.contextmanager
 def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
-    """Create every parameter (and with ``include_buffers`` every buffer) on the meta device; parameter subclasses
-    are rebuilt with their attributes, ``_is_hf_initialized`` carried over only where it was set."""
+    """Create every parameter (with ``include_buffers`` every buffer) on meta; subclasses keep their attributes."""
 
     def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
         # A parameter already on meta keeps its identity: tied weights (lm_head = embedding) stay tied.
@@ -72,8 +62,7 @@ skip_random_init = init_weights_flag_off
 
 
 def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name -> the nearest ``PreTrainedModel`` at or above it (whose ``_init_weights`` applies, as in
-    transformers' ``initialize_weights``: a VLM's vision tower is initialized by the tower's class)."""
+    """Module name -> the nearest ``PreTrainedModel`` at or above it (a VLM's tower inits by the tower's class)."""
     from transformers import PreTrainedModel
 
     owners: dict[str, nn.Module] = {}
@@ -86,8 +75,7 @@ def _owner_models(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` as an instance of its own class (FSDP2 swaps in a subclass whose
-    ``__new__`` cannot be called without constructor arguments)."""
+    """A shallow copy as its own class (FSDP2's swapped-in subclass cannot ``__new__`` without arguments)."""
     from torch.distributed.fsdp import FSDPModule
 
     cls = type(module)
@@ -99,8 +87,7 @@ def plain_copy(module: nn.Module) -> nn.Module:
 
 
 def _twin(module: nn.Module, device: str = "meta") -> nn.Module:
-    """A copy of ``module`` with its own empty parameters on ``device`` and meta children (an init that reaches
-    into a child, CLIP's embeddings, then touches no real shard); a CPU twin's buffers are copies."""
+    """``module`` with empty parameters on ``device``, meta children (CLIP's init reaching in touches no shard)."""
     twin = plain_copy(module)
     set_own_slots(
         twin,
@@ -124,9 +111,7 @@ def _twin_buffer(buffer: torch.Tensor | None, device: str) -> torch.Tensor | Non
 
 @torch.no_grad()
 def recompute_buffers(model: nn.Module) -> int:
-    """Compute every buffer of a freshly materialized model (RoPE ``inv_freq``, ``embed_scale``) with the model's
-    ``_init_weights``, as ``from_pretrained`` does, on twins whose only real tensors are the buffers. A buffer
-    left unset is an error naming it. Returns the number of buffers."""
+    """Compute every buffer (RoPE ``inv_freq``) with ``_init_weights`` on twins, as ``from_pretrained``; their count."""
     owners = _owner_models(model)
     buffers: dict[int, tuple[str, torch.Tensor]] = {}  # a buffer registered in two modules is one tensor
     for name, buffer in model.named_buffers(remove_duplicate=False):
@@ -170,9 +155,8 @@ def _is_unset(buffer: torch.Tensor) -> bool:
     return bool((buffer == torch.iinfo(buffer.dtype).min).all())
 
 
-#: elements per row block: blocks depend on a tensor's shape only, never on the world size. Small enough
-#: that a 1024 x 1024 projection splits into 16 blocks: a block straddling a shard edge is drawn whole by
-#: each rank holding part of it, so with 2**20 a projection of that size was drawn whole by every rank.
+#: elements per row block (by shape, never world size); small, as an edge block is drawn whole by each rank
+#: holding part of it: with 2**20 a 1024 x 1024 projection was drawn whole by every rank.
 _BLOCK_ELEMENTS = 2**16
 #: in-place ops that overwrite every element without reading it (earlier ops on the tensor do not matter)
 _OVERWRITING = {"aten::normal_", "aten::uniform_", "aten::fill_", "aten::zero_", "aten::log_normal_", "aten::exponential_", "aten::bernoulli_"}
@@ -183,13 +167,8 @@ _Op = tuple[Any, tuple[Any, ...], dict[str, Any], int | None]
 
 
 def _record_init(twin: nn.Module, run: Callable[[], None]) -> dict[str, list[_Op]] | None:
-    """Run ``run`` (an init of ``twin``, whose parameters are full-size meta tensors): its ops per parameter.
-
-    The ops carry the scalars the init computed from the full shape (a kaiming bound, a std), so replaying
-    them on a block of rows gives what the full-size init would. None (not replayable: a full-size twin
-    then) for an op on a part of a parameter other than one row, a tensor copied in, an op that is not
-    elementwise, or a question about the device (``trunc_normal_`` skips meta tensors).
-    """
+    """The ops per parameter of ``run`` (an init of the meta ``twin``), scalars computed from the full shape; None when
+    not replayable on row blocks (a partial op, a tensor copied in, a device query: ``trunc_normal_`` skips meta)."""
     import inspect
 
     from torch.overrides import TorchFunctionMode
@@ -276,8 +255,7 @@ def _overwrites(op: _Op) -> bool:
 
 
 def _replay_into(param: torch.Tensor, ops: list[_Op], seed: int) -> None:
-    """Fill this rank's part of ``param`` by replaying ``ops`` on the row blocks that overlap it; block ``b`` (rows
-    fixed by the shape) draws from a generator seeded by ``seed`` and ``b``, whatever the rank or world size."""
+    """Replay ``ops`` on the row blocks overlapping this rank's part; block ``b`` draws from seed ``(seed, b)``."""
     local = local_tensor(param)
     if not local.numel():
         return
@@ -321,13 +299,8 @@ def _run_init(twin: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> N
 
 @torch.no_grad()
 def init_weights_by_module(model: nn.Module, seed: int = 0) -> int:
-    """Random-initialize a materialized (possibly FSDP2-sharded) model one module at a time, each rank its own rows.
-
-    The nearest ``PreTrainedModel``'s ``_init_weights`` runs on a meta twin and is recorded; elementwise ops on
-    whole parameters (what LLM inits are) are replayed on the row blocks of each rank's shard, seeded from
-    ``seed``, the names and the block: the same at every world size. Any other init runs on a full-size CPU
-    twin of that module and each rank copies its part out. Returns the number of parameters initialized.
-    """
+    """Random-initialize a materialized (sharded) model per module, the same at every world size: a recorded elementwise
+    init is replayed on each rank's row blocks, any other runs on a full-size CPU twin. Returns the parameter count."""
     from lightning_automodel.core.naming import canonical_name
 
     owners = _owner_models(model)

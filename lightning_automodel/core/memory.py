@@ -1,9 +1,4 @@
-"""Bytes per rank for parameters, gradients and optimizer state under FSDP2 (meta-safe: shapes and dtypes only).
-
-FSDP2 shards each parameter on dim 0 with padding: a rank holds ``ceil(dim0 / world) * rest`` elements.
-Gradients and AdamW state (two tensors) exist for trainable parameters only. Activations are never
-included (they depend on batch, sequence length and checkpointing, not on the layout).
-"""
+"""Bytes per rank for parameters, gradients and optimizer state under FSDP2 (meta-safe; activations excluded)."""
 
 from __future__ import annotations
 
@@ -74,11 +69,9 @@ def estimate_training_memory(
 class FSDP2MemoryEstimate:
     """Peak bytes one rank holds under FSDP2 in a given layout (activations excluded).
 
-    ``gather_bytes``: all-gathered parameters in flight, the two largest resharded groups (FSDP2 prefetches
-    the next while one computes, ``prefetched_groups``) plus every group kept unsharded (``kept_groups``).
-    ``reduce_bytes``: the largest trainable group's unsharded gradients plus its reduce-scatter buffer
-    (``reduced_group``). With ``cpu_offload`` the sharded state is host memory and the device holds only
-    what is in flight.
+    ``gather_bytes``: the two largest resharded groups (one prefetched while one computes) plus ``kept_groups``.
+    ``reduce_bytes``: the largest trainable group's gradients and reduce-scatter buffer. ``cpu_offload``: the
+    sharded state is host memory, the device holds only what is in flight.
     """
 
     world_size: int
@@ -108,22 +101,12 @@ class FSDP2MemoryEstimate:
 
 
 def estimate_fsdp2_peak(
-    model: nn.Module,
-    *,
-    world_size: int,
-    groups: Sequence[tuple[str, Sequence[str]]] | None = None,
-    compute_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = None,
-    optimizer_state_dtype: torch.dtype | None = None,
-    cpu_offload: bool = False,
+    model: nn.Module, *, world_size: int, groups: Sequence[tuple[str, Sequence[str]]] | None = None,
+    compute_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+    optimizer_state_dtype: torch.dtype | None = None, cpu_offload: bool = False,
 ) -> FSDP2MemoryEstimate:
-    """Per-rank peak memory of FSDP2 training in the layout ``groups`` (default :func:`fsdp2_groups`; parameters
-    no group names go to the root).
-
-    A group's all-gather materializes every rank's padded shard, in ``compute_dtype`` for floating-point
-    parameters (else stored), gradients reduced in ``reduce_dtype`` (default: compute). The two largest
-    resharded groups count, not the largest twice: an untied 128k-vocabulary embedding dwarfs a layer.
-    """
+    """Per-rank peak of FSDP2 training in the layout ``groups`` (default :func:`fsdp2_groups`, the rest: root). The two
+    largest resharded groups count, not the largest twice: an untied 128k-vocabulary embedding dwarfs a layer."""
     state = estimate_training_memory(model, world_size=world_size, optimizer_state_dtype=optimizer_state_dtype)
     params = dict(unique_named_parameters(model))
     owner: dict[str, str] = {}

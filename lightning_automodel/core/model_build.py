@@ -1,9 +1,4 @@
-"""Building Hugging Face models offline, the FSDP2 way: no rank ever holds the full model.
-
-Built on meta (:func:`build_meta_model`, the one build of ``fit``, ``plan`` and ``export``), sharded
-(:func:`apply_fsdp2`), materialized (:func:`materialize`: each rank allocates its shards and computes the
-buffers), then filled by ``core.sharded_load`` (each rank reads its bytes) or ``core.init.init_weights_by_module``.
-"""
+"""Building Hugging Face models offline, the FSDP2 way (meta, shard, materialize, fill): no rank holds it all."""
 
 from __future__ import annotations
 
@@ -57,8 +52,7 @@ MAX_CONFIG_JSON_BYTES = 10 * 2**20
 
 
 def check_config_json(path: Path) -> None:
-    """``path`` is a JSON object of bounded size and depth (transformers' ``json.loads`` would raise
-    RecursionError on a 100,000-deep ``[[[...]]]``, and read a huge file whole), or one line naming it."""
+    """A JSON object of bounded size and depth (transformers' ``json.loads`` recurses on ``[[[...]]]``), or one line."""
     value = read_bounded_json(path, "model config", MAX_CONFIG_JSON_BYTES)
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object (the model config); found {type(value).__name__}.")
@@ -74,16 +68,14 @@ _POSITIVE_SIZES = (
     "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_local_experts",
     "num_experts", "num_experts_per_tok", "patch_size", "image_size", "num_channels",
 )
-#: Decoder layers a config may ask for: real models have at most a few hundred; building 10^6 layers
-#: runs for minutes and ends in a MemoryError, even on the meta device.
+#: Decoder layers a config may ask for: 10^6 layers build for minutes into a MemoryError, even on meta.
 MAX_LAYERS = 100_000
 #: Parameters a config may ask for (10^13: five times today's largest models).
 MAX_PARAMETERS = 10**13
 
 
 def validate_model_config(config: PretrainedConfig | Mapping[str, Any]) -> None:
-    """Refuse, in one line naming the field, a config (or a mapping, before transformers' constructors divide by
-    the heads) that cannot make a working model: ``num_hidden_layers: -1`` would train a 0-layer model."""
+    """Refuse in one line a config (or mapping) that cannot make a working model (``num_hidden_layers: -1``)."""
     for where, sub in _sub_configs(config):
         for field_name in _POSITIVE_SIZES:
             value = _field(sub, field_name)
@@ -174,21 +166,16 @@ def model_class_for(config: PretrainedConfig, model_class: ModelClass = "auto"):
 
 
 def build_meta_model(
-    config: PretrainedConfig,
-    model_class: ModelClass = "auto",
-    *,
-    dtype: torch.dtype = torch.float32,
+    config: PretrainedConfig, model_class: ModelClass = "auto", *, dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The whole model on the meta device, as ``from_pretrained`` builds it. ``dtype`` is explicit: a hub config's
-    ``dtype: bfloat16`` would otherwise make bf16 master weights, whose AdamW updates round away."""
+    """The whole model on meta, as ``from_pretrained``; explicit ``dtype``: a hub config's bf16 rounds AdamW away."""
     from transformers.initialization import meta_device_safe_creation_ops, no_init_weights
 
     validate_model_config(config)
     cls = model_class_for(config, model_class)
-    # transformers' own switches (``from_pretrained`` enters them too): ``no_init_weights`` skips
-    # ``kaiming_uniform_`` & co., half of a deep model's meta build time; ``meta_device_safe_creation_ops``
-    # keeps ``torch.linspace`` on the CPU, so remote code that calls ``.item()`` in ``__init__`` builds.
+    # As ``from_pretrained``: ``no_init_weights`` skips half of a deep meta build's time; the other keeps
+    # ``torch.linspace`` on the CPU, so remote code that calls ``.item()`` in ``__init__`` builds.
     with torch.device("meta"), no_init_weights(), meta_device_safe_creation_ops():
         model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
@@ -206,8 +193,7 @@ def tensor_parallel_refusal(tensor_parallel_size: int) -> str:
 
 
 def _minority_dtype_modules(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
-    """Submodules whose trainable parameters differ in dtype from the rest of their unit: FSDP2 needs one
-    dtype per group (fp32 tensors kept under bf16 weights get their own, as for ``_keep_in_fp32_modules``)."""
+    """Submodules whose trainable dtype differs from their unit's (fp32 gates): FSDP2 needs one dtype per group."""
     counts: dict[torch.dtype, int] = {}
     for module in modules:
         for p in module.parameters():
@@ -231,18 +217,11 @@ def _minority_dtype_modules(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
 
 
 def apply_fsdp2(
-    model: PreTrainedModel,
-    mesh: Any,
-    *,
-    mixed_precision: bool = False,
-    activation_checkpointing: bool = False,
+    model: PreTrainedModel, mesh: Any, *, mixed_precision: bool = False, activation_checkpointing: bool = False,
     cpu_offload: bool = False,
 ) -> list[ShardingUnit]:
-    """Shard ``model`` with FSDP2 in the ``core.fsdp_layout`` layout; returns the units.
-
-    ``mixed_precision``: all-gather and compute in bf16, reduce in fp32 (parameters and optimizer state keep
-    their dtype). ``cpu_offload``: sharded state in host memory; FSDP2 copies each unit to the device to run it.
-    """
+    """Shard ``model`` in the ``core.fsdp_layout`` layout; returns the units. ``mixed_precision``: gather and compute
+    in bf16, reduce in fp32. ``cpu_offload``: sharded state in host memory, each unit copied to the device to run."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
@@ -274,8 +253,7 @@ def apply_fsdp2(
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a (sharded) meta model on ``device``, each rank its shards (values undefined until a load or an
-    init), and compute its buffers. Shards that cannot fit are refused first, naming the largest tensor."""
+    """Allocate a meta model's shards on ``device`` (undefined until a load or init) and compute its buffers."""
     check_fits_on_device(model, device)
     places: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer's (module, name) places
     for module in model.modules():
@@ -318,8 +296,7 @@ FILL_UNINITIALIZED_ENV = "LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED"
 
 @torch.no_grad()
 def fill_uninitialized(model: nn.Module) -> None:
-    """Test switch: ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan`` marks fresh parameters unset (NaN), since the
-    allocator's zeros would hide a tensor no load or init writes. ``recompute_buffers`` always marks buffers."""
+    """Test switch: ``LIGHTNING_AUTOMODEL_FILL_UNINITIALIZED=nan`` marks fresh parameters NaN (zeros hide a miss)."""
     value = os.environ.get(FILL_UNINITIALIZED_ENV, "").strip().lower()
     if value and value != "nan":
         raise ValueError(f"{FILL_UNINITIALIZED_ENV}={value!r}: the only supported value is 'nan' (or unset).")
@@ -329,10 +306,7 @@ def fill_uninitialized(model: nn.Module) -> None:
 
 
 def apply_weights_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: set[str] = frozenset()) -> list[str]:
-    """Store floating-point parameters in ``dtype`` (on meta: free), keeping the Parameter objects (ties survive).
-
-    Names in ``keep_fp32`` (tensors the checkpoint stores in fp32, e.g. router gates) and LoRA adapters stay.
-    """
+    """Store float parameters in ``dtype`` in place (ties survive), except ``keep_fp32`` (router gates) and LoRA."""
     from lightning_automodel.core.naming import base_checkpoint_name, is_adapter_name
 
     changed = []

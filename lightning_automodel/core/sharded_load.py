@@ -1,14 +1,8 @@
 """Streaming a Hugging Face checkpoint into a (sharded) model: each rank reads only its own bytes.
 
-Not ``from_pretrained``: under FSDP2 every rank would hold the whole checkpoint first. Not DCP's
-``HuggingFaceStorageReader`` alone: it needs the checkpoint's names to be the module's, and transformers 5
-renames and merges on load (per-expert MoE tensors into fused experts, legacy VLM keys). So the *which*
-comes from transformers' own conversion rules (``get_model_conversion_mapping``, ``rename_source_key``,
-``WeightConverter``), the *how much* from the parameter's DTensor placement, and the bytes from byte-range
-``readinto`` of the safetensors files (not a memory map: mapped pages stay resident). ``.bin`` files are
-memory-mapped, so their touched pages count until the load ends. Per-rank host memory: its shards plus
-one tensor (or one conversion group) in flight; MoE converters that stack experts on dim 0 read only the
-rank's experts. The plan is checked on the meta model first, identically on every rank (no hang).
+Not ``from_pretrained`` (every rank would hold the whole checkpoint) nor DCP's reader (transformers 5 renames and
+merges on load): names come from transformers' conversion rules, the slice from the DTensor placement, the bytes
+from ``readinto`` (not a memory map: mapped pages stay resident). The plan is checked on meta on every rank alike.
 """
 
 from __future__ import annotations
@@ -83,8 +77,7 @@ class CheckpointReader:
         return tensor
 
     def read_into(self, key: str, index: tuple[slice, ...] | None, out: torch.Tensor) -> None:
-        """Copy the ``index`` slice of ``key`` into ``out``: straight into a contiguous host tensor of the file's
-        dtype, else (a cast, a GPU) through a reused buffer of at most ``CHUNK_BYTES``; no full-size temporary."""
+        """Read the ``index`` slice of ``key`` into ``out``; a cast or a GPU goes through a ``CHUNK_BYTES`` buffer."""
         source = self.tensors[key]
         rows = _row_range(source.shape, index) if source.offset is not None else None
         if rows is None or not source.shape:
@@ -209,17 +202,9 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys: Sequence[str] = ()) -> LoadPlan:
-    """Map every checkpoint tensor to the model tensor it makes, as ``from_pretrained`` does, checked on the meta model.
-
-    :class:`CheckpointLayoutError` names the tensor and the file for a missing tensor, a shape or dtype mismatch,
-    or unused checkpoint keys that no ``ignore_keys`` regular expression fully matches.
-    """
+    """Map checkpoint tensors to model tensors as ``from_pretrained``, checked on meta; unused need ``ignore_keys``."""
     from lightning_automodel._compat.transformers import (
-        WeightConverter,
-        WeightRenaming,
-        dot_natural_key,
-        get_model_conversion_mapping,
-        rename_source_key,
+        WeightConverter, WeightRenaming, dot_natural_key, get_model_conversion_mapping, rename_source_key,
     )
 
     tensors, aliases = _model_tensors(model)
@@ -253,8 +238,7 @@ def plan_checkpoint_load(model: nn.Module, reader: CheckpointReader, ignore_keys
 
 
 def _check_unused(unused: list[str], reader: CheckpointReader, ignore_keys: Sequence[str]) -> None:
-    """Unused checkpoint tensors are an error unless named (``from_pretrained`` only warns: a two-layer
-    checkpoint loaded into a one-layer config trains another model)."""
+    """Unused tensors are an error unless named (``from_pretrained`` only warns: 2 layers into 1 is another model)."""
     try:
         patterns = [re.compile(p) for p in ignore_keys]
     except re.error as exc:
@@ -341,8 +325,7 @@ def _convert(group: TargetGroup, model: nn.Module, read: object, keep: Iterable[
 
 
 def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) -> bool:
-    """A converter whose first op stacks a module list on dim 0 and whose later ops leave dim 0 alone: a dim-0
-    slice of the output is then the same op on the sources it covers (a rank reads only its experts)."""
+    """First op stacks on dim 0, later ops leave dim 0 alone: a rank's dim-0 slice needs only its experts' sources."""
     from lightning_automodel._compat.transformers import MergeModulelist
 
     operations = list(getattr(group.transform, "operations", []) or [])
@@ -360,15 +343,13 @@ def _stacks_experts_first(group: TargetGroup, tensors: dict[str, torch.Tensor]) 
 
 @torch.no_grad()
 def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, plan: LoadPlan | None = None) -> LoadReport:
-    """Copy each rank's part of the checkpoint into the model's materialized (sharded) tensors, cast on copy;
-    parameters keep their identity (ties stay, FSDP2 keeps its storage). No collective."""
+    """Copy each rank's part of the checkpoint into the materialized tensors in place (ties stay); no collective."""
     start = time.perf_counter()
     before = reader.bytes_read
     plan = plan if plan is not None else plan_checkpoint_load(model, reader)
     tensors, _ = _model_tensors(model)
     count = 0
-    # In file order: each rank then walks every file front to back, which is what readahead rewards
-    # (with a cold page cache, key order costs a seek per tensor).
+    # File order: readahead rewards front-to-back reads (with a cold page cache, key order seeks per tensor).
     def position(group: TargetGroup) -> tuple[str, int]:
         source = reader.tensors[group.sources[0][0]]
         return (str(source.file), source.offset or 0)

@@ -1,12 +1,7 @@
 """Read a Lightning training checkpoint's model tensors a few at a time, without running any pickle from it.
 
-* a ``.ckpt`` file is opened with ``torch.load(mmap=True, weights_only=True)`` (structure only); each
-  requested tensor is then read with ``os.pread`` from its byte range in the zip, since reading through
-  the mapping would leave every touched page resident (the whole model in RSS by the end);
-* a sharded (DCP) directory is read with ``torch.distributed.checkpoint.load`` on the requested keys
-  only; its ``.metadata`` is unpickled through an allow-list (:class:`SafeFileSystemReader`), Lightning's
-  ``meta.pt`` with ``weights_only=True`` and a short allow-list.
-"""
+A ``.ckpt`` is read with ``os.pread`` (through the mmap every touched page would stay resident), a DCP directory
+with ``dcp.load``; its ``.metadata`` and ``meta.pt`` are unpickled through allow-lists."""
 
 from __future__ import annotations
 
@@ -35,8 +30,7 @@ class CheckpointReadError(ValueError):
     """The checkpoint cannot be read; the message names the file and what is wrong."""
 
 
-# The only non-tensor types Lightning's checkpoint metadata holds. Its ``AttributeDict`` (hyper-parameters,
-# a ``dict`` subclass) is read as a plain ``dict``: data only, and the core never imports Lightning.
+# Lightning's metadata types; its ``AttributeDict`` is read as a plain ``dict`` (the core never imports Lightning).
 _LIGHTNING_SAFE_GLOBALS = [
     collections.OrderedDict, pathlib.PosixPath, pathlib.PurePosixPath, (dict, "lightning.fabric.utilities.data.AttributeDict"),
 ]
@@ -76,8 +70,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` unpickling ``.metadata`` once, through an allow-list of DCP's own few types
-    (DCP's reader calls ``pickle.load`` on it: a crafted file would run code)."""
+    """DCP's reader unpickling ``.metadata`` through an allow-list (DCP's ``pickle.load`` would run a crafted file)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
@@ -115,8 +108,7 @@ _TENSOR_ENTRIES = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything but the tensors of a ``.ckpt`` file or a sharded directory, read as data; a directory's
-    ``.metadata`` is checked too, before Lightning's resume reads it with plain ``pickle``."""
+    """All but the tensors of a ``.ckpt`` or DCP directory, as data; ``.metadata`` checked before Lightning's pickle."""
     path = Path(path)
     if _is_single_file(path):
         return {k: v for k, v in _load_ckpt(path).items() if k not in _TENSOR_ENTRIES}
@@ -183,8 +175,7 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         self._fd = os.open(path, os.O_RDONLY)
 
     def _record_offsets(self) -> dict[int, int] | None:
-        """File offset of each mapped storage by address (``torch.load(mmap=True)`` maps every storage at its zip
-        record: address - offset is one constant); None (copy through the mapping) when that cannot be proven."""
+        """File offset of each mapped storage by address (address - offset is one constant); None when not proven."""
         storages = {}
         for t in self._tensors.values():
             storage = t.untyped_storage()
@@ -202,8 +193,7 @@ class SingleFileCheckpoint(TrainedCheckpoint):
         addresses = sorted(storages)
         if not addresses or len(starts) < len(addresses):
             return None
-        # Tensors may share storages, and a record may belong to a tensor the state dict does not hold
-        # (optimizer state): match every storage to the record at the same address offset.
+        # Storages may be shared and records may hold optimizer state: match every storage at one address offset.
         by_offset = dict(starts)
         first = addresses[0]
         for offset, size in starts:
