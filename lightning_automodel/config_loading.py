@@ -4,6 +4,7 @@ bounded alias expansion (nine lines of nested ``[*a, *a, ...]`` make 10^9 refere
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -103,10 +104,8 @@ def check_command_line_values(argv: list[str]) -> None:
     for arg in argv:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
         if "*" in value:  # else no alias, nothing to expand
-            try:
+            with contextlib.suppress(yaml.YAMLError):  # text that is not YAML stays a string
                 check_yaml_bounded(value, f"the command-line value {value[:40]!r}")
-            except yaml.YAMLError:
-                pass
 
 
 def config_paths(argv: list[str]) -> list[Path]:
