@@ -1,7 +1,4 @@
-"""lightning-automodel: NeMo AutoModel's model utilities for PyTorch Lightning on FSDP2.
-
-The Lightning-facing names are resolved lazily: ``lightning_automodel.core`` and the façades never import Lightning.
-"""
+"""lightning-automodel: NeMo AutoModel's model utilities for Lightning on FSDP2 (Lightning loads lazily)."""
 
 from __future__ import annotations
 

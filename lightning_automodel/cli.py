@@ -63,8 +63,7 @@ class ConfigError(ValueError):
     """A key or value of the configuration is not accepted (one line, with a suggestion when one is close)."""
 
 
-#: Module prefixes a ``class_path`` (or any import path value) may name; the parser refuses anything else
-#: *before* importing it: importing runs the module's code (``class_path: this.Zen`` printed the Zen of Python).
+#: Import path prefixes a config may name, refused *before* import (``class_path: this.Zen`` printed the Zen).
 ALLOWED_IMPORT_PREFIXES: tuple[str, ...] = ("lightning.pytorch", "lightning.fabric", "lightning_automodel", "torch.optim")
 #: Comma-separated extra prefixes the user trusts, e.g. ``LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS=my_project.callbacks``.
 ALLOWED_IMPORTS_ENV = "LIGHTNING_AUTOMODEL_ALLOWED_IMPORTS"
@@ -96,18 +95,15 @@ def check_command_line(argv: list[str]) -> None:
 
 @rank_zero_only
 def _report_checkpoint(trainer: Any, argv: list[str]) -> None:
-    """Where the checkpoint is, the command that continues this run from it (the same options; a run that reached
-    ``max_steps`` would stop again at once, so it then asks for as many steps again) and the export command."""
+    """Where the checkpoint is, the resume command (as many steps again once max_steps is reached) and export's."""
     callback = trainer.checkpoint_callback
     path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
     if not path:
         return
     finished = 0 < trainer.max_steps <= trainer.global_step
     dropped = ("--ckpt_path", "--trainer.max_steps") if finished else ("--ckpt_path",)
-    args = [
-        arg for i, arg in enumerate(argv[1:], 1)
-        if not (arg in dropped or arg.startswith(tuple(f"{o}=" for o in dropped)) or argv[i - 1] in dropped)
-    ]
+    args = [arg for i, arg in enumerate(argv[1:], 1)
+            if not (arg in dropped or arg.startswith(tuple(f"{o}=" for o in dropped)) or argv[i - 1] in dropped)]
     args += ["--ckpt_path", path, *(["--trainer.max_steps", str(trainer.global_step + trainer.max_steps)] if finished else [])]
     print(
         f"Checkpoint saved at {path} | {'train further' if finished else 'resume'}: {shlex.join([PROG, argv[0], *args])} "
@@ -117,8 +113,7 @@ def _report_checkpoint(trainer: Any, argv: list[str]) -> None:
 
 
 def prefer_command_line_model_source(model: Any, argv: list[str]) -> None:
-    """``--model.pretrained_path`` on the command line replaces the YAML's ``model.config``, and the reverse
-    (HFCausalLM takes exactly one: an override replaces whichever the YAML set, as any other override)."""
+    """``--model.pretrained_path`` on the command line replaces the YAML's ``model.config``, and the reverse."""
     sources = ("pretrained_path", "config")
     given = [key for key in sources if any(a == f"--model.{key}" or a.startswith(f"--model.{key}=") for a in argv)]
     if model is None or len(given) != 1:
@@ -141,8 +136,7 @@ class _RunStarted(Callback):
 
 
 class NumberedConfigSave(SaveConfigCallback):
-    """Saves the run's config beside the logs as ``config.yaml``, or the first free ``config-<n>.yaml``: each name
-    is created with ``O_EXCL``, so a resume or a second fit in the same directory keeps every earlier config."""
+    """Saves ``config.yaml``, or the first free ``config-<n>.yaml`` (O_EXCL): a resume keeps every earlier config."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.already_saved:
@@ -174,25 +168,21 @@ def _as_list(items: Any) -> list[Any]:
 
 
 def check_ckpt_path(ckpt_path: str) -> None:
-    """Fail in one line, before anything is built, unless ``--ckpt_path`` can be resumed from (a sharded checkpoint
-    a killed save parked beside its name is put back first); the error names the newest complete checkpoint."""
+    """Fail in one line, naming the newest complete checkpoint, unless ``--ckpt_path`` can be resumed from."""
     from lightning_automodel.checkpoint_io import newest_complete_checkpoint
 
     check_resumable(ckpt_path)  # recovers a parked sharded checkpoint; refuses a truncated file
     path = Path(ckpt_path)
     if path.is_file() or (path / ".metadata").is_file():
         return
-    if path.is_dir():
-        problem = "is a directory without DCP metadata (.metadata): not a sharded checkpoint, or an incomplete copy"
-    else:
-        problem = "does not exist"
+    problem = ("is a directory without DCP metadata (.metadata): not a sharded checkpoint, or an incomplete copy"
+               if path.is_dir() else "does not exist")
     newest = newest_complete_checkpoint(path.parent) if path.parent.is_dir() else None
     hint = f"; the newest complete checkpoint in {path.parent} is {newest}" if newest is not None else ""
     raise CheckpointResumeError(f"--ckpt_path {path} {problem}{hint}.")
 
 
-#: HFCausalLM arguments that decide which parameters the model has: a checkpoint recorded with other values is
-#: refused. ``pretrained_path`` differing only warns (a moved directory; the strict state load checks every shape).
+#: HFCausalLM arguments that decide the parameters: a checkpoint with others is refused (pretrained_path only warns).
 _MODEL_DEFINING = ("config", "model_class", "quantization")
 
 
@@ -204,11 +194,8 @@ def _differences(theirs: Any, ours: Any, key: str) -> list[str]:
 
 
 def check_checkpoint_hparams(ckpt_path: str, model_args: dict[str, Any]) -> None:
-    """Compare a checkpoint's recorded hyper-parameters with the user's model arguments; never apply them.
-
-    LightningCLI would merge them over the user's configuration: a checkpoint could switch on
-    ``trust_remote_code`` with a ``pretrained_path`` of its choosing, or silently train another model.
-    """
+    """Compare a checkpoint's hyper-parameters with the model arguments, never apply them (LightningCLI's merge
+    would let a checkpoint switch on ``trust_remote_code`` or silently train another model)."""
     from lightning_automodel.core.training_checkpoint_reader import CheckpointReadError, read_checkpoint_metadata
 
     try:
@@ -256,8 +243,7 @@ def _parser_error_line(message: str, parsers: list[Any]) -> str:
 
 
 class ResumingProgressBar(TQDMProgressBar):
-    """The TQDM bar, with its epoch and a true total also in the first epoch of a resumed run: a resume at batch N
-    skips ``on_train_epoch_start`` (the bar kept "Training: 41/?") or totals the steps left only."""
+    """The TQDM bar with epoch and true total in a resumed first epoch (it kept "Training: 41/?" or the steps left)."""
 
     _epoch_started = False
     _first_batch = True
@@ -284,9 +270,8 @@ class ResumingProgressBar(TQDMProgressBar):
 
 
 class AutoModelCLI(LightningCLIHooks, LightningCLI):
-    """LightningCLI that fails in one line on a config mistake, checks ``--ckpt_path`` before building anything,
-    gives the Trainer ``AtomicTorchCheckpointIO`` unless a ``CheckpointIO`` is configured, and the TQDM bar unless a
-    progress bar is (Lightning's rich bar prints ``Epoch 1/-2`` when ``max_steps`` bounds the run)."""
+    """LightningCLI with one-line config errors, ``--ckpt_path`` checked first, ``AtomicTorchCheckpointIO`` and the
+    TQDM bar unless configured (Lightning's rich bar prints ``Epoch 1/-2`` when ``max_steps`` bounds the run)."""
 
     def __init__(self, *args: Any, run_marker: _RunStarted | None = None, **kwargs: Any) -> None:
         self.run_marker = run_marker if run_marker is not None else _RunStarted()
@@ -317,8 +302,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
     def check_ckpt_path_config(self) -> None:
-        # Runs right after parsing, in place of LightningCLI's own step, which merges the checkpoint's
-        # hyper-parameters over the user's configuration (see _compat.lightning.LightningCLIHooks).
+        # Replaces LightningCLI's step that merges the checkpoint's hparams over the config (LightningCLIHooks).
         ckpt_path = self._section().get("ckpt_path")
         if not ckpt_path or ckpt_path in _SYMBOLIC_CKPT_PATHS or "://" in str(ckpt_path):
             return
@@ -328,8 +312,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         check_checkpoint_hparams(str(ckpt_path), model_args.get("init_args", model_args))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        # `data:` without a class_path configures SFTDataModule (no train_files: the embedded demo);
-        # `data: {class_path: ..., init_args: ...}` picks another module.
+        # `data:` without a class_path configures SFTDataModule; a class_path picks another module.
         if self.subclass_mode_data:
             parser.set_defaults({"data": {"class_path": "lightning_automodel.data.SFTDataModule"}})
 
@@ -366,8 +349,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
         if not any(isinstance(c, ProgressBar) for c in callbacks) and trainer_config.get("enable_progress_bar") is not False:
             extra.append(ResumingProgressBar())
         trainer = super().instantiate_trainer(**{**kwargs, "callbacks": [*callbacks, *extra]})
-        # After construction the strategy holds the configured CheckpointIO (from plugins or its own);
-        # only Lightning's default (exactly TorchCheckpointIO) is replaced.
+        # Only Lightning's default (exactly TorchCheckpointIO) is replaced, never a configured CheckpointIO.
         configured_io = any(isinstance(p, CheckpointIO) for p in _as_list(trainer_config.get("plugins")))
         if not configured_io and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicTorchCheckpointIO()
@@ -376,11 +358,7 @@ class AutoModelCLI(LightningCLIHooks, LightningCLI):
 
 
 def job_cli(cli_class: type[AutoModelCLI] = AutoModelCLI, **kwargs: Any) -> AutoModelCLI:
-    """The command's LightningCLI, configured in this one place: fit / validate / test run it, ``plan`` parses with it.
-
-    ``model:`` is :class:`HFCausalLM`, ``data:`` any LightningDataModule (``SFTDataModule`` when no
-    ``class_path`` is given), no automatic optimizer arguments (the module configures its own).
-    """
+    """The command's LightningCLI, configured only here: fit / validate / test run it, ``plan`` parses with it."""
     kwargs.setdefault("save_config_callback", NumberedConfigSave)
     return cli_class(HFCausalLM, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                      parser_kwargs={"prog": PROG}, **kwargs)
@@ -405,8 +383,7 @@ def _show_data_logs() -> None:
             logger.setLevel(logging.INFO)
 
 
-#: OSErrors about the user's files or disk (a read-only or full disk, a file where a directory goes), at any
-#: point of a run: a save that fails at step 900 is still the disk's problem, not ours.
+#: OSErrors about the user's files or disk at any point of a run (a save failing at step 900 is the disk's problem).
 _ENVIRONMENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 )
@@ -449,8 +426,7 @@ def error_line(exc: BaseException, run_started: bool = False) -> str | None:
             f"a checkpoint file holds pickled objects besides tensors ({first}); refusing to unpickle it. "
             "Load only checkpoints you created, or convert the weights to safetensors."
         )
-    # Plain ValueError / OSError (a file the user named) / the Trainer's own refusals (devices 0, max_steps -5) and a
-    # file nested past the parser's recursion limit: bad input while parsing, building and setting up; a bug afterwards.
+    # ValueError / OSError / the Trainer's refusals / RecursionError: bad input until the run starts, a bug afterwards.
     input_error = isinstance(
         exc, (CheckpointResumeError, ConfigError, ConfigFileError, DataError, ExportError, PlanError, CheckpointLayoutError,
               OfflineCheckpointError)
@@ -491,8 +467,7 @@ def _run(argv: list[str], from_command_line: bool, marker: _RunStarted) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI. Bad input prints ``lightning-automodel: error: ...`` and returns 2 (the traceback with
-    ``--debug``); other exceptions (bugs) propagate with their traceback."""
+    """Run the CLI. Bad input prints one error line and returns 2 (a traceback with ``--debug``); bugs propagate."""
     marker = _RunStarted()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,14 +1,10 @@
-"""The one YAML loader of every command: regular files only, bounded size, bounded alias expansion.
-
-``fit``/``validate``/``test`` (LightningCLI, through jsonargparse) and ``plan`` read configs people were sent.
-Refused before any object is built: a name that is not a regular file (``--config /dev/stdin`` or a FIFO
-blocks forever on open), and aliases past a bound (an alias is one node in the text but a whole subtree in
-the result: nine lines of nested ``[*a, *a, ...]`` make 10^9 references, the "billion laughs").
-Nothing here imports Lightning: jsonargparse only gets a parser mode (:func:`register_parser_mode`).
+"""The one YAML loader of every command: regular files only (a FIFO blocks forever on open), bounded size, and
+bounded alias expansion (nine lines of nested ``[*a, *a, ...]`` make 10^9 references). No Lightning import here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -20,7 +16,6 @@ import yaml
 MAX_YAML_NODES = 100_000
 #: Bytes a config file may have; a real one has a few kilobytes.
 MAX_CONFIG_BYTES = 16 * 2**20
-#: The jsonargparse parser mode that loads with :func:`jsonargparse_load`.
 PARSER_MODE = "lightning_automodel_yaml"
 
 
@@ -65,8 +60,7 @@ def check_yaml_bounded(text: str, name: str = "<config>") -> None:
 
 
 def check_config_file(path: str | os.PathLike[str]) -> None:
-    """Fail in one line unless ``path`` is a regular file (checked on the opened descriptor, opened non-blocking
-    so a FIFO is refused at once), UTF-8, at most ``MAX_CONFIG_BYTES``, within the alias bound."""
+    """Fail in one line unless ``path`` is a regular (fstat, opened non-blocking), bounded, UTF-8 YAML file."""
     name = os.fspath(path)
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -106,15 +100,12 @@ def register_parser_mode() -> str:
 
 
 def check_command_line_values(argv: list[str]) -> None:
-    """Refuse a command-line value whose aliases expand past the bound: jsonargparse parses some values (a ``dict``
-    option, a union) with its own unbounded YAML load; text that is not YAML passes (it stays a string)."""
+    """Refuse a command-line value past the alias bound (jsonargparse YAML-loads some values itself, unbounded)."""
     for arg in argv:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
         if "*" in value:  # else no alias, nothing to expand
-            try:
+            with contextlib.suppress(yaml.YAMLError):  # text that is not YAML stays a string
                 check_yaml_bounded(value, f"the command-line value {value[:40]!r}")
-            except yaml.YAMLError:
-                pass
 
 
 def config_paths(argv: list[str]) -> list[Path]:

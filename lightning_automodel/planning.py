@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 PROG = "lightning-automodel plan"
 #: from this depth on, plan says that it is building (a progress line: every layer is constructed, as in fit)
 _MANY_LAYERS = 2000
-# ---- the command line: fit's parser plus plan's own options -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,7 @@ class _Parsed(Exception):
 
 
 class _PlanCLI(AutoModelCLI):
-    """``fit``'s parser plus plan's options and nothing else: LightningCLI parses in its constructor, then would
-    seed and build; this one stops right after parsing (nothing instantiated, ``--ckpt_path`` not read)."""
+    """``fit``'s parser plus plan's options; stops right after parsing (nothing instantiated or seeded)."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -89,16 +87,8 @@ class _PlanCLI(AutoModelCLI):
         raise _Parsed(self.config["fit"])
 
 
-def _node_memory(text: str) -> int:
-    try:
-        return parse_size(text, "--node_host_memory")
-    except ValueError as exc:
-        raise PlanError(str(exc)) from None
-
-
 def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
-    """``plan``'s options and the config as ``fit``'s parser reads ``argv`` (merged, defaults filled, checked),
-    as data: nothing instantiated, seeded or resumed."""
+    """``plan``'s options and the config as ``fit``'s parser reads ``argv``, as data: nothing instantiated."""
     check_command_line(list(argv))  # restricts import paths for the rest of the command (main puts the policy back)
     with warnings.catch_warnings():
         # LightningCLI warns when args is given while sys.argv has arguments: here argv *is* sys.argv minus "plan".
@@ -111,11 +101,11 @@ def parse_args(argv: Sequence[str]) -> tuple[PlanOptions, dict[str, Any]]:
     world_size = config.pop("world_size", None)
     if world_size is not None and world_size < 1:
         raise PlanError(f"--world_size: must be >= 1 (the number of ranks to shard over); got {world_size}")
-    node_memory = _node_memory(config.pop("node_host_memory", "1TB"))
+    try:
+        node_memory = parse_size(config.pop("node_host_memory", "1TB"), "--node_host_memory")
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     return PlanOptions(world_size, node_memory, config.pop("optimizer_state_dtype", None)), config
-
-
-# ---- the model and its surgery, without weights ---------------------------------------------------
 
 
 def job_module(model_args: Mapping[str, Any]) -> HFCausalLM:
@@ -156,8 +146,7 @@ def _instantiate(cls: type, init_args: Mapping[str, Any]) -> Any:
 
 
 def surgery_callbacks(trainer_config: Mapping[str, Any]) -> list[ModelSurgeryCallback]:
-    """The configured surgery callbacks (and ParameterSummary) in ``surgery_order``, instantiated only from the
-    package; other class paths do no surgery and are never instantiated (a note unless they are Lightning's)."""
+    """The configured surgery callbacks in ``surgery_order``; only the package's callbacks are ever instantiated."""
     specs = trainer_config.get("callbacks") or []
     out: list[ModelSurgeryCallback] = []
     for i, spec in enumerate([specs] if isinstance(specs, Mapping) else specs):
@@ -196,9 +185,6 @@ def _apply_on_meta(step: SurgeryStep, model: nn.Module) -> Mapping[str, str]:
     return {}
 
 
-# ---- the plan -------------------------------------------------------------------------------------
-
-
 @dataclass
 class Plan:
     """What ``plan`` found; ``fsdp2`` and ``fsdp2_offload`` are set when the run shards with FSDP2."""
@@ -218,8 +204,7 @@ class Plan:
 
 
 def world_size_from(trainer_config: Mapping[str, Any], note: bool = True) -> int:
-    """devices x num_nodes; ``devices: auto`` (the parser's default) or ``-1`` depend on the machine: 1, with a
-    note when the plan depends on it (``note``: sharded state; a replica's bytes do not)."""
+    """devices x num_nodes; a machine-dependent ``devices`` (``auto``, ``-1``) counts 1, with a note if ``note``."""
     devices = trainer_config.get("devices", 1)
     if isinstance(devices, str) and "," in devices:
         devices = [d for d in devices.split(",") if d.strip()]
@@ -241,8 +226,7 @@ def _strategy(trainer_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def data_parallel_size(trainer_config: Mapping[str, Any]) -> int:
-    """The ranks FSDP2 shards over: the strategy's ``data_parallel_size`` when it is a number, else every rank.
-    A data x tensor size that is not devices x num_nodes fails here, as ``ModelParallelStrategy`` fails at start."""
+    """The ranks FSDP2 shards over: the strategy's ``data_parallel_size`` when it is a number, else every rank."""
     total = world_size_from(trainer_config)
     name, init_args = _strategy(trainer_config)
     dp, tp = init_args.get("data_parallel_size", "auto"), init_args.get("tensor_parallel_size", "auto")
@@ -270,11 +254,7 @@ def _text_config(config: Any) -> Any:
 
 
 def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
-    """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way.
-
-    The parsed config names the data module (``class_path``) and all its arguments (``init_args``);
-    a bare ``data: {seq_length: ...}`` given to :func:`make_plan` is the default ``SFTDataModule``.
-    """
+    """``data.seq_length`` above the model's positions fails ``fit`` at setup; fail the plan the same way."""
     from lightning_automodel.data.sft_datamodule import resolve_defaults
 
     data_args = (data_config.get("init_args") if "class_path" in data_config else data_config) or {}
@@ -287,8 +267,7 @@ def check_seq_length(model: nn.Module, data_config: Mapping[str, Any]) -> None:
 
 
 def _quantized_bytes_saved(model: nn.Module, settings: dict[str, Any]) -> int:
-    """QLoRA: bytes saved by bitsandbytes' 4-bit linear weights (every ``nn.Linear`` but the output head);
-    the counts stay logical (the meta model is not quantized)."""
+    """QLoRA: bytes saved by bitsandbytes' 4-bit weights (every ``nn.Linear`` but the head; counts stay logical)."""
     config = quantization_config(settings)
     if not config.load_in_4bit:
         return 0
@@ -298,11 +277,7 @@ def _quantized_bytes_saved(model: nn.Module, settings: dict[str, Any]) -> int:
 
 
 def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optimizer_state_dtype: str | None = None) -> Plan:
-    """Build the configured model on meta, apply the configured surgery in fit's order, estimate per-rank memory.
-
-    ``config`` is a ``fit`` config as :func:`parse_args` returns it; ``world_size`` ``None`` reads the trainer
-    and strategy; ``optimizer_state_dtype`` ``None`` follows each parameter's dtype (AdamW's ``zeros_like``).
-    """
+    """Build the model on meta, apply the surgery in fit's order, estimate per-rank memory (``None``: from config)."""
     if world_size is not None and world_size < 1:
         raise PlanError(f"world_size must be >= 1; got {world_size}.")
     trainer_config = config.get("trainer") or {}
@@ -346,8 +321,6 @@ def make_plan(config: Mapping[str, Any], *, world_size: int | None = None, optim
     return plan
 
 
-# ---- the report -----------------------------------------------------------------------------------
-
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -373,8 +346,7 @@ def format_fsdp2(plan: Plan) -> list[str]:
 
 
 def format_per_node(plan: Plan) -> list[str]:
-    """Host memory per node with ``cpu_offload`` (FSDP2 pins the offloaded state: it cannot be swapped or shared,
-    so a node's host memory must hold every rank's), and what makes it fit a node."""
+    """Host memory per node with ``cpu_offload`` (pinned: a node must hold every rank's) and what makes it fit."""
     off, b = plan.fsdp2_offload, format_bytes_human
     ranks = -(-off.world_size // plan.nodes)
     pinned = off.host_bytes * ranks

@@ -25,16 +25,8 @@ from lightning_automodel.core.lora import adapted_modules, initialize_adapters
 from lightning_automodel.core.sharded_load import CheckpointReader, load_checkpoint_into, plan_checkpoint_load
 from lightning_automodel.core.tied_head import ensure_tied_lm_head
 from lightning_automodel.core.model_build import (
-    ModelClass,
-    apply_fsdp2,
-    apply_weights_dtype,
-    build_meta_model,
-    check_config_json,
-    check_local_model_dir,
-    inline_config,
-    materialize,
-    model_class_for,
-    tensor_parallel_refusal,
+    ModelClass, apply_fsdp2, apply_weights_dtype, build_meta_model, check_config_json, check_local_model_dir,
+    inline_config, materialize, model_class_for, tensor_parallel_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -81,13 +73,9 @@ def initialize_lora_adapters(pl_module: pl.LightningModule, model: nn.Module, se
 class HFCausalLM(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM the FSDP2 way.
 
-    ``configure_model`` builds the model on meta and checks the checkpoint's layout against it first
-    (transformers' conversion rules: fused MoE experts, legacy VLM keys, a tied head left out), so a bad
-    checkpoint fails before anything is allocated. Under ``ModelParallelStrategy`` FSDP2 shards it (one
-    group per decoder layer and tower, the embedding alone, final norm with head) and each rank reads only
-    its shards; on one device or DDP the same loader fills the whole model, bit for bit ``from_pretrained``'s.
-    Parameters and AdamW state are fp32 unless ``weights_dtype`` says otherwise (a config's own ``dtype``
-    never decides it: bf16 master weights silently stall a fine-tune). The optimizer sees trainable parameters only.
+    ``configure_model`` builds on meta and checks the checkpoint's layout before any allocation; under
+    ``ModelParallelStrategy`` FSDP2 shards it. Parameters and AdamW state are fp32 unless ``weights_dtype`` says
+    otherwise (bf16 master weights silently stall a fine-tune, so a config's own ``dtype`` never decides it).
 
     Args:
         pretrained_path: a local Hugging Face directory (config.json, safetensors, tokenizer).
@@ -97,19 +85,14 @@ class HFCausalLM(pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps (0: constant learning rate).
         betas: AdamW betas.
-        mixed_precision: ``bf16``: FSDP2 computes in bf16 and reduces in fp32; parameters and optimizer state
-            stay in ``weights_dtype`` (one device / DDP: use the Trainer's ``precision: bf16-mixed``).
-        weights_dtype: storage dtype of the parameters and AdamW state: ``float32`` (default) or ``bfloat16``
-            (half the memory; small updates may round away; tensors the checkpoint stores in fp32 stay fp32).
+        mixed_precision: ``bf16``: FSDP2 computes in bf16, reduces in fp32 (no FSDP2: ``precision: bf16-mixed``).
+        weights_dtype: dtype of the parameters and AdamW state (``bfloat16``: half the memory, small updates may round).
         activation_checkpointing: recompute each decoder layer in backward.
         cpu_offload: FSDP2 keeps sharded parameters, gradients and optimizer state in host memory.
         trust_remote_code: allow model code from the model directory.
         seed: seed of the random init for inline configs (the same on every rank).
-        quantization: QLoRA: ``BitsAndBytesConfig`` arguments (``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``);
-            transformers loads the base 4-bit on one device or per DDP rank (not under FSDP2). Needs
-            ``pretrained_path`` and bitsandbytes; train it with the ``LoRA`` callback.
-        ignore_checkpoint_keys: regular expressions (full match) of checkpoint tensors the model may leave unused;
-            any other unused tensor stops the run before anything is allocated.
+        quantization: QLoRA ``BitsAndBytesConfig`` arguments; needs ``pretrained_path``, bitsandbytes and ``LoRA``.
+        ignore_checkpoint_keys: regexes (full match) of checkpoint tensors the model may leave unused.
     """
 
     def __init__(
@@ -141,8 +124,6 @@ class HFCausalLM(pl.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0 (0: constant learning rate); got {warmup_steps}.")
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
-
-    # ---- building -----------------------------------------------------------------------------
 
     def build_hf_config(self, weights: bool = True) -> PretrainedConfig:
         """The Hugging Face config; ``weights=False`` (``plan``) accepts a directory holding only ``config.json``."""
@@ -184,8 +165,7 @@ class HFCausalLM(pl.LightningModule):
             dtype=dtype_from_name(hp.weights_dtype), local_files_only=True, trust_remote_code=hp.trust_remote_code,
             device_map={"": trainer.strategy.root_device if trainer is not None else torch.device("cpu")},
         )
-        # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds: without this,
-        # dropout is off while the adapters train (and Lightning warns about every module in eval mode)
+        # from_pretrained returns eval mode and Lightning keeps it: dropout would be off while the adapters train
         model.train()
         prepare_before_sharding(self, model)
         initialize_lora_adapters(self, model, hp.seed)
@@ -230,9 +210,8 @@ class HFCausalLM(pl.LightningModule):
         try:
             # Checked on meta: a missing tensor or a shape mismatch fails here, on every rank, before any allocation.
             plan = plan_checkpoint_load(model, reader, hp.get("ignore_checkpoint_keys") or ()) if reader is not None else None
-            # Surgery that must precede sharding (LoRA adapters, sharded with their layer, and the weights
-            # dtype), in the order `plan` uses too (surgery_schedule), after the load plan: the checkpoint
-            # maps onto the base weights; adapters are not in it.
+            # Surgery before sharding (LoRA adapters, weights dtype) in plan's order, after the load plan:
+            # the checkpoint maps onto the base weights; adapters are not in it.
             prepare_before_sharding(self, model, weights_cast=self.weights_cast(plan, reader))
             device = torch.device("cpu")  # one device / DDP: the strategy moves the module to its device afterwards
             if self.device_mesh is not None:
@@ -249,10 +228,8 @@ class HFCausalLM(pl.LightningModule):
         finally:
             if reader is not None:
                 reader.close()
-            # This frame can outlive the call: a library that keeps an exception it caught pins every frame
-            # above it (bitsandbytes, imported lazily by the LoRA step above, logs its kernel-load failure with
-            # the exception as a log argument; a handler that keeps records keeps the frames). Nothing of the
-            # load may stay reachable from here.
+            # This frame can outlive the call (bitsandbytes logs its kernel-load failure with the exception as
+            # a log argument; a handler keeping records pins every frame): nothing of the load may stay reachable.
             reader = plan = None
         if self.device_mesh is None and hp.activation_checkpointing:
             # transformers 5.x's name; older releases' gradient_checkpointing_enable warns (FutureWarning) at every start
@@ -265,8 +242,7 @@ class HFCausalLM(pl.LightningModule):
         if self.model is not None:
             checkpoint[EXPORT_INFO_KEY] = hub_model_info("model.", self.model, self.hparams.pretrained_path).to_dict()
         if self.hparams.get("quantization") is not None:
-            # QLoRA: the frozen 4-bit base is rebuilt from pretrained_path at every start (bitsandbytes'
-            # quantization is deterministic); the checkpoint holds what trains, a few MB instead of the model.
+            # QLoRA: the frozen 4-bit base is rebuilt (deterministically) at every start; save only what trains.
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             state = checkpoint.get("state_dict", {})
             for key in [k for k in state if k not in trainable]:
@@ -282,8 +258,6 @@ class HFCausalLM(pl.LightningModule):
                 f"the checkpoint has no {missing[0]} ({len(missing)} trainable tensors missing): it was not saved from "
                 "this QLoRA configuration (same LoRA callback and quantization)."
             )
-
-    # ---- steps --------------------------------------------------------------------------------
 
     def forward(self, **batch: Any) -> Any:
         inputs = {k: v for k, v in batch.items() if k not in _THD_KEYS}
