@@ -1,7 +1,5 @@
-"""Drop-in for ``nemo_automodel.components.checkpoint.utils``: same names, parameters and results.
-
-``_get_checkpoint_tensor_dtypes`` reads local headers only (no tensor bytes, no private transformers
-API) and fails at once, offline, for a name that is not on local disk."""
+"""Drop-in for ``nemo_automodel.components.checkpoint.utils``; ``_get_checkpoint_tensor_dtypes`` reads local
+headers only and fails at once, offline, for a name not on local disk."""
 
 from __future__ import annotations
 

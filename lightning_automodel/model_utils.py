@@ -1,9 +1,6 @@
-"""Drop-in for ``nemo_automodel.components.utils.model_utils``: same names, parameters and results.
-
-A thin façade over :mod:`lightning_automodel.core`, with deliberate differences: legacy freeze flags match
-path components by prefix (``context_proj`` is not "text") and a failing freeze config leaves the model
-untouched; the KV-sharing rule only touches the text decoder; the L2 norm is summed over ranks (a
-collective); the summary logs once, on rank 0; ``resolve_trust_remote_code`` rejects path tricks."""
+"""Drop-in for ``nemo_automodel.components.utils.model_utils`` over :mod:`lightning_automodel.core`. Differences:
+freeze flags match path components by prefix, a failing freeze config leaves the model untouched, KV sharing
+touches the text decoder only, the L2 norm is over ranks, the summary logs on rank 0, no trust by path tricks."""
 
 from __future__ import annotations
 
@@ -86,8 +83,7 @@ def print_trainable_parameters(model: nn.Module, name: str = "Model") -> tuple[i
 def _freeze_module_by_attribute_and_patterns(
     model: nn.Module, attribute_name: str | None, name_patterns: Iterable[str]
 ) -> None:
-    """Freeze ``getattr(model, attribute_name)`` (skipped when missing or None) and modules whose path components
-    start with a pattern (``"text"`` does not freeze ``context_proj``, unlike the reference's substring match)."""
+    """Freeze the ``attribute_name`` module (if any) and paths whose components start with a pattern."""
     freeze_module_by_attribute_and_patterns(model, attribute_name, name_patterns)
 
 
@@ -99,9 +95,8 @@ def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> Free
 def apply_parameter_freezing(
     model: nn.Module, freeze_config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
-    """Freeze by config with the reference 0.7.0 semantics, all or nothing; returns which rule froze what.
-    ``None`` is a no-op; ``{}`` freezes the vision tower. Kept from the reference: ``phi4mm`` also gets a bf16
-    cast and ``config.use_cache = False`` (fp32 adapters FSDP2 rejects, a KV cache transformers v5 removed)."""
+    """Freeze by config (reference 0.7.0), all or nothing; ``None``: no-op. ``phi4mm`` also gets a bf16 cast and
+    ``use_cache = False`` (fp32 adapters FSDP2 rejects, a KV cache transformers v5 removed)."""
     if freeze_config is None:
         return FreezeReport()
     report = _apply_parameter_freezing(model, freeze_config, strict=strict)

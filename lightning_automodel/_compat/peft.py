@@ -1,8 +1,5 @@
-"""peft's LoRA layer internals (checked on peft 0.21.2).
-
-peft's public surface adapts a whole model (``inject_adapter_in_model``); initializing one layer's adapter
-on a private copy (meta build, FSDP2 shards) needs the per-layer bookkeeping and ``update_layer``, which
-peft documents nowhere and has changed between releases."""
+"""peft's LoRA layer internals (checked on peft 0.21.2): the public surface adapts a whole model; one layer's
+adapter on a private copy (meta build, FSDP2 shards) needs peft's undocumented per-layer bookkeeping."""
 
 from __future__ import annotations
 
@@ -30,7 +27,6 @@ def layer_variant(layer: nn.Module, adapter: str) -> Any:
 
 
 def create_adapter(layer: nn.Module, adapter: str, config: Any) -> None:
-    """Create and initialize ``adapter`` on ``layer`` with peft's own init code.
-    Why internal: ``LoraLayer.update_layer`` is what ``inject_adapter_in_model`` runs per layer; the public
-    entry points adapt a whole model at once."""
+    """Create and initialize ``adapter`` on ``layer`` with peft's own init. Why internal: ``update_layer`` is what
+    ``inject_adapter_in_model`` runs per layer; the public entry points adapt a whole model."""
     layer.update_layer(adapter, config.r, lora_alpha=config.lora_alpha, config=config)

@@ -1,6 +1,5 @@
-"""Private torch names the package needs (checked on torch 2.13.0).
-
-Nothing here imports torch.distributed eagerly: a CPU-only build without it still imports the package."""
+"""Private torch names the package needs (checked on torch 2.13.0). Nothing here imports torch.distributed
+eagerly: a CPU-only build without it still imports the package."""
 
 from __future__ import annotations
 
@@ -11,9 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# DCP metadata globals torch's own ``.metadata`` pickle references, by module: the restricted unpickler
-# must allow them by name, and these three are private (a file's byte range, tensor memory format,
-# ``torch.strided`` by name). No public loader of DCP metadata refuses arbitrary globals.
+# Private globals of torch's DCP ``.metadata`` pickle that the restricted unpickler must allow by name
+# (no public loader of DCP metadata refuses arbitrary globals).
 DCP_METADATA_PRIVATE_GLOBALS: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({"_MEM_FORMAT_ENCODING"}),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
@@ -22,8 +20,7 @@ DCP_METADATA_PRIVATE_GLOBALS: dict[str, frozenset[str]] = {
 
 
 def apply_to_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """``module._apply(fn)``: replace every parameter, gradient and buffer of the tree by ``fn`` of it.
-    Why private: ``Module.to``/``half`` cast every floating tensor; casting some tensors only, keeping
+    """``module._apply(fn)`` on every parameter, gradient and buffer. Why private: casting only some tensors, keeping
     ``Parameter`` objects, with FSDP2's ``reset_sharded_param`` after it, has no public entry point."""
     module._apply(fn)
 
@@ -56,9 +53,8 @@ def set_own_slots(
     buffers: dict[str, torch.Tensor | None] | None = None,
     children: dict[str, nn.Module | None] | None = None,
 ) -> None:
-    """Give ``module`` new parameter / buffer / child dicts (each one given).
-    Why private: a shallow copy of a module shares these dicts with the original, and ``register_*`` or
-    ``setattr`` would write into them; replacing the dicts is the only way without running the constructor."""
+    """Give ``module`` new parameter / buffer / child dicts. Why private: a shallow copy shares them with the
+    original (``register_*`` would write into them); replacing them is the only way without the constructor."""
     if parameters is not None:
         module._parameters = parameters
     if buffers is not None:
@@ -72,11 +68,9 @@ def patched_registration(
     on_parameter: Callable[[nn.Module, str, nn.Parameter], nn.Parameter] | None = None,
     on_buffer: Callable[[nn.Module, str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """While active, ``Module.register_parameter`` / ``register_buffer`` store ``on_parameter(module, name, param)``
-    / ``on_buffer(...)`` instead of what they were given. Not thread-safe; restored on exit and on exceptions.
-    Why a class-level patch: a constructor registers its tensors before any hook could see them, and
-    ``with torch.device("meta")`` moves every tensor (including ones a model keeps on purpose) and loses tied identity.
-    """
+    """While active, ``register_parameter`` / ``register_buffer`` store ``on_parameter(module, name, param)`` /
+    ``on_buffer`` of what they got; not thread-safe. Why a class-level patch: constructors register before any
+    hook sees them; ``torch.device("meta")`` moves every tensor (some kept on purpose) and loses tied identity."""
     original_parameter = nn.Module.register_parameter
     original_buffer = nn.Module.register_buffer
 
@@ -107,18 +101,15 @@ def op_schema(func: Any) -> Any:
 
 
 def torch_dispatch_mode() -> type:
-    """``TorchDispatchMode``, the base of an aten-level tracing mode.
-    Why private: documented ("Extending PyTorch") but exported only from ``torch.utils._python_dispatch``;
-    ``TorchFunctionMode`` sees Python calls, not the aten ops an init decomposes into."""
+    """``TorchDispatchMode``: documented but exported only privately; ``TorchFunctionMode`` misses aten ops."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     return TorchDispatchMode
 
 
 def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A DTensor's local shard shape and offset in the global tensor, on this rank.
-    Why private: ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``; DTensor has no
-    public "where is my shard" query (transformers' shard-on-read uses the same function)."""
+    """A DTensor's local shard shape and global offset on this rank. Why private: DTensor has no public "where is my
+    shard" query (transformers' shard-on-read uses the same function)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
@@ -126,9 +117,8 @@ def local_shape_and_offset(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def checkpoint_wrapper() -> Callable[..., nn.Module]:
-    """torch's activation-checkpoint module wrapper (what FSDP2 and torchtitan wrap decoder layers with).
-    Why private: shipped only from ``torch.distributed.algorithms._checkpoint``; ``torch.utils.checkpoint``
-    is a function, not a module wrapper."""
+    """torch's activation-checkpoint module wrapper (FSDP2, torchtitan). Why private: shipped only from
+    ``torch.distributed.algorithms._checkpoint``; ``torch.utils.checkpoint`` is a function, not a wrapper."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrapper
 
     return wrapper

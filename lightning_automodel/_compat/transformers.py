@@ -18,16 +18,14 @@ _MISSING = object()
 
 
 def declared_tied_weights(model: nn.Module) -> Any:
-    """The class's ``_tied_weights_keys`` as declared (``{"lm_head.weight": "model.embed_tokens.weight"}``), or None.
-    Why private: the public ``get_expanded_tied_weights_keys`` answers ``{}`` when the config does not tie,
-    but a head is rebuilt from the declared source even then (a checkpoint saved tied)."""
+    """The class's declared ``_tied_weights_keys`` or None. Why private: the public ``get_expanded_tied_weights_keys``
+    is ``{}`` when the config does not tie, but a checkpoint saved tied still needs the declared source."""
     return getattr(model, "_tied_weights_keys", None)
 
 
 def init_weights_hook(model: nn.Module) -> Any:
-    """``model._init_weights`` (per-module init), or None for a non-transformers module.
-    Why private: the public ``init_weights`` runs it on the whole model at full size; one (sharded) module
-    at a time needs the hook itself."""
+    """``model._init_weights`` or None. Why private: the public ``init_weights`` runs on the whole model at full
+    size; one (sharded) module at a time needs the hook itself."""
     return getattr(model, "_init_weights", None)
 
 
@@ -40,10 +38,9 @@ def _init_module() -> ModuleType:
 
 @contextlib.contextmanager
 def init_weights_flag_off() -> Iterator[None]:
-    """Set transformers' module flag ``_init_weights`` to False, restoring exactly what was there.
-    Why private: the transformers 4.x switch behind ``no_init_weights`` (which also replaces every
-    ``torch.nn.init`` function, which a drop-in ``skip_random_init`` must not do). 5.25 no longer reads
-    it; kept for the nemo-compatible contract."""
+    """Transformers' module flag ``_init_weights`` False for the block. Why private: the 4.x switch behind
+    ``no_init_weights`` (which also replaces ``torch.nn.init``, which ``skip_random_init`` must not do); 5.25
+    no longer reads it; kept for the nemo-compatible contract."""
     module = _init_module()
     previous = module.__dict__.get("_init_weights", _MISSING)
     module._init_weights = False  # type: ignore[attr-defined]
@@ -64,9 +61,8 @@ def loaded_weight_conversions(model: nn.Module) -> Any:
 
 @contextlib.contextmanager
 def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]:
-    """``model._weight_conversions = conversions`` for the block, then exactly what was there before.
-    Why private: the only way to hand ``revert_weight_conversion`` conversions computed once, instead of
-    it walking the whole model again for every tensor group."""
+    """``model._weight_conversions = conversions`` for the block. Why private: the only way to hand
+    ``revert_weight_conversion`` conversions computed once, not re-walking the model per tensor group."""
     had_own = "_weight_conversions" in model.__dict__
     previous = model.__dict__.get("_weight_conversions")
     model.__dict__["_weight_conversions"] = conversions
@@ -79,9 +75,8 @@ def weight_conversions_set(model: nn.Module, conversions: Any) -> Iterator[None]
             del model.__dict__["_weight_conversions"]
 
 
-# transformers' weight-conversion protocol, re-exported lazily by name. Why here: not underscore-named but
-# transformers' undocumented internal loading machinery (new in 5.0); the save and load plans match on its
-# classes' ``source_patterns``/``target_patterns``/``operations``/``reverse_transform``.
+# transformers' weight-conversion protocol, lazily by name. Why here: not underscore-named but undocumented
+# internal loading machinery (new in 5.0) whose classes' patterns and operations the save and load plans match.
 _CONVERSION_PROTOCOL = {
     "MergeModulelist": "transformers.core_model_loading",
     "PrefixChange": "transformers.core_model_loading",

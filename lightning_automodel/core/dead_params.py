@@ -1,12 +1,6 @@
-"""Dead parameters: trainable tensors that can never receive a gradient.
-
-Such a parameter gets no lazy optimizer state, so a sharded (DCP) checkpoint omits it and a resume fails
-with ``Missing key in checkpoint state_dict: optim.state.<name>.step``. Known cases, one rule each, all
-in one pass over the parameters:
-* Gemma-style KV sharing: the last ``num_kv_shared_layers`` decoder layers reuse K/V from earlier
-  layers, so their ``k_proj``/``v_proj``/``k_norm``/``v_norm`` are dead. Only the *text decoder's*
-  layers (a vision encoder's ``layers.N.self_attn.k_proj`` is alive).
-* DeepSeek V4 compressor indexer and MiniMax M3 indexer: they only feed ``topk(...).indices``."""
+"""Dead parameters: trainable, never a gradient, so no optimizer state: a DCP resume fails with ``Missing key in
+checkpoint state_dict: optim.state.<name>.step``. Rules: Gemma KV sharing (K/V of the last ``num_kv_shared_layers``
+*text decoder* layers), DeepSeek V4 and MiniMax M3 indexers (they only feed ``topk(...).indices``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Find the Hugging Face model that callbacks and tools act on, and its text decoder's layers.
-
-Names shown to users are relative to the ``PreTrainedModel`` a LightningModule holds, so a YAML selector
-reads like the Hugging Face checkpoint (``model.layers.0``)."""
+"""Find the Hugging Face model callbacks act on (user-facing names are relative to it, like the checkpoint's)
+and its text decoder's layers."""
 
 from __future__ import annotations
 
@@ -15,10 +13,8 @@ _NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "visual", "image", "audio", "spee
 
 
 def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
-    """``(prefix, model)``: the outermost ``PreTrainedModel`` in ``root`` and its canonical prefix (``"model."``).
-    Outermost is the shallowest, then the first registered: never a model nested in another (a LLaVA vision
-    tower) nor a deeper one registered first (a teacher inside a helper). ``("", root)`` when ``root`` is
-    the model or holds none."""
+    """``(prefix, model)`` of the shallowest, then first, ``PreTrainedModel`` in ``root`` (never a nested LLaVA
+    vision tower nor a deeper teacher registered first); ``("", root)`` when ``root`` is it or holds none."""
     if isinstance(root, PreTrainedModel):
         return "", root
     found = [(name.count("."), name, m) for name, m in root.named_modules() if isinstance(m, PreTrainedModel)]
@@ -38,8 +34,7 @@ def _module_path(model: nn.Module, target: nn.Module) -> str | None:
 
 
 def text_decoder_layers_path(model: nn.Module, num_layers: int | None = None) -> str | None:
-    """Canonical path of the text decoder's layer list (``model.layers``, ``model.language_model.layers``):
-    through ``get_decoder()``, else the first ``layers`` list (of ``num_layers`` entries) outside vision/audio towers."""
+    """The text decoder's layer list path: via ``get_decoder()``, else the first ``layers`` outside other towers."""
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:

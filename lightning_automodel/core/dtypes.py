@@ -1,10 +1,6 @@
-"""Dtype names, and casting floating-point tensors to one dtype so FSDP2 accepts the model.
-
-FSDP2 needs one original dtype per group of trainable parameters and fails lazily at the first forward
-(``FSDP expects uniform original parameter dtype``); models with fp32 adapters (Phi-4-multimodal) need a
-cast. This one goes tensor by tensor (peak extra memory near one tensor; ``model.to`` cannot be told which
-dtypes to touch), keeps every ``Parameter`` object (optimizers and tied aliases keep pointing at it) and
-works after ``fully_shard`` too, through ``nn.Module._apply``, which FSDP2 follows with ``reset_sharded_param``."""
+"""Dtype names, and casting to one dtype: FSDP2 fails at the first forward (``FSDP expects uniform original
+parameter dtype``) on fp32 adapters (Phi-4-multimodal). The cast goes tensor by tensor (peak memory near one
+tensor), keeps every ``Parameter`` object (optimizers, tied aliases) and works after ``fully_shard``."""
 from __future__ import annotations
 
 import logging
@@ -45,15 +41,11 @@ def export_dtype(name: str) -> torch.dtype | None:
 
 
 def cast_floating_point(
-    model: nn.Module,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    source_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-    cast_buffers: bool = False,
+    model: nn.Module, dtype: torch.dtype = torch.bfloat16, *,
+    source_dtypes: tuple[torch.dtype, ...] = (torch.float32,), cast_buffers: bool = False,
 ) -> list[str]:
-    """Cast parameters (and optionally buffers) whose dtype is in ``source_dtypes`` to ``dtype`` in place; returns
-    their canonical names. A gradient is cast with its parameter. Buffers stay by default: RoPE ``inv_freq``
-    loses precision in bf16 and is not FSDP-managed."""
+    """Cast ``source_dtypes`` parameters (and grads; buffers optionally: RoPE ``inv_freq`` loses precision in bf16)
+    to ``dtype`` in place; returns their canonical names."""
     if not dtype.is_floating_point:
         raise ValueError(f"Can only cast to a floating-point dtype; got {dtype}.")
     named = list(model.named_parameters(remove_duplicate=False))

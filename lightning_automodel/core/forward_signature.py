@@ -1,7 +1,5 @@
-"""What a model's ``forward`` accepts, cached without pinning models in memory.
-
-The cache is keyed on the class's ``forward`` *function*, never a module or bound method, so it cannot keep
-a model or its GPU memory alive; instance-patched forwards, callable objects and partials are read every time."""
+"""What a model's ``forward`` accepts, cached by the class's ``forward`` *function* (never a module or bound
+method, which would keep a model and its GPU memory alive); patched forwards are read every time."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ def _signature_without_self(function: Callable[..., Any]) -> inspect.Signature |
         signature = inspect.signature(function)
     except (TypeError, ValueError):
         return None
-    parameters = list(signature.parameters.values())[1:]
-    return signature.replace(parameters=parameters)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 def get_forward_signature(model: nn.Module) -> inspect.Signature | None:
@@ -69,11 +66,8 @@ def filter_forward_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[s
     signature = get_forward_signature(model)
     if signature is None or _accepts_var_keyword(signature):
         return dict(kwargs)
-    accepted = {
-        name
-        for name, p in signature.parameters.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = {name for name, p in signature.parameters.items() if p.kind in kinds}
     kept = {k: v for k, v in kwargs.items() if k in accepted}
     if len(kept) != len(kwargs):
         logger.debug(

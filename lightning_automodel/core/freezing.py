@@ -1,10 +1,6 @@
-"""Parameter freezing by configuration (the reference's 0.7.0 freeze config).
-
-Four legacy modality flags, then ``freeze_modules`` selectors, then ``unfreeze_modules`` (unfreeze wins
-on overlap). Two deliberate differences: legacy flags match dotted path *components* by prefix,
-case-insensitively (``context_proj`` is not a text module; the reference's substring match froze it),
-and freezing is planned before it is applied, so a bad selector leaves the model untouched and the
-result says which rule froze each parameter."""
+"""Parameter freezing by config (the reference's 0.7.0): legacy flags, then ``freeze_modules``, then
+``unfreeze_modules`` (unfreeze wins). Unlike the reference, legacy flags match path components by prefix
+(its substring match froze ``context_proj`` as text) and a bad selector leaves the model untouched."""
 
 from __future__ import annotations
 
@@ -43,8 +39,7 @@ def _is_list(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModuleSelector:
-    """``path`` (exact) or ``glob`` (``fnmatch.fnmatchcase``; ``*`` crosses dots) over canonical module paths and
-    parameter names: ``{path: model.vision_tower}`` a tower, ``{glob: '*.bias'}`` every bias."""
+    """``path`` (exact) or ``glob`` (``fnmatchcase``, ``*`` crosses dots) over canonical module and parameter names."""
 
     path: str | None = None
     glob: str | None = None
@@ -69,8 +64,7 @@ class ModuleSelector:
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    """Typed freeze configuration, validated when built. ``freeze_vision_tower=None`` is True only when neither
-    selector list is declared (``None``: not declared; ``()``: declared but empty)."""
+    """Validated freeze config; ``freeze_vision_tower=None`` is True only when no selector list is declared."""
 
     freeze_vision_tower: bool | None = None
     freeze_audio_tower: bool = False
@@ -132,9 +126,7 @@ def _parse_selector(entry: Any, field_name: str) -> ModuleSelector:
 
 
 def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> FreezeConfig:
-    """Validate a raw freeze configuration; ``None`` gives the default (which freezes the vision tower).
-    Raises TypeError for a non-mapping, ValueError for unknown keys (listing the valid ones), non-boolean
-    flags and malformed selectors."""
+    """Validate a raw freeze config (TypeError/ValueError naming the field); ``None`` gives the default."""
     if config is None:
         return FreezeConfig()
     if isinstance(config, FreezeConfig):
@@ -158,8 +150,7 @@ def parse_freeze_config(config: FreezeConfig | Mapping[str, Any] | None) -> Free
 
 
 def matches_component_prefix(module_path: str, pattern: str) -> bool:
-    """Whether whole components of a dotted path match ``pattern``, its last component by prefix, case-insensitively:
-    ``vision`` matches ``model.vision_tower`` and ``model.visual_extra`` but ``text`` not ``model.context_proj``."""
+    """Whole path components match ``pattern``, the last by prefix, any case: ``text`` misses ``context_proj``."""
     return re.search(rf"(?:^|\.){re.escape(pattern)}[^.]*(?:\.|$)", module_path, re.IGNORECASE) is not None
 
 
@@ -203,8 +194,7 @@ def _tower_targets(model: nn.Module, index: _ParameterIndex, attribute: str | No
 
 
 def _selector_targets(index: _ParameterIndex, selector: ModuleSelector) -> list[str]:
-    """Parameters under every module path the selector matches, plus those it names in full (``model.norm.weight``,
-    BitFit's ``*.bias``: the reference matches module paths only, so those selected nothing there)."""
+    """Parameters under matched module paths, plus those named in full (``*.bias``: nothing in the reference)."""
     paths = {selector.path} if selector.path is not None else {p for p in index.module_paths if selector.matches(p)}
     return index.names_under(paths) + [first for alias, first in index.aliases if selector.matches(alias)]
 
@@ -250,8 +240,7 @@ def _plan(
 def plan_parameter_freezing(
     model: nn.Module, config: FreezeConfig | Mapping[str, Any] | None, *, strict: bool = True
 ) -> FreezeReport:
-    """What :func:`apply_parameter_freezing` would do, without touching the model; with ``strict``, a
-    selector that matches no parameter is a ValueError naming it."""
+    """What :func:`apply_parameter_freezing` would do; with ``strict``, an unmatched selector is a ValueError."""
     return _plan(model, config, strict)[0]
 
 
@@ -271,8 +260,7 @@ def apply_parameter_freezing(
 def freeze_module_by_attribute_and_patterns(
     model: nn.Module, attribute_name: str | None, name_patterns: Iterable[str]
 ) -> list[str]:
-    """Freeze the module at ``attribute_name`` (skipped when missing or None) and every module whose path
-    matches a pattern by component prefix; returns the canonical names frozen."""
+    """Freeze the module at ``attribute_name`` (if any) and paths matching a pattern; returns the names frozen."""
     index = _ParameterIndex(model)
     wanted = set(_tower_targets(model, index, attribute_name, tuple(name_patterns)))
     for name in wanted:

@@ -1,8 +1,5 @@
-"""How the package's lines reach the user: once per job, and without any logging configuration.
-
-Every rank runs the same surgery and data preparation, so INFO lines come from global rank 0 only
-(warnings stay on every rank: a rank that differs must be seen). A user who configured nothing still sees
-them (as Lightning's), and one who called ``logging.basicConfig`` sees each once, in their own format."""
+"""The package's lines reach the user once per job: INFO from global rank 0 only (warnings from every rank: a rank
+that differs must be seen), shown without logging configuration, and once under ``logging.basicConfig``."""
 
 from __future__ import annotations
 
@@ -14,8 +11,7 @@ PACKAGE_LOGGER = "lightning_automodel"
 
 
 def process_rank() -> int:
-    """Global rank: the process group's, else ``RANK``, else ``LOCAL_RANK`` (all Lightning's launcher sets
-    on one node; the data module is built before the process group exists)."""
+    """Global rank: the process group's, else ``RANK``, else ``LOCAL_RANK`` (data modules precede the group)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -41,8 +37,7 @@ def rank_zero_logger(name: str) -> logging.Logger:
 
 
 class FallbackHandler(logging.StreamHandler):
-    """Writes a record to stderr only when no other handler on its way to the root would (``logging.lastResort``
-    for INFO lines too): silent under ``logging.basicConfig`` or any handler the application installed."""
+    """Writes to stderr only when no other handler on the way to the root would (``lastResort`` for INFO too)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         logger: logging.Logger | None = logging.getLogger(record.name)

@@ -1,9 +1,6 @@
-"""LoRA adapters on a Hugging Face model, in place, through peft; built on meta, sharded with their layer.
-
-peft's ``inject_adapter_in_model`` keeps the model's class and names (no ``base_model.model.`` prefix as
-with ``get_peft_model``), so checkpoints of the un-adapted model load unchanged through
-:func:`~lightning_automodel.core.naming.base_checkpoint_name`. :func:`initialize_adapters` runs peft's own
-init on a CPU twin per layer seeded by (seed, name): the same numbers at every world size."""
+"""LoRA adapters in place through peft's ``inject_adapter_in_model``: it keeps the model's names (no
+``base_model.model.`` prefix), so un-adapted checkpoints still load. Adapters are initialized on a CPU twin
+per layer seeded by (seed, name): the same numbers at every world size."""
 
 from __future__ import annotations
 
@@ -29,12 +26,8 @@ class LoraConfigError(ValueError):
 
 
 def lora_config(
-    r: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    target_modules: str | list[str] = "all-linear",
-    exclude_modules: str | list[str] | None = None,
-    **extra: Any,
+    r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None, **extra: Any,
 ) -> Any:
     """A ``peft.LoraConfig``; any other ``LoraConfig`` field passes through ``extra``."""
     try:
@@ -132,8 +125,7 @@ def adapted_modules(model: nn.Module) -> list[str]:
 
 
 def freeze_base(model: nn.Module, trainable_before: set[str] | None = None) -> dict[str, str]:
-    """Freeze every non-adapter parameter; returns canonical name -> rule for those LoRA froze (peft's injection
-    already froze the base, so ``trainable_before``, from :func:`trainable_names`, tells which are LoRA's doing)."""
+    """Freeze non-adapter parameters; name -> rule for those LoRA froze (peft already froze: ``trainable_before``)."""
     frozen = {}
     for name, param in model.named_parameters():
         if is_adapter_name(name):
@@ -197,8 +189,7 @@ def _layer_config(layer: nn.Module, init: bool | str) -> Any:
 
 
 def _adapter_twin(layer: nn.Module, base: nn.Module) -> nn.Module:
-    """A copy of a LoRA layer with copied bookkeeping dicts, new empty containers and ``base`` as its base layer:
-    peft's ``update_layer`` on it builds the adapter at full size, on the CPU, without touching the real layer."""
+    """A LoRA layer copy over ``base``: peft's ``update_layer`` builds on it at full size, leaving the layer alone."""
     from lightning_automodel.core.init import plain_copy
 
     twin = plain_copy(layer)
@@ -219,10 +210,8 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def initialize_adapters(model: nn.Module, seed: int = 0, init: bool | str = True) -> int:
-    """peft's own adapter init on every LoRA layer, after the base weights are loaded; returns the tensors set.
-    Each layer's adapter is built on a CPU twin from a generator seeded by (seed, layer name) and this rank's
-    part copied out, so every ``init_lora_weights`` peft computes without the base, embedding adapters and
-    DoRA's magnitude get exactly peft's values, identical at every world size."""
+    """peft's own adapter init on every LoRA layer (after the base loaded), built on a CPU twin seeded by (seed,
+    layer name), this rank's part copied out: peft's values at every world size. Returns the tensors set."""
     from peft.tuners.lora import LoraLayer
 
     from lightning_automodel.core.distributed import copy_local_part

@@ -1,8 +1,5 @@
-"""Canonical parameter and module names, and how peft names LoRA adapters.
-
-Activation checkpointing, ``torch.compile`` and FSDP1 insert wrapper components into dotted names
-(``layers.0._checkpoint_wrapped_module.self_attn``). Everything a user configures or reads uses names
-without them, so a YAML keeps matching whatever wrapping the run applies."""
+"""Canonical names: without the wrapper components activation checkpointing, ``torch.compile`` and FSDP1 insert,
+so a YAML keeps matching whatever wrapping the run applies; and how peft names LoRA adapters."""
 
 from __future__ import annotations
 
@@ -38,9 +35,8 @@ def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def get_module_by_canonical_name(model: nn.Module, name: str, *, outermost: bool = False) -> nn.Module | None:
-    """The module whose canonical name is ``name``: the innermost when wrappers share it, or with ``outermost``
-    the first in ``named_modules()`` order, as the reference's ``_get_module_by_normalized_name`` (a module
-    registered twice is found under its first name only)."""
+    """The module named ``name``: the innermost when wrappers share it, or with ``outermost`` the first in
+    ``named_modules()`` order, as the reference's ``_get_module_by_normalized_name``."""
     if outermost:
         return next((module for module_name, module in model.named_modules() if canonical_name(module_name) == name), None)
     found = None

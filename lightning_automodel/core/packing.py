@@ -1,8 +1,5 @@
-"""Packing variable-length sequences into one THD row, on the host.
-
-Everything a THD kernel needs is computed with Python ints, so the training loop never syncs with the
-device for it. ``cu_seqlens_padded`` rounds each sequence up to ``pad_to_multiple_of`` (TE with context
-parallelism wants that); both boundary vectors are filled with the sentinel to a fixed length so batches stack."""
+"""Packing sequences into one THD row with Python ints, so training never syncs with the device for it;
+``cu_seqlens_padded`` rounds each up to ``pad_to_multiple_of`` (TE with context parallelism wants that)."""
 
 from __future__ import annotations
 
@@ -13,19 +10,13 @@ import torch
 
 
 def pack_thd(
-    sequences: Sequence[Sequence[int]],
-    *,
-    pad_to_multiple_of: int = 1,
-    seqlens_padding_value: int = -1000,
-    max_sequences: int | None = None,
-    label_ignore_index: int = -100,
-    pad_token_id: int = 0,
+    sequences: Sequence[Sequence[int]], *, pad_to_multiple_of: int = 1, seqlens_padding_value: int = -1000,
+    max_sequences: int | None = None, label_ignore_index: int = -100, pad_token_id: int = 0,
     labels: Sequence[Sequence[int]] | None = None,
 ) -> dict:
-    """Pack non-empty token sequences into ``[1, T]`` tensors plus THD metadata.
-    Labels (``labels`` per sequence, e.g. an SFT loss mask, else the ids) get ``label_ignore_index`` at every
-    sequence start (the shifted loss must not predict a sequence's first token from the previous one) and on
-    padding. ``max_sequences``: room in the boundary vectors (default: this batch's count)."""
+    """Pack non-empty sequences into ``[1, T]`` tensors plus THD metadata. Labels (``labels`` or the ids) get
+    ``label_ignore_index`` on padding and at each sequence start (not predicted from the previous sequence).
+    ``max_sequences``: room in the boundary vectors (default: this batch's count)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("pack_thd needs at least one sequence and no empty sequence.")
     if labels is not None and [len(x) for x in labels] != [len(x) for x in sequences]:
@@ -67,8 +58,7 @@ def pack_thd(
 
 
 def plan_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-    """Document indices of each row of at most ``row_length`` tokens, by best-fit decreasing (far less
-    room unused than reading order); every length must be in ``[1, row_length]``."""
+    """Document indices per row of at most ``row_length`` tokens, by best-fit decreasing (less room wasted)."""
     if any(n < 1 or n > row_length for n in lengths):
         raise ValueError(f"plan_rows: every length must be in [1, {row_length}].")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

@@ -1,9 +1,5 @@
-"""Logical parameter counts and norms that are right for quantized, sharded and meta models.
-
-* A bitsandbytes ``Params4bit`` packs two 4-bit values per byte; its logical size is
-  ``quant_state.shape`` (reference issue #1290: an 8B QLoRA model reported 2.8B).
-* A DTensor's ``numel()`` is global but each rank holds a shard, so squared norms are summed across
-  ranks (the reference's norm was per shard). Meta tensors are counted without touching storage."""
+"""Parameter counts and norms right for quantized, sharded and meta models: a ``Params4bit`` counts
+``quant_state.shape`` (reference #1290: 8B QLoRA reported 2.8B); DTensor norms are summed over ranks."""
 
 from __future__ import annotations
 
@@ -71,10 +67,8 @@ def _replication_factor(p: torch.Tensor, world_size: int) -> int:
 
 @torch.no_grad()
 def global_squared_l2_norm(model: nn.Module, *, device: torch.device | None = None) -> float:
-    """Sum of squares of all floating-point parameters over every rank (a collective), ``nan`` with meta parameters.
-    Each rank sums its local shards, divided by how many ranks hold each replicated copy; one all-reduce
-    (on ``device``; default: what the backend needs) adds the ranks up. Assumes every rank holds the same
-    parameters up to sharding and replication (FSDP2, HSDP, TP, DDP; not pipeline stages)."""
+    """Sum of squares of floating-point parameters over every rank (one all-reduce), ``nan`` on meta. Assumes
+    every rank holds the same parameters up to sharding and replication (FSDP2, HSDP, TP, DDP; not pipelines)."""
     world = get_world_size_safe() if is_distributed() else 1
     local_device = None
     total = None
@@ -117,8 +111,7 @@ class ModuleRow:
 def module_breakdown(
     model: nn.Module, *, depth: int = 2, frozen_by: Mapping[str, str] | None = None
 ) -> list[ModuleRow]:
-    """Parameters grouped by their first ``depth`` name components (``model.layers``, ``lm_head``); frozen ones by
-    the rule ``frozen_by`` names for them, else ``"already frozen"``."""
+    """Parameters by their first ``depth`` name components; frozen ones by ``frozen_by`` rule or "already frozen"."""
     rows: dict[str, ModuleRow] = {}
     for name, p in unique_named_parameters(model):
         parts = name.split(".", depth)  # at most depth + 1 pieces: the key, then the rest

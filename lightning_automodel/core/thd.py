@@ -1,9 +1,6 @@
-"""THD (packed, token-major) inputs for Transformer Engine style attention.
-
-A packed batch is one ``[1, T]`` row whose ``cu_seqlens`` are filled with a sentinel (so batches stack);
-TE wants 1-D ``[T]`` tensors, boundaries without sentinels and an int ``max_seqlen``. Finding sentinels
-in a device tensor syncs with the device, so with ``num_sequences`` in the batch (a host int, as
-``core.packing.pack_thd`` gives) the boundaries are sliced instead; without it, one warning."""
+"""THD inputs for Transformer Engine attention: a packed ``[1, T]`` row, sentinel-filled ``cu_seqlens``, becomes
+1-D tensors without sentinels. Finding sentinels syncs with the device, so a batch's ``num_sequences`` (a host
+int, as ``pack_thd`` gives) slices them instead; without it, one warning."""
 
 from __future__ import annotations
 
@@ -71,9 +68,8 @@ def squeeze_input_for_thd(
     attn_kwargs: MutableMapping[str, Any],
     seqlens_padding_value: int = -1000,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, MutableMapping[str, Any]]:
-    """Squeeze a packed ``[1, T]`` batch to THD form, updating ``attn_kwargs`` in place (and returning it).
-    Tensors lose dim 0, ``cu_seqlens`` / ``cu_seqlens_padded`` lose their sentinels (dtype kept), a tensor
-    ``max_seqlen`` becomes an int. Everything is validated first: a ``ValueError`` leaves ``attn_kwargs`` as it was."""
+    """Squeeze a packed ``[1, T]`` batch to THD form, updating ``attn_kwargs`` in place (and returning it); all
+    validated first: a ``ValueError`` leaves ``attn_kwargs`` as it was."""
     _validate(position_ids, attn_kwargs)
     if input_ids is not None:
         input_ids = input_ids.squeeze(0)

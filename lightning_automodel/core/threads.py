@@ -18,9 +18,8 @@ def host_cpus() -> int:
 
 
 def set_rank_threads(local_world_size: int) -> int | None:
-    """``cpus // local_world_size`` torch threads per rank (exported as ``OMP_NUM_THREADS`` for ranks launched
-    later) unless ``OMP_NUM_THREADS`` is set; returns the count set or None. Without it 2 ranks on 2 cores
-    oversubscribe and a LoRA step is 8-10x slower."""
+    """``cpus // local_world_size`` torch threads (and ``OMP_NUM_THREADS``) unless that is set; the count or None.
+    Without it 2 ranks on 2 cores oversubscribe and a LoRA step is 8-10x slower."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     threads = max(1, host_cpus() // max(1, local_world_size))

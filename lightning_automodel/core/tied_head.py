@@ -1,9 +1,6 @@
-"""Tied LM heads: detect, repair and checkpoint them correctly.
-
-A tied head (``lm_head.weight is embed_tokens.weight``) breaks silently when a meta build is
-materialized or sharding replaces parameters. So (reference PRs #1904, #2511) "tied" is a storage
-fact, not a config fact: only a real alias may be dropped from a checkpoint, and a checkpoint without
-``lm_head.weight`` (HF tied checkpoints omit it) gets the head from its embedding source when loading."""
+"""Tied LM heads. A meta build or sharding silently breaks the alias, so (reference PRs #1904, #2511) "tied" is a
+storage fact: only a real alias may be dropped from a checkpoint, and a checkpoint without ``lm_head.weight``
+gets the head from its embedding source."""
 
 from __future__ import annotations
 
@@ -19,10 +16,8 @@ from lightning_automodel.core.distributed import local_tensor
 from lightning_automodel.core.naming import canonical_name, get_module_by_canonical_name
 
 _EMBEDDING_FALLBACK_NAMES: tuple[str, ...] = (
-    "model.language_model.embed_tokens.weight",
-    "language_model.embed_tokens.weight",
-    "model.embed_tokens.weight",
-    "embed_tokens.weight",
+    "model.language_model.embed_tokens.weight", "language_model.embed_tokens.weight",
+    "model.embed_tokens.weight", "embed_tokens.weight",
 )
 
 
@@ -69,8 +64,7 @@ def get_lm_head_module(model: nn.Module) -> nn.Module | None:
 
 def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
     """The full LM-head weight. For a DTensor this all-gathers: every rank must call it."""
-    head = get_lm_head_module(model)
-    weight = getattr(head, "weight", None) if head is not None else None
+    weight = getattr(get_lm_head_module(model), "weight", None)
     if weight is None:
         weight = get_lm_head_weight_and_name(model)[0]
     if weight is None:
@@ -150,8 +144,7 @@ def diagnose_tie(model: nn.Module) -> TieStatus:
         return TieStatus(True, False, f"{head_name} has no input-embedding weight on this rank to alias")
     if tuple(head.shape) != tuple(embed.shape):
         return TieStatus(
-            True,
-            False,
+            True, False,
             f"the config says tied but {head_name} {list(head.shape)} and {embed_name} {list(embed.shape)} "
             "differ in shape, so they cannot share storage; set tie_word_embeddings=False or fix the vocabulary size",
         )
@@ -161,8 +154,7 @@ def diagnose_tie(model: nn.Module) -> TieStatus:
 
 
 def ensure_tied_lm_head(model: nn.Module) -> bool:
-    """Re-alias the head to the input embedding when the config says tied (``model.tie_weights()`` first, then
-    by assignment); returns whether tied afterwards. Never raises for the usual failures: :func:`diagnose_tie` says why."""
+    """Re-alias a configured-tied head (``tie_weights()``, else by assignment); whether tied after. Never raises."""
     if not is_tied_word_embeddings(model):
         return False
     head, head_name = get_lm_head_weight_and_name(model)
@@ -210,8 +202,7 @@ def get_tied_lm_head_source_names(model: nn.Module, lm_head_param_name: str | No
 def fill_missing_tied_lm_head(
     state_dict: MutableMapping[str, object], model: nn.Module, *, allow_current_lm_head_fallback: bool = False
 ) -> bool:
-    """Add a missing ``lm_head.weight`` to ``state_dict`` in place from its embedding source (an alias, not a
-    copy); returns True when added."""
+    """Add a missing ``lm_head.weight`` to ``state_dict`` from its embedding source (an alias); True when added."""
     if not is_tied_word_embeddings(model):
         return False
     head, head_name = get_lm_head_weight_and_name(model)
