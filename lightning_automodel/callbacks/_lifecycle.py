@@ -87,10 +87,15 @@ class FrozenSetDiff:
         return "; ".join(parts)
 
 
+def parameters_by_canonical_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every name a parameter has (tied ones too), canonical: a frozen set may name either alias."""
+    return {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+
+
 def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[str] | None = None) -> FrozenSetDiff:
     """Compare the model's frozen parameters with ``frozen`` (within ``scope``, default all parameters)."""
     frozen = set(frozen)
-    params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = parameters_by_canonical_name(model)
     names = set(params) if scope is None else set(scope) & set(params)
     current = {n for n in names if not params[n].requires_grad}
     return FrozenSetDiff(
@@ -101,7 +106,7 @@ def frozen_set_diff(model: nn.Module, frozen: Iterable[str], *, scope: Iterable[
 
 
 def apply_frozen_set(model: nn.Module, diff: FrozenSetDiff) -> None:
-    params = {canonical_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = parameters_by_canonical_name(model)
     for name in diff.to_freeze:
         params[name].requires_grad_(False)
     for name in diff.to_unfreeze:
